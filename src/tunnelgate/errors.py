@@ -1,0 +1,123 @@
+"""Every exception tunnelgate raises on purpose.
+
+::
+
+    TunnelgateError
+    ├── ConfigError              bad flags or config file; every problem, each with its key
+    ├── ProtocolError            bytes that do not follow the wire protocol
+    │   ├── LocalProtocolError   we were about to break it (a bug here)
+    │   └── RemoteProtocolError  the peer broke it
+    ├── AuthenticationError      wrong token, refused session: fatal for an agent
+    │   └── PeerVerificationError  the gateway's certificate is not the one expected
+    ├── TransportError           the network failed (refused, reset, timed out): retryable
+    └── ConnectionClosed         a connection ended; ``how`` says in which way
+
+Exceptions keep their data in attributes and build their text in ``__str__``.
+They are caught in three places only: at the transport edge (where ``OSError``
+and ``ssl.SSLError`` become :class:`TransportError`), at the root of each task
+(logged once, connection closed) and in ``cli.main`` (message and exit code).
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TunnelgateError(Exception):
+    """Base class of every error tunnelgate raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with the configuration."""
+
+    source: str  # a file name, or "command line"
+    key: str  # dotted key path, e.g. "services[1].local"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
+class ConfigError(TunnelgateError):
+    """The configuration (flags or file) cannot be used."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"bad configuration: {self.problems[0]}"
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        return f"bad configuration ({len(self.problems)} problems):\n{lines}"
+
+
+class ProtocolError(TunnelgateError):
+    """Bytes on a connection do not follow the wire protocol."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"protocol error: {self.reason}"
+
+
+class LocalProtocolError(ProtocolError):
+    """This side was about to break the protocol: a bug in tunnelgate."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+class AuthenticationError(TunnelgateError):
+    """The peer refused our credentials, or we refused its. Not retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"authentication failed: {self.reason}"
+
+
+class PeerVerificationError(AuthenticationError):
+    """The gateway's TLS certificate is not the one the agent was told to expect."""
+
+    def __init__(self, reason: str, expected: str = "", seen: str = "") -> None:
+        super().__init__(reason)
+        self.expected = expected
+        self.seen = seen
+
+    def __str__(self) -> str:
+        text = f"gateway verification failed: {self.reason}"
+        if self.expected or self.seen:
+            text += f" (expected {self.expected or '?'}, seen {self.seen or '?'})"
+        return text
+
+
+class TransportError(TunnelgateError):
+    """The network failed under a connection. Reconnecting may help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class ConnectionClosed(TunnelgateError):
+    """A connection ended. ``how`` is "eof", "reset", "timeout" or "closed"."""
+
+    def __init__(self, how: str, detail: str = "") -> None:
+        super().__init__(how, detail)
+        self.how = how
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"connection {self.how}" + (f": {self.detail}" if self.detail else "")

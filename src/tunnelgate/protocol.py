@@ -1,0 +1,400 @@
+"""The wire protocol, sans I/O: bytes in, events out; messages in, bytes out.
+
+Everything that can arrive off the network is validated here, and anything
+malformed raises :class:`~tunnelgate.errors.RemoteProtocolError`. This module
+must not import asyncio, socket, ssl or time: clocks and I/O belong to callers.
+
+Frames
+------
+Every connection between agent and gateway is a sequence of frames::
+
+    +--------+------------------------+-----------------+
+    | kind:8 | length:24 (big-endian) | payload         |
+    +--------+------------------------+-----------------+
+
+``MESSAGE``  a msgpack-encoded :data:`Message` (at most ``MAX_MESSAGE_SIZE``)
+``DATA``     relayed bytes of one client connection (1 .. ``MAX_DATA_SIZE``)
+``END``      the sender will send no more relayed bytes (a half-close); empty
+``ABORT``    the connection ended abnormally; the payload is a UTF-8 reason
+
+A control channel carries only ``MESSAGE`` frames. A data channel carries the
+handshake messages, then (gateway to agent) one :class:`Start`, then in each
+direction ``DATA`` frames closed by ``END`` or ``ABORT``. Because the end of a
+stream is a frame of its own, a connection that simply stops (a killed agent,
+a cut network) is told apart from one that ended cleanly, over TLS and plain
+TCP alike.
+
+Handshake (one round trip after TLS)
+------------------------------------
+The gateway speaks first with a :class:`Challenge` carrying a fresh nonce. The
+agent answers with a :class:`Hello` whose ``proof`` is an HMAC of the nonce
+under its token (:func:`compute_proof`), so the token never crosses the wire.
+A control channel is then answered with :class:`Welcome` or :class:`Refused`;
+an accepted data channel waits silently in the gateway's pool until a
+:class:`Start` arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterator
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+
+KIND_MESSAGE: Final = 1
+KIND_DATA: Final = 2
+KIND_END: Final = 3
+KIND_ABORT: Final = 4
+
+HEADER_SIZE: Final = 4
+MAX_MESSAGE_SIZE: Final = 64 * 1024
+MAX_DATA_SIZE: Final = 1024 * 1024
+MAX_ABORT_SIZE: Final = 1024
+NONCE_SIZE: Final = 32
+
+_HEADER = struct.Struct(">I")
+_LENGTH_MASK: Final = 0xFFFFFF
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@#/-]+$")]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Host = Annotated[str, msgspec.Meta(max_length=255)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class Challenge(msgspec.Struct, tag="challenge", frozen=True):
+    """Gateway to agent, first frame on every connection."""
+
+    version: int
+    nonce: Annotated[bytes, msgspec.Meta(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """Agent to gateway: who it is, what the connection is for, and the proof."""
+
+    version: int
+    role: Literal["control", "data"]
+    agent: Name
+    proof: Annotated[bytes, msgspec.Meta(max_length=64)]
+    session: Annotated[str, msgspec.Meta(max_length=32)] = ""
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    """Gateway to agent: the control channel is accepted."""
+
+    session: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    heartbeat_interval: Seconds
+    heartbeat_timeout: Seconds
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """Gateway to agent: the connection is refused. ``code`` is machine-readable."""
+
+    code: Literal["auth", "version", "session", "busy", "shutdown"]
+    reason: Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class ServiceRequest(msgspec.Struct, frozen=True):
+    """One service an agent asks the gateway to expose."""
+
+    name: Name
+    bind: Host
+    port: Port
+
+
+class Register(msgspec.Struct, tag="register", frozen=True):
+    """Agent to gateway: expose these services (replaces nothing; sent once)."""
+
+    services: Annotated[list[ServiceRequest], msgspec.Meta(max_length=256)]
+
+
+class ServiceResult(msgspec.Struct, frozen=True):
+    """The gateway's answer for one service: the public address, or why not."""
+
+    name: Name
+    ok: bool
+    bind: Host = ""
+    port: Port = 0
+    error: Annotated[str, msgspec.Meta(max_length=512)] = ""
+
+
+class Registered(msgspec.Struct, tag="registered", frozen=True):
+    """Gateway to agent: one result per requested service, in the same order."""
+
+    results: Annotated[list[ServiceResult], msgspec.Meta(max_length=256)]
+
+
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """Either way on the control channel; must be answered with a Pong."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    """The answer to a Ping, echoing its sequence number."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class PoolRequest(msgspec.Struct, tag="pool_request", frozen=True):
+    """Gateway to agent: clients are waiting, open this many more data channels."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+
+
+class Start(msgspec.Struct, tag="start", frozen=True):
+    """Gateway to agent on a pooled data channel: carry this client connection."""
+
+    conn: Annotated[int, msgspec.Meta(ge=0)]
+    service: Name
+    client: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class Bye(msgspec.Struct, tag="bye", frozen=True):
+    """Either way: the session is ending on purpose (shutdown, replaced)."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=512)]
+
+
+Message = (
+    Challenge
+    | Hello
+    | Welcome
+    | Refused
+    | Register
+    | Registered
+    | Ping
+    | Pong
+    | PoolRequest
+    | Start
+    | Bye
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class Data:
+    """Relayed bytes. ``view`` points into the buffer given to :meth:`FrameDecoder.feed`
+    and is valid only until the next call: consume it first."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+
+class End:
+    """The peer half-closed: it will send no more relayed bytes."""
+
+    __slots__ = ()
+
+
+class Abort:
+    """The peer ended the relay abnormally, for ``reason``."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+Event = Message | Data | End | Abort
+
+END_FRAME: Final = _HEADER.pack(KIND_END << 24)
+
+
+def encode_message(message: Message) -> bytes:
+    """Encode one message as a complete MESSAGE frame."""
+    payload = _encoder.encode(message)
+    if len(payload) > MAX_MESSAGE_SIZE:
+        raise LocalProtocolError(f"message too large to send ({len(payload)} bytes)")
+    return _HEADER.pack((KIND_MESSAGE << 24) | len(payload)) + payload
+
+
+def encode_abort(reason: str) -> bytes:
+    """Encode an ABORT frame; the reason is cut to ``MAX_ABORT_SIZE`` bytes."""
+    payload = reason.encode("utf-8", "replace")[:MAX_ABORT_SIZE]
+    return _HEADER.pack((KIND_ABORT << 24) | len(payload)) + payload
+
+
+def pack_data_header(buffer: bytearray | memoryview, length: int) -> None:
+    """Write a DATA header for ``length`` payload bytes into ``buffer[0:4]``.
+
+    The relay reads payload into ``buffer[4:]`` and sends header and payload
+    with one call, so relaying allocates nothing per chunk.
+    """
+    if not 0 < length <= MAX_DATA_SIZE:
+        raise LocalProtocolError(f"data frame of {length} bytes")
+    _HEADER.pack_into(buffer, 0, (KIND_DATA << 24) | length)
+
+
+class FrameDecoder:
+    """Turns a byte stream into events, whatever the chunking of the input.
+
+    DATA payload is passed through as views of the caller's buffer, never
+    copied; headers and message bodies split across reads are collected here,
+    bounded by ``MAX_MESSAGE_SIZE``.
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._kind = 0
+        self._remaining = 0  # payload bytes still due for the current frame
+        self._body = bytearray()  # MESSAGE/ABORT payload collected so far
+        self._in_frame = False
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """True when no partial frame is buffered."""
+        return not self._in_frame and not self._header
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
+        """Yield the events completed by ``data``. Raises RemoteProtocolError."""
+        view = memoryview(data)
+        pos = 0
+        size = len(view)
+        while pos < size:
+            if not self._in_frame:
+                need = HEADER_SIZE - len(self._header)
+                if not self._header and size - pos >= HEADER_SIZE:
+                    (word,) = _HEADER.unpack_from(view, pos)
+                    pos += HEADER_SIZE
+                else:
+                    take = min(need, size - pos)
+                    self._header += view[pos : pos + take]
+                    pos += take
+                    if len(self._header) < HEADER_SIZE:
+                        return
+                    (word,) = _HEADER.unpack(self._header)
+                    self._header.clear()
+                event = self._begin(word >> 24, word & _LENGTH_MASK)
+                if event is not None:
+                    yield event
+                continue
+            take = min(self._remaining, size - pos)
+            if self._kind == KIND_DATA:
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._in_frame = False
+                yield Data(view[pos : pos + take])
+                pos += take
+                continue
+            self._body += view[pos : pos + take]
+            pos += take
+            self._remaining -= take
+            if self._remaining == 0:
+                yield self._finish()
+
+    def _begin(self, kind: int, length: int) -> Event | None:
+        if kind == KIND_DATA:
+            if length == 0 or length > MAX_DATA_SIZE:
+                raise RemoteProtocolError(f"data frame of {length} bytes")
+        elif kind == KIND_MESSAGE:
+            if length == 0 or length > MAX_MESSAGE_SIZE:
+                raise RemoteProtocolError(
+                    f"message frame of {length} bytes (limit {MAX_MESSAGE_SIZE})"
+                )
+        elif kind == KIND_END:
+            if length != 0:
+                raise RemoteProtocolError(f"end frame with {length} bytes of payload")
+            return End()
+        elif kind == KIND_ABORT:
+            if length > MAX_ABORT_SIZE:
+                raise RemoteProtocolError(f"abort frame of {length} bytes")
+            if length == 0:
+                return Abort("")
+        else:
+            raise RemoteProtocolError(f"unknown frame kind {kind:#04x}")
+        self._kind = kind
+        self._remaining = length
+        self._in_frame = True
+        return None
+
+    def _finish(self) -> Event:
+        self._in_frame = False
+        body = bytes(self._body)
+        self._body.clear()
+        if self._kind == KIND_ABORT:
+            return Abort(body.decode("utf-8", "replace"))
+        return decode_message(body)
+
+
+def decode_message(payload: bytes) -> Message:
+    """Decode one MESSAGE payload. Raises RemoteProtocolError."""
+    try:
+        message = _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise RemoteProtocolError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RemoteProtocolError(f"undecodable message: {exc}") from None
+    if isinstance(message, Challenge | Hello) and message.version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"protocol version {message.version} (this side speaks {PROTOCOL_VERSION})"
+        )
+    return message
+
+
+# --- authentication ---------------------------------------------------------
+
+_PROOF_CONTEXT: Final = b"tunnelgate proof v1\x00"
+
+
+def compute_proof(token: bytes, nonce: bytes, role: str, agent: str, session: str) -> bytes:
+    """The HMAC-SHA256 an agent sends to show it holds ``token``.
+
+    Binding role, agent name and session into the MAC means a proof made for
+    one purpose cannot be replayed for another, even with the same nonce.
+    """
+    message = b"\x00".join(
+        (_PROOF_CONTEXT, nonce, role.encode(), agent.encode(), session.encode())
+    )
+    return hmac.new(token, message, hashlib.sha256).digest()
+
+
+def verify_proof(token: bytes, hello: Hello, nonce: bytes) -> bool:
+    """Check a Hello's proof against ``token`` in constant time."""
+    expected = compute_proof(token, nonce, hello.role, hello.agent, hello.session)
+    return hmac.compare_digest(expected, hello.proof)
+
+
+# --- which message may arrive when ------------------------------------------
+#
+# Everything that affects what a connection accepts lives in this table. Each
+# receiving site names its phase; any other message there is a protocol error.
+
+Phase = Literal[
+    "agent_awaits_challenge",
+    "gateway_awaits_hello",
+    "agent_awaits_welcome",
+    "gateway_control",
+    "agent_control",
+    "agent_pooled",
+    "agent_register_reply",
+]
+
+ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
+    "agent_awaits_challenge": (Challenge, Refused),
+    "gateway_awaits_hello": (Hello,),
+    "agent_awaits_welcome": (Welcome, Refused),
+    "agent_register_reply": (Registered, Ping, Pong, Bye),
+    "gateway_control": (Register, Ping, Pong, Bye),
+    "agent_control": (Ping, Pong, PoolRequest, Bye),
+    "agent_pooled": (Start, Bye),
+}
+
+
+def check_allowed(phase: Phase, event: Event) -> Message:
+    """Return ``event`` if it is a message allowed in ``phase``; raise otherwise."""
+    allowed = ALLOWED[phase]
+    if isinstance(event, allowed):
+        return event  # type: ignore[return-value]
+    name = getattr(type(event), "__struct_config__", None)
+    label = name.tag if name is not None else type(event).__name__.lower()
+    raise RemoteProtocolError(f"unexpected {label!s} frame while in {phase.replace('_', ' ')}")

@@ -62,7 +62,7 @@ NONCE_SIZE: Final = 32
 _HEADER = struct.Struct(">I")
 _LENGTH_MASK: Final = 0xFFFFFF
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@#/-]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_.:@#/-]+\Z")]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Host = Annotated[str, msgspec.Meta(max_length=255)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -133,13 +133,13 @@ class Registered(msgspec.Struct, tag="registered", frozen=True):
 class Ping(msgspec.Struct, tag="ping", frozen=True):
     """Either way on the control channel; must be answered with a Pong."""
 
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):
     """The answer to a Ping, echoing its sequence number."""
 
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class PoolRequest(msgspec.Struct, tag="pool_request", frozen=True):
@@ -151,7 +151,7 @@ class PoolRequest(msgspec.Struct, tag="pool_request", frozen=True):
 class Start(msgspec.Struct, tag="start", frozen=True):
     """Gateway to agent on a pooled data channel: carry this client connection."""
 
-    conn: Annotated[int, msgspec.Meta(ge=0)]
+    conn: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     service: Name
     client: Annotated[str, msgspec.Meta(max_length=64)]
 
@@ -334,6 +334,8 @@ def decode_message(payload: bytes) -> Message:
         raise RemoteProtocolError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise RemoteProtocolError(f"undecodable message: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("message nested too deeply") from None
     if isinstance(message, Challenge | Hello) and message.version != PROTOCOL_VERSION:
         raise RemoteProtocolError(
             f"protocol version {message.version} (this side speaks {PROTOCOL_VERSION})"

@@ -1,0 +1,625 @@
+"""Configuration: flags and TOML files, checked once into frozen values.
+
+Both sides read a TOML file (``--config``) and then let flags override it.
+Every problem found is collected, with the file (or "command line") and the
+key, and raised together as one :class:`~tunnelgate.errors.ConfigError`;
+unknown keys are problems too, so a typo never passes silently. Inner code
+trusts what comes out of here. This module does no networking.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from tunnelgate.errors import ConfigError, ConfigProblem
+
+TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
+DEFAULT_CONTROL_PORT: Final = 8080
+DEFAULT_ALLOW_PORTS: Final = "1024-65535"
+MIN_TOKEN_LENGTH: Final = 16
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 25.0
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+DEFAULT_PENDING_TIMEOUT: Final = 10.0
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_POOL_SIZE: Final = 4
+DEFAULT_MAX_POOL_SIZE: Final = 64
+DEFAULT_RECONNECT_MIN: Final = 0.5
+DEFAULT_RECONNECT_MAX: Final = 30.0
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+
+
+# --- addresses --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host (name, IPv4 or IPv6 without brackets) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_address(self.host, self.port)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_colons(text: str) -> list[str]:
+    """Split on ':' outside square brackets; brackets are removed from parts."""
+    parts: list[str] = []
+    current = ""
+    depth = 0
+    for char in text:
+        if char == "[":
+            if depth or current:
+                raise ValueError(f"misplaced '[' in {text!r}")
+            depth = 1
+        elif char == "]":
+            if not depth:
+                raise ValueError(f"unbalanced ']' in {text!r}")
+            depth = 0
+            current = "[" + current + "]"
+        elif char == ":" and not depth:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ValueError(f"unclosed '[' in {text!r}")
+    parts.append(current)
+    return parts
+
+
+_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _host(part: str, text: str) -> str:
+    if part.startswith("[") and part.endswith("]"):
+        host = part[1:-1]
+        if not host or not re.fullmatch(r"[0-9A-Fa-f:.%a-zA-Z]+", host):
+            raise ValueError(f"bad IPv6 address in {text!r}")
+        return host
+    if not _HOST_RE.fullmatch(part):
+        raise ValueError(f"bad host {part!r} in {text!r}")
+    return part
+
+
+def _port(part: str, text: str, *, allow_zero: bool) -> int:
+    if not part.isdigit():
+        raise ValueError(f"bad port {part!r} in {text!r}")
+    port = int(part)
+    if port > 65535 or (port == 0 and not allow_zero):
+        raise ValueError(f"port {port} out of range in {text!r}")
+    return port
+
+
+def parse_address(text: str, *, default_port: int | None = None) -> Address:
+    """Parse ``host:port``, ``[v6]:port`` or (with ``default_port``) a bare host."""
+    parts = _split_colons(text.strip())
+    if len(parts) == 1 and default_port is not None:
+        return Address(_host(parts[0], text), default_port)
+    if len(parts) != 2:
+        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {text!r}")
+    return Address(_host(parts[0], text), _port(parts[1], text, allow_zero=False))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One service the agent exposes: ``bind:port`` on the gateway to ``local``."""
+
+    name: str
+    port: int  # 0: any free port the gateway picks
+    local: Address
+    bind: str = ""  # "": the gateway's default bind address
+
+
+def parse_expose(text: str) -> tuple[str, int, Address]:
+    """Parse ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`` (``ssh -R`` order)."""
+    parts = _split_colons(text.strip())
+    if len(parts) == 3:
+        bind = ""
+        remote, local_host, local_port = parts
+    elif len(parts) == 4:
+        bind = _host(parts[0], text)
+        remote, local_host, local_port = parts[1:]
+    else:
+        raise ValueError(f"expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, got {text!r}")
+    return (
+        bind,
+        _port(remote, text, allow_zero=True),
+        Address(_host(local_host, text), _port(local_port, text, allow_zero=False)),
+    )
+
+
+def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
+    """Parse ``"3920"`` / ``"8000-8100"`` items (or one comma-separated string)."""
+    if isinstance(items, str):
+        items = [item for item in items.split(",") if item.strip()]
+    ranges = []
+    for item in items:
+        if not isinstance(item, str | int):
+            raise ValueError(f"expected a port or a range like '8000-8100', got {item!r}")
+        text = str(item).strip()
+        low, _, high = text.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"expected a port or a range like '8000-8100', got {text!r}")
+        first, last = int(low), int(high or low)
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"bad port range {text!r}")
+        ranges.append(range(first, last + 1))
+    return tuple(ranges)
+
+
+# --- the values -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentPolicy:
+    """What the gateway lets one agent (or, unnamed, every agent) do."""
+
+    name: str  # "" in single-token mode: any agent name
+    token: bytes = field(repr=False)
+    allow_ports: tuple[range, ...]
+
+    def allows_port(self, port: int) -> bool:
+        return any(port in r for r in self.allow_ports)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything a gateway needs; see ``docs/ARCHITECTURE.md`` for each key."""
+
+    listen: Address
+    agents: tuple[AgentPolicy, ...]
+    tls: bool = True
+    cert: Path | None = None
+    key: Path | None = None
+    state_dir: Path | None = None
+    bind_host: str = ""  # "": the host of ``listen``
+    allow_bind: tuple[str, ...] = ()  # (): only ``bind_host``
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    pending_timeout: float = DEFAULT_PENDING_TIMEOUT
+    max_pool_size: int = DEFAULT_MAX_POOL_SIZE
+    token_generated: bool = False  # the token came from the state directory
+
+    @property
+    def default_bind(self) -> str:
+        return self.bind_host or self.listen.host
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs; see ``docs/ARCHITECTURE.md`` for each key."""
+
+    gateway: Address
+    token: bytes = field(repr=False)
+    services: tuple[ServiceConfig, ...]
+    name: str = "agent"
+    tls: bool = True
+    ca: Path | None = None
+    fingerprint: str = ""  # normalised "SHA256:<64 hex>", or ""
+    pool_size: int = DEFAULT_POOL_SIZE
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    reconnect_min: float = DEFAULT_RECONNECT_MIN
+    reconnect_max: float = DEFAULT_RECONNECT_MAX
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+# --- reading ----------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Source:
+    """Merged settings from a file and flags, remembering where each came from."""
+
+    def __init__(self, path: Path | None, flags: Mapping[str, Any]) -> None:
+        self.path = path
+        self.problems: list[ConfigProblem] = []
+        self.values: dict[str, Any] = {}
+        self.origin: dict[str, tuple[str, str]] = {}  # key -> (source, label)
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                self.problem(str(path), "-", f"cannot read: {exc.strerror or exc}")
+                data = {}
+            except tomllib.TOMLDecodeError as exc:
+                self.problem(str(path), "-", f"not valid TOML: {exc}")
+                data = {}
+            for key, value in data.items():
+                self.values[key] = value
+                self.origin[key] = (str(path), key)
+        for key, value in flags.items():
+            if value is not None:
+                self.values[key] = value
+                self.origin[key] = ("command line", "--" + key.replace("_", "-"))
+
+    def problem(self, source: str, key: str, message: str) -> None:
+        self.problems.append(ConfigProblem(source, key, message))
+
+    def fail(self, key: str, message: str) -> None:
+        source, label = self.origin.get(key, (str(self.path or "command line"), key))
+        self.problem(source, label, message)
+
+    def reject_unknown(self, known: set[str]) -> None:
+        for key in self.values:
+            if key not in known:
+                self.fail(key, "unknown key")
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        if key not in self.values:
+            return default
+        value = self.values[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.fail(key, f"expected {names}, got {type(value).__name__} {value!r}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def parse(self, key: str, parser: Callable[[Any], T], default: T) -> T:
+        if key not in self.values:
+            return default
+        try:
+            return parser(self.values[key])
+        except (ValueError, TypeError) as exc:
+            self.fail(key, str(exc))
+            return default
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.get(key, float, default)
+        if not 0 < value <= 3600:
+            self.fail(key, f"expected seconds in (0, 3600], got {value}")
+            return default
+        return value
+
+    def count(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.get(key, int, default)
+        if not low <= value <= high:
+            self.fail(key, f"expected an integer in [{low}, {high}], got {value}")
+            return default
+        return value
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _read_token_file(path: str) -> bytes:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
+    return _check_token(text)
+
+
+def _check_token(text: str) -> bytes:
+    text = text.strip()
+    if len(text) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"token too short (at least {MIN_TOKEN_LENGTH} characters)")
+    return text.encode()
+
+
+def _token(src: _Source, table: Mapping[str, Any] | None = None) -> bytes | None:
+    """The token from --token, --token-file, the environment, or the file."""
+    if table is None:
+        if src.values.get("token") is not None and src.origin["token"][0] == "command line":
+            return src.parse("token", lambda v: _check_token(str(v)), None)
+        if src.values.get("token_file") is not None and src.origin["token_file"][0] == (
+            "command line"
+        ):
+            return src.parse("token_file", lambda v: _read_token_file(str(v)), None)
+        env = os.environ.get(TOKEN_ENV)
+        if env:
+            try:
+                return _check_token(env)
+            except ValueError as exc:
+                src.problem("environment", TOKEN_ENV, str(exc))
+                return None
+        if "token" in src.values:
+            return src.parse("token", lambda v: _check_token(str(v)), None)
+        if "token_file" in src.values:
+            return src.parse("token_file", lambda v: _read_token_file(str(v)), None)
+    return None
+
+
+def generate_token() -> str:
+    """A new random token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tunnelgate``, else ``~/.local/state/tunnelgate``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tunnelgate"
+
+
+def _state_token(state_dir: Path) -> str:
+    """Read the gateway's stored token, creating it (mode 0600) on first start."""
+    path = state_dir / "token"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = generate_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+_GATEWAY_KEYS: Final = {
+    "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
+    "allow_bind", "allow_ports", "heartbeat_interval", "heartbeat_timeout",
+    "handshake_timeout", "pending_timeout", "max_pool_size", "agents", "log_level",
+    "log_format",
+}  # fmt: skip
+_AGENT_POLICY_KEYS: Final = {"name", "token", "token_file", "allow_ports"}
+
+
+def _log_config(src: _Source) -> LogConfig:
+    level = src.get("log_level", str, "info").lower()
+    if level not in LOG_LEVELS:
+        src.fail("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        level = "info"
+    fmt = src.get("log_format", str, "text")
+    if fmt not in LOG_FORMATS:
+        src.fail("log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+        fmt = "text"
+    return LogConfig(level, fmt)
+
+
+def load_gateway_config(
+    path: Path | None = None, flags: Mapping[str, Any] | None = None
+) -> tuple[GatewayConfig, LogConfig]:
+    """Read the gateway's file and flags. Creates the stored token if none is given."""
+    src = _Source(path, flags or {})
+    src.reject_unknown(_GATEWAY_KEYS)
+    listen = src.parse(
+        "listen",
+        lambda v: parse_address(str(v)),
+        Address("0.0.0.0", DEFAULT_CONTROL_PORT),
+    )
+    tls = src.get("tls", bool, True)
+    cert = src.parse("cert", lambda v: Path(str(v)).expanduser(), None)
+    key = src.parse("key", lambda v: Path(str(v)).expanduser(), None)
+    if (cert is None) != (key is None):
+        src.fail("cert" if cert is not None else "key", "cert and key must be given together")
+    state_dir = src.parse("state_dir", lambda v: Path(str(v)).expanduser(), None)
+    bind_host = src.parse("bind_host", lambda v: _host(str(v), str(v)), "")
+    allow_bind = tuple(
+        src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], [])
+    )
+    allow_ports = src.parse("allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS))
+    agents: list[AgentPolicy] = []
+    for index, table in enumerate(src.get("agents", list, [])):
+        agents.extend(_agent_policy(src, index, table, allow_ports))
+    token_generated = False
+    if not agents:
+        token = _token(src)
+        if token is None and not src.problems:
+            try:
+                token = _state_token(state_dir or default_state_dir()).encode()
+                token_generated = True
+            except OSError as exc:
+                src.fail("state_dir", f"cannot create the token: {exc.strerror or exc}")
+        if token is not None:
+            agents.append(AgentPolicy("", token, allow_ports))
+    interval = src.seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+    timeout = src.seconds("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
+    if timeout <= interval:
+        src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
+    config = GatewayConfig(
+        listen=listen,
+        agents=tuple(agents),
+        tls=tls,
+        cert=cert,
+        key=key,
+        state_dir=state_dir,
+        bind_host=bind_host,
+        allow_bind=allow_bind,
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+        handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
+        pending_timeout=src.seconds("pending_timeout", DEFAULT_PENDING_TIMEOUT),
+        max_pool_size=src.count("max_pool_size", DEFAULT_MAX_POOL_SIZE, 1, 4096),
+        token_generated=token_generated,
+    )
+    log = _log_config(src)
+    src.raise_problems()
+    return config, log
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"expected a list, got {type(value).__name__}")
+
+
+def _agent_policy(
+    src: _Source, index: int, table: Any, default_ports: tuple[range, ...]
+) -> list[AgentPolicy]:
+    where, _ = src.origin.get("agents", (str(src.path), "agents"))
+    prefix = f"agents[{index}]"
+    if not isinstance(table, dict):
+        src.problem(where, prefix, "expected a table ([[agents]])")
+        return []
+    for key in table:
+        if key not in _AGENT_POLICY_KEYS:
+            src.problem(where, f"{prefix}.{key}", "unknown key")
+    name = table.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", name):
+        src.problem(where, f"{prefix}.name", "expected a name of letters, digits and ._@#/-")
+        return []
+    try:
+        if "token" in table:
+            token = _check_token(str(table["token"]))
+        elif "token_file" in table:
+            token = _read_token_file(str(table["token_file"]))
+        else:
+            src.problem(where, f"{prefix}.token", "missing (token or token_file)")
+            return []
+    except ValueError as exc:
+        src.problem(where, f"{prefix}.token", str(exc))
+        return []
+    ports = default_ports
+    if "allow_ports" in table:
+        try:
+            ports = parse_port_ranges(table["allow_ports"])
+        except ValueError as exc:
+            src.problem(where, f"{prefix}.allow_ports", str(exc))
+    return [AgentPolicy(name, token, ports)]
+
+
+_AGENT_KEYS: Final = {
+    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "name", "expose",
+    "services", "pool_size", "connect_timeout", "handshake_timeout", "reconnect_min",
+    "reconnect_max", "log_level", "log_format",
+}  # fmt: skip
+_SERVICE_KEYS: Final = {"name", "bind", "port", "local"}
+
+
+def normalize_fingerprint(text: str) -> str:
+    """``SHA256:<64 hex>`` from any common spelling (prefix, colons, case)."""
+    value = text.strip()
+    if value.lower().startswith("sha256:"):
+        value = value[7:]
+    value = value.replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("expected SHA256: and 64 hex digits, as the gateway prints it")
+    return "SHA256:" + value.upper()
+
+
+def default_agent_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.@#/-]", "-", socket.gethostname())[:64]
+    return name or "agent"
+
+
+def load_agent_config(
+    path: Path | None = None, flags: Mapping[str, Any] | None = None
+) -> tuple[AgentConfig, LogConfig]:
+    """Read the agent's file and flags; ``flags["expose"]`` is a list of specs."""
+    src = _Source(path, flags or {})
+    src.reject_unknown(_AGENT_KEYS)
+    gateway = src.parse("gateway", lambda v: parse_address(str(v)), None)
+    if gateway is None and "gateway" not in src.values:
+        src.problem("command line", "--gateway", "missing: the gateway's HOST:PORT")
+    token = _token(src)
+    if token is None and not any(p.key in ("--token", "token", TOKEN_ENV) for p in src.problems):
+        src.problem(
+            "command line", "--token", f"missing: give --token, --token-file or {TOKEN_ENV}"
+        )
+    tls = src.get("tls", bool, True)
+    ca = src.parse("ca", lambda v: Path(str(v)).expanduser(), None)
+    fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
+    if not tls and (ca is not None or fingerprint):
+        src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")
+    name = src.parse("name", _agent_name, default_agent_name())
+    services = _services(src)
+    reconnect_min = src.seconds("reconnect_min", DEFAULT_RECONNECT_MIN)
+    reconnect_max = src.seconds("reconnect_max", DEFAULT_RECONNECT_MAX)
+    config = AgentConfig(
+        gateway=gateway or Address("localhost", DEFAULT_CONTROL_PORT),
+        token=token or b"",
+        services=services,
+        name=name,
+        tls=tls,
+        ca=ca,
+        fingerprint=fingerprint,
+        pool_size=src.count("pool_size", DEFAULT_POOL_SIZE, 0, 256),
+        connect_timeout=src.seconds("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
+        reconnect_min=reconnect_min,
+        reconnect_max=max(reconnect_max, reconnect_min),
+    )
+    log = _log_config(src)
+    src.raise_problems()
+    return config, log
+
+
+def _agent_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", value):
+        raise ValueError("expected 1-64 letters, digits or ._@#/-")
+    return value
+
+
+def _services(src: _Source) -> tuple[ServiceConfig, ...]:
+    services: list[ServiceConfig] = []
+    for spec in src.get("expose", list, []):
+        try:
+            bind, port, local = parse_expose(str(spec))
+        except ValueError as exc:
+            src.fail("expose", str(exc))
+            continue
+        services.append(ServiceConfig(f"{local.host}:{local.port}", port, local, bind))
+    where, _ = src.origin.get("services", (str(src.path), "services"))
+    for index, table in enumerate(src.get("services", list, [])):
+        prefix = f"services[{index}]"
+        if not isinstance(table, dict):
+            src.problem(where, prefix, "expected a table ([[services]])")
+            continue
+        bad = False
+        for key in table:
+            if key not in _SERVICE_KEYS:
+                src.problem(where, f"{prefix}.{key}", "unknown key")
+                bad = True
+        try:
+            local = parse_address(str(table["local"])) if "local" in table else None
+        except ValueError as exc:
+            src.problem(where, f"{prefix}.local", str(exc))
+            continue
+        if local is None:
+            src.problem(where, f"{prefix}.local", "missing: the service's HOST:PORT")
+            continue
+        port = table.get("port", 0)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            src.problem(where, f"{prefix}.port", f"expected a port 0-65535, got {port!r}")
+            continue
+        name = table.get("name", f"{local.host}:{local.port}")
+        try:
+            name = _agent_name(name) if "name" in table else name
+            bind = _host(str(table["bind"]), str(table["bind"])) if "bind" in table else ""
+        except ValueError as exc:
+            src.problem(where, f"{prefix}.name/bind", str(exc))
+            continue
+        if not bad:
+            services.append(ServiceConfig(name, port, local, bind))
+    seen: dict[str, int] = {}
+    unique = []
+    for service in services:
+        count = seen.get(service.name, 0) + 1
+        seen[service.name] = count
+        if count > 1:
+            service = ServiceConfig(f"{service.name}#{count}", service.port, service.local, service.bind)
+        unique.append(service)
+    if not unique and not src.problems:
+        src.problem("command line", "--expose", "missing: nothing to expose")
+    return tuple(unique)

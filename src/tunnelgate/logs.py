@@ -1,0 +1,83 @@
+"""Log lines with connection context, as text or JSON lines.
+
+Each module logs through the stdlib ``logging`` logger of its own name. Lines
+about a session or a connection go through a :class:`ContextLogger`, which
+adds fields such as ``session``, ``agent``, ``conn`` and ``service``; text
+output shows them as ``[session=ab12 conn=17]``, JSON output as keys. Only the
+CLI calls :func:`configure`; an embedding program keeps its own setup.
+
+Level policy: ERROR a bug or an unexpected failure; WARNING a peer
+misbehaving, an authentication failure, a timeout; INFO start and stop,
+listening, agent connected/disconnected, service exposed, reconnecting, one
+line per closed connection; DEBUG frames and state changes. No payload above
+DEBUG, and never a token at any level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+
+class ContextLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger that adds fixed context fields to every line."""
+
+    def __init__(self, logger: logging.Logger, **context: object) -> None:
+        super().__init__(logger, context)
+        self.context = context
+
+    def bind(self, **context: object) -> ContextLogger:
+        """A new logger with more context fields."""
+        return ContextLogger(self.logger, **{**self.context, **context})
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        extra = dict(kwargs.get("extra") or {})
+        extra["ctx"] = {**self.context, **extra.get("ctx", {})}
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+def _utc(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = getattr(record, "ctx", None) or {}
+        fields = " ".join(f"{k}={v}" for k, v in ctx.items())
+        text = f"{_utc(record)} {record.levelname:<7} {record.name.removeprefix('tunnelgate.')}"
+        if fields:
+            text += f" [{fields}]"
+        text += " " + record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": _utc(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "ctx", None) or {})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send tunnelgate's logs to ``stream`` (stderr) at ``level`` in ``fmt``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("tunnelgate")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,132 @@
+"""TLS material and contexts: the gateway's self-signed identity, pinning.
+
+On first start a gateway without ``--cert``/``--key`` makes an ECDSA P-256
+key and a self-signed certificate in its state directory; agents pin its
+SHA-256 fingerprint (``--fingerprint``), trust a CA (``--ca``), or fall back
+to the system trust store for a real certificate. Only TLS 1.3 is spoken.
+This module builds ``ssl.SSLContext`` objects; it opens no connection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tunnelgate.errors import ConfigError, ConfigProblem, PeerVerificationError
+
+CERT_FILE: Final = "gateway.crt"
+KEY_FILE: Final = "gateway.key"
+CERT_VALIDITY: Final = datetime.timedelta(days=3650)
+
+
+def fingerprint_of(der: bytes) -> str:
+    """``SHA256:<HEX>`` of a DER certificate, the form agents pin."""
+    return "SHA256:" + hashlib.sha256(der).hexdigest().upper()
+
+
+def certificate_fingerprint(cert_path: Path) -> str:
+    """The fingerprint of the first certificate in a PEM file."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return fingerprint_of(cert.public_bytes(serialization.Encoding.DER))
+
+
+def ensure_self_signed(state_dir: Path, hostnames: list[str]) -> tuple[Path, Path, bool]:
+    """Return (cert, key, created): the stored identity, made on first use."""
+    cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path, False
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tunnelgate gateway")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt_names: list[x509.GeneralName] = [x509.DNSName("tunnelgate")]
+    alt_names += [x509.DNSName(h) for h in hostnames if h and not _is_ip(h)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_pem)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, True
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The gateway's context: TLS 1.3 only, no session tickets."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
+        ) from None
+    # Pooled data channels never resume, so tickets would be bytes for nothing.
+    context.num_tickets = 0
+    return context
+
+
+def client_context(ca: Path | None, fingerprint: str) -> ssl.SSLContext:
+    """The agent's context. With a fingerprint, the chain is not checked: the
+    pin is, by :func:`check_fingerprint` right after the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if fingerprint:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [ConfigProblem("command line", "--ca", f"cannot load {ca}: {exc}")]
+            ) from None
+    else:
+        context.load_default_certs()
+    return context
+
+
+def check_fingerprint(der: bytes | None, expected: str) -> None:
+    """Raise PeerVerificationError unless the peer's certificate is the pinned one."""
+    if der is None:
+        raise PeerVerificationError("the gateway sent no certificate", expected=expected)
+    seen = fingerprint_of(der)
+    if seen != expected:
+        raise PeerVerificationError(
+            "certificate fingerprint mismatch; refusing to talk to this gateway",
+            expected=expected,
+            seen=seen,
+        )

@@ -108,14 +108,16 @@ def _port(part: str, text: str, *, allow_zero: bool) -> int:
     return port
 
 
-def parse_address(text: str, *, default_port: int | None = None) -> Address:
+def parse_address(
+    text: str, *, default_port: int | None = None, allow_zero: bool = False
+) -> Address:
     """Parse ``host:port``, ``[v6]:port`` or (with ``default_port``) a bare host."""
     parts = _split_colons(text.strip())
     if len(parts) == 1 and default_port is not None:
         return Address(_host(parts[0], text), default_port)
     if len(parts) != 2:
         raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {text!r}")
-    return Address(_host(parts[0], text), _port(parts[1], text, allow_zero=False))
+    return Address(_host(parts[0], text), _port(parts[1], text, allow_zero=allow_zero))
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,7 @@ def load_gateway_config(
     src.reject_unknown(_GATEWAY_KEYS)
     listen = src.parse(
         "listen",
-        lambda v: parse_address(str(v)),
+        lambda v: parse_address(str(v), allow_zero=True),
         Address("0.0.0.0", DEFAULT_CONTROL_PORT),
     )
     tls = src.get("tls", bool, True)

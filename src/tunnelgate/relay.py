@@ -134,12 +134,14 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
 
     failure: _Failed | None = None
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(outbound())
-            group.create_task(inbound())
-    except* _Failed as caught:
-        failure = caught.exceptions[0]  # type: ignore[assignment]
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(outbound())
+                group.create_task(inbound())
+        except* _Failed as caught:
+            failure = caught.exceptions[0]  # type: ignore[assignment]
     except BaseException:
+        # Cancelled (the session ended) or a bug: neither end may look clean.
         reset_socket(local)
         channel.abort()
         raise

@@ -1,0 +1,414 @@
+"""The agent: dials the gateway, exposes local services, relays their clients.
+
+:meth:`Agent.run` is the reconnect loop: connect, run one session until it
+ends, wait a backoff with full jitter, repeat. An authentication or gateway
+verification failure ends the loop instead (it would fail the same way again).
+
+A session is the control channel (registration, heartbeats with a reply
+deadline, pool requests) plus a pool of pre-opened data channels, kept at
+``pool_size`` idle ones plus whatever the gateway asked for. A pooled channel
+that receives :class:`~tunnelgate.protocol.Start` connects to the service and
+becomes a relay; a replacement is opened at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tunnelgate import tls
+from tunnelgate.config import (
+    Address,
+    AgentConfig,
+    ServiceConfig,
+    format_address,
+    load_agent_config,
+)
+from tunnelgate.errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    TransportError,
+)
+from tunnelgate.logs import ContextLogger
+from tunnelgate.protocol import (
+    PROTOCOL_VERSION,
+    Bye,
+    Challenge,
+    Hello,
+    Ping,
+    PoolRequest,
+    Pong,
+    Refused,
+    Register,
+    Registered,
+    ServiceRequest,
+    Start,
+    Welcome,
+    check_allowed,
+    compute_proof,
+    encode_abort,
+)
+from tunnelgate.relay import relay
+from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, connect, reset_socket
+
+logger = logging.getLogger(__name__)
+
+STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
+OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
+MAX_EXTRA_CHANNELS: Final = 1024
+
+
+class _SessionOver(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ExposedService:
+    """A service as the gateway exposes it."""
+
+    name: str
+    address: Address  # the gateway's bind address and port
+    local: Address
+
+
+class Agent:
+    """The private side. Use as ``async with Agent(...) as agent:``.
+
+    Pass an :class:`AgentConfig`, or the keys of the agent's TOML file as
+    keyword arguments (``Agent(gateway="gw:8080", token="…", expose=["0:localhost:80"])``).
+    """
+
+    def __init__(self, config: AgentConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config, _ = load_agent_config(None, options)
+        self.config = config
+        self.services: dict[str, ExposedService] = {}
+        self.session_id: str | None = None
+        self._by_name: dict[str, ServiceConfig] = {s.name: s for s in config.services}
+        self._context: ssl.SSLContext | None = (
+            tls.client_context(config.ca, config.fingerprint) if config.tls else None
+        )
+        self._main: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._log = ContextLogger(logger, agent=config.name)
+
+    async def __aenter__(self) -> Agent:
+        self._main = asyncio.create_task(self.run(), name="agent")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the session and stop reconnecting."""
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._main
+            self._main = None
+
+    async def wait_ready(self, timeout: float | None = None) -> dict[str, ExposedService]:
+        """Wait until services are registered; raise the fatal error if the agent gave up."""
+        assert self._main is not None, "use 'async with Agent(...)' first"
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({ready, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
+            self._main.result()  # raises the fatal error
+            raise ConnectionClosed("closed", "agent stopped")
+        return dict(self.services)
+
+    # --- the reconnect loop -------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a session up until cancelled. Raises AuthenticationError when refused."""
+        config = self.config
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                reason = await self._session()
+                level = logging.INFO
+            except AuthenticationError as exc:
+                self._log.error("%s", exc)
+                raise
+            except TimeoutError:
+                reason, level = "no heartbeat reply within the deadline", logging.WARNING
+            except (TransportError, ProtocolError, ConnectionClosed) as exc:
+                reason, level = str(exc), logging.WARNING
+            finally:
+                self._ready.clear()
+                self.services.clear()
+                self.session_id = None
+            if time.monotonic() - started >= STABLE_SESSION:
+                attempt = 0
+            delay = random.uniform(0, min(config.reconnect_max, config.reconnect_min * 2**attempt))
+            attempt += 1
+            self._log.log(
+                level,
+                "%s; reconnecting to %s in %.1f s (attempt %d)",
+                reason,
+                config.gateway,
+                delay,
+                attempt,
+            )
+            await asyncio.sleep(delay)
+
+    # --- connections --------------------------------------------------------
+
+    async def _open(self, role: str, session: str = "") -> Channel:
+        """Connect, secure, and prove the token: a control or data channel."""
+        config = self.config
+        sock = await connect(config.gateway, config.connect_timeout)
+        try:
+            async with asyncio.timeout(config.handshake_timeout):
+                stream: Stream
+                if self._context is not None:
+                    hostname = None if config.fingerprint else config.gateway.host
+                    tls_stream = TLSStream(
+                        sock, self._context, server_side=False, server_hostname=hostname
+                    )
+                    await tls_stream.handshake()
+                    if config.fingerprint:
+                        tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
+                    stream = tls_stream
+                else:
+                    stream = SocketStream(sock)
+                channel = Channel(stream)
+                challenge = check_allowed("agent_awaits_challenge", await channel.receive())
+                if isinstance(challenge, Refused):
+                    raise _refusal(challenge)
+                assert isinstance(challenge, Challenge)
+                proof = compute_proof(config.token, challenge.nonce, role, config.name, session)
+                hello = Hello(PROTOCOL_VERSION, role, config.name, proof, session)  # type: ignore[arg-type]
+                await channel.send_message(hello)
+                return channel
+        except TimeoutError:
+            reset_socket(sock)
+            raise TransportError(f"handshake with {config.gateway} timed out") from None
+        except BaseException:
+            reset_socket(sock)
+            raise
+
+    async def _session(self) -> str:
+        """One session, from connect to its end; returns why it ended."""
+        config = self.config
+        channel = await self._open("control")
+        try:
+            async with asyncio.timeout(config.handshake_timeout):
+                welcome = check_allowed("agent_awaits_welcome", await channel.receive())
+            if isinstance(welcome, Refused):
+                raise _refusal(welcome)
+            assert isinstance(welcome, Welcome)
+            self.session_id = welcome.session
+            log = self._log.bind(session=welcome.session)
+            log.info("connected to gateway %s", config.gateway)
+            await channel.send_message(
+                Register([ServiceRequest(s.name, s.bind, s.port) for s in config.services])
+            )
+            async with asyncio.TaskGroup() as group:
+                pool = _Pool(self, group, welcome.session, log)
+                group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
+                group.create_task(pool.run())
+                reason = await self._control_loop(channel, welcome, pool, log)
+                raise _SessionOver(reason)
+        except* _SessionOver as caught:
+            reason = caught.exceptions[0].reason  # type: ignore[attr-defined]
+        except* Exception as caught:
+            # One session-ending error is enough; a second one is its echo.
+            raise caught.exceptions[0] from None
+        finally:
+            channel.abort()
+        return reason
+
+    async def _heartbeat(self, channel: Channel, interval: float) -> None:
+        for seq in range(2**62):
+            await asyncio.sleep(interval)
+            await channel.send_message(Ping(seq))
+
+    async def _control_loop(
+        self, channel: Channel, welcome: Welcome, pool: _Pool, log: ContextLogger
+    ) -> str:
+        phase: Any = "agent_register_reply"
+        while True:
+            async with asyncio.timeout(welcome.heartbeat_timeout):
+                event = await channel.receive()
+            message = check_allowed(phase, event)
+            if isinstance(message, Ping):
+                await channel.send_message(Pong(message.seq))
+            elif isinstance(message, Registered):
+                phase = "agent_control"
+                self._registered(message, log)
+            elif isinstance(message, PoolRequest):
+                pool.request(message.count)
+            elif isinstance(message, Bye):
+                return f"gateway said goodbye: {message.reason}"
+
+    def _registered(self, message: Registered, log: ContextLogger) -> None:
+        for result in message.results:
+            service = self._by_name.get(result.name)
+            if service is None:
+                raise ProtocolError(f"registration result for unknown service {result.name!r}")
+            if result.ok:
+                address = Address(result.bind, result.port)
+                self.services[result.name] = ExposedService(result.name, address, service.local)
+                log.info(
+                    "service %s exposed at gateway port %d (%s) -> %s",
+                    result.name,
+                    result.port,
+                    address,
+                    service.local,
+                )
+            else:
+                log.error("service %s not exposed: %s", result.name, result.error)
+        self._ready.set()
+
+    async def _serve(self, channel: Channel, start: Start, log: ContextLogger) -> None:
+        """Carry one client connection to its service. Root of the relay's task."""
+        log = log.bind(conn=start.conn, service=start.service)
+        service = self._by_name.get(start.service)
+        if service is None:
+            log.warning("gateway started unknown service %r", start.service)
+            await _abort(channel, f"unknown service {start.service!r}")
+            return
+        try:
+            sock = await connect(service.local, self.config.connect_timeout)
+        except TransportError as exc:
+            log.warning("client %s: %s", start.client, exc)
+            await _abort(channel, f"agent {exc}")
+            return
+        result = await relay(sock, channel, "service")
+        level = logging.INFO if result.normal else logging.WARNING
+        log.log(
+            level,
+            "closed client=%s up=%d down=%d duration=%.3fs end=%s",
+            start.client,
+            result.received,
+            result.sent,
+            result.duration,
+            result.how,
+        )
+
+
+class _Pool:
+    """Keeps ``pool_size`` idle data channels open, plus those the gateway asked for."""
+
+    def __init__(
+        self, agent: Agent, group: asyncio.TaskGroup, session: str, log: ContextLogger
+    ) -> None:
+        self.agent = agent
+        self.group = group
+        self.session = session
+        self.log = log
+        self.idle = 0
+        self.opening = 0
+        self.extra = 0
+        self.changed = asyncio.Event()
+
+    def request(self, count: int) -> None:
+        self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
+        self.changed.set()
+
+    async def run(self) -> None:
+        target = self.agent.config.pool_size
+        while True:
+            while self.idle + self.opening < target + self.extra:
+                self.opening += 1
+                self.group.create_task(self._channel())
+            await self.changed.wait()
+            self.changed.clear()
+
+    async def _channel(self) -> None:
+        """Root of one data channel's task: open, wait in the pool, serve one client."""
+        try:
+            channel = await self.agent._open("data", self.session)
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.warning("cannot open a data channel: %s", exc)
+            await asyncio.sleep(OPEN_RETRY_DELAY)
+            self.opening -= 1
+            self.changed.set()
+            return
+        except BaseException:
+            self.opening -= 1
+            raise
+        self.opening -= 1
+        self.extra = max(0, self.extra - 1)
+        self.idle += 1
+        try:
+            event = await channel.receive()
+            start = check_allowed("agent_pooled", event)
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.debug("pooled data channel closed: %s", exc)
+            channel.abort()
+            return
+        except BaseException:
+            channel.abort()
+            raise
+        finally:
+            self.idle -= 1
+            self.changed.set()
+        if not isinstance(start, Start):
+            channel.close()
+            return
+        try:
+            await self.agent._serve(channel, start, self.log)
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.warning("conn %d: %s", start.conn, exc)
+            channel.abort()
+        except Exception:
+            self.log.exception("unexpected error serving conn %d", start.conn)
+            channel.abort()
+
+
+def _refusal(message: Refused) -> Exception:
+    if message.code in ("auth", "version"):
+        return AuthenticationError(message.reason)
+    return ConnectionClosed("closed", f"gateway refused: {message.reason}")
+
+
+async def _abort(channel: Channel, reason: str) -> None:
+    with contextlib.suppress(TransportError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await channel.stream.send(encode_abort(reason))
+    channel.abort()
+
+
+@contextlib.asynccontextmanager
+async def expose(
+    local_port: int,
+    *,
+    gateway: str,
+    token: str,
+    local_host: str = "127.0.0.1",
+    remote_port: int = 0,
+    timeout: float = 30.0,
+    **options: Any,
+) -> AsyncIterator[Address]:
+    """Expose ``local_host:local_port`` through a gateway; yield its public address.
+
+    ``options`` are further agent settings (``fingerprint``, ``ca``, ``tls``,
+    ``name``…), as in the agent's TOML file.
+    """
+    spec = f"{remote_port}:{format_address(local_host, local_port)}"
+    async with Agent(gateway=gateway, token=token, expose=[spec], **options) as agent:
+        services = await agent.wait_ready(timeout)
+        if not services:
+            raise TransportError("the gateway did not expose the service (see the log)")
+        (service,) = services.values()
+        host = service.address.host
+        if host in ("0.0.0.0", "::", ""):
+            host = agent.config.gateway.host
+        yield Address(host, service.address.port)

@@ -1,0 +1,537 @@
+"""The gateway: accepts agents on the control port and clients on service ports.
+
+Every connection to the control port is handshaken in its own task, under a
+deadline, never in the accept loop. A control channel becomes a
+:class:`_Session`, which owns the service listeners, the pool of idle data
+channels and every relay of that agent: when the session ends, all of them
+end with it (clients see a reset). A data channel joins its session's pool.
+
+A client on a service port takes a pooled data channel (checked to be still
+open), is announced with :class:`~tunnelgate.protocol.Start`, and relayed at
+once: the agent answers only if the service cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from tunnelgate import tls
+from tunnelgate.config import (
+    Address,
+    AgentPolicy,
+    GatewayConfig,
+    default_state_dir,
+    format_address,
+    load_gateway_config,
+)
+from tunnelgate.errors import (
+    ConnectionClosed,
+    ProtocolError,
+    TransportError,
+)
+from tunnelgate.logs import ContextLogger
+from tunnelgate.protocol import (
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    Bye,
+    Challenge,
+    Hello,
+    Ping,
+    PoolRequest,
+    Pong,
+    Refused,
+    Register,
+    Registered,
+    ServiceRequest,
+    ServiceResult,
+    Start,
+    Welcome,
+    check_allowed,
+    verify_proof,
+)
+from tunnelgate.relay import relay
+from tunnelgate.transport import (
+    Channel,
+    SocketStream,
+    Stream,
+    TLSStream,
+    bound_address,
+    open_listener,
+    peer_name,
+    reset_socket,
+    tune_socket,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_HANDSHAKING: Final = 1024  # connections on the control port not yet authenticated
+
+
+class _SessionOver(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Service:
+    name: str
+    address: Address
+    sock: socket.socket
+
+
+@dataclass(eq=False)
+class _Session:
+    """One authenticated agent: its control channel and everything it owns."""
+
+    id: str
+    agent: str
+    peer: str
+    policy: AgentPolicy
+    channel: Channel
+    log: ContextLogger
+    task: asyncio.Task[Any]
+    group: asyncio.TaskGroup | None = None
+    services: dict[str, _Service] = field(default_factory=dict)
+    pool: deque[Channel] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[Channel]] = field(default_factory=deque)
+    requested: int = 0  # data channels asked for and not yet arrived
+    registered: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def kill(self) -> None:
+        """Force the session to end now, without waiting on its peer."""
+        self.close_listeners()
+        self.task.cancel()
+
+    def close_listeners(self) -> None:
+        for service in self.services.values():
+            service.sock.close()
+
+    def discard_pool(self) -> None:
+        while self.pool:
+            self.pool.popleft().abort()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.cancel()
+
+
+class Gateway:
+    """The public side. Use as ``async with Gateway(...) as gateway:``.
+
+    Pass a :class:`GatewayConfig`, or the keys of the gateway's TOML file as
+    keyword arguments (``Gateway(listen="127.0.0.1:0", token="…", tls=False)``).
+    """
+
+    def __init__(self, config: GatewayConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config, _ = load_gateway_config(None, options)
+        self.config = config
+        self.address: Address | None = None
+        self.fingerprint: str | None = None
+        self.cert_created = False
+        self._context: ssl.SSLContext | None = None
+        self._listener: socket.socket | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._sessions: dict[str, _Session] = {}  # by agent name
+        self._by_id: dict[str, _Session] = {}
+        self._ports: dict[tuple[str, int], _Session] = {}
+        self._handshaking = 0
+        self._conn_ids = itertools.count(1)
+        self._ready = asyncio.Event()
+
+    # --- life cycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Load the TLS identity, bind the control port and start serving."""
+        config = self.config
+        if config.tls:
+            cert, key = config.cert, config.key
+            if cert is None or key is None:
+                state_dir = config.state_dir or default_state_dir()
+                cert, key, self.cert_created = tls.ensure_self_signed(
+                    state_dir, [config.listen.host]
+                )
+            self._context = tls.server_context(cert, key)
+            self.fingerprint = tls.certificate_fingerprint(cert)
+        else:
+            logger.warning(
+                "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
+                "network in clear and anyone on the path can read or change them"
+            )
+        self._listener = open_listener(config.listen.host, config.listen.port)
+        self.address = bound_address(self._listener)
+        self._main = asyncio.create_task(self._run(self._listener), name="gateway")
+        await self._ready.wait()
+        logger.info(
+            "gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS"
+        )
+
+    async def aclose(self) -> None:
+        """Stop accepting, end every session (their clients are reset)."""
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+            self._main = None
+            logger.info("gateway stopped")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def serve_forever(self) -> None:
+        """Wait until the gateway stops (cancel to stop it)."""
+        assert self._main is not None, "start() first"
+        await self._main
+
+    def sessions(self) -> dict[str, list[Address]]:
+        """A snapshot: agent name → the public addresses of its services."""
+        return {
+            name: [service.address for service in session.services.values()]
+            for name, session in self._sessions.items()
+        }
+
+    async def _run(self, listener: socket.socket) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            self._ready.set()
+            await self._accept_agents(listener, group)
+
+    # --- the control port ---------------------------------------------------
+
+    async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                logger.error("accept failed on the control port: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: back off rather than spin
+                continue
+            peer = format_address(addr[0], addr[1])
+            if self._handshaking >= MAX_HANDSHAKING:
+                logger.warning("too many connections in handshake; dropping %s", peer)
+                reset_socket(sock)
+                continue
+            group.create_task(self._guard_connection(sock, peer))
+
+    async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
+        """Root of a control-port connection's task: every error ends here, logged once."""
+        self._handshaking += 1
+        handshaking = True
+        owned = False  # the socket passed to a session (or its pool), which closes it
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                channel, hello, policy = await self._handshake(sock, peer)
+            self._handshaking -= 1
+            handshaking = False
+            owned = True
+            if hello.role == "control":
+                await self._run_session(channel, hello, policy, peer)
+            else:
+                owned = False
+                self._add_data_channel(channel, hello, peer)
+                owned = True
+        except TimeoutError:
+            logger.warning("closing connection from %s: handshake timed out", peer)
+        except (ProtocolError, TransportError, ConnectionClosed) as exc:
+            logger.warning("closing connection from %s: %s", peer, exc)
+        except Exception:
+            logger.exception("unexpected error on connection from %s", peer)
+        finally:
+            if handshaking:
+                self._handshaking -= 1
+            if not owned:
+                reset_socket(sock)
+
+    async def _handshake(
+        self, sock: socket.socket, peer: str
+    ) -> tuple[Channel, Hello, AgentPolicy]:
+        tune_socket(sock)
+        stream: Stream
+        if self._context is not None:
+            tls_stream = TLSStream(sock, self._context, server_side=True)
+            await tls_stream.handshake()
+            stream = tls_stream
+        else:
+            stream = SocketStream(sock)
+        channel = Channel(stream)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
+        try:
+            hello = check_allowed("gateway_awaits_hello", await channel.receive())
+        except ProtocolError as exc:
+            if "protocol version" in exc.reason:
+                await channel.send_message(Refused("version", exc.reason))
+            raise
+        assert isinstance(hello, Hello)
+        policy = self._authenticate(hello, nonce)
+        if policy is None:
+            logger.warning(
+                "authentication failed for agent %r from %s (%s channel)",
+                hello.agent,
+                peer,
+                hello.role,
+            )
+            await channel.send_message(Refused("auth", "authentication failed"))
+            raise ConnectionClosed("closed", "authentication failed")
+        return channel, hello, policy
+
+    def _authenticate(self, hello: Hello, nonce: bytes) -> AgentPolicy | None:
+        """The policy whose token made the proof; checks them all, in constant time each."""
+        found: AgentPolicy | None = None
+        for policy in self.config.agents:
+            if policy.name and policy.name != hello.agent:
+                continue
+            if verify_proof(policy.token, hello, nonce) and found is None:
+                found = policy
+        return found
+
+    def _add_data_channel(self, channel: Channel, hello: Hello, peer: str) -> None:
+        session = self._by_id.get(hello.session)
+        if session is None or session.agent != hello.agent or session.group is None:
+            logger.debug("data channel from %s for unknown session %r", peer, hello.session)
+            raise ConnectionClosed("closed", f"data channel for unknown session {hello.session!r}")
+        session.requested = max(0, session.requested - 1)
+        while session.waiters:
+            waiter = session.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(channel)
+                return
+        if len(session.pool) >= self.config.max_pool_size:
+            session.log.warning("pool full (%d); closing an extra data channel", len(session.pool))
+            channel.abort()
+            return
+        session.pool.append(channel)
+
+    # --- sessions -----------------------------------------------------------
+
+    async def _run_session(
+        self, channel: Channel, hello: Hello, policy: AgentPolicy, peer: str
+    ) -> None:
+        session_id = secrets.token_hex(4)
+        task = asyncio.current_task()
+        assert task is not None
+        session = _Session(
+            id=session_id,
+            agent=hello.agent,
+            peer=peer,
+            policy=policy,
+            channel=channel,
+            task=task,
+            log=ContextLogger(logger, session=session_id, agent=hello.agent),
+        )
+        old = self._sessions.get(hello.agent)
+        if old is not None:
+            session.log.info("agent reconnected; replacing its session %s at once", old.id)
+            self._end_session(old)
+            old.kill()
+        self._sessions[hello.agent] = session
+        self._by_id[session_id] = session
+        reason, level = "ended", logging.INFO
+        try:
+            await channel.send_message(
+                Welcome(session_id, self.config.heartbeat_interval, self.config.heartbeat_timeout)
+            )
+            session.log.info("session started from %s", peer)
+            async with asyncio.TaskGroup() as group:
+                session.group = group
+                reason = await self._control_loop(session)
+                raise _SessionOver(reason)
+        except* _SessionOver as caught:
+            reason = caught.exceptions[0].reason  # type: ignore[attr-defined]
+        except* (ProtocolError, TransportError, ConnectionClosed) as caught:
+            reason, level = str(caught.exceptions[0]), logging.WARNING
+        except* TimeoutError:
+            reason, level = "no heartbeat within the deadline", logging.WARNING
+        finally:
+            self._end_session(session)
+            session.channel.abort()
+            duration = time.monotonic() - session.started
+            names = ", ".join(session.services) or "none"
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                session.log.log(
+                    level, "session ended after %.1f s: %s (services: %s)", duration, reason, names
+                )
+            else:
+                session.log.info("session closed after %.1f s (services: %s)", duration, names)
+
+    def _end_session(self, session: _Session) -> None:
+        """Release everything the session holds; safe to call twice."""
+        if self._sessions.get(session.agent) is session:
+            del self._sessions[session.agent]
+        self._by_id.pop(session.id, None)
+        for key in [k for k, owner in self._ports.items() if owner is session]:
+            del self._ports[key]
+        session.close_listeners()
+        session.discard_pool()
+
+    async def _control_loop(self, session: _Session) -> str:
+        """Serve the agent's control messages until it leaves; return why."""
+        channel = session.channel
+        while True:
+            async with asyncio.timeout(self.config.heartbeat_timeout):
+                event = await channel.receive()
+            message = check_allowed("gateway_control", event)
+            if isinstance(message, Ping):
+                await channel.send_message(Pong(message.seq))
+            elif isinstance(message, Pong):
+                pass
+            elif isinstance(message, Register):
+                if session.registered:
+                    raise ProtocolError("services registered twice")
+                session.registered = True
+                results = [self._expose(session, request) for request in message.services]
+                await channel.send_message(Registered(results))
+            elif isinstance(message, Bye):
+                return f"agent said goodbye: {message.reason}"
+
+    def _expose(self, session: _Session, request: ServiceRequest) -> ServiceResult:
+        """Open the public listener for one service, if the policy allows it."""
+        config = self.config
+        bind = request.bind or config.default_bind
+        allowed_binds = config.allow_bind or (config.default_bind,)
+
+        def refuse(error: str) -> ServiceResult:
+            session.log.warning("service %s refused: %s", request.name, error)
+            return ServiceResult(request.name, False, error=error)
+
+        if request.name in session.services:
+            return refuse(f"service name {request.name!r} used twice")
+        if bind not in allowed_binds:
+            return refuse(
+                f"bind address {bind} is not allowed (allowed: {', '.join(allowed_binds)})"
+            )
+        if request.port and not session.policy.allows_port(request.port):
+            return refuse(f"port {request.port} is not allowed for this agent")
+        holder = self._ports.get((bind, request.port)) if request.port else None
+        if holder is not None:
+            return refuse(f"port {request.port} is held by agent {holder.agent!r}")
+        try:
+            sock = open_listener(bind, request.port)
+        except OSError as exc:
+            return refuse(f"cannot listen on {format_address(bind, request.port)}: {exc.strerror}")
+        address = bound_address(sock)
+        if not request.port and not session.policy.allows_port(address.port):
+            sock.close()
+            return refuse(f"the free port found ({address.port}) is not allowed for this agent")
+        service = _Service(request.name, address, sock)
+        session.services[request.name] = service
+        self._ports[(bind, address.port)] = session
+        assert session.group is not None
+        session.group.create_task(self._accept_clients(session, service))
+        session.log.info("service %s exposed on %s", request.name, address)
+        return ServiceResult(request.name, True, bind=address.host, port=address.port)
+
+    # --- clients ------------------------------------------------------------
+
+    async def _accept_clients(self, session: _Session, service: _Service) -> None:
+        loop = asyncio.get_running_loop()
+        assert session.group is not None
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(service.sock)
+            except OSError as exc:
+                session.log.error("accept failed on service %s: %s", service.name, exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: back off rather than spin
+                continue
+            tune_socket(sock)
+            client = format_address(addr[0], addr[1])
+            conn = next(self._conn_ids)
+            log = session.log.bind(conn=conn, service=service.name)
+            session.group.create_task(self._serve_client(session, service, sock, client, conn, log))
+
+    async def _serve_client(
+        self,
+        session: _Session,
+        service: _Service,
+        sock: socket.socket,
+        client: str,
+        conn: int,
+        log: ContextLogger,
+    ) -> None:
+        """Root of one client connection's task."""
+        channel: Channel | None = None
+        try:
+            channel = await self._take_channel(session)
+            if channel is None:
+                log.warning(
+                    "no data channel from the agent within %g s; closing client %s",
+                    self.config.pending_timeout,
+                    client,
+                )
+                reset_socket(sock)
+                return
+            await channel.send_message(Start(conn, service.name, client))
+            log.debug("client %s started on a data channel", client)
+            result = await relay(sock, channel, "client")
+        except TransportError as exc:
+            log.warning("client %s: data channel failed before relaying: %s", client, exc)
+            reset_socket(sock)
+            if channel is not None:
+                channel.abort()
+            return
+        except asyncio.CancelledError:
+            if sock.fileno() != -1:
+                reset_socket(sock)
+            if channel is not None:
+                channel.abort()
+            raise
+        except Exception:
+            log.exception("unexpected error relaying client %s", client)
+            reset_socket(sock)
+            if channel is not None:
+                channel.abort()
+            return
+        level = logging.INFO if result.normal else logging.WARNING
+        log.log(
+            level,
+            "closed client=%s up=%d down=%d duration=%.3fs end=%s",
+            client,
+            result.sent,
+            result.received,
+            result.duration,
+            result.how,
+        )
+
+    async def _take_channel(self, session: _Session) -> Channel | None:
+        """An open pooled data channel, or one the agent opens within the deadline."""
+        while session.pool:
+            channel = session.pool.popleft()
+            if channel.is_idle_and_open():
+                return channel
+            session.log.debug("discarding a stale pooled data channel")
+            channel.abort()
+        waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        session.waiters.append(waiter)
+        missing = len(session.waiters) - session.requested
+        if missing > 0:
+            session.requested += missing
+            await session.channel.send_message(PoolRequest(missing))
+        try:
+            async with asyncio.timeout(self.config.pending_timeout):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(ValueError):
+                session.waiters.remove(waiter)

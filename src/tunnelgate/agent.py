@@ -44,8 +44,8 @@ from tunnelgate.protocol import (
     Challenge,
     Hello,
     Ping,
-    PoolRequest,
     Pong,
+    PoolRequest,
     Refused,
     Register,
     Registered,
@@ -116,6 +116,11 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._main
             self._main = None
+
+    async def run_until_stopped(self) -> None:
+        """Wait while the agent runs; raise its fatal error if it gives up."""
+        assert self._main is not None, "use 'async with Agent(...)' first"
+        await self._main
 
     async def wait_ready(self, timeout: float | None = None) -> dict[str, ExposedService]:
         """Wait until services are registered; raise the fatal error if the agent gave up."""

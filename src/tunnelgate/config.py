@@ -418,7 +418,9 @@ def load_gateway_config(
     allow_bind = tuple(
         src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], [])
     )
-    allow_ports = src.parse("allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS))
+    allow_ports = src.parse(
+        "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
+    )
     agents: list[AgentPolicy] = []
     for index, table in enumerate(src.get("agents", list, [])):
         agents.extend(_agent_policy(src, index, table, allow_ports))
@@ -620,7 +622,9 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
         count = seen.get(service.name, 0) + 1
         seen[service.name] = count
         if count > 1:
-            service = ServiceConfig(f"{service.name}#{count}", service.port, service.local, service.bind)
+            service = ServiceConfig(
+                f"{service.name}#{count}", service.port, service.local, service.bind
+            )
         unique.append(service)
     if not unique and not src.problems:
         src.problem("command line", "--expose", "missing: nothing to expose")

@@ -47,8 +47,8 @@ from tunnelgate.protocol import (
     Challenge,
     Hello,
     Ping,
-    PoolRequest,
     Pong,
+    PoolRequest,
     Refused,
     Register,
     Registered,
@@ -67,7 +67,6 @@ from tunnelgate.transport import (
     TLSStream,
     bound_address,
     open_listener,
-    peer_name,
     reset_socket,
     tune_socket,
 )
@@ -182,9 +181,7 @@ class Gateway:
         self.address = bound_address(self._listener)
         self._main = asyncio.create_task(self._run(self._listener), name="gateway")
         await self._ready.wait()
-        logger.info(
-            "gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS"
-        )
+        logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
 
     async def aclose(self) -> None:
         """Stop accepting, end every session (their clients are reset)."""

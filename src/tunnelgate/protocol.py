@@ -354,9 +354,7 @@ def compute_proof(token: bytes, nonce: bytes, role: str, agent: str, session: st
     Binding role, agent name and session into the MAC means a proof made for
     one purpose cannot be replayed for another, even with the same nonce.
     """
-    message = b"\x00".join(
-        (_PROOF_CONTEXT, nonce, role.encode(), agent.encode(), session.encode())
-    )
+    message = b"\x00".join((_PROOF_CONTEXT, nonce, role.encode(), agent.encode(), session.encode()))
     return hmac.new(token, message, hashlib.sha256).digest()
 
 

@@ -47,7 +47,7 @@ def ensure_self_signed(state_dir: Path, hostnames: list[str]) -> tuple[Path, Pat
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tunnelgate gateway")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName("tunnelgate")]
     alt_names += [x509.DNSName(h) for h in hostnames if h and not _is_ip(h)]
     cert = (

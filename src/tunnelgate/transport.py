@@ -307,16 +307,16 @@ async def connect(address: Address, timeout: float) -> socket.socket:
                 return sock
             raise error or OSError(errno.EHOSTUNREACH, "no address found")
     except TimeoutError:
-        raise TransportError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+        raise TransportError(
+            f"cannot connect to {address}: timed out after {timeout:g} s"
+        ) from None
     except OSError as exc:
         raise TransportError(f"cannot connect to {address}: {describe_os_error(exc)}") from None
 
 
 def open_listener(host: str, port: int) -> socket.socket:
     """A bound, listening, non-blocking socket. Raises OSError."""
-    infos = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:

@@ -1,0 +1,255 @@
+"""The command line: ``tunnelgate gateway|agent|check-config|token|demo``.
+
+The flags of ``gateway`` and ``agent`` are a contract other tools rely on
+(see ``docs/ARCHITECTURE.md``); keep them stable. Exit codes: 0 after a clean
+stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token, wrong
+gateway certificate), 2 for bad flags or configuration. This is the only
+module that configures logging and the only place errors become exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tomllib
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from tunnelgate import __version__, logs
+from tunnelgate.agent import Agent
+from tunnelgate.config import (
+    TOKEN_ENV,
+    AgentConfig,
+    GatewayConfig,
+    default_state_dir,
+    format_address,
+    generate_token,
+    load_agent_config,
+    load_gateway_config,
+)
+from tunnelgate.errors import AuthenticationError, ConfigError
+from tunnelgate.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunnelgate",
+        description="A reverse TCP tunnel: expose services in a private network "
+        "through a public gateway, encrypted and authenticated by default.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
+        p.add_argument("--token", help=f"shared secret (better: --token-file or ${TOKEN_ENV})")
+        p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+        p.add_argument(
+            "--no-tls", dest="tls", action="store_false", default=None,
+            help="plain TCP between agent and gateway (trusted networks, measuring)",
+        )  # fmt: skip
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log-format", choices=["text", "json"])
+
+    gateway = commands.add_parser("gateway", help="run the public side")
+    common(gateway)
+    gateway.add_argument("--listen", metavar="HOST:PORT", help="control port (0.0.0.0:8080)")
+    gateway.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
+    gateway.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
+    gateway.add_argument("--state-dir", metavar="DIR", help=f"default {default_state_dir()}")
+    gateway.add_argument("--bind-host", metavar="HOST", help="default bind address of services")
+    gateway.add_argument("--allow-ports", metavar="RANGES", help="e.g. 3920,8000-8100")
+    gateway.add_argument("--heartbeat-interval", type=float, metavar="SECONDS")
+    gateway.add_argument("--heartbeat-timeout", type=float, metavar="SECONDS")
+    gateway.add_argument("--pending-timeout", type=float, metavar="SECONDS")
+    gateway.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    gateway.set_defaults(run=_run_gateway)
+
+    agent = commands.add_parser("agent", help="run the private side")
+    common(agent)
+    agent.add_argument("--gateway", metavar="HOST:PORT", help="the gateway's control port")
+    agent.add_argument("--ca", metavar="FILE", help="trust the gateway's certificate from CA")
+    agent.add_argument("--fingerprint", metavar="SHA256", help="pin the gateway's certificate")
+    agent.add_argument(
+        "--expose", action="append", metavar="[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT",
+        help="a service to expose (repeatable); REMOTE_PORT 0 takes any free port",
+    )  # fmt: skip
+    agent.add_argument("--name", help="this agent's name (default: the host name)")
+    agent.add_argument("--pool-size", type=int, metavar="N", help="idle data channels to keep")
+    agent.add_argument("--reconnect-max", type=float, metavar="SECONDS")
+    agent.set_defaults(run=_run_agent)
+
+    check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_run_check)
+
+    token = commands.add_parser("token", help="print a new random token")
+    token.set_defaults(run=lambda args: print(generate_token()) or EXIT_OK)
+
+    demo = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in names}
+
+
+_GATEWAY_FLAGS = [
+    "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
+    "allow_ports", "heartbeat_interval", "heartbeat_timeout", "pending_timeout",
+    "handshake_timeout", "log_level", "log_format",
+]  # fmt: skip
+_AGENT_FLAGS = [
+    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "expose", "name",
+    "pool_size", "reconnect_max", "log_level", "log_format",
+]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tunnelgate`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AuthenticationError as exc:
+        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> int:
+    """Run until done or until SIGTERM/SIGINT (exit 0); a second signal exits at once."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        signals: list[str] = []
+
+        def on_signal(name: str) -> None:
+            signals.append(name)
+            if len(signals) > 1:
+                os._exit(130)
+            logger.info("%s received; stopping (again to force)", name)
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            if not signals:
+                raise
+        return EXIT_OK
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(guarded())
+    return uvloop.run(guarded())
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    config, log = load_gateway_config(args.config, _flags(args, _GATEWAY_FLAGS))
+    logs.configure(log.level, log.format)
+    if args.token:
+        logger.warning(
+            "the token was given on the command line, where other local users can see it; "
+            "prefer --token-file or %s",
+            TOKEN_ENV,
+        )
+    return _run(_gateway_main(config))
+
+
+async def _gateway_main(config: GatewayConfig) -> None:
+    async with Gateway(config) as gateway:
+        _print_banner(gateway)
+        await gateway.serve_forever()
+
+
+def _print_banner(gateway: Gateway) -> None:
+    config = gateway.config
+    assert gateway.address is not None
+    host = config.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    target = format_address(host, gateway.address.port)
+    lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
+    command = f"tunnelgate agent --gateway {target}"
+    if config.token_generated:
+        state = config.state_dir or default_state_dir()
+        token = config.agents[0].token.decode()
+        lines.append(f"token: {token}  (stored in {state / 'token'})")
+        command += f" --token {token}"
+    else:
+        command += f" --token-file FILE  (or ${TOKEN_ENV})"
+    if gateway.fingerprint:
+        lines.append(f"certificate fingerprint: {gateway.fingerprint}")
+        command += f" --fingerprint {gateway.fingerprint}"
+    else:
+        lines.append("TLS is OFF: traffic between agent and gateway is not encrypted")
+        command += " --no-tls"
+    command += " --expose 3920:localhost:80"
+    lines += ["run an agent with:", f"  {command}"]
+    print("\n".join(lines), flush=True)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    config, log = load_agent_config(args.config, _flags(args, _AGENT_FLAGS))
+    logs.configure(log.level, log.format)
+    if args.token:
+        logger.warning(
+            "the token was given on the command line, where other local users can see it; "
+            "prefer --token-file or %s",
+            TOKEN_ENV,
+        )
+    return _run(_agent_main(config))
+
+
+async def _agent_main(config: AgentConfig) -> None:
+    async with Agent(config) as agent:
+        await agent.run_until_stopped()
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    try:
+        with path.open("rb") as fh:
+            is_agent = "gateway" in tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        is_agent = False  # the loader reports the problem precisely
+    if is_agent:
+        agent_config, _ = load_agent_config(path)
+        print(f"{path}: ok (agent config, {len(agent_config.services)} service(s))")
+    else:
+        gateway_config, _ = load_gateway_config(path)
+        print(f"{path}: ok (gateway config, {len(gateway_config.agents)} agent policy(ies))")
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tunnelgate import demo
+
+    logs.configure("info", "text")
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run(demo.run())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``tunnelgate demo``: the whole tunnel in one process, on loopback.
+
+A small HTTP service, a gateway with its self-signed TLS identity (kept in a
+temporary state directory), and an agent that pins the gateway's fingerprint
+and exposes the service. It prints what to ``curl`` and runs until stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+
+from tunnelgate.agent import Agent
+from tunnelgate.gateway import Gateway
+
+DEMO_TOKEN_BYTES = 24
+PREFERRED_CONTROL_PORT = 8080
+PREFERRED_SERVICE_PORT = 3920
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer every request on the connection with a short text page."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode("latin-1") if b" " in head else "/"
+            peer = writer.get_extra_info("peername")
+            body = (
+                "Hello from the service behind tunnelgate!\n"
+                f"You asked for {path}; the service saw the agent connect from {peer[0]}.\n"
+            ).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def run() -> None:
+    """Run the demo until cancelled."""
+    import secrets
+
+    token = secrets.token_urlsafe(DEMO_TOKEN_BYTES)
+    service = await asyncio.start_server(_http_service, "127.0.0.1", 0)
+    service_port = service.sockets[0].getsockname()[1]
+    control = PREFERRED_CONTROL_PORT if _free(PREFERRED_CONTROL_PORT) else 0
+    public = PREFERRED_SERVICE_PORT if _free(PREFERRED_SERVICE_PORT) else 0
+    with tempfile.TemporaryDirectory(prefix="tunnelgate-demo-") as state_dir:
+        async with (
+            service,
+            Gateway(listen=f"127.0.0.1:{control}", token=token, state_dir=state_dir) as gateway,
+            Agent(
+                gateway=str(gateway.address),
+                token=token,
+                fingerprint=gateway.fingerprint,
+                name="demo-site",
+                expose=[f"{public}:127.0.0.1:{service_port}"],
+            ) as agent,
+        ):
+            services = await agent.wait_ready(10)
+            (exposed,) = services.values()
+            print(
+                "\n".join(
+                    [
+                        "",
+                        "tunnelgate demo is running (Ctrl-C to stop):",
+                        f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)",
+                        f"  gateway  {gateway.address}  (TLS, {gateway.fingerprint})",
+                        f"  agent    exposes the service on the gateway at {exposed.address}",
+                        "",
+                        "Try it:",
+                        f"  curl http://{exposed.address}/",
+                        "",
+                    ]
+                ),
+                flush=True,
+            )
+            await agent.run_until_stopped()

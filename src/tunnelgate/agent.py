@@ -231,7 +231,7 @@ class Agent:
                 reason = await self._control_loop(channel, welcome, pool, log)
                 raise _SessionOver(reason)
         except* _SessionOver as caught:
-            reason = caught.exceptions[0].reason  # type: ignore[attr-defined]
+            reason = str(caught.exceptions[0])
         except* Exception as caught:
             # One session-ending error is enough; a second one is its echo.
             raise caught.exceptions[0] from None

@@ -284,7 +284,7 @@ class _Source:
             names = " or ".join(k.__name__ for k in kinds)
             self.fail(key, f"expected {names}, got {type(value).__name__} {value!r}")
             return default
-        return value  # type: ignore[no-any-return]
+        return value  # type: ignore[return-value]
 
     def parse(self, key: str, parser: Callable[[Any], T], default: T) -> T:
         if key not in self.values:
@@ -415,8 +415,9 @@ def load_gateway_config(
         src.fail("cert" if cert is not None else "key", "cert and key must be given together")
     state_dir = src.parse("state_dir", lambda v: Path(str(v)).expanduser(), None)
     bind_host = src.parse("bind_host", lambda v: _host(str(v), str(v)), "")
+    no_binds: list[str] = []
     allow_bind = tuple(
-        src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], [])
+        src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], no_binds)
     )
     allow_ports = src.parse(
         "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
@@ -595,13 +596,13 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
             if key not in _SERVICE_KEYS:
                 src.problem(where, f"{prefix}.{key}", "unknown key")
                 bad = True
+        if "local" not in table:
+            src.problem(where, f"{prefix}.local", "missing: the service's HOST:PORT")
+            continue
         try:
-            local = parse_address(str(table["local"])) if "local" in table else None
+            local = parse_address(str(table["local"]))
         except ValueError as exc:
             src.problem(where, f"{prefix}.local", str(exc))
-            continue
-        if local is None:
-            src.problem(where, f"{prefix}.local", "missing: the service's HOST:PORT")
             continue
         port = table.get("port", 0)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:

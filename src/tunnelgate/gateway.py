@@ -355,7 +355,7 @@ class Gateway:
                 reason = await self._control_loop(session)
                 raise _SessionOver(reason)
         except* _SessionOver as caught:
-            reason = caught.exceptions[0].reason  # type: ignore[attr-defined]
+            reason = str(caught.exceptions[0])
         except* (ProtocolError, TransportError, ConnectionClosed) as caught:
             reason, level = str(caught.exceptions[0]), logging.WARNING
         except* TimeoutError:

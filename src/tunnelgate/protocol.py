@@ -329,7 +329,7 @@ class FrameDecoder:
 def decode_message(payload: bytes) -> Message:
     """Decode one MESSAGE payload. Raises RemoteProtocolError."""
     try:
-        message = _decoder.decode(payload)
+        message: Message = _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise RemoteProtocolError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -92,9 +93,9 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
                 raise _Failed(f"data channel lost: {exc}", tell_peer=False) from None
             result.sent += n
 
-    async def deliver(events: list[Event] | object) -> bool:
+    async def deliver(events: Iterable[Event]) -> bool:
         """Write decoded events to the local socket; True once END arrived."""
-        for event in events:  # type: ignore[attr-defined]
+        for event in events:
             if isinstance(event, Data):
                 try:
                     await loop.sock_sendall(local, event.view)

@@ -187,7 +187,7 @@ class TLSStream:
     async def receive_into(self, buffer: memoryview) -> int:
         while True:
             try:
-                return self._tls.read(len(buffer), buffer)
+                return self._tls.read(len(buffer), buffer)  # type: ignore[return-value]
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:

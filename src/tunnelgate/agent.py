@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024
+BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 
 
 class _SessionOver(Exception):
@@ -99,6 +100,7 @@ class Agent:
             tls.client_context(config.ca, config.fingerprint) if config.tls else None
         )
         self._main: asyncio.Task[None] | None = None
+        self._control: Channel | None = None  # while a session is up
         self._ready = asyncio.Event()
         self._log = ContextLogger(logger, agent=config.name)
 
@@ -111,6 +113,10 @@ class Agent:
 
     async def aclose(self) -> None:
         """End the session and stop reconnecting."""
+        if self._control is not None:
+            with contextlib.suppress(TransportError, TimeoutError):
+                async with asyncio.timeout(BYE_TIMEOUT):
+                    await self._control.send_message(Bye("agent shutting down"))
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -219,6 +225,7 @@ class Agent:
                 raise _refusal(welcome)
             assert isinstance(welcome, Welcome)
             self.session_id = welcome.session
+            self._control = channel
             log = self._log.bind(session=welcome.session)
             log.info("connected to gateway %s", config.gateway)
             await channel.send_message(
@@ -236,6 +243,7 @@ class Agent:
             # One session-ending error is enough; a second one is its echo.
             raise caught.exceptions[0] from None
         finally:
+            self._control = None
             channel.abort()
         return reason
 

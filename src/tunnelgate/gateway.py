@@ -74,6 +74,8 @@ from tunnelgate.transport import (
 logger = logging.getLogger(__name__)
 
 MAX_HANDSHAKING: Final = 1024  # connections on the control port not yet authenticated
+KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
+BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 
 
 class _SessionOver(Exception):
@@ -108,10 +110,15 @@ class _Session:
     registered: bool = False
     started: float = field(default_factory=time.monotonic)
 
-    def kill(self) -> None:
-        """Force the session to end now, without waiting on its peer."""
-        self.close_listeners()
+    async def kill(self) -> None:
+        """End the session now without waiting on its peer.
+
+        Only this process's own cleanup is awaited (sockets are aborted, not
+        drained), so a half-dead peer cannot delay it; afterwards its ports
+        are free for whoever takes over.
+        """
         self.task.cancel()
+        await asyncio.wait({self.task}, timeout=KILL_TIMEOUT)
 
     def close_listeners(self) -> None:
         for service in self.services.values():
@@ -185,6 +192,12 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Stop accepting, end every session (their clients are reset)."""
+        sessions = list(self._sessions.values())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BYE_TIMEOUT):
+                await asyncio.gather(
+                    *(_say_bye(s.channel, "gateway shutting down") for s in sessions)
+                )
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -340,8 +353,7 @@ class Gateway:
         old = self._sessions.get(hello.agent)
         if old is not None:
             session.log.info("agent reconnected; replacing its session %s at once", old.id)
-            self._end_session(old)
-            old.kill()
+            await old.kill()
         self._sessions[hello.agent] = session
         self._by_id[session_id] = session
         reason, level = "ended", logging.INFO
@@ -532,3 +544,8 @@ class Gateway:
         finally:
             with contextlib.suppress(ValueError):
                 session.waiters.remove(waiter)
+
+
+async def _say_bye(channel: Channel, reason: str) -> None:
+    with contextlib.suppress(TransportError):
+        await channel.send_message(Bye(reason))

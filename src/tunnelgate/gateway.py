@@ -74,6 +74,7 @@ from tunnelgate.transport import (
 logger = logging.getLogger(__name__)
 
 MAX_HANDSHAKING: Final = 1024  # connections on the control port not yet authenticated
+MAX_PENDING_CLIENTS: Final = 1024  # clients of one session waiting for a data channel
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 
@@ -530,6 +531,8 @@ class Gateway:
                 return channel
             session.log.debug("discarding a stale pooled data channel")
             channel.abort()
+        if len(session.waiters) >= MAX_PENDING_CLIENTS:
+            return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         session.waiters.append(waiter)
         missing = len(session.waiters) - session.requested

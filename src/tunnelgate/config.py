@@ -99,8 +99,13 @@ def _host(part: str, text: str) -> str:
     return part
 
 
+_DIGITS: Final = re.compile(r"[0-9]{1,5}")
+_SERVICE_NAME_CHARS: Final = re.compile(r"[^A-Za-z0-9_.:@#/-]")
+MAX_NAME_LENGTH: Final = 64
+
+
 def _port(part: str, text: str, *, allow_zero: bool) -> int:
-    if not part.isdigit():
+    if not _DIGITS.fullmatch(part):
         raise ValueError(f"bad port {part!r} in {text!r}")
     port = int(part)
     if port > 65535 or (port == 0 and not allow_zero):
@@ -157,8 +162,8 @@ def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
         if not isinstance(item, str | int):
             raise ValueError(f"expected a port or a range like '8000-8100', got {item!r}")
         text = str(item).strip()
-        low, _, high = text.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        low, dash, high = text.partition("-")
+        if not _DIGITS.fullmatch(low) or (dash and not _DIGITS.fullmatch(high)):
             raise ValueError(f"expected a port or a range like '8000-8100', got {text!r}")
         first, last = int(low), int(high or low)
         if not 1 <= first <= last <= 65535:
@@ -329,27 +334,32 @@ def _check_token(text: str) -> bytes:
     return text.encode()
 
 
-def _token(src: _Source, table: Mapping[str, Any] | None = None) -> bytes | None:
-    """The token from --token, --token-file, the environment, or the file."""
-    if table is None:
-        if src.values.get("token") is not None and src.origin["token"][0] == "command line":
-            return src.parse("token", lambda v: _check_token(str(v)), None)
-        if src.values.get("token_file") is not None and src.origin["token_file"][0] == (
-            "command line"
-        ):
-            return src.parse("token_file", lambda v: _read_token_file(str(v)), None)
-        env = os.environ.get(TOKEN_ENV)
-        if env:
-            try:
-                return _check_token(env)
-            except ValueError as exc:
-                src.problem("environment", TOKEN_ENV, str(exc))
-                return None
-        if "token" in src.values:
-            return src.parse("token", lambda v: _check_token(str(v)), None)
-        if "token_file" in src.values:
-            return src.parse("token_file", lambda v: _read_token_file(str(v)), None)
+def _token(src: _Source) -> bytes | None:
+    """The token from --token, --token-file, the environment, or the file, in that order.
+
+    None if there is none, or if the one found is unusable (then a problem is recorded).
+    """
+    from_flags = [
+        k for k in ("token", "token_file") if src.origin.get(k, ("",))[0] == "command line"
+    ]
+    env = os.environ.get(TOKEN_ENV)
+    if not from_flags and env:
+        try:
+            return _check_token(env)
+        except ValueError as exc:
+            src.problem("environment", TOKEN_ENV, str(exc))
+            return None
+    for key in from_flags or ["token", "token_file"]:
+        if key in src.values:
+            if key == "token":
+                return src.parse(key, lambda v: _check_token(str(v)), None)
+            return src.parse(key, lambda v: _read_token_file(str(v)), None)
     return None
+
+
+def _token_problem_recorded(src: _Source) -> bool:
+    keys = {"--token", "token", "--token-file", "token_file", TOKEN_ENV}
+    return any(p.key in keys for p in src.problems)
 
 
 def generate_token() -> str:
@@ -367,7 +377,10 @@ def _state_token(state_dir: Path) -> str:
     """Read the gateway's stored token, creating it (mode 0600) on first start."""
     path = state_dir / "token"
     if path.exists():
-        return path.read_text(encoding="utf-8").strip()
+        try:
+            return _check_token(path.read_text(encoding="utf-8")).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"the stored token {path} is unusable ({exc}); delete it") from None
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = generate_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -434,6 +447,8 @@ def load_gateway_config(
                 token_generated = True
             except OSError as exc:
                 src.fail("state_dir", f"cannot create the token: {exc.strerror or exc}")
+            except ValueError as exc:
+                src.fail("state_dir", str(exc))
         if token is not None:
             agents.append(AgentPolicy("", token, allow_ports))
     interval = src.seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
@@ -538,7 +553,7 @@ def load_agent_config(
     if gateway is None and "gateway" not in src.values:
         src.problem("command line", "--gateway", "missing: the gateway's HOST:PORT")
     token = _token(src)
-    if token is None and not any(p.key in ("--token", "token", TOKEN_ENV) for p in src.problems):
+    if token is None and not _token_problem_recorded(src):
         src.problem(
             "command line", "--token", f"missing: give --token, --token-file or {TOKEN_ENV}"
         )
@@ -584,7 +599,7 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
         except ValueError as exc:
             src.fail("expose", str(exc))
             continue
-        services.append(ServiceConfig(f"{local.host}:{local.port}", port, local, bind))
+        services.append(ServiceConfig(_derived_name(local), port, local, bind))
     where, _ = src.origin.get("services", (str(src.path), "services"))
     for index, table in enumerate(src.get("services", list, [])):
         prefix = f"services[{index}]"
@@ -608,7 +623,7 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             src.problem(where, f"{prefix}.port", f"expected a port 0-65535, got {port!r}")
             continue
-        name = table.get("name", f"{local.host}:{local.port}")
+        name = table.get("name", _derived_name(local))
         try:
             name = _agent_name(name) if "name" in table else name
             bind = _host(str(table["bind"]), str(table["bind"])) if "bind" in table else ""
@@ -617,16 +632,23 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
             continue
         if not bad:
             services.append(ServiceConfig(name, port, local, bind))
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     unique = []
     for service in services:
-        count = seen.get(service.name, 0) + 1
-        seen[service.name] = count
-        if count > 1:
-            service = ServiceConfig(
-                f"{service.name}#{count}", service.port, service.local, service.bind
-            )
-        unique.append(service)
-    if not unique and not src.problems:
+        name, count = service.name, 1
+        while name in taken:
+            count += 1
+            suffix = f"#{count}"
+            name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+        taken.add(name)
+        unique.append(ServiceConfig(name, service.port, service.local, service.bind))
+    if not unique and not any(
+        p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
+    ):
         src.problem("command line", "--expose", "missing: nothing to expose")
     return tuple(unique)
+
+
+def _derived_name(local: Address) -> str:
+    """A service's default name: its local address, in the protocol's name alphabet."""
+    return _SERVICE_NAME_CHARS.sub("-", f"{local.host}:{local.port}")[-MAX_NAME_LENGTH:]

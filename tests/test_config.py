@@ -1,0 +1,421 @@
+"""Configuration: addresses, flags and TOML files checked once, every problem reported."""
+
+from __future__ import annotations
+
+import contextlib
+import stat
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunnelgate import config as c
+from tunnelgate.errors import ConfigError, ConfigProblem
+from tunnelgate.protocol import Name
+
+A = c.Address
+TOKEN = "t" * c.MIN_TOKEN_LENGTH
+AGENT = {"gateway": "gw.example:8080", "token": TOKEN}
+EXPOSING = {**AGENT, "expose": ["1:a:2"]}
+HEX = "ab" * 32
+
+# Data tables, several cases a line.
+# fmt: off
+GOOD_ADDRESSES = [
+    ("example.com:80", A("example.com", 80)), ("10.0.0.1:443", A("10.0.0.1", 443)),
+    ("[::1]:8080", A("::1", 8080)), ("[fe80::1%eth0]:22", A("fe80::1%eth0", 22)),
+    (" localhost:65535 ", A("localhost", 65535)),
+]
+BAD_ADDRESSES = [
+    ("localhost", "expected HOST:PORT"), ("a:b:c", "expected HOST:PORT"),
+    ("::1:80", r"IPv6 as \[::1\]:PORT"), ("[::1", r"unclosed '\['"),
+    ("host:70000", "port 70000 out of range"), ("host:0", "port 0 out of range"),
+    ("host:", "bad port ''"), ("host:http", "bad port 'http'"),
+    (":80", "bad host ''"), ("[]:80", "bad IPv6 address"),
+]
+GOOD_EXPOSES = [
+    ("8080:localhost:80", ("", 8080, A("localhost", 80))),
+    ("0.0.0.0:8080:127.0.0.1:80", ("0.0.0.0", 8080, A("127.0.0.1", 80))),
+    ("[::]:8080:[::1]:80", ("::", 8080, A("::1", 80))),
+    ("8080:[::1]:80", ("", 8080, A("::1", 80))), ("0:db:5432", ("", 0, A("db", 5432))),
+]
+BAD_EXPOSES = [
+    ("8080:80", r"expected \[BIND:\]REMOTE_PORT"), ("a:1:b:2:3", r"expected \[BIND:\]"),
+    ("8080:localhost:0", "port 0 out of range"), ("70000:h:80", "port 70000 out of range"),
+    ("web:localhost:80", "bad port 'web'"), ("8080:no such host:80", "bad host"),
+    ("[::1:8080:h:80", "unclosed"),
+]
+GOOD_RANGES = [
+    ("3920", (range(3920, 3921),)), ("8000-8100", (range(8000, 8101),)),
+    ("80, 443,8000-8001", (range(80, 81), range(443, 444), range(8000, 8002))),
+    (["22", 80, "1-2"], (range(22, 23), range(80, 81), range(1, 3))),
+]
+BAD_RANGES = ["8100-8000", "0", "70000", "1-70000", "a", "-80", "1-2-3", [1.5]]
+BAD_TYPES = [
+    ('tls = "yes"', "tls", "expected bool, got str 'yes'"),
+    ("heartbeat_interval = true", "heartbeat_interval", "expected float"),
+    ("max_pool_size = 1.5", "max_pool_size", "expected int"),
+    ("max_pool_size = 0", "max_pool_size", "[1, 4096]"),
+    ("pending_timeout = 0", "pending_timeout", "seconds in (0, 3600]"),
+    ('listen = "nowhere"', "listen", "expected HOST:PORT"),
+    ('log_level = "loud"', "log_level", "expected one of"),
+]
+INCONSISTENT = [
+    ({"heartbeat_interval": 30.0}, "heartbeat_timeout", "must be longer than heartbeat_interval"),
+    ({"cert": "c.pem"}, "--cert", "cert and key must be given together"),
+    ({"key": "k.pem"}, "--key", "cert and key must be given together"),
+]
+BAD_AGENTS = f"""agents = [
+  {{ name = "ok", token = "{TOKEN}" }}, {{ name = "short", token = "abc" }},
+  {{ token = "{TOKEN}" }}, {{ name = "typo", token = "{TOKEN}", port = 1, allow_ports = "9-1" }},
+  {{ name = "none" }},
+]"""
+BAD_AGENTS_KEYS = {
+    "agents[1].token", "agents[2].name", "agents[3].port", "agents[3].allow_ports",
+    "agents[4].token",
+}
+FINGERPRINTS = [HEX, HEX.upper(), f"SHA256:{HEX}", f"sha256:{HEX}", ":".join(["AB"] * 32)]
+BAD_FINGERPRINTS = [
+    ({"fingerprint": "SHA256:abcd"}, "64 hex digits"), ({"fingerprint": "zz" * 32}, "64 hex"),
+    ({"fingerprint": "md5:" + HEX}, "64 hex"), ({"fingerprint": HEX, "tls": False}, "--no-tls"),
+]
+LONG_NAMES = [["1:" + "h" * 70 + ":80"], ["1:[fe80::1%eth0]:80"], ["1:" + "h" * 61 + ":80"] * 2]
+# fmt: on
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(c.TOKEN_ENV, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+
+
+def toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tunnelgate.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(load: Any, *args: Any) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        load(*args)
+    return info.value.problems
+
+
+def keys(found: list[ConfigProblem]) -> set[str]:
+    return {p.key for p in found}
+
+
+# --- addresses, services, port ranges ---------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_ADDRESSES)
+def test_parse_address_accepts_names_ipv4_and_bracketed_ipv6(text: str, expected: A) -> None:
+    """HOST:PORT works for names, IPv4 and [IPv6]; str() gives back a parsable form."""
+    assert c.parse_address(text) == expected
+    assert c.parse_address(str(expected)) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_ADDRESSES)
+def test_parse_address_rejects_bad_text_with_helpful_message(text: str, message: str) -> None:
+    """A bad address says what is wrong and quotes what was given."""
+    with pytest.raises(ValueError, match=message) as info:
+        c.parse_address(text)
+    assert repr(text) in str(info.value)
+
+
+def test_parse_address_allow_zero_and_default_port() -> None:
+    """Port 0 is accepted when allowed; with a default port a bare host is enough."""
+    assert c.parse_address("0.0.0.0:0", allow_zero=True) == A("0.0.0.0", 0)
+    assert c.parse_address("example.com", default_port=80) == A("example.com", 80)
+    assert c.parse_address("[::1]", default_port=80) == A("::1", 80)
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_EXPOSES)
+def test_parse_expose_reads_ssh_r_order(text: str, expected: tuple[str, int, A]) -> None:
+    """[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT as in ssh -R; remote port 0 means any."""
+    assert c.parse_expose(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_EXPOSES)
+def test_parse_expose_rejects_bad_specs(text: str, message: str) -> None:
+    """A bad --expose spec says which part is wrong."""
+    with pytest.raises(ValueError, match=message):
+        c.parse_expose(text)
+
+
+@pytest.mark.parametrize(("items", "expected"), GOOD_RANGES)
+def test_parse_port_ranges_accepts_ports_ranges_and_lists(items: Any, expected: Any) -> None:
+    """Single ports, inclusive ranges, comma strings and TOML lists all work."""
+    assert c.parse_port_ranges(items) == expected
+
+
+@pytest.mark.parametrize("items", BAD_RANGES)
+def test_parse_port_ranges_rejects_bad_ranges(items: Any) -> None:
+    """Reversed, out-of-range or malformed ranges are refused."""
+    with pytest.raises(ValueError, match="range"):
+        c.parse_port_ranges(items)
+
+
+def test_parse_port_ranges_rejects_open_ended_range() -> None:
+    """A range missing its upper end is an error, not silently one port."""
+    with pytest.raises(ValueError):
+        c.parse_port_ranges("8000-")
+
+
+# --- load_gateway_config ----------------------------------------------------
+
+
+def test_load_gateway_config_defaults(tmp_path: Path) -> None:
+    """With nothing given: 0.0.0.0:8080, TLS, default ports, a token stored in XDG_STATE_HOME."""
+    config, log = c.load_gateway_config()
+    assert config.listen == A("0.0.0.0", 8080) and config.default_bind == "0.0.0.0"
+    assert config.tls and config.cert is None and config.max_pool_size == 64
+    assert (config.heartbeat_interval, config.heartbeat_timeout) == (10.0, 25.0)
+    [policy] = config.agents
+    assert policy.name == "" and policy.allow_ports == (range(1024, 65536),)
+    assert config.token_generated and (tmp_path / "xdg/tunnelgate/token").exists()
+    assert (log.level, log.format) == ("info", "text")
+
+
+def test_load_gateway_config_flags_override_file(tmp_path: Path) -> None:
+    """A flag wins over the same key in the file; unset flags leave the file's value."""
+    path = toml(tmp_path, f'listen = "0.0.0.0:9000"\ntoken = "{TOKEN}"\nmax_pool_size = 8\n')
+    config, _ = c.load_gateway_config(path, {"listen": "127.0.0.1:7000", "max_pool_size": None})
+    assert (config.listen, config.max_pool_size) == (A("127.0.0.1", 7000), 8)
+
+
+def test_load_gateway_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    """A typo in the file is reported with the file and the key."""
+    path = toml(tmp_path, f'token = "{TOKEN}"\nlisten_port = 80\n')
+    [problem] = problems(c.load_gateway_config, path)
+    assert problem == ConfigProblem(str(path), "listen_port", "unknown key")
+
+
+@pytest.mark.parametrize(("line", "key", "message"), BAD_TYPES)
+def test_load_gateway_config_rejects_bad_types(
+    tmp_path: Path, line: str, key: str, message: str
+) -> None:
+    """A value of the wrong type or range is reported under its key."""
+    path = toml(tmp_path, f'token = "{TOKEN}"\n{line}\n')
+    [problem] = problems(c.load_gateway_config, path)
+    assert (problem.source, problem.key) == (str(path), key) and message in problem.message
+
+
+def test_load_gateway_config_reports_every_problem_at_once(tmp_path: Path) -> None:
+    """Several mistakes in one file are all reported together."""
+    text = 'tls = "yes"\nlisten = "x"\nmax_pool_size = -1\ncolour = 1\ntoken = "short"\n'
+    found = problems(c.load_gateway_config, toml(tmp_path, text))
+    assert keys(found) == {"tls", "listen", "max_pool_size", "colour", "token"}
+
+
+def test_load_gateway_config_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    """A file that is not TOML is reported with its name."""
+    path = toml(tmp_path, "listen = \n")
+    [problem] = problems(c.load_gateway_config, path)
+    assert (problem.source, problem.key) == (str(path), "-")
+    assert problem.message.startswith("not valid TOML")
+
+
+def test_load_gateway_config_token_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token comes from --token, then --token-file, then the environment, then the file."""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text("f" * 20 + "\n", encoding="utf-8")
+    path = toml(tmp_path, f'token = "{"c" * 20}"\n')
+    monkeypatch.setenv(c.TOKEN_ENV, "e" * 20)
+
+    def token(**flags: str) -> bytes:
+        return c.load_gateway_config(path, flags)[0].agents[0].token
+
+    assert token(token="a" * 20, token_file=str(token_file)) == b"a" * 20
+    assert token(token_file=str(token_file)) == b"f" * 20
+    assert token() == b"e" * 20
+    monkeypatch.delenv(c.TOKEN_ENV)
+    assert token() == b"c" * 20
+
+
+def test_load_gateway_config_rejects_short_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token shorter than the minimum is refused, naming where it came from."""
+    [problem] = problems(c.load_gateway_config, None, {"token": "short"})
+    assert (problem.source, problem.key) == ("command line", "--token")
+    assert "too short" in problem.message
+    monkeypatch.setenv(c.TOKEN_ENV, "short")
+    [problem] = problems(c.load_gateway_config)
+    assert (problem.source, problem.key) == ("environment", c.TOKEN_ENV)
+
+
+def test_load_gateway_config_generates_and_reuses_stored_token(tmp_path: Path) -> None:
+    """Without a token the gateway creates one (mode 0600) and reuses it next time."""
+    flags = {"state_dir": str(tmp_path / "state")}
+    first, _ = c.load_gateway_config(None, flags)
+    stored = tmp_path / "state" / "token"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert first.token_generated and len(first.agents[0].token) >= c.MIN_TOKEN_LENGTH
+    second, _ = c.load_gateway_config(None, flags)
+    assert second.token_generated
+    assert second.agents[0].token == first.agents[0].token == stored.read_bytes().strip()
+
+
+def test_load_gateway_config_rejects_empty_stored_token(tmp_path: Path) -> None:
+    """An empty (e.g. half-written) stored token never becomes the gateway's token."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "token").write_text("", encoding="utf-8")
+    with contextlib.suppress(ConfigError):
+        config, _ = c.load_gateway_config(None, {"state_dir": str(tmp_path / "state")})
+        assert len(config.agents[0].token) >= c.MIN_TOKEN_LENGTH
+
+
+def test_load_gateway_config_agents_tables(tmp_path: Path) -> None:
+    """[[agents]] give each agent its own token and ports; no token is generated."""
+    (tmp_path / "lab.token").write_text("l" * 16, encoding="utf-8")
+    text = f"""allow_ports = "9000-9010"
+[[agents]]
+name = "office"
+token = "{"o" * 16}"
+allow_ports = ["3920", "8000-8100"]
+[[agents]]
+name = "lab"
+token_file = "{tmp_path / "lab.token"}"
+"""
+    config, _ = c.load_gateway_config(toml(tmp_path, text), {"state_dir": str(tmp_path / "s")})
+    office, lab = config.agents
+    assert (office.name, office.token) == ("office", b"o" * 16)
+    assert (lab.name, lab.token) == ("lab", b"l" * 16)
+    assert office.allows_port(3920) and office.allows_port(8100) and not office.allows_port(9000)
+    assert lab.allow_ports == (range(9000, 9011),)
+    assert not config.token_generated and not (tmp_path / "s").exists()
+
+
+def test_load_gateway_config_agents_errors_have_key_paths(tmp_path: Path) -> None:
+    """Each mistake in [[agents]] is reported with its key path, like agents[1].token."""
+    path = toml(tmp_path, BAD_AGENTS)
+    found = problems(c.load_gateway_config, path)
+    assert {p.source for p in found} == {str(path)} and keys(found) == BAD_AGENTS_KEYS
+
+
+@pytest.mark.parametrize(("flags", "key", "message"), INCONSISTENT)
+def test_load_gateway_config_rejects_inconsistent_settings(
+    flags: dict[str, Any], key: str, message: str
+) -> None:
+    """A heartbeat timeout not above the interval, or a cert without its key, is refused."""
+    [problem] = problems(c.load_gateway_config, None, {"token": TOKEN, **flags})
+    assert (problem.key, problem.message) == (key, message)
+
+
+# --- load_agent_config ------------------------------------------------------
+
+
+def test_load_agent_config_expose_flags_and_services_tables(tmp_path: Path) -> None:
+    """--expose specs and [[services]] tables both become services."""
+    text = '[[services]]\nname = "db"\nlocal = "[::1]:5432"\nport = 15432\nbind = "0.0.0.0"\n'
+    flags = {**AGENT, "expose": ["8080:localhost:80", "127.0.0.1:0:web:8000"]}
+    config, _ = c.load_agent_config(toml(tmp_path, text), flags)
+    assert [(s.name, s.bind, s.port, s.local) for s in config.services] == [
+        ("localhost:80", "", 8080, A("localhost", 80)),
+        ("web:8000", "127.0.0.1", 0, A("web", 8000)),
+        ("db", "0.0.0.0", 15432, A("::1", 5432)),
+    ]
+    assert config.gateway == A("gw.example", 8080) and config.token == TOKEN.encode()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"expose": ["1:a:2"]}, {"--gateway", "--token"}), (AGENT, {"--expose"})],
+)
+def test_load_agent_config_reports_missing_settings(
+    flags: dict[str, Any], expected: set[str]
+) -> None:
+    """A missing gateway, token or service is reported under the flag to give."""
+    found = problems(c.load_agent_config, None, flags)
+    assert keys(found) == expected and all(p.message.startswith("missing") for p in found)
+
+
+def test_load_agent_config_reports_every_missing_setting() -> None:
+    """An empty configuration reports the gateway, the token and the services together."""
+    assert keys(problems(c.load_agent_config, None, {})) == {"--gateway", "--token", "--expose"}
+
+
+def test_load_agent_config_unreadable_token_file_is_one_problem(tmp_path: Path) -> None:
+    """A token file that cannot be read is reported once, not also as a missing token."""
+    flags = {"gateway": "gw:1", "token_file": str(tmp_path / "absent"), "expose": ["1:a:2"]}
+    assert keys(problems(c.load_agent_config, None, flags)) == {"--token-file"}
+
+
+@pytest.mark.parametrize("text", FINGERPRINTS)
+def test_load_agent_config_normalises_fingerprint(text: str) -> None:
+    """Any usual spelling of the gateway's fingerprint becomes SHA256:<HEX>."""
+    config, _ = c.load_agent_config(None, {**EXPOSING, "fingerprint": text})
+    assert config.fingerprint == "SHA256:" + HEX.upper()
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FINGERPRINTS)
+def test_load_agent_config_rejects_bad_fingerprint(flags: dict[str, Any], message: str) -> None:
+    """A fingerprint that is not 64 hex digits, or given with TLS off, is refused."""
+    [problem] = problems(c.load_agent_config, None, {**EXPOSING, **flags})
+    assert problem.key == "--fingerprint" and message in problem.message
+
+
+def test_load_agent_config_suffixes_duplicate_service_names() -> None:
+    """Services with the same name get #2, #3 so each is told apart."""
+    flags = {**AGENT, "expose": ["1:a:80", "2:a:80", "3:a:80", "4:b:80"]}
+    config, _ = c.load_agent_config(None, flags)
+    assert [s.name for s in config.services] == ["a:80", "a:80#2", "a:80#3", "b:80"]
+
+
+def test_load_agent_config_service_names_stay_unique(tmp_path: Path) -> None:
+    """Suffixing never produces a name another service already has."""
+    names = ["web#2", "web", "web"]
+    text = "".join(f'[[services]]\nname = "{n}"\nlocal = "h:{i}"\n' for i, n in enumerate(names, 1))
+    config, _ = c.load_agent_config(toml(tmp_path, text), AGENT)
+    assert len({s.name for s in config.services}) == 3
+
+
+@pytest.mark.parametrize("expose", LONG_NAMES)
+def test_load_agent_config_service_names_fit_the_protocol(expose: list[str]) -> None:
+    """Every service name the loader makes is one the gateway accepts (<= 64 chars, no '%')."""
+    config, _ = c.load_agent_config(None, {**AGENT, "expose": expose})
+    for service in config.services:
+        msgspec.convert(service.name, Name)
+
+
+def test_load_agent_config_services_unknown_key_path(tmp_path: Path) -> None:
+    """An unknown key in [[services]] is reported as services[0].foo in that file."""
+    path = toml(tmp_path, '[[services]]\nlocal = "h:1"\nfoo = 1\n[[services]]\nport = 2\n')
+    found = problems(c.load_agent_config, path, AGENT)
+    assert [(p.source, p.key) for p in found] == [
+        (str(path), "services[0].foo"),
+        (str(path), "services[1].local"),
+    ]
+
+
+# --- ConfigError and properties ---------------------------------------------
+
+
+def test_config_error_str_single_problem_is_one_line() -> None:
+    """One problem reads as a single line: file, key, message."""
+    error = ConfigError([ConfigProblem("gw.toml", "listen", "bad port")])
+    assert str(error) == "bad configuration: gw.toml: listen: bad port"
+
+
+def test_config_error_str_several_problems_counted_one_per_line() -> None:
+    """Several problems: a count, then one indented line each."""
+    error = ConfigError(
+        [ConfigProblem("a.toml", "tls", "x"), ConfigProblem("command line", "--y", "z")]
+    )
+    assert str(error).splitlines() == [
+        "bad configuration (2 problems):",
+        "  a.toml: tls: x",
+        "  command line: --y: z",
+    ]
+
+
+@given(st.text() | st.text(alphabet="[]:%.-0123456789abcdef ", max_size=24))
+def test_parse_address_and_expose_raise_only_value_error(text: str) -> None:
+    """Any text is parsed or refused with ValueError, never another exception."""
+    for parse in (c.parse_address, c.parse_expose):
+        with contextlib.suppress(ValueError):
+            parse(text)

@@ -9,6 +9,7 @@ trusts what comes out of here. This module does no networking.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -91,8 +92,10 @@ _HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")
 def _host(part: str, text: str) -> str:
     if part.startswith("[") and part.endswith("]"):
         host = part[1:-1]
-        if not host or not re.fullmatch(r"[0-9A-Fa-f:.%a-zA-Z]+", host):
-            raise ValueError(f"bad IPv6 address in {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {text!r}") from None
         return host
     if not _HOST_RE.fullmatch(part):
         raise ValueError(f"bad host {part!r} in {text!r}")

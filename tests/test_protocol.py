@@ -36,7 +36,9 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
         st.binary(max_size=64),
         st.text(max_size=32),
     ),
-    p.Welcome: st.builds(p.Welcome, st.text(min_size=1, max_size=32), seconds, seconds),
+    p.Welcome: st.builds(
+        p.Welcome, st.text(min_size=1, max_size=32), seconds, seconds, st.integers(1, 65536)
+    ),
     p.Refused: st.builds(
         p.Refused,
         st.sampled_from(["auth", "version", "session", "busy", "shutdown"]),
@@ -269,7 +271,7 @@ def test_verify_proof_rejects_proof_made_for_something_else(hello: p.Hello) -> N
 EXAMPLES: dict[type, p.Message] = {
     p.Challenge: p.Challenge(1, NONCE),
     p.Hello: signed_hello(),
-    p.Welcome: p.Welcome("s1", 10.0, 30.0),
+    p.Welcome: p.Welcome("s1", 10.0, 30.0, 64),
     p.Refused: p.Refused("auth", "bad token"),
     p.Register: p.Register([p.ServiceRequest("web", "0.0.0.0", 8080)]),
     p.Registered: p.Registered([p.ServiceResult("web", True, "0.0.0.0", 8080)]),

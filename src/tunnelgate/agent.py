@@ -35,6 +35,7 @@ from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,
     ProtocolError,
+    RemoteProtocolError,
     TransportError,
 )
 from tunnelgate.logs import ContextLogger
@@ -105,6 +106,11 @@ class Agent:
         self._log = ContextLogger(logger, agent=config.name)
 
     async def __aenter__(self) -> Agent:
+        if not self.config.tls:
+            self._log.warning(
+                "TLS is OFF (--no-tls): relayed bytes cross the network in clear, "
+                "and nothing proves the gateway is the one you meant"
+            )
         self._main = asyncio.create_task(self.run(), name="agent")
         return self
 
@@ -124,9 +130,12 @@ class Agent:
             self._main = None
 
     async def run_until_stopped(self) -> None:
-        """Wait while the agent runs; raise its fatal error if it gives up."""
+        """Wait while the agent runs; raise its fatal error if it gives up.
+
+        Cancelling this wait leaves the agent running, so that ``aclose()``
+        can still say goodbye to the gateway."""
         assert self._main is not None, "use 'async with Agent(...)' first"
-        await self._main
+        await asyncio.shield(self._main)
 
     async def wait_ready(self, timeout: float | None = None) -> dict[str, ExposedService]:
         """Wait until services are registered; raise the fatal error if the agent gave up."""
@@ -232,7 +241,7 @@ class Agent:
                 Register([ServiceRequest(s.name, s.bind, s.port) for s in config.services])
             )
             async with asyncio.TaskGroup() as group:
-                pool = _Pool(self, group, welcome.session, log)
+                pool = _Pool(self, group, welcome, log)
                 group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
                 group.create_task(pool.run())
                 reason = await self._control_loop(channel, welcome, pool, log)
@@ -274,7 +283,9 @@ class Agent:
         for result in message.results:
             service = self._by_name.get(result.name)
             if service is None:
-                raise ProtocolError(f"registration result for unknown service {result.name!r}")
+                raise RemoteProtocolError(
+                    f"registration result for unknown service {result.name!r}"
+                )
             if result.ok:
                 address = Address(result.bind, result.port)
                 self.services[result.name] = ExposedService(result.name, address, service.local)
@@ -317,14 +328,20 @@ class Agent:
 
 
 class _Pool:
-    """Keeps ``pool_size`` idle data channels open, plus those the gateway asked for."""
+    """Keeps ``pool_size`` idle data channels open, plus those the gateway asked for,
+    never more than the gateway's limit."""
 
     def __init__(
-        self, agent: Agent, group: asyncio.TaskGroup, session: str, log: ContextLogger
+        self,
+        agent: Agent,
+        group: asyncio.TaskGroup,
+        welcome: Welcome,
+        log: ContextLogger,
     ) -> None:
         self.agent = agent
         self.group = group
-        self.session = session
+        self.session = welcome.session
+        self.limit = welcome.max_pool_size
         self.log = log
         self.idle = 0
         self.opening = 0
@@ -336,9 +353,10 @@ class _Pool:
         self.changed.set()
 
     async def run(self) -> None:
-        target = self.agent.config.pool_size
+        base = self.agent.config.pool_size
         while True:
-            while self.idle + self.opening < target + self.extra:
+            target = min(self.limit, base + self.extra)
+            while self.idle + self.opening < target:
                 self.opening += 1
                 self.group.create_task(self._channel())
             await self.changed.wait()
@@ -350,7 +368,7 @@ class _Pool:
             channel = await self.agent._open("data", self.session)
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             self.log.warning("cannot open a data channel: %s", exc)
-            await asyncio.sleep(OPEN_RETRY_DELAY)
+            await asyncio.sleep(OPEN_RETRY_DELAY)  # no retry storm against a failing gateway
             self.opening -= 1
             self.changed.set()
             return
@@ -361,20 +379,11 @@ class _Pool:
         self.extra = max(0, self.extra - 1)
         self.idle += 1
         try:
-            event = await channel.receive()
-            start = check_allowed("agent_pooled", event)
-        except (TransportError, ProtocolError, ConnectionClosed) as exc:
-            self.log.debug("pooled data channel closed: %s", exc)
-            channel.abort()
-            return
-        except BaseException:
-            channel.abort()
-            raise
+            start = await self._wait_for_start(channel)
         finally:
             self.idle -= 1
             self.changed.set()
-        if not isinstance(start, Start):
-            channel.close()
+        if start is None:
             return
         try:
             await self.agent._serve(channel, start, self.log)
@@ -384,6 +393,30 @@ class _Pool:
         except Exception:
             self.log.exception("unexpected error serving conn %d", start.conn)
             channel.abort()
+
+    async def _wait_for_start(self, channel: Channel) -> Start | None:
+        """The Start that puts a pooled channel to use; None if it ended unused.
+
+        A pooled channel the gateway closes unused is released only after a
+        pause, so that a gateway refusing channels meets no retry storm.
+        """
+        try:
+            message = check_allowed("agent_pooled", await channel.receive())
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.debug("pooled data channel ended unused: %s", exc)
+            channel.abort()
+            await asyncio.sleep(OPEN_RETRY_DELAY)
+            return None
+        except BaseException:
+            channel.abort()
+            raise
+        if isinstance(message, Start):
+            return message
+        if isinstance(message, Refused):
+            self.log.warning("data channel refused by the gateway: %s", message.reason)
+            await asyncio.sleep(OPEN_RETRY_DELAY)
+        channel.abort()
+        return None
 
 
 def _refusal(message: Refused) -> Exception:

@@ -3,7 +3,8 @@
 The flags of ``gateway`` and ``agent`` are a contract other tools rely on
 (see ``docs/ARCHITECTURE.md``); keep them stable. Exit codes: 0 after a clean
 stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token, wrong
-gateway certificate), 2 for bad flags or configuration. This is the only
+gateway certificate) or the gateway cannot listen, 2 for bad flags or
+configuration. This is the only
 module that configures logging and the only place errors become exit codes.
 """
 
@@ -34,7 +35,7 @@ from tunnelgate.config import (
     load_agent_config,
     load_gateway_config,
 )
-from tunnelgate.errors import AuthenticationError, ConfigError
+from tunnelgate.errors import AuthenticationError, ConfigError, TransportError
 from tunnelgate.gateway import Gateway
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except AuthenticationError as exc:
+    except (AuthenticationError, TransportError) as exc:
         print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
 
@@ -195,9 +196,9 @@ def _print_banner(gateway: Gateway) -> None:
         state = config.state_dir or default_state_dir()
         token = config.agents[0].token.decode()
         lines.append(f"token: {token}  (stored in {state / 'token'})")
-        command += f" --token {token}"
+        command = f"{TOKEN_ENV}={token} {command}"
     else:
-        command += f" --token-file FILE  (or ${TOKEN_ENV})"
+        command += " --token-file FILE"
     if gateway.fingerprint:
         lines.append(f"certificate fingerprint: {gateway.fingerprint}")
         command += f" --fingerprint {gateway.fingerprint}"
@@ -237,7 +238,7 @@ def _run_check(args: argparse.Namespace) -> int:
         agent_config, _ = load_agent_config(path)
         print(f"{path}: ok (agent config, {len(agent_config.services)} service(s))")
     else:
-        gateway_config, _ = load_gateway_config(path)
+        gateway_config, _ = load_gateway_config(path, create_token=False)
         print(f"{path}: ok (gateway config, {len(gateway_config.agents)} agent policy(ies))")
     return EXIT_OK
 

@@ -414,9 +414,16 @@ def _log_config(src: _Source) -> LogConfig:
 
 
 def load_gateway_config(
-    path: Path | None = None, flags: Mapping[str, Any] | None = None
+    path: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    create_token: bool = True,
 ) -> tuple[GatewayConfig, LogConfig]:
-    """Read the gateway's file and flags. Creates the stored token if none is given."""
+    """Read the gateway's file and flags.
+
+    Without any token given, the stored one is used, created on first start
+    (unless ``create_token`` is false, as when only checking a file).
+    """
     src = _Source(path, flags or {})
     src.reject_unknown(_GATEWAY_KEYS)
     listen = src.parse(
@@ -442,9 +449,13 @@ def load_gateway_config(
     for index, table in enumerate(src.get("agents", list, [])):
         agents.extend(_agent_policy(src, index, table, allow_ports))
     token_generated = False
-    if not agents:
+    if agents:
+        for name in ("token", "token_file"):
+            if name in src.values:
+                src.fail(name, "not used with [[agents]]: give each agent its own token there")
+    else:
         token = _token(src)
-        if token is None and not src.problems:
+        if token is None and not src.problems and create_token:
             try:
                 token = _state_token(state_dir or default_state_dir()).encode()
                 token_generated = True

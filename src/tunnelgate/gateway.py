@@ -35,8 +35,10 @@ from tunnelgate.config import (
     load_gateway_config,
 )
 from tunnelgate.errors import (
+    AuthenticationError,
     ConnectionClosed,
     ProtocolError,
+    RemoteProtocolError,
     TransportError,
 )
 from tunnelgate.logs import ContextLogger
@@ -66,6 +68,7 @@ from tunnelgate.transport import (
     Stream,
     TLSStream,
     bound_address,
+    describe_os_error,
     open_listener,
     reset_socket,
     tune_socket,
@@ -185,7 +188,12 @@ class Gateway:
                 "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
                 "network in clear and anyone on the path can read or change them"
             )
-        self._listener = open_listener(config.listen.host, config.listen.port)
+        try:
+            self._listener = open_listener(config.listen.host, config.listen.port)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {config.listen}: {describe_os_error(exc)}"
+            ) from None
         self.address = bound_address(self._listener)
         self._main = asyncio.create_task(self._run(self._listener), name="gateway")
         await self._ready.wait()
@@ -210,9 +218,10 @@ class Gateway:
             self._listener = None
 
     async def serve_forever(self) -> None:
-        """Wait until the gateway stops (cancel to stop it)."""
+        """Wait until the gateway stops. Cancelling this wait leaves the gateway
+        running, so that ``aclose()`` can still say goodbye to the agents."""
         assert self._main is not None, "start() first"
-        await self._main
+        await asyncio.shield(self._main)
 
     def sessions(self) -> dict[str, list[Address]]:
         """A snapshot: agent name → the public addresses of its services."""
@@ -260,10 +269,12 @@ class Gateway:
                 await self._run_session(channel, hello, policy, peer)
             else:
                 owned = False
-                self._add_data_channel(channel, hello, peer)
+                await self._add_data_channel(channel, hello)
                 owned = True
         except TimeoutError:
             logger.warning("closing connection from %s: handshake timed out", peer)
+        except AuthenticationError:
+            pass  # logged where it was found, with the agent's name
         except (ProtocolError, TransportError, ConnectionClosed) as exc:
             logger.warning("closing connection from %s: %s", peer, exc)
         except Exception:
@@ -304,7 +315,7 @@ class Gateway:
                 hello.role,
             )
             await channel.send_message(Refused("auth", "authentication failed"))
-            raise ConnectionClosed("closed", "authentication failed")
+            raise AuthenticationError("logged above")
         return channel, hello, policy
 
     def _authenticate(self, hello: Hello, nonce: bytes) -> AgentPolicy | None:
@@ -317,11 +328,12 @@ class Gateway:
                 found = policy
         return found
 
-    def _add_data_channel(self, channel: Channel, hello: Hello, peer: str) -> None:
+    async def _add_data_channel(self, channel: Channel, hello: Hello) -> None:
         session = self._by_id.get(hello.session)
         if session is None or session.agent != hello.agent or session.group is None:
-            logger.debug("data channel from %s for unknown session %r", peer, hello.session)
-            raise ConnectionClosed("closed", f"data channel for unknown session {hello.session!r}")
+            reason = f"data channel for unknown session {hello.session!r}"
+            await channel.send_message(Refused("session", reason))
+            raise ConnectionClosed("closed", reason)
         session.requested = max(0, session.requested - 1)
         while session.waiters:
             waiter = session.waiters.popleft()
@@ -329,7 +341,7 @@ class Gateway:
                 waiter.set_result(channel)
                 return
         if len(session.pool) >= self.config.max_pool_size:
-            session.log.warning("pool full (%d); closing an extra data channel", len(session.pool))
+            session.log.debug("pool full (%d); closing an extra data channel", len(session.pool))
             channel.abort()
             return
         session.pool.append(channel)
@@ -360,7 +372,12 @@ class Gateway:
         reason, level = "ended", logging.INFO
         try:
             await channel.send_message(
-                Welcome(session_id, self.config.heartbeat_interval, self.config.heartbeat_timeout)
+                Welcome(
+                    session_id,
+                    self.config.heartbeat_interval,
+                    self.config.heartbeat_timeout,
+                    self.config.max_pool_size,
+                )
             )
             session.log.info("session started from %s", peer)
             async with asyncio.TaskGroup() as group:
@@ -408,7 +425,7 @@ class Gateway:
                 pass
             elif isinstance(message, Register):
                 if session.registered:
-                    raise ProtocolError("services registered twice")
+                    raise RemoteProtocolError("services registered twice")
                 session.registered = True
                 results = [self._expose(session, request) for request in message.services]
                 await channel.send_message(Registered(results))
@@ -485,9 +502,11 @@ class Gateway:
             channel = await self._take_channel(session)
             if channel is None:
                 log.warning(
-                    "no data channel from the agent within %g s; closing client %s",
-                    self.config.pending_timeout,
+                    "no data channel from the agent for client %s (waited up to %g s, "
+                    "%d clients waiting); closing it",
                     client,
+                    self.config.pending_timeout,
+                    len(session.waiters),
                 )
                 reset_socket(sock)
                 return

@@ -91,6 +91,7 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     session: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
     heartbeat_interval: Seconds
     heartbeat_timeout: Seconds
+    max_pool_size: Annotated[int, msgspec.Meta(ge=1, le=65536)]
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
@@ -386,7 +387,7 @@ ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
     "agent_register_reply": (Registered, Ping, Pong, Bye),
     "gateway_control": (Register, Ping, Pong, Bye),
     "agent_control": (Ping, Pong, PoolRequest, Bye),
-    "agent_pooled": (Start, Bye),
+    "agent_pooled": (Start, Bye, Refused),
 }
 
 

@@ -162,9 +162,8 @@ class Agent:
             try:
                 reason = await self._session()
                 level = logging.INFO
-            except AuthenticationError as exc:
-                self._log.error("%s", exc)
-                raise
+            except AuthenticationError:
+                raise  # fatal: the caller reports it (the CLI logs it and exits 1)
             except TimeoutError:
                 reason, level = "no heartbeat reply within the deadline", logging.WARNING
             except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -218,7 +217,10 @@ class Agent:
                 return channel
         except TimeoutError:
             reset_socket(sock)
-            raise TransportError(f"handshake with {config.gateway} timed out") from None
+            hint = " (does the gateway use TLS? this agent runs with --no-tls)"
+            raise TransportError(
+                f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
+            ) from None
         except BaseException:
             reset_socket(sock)
             raise

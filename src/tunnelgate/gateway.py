@@ -314,7 +314,9 @@ class Gateway:
                 peer,
                 hello.role,
             )
-            await channel.send_message(Refused("auth", "authentication failed"))
+            await channel.send_message(
+                Refused("auth", f"the gateway does not accept this token for agent {hello.agent!r}")
+            )
             raise AuthenticationError("logged above")
         return channel, hello, policy
 

@@ -163,7 +163,12 @@ class TLSStream:
                 raise PeerVerificationError(describe_os_error(exc)) from None
             except ssl.SSLError as exc:
                 await self._flush_quietly()
-                raise TransportError(f"TLS handshake failed: {describe_os_error(exc)}") from None
+                hint = ""
+                if exc.reason == "WRONG_VERSION_NUMBER" and not self._tls.server_side:
+                    hint = " (does the gateway run with --no-tls? then so must the agent)"
+                raise TransportError(
+                    f"TLS handshake failed: {describe_os_error(exc)}{hint}"
+                ) from None
         await self._flush()
 
     async def _fill(self) -> bool:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import secrets
 import socket
 import ssl
@@ -78,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 MAX_HANDSHAKING: Final = 1024  # connections on the control port not yet authenticated
 MAX_PENDING_CLIENTS: Final = 1024  # clients of one session waiting for a data channel
+FREE_PORT_TRIES: Final = 64  # allowed ports tried for a service asking for any port
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 
@@ -455,14 +457,18 @@ class Gateway:
         holder = self._ports.get((bind, request.port)) if request.port else None
         if holder is not None:
             return refuse(f"port {request.port} is held by agent {holder.agent!r}")
-        try:
-            sock = open_listener(bind, request.port)
-        except OSError as exc:
-            return refuse(f"cannot listen on {format_address(bind, request.port)}: {exc.strerror}")
+        if request.port:
+            try:
+                sock = open_listener(bind, request.port)
+            except OSError as exc:
+                where = format_address(bind, request.port)
+                return refuse(f"cannot listen on {where}: {describe_os_error(exc)}")
+        else:
+            found = self._listen_on_free_port(bind, session.policy)
+            if found is None:
+                return refuse("no free port among the ports allowed for this agent")
+            sock = found
         address = bound_address(sock)
-        if not request.port and not session.policy.allows_port(address.port):
-            sock.close()
-            return refuse(f"the free port found ({address.port}) is not allowed for this agent")
         service = _Service(request.name, address, sock)
         session.services[request.name] = service
         self._ports[(bind, address.port)] = session
@@ -470,6 +476,22 @@ class Gateway:
         session.group.create_task(self._accept_clients(session, service))
         session.log.info("service %s exposed on %s", request.name, address)
         return ServiceResult(request.name, True, bind=address.host, port=address.port)
+
+    def _listen_on_free_port(self, bind: str, policy: AgentPolicy) -> socket.socket | None:
+        """A listener on a free port the policy allows: the kernel's pick if it
+        is allowed, else a random sample of the allowed ports."""
+        with contextlib.suppress(OSError):
+            sock = open_listener(bind, 0)
+            if policy.allows_port(bound_address(sock).port):
+                return sock
+            sock.close()
+        ports = [p for r in policy.allow_ports for p in r] if policy.allow_ports else []
+        for port in random.sample(ports, min(len(ports), FREE_PORT_TRIES)):
+            if (bind, port) in self._ports:
+                continue
+            with contextlib.suppress(OSError):
+                return open_listener(bind, port)
+        return None
 
     # --- clients ------------------------------------------------------------
 

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024
+CLOSE_RETRY_INTERVAL: Final = 0.1
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 
 
@@ -102,6 +103,7 @@ class Agent:
         )
         self._main: asyncio.Task[None] | None = None
         self._control: Channel | None = None  # while a session is up
+        self._closing = False
         self._ready = asyncio.Event()
         self._log = ContextLogger(logger, agent=config.name)
 
@@ -123,10 +125,16 @@ class Agent:
             with contextlib.suppress(TransportError, TimeoutError):
                 async with asyncio.timeout(BYE_TIMEOUT):
                     await self._control.send_message(Bye("agent shutting down"))
+        self._closing = True
         if self._main is not None:
-            self._main.cancel()
+            # A cancellation can be absorbed by a session's task group that is
+            # already unwinding an error; ``_closing`` stops the loop then, and
+            # cancelling again until the task is done covers the rest.
+            while not self._main.done():
+                self._main.cancel()
+                await asyncio.wait({self._main}, timeout=CLOSE_RETRY_INTERVAL)
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._main
+                self._main.result()
             self._main = None
 
     async def run_until_stopped(self) -> None:
@@ -172,6 +180,8 @@ class Agent:
                 self._ready.clear()
                 self.services.clear()
                 self.session_id = None
+            if self._closing:
+                raise asyncio.CancelledError
             if time.monotonic() - started >= STABLE_SESSION:
                 attempt = 0
             delay = random.uniform(0, min(config.reconnect_max, config.reconnect_min * 2**attempt))

@@ -105,6 +105,7 @@ def _host(part: str, text: str) -> str:
 _DIGITS: Final = re.compile(r"[0-9]{1,5}")
 _SERVICE_NAME_CHARS: Final = re.compile(r"[^A-Za-z0-9_.:@#/-]")
 MAX_NAME_LENGTH: Final = 64
+MAX_SERVICES: Final = 256  # what one Register message carries
 
 
 def _port(part: str, text: str, *, allow_zero: bool) -> int:
@@ -656,6 +657,12 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
             name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
         taken.add(name)
         unique.append(ServiceConfig(name, service.port, service.local, service.bind))
+    if len(unique) > MAX_SERVICES:
+        src.problem(
+            "command line" if src.path is None else str(src.path),
+            "services",
+            f"{len(unique)} services; at most {MAX_SERVICES} per agent",
+        )
     if not unique and not any(
         p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
     ):

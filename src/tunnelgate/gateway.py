@@ -23,6 +23,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -68,6 +69,7 @@ from tunnelgate.transport import (
     SocketStream,
     Stream,
     TLSStream,
+    accept_forever,
     bound_address,
     describe_os_error,
     open_listener,
@@ -241,20 +243,17 @@ class Gateway:
     # --- the control port ---------------------------------------------------
 
     async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, addr = await loop.sock_accept(listener)
-            except OSError as exc:
-                logger.error("accept failed on the control port: %s", exc)
-                await asyncio.sleep(0.1)  # e.g. EMFILE: back off rather than spin
-                continue
-            peer = format_address(addr[0], addr[1])
+        def handle(sock: socket.socket, peer: str) -> None:
             if self._handshaking >= MAX_HANDSHAKING:
                 logger.warning("too many connections in handshake; dropping %s", peer)
                 reset_socket(sock)
-                continue
-            group.create_task(self._guard_connection(sock, peer))
+                return
+            _spawn(group, sock, self._guard_connection(sock, peer))
+
+        def on_error(exc: OSError) -> None:
+            logger.error("accept failed on the control port: %s", describe_os_error(exc))
+
+        await accept_forever(listener, handle, on_error)
 
     async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
         """Root of a control-port connection's task: every error ends here, logged once."""
@@ -496,20 +495,21 @@ class Gateway:
     # --- clients ------------------------------------------------------------
 
     async def _accept_clients(self, session: _Session, service: _Service) -> None:
-        loop = asyncio.get_running_loop()
-        assert session.group is not None
-        while True:
-            try:
-                sock, addr = await loop.sock_accept(service.sock)
-            except OSError as exc:
-                session.log.error("accept failed on service %s: %s", service.name, exc)
-                await asyncio.sleep(0.1)  # e.g. EMFILE: back off rather than spin
-                continue
+        group = session.group
+        assert group is not None
+
+        def handle(sock: socket.socket, client: str) -> None:
             tune_socket(sock)
-            client = format_address(addr[0], addr[1])
             conn = next(self._conn_ids)
             log = session.log.bind(conn=conn, service=service.name)
-            session.group.create_task(self._serve_client(session, service, sock, client, conn, log))
+            _spawn(group, sock, self._serve_client(session, service, sock, client, conn, log))
+
+        def on_error(exc: OSError) -> None:
+            session.log.error(
+                "accept failed on service %s: %s", service.name, describe_os_error(exc)
+            )
+
+        await accept_forever(service.sock, handle, on_error)
 
     async def _serve_client(
         self,
@@ -590,6 +590,21 @@ class Gateway:
         finally:
             with contextlib.suppress(ValueError):
                 session.waiters.remove(waiter)
+
+
+def _spawn(group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, Any, None]) -> None:
+    """Start a connection's task, or reset the connection if its owner is ending.
+
+    A task cancelled before its first step never runs its own cleanup, so the
+    socket is reset here then; a task cancelled later has reset it already.
+    """
+    try:
+        task = group.create_task(coro)
+    except RuntimeError:  # the task group is shutting down
+        coro.close()
+        reset_socket(sock)
+        return
+    task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
 
 
 async def _say_bye(channel: Channel, reason: str) -> None:

@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from tunnelgate.config import Address, format_address
@@ -30,6 +31,8 @@ from tunnelgate.errors import (
 from tunnelgate.protocol import Event, FrameDecoder, Message, encode_message
 
 LISTEN_BACKLOG: Final = 4096
+ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
+ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
 TLS_READ_SIZE: Final = 64 * 1024
 CHANNEL_READ_SIZE: Final = 16 * 1024
 KEEPALIVE_IDLE: Final = 30  # seconds
@@ -341,6 +344,46 @@ def open_listener(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def accept_forever(
+    listener: socket.socket,
+    handle: Callable[[socket.socket, str], None],
+    on_error: Callable[[OSError], None],
+) -> None:
+    """Pass every connection accepted on ``listener`` to ``handle`` until cancelled.
+
+    Accepting happens in a reader callback, never in an awaited ``sock_accept``:
+    a cancelled wait could otherwise accept a connection and drop it unclosed.
+    ``handle`` receives the non-blocking socket and the peer's ``host:port``,
+    and must not raise. On errors such as EMFILE, accepting pauses briefly.
+    """
+    loop = asyncio.get_running_loop()
+    fd = listener.fileno()
+    resume: asyncio.TimerHandle | None = None
+
+    def on_readable() -> None:
+        nonlocal resume
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                on_error(exc)
+                loop.remove_reader(fd)
+                resume = loop.call_later(ACCEPT_PAUSE, loop.add_reader, fd, on_readable)
+                return
+            sock.setblocking(False)
+            handle(sock, format_address(addr[0], addr[1]))
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await loop.create_future()  # until cancelled
+    finally:
+        if resume is not None:
+            resume.cancel()
+        loop.remove_reader(fd)
 
 
 def bound_address(sock: socket.socket) -> Address:

@@ -1,0 +1,639 @@
+"""Fixtures for the whole-system tests: gateways, agents, local services, a faulty proxy.
+
+Everything runs in the test's own event loop on loopback, always on port 0.
+Nothing here sleeps for a fixed time: helpers poll a condition under a
+deadline (:func:`wait_until`) or await an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import logging
+import os
+import socket
+import struct
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunnelgate import Address, Agent, ExposedService, Gateway
+
+TOKEN = "test-token-0123456789abcdef"
+OTHER_TOKEN = "another-token-fedcba9876543210"
+MODES = ["plain", "tls"]
+READ_SIZE = 1 << 20
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "loop_errors_checked_by_test: the test checks asyncio's error log itself",
+    )
+
+
+# --- waiting ------------------------------------------------------------------
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    what: str | Callable[[], str] = "the condition",
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    ``what`` names the condition in the failure; a callable is asked only then,
+    so it can describe the state at that moment.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() >= deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
+        await asyncio.sleep(0.01)
+
+
+# --- local services -----------------------------------------------------------
+
+
+class LocalServer:
+    """An asyncio TCP server on loopback running ``handler`` per connection.
+
+    Handler errors from the network (resets, broken pipes, early EOF) end the
+    connection quietly; every connection is closed when the server stops.
+    """
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
+    @property
+    def local(self) -> str:
+        """The ``LOCAL_HOST:LOCAL_PORT`` part of an ``--expose`` spec."""
+        return str(self.address)
+
+    async def __aenter__(self) -> LocalServer:
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.requested_port, backlog=1024, limit=READ_SIZE
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # Stopped by __aexit__. Returning normally matters on Python 3.11,
+            # whose stream callback calls task.exception() on a cancelled task.
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo everything; half-close after the peer did."""
+    while data := await reader.read(READ_SIZE):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+def banner_handler(banner: bytes) -> Handler:
+    """Send ``banner`` and close."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(banner)
+        await writer.drain()
+
+    return handle
+
+
+# --- clients ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    address: Address | tuple[str, int], **kwargs: Any
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A client connection, closed on exit whatever happened to it."""
+    host, port = (address.host, address.port) if isinstance(address, Address) else address
+    reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE, **kwargs)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def echo_roundtrip(address: Address, payload: bytes = b"ping through the tunnel") -> None:
+    """Send ``payload`` to an echo service and check it comes back whole."""
+    async with asyncio.timeout(5), connect(address) as (reader, writer):
+        writer.write(payload)
+        await writer.drain()
+        assert await reader.readexactly(len(payload)) == payload
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """Read until the stream ends; return (bytes read, "eof" or "reset")."""
+    total = 0
+    try:
+        while data := await reader.read(READ_SIZE):
+            total += len(data)
+    except OSError:
+        return total, "reset"
+    return total, "eof"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (for tests that need a fixed port)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def reset_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with an RST (SO_LINGER 0)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+# --- a proxy between agent and gateway that can fail ----------------------------
+
+
+@dataclass(eq=False)
+class _ProxyConnection:
+    downstream: asyncio.StreamWriter  # the agent's side
+    upstream: asyncio.StreamWriter | None = None  # the gateway's side
+    dead: bool = False  # black-holed: nothing is forwarded, nothing is closed
+    forwarded: int = 0  # bytes passed on, both directions
+
+
+class FaultyProxy:
+    """A TCP proxy (agent → proxy → gateway) that can black-hole its connections.
+
+    A black-holed connection stops forwarding in both directions (what it
+    reads is dropped) but keeps both sockets open, like a cut network path
+    with no RST or FIN. ``blackhole(new=True)`` also black-holes connections
+    accepted from then on; :meth:`restore` lets new connections through again
+    (the ones already black-holed stay dead).
+    """
+
+    def __init__(self, target: Address) -> None:
+        self.target = target
+        self.port = 0
+        self.accepted = 0
+        self._blackhole_new = False
+        self._server: asyncio.Server | None = None
+        self._connections: list[_ProxyConnection] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def live_connections(self) -> list[_ProxyConnection]:
+        return [c for c in self._connections if not c.dead and c.upstream is not None]
+
+    def blackhole(self, *, existing: bool = True, new: bool = True) -> None:
+        if existing:
+            for conn in self._connections:
+                conn.dead = True
+        self._blackhole_new = new
+
+    def restore(self) -> None:
+        self._blackhole_new = False
+
+    async def reset(self, connections: list[_ProxyConnection]) -> None:
+        """Reset both sides of ``connections`` and wait until they are closed."""
+        writers = []
+        for conn in connections:
+            conn.dead = True
+            for writer in (conn.downstream, conn.upstream):
+                if writer is not None:
+                    reset_writer(writer)
+                    writers.append(writer)
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+    def shutdown(self, connections: list[_ProxyConnection]) -> None:
+        """End both sides of ``connections`` with a FIN and forward nothing more."""
+        for conn in connections:
+            conn.dead = True
+            for writer in (conn.downstream, conn.upstream):
+                sock = writer.get_extra_info("socket") if writer is not None else None
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+
+    async def __aenter__(self) -> FaultyProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        writers = []
+        for conn in self._connections:
+            for writer in (conn.downstream, conn.upstream):
+                if writer is not None:
+                    writer.transport.abort()
+                    writers.append(writer)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted += 1
+        conn = _ProxyConnection(writer, dead=self._blackhole_new)
+        self._connections.append(conn)
+        try:
+            if conn.dead:
+                await self._pump(reader, None, conn)
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.target.host, self.target.port
+                )
+            except OSError:
+                writer.transport.abort()
+                return
+            conn.upstream = up_writer
+            await asyncio.gather(
+                self._pump(reader, up_writer, conn), self._pump(up_reader, writer, conn)
+            )
+            if not conn.dead:
+                writer.close()
+                up_writer.close()
+        except asyncio.CancelledError:
+            pass  # stopped by __aexit__ (see LocalServer._handle)
+        finally:
+            self._tasks.discard(task)
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter | None,
+        conn: _ProxyConnection,
+    ) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if conn.dead or writer is None:
+                    continue
+                writer.write(data)
+                conn.forwarded += len(data)
+                await writer.drain()
+            if not conn.dead and writer is not None and writer.can_write_eof():
+                writer.write_eof()
+        except OSError:
+            if not conn.dead:  # pass a reset on as a reset
+                for other in (conn.downstream, conn.upstream):
+                    if other is not None:
+                        reset_writer(other)
+
+
+# --- gateways and agents ------------------------------------------------------
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """Either "plain" (tls=False on both sides) or "tls" (self-signed identity, pinned)."""
+    return str(request.param)
+
+
+TEARDOWN_TIMEOUT = 10.0
+
+
+def describe_tasks() -> str:
+    """Where every other task of the loop is waiting, innermost call last."""
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        lines.append(f"task {task.get_name()} (cancelling={task.cancelling()}):")
+        awaitable: Any = task.get_coro()
+        while awaitable is not None:
+            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+            if frame is not None:
+                where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                lines.append(f"    {where} in {frame.f_code.co_name}")
+            awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
+    return "\n".join(lines)
+
+
+async def close_within(exit_stack: contextlib.AsyncExitStack, what: str) -> None:
+    """Close ``exit_stack``; a hang fails the test with every task's stack."""
+    closing = asyncio.create_task(exit_stack.aclose())
+    done, _ = await asyncio.wait({closing}, timeout=TEARDOWN_TIMEOUT)
+    if not done:
+        tasks = describe_tasks()
+        closing.cancel()
+        with contextlib.suppress(BaseException):
+            await closing
+        pytest.fail(f"closing the test's {what} hung for {TEARDOWN_TIMEOUT} s:\n{tasks}")
+    closing.result()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    """Closes the gateways, services and proxies a test opened, last opened first."""
+    exit_stack = contextlib.AsyncExitStack()
+    async with exit_stack:
+        yield exit_stack
+        await close_within(exit_stack, "gateways, services and proxies")
+
+
+@pytest.fixture
+async def agent_stack(
+    stack: contextlib.AsyncExitStack,
+) -> AsyncIterator[contextlib.AsyncExitStack]:
+    """Closes the agents a test opened, before anything else: an agent outliving
+    its gateway would only reconnect into the gateway's shutdown."""
+    exit_stack = contextlib.AsyncExitStack()
+    async with exit_stack:
+        yield exit_stack
+        await close_within(exit_stack, "agents")
+
+
+def agent_tls_options(mode: str, gateway: Gateway) -> dict[str, Any]:
+    if mode == "tls":
+        assert gateway.fingerprint
+        return {"fingerprint": gateway.fingerprint}
+    return {"tls": False}
+
+
+def gateway_defaults(mode: str, state_dir: Path) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "token": TOKEN,
+        "tls": mode == "tls",
+        "state_dir": str(state_dir),
+    }
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "gateway-state"
+
+
+@pytest.fixture
+def open_gateway(
+    stack: contextlib.AsyncExitStack, mode: str, state_dir: Path
+) -> Callable[..., Awaitable[Gateway]]:
+    """``await open_gateway(**options)``: a started gateway, closed after the test."""
+
+    async def open_(**options: Any) -> Gateway:
+        gateway = Gateway(**{**gateway_defaults(mode, state_dir), **options})
+        return await stack.enter_async_context(gateway)
+
+    return open_
+
+
+@pytest.fixture
+def open_agent(
+    agent_stack: contextlib.AsyncExitStack, mode: str
+) -> Callable[..., Awaitable[Agent]]:
+    """``await open_agent(gateway, expose=[...], via=None, **options)``: a running agent.
+
+    ``via`` is another address to dial (a proxy); TLS options follow ``mode``
+    and the gateway's fingerprint. Reconnects are fast unless overridden.
+    """
+
+    async def open_(
+        gateway: Gateway, *, expose: list[str] | None = None, via: str | None = None, **options: Any
+    ) -> Agent:
+        defaults: dict[str, Any] = {
+            "gateway": via or str(gateway.address),
+            "token": TOKEN,
+            "name": "site-a",
+            "reconnect_min": 0.05,
+            "reconnect_max": 0.2,
+            **agent_tls_options(mode, gateway),
+        }
+        if expose is not None:
+            defaults["expose"] = expose
+        agent = Agent(**{**defaults, **options})
+        return await agent_stack.enter_async_context(agent)
+
+    return open_
+
+
+@pytest.fixture
+def start_server(
+    stack: contextlib.AsyncExitStack,
+) -> Callable[..., Awaitable[LocalServer]]:
+    """``await start_server(handler, host=..., port=...)``: a local service."""
+
+    async def start(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> LocalServer:
+        return await stack.enter_async_context(LocalServer(handler, host, port))
+
+    return start
+
+
+@pytest.fixture
+def start_proxy(
+    stack: contextlib.AsyncExitStack,
+) -> Callable[[Address], Awaitable[FaultyProxy]]:
+    async def start(target: Address) -> FaultyProxy:
+        return await stack.enter_async_context(FaultyProxy(target))
+
+    return start
+
+
+@dataclass
+class Tunnel:
+    """A gateway, an agent and the services it exposes."""
+
+    gateway: Gateway
+    agent: Agent
+    services: dict[str, ExposedService]
+
+    @property
+    def address(self) -> Address:
+        """The public address of the (first) service."""
+        return next(iter(self.services.values())).address
+
+
+@pytest.fixture
+def open_tunnel(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+) -> Callable[..., Awaitable[Tunnel]]:
+    """``await open_tunnel(server, gateway_options={}, **agent_options)``: ready to use."""
+
+    async def open_(
+        *servers: LocalServer, gateway_options: dict[str, Any] | None = None, **agent_options: Any
+    ) -> Tunnel:
+        gateway = await open_gateway(**(gateway_options or {}))
+        expose = [f"0:{server.local}" for server in servers]
+        agent = await open_agent(gateway, expose=expose, **agent_options)
+        services = await agent.wait_ready(10)
+        assert len(services) == len(servers), services
+        return Tunnel(gateway, agent, services)
+
+    return open_
+
+
+@pytest.fixture
+async def echo_server(start_server: Callable[..., Awaitable[LocalServer]]) -> LocalServer:
+    return await start_server(echo_handler)
+
+
+@pytest.fixture
+async def echo_tunnel(
+    open_tunnel: Callable[..., Awaitable[Tunnel]], echo_server: LocalServer
+) -> Tunnel:
+    """A gateway and an agent exposing an echo service, in this test's mode."""
+    return await open_tunnel(echo_server)
+
+
+# --- data ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    data: bytes
+    sha256: str
+
+
+@pytest.fixture(scope="session")
+def big_payloads() -> tuple[Payload, Payload]:
+    """Two different 64 MiB blocks of random bytes, made once per run."""
+    blocks = [os.urandom(64 << 20) for _ in range(2)]
+    return Payload(blocks[0], hashlib.sha256(blocks[0]).hexdigest()), Payload(
+        blocks[1], hashlib.sha256(blocks[1]).hexdigest()
+    )
+
+
+# --- logs ---------------------------------------------------------------------
+
+
+class LogRecorder(logging.Handler):
+    """Keeps tunnelgate's log records of one test."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def find(self, text: str, level: int = logging.INFO) -> list[str]:
+        return [m for m in self.messages(level) if text in m]
+
+
+@contextlib.contextmanager
+def recording(name: str, level: int) -> Iterator[LogRecorder]:
+    logger = logging.getLogger(name)
+    recorder = LogRecorder()
+    old_level = logger.level
+    logger.addHandler(recorder)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield recorder
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(old_level)
+
+
+@pytest.fixture
+def tunnel_log() -> Iterator[LogRecorder]:
+    """tunnelgate's log lines (INFO and up) during the test."""
+    with recording("tunnelgate", logging.INFO) as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def tunnel_debug_log() -> Iterator[LogRecorder]:
+    """tunnelgate's log lines (all levels) during the test."""
+    with recording("tunnelgate", logging.DEBUG) as recorder:
+        yield recorder
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In the tunnel tests: fail a test during which tunnelgate logged a
+    traceback (an unexpected exception: a bug), a line it could not format, or
+    a token, or during which asyncio reported a lost task or exception."""
+    if not request.node.path.name.startswith("test_tunnel"):
+        yield
+        return
+    with (
+        recording("tunnelgate", logging.DEBUG) as ours,
+        recording("asyncio", logging.ERROR) as loop,
+    ):
+        yield
+    if request.node.get_closest_marker("loop_errors_checked_by_test"):
+        loop.records.clear()
+    problems = [ours.format(r) for r in ours.records if r.exc_info]
+    problems += [loop.format(r) for r in loop.records]
+    for record in ours.records:
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # a bad format string or arguments
+            problems.append(f"cannot format {record.msg!r} % {record.args!r}: {exc!r}")
+            continue
+        if TOKEN in message or OTHER_TOKEN in message:
+            problems.append(f"a token in the log: {message}")
+    if problems:
+        # The records hold tracebacks, whose frames may hold sockets: free them
+        # now, or their ResourceWarnings would fail whichever test runs later.
+        ours.records.clear()
+        loop.records.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    assert not problems, "unexpected log lines:\n" + "\n".join(problems)

@@ -1,0 +1,495 @@
+"""The whole tunnel when things break: services down, gateways restarted, agents
+replaced or cut off, connections ending abnormally mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import socket
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from conftest import (
+    READ_SIZE,
+    FaultyProxy,
+    LocalServer,
+    Tunnel,
+    banner_handler,
+    connect,
+    echo_handler,
+    echo_roundtrip,
+    free_port,
+    gateway_defaults,
+    read_to_end,
+    recording,
+    reset_writer,
+    wait_until,
+)
+
+from tunnelgate import Address, Agent, Gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+OpenGateway = Callable[..., Awaitable[Gateway]]
+OpenAgent = Callable[..., Awaitable[Agent]]
+OpenTunnel = Callable[..., Awaitable[Tunnel]]
+StartServer = Callable[..., Awaitable[LocalServer]]
+StartProxy = Callable[[Address], Awaitable[FaultyProxy]]
+
+NEVER_RECONNECT = {"reconnect_min": 3600, "reconnect_max": 3600}  # jittered: ~never soon
+
+
+def only_address(gateway: Gateway, agent: str = "site-a") -> Address:
+    (address,) = gateway.sessions()[agent]
+    return address
+
+
+async def refused(address: Address) -> bool:
+    """True if nothing listens on ``address`` any more."""
+    try:
+        async with connect(address):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+async def test_service_down_client_closed_promptly_then_recovers(
+    open_gateway: OpenGateway, open_agent: OpenAgent, start_server: StartServer
+) -> None:
+    """With the service down clients are closed promptly; once it is up they get through."""
+    port = free_port()
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:127.0.0.1:{port}"])
+    (service,) = (await agent.wait_ready(10)).values()
+    async with asyncio.timeout(5), connect(service.address) as (reader, writer):
+        writer.write(b"is anyone there?")
+        await writer.drain()
+        received, how = await read_to_end(reader)
+    assert received == 0
+    assert how in ("reset", "eof")
+    await start_server(echo_handler, port=port)
+    await echo_roundtrip(service.address)
+
+
+async def test_gateway_restart_agent_reconnects_by_itself(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    mode: str,
+    state_dir: Path,
+) -> None:
+    """After a gateway restart (same port, state, token) the agent comes back by itself."""
+    async with Gateway(**gateway_defaults(mode, state_dir)) as first:
+        assert first.address is not None
+        port, fingerprint = first.address.port, first.fingerprint
+        service_port = free_port()
+        agent = await open_agent(first, expose=[f"{service_port}:{echo_server.local}"])
+        await agent.wait_ready(10)
+        old_session = agent.session_id
+        await echo_roundtrip(only_address(first))
+    await wait_until(lambda: agent.session_id != old_session, what="the agent to notice")
+    second = await open_gateway(listen=f"127.0.0.1:{port}")
+    assert second.fingerprint == fingerprint
+    addresses = await wait_until(
+        lambda: second.sessions().get("site-a"), timeout=10, what="the agent to register again"
+    )
+    assert addresses == [Address("127.0.0.1", service_port)]
+    await echo_roundtrip(addresses[0])
+
+
+async def test_agent_started_before_gateway_connects_when_it_comes_up(
+    open_gateway: OpenGateway, open_agent: OpenAgent, echo_server: LocalServer, mode: str
+) -> None:
+    """An agent started before its gateway connects as soon as the gateway listens."""
+    port = free_port()
+    gateway = await open_gateway(listen=f"127.0.0.1:{port}")
+    address = gateway.address
+    fingerprint = gateway.fingerprint
+    await gateway.aclose()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
+    with pytest.raises(TimeoutError):
+        await agent.wait_ready(0.5)
+    assert str(agent.config.gateway) == str(address)
+    restarted = await open_gateway(listen=f"127.0.0.1:{port}")
+    assert restarted.fingerprint == fingerprint
+    (service,) = (await agent.wait_ready(10)).values()
+    await echo_roundtrip(service.address)
+
+
+async def test_takeover_new_agent_gets_fixed_port_at_once(
+    open_gateway: OpenGateway, open_agent: OpenAgent, start_server: StartServer
+) -> None:
+    """An agent reconnecting under a live session's name takes its fixed port at once."""
+    port = free_port()
+    old_service = await start_server(banner_handler(b"old"))
+    new_service = await start_server(banner_handler(b"new"))
+    gateway = await open_gateway()
+    old = await open_agent(gateway, expose=[f"{port}:{old_service.local}"], **NEVER_RECONNECT)
+    (service,) = (await old.wait_ready(10)).values()
+    assert service.address.port == port
+
+    new = await open_agent(gateway, expose=[f"{port}:{new_service.local}"], **NEVER_RECONNECT)
+    started = time.monotonic()
+    services = await new.wait_ready(5)
+    elapsed = time.monotonic() - started
+    assert [s.address for s in services.values()] == [Address("127.0.0.1", port)]
+    assert elapsed < 1.0, f"takeover took {elapsed:.2f} s"
+    assert gateway.sessions() == {"site-a": [Address("127.0.0.1", port)]}
+    async with asyncio.timeout(5), connect(Address("127.0.0.1", port)) as (reader, _):
+        assert await reader.read() == b"new"
+    await wait_until(lambda: old.session_id is None, what="the old agent to see its session end")
+
+
+async def test_takeover_does_not_wait_for_dead_old_agent(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """Takeover of a silent old session is immediate, not after a heartbeat timeout."""
+    port = free_port()
+    gateway = await open_gateway(heartbeat_interval=10, heartbeat_timeout=30)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    old = await open_agent(
+        gateway, via=proxy.address, expose=[f"{port}:{echo_server.local}"], **NEVER_RECONNECT
+    )
+    await old.wait_ready(10)
+    proxy.blackhole()
+    new = await open_agent(gateway, expose=[f"{port}:{echo_server.local}"], **NEVER_RECONNECT)
+    started = time.monotonic()
+    services = await new.wait_ready(5)
+    elapsed = time.monotonic() - started
+    assert [s.address.port for s in services.values()] == [port]
+    assert elapsed < 1.0, f"takeover took {elapsed:.2f} s"
+    await echo_roundtrip(Address("127.0.0.1", port))
+
+
+async def test_dead_peer_detected_both_sides_then_agent_registers_again(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """A silent path ends the session on both sides in time; the agent then comes back."""
+    loop = asyncio.get_running_loop()
+    gateway = await open_gateway(heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], handshake_timeout=1.0
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    await echo_roundtrip(service.address)
+    old_session = agent.session_id
+
+    proxy.blackhole()
+    started = loop.time()
+    await wait_until(lambda: not gateway.sessions(), timeout=6, what="the gateway to give up")
+    gateway_took = loop.time() - started
+    await wait_until(
+        lambda: agent.session_id != old_session, timeout=6, what="the agent to give up"
+    )
+    agent_took = loop.time() - started
+    assert gateway_took < 4.0, f"gateway noticed after {gateway_took:.1f} s"
+    assert agent_took < 4.0, f"agent noticed after {agent_took:.1f} s"
+    assert await refused(service.address), "the dead session's port is still open"
+
+    proxy.restore()
+    addresses = await wait_until(
+        lambda: gateway.sessions().get("site-a"), timeout=10, what="the agent to register again"
+    )
+    await wait_until(lambda: agent.session_id not in (None, old_session), what="a new session")
+    await echo_roundtrip(addresses[0])
+
+
+async def test_heartbeat_keeps_idle_session_and_connections_alive(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """An idle session and an idle client connection outlive many heartbeat deadlines."""
+    gateway = await open_gateway(heartbeat_interval=0.1, heartbeat_timeout=0.3)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(gateway, via=proxy.address, expose=[f"0:{echo_server.local}"])
+    (service,) = (await agent.wait_ready(10)).values()
+    session = agent.session_id
+    control = proxy.live_connections[0]
+    async with asyncio.timeout(10), connect(service.address) as (reader, writer):
+        writer.write(b"before")
+        assert await reader.readexactly(6) == b"before"
+        start = control.forwarded
+        # Each heartbeat is a Ping and a Pong of a dozen bytes or so: wait for
+        # at least ten of them, i.e. several heartbeat timeouts.
+        await wait_until(lambda: control.forwarded - start > 10 * 2 * 12, what="ten heartbeats")
+        writer.write(b"after")
+        assert await reader.readexactly(5) == b"after"
+    assert agent.session_id == session
+    assert gateway.sessions() == {"site-a": [service.address]}
+
+
+async def test_pending_client_reset_when_no_data_channel_comes(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """A client with no data channel coming is reset after pending_timeout, not hung."""
+    gateway = await open_gateway(pending_timeout=1.0)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway,
+        via=proxy.address,
+        expose=[f"0:{echo_server.local}"],
+        pool_size=0,
+        handshake_timeout=1.0,
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    proxy.blackhole(existing=False, new=True)  # the control channel keeps working
+    started = time.monotonic()
+    async with asyncio.timeout(5), connect(service.address) as (reader, writer):
+        writer.write(b"hello?")
+        await writer.drain()
+        assert await read_to_end(reader) == (0, "reset")
+    assert time.monotonic() - started < 3.0
+    proxy.restore()
+    await wait_until(
+        lambda: len(proxy.live_connections) >= 2, what="the agent's retried data channel"
+    )
+    await echo_roundtrip(service.address)
+
+
+async def test_stale_pooled_channels_skipped_without_failing_client(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """Pooled data channels reset by the network are skipped without failing the client."""
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], pool_size=4
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    live = await wait_until(
+        lambda: len(proxy.live_connections) == 5 and proxy.live_connections,
+        what="the control channel and 4 pooled data channels",
+    )
+    await proxy.reset(live[1:])  # the first one is the control channel
+    await echo_roundtrip(service.address)
+    assert gateway.sessions(), "the session should survive its data channels"
+
+
+async def test_agent_close_releases_its_ports(
+    echo_tunnel: Tunnel,
+) -> None:
+    """When an agent stops, its session ends and its public port closes."""
+    await echo_tunnel.agent.aclose()
+    await wait_until(lambda: not echo_tunnel.gateway.sessions(), what="the session to end")
+    assert await refused(echo_tunnel.address)
+
+
+# --- abnormal ends mid-stream ------------------------------------------------
+
+STREAM_SIZE = 256 << 20  # never fits in the buffers on the way
+STREAM_CHUNK = bytes(1 << 20)
+
+
+BREAKAGES = [
+    "agent_closed",  # Agent.aclose(): a goodbye, then everything stops
+    "agent_killed",  # every connection of the agent ends with a FIN and nothing more
+    "data_channel_fin",  # only the client's data channel ends, with a FIN, no END frame
+    "data_channel_reset",  # only the client's data channel is reset
+    "service_reset",  # the local service resets its connection
+    "agent_replaced",  # an agent of the same name takes the session over
+    "agent_silent",  # the path to the agent goes silent; the heartbeat deadline passes
+    "gateway_closed",  # Gateway.aclose()
+]
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+async def test_abnormal_end_mid_download_client_sees_reset(
+    breakage: str,
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+) -> None:
+    """Whatever dies mid-download, the client sees a reset, never a clean truncated EOF."""
+    service_writers: list[asyncio.StreamWriter] = []
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        service_writers.append(writer)
+        for _ in range(STREAM_SIZE // len(STREAM_CHUNK)):
+            writer.write(STREAM_CHUNK)
+            await writer.drain()
+
+    server = await start_server(firehose)
+    gateway = await open_gateway(heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway, via=proxy.address, expose=[f"0:{server.local}"], **NEVER_RECONNECT
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    async with asyncio.timeout(15), connect(service.address) as (reader, _):
+        received = 0
+        while received < 4 << 20:
+            data = await reader.read(READ_SIZE)
+            assert data, "EOF before the breakage"
+            received += len(data)
+        busiest = max(proxy.live_connections, key=lambda c: c.forwarded)
+        if breakage == "agent_closed":
+            await agent.aclose()
+        elif breakage == "agent_killed":
+            proxy.shutdown(proxy.live_connections)
+        elif breakage == "data_channel_fin":
+            proxy.shutdown([busiest])
+        elif breakage == "data_channel_reset":
+            await proxy.reset([busiest])
+        elif breakage == "service_reset":
+            reset_writer(service_writers[0])
+        elif breakage == "agent_replaced":
+            await open_agent(gateway, expose=[f"0:{server.local}"], **NEVER_RECONNECT)
+        elif breakage == "agent_silent":
+            proxy.blackhole()
+        else:
+            await gateway.aclose()
+        rest, how = await read_to_end(reader)
+    received += rest
+    assert received < STREAM_SIZE, "the breakage came too late to test anything"
+    assert how == "reset", f"clean EOF after {received} of {STREAM_SIZE} bytes"
+    if breakage in ("agent_killed", "agent_replaced", "agent_silent", "gateway_closed"):
+        # Let the agent see its session end before it is closed; closing it
+        # at that very moment is tested on its own below.
+        await wait_until(lambda: agent.session_id is None, what="the agent to notice")
+
+
+async def test_client_reset_mid_upload_service_sees_reset(
+    open_tunnel: OpenTunnel, start_server: StartServer
+) -> None:
+    """A client that resets mid-upload makes the service see a reset, not a clean EOF."""
+    progress = [0]
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(READ_SIZE):
+                progress[0] += len(data)
+        except OSError:
+            outcome.set_result("reset")
+        else:
+            outcome.set_result("eof")
+
+    tunnel = await open_tunnel(await start_server(sink))
+    async with asyncio.timeout(10), connect(tunnel.address) as (_, writer):
+        writer.write(bytes(4 << 20))
+        await wait_until(lambda: progress[0] >= 1 << 20, what="the upload to start")
+        reset_writer(writer)
+        assert await outcome == "reset", f"clean EOF after {progress[0]} bytes"
+
+
+@pytest.mark.parametrize("mode", ["plain"])
+async def test_agent_close_while_session_ends_does_not_hang(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """Agent.aclose() returns promptly even at the moment the session breaks."""
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    hung = []
+    for attempt in range(6):
+        proxy = await start_proxy(gateway.address)
+        agent = await open_agent(
+            gateway,
+            via=proxy.address,
+            expose=[f"0:{echo_server.local}"],
+            name=f"site-{attempt}",
+            **NEVER_RECONNECT,
+        )
+        await agent.wait_ready(10)
+        await proxy.reset(proxy.live_connections[:1])  # the control channel
+        for _ in range(attempt):
+            await asyncio.sleep(0)  # one turn of the loop each: sweep the moment
+        closing = asyncio.ensure_future(agent.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=1.0)
+        if not done:
+            hung.append(attempt)
+            await agent.aclose()  # a second cancellation gets through
+            await closing
+    assert not hung, f"Agent.aclose() hung in attempts {hung} (of 6)"
+
+
+def close_sockets_in_tracebacks(records: list[logging.LogRecord]) -> None:
+    """Close the sockets that the frames of logged tracebacks still hold, so
+    that no ResourceWarning fails a later test when they are collected."""
+    for record in records:
+        traceback = record.exc_info[2] if record.exc_info else None
+        while traceback is not None:
+            for value in traceback.tb_frame.f_locals.values():
+                if isinstance(value, socket.socket):
+                    value.close()
+            traceback = traceback.tb_next
+
+
+@pytest.mark.parametrize("mode", ["plain"])
+@pytest.mark.loop_errors_checked_by_test
+async def test_client_arriving_as_session_ends_is_closed(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """A client arriving just as its session ends is closed at once, and nothing leaks."""
+    loop = asyncio.get_running_loop()
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    outcomes = []
+    with (
+        warnings.catch_warnings(),  # leaked sockets are what this test looks for
+        recording("asyncio", logging.ERROR) as loop_log,
+    ):
+        warnings.simplefilter("always", ResourceWarning)
+        leaks: list[str] = []
+        warnings.showwarning = lambda message, *args, **kwargs: leaks.append(str(message))
+        for attempt in range(4):
+            proxy = await start_proxy(gateway.address)
+            agent = await open_agent(
+                gateway,
+                via=proxy.address,
+                expose=[f"0:{echo_server.local}"],
+                name=f"site-{attempt}",
+                **NEVER_RECONNECT,
+            )
+            (service,) = (await agent.wait_ready(10)).values()
+            proxy.shutdown(proxy.live_connections[:1])  # the control channel ends now
+            for _ in range(attempt):
+                await asyncio.sleep(0)  # one turn of the loop each: sweep the moment
+            # A blocking connect: on loopback the kernel completes it at once.
+            with socket.create_connection((service.address.host, service.address.port)) as sock:
+                sock.setblocking(False)
+                try:
+                    async with asyncio.timeout(2):
+                        outcomes.append(await loop.sock_recv(sock, 1))
+                except OSError:
+                    outcomes.append(b"")  # reset
+                except TimeoutError:
+                    outcomes.append(b"hung")
+        errors = [r.getMessage() for r in loop_log.records]
+        close_sockets_in_tracebacks(loop_log.records)
+        loop_log.records.clear()
+        gc.collect()
+    assert not errors, errors
+    assert not leaks, leaks
+    assert outcomes == [b""] * 4, outcomes

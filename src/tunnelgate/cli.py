@@ -29,6 +29,7 @@ from tunnelgate.config import (
     TOKEN_ENV,
     AgentConfig,
     GatewayConfig,
+    LogConfig,
     default_state_dir,
     format_address,
     generate_token,
@@ -166,8 +167,7 @@ def _run(coro: Coroutine[Any, Any, None]) -> int:
     return uvloop.run(guarded())
 
 
-def _run_gateway(args: argparse.Namespace) -> int:
-    config, log = load_gateway_config(args.config, _flags(args, _GATEWAY_FLAGS))
+def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
     logs.configure(log.level, log.format)
     if args.token:
         logger.warning(
@@ -175,6 +175,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
             "prefer --token-file or %s",
             TOKEN_ENV,
         )
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    config, log = load_gateway_config(args.config, _flags(args, _GATEWAY_FLAGS))
+    _start_logging(args, log)
     return _run(_gateway_main(config))
 
 
@@ -213,13 +218,7 @@ def _print_banner(gateway: Gateway) -> None:
 
 def _run_agent(args: argparse.Namespace) -> int:
     config, log = load_agent_config(args.config, _flags(args, _AGENT_FLAGS))
-    logs.configure(log.level, log.format)
-    if args.token:
-        logger.warning(
-            "the token was given on the command line, where other local users can see it; "
-            "prefer --token-file or %s",
-            TOKEN_ENV,
-        )
+    _start_logging(args, log)
     return _run(_agent_main(config))
 
 

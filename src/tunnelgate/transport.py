@@ -121,7 +121,7 @@ class SocketStream:
 
 
 class TLSStream:
-    """TLS 1.3 over a socket through memory BIOs.
+    """TLS 1.3 over a :class:`SocketStream`, through memory BIOs.
 
     Sends are serialised by a lock because the read side may have TLS records
     of its own to send (key updates); reads happen in one task at a time.
@@ -136,7 +136,7 @@ class TLSStream:
         server_hostname: str | None = None,
     ) -> None:
         self.sock = sock
-        self._loop = asyncio.get_running_loop()
+        self._raw = SocketStream(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(
@@ -145,7 +145,7 @@ class TLSStream:
             server_side=server_side,
             server_hostname=server_hostname,
         )
-        self._raw = bytearray(TLS_READ_SIZE)
+        self._buffer = memoryview(bytearray(TLS_READ_SIZE))
         self._send_lock = asyncio.Lock()
         self._eof = False
 
@@ -176,28 +176,20 @@ class TLSStream:
 
     async def _fill(self) -> bool:
         """Read raw bytes into the TLS object; False at EOF."""
-        view = memoryview(self._raw)
-        try:
-            n = await self._loop.sock_recv_into(self.sock, view)
-        except OSError as exc:
-            raise TransportError(describe_os_error(exc)) from None
+        n = await self._raw.receive_into(self._buffer)
         if n == 0:
             self._incoming.write_eof()
             return False
-        self._incoming.write(view[:n])
+        self._incoming.write(self._buffer[:n])
         return True
 
     async def _flush(self) -> None:
         if self._outgoing.pending:
             async with self._send_lock:
-                data = self._outgoing.read()
-                try:
-                    await self._loop.sock_sendall(self.sock, data)
-                except OSError as exc:
-                    raise TransportError(describe_os_error(exc)) from None
+                await self._raw.send(self._outgoing.read())
 
     async def _flush_quietly(self) -> None:
-        with contextlib.suppress(TransportError):
+        with contextlib.suppress(TransportError, TimeoutError):
             await asyncio.wait_for(self._flush(), 1.0)
 
     async def receive_into(self, buffer: memoryview) -> int:
@@ -223,16 +215,13 @@ class TLSStream:
                 self._tls.write(data)
             except ssl.SSLError as exc:
                 raise TransportError(describe_os_error(exc)) from None
-            try:
-                await self._loop.sock_sendall(self.sock, self._outgoing.read())
-            except OSError as exc:
-                raise TransportError(describe_os_error(exc)) from None
+            await self._raw.send(self._outgoing.read())
 
     def close(self) -> None:
-        self.sock.close()
+        self._raw.close()
 
     def abort(self) -> None:
-        reset_socket(self.sock)
+        self._raw.abort()
 
 
 class Channel:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from tunnelgate import tls
 from tunnelgate.errors import PeerVerificationError, TransportError
@@ -121,12 +122,7 @@ async def test_channel_carries_messages_and_checks_liveness(pair: Pair) -> None:
     assert await gateway_side.receive() == Ping(7)
     assert gateway_side.is_idle_and_open()
     agent_side.close()
-
-    async def closed() -> None:
-        while gateway_side.is_idle_and_open():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(closed(), 5)
+    await wait_until(lambda: not gateway_side.is_idle_and_open(), what="the close to be seen")
 
 
 async def test_tls_refuses_a_gateway_with_another_fingerprint(tmp_path: Path) -> None:

@@ -13,13 +13,19 @@ import gc
 import hashlib
 import logging
 import os
+import re
+import shlex
 import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -637,3 +643,174 @@ def no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
     assert not problems, "unexpected log lines:\n" + "\n".join(problems)
+
+
+# --- the CLI in subprocesses --------------------------------------------------
+#
+# For tests that run ``tunnelgate`` (and the services and tools around it) as
+# real processes: ``launch`` starts ``python -m tunnelgate ARGS...``,
+# ``launch_command`` any program; either way every process is killed when the
+# test ends. Tests wait on output lines and exits under deadlines.
+
+TOKEN_ENV = "TUNNELGATE_TOKEN"
+TUNNELGATE = [sys.executable, "-m", "tunnelgate"]
+DEADLINE = 10.0  # for what should happen "at once": a log line, a connection
+EXIT_DEADLINE = 5.0  # "exits within a few seconds"
+
+
+class Proc:
+    """A subprocess; threads collect its stdout and stderr lines."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        self.argv = argv
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._changed = threading.Condition()
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.popen.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.popen.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def is_tunnelgate(self) -> bool:
+        return self.argv[: len(TUNNELGATE)] == TUNNELGATE
+
+    @property
+    def command(self) -> str:
+        """The command line as a user would type it."""
+        if self.is_tunnelgate:
+            return shlex.join(["tunnelgate", *self.argv[len(TUNNELGATE) :]])
+        return shlex.join(self.argv)
+
+    def _read(self, pipe: IO[str], lines: list[str]) -> None:
+        for line in pipe:
+            with self._changed:
+                lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _output_done(self) -> bool:
+        return not any(reader.is_alive() for reader in self._readers)
+
+    def describe(self) -> str:
+        with self._changed:
+            return (
+                f"$ {self.command}  (exit code {self.popen.poll()})\n"
+                + "--- stdout ---\n"
+                + "\n".join(self.stdout)
+                + "\n--- stderr ---\n"
+                + "\n".join(self.stderr)
+            )
+
+    def wait_line(
+        self, pattern: str, *, stdout: bool = False, count: int = 1, timeout: float = DEADLINE
+    ) -> re.Match[str]:
+        """The ``count``-th line of stderr (or stdout) matching ``pattern``; fail if none
+        comes in time."""
+        regex = re.compile(pattern)
+        lines = self.stdout if stdout else self.stderr
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                matches = [m for line in lines if (m := regex.search(line))]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._output_done():
+                    why = "timed out" if remaining <= 0 else "output ended"
+                    pytest.fail(
+                        f"{why} waiting for line #{count} matching {pattern!r}\n{self.describe()}"
+                    )
+                self._changed.wait(min(remaining, 0.5))
+
+    def lines_matching(self, pattern: str, *, stdout: bool = False) -> list[str]:
+        with self._changed:
+            return [
+                line
+                for line in (self.stdout if stdout else self.stderr)
+                if re.search(pattern, line)
+            ]
+
+    def wait_exit(self, timeout: float = EXIT_DEADLINE) -> int:
+        """The exit code; fail if the process is still running after ``timeout``."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {timeout} s\n{self.describe()}")
+        for reader in self._readers:
+            reader.join(DEADLINE)
+        return code
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def stop(self) -> None:
+        """Kill if still running; reap; close the pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        for reader in self._readers:
+            reader.join(DEADLINE)
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+Launch = Callable[..., Proc]
+
+
+@pytest.fixture
+def launch_command(tmp_path: Path) -> Iterator[Launch]:
+    """Start ``PROGRAM ARGS...`` (``token=`` goes in the environment, ``cwd=`` is where);
+    all killed at the end, last started first."""
+    procs: list[Proc] = []
+    base_env = dict(os.environ)
+    base_env.pop(TOKEN_ENV, None)
+    base_env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")  # never the user's own
+    base_env["PYTHONUNBUFFERED"] = "1"
+
+    def start(*argv: str, token: str | None = None, cwd: Path | None = None) -> Proc:
+        env = dict(base_env)
+        if token is not None:
+            env[TOKEN_ENV] = token
+        proc = Proc(list(argv), env, cwd)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    # A traceback in a log is an unexpected exception: a bug, whatever the test checked.
+    broken = [
+        proc.describe()
+        for proc in procs
+        if proc.is_tunnelgate and any("Traceback" in line for line in proc.stderr + proc.stdout)
+    ]
+    assert not broken, "a tunnelgate process logged a traceback:\n" + "\n".join(broken)
+
+
+@pytest.fixture
+def launch(launch_command: Launch) -> Launch:
+    """Start ``tunnelgate ARGS...``, as :func:`launch_command` does."""
+
+    def start(*args: str, token: str | None = None, cwd: Path | None = None) -> Proc:
+        return launch_command(*TUNNELGATE, *args, token=token, cwd=cwd)
+
+    return start

@@ -21,154 +21,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
+from conftest import DEADLINE, TOKEN_ENV, Launch, Proc, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-TOKEN_ENV = "TUNNELGATE_TOKEN"
-DEADLINE = 10.0  # for what should happen "at once": a log line, a connection
-EXIT_DEADLINE = 5.0  # "exits within a few seconds"
 FINGERPRINT_RE = r"SHA256:[0-9A-F]{64}"
 # The banner's suggested agent command, maybe after environment assignments.
 AGENT_COMMAND_RE = r"^\s+((?:[A-Z_]+=\S+\s+)*tunnelgate agent .*)$"
 
 
 # --- processes --------------------------------------------------------------
-
-
-class Proc:
-    """A ``tunnelgate`` subprocess; threads collect its stdout and stderr lines."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tunnelgate", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._changed = threading.Condition()
-        assert self.popen.stdout is not None and self.popen.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.popen.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._read, args=(self.popen.stderr, self.stderr), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, pipe: IO[str], lines: list[str]) -> None:
-        for line in pipe:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _output_done(self) -> bool:
-        return not any(reader.is_alive() for reader in self._readers)
-
-    def describe(self) -> str:
-        with self._changed:
-            return (
-                f"$ tunnelgate {shlex.join(self.args)}  (exit code {self.popen.poll()})\n"
-                + "--- stdout ---\n"
-                + "\n".join(self.stdout)
-                + "\n--- stderr ---\n"
-                + "\n".join(self.stderr)
-            )
-
-    def wait_line(
-        self, pattern: str, *, stdout: bool = False, count: int = 1, timeout: float = DEADLINE
-    ) -> re.Match[str]:
-        """The ``count``-th line matching ``pattern``; fail if none comes in time."""
-        regex = re.compile(pattern)
-        lines = self.stdout if stdout else self.stderr
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                matches = [m for line in lines if (m := regex.search(line))]
-                if len(matches) >= count:
-                    return matches[count - 1]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._output_done():
-                    why = "timed out" if remaining <= 0 else "output ended"
-                    pytest.fail(
-                        f"{why} waiting for line #{count} matching {pattern!r}\n{self.describe()}"
-                    )
-                self._changed.wait(min(remaining, 0.5))
-
-    def lines_matching(self, pattern: str, *, stdout: bool = False) -> list[str]:
-        with self._changed:
-            return [
-                line
-                for line in (self.stdout if stdout else self.stderr)
-                if re.search(pattern, line)
-            ]
-
-    def wait_exit(self, timeout: float = EXIT_DEADLINE) -> int:
-        """The exit code; fail if the process is still running after ``timeout``."""
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running after {timeout} s\n{self.describe()}")
-        for reader in self._readers:
-            reader.join(DEADLINE)
-        return code
-
-    def signal(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-    def stop(self) -> None:
-        """Kill if still running; reap; close the pipes."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        for reader in self._readers:
-            reader.join(DEADLINE)
-        for pipe in (self.popen.stdout, self.popen.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-Launch = Callable[..., Proc]
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start ``tunnelgate ARGS...`` (``token=`` goes in the environment); all killed at the end."""
-    procs: list[Proc] = []
-    base_env = dict(os.environ)
-    base_env.pop(TOKEN_ENV, None)
-    base_env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")  # never the user's own
-    base_env["PYTHONUNBUFFERED"] = "1"
-
-    def start(*args: str, token: str | None = None) -> Proc:
-        env = dict(base_env)
-        if token is not None:
-            env[TOKEN_ENV] = token
-        proc = Proc(list(args), env)
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            proc.stop()
-    # A traceback in a log is an unexpected exception: a bug, whatever the test checked.
-    broken = [proc.describe() for proc in procs if proc.lines_matching("Traceback")]
-    assert not broken, "a tunnelgate process logged a traceback:\n" + "\n".join(broken)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -250,13 +117,6 @@ def start_agent(
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for tests that need a fixed port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- services and clients -----------------------------------------------------

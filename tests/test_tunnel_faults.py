@@ -17,6 +17,7 @@ from conftest import (
     READ_SIZE,
     FaultyProxy,
     LocalServer,
+    LogRecorder,
     Tunnel,
     banner_handler,
     connect,
@@ -58,9 +59,13 @@ async def refused(address: Address) -> bool:
 
 
 async def test_service_down_client_closed_promptly_then_recovers(
-    open_gateway: OpenGateway, open_agent: OpenAgent, start_server: StartServer
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_server: StartServer,
+    tunnel_log: LogRecorder,
 ) -> None:
-    """With the service down clients are closed promptly; once it is up they get through."""
+    """With the service down clients are closed promptly, and the gateway logs the
+    agent's reason; once the service is up they get through."""
     port = free_port()
     gateway = await open_gateway()
     agent = await open_agent(gateway, expose=[f"0:127.0.0.1:{port}"])
@@ -71,6 +76,11 @@ async def test_service_down_client_closed_promptly_then_recovers(
         received, how = await read_to_end(reader)
     assert received == 0
     assert how in ("reset", "eof")
+    reason = f"aborted by peer: agent cannot connect to 127.0.0.1:{port}: connection refused"
+    await wait_until(
+        lambda: tunnel_log.find(reason, logging.WARNING),
+        what="the gateway to log the agent's reason",
+    )
     await start_server(echo_handler, port=port)
     await echo_roundtrip(service.address)
 

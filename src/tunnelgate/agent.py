@@ -55,9 +55,8 @@ from tunnelgate.protocol import (
     Welcome,
     check_allowed,
     compute_proof,
-    encode_abort,
 )
-from tunnelgate.relay import relay
+from tunnelgate.relay import abort_channel, relay
 from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, connect, reset_socket
 
 logger = logging.getLogger(__name__)
@@ -318,13 +317,13 @@ class Agent:
         service = self._by_name.get(start.service)
         if service is None:
             log.warning("gateway started unknown service %r", start.service)
-            await _abort(channel, f"unknown service {start.service!r}")
+            await abort_channel(channel, f"unknown service {start.service!r}")
             return
         try:
             sock = await connect(service.local, self.config.connect_timeout)
         except TransportError as exc:
             log.warning("client %s: %s", start.client, exc)
-            await _abort(channel, f"agent {exc}")
+            await abort_channel(channel, f"agent {exc}")
             return
         result = await relay(sock, channel, "service")
         level = logging.INFO if result.normal else logging.WARNING
@@ -435,13 +434,6 @@ def _refusal(message: Refused) -> Exception:
     if message.code in ("auth", "version"):
         return AuthenticationError(message.reason)
     return ConnectionClosed("closed", f"gateway refused: {message.reason}")
-
-
-async def _abort(channel: Channel, reason: str) -> None:
-    with contextlib.suppress(TransportError, TimeoutError):
-        async with asyncio.timeout(1.0):
-            await channel.stream.send(encode_abort(reason))
-    channel.abort()
 
 
 @contextlib.asynccontextmanager

@@ -37,7 +37,8 @@ from tunnelgate.protocol import (
 from tunnelgate.transport import Channel, describe_os_error, reset_socket
 
 CHUNK_SIZE: Final = 256 * 1024
-ABORT_SEND_TIMEOUT: Final = 1.0
+ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
+DRAIN_SIZE: Final = 16 * 1024
 
 
 @dataclass
@@ -155,8 +156,23 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
     result.how = failure.how
     reset_socket(local)
     if failure.tell_peer:
-        with contextlib.suppress(TransportError, TimeoutError):
-            async with asyncio.timeout(ABORT_SEND_TIMEOUT):
-                await channel.stream.send(encode_abort(failure.how))
+        await abort_channel(channel, failure.how)
     channel.abort()
     return result
+
+
+async def abort_channel(channel: Channel, reason: str) -> None:
+    """Tell the peer why the relay ends abnormally, then reset the channel.
+
+    ABORT is followed by a FIN, and the peer's bytes are read and dropped until
+    it resets or closes (for at most ``ABORT_TIMEOUT``): closing at once with
+    unread bytes would send an RST that can make the peer lose the ABORT.
+    """
+    with contextlib.suppress(TransportError, TimeoutError, OSError):
+        async with asyncio.timeout(ABORT_TIMEOUT):
+            await channel.stream.send(encode_abort(reason))
+            channel.sock.shutdown(socket.SHUT_WR)
+            buffer = memoryview(bytearray(DRAIN_SIZE))
+            while await channel.stream.receive_into(buffer):
+                pass
+    channel.abort()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import ssl
 import struct
@@ -47,6 +48,8 @@ def describe_os_error(exc: BaseException) -> str:
         return f"TLS certificate verification failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # asyncio's own strerror texts vary
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__

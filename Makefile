@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest fmt clean
+.PHONY: demo test lint typecheck pytest pytest-uvloop fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The in-process tests again on uvloop (the CLI in subprocesses uses it already).
+pytest-uvloop: $(STAMP)
+	TUNNELGATE_LOOP=uvloop $(PY) -m pytest -q tests/test_transport.py tests/test_tunnel_*.py
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format src tests

@@ -49,6 +49,18 @@ def pytest_configure(config: pytest.Config) -> None:
 # --- waiting ------------------------------------------------------------------
 
 
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The stock asyncio loop, or uvloop with ``TUNNELGATE_LOOP=uvloop``
+    (``make test`` runs the in-process tests both ways; the CLI uses uvloop)."""
+    if os.environ.get("TUNNELGATE_LOOP") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
 async def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 5.0,

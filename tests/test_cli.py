@@ -594,7 +594,9 @@ def test_json_logs_are_json_lines_without_the_token(
     gateway = start_gateway(launch, tmp_path / "state", *JSON_FLAGS)
     token = gateway.proc.wait_line(r"^token: (\S+)", stdout=True).group(1)
     # The agent takes the token as a flag, the path that logs a warning about it.
-    agent = launch(*agent_args(gateway, f"0:127.0.0.1:{echo_port}"), "--token", token, *JSON_FLAGS)
+    agent = launch(
+        *agent_args(gateway, f"0:127.0.0.1:{echo_port}"), f"--token={token}", *JSON_FLAGS
+    )
     public_port = int(agent.wait_line(r"exposed at gateway port (\d+)").group(1))
     assert echo_through(public_port, b"json") == b"json"
     agent.wait_line(r"closed client=")

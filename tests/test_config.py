@@ -419,3 +419,11 @@ def test_parse_address_and_expose_raise_only_value_error(text: str) -> None:
     for parse in (c.parse_address, c.parse_expose):
         with contextlib.suppress(ValueError):
             parse(text)
+
+
+def test_generate_token_never_looks_like_an_option() -> None:
+    """A generated token can follow --token on a command line: it never starts with '-'."""
+    tokens = {c.generate_token() for _ in range(2000)}
+    assert len(tokens) == 2000
+    assert not [t for t in tokens if t.startswith("-")]
+    assert all(len(t) >= 43 for t in tokens)

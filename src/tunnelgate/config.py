@@ -367,8 +367,11 @@ def _token_problem_recorded(src: _Source) -> bool:
 
 
 def generate_token() -> str:
-    """A new random token (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
+    """A new random token (256 bits, URL-safe), never starting with "-", which
+    command lines would take for an option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 def default_state_dir() -> Path:

@@ -97,6 +97,9 @@ class Agent:
         self.services: dict[str, ExposedService] = {}
         self.session_id: str | None = None
         self._by_name: dict[str, ServiceConfig] = {s.name: s for s in config.services}
+        # Ports the gateway chose for services asking for any port (0): asked
+        # for again after a reconnect, so a service keeps its public address.
+        self._chosen_ports: dict[str, int] = {}
         self._context: ssl.SSLContext | None = (
             tls.client_context(config.ca, config.fingerprint) if config.tls else None
         )
@@ -249,7 +252,12 @@ class Agent:
             log = self._log.bind(session=welcome.session)
             log.info("connected to gateway %s", config.gateway)
             await channel.send_message(
-                Register([ServiceRequest(s.name, s.bind, s.port) for s in config.services])
+                Register(
+                    [
+                        ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
+                        for s in config.services
+                    ]
+                )
             )
             async with asyncio.TaskGroup() as group:
                 pool = _Pool(self, group, welcome, log)
@@ -284,20 +292,39 @@ class Agent:
                 await channel.send_message(Pong(message.seq))
             elif isinstance(message, Registered):
                 phase = "agent_control"
-                self._registered(message, log)
+                retry = self._registered(message, log)
+                if retry:
+                    await channel.send_message(Register(retry))
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)
             elif isinstance(message, Bye):
                 return f"gateway said goodbye: {message.reason}"
 
-    def _registered(self, message: Registered, log: ContextLogger) -> None:
+    def _registered(self, message: Registered, log: ContextLogger) -> list[ServiceRequest]:
+        """Record the gateway's answers; return the services to ask for again.
+
+        A service that asked for any port and lost the one it had before (now
+        taken) is asked for again with any port.
+        """
+        retry = []
         for result in message.results:
             service = self._by_name.get(result.name)
             if service is None:
                 raise RemoteProtocolError(
                     f"registration result for unknown service {result.name!r}"
                 )
-            if result.ok:
+            if not result.ok and service.port == 0 and result.name in self._chosen_ports:
+                lost = self._chosen_ports.pop(result.name)
+                log.warning(
+                    "service %s cannot have its former port %d again (%s); asking for any port",
+                    result.name,
+                    lost,
+                    result.error,
+                )
+                retry.append(ServiceRequest(service.name, service.bind, 0))
+            elif result.ok:
+                if service.port == 0:
+                    self._chosen_ports[result.name] = result.port
                 address = Address(result.bind, result.port)
                 self.services[result.name] = ExposedService(result.name, address, service.local)
                 log.info(
@@ -309,7 +336,9 @@ class Agent:
                 )
             else:
                 log.error("service %s not exposed: %s", result.name, result.error)
-        self._ready.set()
+        if not retry:
+            self._ready.set()
+        return retry
 
     async def _serve(self, channel: Channel, start: Start, log: ContextLogger) -> None:
         """Carry one client connection to its service. Root of the relay's task."""

@@ -40,7 +40,6 @@ from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,
     ProtocolError,
-    RemoteProtocolError,
     TransportError,
 )
 from tunnelgate.logs import ContextLogger
@@ -115,7 +114,6 @@ class _Session:
     pool: deque[Channel] = field(default_factory=deque)
     waiters: deque[asyncio.Future[Channel]] = field(default_factory=deque)
     requested: int = 0  # data channels asked for and not yet arrived
-    registered: bool = False
     started: float = field(default_factory=time.monotonic)
 
     async def kill(self) -> None:
@@ -427,9 +425,6 @@ class Gateway:
             elif isinstance(message, Pong):
                 pass
             elif isinstance(message, Register):
-                if session.registered:
-                    raise RemoteProtocolError("services registered twice")
-                session.registered = True
                 results = [self._expose(session, request) for request in message.services]
                 await channel.send_message(Registered(results))
             elif isinstance(message, Bye):

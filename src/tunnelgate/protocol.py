@@ -110,7 +110,7 @@ class ServiceRequest(msgspec.Struct, frozen=True):
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
-    """Agent to gateway: expose these services (replaces nothing; sent once)."""
+    """Agent to gateway: expose these services too (names not yet registered)."""
 
     services: Annotated[list[ServiceRequest], msgspec.Meta(max_length=256)]
 
@@ -386,7 +386,7 @@ ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
     "agent_awaits_welcome": (Welcome, Refused),
     "agent_register_reply": (Registered, Ping, Pong, Bye),
     "gateway_control": (Register, Ping, Pong, Bye),
-    "agent_control": (Ping, Pong, PoolRequest, Bye),
+    "agent_control": (Ping, Pong, PoolRequest, Registered, Bye),
     "agent_pooled": (Start, Bye, Refused),
 }
 

@@ -135,6 +135,11 @@ class LocalServer:
             await self.handler(reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except RuntimeError:
+            # uvloop raises RuntimeError ("the handler is closed"), not
+            # OSError, on a write to a transport already closed by a reset.
+            if not writer.is_closing():
+                raise
         except asyncio.CancelledError:
             # Stopped by __aexit__. Returning normally matters on Python 3.11,
             # whose stream callback calls task.exception() on a cancelled task.
@@ -213,10 +218,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 def reset_writer(writer: asyncio.StreamWriter) -> None:
     """Close a connection with an RST (SO_LINGER 0)."""
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
+    if sock is not None and not writer.is_closing():
+        with contextlib.suppress(OSError, ValueError):  # uvloop: ValueError once closed
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def shutdown_writer(writer: asyncio.StreamWriter) -> None:
+    """Send a FIN at once (``shutdown(SHUT_WR)``), behind the transport's back:
+    what the transport still buffers is never sent.
+
+    uvloop's transport socket has no ``shutdown()``, so this shuts down a
+    duplicate of its file descriptor: the same socket on either loop.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is None or writer.is_closing():
+        return
+    with contextlib.suppress(OSError, ValueError):  # closed under us
+        with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
+            duplicate.shutdown(socket.SHUT_WR)
 
 
 # --- a proxy between agent and gateway that can fail ----------------------------
@@ -282,10 +302,8 @@ class FaultyProxy:
         for conn in connections:
             conn.dead = True
             for writer in (conn.downstream, conn.upstream):
-                sock = writer.get_extra_info("socket") if writer is not None else None
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_WR)
+                if writer is not None:
+                    shutdown_writer(writer)
 
     async def __aenter__(self) -> FaultyProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
@@ -350,9 +368,14 @@ class FaultyProxy:
                 writer.write(data)
                 conn.forwarded += len(data)
                 await writer.drain()
-            if not conn.dead and writer is not None and writer.can_write_eof():
+            if (
+                not conn.dead
+                and writer is not None
+                and not writer.is_closing()
+                and writer.can_write_eof()
+            ):
                 writer.write_eof()
-        except OSError:
+        except (OSError, RuntimeError):  # uvloop: RuntimeError on a closed handle
             if not conn.dead:  # pass a reset on as a reset
                 for other in (conn.downstream, conn.upstream):
                     if other is not None:

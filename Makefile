@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tunnelgate demo
 
-test: lint typecheck pytest
+test: lint typecheck pytest pytest-uvloop
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -234,9 +234,11 @@ def shutdown_writer(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is None or writer.is_closing():
         return
-    with contextlib.suppress(OSError, ValueError):  # closed under us
-        with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
-            duplicate.shutdown(socket.SHUT_WR)
+    with (
+        contextlib.suppress(OSError, ValueError),  # closed under us
+        socket.socket(fileno=os.dup(sock.fileno())) as duplicate,
+    ):
+        duplicate.shutdown(socket.SHUT_WR)
 
 
 # --- a proxy between agent and gateway that can fail ----------------------------

@@ -851,3 +851,11 @@ def launch(launch_command: Launch) -> Launch:
         return launch_command(*TUNNELGATE, *args, token=token, cwd=cwd)
 
     return start
+
+
+# Types of the factory fixtures above, for the tests' signatures.
+OpenGateway = Callable[..., Awaitable[Gateway]]
+OpenAgent = Callable[..., Awaitable[Agent]]
+OpenTunnel = Callable[..., Awaitable[Tunnel]]
+StartServer = Callable[..., Awaitable[LocalServer]]
+StartProxy = Callable[[Address], Awaitable[FaultyProxy]]

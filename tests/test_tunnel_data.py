@@ -21,7 +21,9 @@ from conftest import (
     FaultyProxy,
     LocalServer,
     LogRecorder,
+    OpenTunnel,
     Payload,
+    StartServer,
     Tunnel,
     agent_tls_options,
     banner_handler,
@@ -40,9 +42,6 @@ from tunnelgate import Address, Agent, Gateway
 pytestmark = pytest.mark.timeout(60)
 
 WRITE_SIZE = 1 << 20
-
-OpenTunnel = Callable[..., Awaitable[Tunnel]]
-StartServer = Callable[..., Awaitable[LocalServer]]
 
 
 async def send_all(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -9,15 +9,18 @@ import logging
 import socket
 import time
 import warnings
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     READ_SIZE,
-    FaultyProxy,
     LocalServer,
     LogRecorder,
+    OpenAgent,
+    OpenGateway,
+    OpenTunnel,
+    StartProxy,
+    StartServer,
     Tunnel,
     banner_handler,
     connect,
@@ -31,15 +34,10 @@ from conftest import (
     wait_until,
 )
 
-from tunnelgate import Address, Agent, Gateway
+from tunnelgate import Address, Gateway
 
 pytestmark = pytest.mark.timeout(60)
 
-OpenGateway = Callable[..., Awaitable[Gateway]]
-OpenAgent = Callable[..., Awaitable[Agent]]
-OpenTunnel = Callable[..., Awaitable[Tunnel]]
-StartServer = Callable[..., Awaitable[LocalServer]]
-StartProxy = Callable[[Address], Awaitable[FaultyProxy]]
 
 NEVER_RECONNECT = {"reconnect_min": 3600, "reconnect_max": 3600}  # jittered: ~never soon
 

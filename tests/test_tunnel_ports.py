@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     LocalServer,
     LogRecorder,
+    OpenAgent,
+    OpenGateway,
     echo_roundtrip,
     gateway_defaults,
     wait_until,
 )
 
-from tunnelgate import Address, Agent, Gateway
+from tunnelgate import Address, Gateway
 
 pytestmark = pytest.mark.timeout(60)
-
-OpenGateway = Callable[..., Awaitable[Gateway]]
-OpenAgent = Callable[..., Awaitable[Agent]]
 
 
 async def restart_with_agent(

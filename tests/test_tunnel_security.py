@@ -8,7 +8,6 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,9 @@ from conftest import (
     TOKEN,
     LocalServer,
     LogRecorder,
+    OpenAgent,
+    OpenGateway,
+    StartServer,
     Tunnel,
     banner_handler,
     connect,
@@ -27,7 +29,7 @@ from conftest import (
     wait_until,
 )
 
-from tunnelgate import Address, Agent, Gateway
+from tunnelgate import Address
 from tunnelgate import protocol as p
 from tunnelgate.errors import (
     AuthenticationError,
@@ -38,10 +40,6 @@ from tunnelgate.errors import (
 
 pytestmark = pytest.mark.timeout(60)
 
-OpenGateway = Callable[..., Awaitable[Gateway]]
-OpenAgent = Callable[..., Awaitable[Agent]]
-OpenTunnel = Callable[..., Awaitable[Tunnel]]
-StartServer = Callable[..., Awaitable[LocalServer]]
 
 HANDSHAKE_TIMEOUT = 1.0
 CLOSE_BOUND = 3.0  # a bad connection is closed well within this

@@ -62,7 +62,7 @@ from tunnelgate.protocol import (
     check_allowed,
     verify_proof,
 )
-from tunnelgate.relay import relay
+from tunnelgate.relay import RelayResult, relay
 from tunnelgate.transport import (
     Channel,
     SocketStream,
@@ -255,19 +255,18 @@ class Gateway:
 
     async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
         """Root of a control-port connection's task: every error ends here, logged once."""
-        self._handshaking += 1
-        handshaking = True
-        owned = False  # the socket passed to a session (or its pool), which closes it
+        owned = False  # True once a session (or its pool) closes the socket
         try:
-            async with asyncio.timeout(self.config.handshake_timeout):
-                channel, hello, policy = await self._handshake(sock, peer)
-            self._handshaking -= 1
-            handshaking = False
-            owned = True
+            self._handshaking += 1
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    channel, hello, policy = await self._handshake(sock, peer)
+            finally:
+                self._handshaking -= 1
             if hello.role == "control":
+                owned = True
                 await self._run_session(channel, hello, policy, peer)
             else:
-                owned = False
                 await self._add_data_channel(channel, hello)
                 owned = True
         except TimeoutError:
@@ -279,8 +278,6 @@ class Gateway:
         except Exception:
             logger.exception("unexpected error on connection from %s", peer)
         finally:
-            if handshaking:
-                self._handshaking -= 1
             if not owned:
                 reset_socket(sock)
 
@@ -517,6 +514,7 @@ class Gateway:
     ) -> None:
         """Root of one client connection's task."""
         channel: Channel | None = None
+        result: RelayResult | None = None  # set once the relay has closed both ends
         try:
             channel = await self._take_channel(session)
             if channel is None:
@@ -527,29 +525,21 @@ class Gateway:
                     self.config.pending_timeout,
                     len(session.waiters),
                 )
-                reset_socket(sock)
                 return
             await channel.send_message(Start(conn, service.name, client))
             log.debug("client %s started on a data channel", client)
             result = await relay(sock, channel, "client")
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
-            reset_socket(sock)
-            if channel is not None:
-                channel.abort()
             return
-        except asyncio.CancelledError:
-            if sock.fileno() != -1:
-                reset_socket(sock)
-            if channel is not None:
-                channel.abort()
-            raise
         except Exception:
             log.exception("unexpected error relaying client %s", client)
-            reset_socket(sock)
-            if channel is not None:
-                channel.abort()
             return
+        finally:
+            if result is None:  # never relayed, or cancelled: neither end may look clean
+                reset_socket(sock)
+                if channel is not None:
+                    channel.abort()
         level = logging.INFO if result.normal else logging.WARNING
         log.log(
             level,

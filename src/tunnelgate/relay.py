@@ -157,7 +157,8 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
     reset_socket(local)
     if failure.tell_peer:
         await abort_channel(channel, failure.how)
-    channel.abort()
+    else:
+        channel.abort()
     return result
 
 

@@ -19,7 +19,7 @@ from conftest import wait_until
 from tunnelgate import tls
 from tunnelgate.errors import PeerVerificationError, TransportError
 from tunnelgate.protocol import Ping
-from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream
+from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, shutdown_write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -86,7 +86,7 @@ async def test_stream_carries_bytes_in_order_both_ways(pair: Pair) -> None:
         while pos < len(data):
             await stream.send(view[pos : pos + size])
             pos, size = pos + size, size * 3 % 300_007 + 1
-        stream.sock.shutdown(socket.SHUT_WR)
+        shutdown_write(stream.sock)
 
     received = await asyncio.gather(
         send(client, up), send(server, down), read_all(server), read_all(client)

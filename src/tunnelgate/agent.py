@@ -204,18 +204,17 @@ class Agent:
         """Connect, secure, and prove the token: a control or data channel."""
         config = self.config
         sock = await connect(config.gateway, config.connect_timeout)
+        stream: Stream | None = None  # owns the socket once it exists
         try:
             async with asyncio.timeout(config.handshake_timeout):
-                stream: Stream
                 if self._context is not None:
                     hostname = None if config.fingerprint else config.gateway.host
-                    tls_stream = TLSStream(
+                    tls_stream = stream = TLSStream(
                         sock, self._context, server_side=False, server_hostname=hostname
                     )
                     await tls_stream.handshake()
                     if config.fingerprint:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
-                    stream = tls_stream
                 else:
                     stream = SocketStream(sock)
                 channel = Channel(stream)
@@ -228,13 +227,13 @@ class Agent:
                 await channel.send_message(hello)
                 return channel
         except TimeoutError:
-            reset_socket(sock)
+            reset_socket(stream.sock if stream is not None else sock)
             hint = " (does the gateway use TLS? this agent runs with --no-tls)"
             raise TransportError(
                 f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
             ) from None
         except BaseException:
-            reset_socket(sock)
+            reset_socket(stream.sock if stream is not None else sock)
             raise
 
     async def _session(self) -> str:

@@ -160,6 +160,8 @@ def _run(coro: Coroutine[Any, Any, None]) -> int:
                 raise
         return EXIT_OK
 
+    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio":
+        return asyncio.run(guarded())
     try:
         import uvloop
     except ImportError:

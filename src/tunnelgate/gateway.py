@@ -66,7 +66,6 @@ from tunnelgate.relay import RelayResult, relay
 from tunnelgate.transport import (
     Channel,
     SocketStream,
-    Stream,
     TLSStream,
     accept_forever,
     bound_address,
@@ -256,11 +255,13 @@ class Gateway:
     async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
         """Root of a control-port connection's task: every error ends here, logged once."""
         owned = False  # True once a session (or its pool) closes the socket
+        channel: Channel | None = None  # owns the socket once it exists (TLS wraps it)
         try:
             self._handshaking += 1
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
-                    channel, hello, policy = await self._handshake(sock, peer)
+                    channel = await self._secure(sock)
+                    hello, policy = await self._handshake(channel, peer)
             finally:
                 self._handshaking -= 1
             if hello.role == "control":
@@ -279,20 +280,18 @@ class Gateway:
             logger.exception("unexpected error on connection from %s", peer)
         finally:
             if not owned:
-                reset_socket(sock)
+                reset_socket(channel.sock if channel is not None else sock)
 
-    async def _handshake(
-        self, sock: socket.socket, peer: str
-    ) -> tuple[Channel, Hello, AgentPolicy]:
+    async def _secure(self, sock: socket.socket) -> Channel:
+        """The framed channel over ``sock``, after the TLS handshake if TLS is on."""
         tune_socket(sock)
-        stream: Stream
-        if self._context is not None:
-            tls_stream = TLSStream(sock, self._context, server_side=True)
-            await tls_stream.handshake()
-            stream = tls_stream
-        else:
-            stream = SocketStream(sock)
-        channel = Channel(stream)
+        if self._context is None:
+            return Channel(SocketStream(sock))
+        stream = TLSStream(sock, self._context, server_side=True)
+        await stream.handshake()  # resets the connection if it fails
+        return Channel(stream)
+
+    async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, AgentPolicy]:
         nonce = secrets.token_bytes(NONCE_SIZE)
         await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
         try:
@@ -314,7 +313,7 @@ class Gateway:
                 Refused("auth", f"the gateway does not accept this token for agent {hello.agent!r}")
             )
             raise AuthenticationError("logged above")
-        return channel, hello, policy
+        return hello, policy
 
     def _authenticate(self, hello: Hello, nonce: bytes) -> AgentPolicy | None:
         """The policy whose token made the proof; checks them all, in constant time each."""

@@ -256,6 +256,31 @@ class FrameDecoder:
         """True when no partial frame is buffered."""
         return not self._in_frame and not self._header
 
+    @property
+    def data_remaining(self) -> int:
+        """Payload bytes still due for the current DATA frame, 0 outside one.
+
+        A caller may move these bytes itself (``os.splice``) instead of
+        feeding them, then account for them with :meth:`skip_data`.
+        """
+        return self._remaining if self._in_frame and self._kind == KIND_DATA else 0
+
+    @property
+    def bytes_wanted(self) -> int:
+        """Bytes that complete the current header, or the current non-DATA
+        frame: reading exactly this many never reads into a DATA payload."""
+        if not self._in_frame:
+            return HEADER_SIZE - len(self._header)
+        return self._remaining
+
+    def skip_data(self, count: int) -> None:
+        """Account for ``count`` DATA payload bytes the caller moved itself."""
+        if not 0 < count <= self.data_remaining:
+            raise LocalProtocolError(f"cannot skip {count} of {self.data_remaining} data bytes")
+        self._remaining -= count
+        if self._remaining == 0:
+            self._in_frame = False
+
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
         """Yield the events completed by ``data``. Raises RemoteProtocolError."""
         view = memoryview(data)

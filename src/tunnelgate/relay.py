@@ -9,17 +9,44 @@ service's. Two pumps run side by side:
 A half-close therefore travels end to end while the other direction keeps
 flowing. Anything abnormal (a reset, ``ABORT``, a channel that stops without
 ``END``, a protocol error) resets both the local socket and the channel, so an
-abnormal end is never disguised as a clean one. Each pump owns one large
-buffer for the relay's life; nothing is allocated or logged per chunk.
+abnormal end is never disguised as a clean one.
+
+How the bytes move
+------------------
+A pump is not a task: it is a small state machine run by the event loop's
+readiness callbacks (``add_reader``/``add_writer``). It reads when its source
+is readable, writes at once, and only if the destination cannot take
+everything does it keep the rest and wait until the destination is writable,
+with its source's reader removed (that is the backpressure). An idle
+connection therefore holds no buffer, no task and no pending ``await``.
+
+* Plain TCP channels (the default on Linux): the payload never enters Python.
+  ``os.splice`` moves it from one socket into a pipe and from the pipe into the
+  other socket; only the 4-byte frame headers are read and written by Python.
+  Pipes are borrowed from a per-thread pool while bytes are in flight.
+* TLS channels (and plain ones when splice is unavailable, or disabled with
+  ``TUNNELGATE_NO_SPLICE=1``): ``recv_into``/``send`` through one large
+  per-thread buffer. Under TLS, OpenSSL reads and writes the descriptor, so
+  the cipher's copy is the only one.
+
+Either way nothing is allocated, logged or awaited per chunk, except a copy of
+what a slow receiver could not take yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
+import select
 import socket
+import ssl
+import threading
 import time
-from collections.abc import Iterable
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +54,7 @@ from tunnelgate.errors import ProtocolError, TransportError
 from tunnelgate.protocol import (
     END_FRAME,
     HEADER_SIZE,
+    MAX_DATA_SIZE,
     Abort,
     Data,
     End,
@@ -34,11 +62,28 @@ from tunnelgate.protocol import (
     encode_abort,
     pack_data_header,
 )
-from tunnelgate.transport import Channel, describe_os_error, reset_socket
+from tunnelgate.transport import (
+    WANT_RETRY,
+    Channel,
+    describe_os_error,
+    reset_socket,
+    shutdown_write,
+)
 
-CHUNK_SIZE: Final = 256 * 1024
+CHUNK_SIZE: Final = 256 * 1024  # the copy path's shared buffer
+PIPE_SIZE: Final = 1024 * 1024  # asked for; the kernel may grant less
+IDLE_PIPES: Final = 32  # empty pipes kept per thread for the next connections
+STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yielding
+DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of the relay's poller
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
 DRAIN_SIZE: Final = 16 * 1024
+SPLICE_AVAILABLE: Final = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def splice_enabled() -> bool:
+    """Whether plain channels relay with ``os.splice`` (read at each relay)."""
+    return SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
 
 
 @dataclass
@@ -49,19 +94,11 @@ class RelayResult:
     received: int = 0  # bytes from the tunnel to the local socket
     how: str = "normal"
     duration: float = 0.0
+    path: str = "copy"  # "splice" or "copy"
 
     @property
     def normal(self) -> bool:
         return self.how == "normal"
-
-
-class _Failed(Exception):
-    """One pump hit an abnormal end. ``tell_peer`` sends ABORT over the channel."""
-
-    def __init__(self, how: str, tell_peer: bool) -> None:
-        super().__init__(how)
-        self.how = how
-        self.tell_peer = tell_peer
 
 
 async def relay(local: socket.socket, channel: Channel, local_role: str) -> RelayResult:
@@ -70,85 +107,19 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
     ``local_role`` ("client" or "service") names the local peer in reasons.
     Cancellation (a session ending) resets both ends.
     """
-    loop = asyncio.get_running_loop()
-    result = RelayResult()
     started = time.monotonic()
-
-    async def outbound() -> None:
-        buffer = bytearray(HEADER_SIZE + CHUNK_SIZE)
-        view = memoryview(buffer)
-        payload = view[HEADER_SIZE:]
-        stream = channel.stream
-        while True:
-            try:
-                n = await loop.sock_recv_into(local, payload)
-            except OSError as exc:
-                raise _Failed(f"{local_role} {describe_os_error(exc)}", tell_peer=True) from None
-            try:
-                if n == 0:
-                    await stream.send(END_FRAME)
-                    return
-                pack_data_header(buffer, n)
-                await stream.send(view[: HEADER_SIZE + n])
-            except TransportError as exc:
-                raise _Failed(f"data channel lost: {exc}", tell_peer=False) from None
-            result.sent += n
-
-    async def deliver(events: Iterable[Event]) -> bool:
-        """Write decoded events to the local socket; True once END arrived."""
-        for event in events:
-            if isinstance(event, Data):
-                try:
-                    await loop.sock_sendall(local, event.view)
-                except OSError as exc:
-                    raise _Failed(
-                        f"{local_role} {describe_os_error(exc)}", tell_peer=True
-                    ) from None
-                result.received += len(event.view)
-            elif isinstance(event, End):
-                with contextlib.suppress(OSError):
-                    local.shutdown(socket.SHUT_WR)
-                return True
-            elif isinstance(event, Abort):
-                raise _Failed(f"aborted by peer: {event.reason or 'no reason'}", tell_peer=False)
-            else:
-                raise _Failed(f"protocol error: unexpected message {event!r}", tell_peer=False)
-        return False
-
-    async def inbound() -> None:
-        if await deliver(channel.take_pending()):
-            return
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
-        stream, decoder = channel.stream, channel.decoder
-        while True:
-            try:
-                n = await stream.receive_into(view)
-            except TransportError as exc:
-                raise _Failed(f"data channel lost: {exc}", tell_peer=False) from None
-            if n == 0:
-                raise _Failed("data channel closed without end of stream", tell_peer=False)
-            try:
-                if await deliver(decoder.feed(view[:n])):
-                    return
-            except ProtocolError as exc:
-                raise _Failed(str(exc), tell_peer=True) from None
-
-    failure: _Failed | None = None
+    state = _Relay(local, channel, local_role)
     try:
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(outbound())
-                group.create_task(inbound())
-        except* _Failed as caught:
-            failure = caught.exceptions[0]  # type: ignore[assignment]
+        await state.finished
     except BaseException:
         # Cancelled (the session ended) or a bug: neither end may look clean.
+        state.stop()
         reset_socket(local)
         channel.abort()
         raise
     finally:
-        result.duration = time.monotonic() - started
+        state.result.duration = time.monotonic() - started
+    result, failure = state.result, state.failure
     if failure is None:
         local.close()
         channel.close()
@@ -172,8 +143,589 @@ async def abort_channel(channel: Channel, reason: str) -> None:
     with contextlib.suppress(TransportError, TimeoutError, OSError):
         async with asyncio.timeout(ABORT_TIMEOUT):
             await channel.stream.send(encode_abort(reason))
-            channel.sock.shutdown(socket.SHUT_WR)
+            shutdown_write(channel.sock)
             buffer = memoryview(bytearray(DRAIN_SIZE))
             while await channel.stream.receive_into(buffer):
                 pass
     channel.abort()
+
+
+# --- per-thread resources ---------------------------------------------------
+
+
+class _Pipe:
+    """A kernel pipe that carries spliced bytes; ``count`` are in it now."""
+
+    __slots__ = ("count", "read_fd", "size", "write_fd")
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size
+            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self.size = min(fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ), MAX_DATA_SIZE)
+        self.count = 0
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class _Scratch(threading.local):
+    """What the pumps of one thread share: callbacks run one at a time, and a
+    pump keeps nothing here across callbacks."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(HEADER_SIZE + CHUNK_SIZE)
+        self.view = memoryview(self.buffer)
+        self.pipes: list[_Pipe] = []
+
+    def take_pipe(self) -> _Pipe:
+        return self.pipes.pop() if self.pipes else _Pipe()
+
+    def give_pipe(self, pipe: _Pipe) -> None:
+        if pipe.count == 0 and len(self.pipes) < IDLE_PIPES:
+            self.pipes.append(pipe)
+        else:
+            pipe.close()
+
+
+_scratch = _Scratch()
+
+
+class _Poller:
+    """The relay's own readiness set, nested in the event loop.
+
+    Pumps register their descriptors here, not with the loop: one loop reader
+    (on the epoll descriptor) wakes this, and it calls the pumps whose sockets
+    are ready. Errors and hang-ups are passed on as readiness, so the pump's
+    next ``recv``/``send`` reports them; the loop's own per-descriptor watchers
+    are not used for relayed sockets because uvloop (libuv) drops a watcher
+    silently when its socket reports an error, which would leave a pump asleep
+    on a reset connection. It also makes registering a descriptor one
+    ``epoll_ctl`` and nothing else. Without epoll, the loop's own readers and
+    writers are used.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.writers: dict[int, Callable[[], None]] = {}
+        self.epoll = select.epoll()
+        loop.add_reader(self.epoll.fileno(), self.dispatch)
+        weakref.finalize(self, self.epoll.close)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self.readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self.writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self.writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        mask = (select.EPOLLIN if fd in self.readers else 0) | (
+            select.EPOLLOUT if fd in self.writers else 0
+        )
+        try:
+            if mask:
+                try:
+                    self.epoll.modify(fd, mask)
+                except FileNotFoundError:
+                    self.epoll.register(fd, mask)
+            else:
+                self.epoll.unregister(fd)
+        except OSError:
+            pass  # unregistering a descriptor the kernel dropped already
+
+    def dispatch(self) -> None:
+        for fd, events in self.epoll.poll(0, DISPATCH_BATCH):
+            if events & _READ_EVENTS and (reader := self.readers.get(fd)) is not None:
+                reader()
+            if events & _WRITE_EVENTS and (writer := self.writers.get(fd)) is not None:
+                writer()
+
+
+class _LoopPoller:
+    """The same interface on the event loop's own readers and writers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.add_reader = loop.add_reader
+        self.remove_reader = loop.remove_reader
+        self.add_writer = loop.add_writer
+        self.remove_writer = loop.remove_writer
+
+
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller | _LoopPoller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_fds() -> int:
+    """Descriptors the relay keeps between connections in this thread: idle
+    pipes, and one epoll descriptor per live event loop."""
+    pollers = sum(isinstance(poller, _Poller) for poller in _pollers.values())
+    return 2 * len(_scratch.pipes) + pollers
+
+
+def _poller(loop: asyncio.AbstractEventLoop) -> _Poller | _LoopPoller:
+    poller = _pollers.get(loop)
+    if poller is None:
+        poller = _pollers[loop] = _Poller(loop) if hasattr(select, "epoll") else _LoopPoller(loop)
+    return poller
+
+
+_WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError)
+_READ_EVENTS: Final = (
+    select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
+)
+_WRITE_EVENTS: Final = (
+    select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
+)
+
+
+# --- the state machines -----------------------------------------------------
+
+
+class _Failed:
+    """An abnormal end. ``tell_peer`` sends ABORT over the channel."""
+
+    __slots__ = ("how", "tell_peer")
+
+    def __init__(self, how: str, tell_peer: bool) -> None:
+        self.how = how
+        self.tell_peer = tell_peer
+
+
+class _Relay:
+    """One relayed connection: its two pumps and how it ended."""
+
+    def __init__(self, local: socket.socket, channel: Channel, local_role: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.poller = _poller(self.loop)
+        self.local = local
+        self.channel = channel
+        self.role = local_role
+        self.result = RelayResult()
+        self.failure: _Failed | None = None
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        use_splice = splice_enabled() and not isinstance(channel.sock, ssl.SSLSocket)
+        self.result.path = "splice" if use_splice else "copy"
+        self._running = 2
+        self.outbound: _Pump = _SpliceOut(self) if use_splice else _CopyOut(self)
+        self.inbound: _Inbound = _SpliceIn(self) if use_splice else _CopyIn(self)
+        self.outbound.start()
+        self.inbound.start_with(channel.take_pending())
+
+    def pump_done(self) -> None:
+        self._running -= 1
+        if self._running == 0 and not self.finished.done():
+            self.finished.set_result(None)
+
+    def fail(self, how: str, tell_peer: bool) -> None:
+        if self.finished.done():
+            return
+        self.failure = _Failed(how, tell_peer)
+        self.stop()
+        self.finished.set_result(None)
+
+    def local_failed(self, exc: OSError) -> None:
+        self.fail(f"{self.role} {describe_os_error(exc)}", tell_peer=True)
+
+    def channel_failed(self, exc: OSError) -> None:
+        self.fail(f"data channel lost: {describe_os_error(exc)}", tell_peer=False)
+
+    def stop(self) -> None:
+        self.outbound.stop()
+        self.inbound.stop()
+
+
+class _Pump:
+    """One direction: read ``src`` when readable, write ``dst`` at once, and
+    wait for ``dst`` to be writable only when it could not take everything."""
+
+    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.poller = relay.poller
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.reading = False  # our reader is registered on src
+        self.writing = False  # our writer is registered on dst
+        self.stopped = False
+        self.pipe: _Pipe | None = None
+
+    def start(self) -> None:
+        self.want_read()
+
+    def want_read(self) -> None:
+        if self.writing:
+            self.poller.remove_writer(self.dst_fd)
+            self.writing = False
+        if not self.reading:
+            self.poller.add_reader(self.src_fd, self.on_readable)
+            self.reading = True
+
+    def want_write(self) -> None:
+        if self.reading:
+            self.poller.remove_reader(self.src_fd)
+            self.reading = False
+        if not self.writing:
+            self.poller.add_writer(self.dst_fd, self.on_writable)
+            self.writing = True
+
+    def retry_later(self) -> None:
+        """TLS wants the direction another pump waits on (never in TLS 1.3)."""
+        if self.reading:
+            self.poller.remove_reader(self.src_fd)
+            self.reading = False
+        self.loop.call_later(WANT_RETRY, self.on_readable)
+
+    def finish(self) -> None:
+        self.stop()
+        self.relay.pump_done()
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.reading:
+            self.poller.remove_reader(self.src_fd)
+        if self.writing:
+            self.poller.remove_writer(self.dst_fd)
+        self.reading = self.writing = False
+        if self.pipe is not None:
+            _scratch.give_pipe(self.pipe)  # closed unless empty
+            self.pipe = None
+
+    def on_readable(self) -> None:
+        raise NotImplementedError
+
+    def on_writable(self) -> None:
+        raise NotImplementedError
+
+
+# --- outbound: local socket → DATA frames → channel --------------------------
+
+
+class _CopyOut(_Pump):
+    """Reads into the shared buffer behind a header slot; one send per chunk."""
+
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__(relay, relay.local, relay.channel.sock)
+        self.backlog: memoryview | None = None  # what the channel has not taken yet
+        self.backlog_payload = 0
+        self.eof = False
+
+    def on_readable(self) -> None:
+        if self.stopped:
+            return
+        view = _scratch.view
+        try:
+            n = self.src.recv_into(view[HEADER_SIZE:])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            return self.relay.local_failed(exc)
+        if n == 0:
+            self.eof = True
+            self.send(memoryview(END_FRAME), 0)
+        else:
+            pack_data_header(_scratch.buffer, n)
+            self.send(view[: HEADER_SIZE + n], n)
+
+    def send(self, frame: memoryview, payload: int) -> None:
+        try:
+            sent = self.dst.send(frame)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = 0
+        except ssl.SSLWantReadError:
+            sent = 0
+        except OSError as exc:
+            return self.relay.channel_failed(exc)
+        if sent == len(frame):
+            return self.sent(payload)
+        # TLS takes all or nothing and must be offered the same bytes again.
+        self.backlog = memoryview(bytes(frame[sent:]))
+        self.backlog_payload = payload
+        self.want_write()
+
+    def on_writable(self) -> None:
+        if self.stopped or self.backlog is None:
+            return
+        frame, self.backlog = self.backlog, None
+        self.send(frame, self.backlog_payload)
+
+    def sent(self, payload: int) -> None:
+        self.relay.result.sent += payload
+        if self.eof:
+            self.finish()
+        else:
+            self.want_read()
+
+
+class _SpliceOut(_Pump):
+    """Splices what the local socket has into a pipe (up to one frame), sends
+    the header with MSG_MORE, then splices the pipe into the channel."""
+
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__(relay, relay.local, relay.channel.sock)
+        self.header = bytearray(HEADER_SIZE)
+        self.head = memoryview(self.header)[:0]  # header bytes not yet sent
+        self.payload = 0
+        self.eof = False
+
+    def on_readable(self) -> None:
+        if self.stopped:
+            return
+        pipe = self.pipe = _scratch.take_pipe()
+        try:
+            n = os.splice(self.src_fd, pipe.write_fd, pipe.size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self.release_pipe()
+            return
+        except OSError as exc:
+            return self.relay.local_failed(exc)
+        if n == 0:
+            self.release_pipe()
+            self.eof = True
+            self.header[:] = END_FRAME
+        else:
+            pipe.count = n
+            pack_data_header(self.header, n)
+        self.head = memoryview(self.header)
+        self.payload = n
+        self.flush()
+
+    def on_writable(self) -> None:
+        if not self.stopped:
+            self.flush()
+
+    def flush(self) -> None:
+        pipe = self.pipe
+        try:
+            while self.head:
+                more = socket.MSG_MORE if pipe is not None else 0
+                self.head = self.head[self.dst.send(self.head, more) :]
+            while pipe is not None and pipe.count:
+                pipe.count -= os.splice(pipe.read_fd, self.dst_fd, pipe.count, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return self.want_write()
+        except OSError as exc:
+            return self.relay.channel_failed(exc)
+        self.release_pipe()
+        self.relay.result.sent += self.payload
+        if self.eof:
+            self.finish()
+        else:
+            self.want_read()
+
+    def release_pipe(self) -> None:
+        if self.pipe is not None:
+            _scratch.give_pipe(self.pipe)
+            self.pipe = None
+
+
+# --- inbound: channel → frames → local socket --------------------------------
+
+
+class _Inbound(_Pump):
+    """Delivers decoded events; what the local socket cannot take yet waits,
+    copied, in ``backlog`` (with the events behind it, in order)."""
+
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__(relay, relay.channel.sock, relay.local)
+        self.decoder = relay.channel.decoder
+        self.backlog: deque[bytes | Event] = deque()
+
+    def start_with(self, pending: list[Event]) -> None:
+        if self.deliver(pending):
+            self.want_read()
+            self.loop.call_soon(self.on_readable)  # TLS may hold decrypted bytes already
+
+    def deliver(self, events: Iterable[Event]) -> bool:
+        """Hand events to the local socket; False if it blocked or it ended."""
+        backlog = self.backlog
+        try:
+            for event in events:
+                if self.stopped:
+                    return False
+                if backlog:
+                    backlog.append(bytes(event.view) if isinstance(event, Data) else event)
+                elif isinstance(event, Data):
+                    sent = self.write(event.view)
+                    if 0 <= sent < len(event.view):
+                        backlog.append(bytes(event.view[sent:]))
+                else:
+                    self.handle(event)
+        except ProtocolError as exc:
+            self.relay.fail(str(exc), tell_peer=True)
+            return False
+        if self.stopped:
+            return False
+        if backlog:
+            self.want_write()
+            return False
+        return True
+
+    def write(self, data: memoryview | bytes) -> int:
+        """Send what the local socket takes now; -1 if the relay failed."""
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.relay.local_failed(exc)
+            return -1
+        self.relay.result.received += sent
+        return sent
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, End):
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            self.finish()
+        elif isinstance(event, Abort):
+            self.relay.fail(f"aborted by peer: {event.reason or 'no reason'}", tell_peer=False)
+        else:
+            self.relay.fail(f"protocol error: unexpected message {event!r}", tell_peer=False)
+
+    def drain_backlog(self) -> bool:
+        """Write the backlog out; True when it is empty and the pump runs on."""
+        backlog = self.backlog
+        while backlog:
+            item = backlog[0]
+            if isinstance(item, bytes):
+                sent = self.write(item)
+                if sent < 0:
+                    return False
+                if sent < len(item):
+                    backlog[0] = item[sent:]
+                    return False
+                backlog.popleft()
+            else:
+                backlog.popleft()
+                self.handle(item)
+                if self.stopped:
+                    return False
+        return True
+
+    def closed_without_end(self) -> None:
+        self.relay.fail("data channel closed without end of stream", tell_peer=False)
+
+
+class _CopyIn(_Inbound):
+    """Reads as much as is ready into the shared buffer and decodes it."""
+
+    def on_readable(self) -> None:
+        if self.stopped or self.writing:
+            return
+        self.want_read()  # again, after a retry_later
+        view = _scratch.view
+        sock = self.src
+        n = 0
+        eof = False
+        try:
+            while n < CHUNK_SIZE:
+                got = sock.recv_into(view[n:CHUNK_SIZE])
+                if got == 0:
+                    eof = True
+                    break
+                n += got
+                if not isinstance(sock, ssl.SSLSocket):
+                    break  # plain recv returns all that is ready; TLS one record
+        except _WOULD_BLOCK:
+            pass
+        except ssl.SSLWantWriteError:
+            self.retry_later()
+        except OSError as exc:
+            return self.relay.channel_failed(exc)
+        if n and not self.deliver(self.decoder.feed(view[:n])):
+            return
+        if eof:
+            return self.closed_without_end()
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self.loop.call_soon(self.on_readable)  # records already in OpenSSL's buffer
+
+    def on_writable(self) -> None:
+        if self.stopped:
+            return
+        if self.drain_backlog():
+            self.want_read()
+            self.loop.call_soon(self.on_readable)
+
+
+class _SpliceIn(_Inbound):
+    """Reads frame headers exactly; splices each DATA payload through a pipe."""
+
+    def on_readable(self) -> None:
+        if self.stopped or self.writing:
+            return
+        decoder = self.decoder
+        for _ in range(STEPS_PER_WAKEUP):
+            remaining = decoder.data_remaining
+            if remaining == 0:
+                # A header, or the rest of a non-DATA frame: never payload.
+                view = _scratch.view[: decoder.bytes_wanted]
+                try:
+                    n = self.src.recv_into(view)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    return self.relay.channel_failed(exc)
+                if n == 0:
+                    return self.closed_without_end()
+                if not self.deliver(decoder.feed(view[:n])):
+                    return
+                continue
+            pipe = self.pipe = self.pipe or _scratch.take_pipe()
+            try:
+                n = os.splice(
+                    self.src_fd, pipe.write_fd, min(remaining, pipe.size), flags=_SPLICE_FLAGS
+                )
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                return self.relay.channel_failed(exc)
+            if n == 0:
+                return self.closed_without_end()
+            decoder.skip_data(n)
+            pipe.count = n
+            if not self.drain_pipe():
+                return
+
+    def drain_pipe(self) -> bool:
+        """Splice the pipe into the local socket; False if that must wait."""
+        pipe = self.pipe
+        assert pipe is not None
+        try:
+            while pipe.count:
+                moved = os.splice(pipe.read_fd, self.dst_fd, pipe.count, flags=_SPLICE_FLAGS)
+                pipe.count -= moved
+                self.relay.result.received += moved
+        except BlockingIOError:
+            self.want_write()
+            return False
+        except OSError as exc:
+            self.relay.local_failed(exc)
+            return False
+        _scratch.give_pipe(pipe)
+        self.pipe = None
+        return True
+
+    def on_writable(self) -> None:
+        if self.stopped:
+            return
+        if self.pipe is not None and not self.drain_pipe():
+            return
+        if self.drain_backlog():
+            self.want_read()
+            self.loop.call_soon(self.on_readable)

@@ -2,9 +2,9 @@
 
 A :class:`Stream` is a connected socket with ``receive_into`` (0 at EOF),
 ``send``, ``close`` (FIN) and ``abort`` (RST). :class:`SocketStream` drives
-the socket directly; :class:`TLSStream` runs TLS over it through memory BIOs,
-so both expose the raw socket for liveness checks and neither copies more
-than TLS itself needs. :class:`Channel` adds the protocol's framing.
+a plain socket; :class:`TLSStream` an ``ssl.SSLSocket``, where OpenSSL reads
+and writes the descriptor itself. Both expose ``sock``, which the relay drives
+directly once a data channel starts. :class:`Channel` adds the framing.
 
 This is the transport edge: ``OSError`` and ``ssl.SSLError`` become
 :class:`~tunnelgate.errors.TransportError` here and nowhere else.
@@ -34,7 +34,7 @@ from tunnelgate.protocol import Event, FrameDecoder, Message, encode_message
 LISTEN_BACKLOG: Final = 4096
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
 ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
-TLS_READ_SIZE: Final = 64 * 1024
+WANT_RETRY: Final = 0.005  # seconds; TLS wanting the opposite direction (never in TLS 1.3)
 CHANNEL_READ_SIZE: Final = 16 * 1024
 KEEPALIVE_IDLE: Final = 30  # seconds
 KEEPALIVE_INTERVAL: Final = 10
@@ -83,10 +83,46 @@ def peer_name(sock: socket.socket) -> str:
     return format_address(addr[0], addr[1])
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` is readable (data, EOF or an error is pending)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    """Until ``sock`` can take more bytes (or has an error pending)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(fd)
+
+
+def shutdown_write(sock: socket.socket) -> None:
+    """Send a FIN. On a TLS socket this leaves the TLS session usable for
+    reading (``SSLSocket.shutdown`` would drop it)."""
+    socket.socket.shutdown(sock, socket.SHUT_WR)
+
+
 class Stream(Protocol):
     """A connected byte stream between agent and gateway."""
 
-    sock: socket.socket
+    @property
+    def sock(self) -> socket.socket: ...
 
     async def receive_into(self, buffer: memoryview) -> int: ...
 
@@ -124,10 +160,13 @@ class SocketStream:
 
 
 class TLSStream:
-    """TLS 1.3 over a :class:`SocketStream`, through memory BIOs.
+    """TLS 1.3 on the socket itself (an ``ssl.SSLSocket`` in non-blocking mode).
 
-    Sends are serialised by a lock because the read side may have TLS records
-    of its own to send (key updates); reads happen in one task at a time.
+    OpenSSL reads and writes the file descriptor directly, so relayed bytes
+    are copied once each way by the cipher and nowhere else. The stream takes
+    the socket over: ``sock`` is the ``SSLSocket`` and the one passed in is
+    detached, so its owner must close the stream (or its ``sock``) instead.
+    A failed handshake resets the connection before raising.
     """
 
     def __init__(
@@ -138,93 +177,79 @@ class TLSStream:
         server_side: bool,
         server_hostname: str | None = None,
     ) -> None:
-        self.sock = sock
-        self._raw = SocketStream(sock)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(
-            self._incoming,
-            self._outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-        )
-        self._buffer = memoryview(bytearray(TLS_READ_SIZE))
-        self._send_lock = asyncio.Lock()
-        self._eof = False
+        try:
+            self.sock: ssl.SSLSocket = context.wrap_socket(
+                sock,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                do_handshake_on_connect=False,
+            )
+        except OSError as exc:  # the peer is gone already ("not connected")
+            reset_socket(sock)  # closed already if the wrapping got that far
+            raise TransportError(f"TLS handshake failed: {describe_os_error(exc)}") from None
 
     def peer_certificate(self) -> bytes | None:
-        return self._tls.getpeercert(binary_form=True)
+        return self.sock.getpeercert(binary_form=True)
 
     async def handshake(self) -> None:
-        while True:
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise TransportError("connection closed during the TLS handshake") from None
-            except ssl.SSLCertVerificationError as exc:
-                await self._flush_quietly()
-                raise PeerVerificationError(describe_os_error(exc)) from None
-            except ssl.SSLError as exc:
-                await self._flush_quietly()
-                hint = ""
-                if exc.reason == "WRONG_VERSION_NUMBER" and not self._tls.server_side:
-                    hint = " (does the gateway run with --no-tls? then so must the agent)"
-                raise TransportError(
-                    f"TLS handshake failed: {describe_os_error(exc)}{hint}"
-                ) from None
-        await self._flush()
-
-    async def _fill(self) -> bool:
-        """Read raw bytes into the TLS object; False at EOF."""
-        n = await self._raw.receive_into(self._buffer)
-        if n == 0:
-            self._incoming.write_eof()
-            return False
-        self._incoming.write(self._buffer[:n])
-        return True
-
-    async def _flush(self) -> None:
-        if self._outgoing.pending:
-            async with self._send_lock:
-                await self._raw.send(self._outgoing.read())
-
-    async def _flush_quietly(self) -> None:
-        with contextlib.suppress(TransportError, TimeoutError):
-            await asyncio.wait_for(self._flush(), 1.0)
+        try:
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    await wait_readable(self.sock)
+                except ssl.SSLWantWriteError:
+                    await wait_writable(self.sock)
+        except ssl.SSLCertVerificationError as exc:
+            self.abort()
+            raise PeerVerificationError(describe_os_error(exc)) from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+            self.abort()
+            raise TransportError("connection closed during the TLS handshake") from None
+        except ssl.SSLError as exc:
+            self.abort()
+            hint = ""
+            if exc.reason == "WRONG_VERSION_NUMBER" and not self.sock.server_side:
+                hint = " (does the gateway run with --no-tls? then so must the agent)"
+            raise TransportError(f"TLS handshake failed: {describe_os_error(exc)}{hint}") from None
+        except OSError as exc:
+            self.abort()
+            raise TransportError(describe_os_error(exc)) from None
+        except BaseException:
+            self.abort()
+            raise
 
     async def receive_into(self, buffer: memoryview) -> int:
         while True:
             try:
-                return self._tls.read(len(buffer), buffer)  # type: ignore[return-value]
+                return self.sock.recv_into(buffer)  # 0 at EOF, with or without close_notify
             except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                return 0
-            except ssl.SSLError as exc:
-                if self._eof:
-                    return 0  # EOF without close_notify; framing tells if it mattered
+                await wait_readable(self.sock)
+            except ssl.SSLWantWriteError:
+                await wait_writable(self.sock)
+            except OSError as exc:
                 raise TransportError(describe_os_error(exc)) from None
-            if self._outgoing.pending:
-                await self._flush()
-            if not await self._fill():
-                self._eof = True
 
     async def send(self, data: bytes | memoryview) -> None:
-        async with self._send_lock:
+        view = memoryview(data)
+        while view:
             try:
-                self._tls.write(data)
-            except ssl.SSLError as exc:
+                # Without partial writes, OpenSSL takes all of it or nothing; a
+                # retry after "want write" must pass the same bytes, as here.
+                view = view[self.sock.send(view) :]
+            except ssl.SSLWantWriteError:
+                await wait_writable(self.sock)
+            except ssl.SSLWantReadError:
+                await asyncio.sleep(WANT_RETRY)  # renegotiation only: not in TLS 1.3
+            except OSError as exc:
                 raise TransportError(describe_os_error(exc)) from None
-            await self._raw.send(self._outgoing.read())
 
     def close(self) -> None:
-        self._raw.close()
+        self.sock.close()
 
     def abort(self) -> None:
-        self._raw.abort()
+        reset_socket(self.sock)
 
 
 class Channel:
@@ -273,8 +298,11 @@ class Channel:
         """
         if self._pending or not self.decoder.at_frame_boundary:
             return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # The raw socket, under TLS too: any record (even close_notify) counts.
+            data = socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:

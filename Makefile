@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest pytest-uvloop fmt clean
+.PHONY: demo test test-without-uvloop lint typecheck pytest pytest-uvloop bench fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 test: lint typecheck pytest pytest-uvloop
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -27,13 +27,31 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The in-process tests again on uvloop (the CLI in subprocesses uses it already).
+# The in-process tests again on uvloop (the CLI in subprocesses uses it already),
+# with plain channels on the relay's copy path (splice runs in every other pass).
 pytest-uvloop: $(STAMP)
-	TUNNELGATE_LOOP=uvloop $(PY) -m pytest -q tests/test_transport.py tests/test_tunnel_*.py
+	TUNNELGATE_LOOP=uvloop TUNNELGATE_NO_SPLICE=1 $(PY) -m pytest -q tests/test_transport.py tests/test_tunnel_*.py
+
+# Every test once more where uvloop is not installed (CI runs this after `make test`).
+STOCK_VENV := .venv-stock
+$(STOCK_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(STOCK_VENV)
+	$(STOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(STOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test-without-uvloop: $(STOCK_VENV)/.installed
+	$(STOCK_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('uvloop') is not None)"
+	$(STOCK_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Loopback benchmark against direct and ssh -R (not part of `make test`); see docs/PERFORMANCE.md.
+# make bench BENCH_ARGS=--quick   for a smoke run; bench/bench.py --help for the options.
+bench: $(STAMP)
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(STOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

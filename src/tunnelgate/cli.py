@@ -135,8 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
 
 
+def _raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each relayed
+    connection holds two sockets on each side, and 1024 is a common default."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def _run(coro: Coroutine[Any, Any, None]) -> int:
     """Run until done or until SIGTERM/SIGINT (exit 0); a second signal exits at once."""
+    _raise_fd_limit()
 
     async def guarded() -> int:
         task = asyncio.current_task()

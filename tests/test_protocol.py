@@ -57,6 +57,7 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
     p.Ping: st.builds(p.Ping, u63),
     p.Pong: st.builds(p.Pong, u63),
     p.PoolRequest: st.builds(p.PoolRequest, st.integers(1, 1024)),
+    p.PoolRelease: st.builds(p.PoolRelease, st.integers(1, 1024)),
     p.Start: st.builds(p.Start, u63, names, st.text(max_size=64)),
     p.Bye: st.builds(p.Bye, st.text(max_size=512)),
 }
@@ -278,6 +279,7 @@ EXAMPLES: dict[type, p.Message] = {
     p.Ping: p.Ping(1),
     p.Pong: p.Pong(1),
     p.PoolRequest: p.PoolRequest(2),
+    p.PoolRelease: p.PoolRelease(2),
     p.Start: p.Start(1, "web", "203.0.113.9:4711"),
     p.Bye: p.Bye("shutdown"),
 }

@@ -314,6 +314,38 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd")) - relay.cached_fds()
 
 
+async def test_pool_grows_with_the_rate_of_clients_and_shrinks_after(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+    echo_server: LocalServer,
+) -> None:
+    """A steady stream of 16 concurrent clients raises the pool above
+    ``pool_size``; once the clients stop, PoolRelease brings it back down."""
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], pool_size=2)
+    (service,) = (await agent.wait_ready(10)).values()
+
+    def pooled() -> int:
+        return len(gateway._sessions["site-a"].pool)  # no public view of the pool
+
+    await wait_until(lambda: pooled() == 2, what=lambda: f"2 pooled channels, not {pooled()}")
+    largest = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.5
+
+    async def worker() -> None:
+        nonlocal largest
+        while loop.time() < deadline:
+            await echo_roundtrip(service.address)
+            largest = max(largest, pooled())
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    assert largest > 2, "the pool never grew under a steady stream of clients"
+    await wait_until(
+        lambda: pooled() == 2, timeout=10, what=lambda: f"2 pooled channels, not {pooled()}"
+    )
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 async def test_connections_and_sessions_leave_no_file_descriptors(
     open_gateway: Callable[..., Awaitable[Gateway]],

@@ -6,7 +6,8 @@ verification failure ends the loop instead (it would fail the same way again).
 
 A session is the control channel (registration, heartbeats with a reply
 deadline, pool requests) plus a pool of pre-opened data channels, kept at
-``pool_size`` idle ones plus whatever the gateway asked for. A pooled channel
+``pool_size`` idle ones, more while clients arrive faster than channels open
+(see :class:`_Pool`), plus whatever the gateway asked for. A pooled channel
 that receives :class:`~tunnelgate.protocol.Start` connects to the service and
 becomes a relay; a replacement is opened at once.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -46,6 +48,7 @@ from tunnelgate.protocol import (
     Hello,
     Ping,
     Pong,
+    PoolRelease,
     PoolRequest,
     Refused,
     Register,
@@ -64,6 +67,8 @@ logger = logging.getLogger(__name__)
 STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024
+DEMAND_WINDOW: Final = 1.0  # seconds over which the rate of new clients is averaged
+DEMAND_HEADROOM: Final = 2.0  # idle channels kept per channel in use while one opens
 CLOSE_RETRY_INTERVAL: Final = 0.1
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 
@@ -259,7 +264,7 @@ class Agent:
                 )
             )
             async with asyncio.TaskGroup() as group:
-                pool = _Pool(self, group, welcome, log)
+                pool = _Pool(self, group, welcome, channel, log)
                 group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
                 group.create_task(pool.run())
                 reason = await self._control_loop(channel, welcome, pool, log)
@@ -367,18 +372,25 @@ class Agent:
 
 
 class _Pool:
-    """Keeps ``pool_size`` idle data channels open, plus those the gateway asked for,
-    never more than the gateway's limit."""
+    """Keeps idle data channels open, never more than the gateway's limit.
+
+    The target is ``pool_size``, or more when clients arrive faster: the rate
+    of Starts (averaged over ``DEMAND_WINDOW``) times the time a channel takes
+    to open, times ``DEMAND_HEADROOM``, so a steady stream of new clients finds
+    a channel ready. Channels the gateway asked for come on top.
+    """
 
     def __init__(
         self,
         agent: Agent,
         group: asyncio.TaskGroup,
         welcome: Welcome,
+        control: Channel,
         log: ContextLogger,
     ) -> None:
         self.agent = agent
         self.group = group
+        self.control = control
         self.session = welcome.session
         self.limit = welcome.max_pool_size
         self.log = log
@@ -386,23 +398,53 @@ class _Pool:
         self.opening = 0
         self.extra = 0
         self.changed = asyncio.Event()
+        self.rate = 0.0  # Starts per second, decaying
+        self.rate_at = time.monotonic()
+        self.open_time = 0.0  # seconds to open a channel, averaged
+        self.releasing = 0  # idle channels the gateway was asked to close
 
     def request(self, count: int) -> None:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
         self.changed.set()
 
+    def started(self) -> None:
+        """Count one client for the demand estimate."""
+        now = time.monotonic()
+        self.rate = self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW) + 1 / DEMAND_WINDOW
+        self.rate_at = now
+
+    def target(self) -> int:
+        now = time.monotonic()
+        rate = self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
+        demand = math.ceil(rate * self.open_time * DEMAND_HEADROOM)
+        return min(self.limit, max(self.agent.config.pool_size, demand) + self.extra)
+
     async def run(self) -> None:
-        base = self.agent.config.pool_size
+        """Open channels up to the target at once; release the surplus once
+        demand has stayed below it for a while."""
         while True:
-            target = min(self.limit, base + self.extra)
+            target = self.target()
             while self.idle + self.opening < target:
                 self.opening += 1
                 self.group.create_task(self._channel())
-            await self.changed.wait()
+            surplus = self.idle - self.releasing - target
+            if surplus > 0 and self.rate_at < time.monotonic() - DEMAND_WINDOW:
+                self.releasing += surplus
+                await self.control.send_message(PoolRelease(surplus))
+            try:
+                # Above pool_size, look again as the rate decays.
+                above = self.idle > self.agent.config.pool_size
+                async with asyncio.timeout(DEMAND_WINDOW if above else None):
+                    await self.changed.wait()
+            except TimeoutError:
+                # The gateway closes only channels still idle on its side:
+                # count afresh rather than wait for the rest.
+                self.releasing = 0
             self.changed.clear()
 
     async def _channel(self) -> None:
         """Root of one data channel's task: open, wait in the pool, serve one client."""
+        began = time.monotonic()
         try:
             channel = await self.agent._open("data", self.session)
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -415,8 +457,10 @@ class _Pool:
             self.opening -= 1
             raise
         self.opening -= 1
+        self.open_time += (time.monotonic() - began - self.open_time) / 4
         self.extra = max(0, self.extra - 1)
         self.idle += 1
+        self.changed.set()  # there may be a surplus to release now
         try:
             start = await self._wait_for_start(channel)
         finally:
@@ -424,6 +468,8 @@ class _Pool:
             self.changed.set()
         if start is None:
             return
+        self.started()
+        self.changed.set()  # the target may have grown
         try:
             await self.agent._serve(channel, start, self.log)
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -442,8 +488,11 @@ class _Pool:
         try:
             message = check_allowed("agent_pooled", await channel.receive())
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
-            self.log.debug("pooled data channel ended unused: %s", exc)
             channel.abort()
+            if self.releasing and isinstance(exc, ConnectionClosed):
+                self.releasing -= 1  # closed as asked with PoolRelease
+                return None
+            self.log.debug("pooled data channel ended unused: %s", exc)
             await asyncio.sleep(OPEN_RETRY_DELAY)
             return None
         except BaseException:

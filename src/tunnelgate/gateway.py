@@ -51,6 +51,7 @@ from tunnelgate.protocol import (
     Hello,
     Ping,
     Pong,
+    PoolRelease,
     PoolRequest,
     Refused,
     Register,
@@ -423,6 +424,9 @@ class Gateway:
             elif isinstance(message, Register):
                 results = [self._expose(session, request) for request in message.services]
                 await channel.send_message(Registered(results))
+            elif isinstance(message, PoolRelease):
+                for _ in range(min(message.count, len(session.pool))):
+                    session.pool.popleft().close()
             elif isinstance(message, Bye):
                 return f"agent said goodbye: {message.reason}"
 

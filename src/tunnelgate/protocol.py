@@ -149,6 +149,14 @@ class PoolRequest(msgspec.Struct, tag="pool_request", frozen=True):
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)]
 
 
+class PoolRelease(msgspec.Struct, tag="pool_release", frozen=True):
+    """Agent to gateway: fewer clients arrive now; close this many idle pooled
+    data channels. Only the gateway knows which are idle, so it closes them
+    and the agent sees each end without a Start."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+
+
 class Start(msgspec.Struct, tag="start", frozen=True):
     """Gateway to agent on a pooled data channel: carry this client connection."""
 
@@ -173,6 +181,7 @@ Message = (
     | Ping
     | Pong
     | PoolRequest
+    | PoolRelease
     | Start
     | Bye
 )
@@ -410,7 +419,7 @@ ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
     "gateway_awaits_hello": (Hello,),
     "agent_awaits_welcome": (Welcome, Refused),
     "agent_register_reply": (Registered, Ping, Pong, Bye),
-    "gateway_control": (Register, Ping, Pong, Bye),
+    "gateway_control": (Register, Ping, Pong, PoolRelease, Bye),
     "agent_control": (Ping, Pong, PoolRequest, Registered, Bye),
     "agent_pooled": (Start, Bye, Refused),
 }

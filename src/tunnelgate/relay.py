@@ -652,8 +652,10 @@ class _CopyIn(_Inbound):
             return
         if eof:
             return self.closed_without_end()
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            self.loop.call_soon(self.on_readable)  # records already in OpenSSL's buffer
+        if n >= CHUNK_SIZE:
+            # TLS may hold more records (read ahead) that no readiness event
+            # will announce: read again soon rather than wait for one.
+            self.loop.call_soon(self.on_readable)
 
     def on_writable(self) -> None:
         if self.stopped:

@@ -73,6 +73,7 @@ from tunnelgate.transport import (
 CHUNK_SIZE: Final = 256 * 1024  # the copy path's shared buffer
 PIPE_SIZE: Final = 1024 * 1024  # asked for; the kernel may grant less
 IDLE_PIPES: Final = 32  # empty pipes kept per thread for the next connections
+SMALL_READ: Final = 64 * 1024  # splice mode: reads below this are copied, not spliced
 STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yielding
 DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of the relay's poller
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
@@ -338,7 +339,11 @@ class _Relay:
     def local_failed(self, exc: OSError) -> None:
         self.fail(f"{self.role} {describe_os_error(exc)}", tell_peer=True)
 
-    def channel_failed(self, exc: OSError) -> None:
+    def channel_failed(self, exc: OSError, salvage: bool = False) -> None:
+        """The channel broke. From the outbound side (``salvage``), first let
+        the inbound pump read what already arrived: an ABORT there says why."""
+        if salvage and not self.inbound.stopped and not self.inbound.writing:
+            self.inbound.on_readable()
         self.fail(f"data channel lost: {describe_os_error(exc)}", tell_peer=False)
 
     def stop(self) -> None:
@@ -450,7 +455,7 @@ class _CopyOut(_Pump):
         except ssl.SSLWantReadError:
             sent = 0
         except OSError as exc:
-            return self.relay.channel_failed(exc)
+            return self.relay.channel_failed(exc, salvage=True)
         if sent == len(frame):
             return self.sent(payload)
         # TLS takes all or nothing and must be offered the same bytes again.
@@ -472,20 +477,25 @@ class _CopyOut(_Pump):
             self.want_read()
 
 
-class _SpliceOut(_Pump):
-    """Splices what the local socket has into a pipe (up to one frame), sends
-    the header with MSG_MORE, then splices the pipe into the channel."""
+class _SpliceOut(_CopyOut):
+    """Like :class:`_CopyOut` while reads are small; once a read fills
+    ``SMALL_READ`` (bulk), it splices instead: what the local socket has goes
+    into a pipe (up to one frame), the header goes out with MSG_MORE, then the
+    pipe into the channel. A splice smaller than ``SMALL_READ`` switches back,
+    so small messages cost one ``recv`` and one ``send`` per hop."""
 
     def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay, relay.local, relay.channel.sock)
+        super().__init__(relay)
         self.header = bytearray(HEADER_SIZE)
         self.head = memoryview(self.header)[:0]  # header bytes not yet sent
         self.payload = 0
-        self.eof = False
+        self.bulk = False
 
     def on_readable(self) -> None:
         if self.stopped:
             return
+        if not self.bulk:
+            return self.read_small()
         pipe = self.pipe = _scratch.take_pipe()
         try:
             n = os.splice(self.src_fd, pipe.write_fd, pipe.size, flags=_SPLICE_FLAGS)
@@ -494,6 +504,7 @@ class _SpliceOut(_Pump):
             return
         except OSError as exc:
             return self.relay.local_failed(exc)
+        self.bulk = n >= SMALL_READ
         if n == 0:
             self.release_pipe()
             self.eof = True
@@ -505,8 +516,28 @@ class _SpliceOut(_Pump):
         self.payload = n
         self.flush()
 
+    def read_small(self) -> None:
+        view = _scratch.view
+        try:
+            n = self.src.recv_into(view[HEADER_SIZE : HEADER_SIZE + SMALL_READ])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            return self.relay.local_failed(exc)
+        self.bulk = n == SMALL_READ
+        if n == 0:
+            self.eof = True
+            self.send(memoryview(END_FRAME), 0)
+        else:
+            pack_data_header(_scratch.buffer, n)
+            self.send(view[: HEADER_SIZE + n], n)
+
     def on_writable(self) -> None:
-        if not self.stopped:
+        if self.stopped:
+            return
+        if self.backlog is not None:
+            super().on_writable()
+        else:
             self.flush()
 
     def flush(self) -> None:
@@ -520,7 +551,7 @@ class _SpliceOut(_Pump):
         except BlockingIOError:
             return self.want_write()
         except OSError as exc:
-            return self.relay.channel_failed(exc)
+            return self.relay.channel_failed(exc, salvage=True)
         self.release_pipe()
         self.relay.result.sent += self.payload
         if self.eof:
@@ -666,7 +697,8 @@ class _CopyIn(_Inbound):
 
 
 class _SpliceIn(_Inbound):
-    """Reads frame headers exactly; splices each DATA payload through a pipe."""
+    """Between frames, reads up to ``SMALL_READ`` and delivers what it holds
+    by copy; the rest of a DATA frame still due is spliced through a pipe."""
 
     def on_readable(self) -> None:
         if self.stopped or self.writing:
@@ -675,8 +707,9 @@ class _SpliceIn(_Inbound):
         for _ in range(STEPS_PER_WAKEUP):
             remaining = decoder.data_remaining
             if remaining == 0:
-                # A header, or the rest of a non-DATA frame: never payload.
-                view = _scratch.view[: decoder.bytes_wanted]
+                # Between frames: recv what is there (small frames arrive
+                # whole); the rest of a large DATA frame is spliced below.
+                view = _scratch.view[:SMALL_READ]
                 try:
                     n = self.src.recv_into(view)
                 except BlockingIOError:

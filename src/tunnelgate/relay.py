@@ -178,6 +178,10 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffer = bytearray(HEADER_SIZE + CHUNK_SIZE)
         self.view = memoryview(self.buffer)
+        # The slices the pumps read into, made once.
+        self.payload = self.view[HEADER_SIZE:]
+        self.small_payload = self.view[HEADER_SIZE : HEADER_SIZE + SMALL_READ]
+        self.small = self.view[:SMALL_READ]
         self.pipes: list[_Pipe] = []
 
     def take_pipe(self) -> _Pipe:
@@ -435,7 +439,7 @@ class _CopyOut(_Pump):
             return
         view = _scratch.view
         try:
-            n = self.src.recv_into(view[HEADER_SIZE:])
+            n = self.src.recv_into(_scratch.payload)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -519,7 +523,7 @@ class _SpliceOut(_CopyOut):
     def read_small(self) -> None:
         view = _scratch.view
         try:
-            n = self.src.recv_into(view[HEADER_SIZE : HEADER_SIZE + SMALL_READ])
+            n = self.src.recv_into(_scratch.small_payload)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -709,7 +713,7 @@ class _SpliceIn(_Inbound):
             if remaining == 0:
                 # Between frames: recv what is there (small frames arrive
                 # whole); the rest of a large DATA frame is spliced below.
-                view = _scratch.view[:SMALL_READ]
+                view = _scratch.small
                 try:
                     n = self.src.recv_into(view)
                 except BlockingIOError:
@@ -720,6 +724,8 @@ class _SpliceIn(_Inbound):
                     return self.closed_without_end()
                 if not self.deliver(decoder.feed(view[:n])):
                     return
+                if n < SMALL_READ and decoder.data_remaining == 0:
+                    return  # drained: the next readiness event brings more
                 continue
             pipe = self.pipe = self.pipe or _scratch.take_pipe()
             try:

@@ -4,6 +4,7 @@ port, wrong tokens, wrong certificates, and ports an agent may not have."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -282,6 +283,27 @@ async def test_tls_fingerprint_mismatch_names_both(
     assert wrong in str(caught.value)
     assert gateway.fingerprint in str(caught.value)
     assert gateway.sessions() == {}
+
+
+@pytest.mark.parametrize("mode", ["tls"])
+async def test_tls_data_channels_resume_the_control_session_and_stay_pinned(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    tunnel_debug_log: LogRecorder,
+) -> None:
+    """Data channels resume the control channel's TLS session (a fresh key
+    exchange, but no certificate signature), and the pin is checked on each."""
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], pool_size=2)
+    (service,) = (await agent.wait_ready(10)).values()
+    for _ in range(3):
+        await echo_roundtrip(service.address)
+    await wait_until(
+        lambda: tunnel_debug_log.find("data channel: TLS session resumed", logging.DEBUG),
+        what="a data channel that resumed the session",
+    )
+    assert not tunnel_debug_log.find("data channel: TLS session new", logging.DEBUG)
 
 
 @pytest.fixture

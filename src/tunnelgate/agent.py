@@ -100,6 +100,7 @@ class Agent:
             config, _ = load_agent_config(None, options)
         self.config = config
         self.services: dict[str, ExposedService] = {}
+        self._tls_session: ssl.SSLSession | None = None  # the control channel's, for data channels
         self.session_id: str | None = None
         self._by_name: dict[str, ServiceConfig] = {s.name: s for s in config.services}
         # Ports the gateway chose for services asking for any port (0): asked
@@ -214,16 +215,29 @@ class Agent:
             async with asyncio.timeout(config.handshake_timeout):
                 if self._context is not None:
                     hostname = None if config.fingerprint else config.gateway.host
+                    resume = self._tls_session if role == "data" else None
                     tls_stream = stream = TLSStream(
-                        sock, self._context, server_side=False, server_hostname=hostname
+                        sock,
+                        self._context,
+                        server_side=False,
+                        server_hostname=hostname,
+                        session=resume,
                     )
                     await tls_stream.handshake()
+                    if resume is not None:
+                        reused = tls_stream.sock.session_reused
+                        self._log.debug(
+                            "data channel: TLS session %s", "resumed" if reused else "new"
+                        )
                     if config.fingerprint:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
                 else:
                     stream = SocketStream(sock)
                 channel = Channel(stream)
                 challenge = check_allowed("agent_awaits_challenge", await channel.receive())
+                if role == "control" and isinstance(stream, TLSStream):
+                    # The ticket came before the Challenge: data channels resume it.
+                    self._tls_session = stream.sock.session
                 if isinstance(challenge, Refused):
                     raise _refusal(challenge)
                 assert isinstance(challenge, Challenge)

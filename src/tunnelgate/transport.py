@@ -176,6 +176,7 @@ class TLSStream:
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         try:
             self.sock: ssl.SSLSocket = context.wrap_socket(
@@ -183,6 +184,7 @@ class TLSStream:
                 server_side=server_side,
                 server_hostname=server_hostname,
                 do_handshake_on_connect=False,
+                session=session,
             )
         except OSError as exc:  # the peer is gone already ("not connected")
             reset_socket(sock)  # closed already if the wrapping got that far

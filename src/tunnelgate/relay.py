@@ -74,6 +74,7 @@ CHUNK_SIZE: Final = 256 * 1024  # the copy path's shared buffer
 PIPE_SIZE: Final = 1024 * 1024  # asked for; the kernel may grant less
 IDLE_PIPES: Final = 32  # empty pipes kept per thread for the next connections
 SMALL_READ: Final = 64 * 1024  # splice mode: reads below this are copied, not spliced
+HEADER_READ: Final = 16 * 1024  # splice mode: read between frames (small frames arrive whole)
 STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yielding
 DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of the relay's poller
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
@@ -181,7 +182,7 @@ class _Scratch(threading.local):
         # The slices the pumps read into, made once.
         self.payload = self.view[HEADER_SIZE:]
         self.small_payload = self.view[HEADER_SIZE : HEADER_SIZE + SMALL_READ]
-        self.small = self.view[:SMALL_READ]
+        self.between_frames = self.view[:HEADER_READ]
         self.pipes: list[_Pipe] = []
 
     def take_pipe(self) -> _Pipe:
@@ -701,7 +702,7 @@ class _CopyIn(_Inbound):
 
 
 class _SpliceIn(_Inbound):
-    """Between frames, reads up to ``SMALL_READ`` and delivers what it holds
+    """Between frames, reads up to ``HEADER_READ`` and delivers what it holds
     by copy; the rest of a DATA frame still due is spliced through a pipe."""
 
     def on_readable(self) -> None:
@@ -713,7 +714,7 @@ class _SpliceIn(_Inbound):
             if remaining == 0:
                 # Between frames: recv what is there (small frames arrive
                 # whole); the rest of a large DATA frame is spliced below.
-                view = _scratch.small
+                view = _scratch.between_frames
                 try:
                     n = self.src.recv_into(view)
                 except BlockingIOError:
@@ -724,7 +725,7 @@ class _SpliceIn(_Inbound):
                     return self.closed_without_end()
                 if not self.deliver(decoder.feed(view[:n])):
                     return
-                if n < SMALL_READ and decoder.data_remaining == 0:
+                if n < HEADER_READ and decoder.data_remaining == 0:
                     return  # drained: the next readiness event brings more
                 continue
             pipe = self.pipe = self.pipe or _scratch.take_pipe()

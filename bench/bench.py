@@ -107,6 +107,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure nothing: print the table and targets again from a JSON file of a run",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.idle_chosen = args.idle is not None
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -387,7 +388,15 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
     limit = system.raise_nofile()
     notes = []
     need = 2 * args.idle + 200  # a relay process holds two sockets per connection (both sides)
-    if limit < need:
+    if limit < need and not args.idle_chosen:
+        fits = (limit - 400) // 200 * 100  # whole hundreds, with room for listeners and the pool
+        notes.append(
+            f"RLIMIT_NOFILE is {limit} and cannot be raised (that needs CAP_SYS_RESOURCE): a "
+            f"tunnel process holds two sockets per connection, so this run opens {fits} idle "
+            f"connections, not {args.idle} (--idle N to choose)"
+        )
+        args.idle = fits
+    elif limit < need:
         notes.append(
             f"RLIMIT_NOFILE stays at {limit} (raising the hard limit needs CAP_SYS_RESOURCE): "
             f"a tunnel process with two sockets per connection needs about {need} for "

@@ -326,3 +326,21 @@ def test_pack_data_header_accepts_largest_frame() -> None:
     """A full-size DATA frame goes through the decoder in one piece."""
     payload = bytes(range(256)) * (p.MAX_DATA_SIZE // 256)
     assert decode([data_frame(payload)]) == [payload]
+
+
+def test_whole_data_frame_only_for_exactly_one_complete_data_frame() -> None:
+    """The relay's fast path: one whole DATA frame gives its length and
+    consumes nothing; anything else gives 0 and leaves the decoder as it was."""
+    decoder = p.FrameDecoder()
+    one = frame(p.KIND_DATA, b"hello")
+    assert decoder.whole_data_frame(one) == 5
+    assert decoder.at_frame_boundary
+    assert decoder.whole_data_frame(one[:-1]) == 0  # incomplete
+    assert decoder.whole_data_frame(one + one) == 0  # two frames
+    assert decoder.whole_data_frame(frame(p.KIND_END)) == 0
+    assert decoder.whole_data_frame(frame(p.KIND_ABORT, b"why")) == 0
+    assert decoder.whole_data_frame(frame(p.KIND_DATA, b"x", length=2)) == 0  # length lies
+    list(decoder.feed(one[:2]))  # a header under way: not a fast-path case
+    assert decoder.whole_data_frame(one) == 0
+    events = list(decoder.feed(one[2:]))
+    assert [bytes(e.view) for e in events if isinstance(e, p.Data)] == [b"hello"]

@@ -430,7 +430,7 @@ class _Pool:
     def target(self) -> int:
         now = time.monotonic()
         rate = self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
-        demand = math.ceil(rate * self.open_time * DEMAND_HEADROOM)
+        demand = round(rate * self.open_time * DEMAND_HEADROOM)  # 0 once demand has faded
         return min(self.limit, max(self.agent.config.pool_size, demand) + self.extra)
 
     async def run(self) -> None:

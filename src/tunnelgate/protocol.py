@@ -282,6 +282,17 @@ class FrameDecoder:
             return HEADER_SIZE - len(self._header)
         return self._remaining
 
+    def whole_data_frame(self, data: bytes | bytearray | memoryview) -> int:
+        """If ``data`` is exactly one complete DATA frame and no frame is
+        under way, the payload length (the caller takes ``data[4:]``); else 0
+        and nothing is consumed. The common case of a small message, without
+        the generator of :meth:`feed`."""
+        if self._in_frame or self._header or len(data) <= HEADER_SIZE:
+            return 0
+        (word,) = _HEADER.unpack_from(data)
+        length = len(data) - HEADER_SIZE
+        return length if word == (KIND_DATA << 24) | length else 0
+
     def skip_data(self, count: int) -> None:
         """Account for ``count`` DATA payload bytes the caller moved itself."""
         if not 0 < count <= self.data_remaining:

@@ -612,6 +612,20 @@ class _Inbound(_Pump):
             return False
         return True
 
+    def take(self, view: memoryview, n: int) -> bool:
+        """Deliver the ``n`` bytes read into ``view``; like :meth:`deliver`."""
+        if self.decoder.whole_data_frame(view[:n]) and not self.backlog:
+            payload = view[HEADER_SIZE:n]
+            sent = self.write(payload)
+            if sent < 0:
+                return False
+            if sent < n - HEADER_SIZE:
+                self.backlog.append(bytes(payload[sent:]))
+                self.want_write()
+                return False
+            return True
+        return self.deliver(self.decoder.feed(view[:n]))
+
     def write(self, data: memoryview | bytes) -> int:
         """Send what the local socket takes now; -1 if the relay failed."""
         try:
@@ -684,7 +698,7 @@ class _CopyIn(_Inbound):
             self.retry_later()
         except OSError as exc:
             return self.relay.channel_failed(exc)
-        if n and not self.deliver(self.decoder.feed(view[:n])):
+        if n and not self.take(view, n):
             return
         if eof:
             return self.closed_without_end()
@@ -723,7 +737,7 @@ class _SpliceIn(_Inbound):
                     return self.relay.channel_failed(exc)
                 if n == 0:
                     return self.closed_without_end()
-                if not self.deliver(decoder.feed(view[:n])):
+                if not self.take(view, n):
                     return
                 if n < HEADER_READ and decoder.data_remaining == 0:
                     return  # drained: the next readiness event brings more

@@ -39,14 +39,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import select
 import socket
 import ssl
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -66,6 +64,8 @@ from tunnelgate.transport import (
     WANT_RETRY,
     Channel,
     describe_os_error,
+    epoll_descriptors,
+    poller,
     reset_socket,
     shutdown_write,
 )
@@ -76,7 +76,6 @@ IDLE_PIPES: Final = 32  # empty pipes kept per thread for the next connections
 SMALL_READ: Final = 64 * 1024  # splice mode: reads below this are copied, not spliced
 HEADER_READ: Final = 16 * 1024  # splice mode: read between frames (small frames arrive whole)
 STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yielding
-DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of the relay's poller
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
 DRAIN_SIZE: Final = 16 * 1024
 SPLICE_AVAILABLE: Final = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -198,102 +197,13 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-class _Poller:
-    """The relay's own readiness set, nested in the event loop.
-
-    Pumps register their descriptors here, not with the loop: one loop reader
-    (on the epoll descriptor) wakes this, and it calls the pumps whose sockets
-    are ready. Errors and hang-ups are passed on as readiness, so the pump's
-    next ``recv``/``send`` reports them; the loop's own per-descriptor watchers
-    are not used for relayed sockets because uvloop (libuv) drops a watcher
-    silently when its socket reports an error, which would leave a pump asleep
-    on a reset connection. It also makes registering a descriptor one
-    ``epoll_ctl`` and nothing else. Without epoll, the loop's own readers and
-    writers are used.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.readers: dict[int, Callable[[], None]] = {}
-        self.writers: dict[int, Callable[[], None]] = {}
-        self.epoll = select.epoll()
-        loop.add_reader(self.epoll.fileno(), self.dispatch)
-        weakref.finalize(self, self.epoll.close)
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.readers[fd] = callback
-        self._update(fd)
-
-    def remove_reader(self, fd: int) -> None:
-        if self.readers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self.writers[fd] = callback
-        self._update(fd)
-
-    def remove_writer(self, fd: int) -> None:
-        if self.writers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def _update(self, fd: int) -> None:
-        mask = (select.EPOLLIN if fd in self.readers else 0) | (
-            select.EPOLLOUT if fd in self.writers else 0
-        )
-        try:
-            if mask:
-                try:
-                    self.epoll.modify(fd, mask)
-                except FileNotFoundError:
-                    self.epoll.register(fd, mask)
-            else:
-                self.epoll.unregister(fd)
-        except OSError:
-            pass  # unregistering a descriptor the kernel dropped already
-
-    def dispatch(self) -> None:
-        for fd, events in self.epoll.poll(0, DISPATCH_BATCH):
-            if events & _READ_EVENTS and (reader := self.readers.get(fd)) is not None:
-                reader()
-            if events & _WRITE_EVENTS and (writer := self.writers.get(fd)) is not None:
-                writer()
-
-
-class _LoopPoller:
-    """The same interface on the event loop's own readers and writers."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.add_reader = loop.add_reader
-        self.remove_reader = loop.remove_reader
-        self.add_writer = loop.add_writer
-        self.remove_writer = loop.remove_writer
-
-
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller | _LoopPoller] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def cached_fds() -> int:
     """Descriptors the relay keeps between connections in this thread: idle
     pipes, and one epoll descriptor per live event loop."""
-    pollers = sum(isinstance(poller, _Poller) for poller in _pollers.values())
-    return 2 * len(_scratch.pipes) + pollers
-
-
-def _poller(loop: asyncio.AbstractEventLoop) -> _Poller | _LoopPoller:
-    poller = _pollers.get(loop)
-    if poller is None:
-        poller = _pollers[loop] = _Poller(loop) if hasattr(select, "epoll") else _LoopPoller(loop)
-    return poller
+    return 2 * len(_scratch.pipes) + epoll_descriptors()
 
 
 _WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError)
-_READ_EVENTS: Final = (
-    select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-)
-_WRITE_EVENTS: Final = (
-    select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-)
 
 
 # --- the state machines -----------------------------------------------------
@@ -314,7 +224,7 @@ class _Relay:
 
     def __init__(self, local: socket.socket, channel: Channel, local_role: str) -> None:
         self.loop = asyncio.get_running_loop()
-        self.poller = _poller(self.loop)
+        self.poller = poller(self.loop)
         self.local = local
         self.channel = channel
         self.role = local_role

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
+import select
 import socket
 import ssl
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -34,6 +37,7 @@ from tunnelgate.protocol import Event, FrameDecoder, Message, encode_message
 LISTEN_BACKLOG: Final = 4096
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
 ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
+DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of a Poller
 WANT_RETRY: Final = 0.005  # seconds; TLS wanting the opposite direction (never in TLS 1.3)
 CHANNEL_READ_SIZE: Final = 16 * 1024
 KEEPALIVE_IDLE: Final = 30  # seconds
@@ -88,28 +92,127 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+class Poller:
+    """Readiness for our sockets: an epoll set of our own, nested in the loop.
+
+    The relay's pumps and :func:`wait_readable`/:func:`wait_writable` register
+    descriptors here, not with the loop: one loop reader (on the epoll
+    descriptor) wakes this, and it calls back those whose sockets are ready.
+    Errors and hang-ups count as readiness, so the next ``recv``/``send``
+    reports them. The loop's own per-descriptor watchers are not used because
+    uvloop (libuv) drops a watcher silently when its socket reports an error,
+    which would leave a pump (or a TLS read) asleep on a reset connection.
+    Registering a descriptor is one ``epoll_ctl`` and nothing else. Without
+    epoll, the loop's own readers and writers are used.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.writers: dict[int, Callable[[], None]] = {}
+        self.epoll = select.epoll()
+        loop.add_reader(self.epoll.fileno(), self.dispatch)
+        weakref.finalize(self, self.epoll.close)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self.readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self.writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self.writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        mask = (select.EPOLLIN if fd in self.readers else 0) | (
+            select.EPOLLOUT if fd in self.writers else 0
+        )
+        try:
+            if mask:
+                try:
+                    self.epoll.modify(fd, mask)
+                except FileNotFoundError:
+                    self.epoll.register(fd, mask)
+            else:
+                self.epoll.unregister(fd)
+        except OSError:
+            pass  # unregistering a descriptor the kernel dropped already
+
+    def dispatch(self) -> None:
+        for fd, events in self.epoll.poll(0, DISPATCH_BATCH):
+            if events & _READ_EVENTS and (reader := self.readers.get(fd)) is not None:
+                reader()
+            if events & _WRITE_EVENTS and (writer := self.writers.get(fd)) is not None:
+                writer()
+
+
+class _LoopPoller:
+    """The same interface on the event loop's own readers and writers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.add_reader = loop.add_reader
+        self.remove_reader = loop.remove_reader
+        self.add_writer = loop.add_writer
+        self.remove_writer = loop.remove_writer
+
+
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller | _LoopPoller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def epoll_descriptors() -> int:
+    """Epoll descriptors kept for the live event loops of this process."""
+    return sum(isinstance(each, Poller) for each in _pollers.values())
+
+
+def poller(loop: asyncio.AbstractEventLoop) -> Poller | _LoopPoller:
+    """The readiness set of ``loop``, made on first use."""
+    found = _pollers.get(loop)
+    if found is None:
+        found = _pollers[loop] = Poller(loop) if hasattr(select, "epoll") else _LoopPoller(loop)
+    return found
+
+
+_READ_EVENTS: Final = (
+    select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
+)
+_WRITE_EVENTS: Final = (
+    select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
+)
+
+
 async def wait_readable(sock: socket.socket) -> None:
     """Until ``sock`` is readable (data, EOF or an error is pending)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _wake, waiter)
-    try:
-        await waiter
-    finally:
-        loop.remove_reader(fd)
+    await _wait(sock, writable=False)
 
 
 async def wait_writable(sock: socket.socket) -> None:
     """Until ``sock`` can take more bytes (or has an error pending)."""
+    await _wait(sock, writable=True)
+
+
+async def _wait(sock: socket.socket, writable: bool) -> None:
     loop = asyncio.get_running_loop()
+    ready = poller(loop)
     waiter: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
-    loop.add_writer(fd, _wake, waiter)
+    add, remove = (
+        (ready.add_writer, ready.remove_writer)
+        if writable
+        else (ready.add_reader, ready.remove_reader)
+    )
+    add(fd, functools.partial(_wake, waiter))
     try:
         await waiter
     finally:
-        loop.remove_writer(fd)
+        remove(fd)
 
 
 def shutdown_write(sock: socket.socket) -> None:

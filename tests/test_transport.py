@@ -18,9 +18,17 @@ import pytest
 from conftest import wait_until
 
 from tunnelgate import tls
+from tunnelgate.config import Address
 from tunnelgate.errors import PeerVerificationError, TransportError
 from tunnelgate.protocol import Ping
-from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, shutdown_write
+from tunnelgate.transport import (
+    Channel,
+    SocketStream,
+    Stream,
+    TLSStream,
+    connect,
+    shutdown_write,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -152,3 +160,27 @@ def test_tls_contexts_read_ahead_where_openssl_allows() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     assert tls.tune_reads(context)
     assert tls.tune_reads(context)  # idempotent
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_connect_reaches_ip_literals_and_names(host: str) -> None:
+    """IP literals are dialed without the resolver, names through it; both connect."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    except OSError:
+        listener.close()
+        pytest.skip(f"no loopback address for {host}")
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await connect(Address(host, port), timeout=5)
+        accepted, _ = await loop.sock_accept(listener)
+        with sock, accepted:
+            await loop.sock_sendall(sock, b"hi")
+            assert await loop.sock_recv(accepted, 2) == b"hi"
+    finally:
+        listener.close()

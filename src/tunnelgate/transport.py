@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import ipaddress
 import os
 import select
 import socket
@@ -24,7 +25,7 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from tunnelgate.config import Address, format_address
 from tunnelgate.errors import (
@@ -430,7 +431,9 @@ async def connect(address: Address, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            infos = _numeric_address(address) or await loop.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM
+            )
             error: OSError | None = None
             for family, kind, proto, _, sockaddr in infos:
                 sock = socket.socket(family, kind, proto)
@@ -453,6 +456,23 @@ async def connect(address: Address, timeout: float) -> socket.socket:
         ) from None
     except OSError as exc:
         raise TransportError(f"cannot connect to {address}: {describe_os_error(exc)}") from None
+
+
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+def _numeric_address(address: Address) -> list[_AddrInfo] | None:
+    """``getaddrinfo``'s answer for an IP literal, without the resolver's
+    thread (each new data channel and each service connection dials one)."""
+    if "%" in address.host:  # an IPv6 scope needs the resolver
+        return None
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (str(ip), address.port))]
+    return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), address.port, 0, 0))]
 
 
 def open_listener(host: str, port: int) -> socket.socket:

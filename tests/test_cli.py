@@ -649,3 +649,38 @@ def test_token_prints_a_fresh_strong_token() -> None:
     for token in tokens:
         assert re.fullmatch(r"[A-Za-z0-9_-]{32,}", token), token
     assert tokens[0] != tokens[1]
+
+
+def test_gateway_out_of_descriptors_reports_once_per_interval_and_recovers(
+    launch_command: Launch, tmp_path: Path
+) -> None:
+    """At its open-files limit the gateway keeps running, logs the failing
+    accept once per interval with a count (not once per retry), and accepts
+    again as soon as descriptors are free."""
+    limited = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'tunnelgate', *sys.argv[1:]])"
+    )
+    proc = launch_command(
+        sys.executable, "-c", limited, "gateway", "--listen", "127.0.0.1:0", "--no-tls",
+        "--state-dir", str(tmp_path / "state"), token=new_token(),
+    )  # fmt: skip
+    port = int(proc.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1))
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(80):  # each one held until its handshake times out (10 s)
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE))
+        second = proc.wait_line(r"accept failed on the control port: too many open files", count=2)
+        assert re.search(r"\(and \d+ more times since the last report\)", second.string), second
+        assert len(proc.lines_matching("accept failed")) == 2  # ten retries a second, two lines
+    finally:
+        for client in clients:
+            client.close()
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the held connections end at their EOF; then a new one gets its Challenge
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+            sock.settimeout(1.0)
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                if sock.recv(1) == b"\x01":  # a MESSAGE frame: the Challenge
+                    break
+        assert time.monotonic() < deadline, "the gateway never accepted again"

@@ -248,8 +248,10 @@ class Gateway:
                 return
             _spawn(group, sock, self._guard_connection(sock, peer))
 
-        def on_error(exc: OSError) -> None:
-            logger.error("accept failed on the control port: %s", describe_os_error(exc))
+        def on_error(exc: OSError, repeats: int) -> None:
+            logger.error(
+                "accept failed on the control port: %s%s", describe_os_error(exc), _more(repeats)
+            )
 
         await accept_forever(listener, handle, on_error)
 
@@ -499,9 +501,12 @@ class Gateway:
             log = session.log.bind(conn=conn, service=service.name)
             _spawn(group, sock, self._serve_client(session, service, sock, client, conn, log))
 
-        def on_error(exc: OSError) -> None:
+        def on_error(exc: OSError, repeats: int) -> None:
             session.log.error(
-                "accept failed on service %s: %s", service.name, describe_os_error(exc)
+                "accept failed on service %s: %s%s",
+                service.name,
+                describe_os_error(exc),
+                _more(repeats),
             )
 
         await accept_forever(service.sock, handle, on_error)
@@ -593,6 +598,11 @@ def _spawn(group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, A
         reset_socket(sock)
         return
     task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
+
+
+def _more(repeats: int) -> str:
+    """The tail of an error logged once for several."""
+    return f" (and {repeats} more times since the last report)" if repeats else ""
 
 
 async def _say_bye(channel: Channel, reason: str) -> None:

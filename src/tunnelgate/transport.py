@@ -38,6 +38,7 @@ from tunnelgate.protocol import Event, FrameDecoder, Message, encode_message
 LISTEN_BACKLOG: Final = 4096
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
 ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
+ACCEPT_ERROR_INTERVAL: Final = 5.0  # seconds between two logged accept errors of a listener
 DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of a Poller
 WANT_RETRY: Final = 0.005  # seconds; TLS wanting the opposite direction (never in TLS 1.3)
 CHANNEL_READ_SIZE: Final = 16 * 1024
@@ -494,28 +495,36 @@ def open_listener(host: str, port: int) -> socket.socket:
 async def accept_forever(
     listener: socket.socket,
     handle: Callable[[socket.socket, str], None],
-    on_error: Callable[[OSError], None],
+    on_error: Callable[[OSError, int], None],
 ) -> None:
     """Pass every connection accepted on ``listener`` to ``handle`` until cancelled.
 
     Accepting happens in a reader callback, never in an awaited ``sock_accept``:
     a cancelled wait could otherwise accept a connection and drop it unclosed.
     ``handle`` receives the non-blocking socket and the peer's ``host:port``,
-    and must not raise. On errors such as EMFILE, accepting pauses briefly.
+    and must not raise. On errors such as EMFILE, accepting pauses briefly
+    (``ACCEPT_PAUSE``), and ``on_error(exc, repeats)`` is called at most once
+    per ``ACCEPT_ERROR_INTERVAL``, with the number of errors not reported since.
     """
     loop = asyncio.get_running_loop()
     fd = listener.fileno()
     resume: asyncio.TimerHandle | None = None
+    reported_at = -ACCEPT_ERROR_INTERVAL
+    repeats = 0
 
     def on_readable() -> None:
-        nonlocal resume
+        nonlocal resume, reported_at, repeats
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                on_error(exc)
+                if loop.time() - reported_at >= ACCEPT_ERROR_INTERVAL:
+                    on_error(exc, repeats)
+                    reported_at, repeats = loop.time(), 0
+                else:
+                    repeats += 1
                 loop.remove_reader(fd)
                 resume = loop.call_later(ACCEPT_PAUSE, loop.add_reader, fd, on_readable)
                 return

@@ -421,15 +421,18 @@ class _Pool:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
         self.changed.set()
 
+    def rate_now(self, now: float) -> float:
+        """Starts per second, decayed since the last one."""
+        return self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
+
     def started(self) -> None:
         """Count one client for the demand estimate."""
         now = time.monotonic()
-        self.rate = self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW) + 1 / DEMAND_WINDOW
+        self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
         self.rate_at = now
 
     def target(self) -> int:
-        now = time.monotonic()
-        rate = self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
+        rate = self.rate_now(time.monotonic())
         demand = round(rate * self.open_time * DEMAND_HEADROOM)  # 0 once demand has faded
         return min(self.limit, max(self.agent.config.pool_size, demand) + self.extra)
 

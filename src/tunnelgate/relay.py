@@ -287,26 +287,30 @@ class _Pump:
         self.want_read()
 
     def want_read(self) -> None:
-        if self.writing:
-            self.poller.remove_writer(self.dst_fd)
-            self.writing = False
+        self.stop_writing()
         if not self.reading:
             self.poller.add_reader(self.src_fd, self.on_readable)
             self.reading = True
 
     def want_write(self) -> None:
-        if self.reading:
-            self.poller.remove_reader(self.src_fd)
-            self.reading = False
+        self.stop_reading()
         if not self.writing:
             self.poller.add_writer(self.dst_fd, self.on_writable)
             self.writing = True
 
-    def retry_later(self) -> None:
-        """TLS wants the direction another pump waits on (never in TLS 1.3)."""
+    def stop_reading(self) -> None:
         if self.reading:
             self.poller.remove_reader(self.src_fd)
             self.reading = False
+
+    def stop_writing(self) -> None:
+        if self.writing:
+            self.poller.remove_writer(self.dst_fd)
+            self.writing = False
+
+    def retry_later(self) -> None:
+        """TLS wants the direction another pump waits on (never in TLS 1.3)."""
+        self.stop_reading()
         self.loop.call_later(WANT_RETRY, self.on_readable)
 
     def finish(self) -> None:
@@ -317,13 +321,14 @@ class _Pump:
         if self.stopped:
             return
         self.stopped = True
-        if self.reading:
-            self.poller.remove_reader(self.src_fd)
-        if self.writing:
-            self.poller.remove_writer(self.dst_fd)
-        self.reading = self.writing = False
+        self.stop_reading()
+        self.stop_writing()
+        self.release_pipe()
+
+    def release_pipe(self) -> None:
+        """Give the pipe back to the thread's pool (closed unless empty)."""
         if self.pipe is not None:
-            _scratch.give_pipe(self.pipe)  # closed unless empty
+            _scratch.give_pipe(self.pipe)
             self.pipe = None
 
     def on_readable(self) -> None:
@@ -474,11 +479,6 @@ class _SpliceOut(_CopyOut):
         else:
             self.want_read()
 
-    def release_pipe(self) -> None:
-        if self.pipe is not None:
-            _scratch.give_pipe(self.pipe)
-            self.pipe = None
-
 
 # --- inbound: channel → frames → local socket --------------------------------
 
@@ -507,34 +507,36 @@ class _Inbound(_Pump):
                 if backlog:
                     backlog.append(bytes(event.view) if isinstance(event, Data) else event)
                 elif isinstance(event, Data):
-                    sent = self.write(event.view)
-                    if 0 <= sent < len(event.view):
-                        backlog.append(bytes(event.view[sent:]))
+                    self.write_keeping_rest(event.view)
                 else:
                     self.handle(event)
         except ProtocolError as exc:
             self.relay.fail(str(exc), tell_peer=True)
             return False
-        if self.stopped:
-            return False
-        if backlog:
-            self.want_write()
-            return False
-        return True
+        return self.runs_on()
 
     def take(self, view: memoryview, n: int) -> bool:
         """Deliver the ``n`` bytes read into ``view``; like :meth:`deliver`."""
         if self.decoder.whole_data_frame(view[:n]) and not self.backlog:
-            payload = view[HEADER_SIZE:n]
-            sent = self.write(payload)
-            if sent < 0:
-                return False
-            if sent < n - HEADER_SIZE:
-                self.backlog.append(bytes(payload[sent:]))
-                self.want_write()
-                return False
-            return True
+            self.write_keeping_rest(view[HEADER_SIZE:n])
+            return self.runs_on()
         return self.deliver(self.decoder.feed(view[:n]))
+
+    def runs_on(self) -> bool:
+        """After delivering: True if the pump may read on; else it ended, or
+        it waits for the local socket to take the backlog."""
+        if self.stopped:
+            return False
+        if self.backlog:
+            self.want_write()
+            return False
+        return True
+
+    def write_keeping_rest(self, data: memoryview) -> None:
+        """Send ``data``; what the local socket does not take goes to the backlog."""
+        sent = self.write(data)
+        if 0 <= sent < len(data):
+            self.backlog.append(bytes(data[sent:]))
 
     def write(self, data: memoryview | bytes) -> int:
         """Send what the local socket takes now; -1 if the relay failed."""
@@ -683,8 +685,7 @@ class _SpliceIn(_Inbound):
         except OSError as exc:
             self.relay.local_failed(exc)
             return False
-        _scratch.give_pipe(pipe)
-        self.pipe = None
+        self.release_pipe()
         return True
 
     def on_writable(self) -> None:

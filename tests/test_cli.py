@@ -494,11 +494,15 @@ def test_check_config_writes_nothing(tmp_path: Path) -> None:
 def test_tunnel_ending_mid_transfer_resets_the_client(
     launch: Launch, tmp_path: Path, victim: str, signum: int, tls: bool
 ) -> None:
-    """When agent or gateway goes away mid-response, the client sees a reset, never a clean end."""
+    """When agent or gateway goes away mid-response (killed, or stopped with a drain
+    deadline shorter than the response), the client sees a reset, never a clean end."""
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", token=token, tls=tls)
+    drain = ("--drain-timeout", "0.5")
+    gateway = start_gateway(launch, tmp_path / "state", *drain, token=token, tls=tls)
     with tcp_service(_SlowStreamHandler) as service_port:
-        agent, public_port = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port}")
+        agent, public_port = start_agent(
+            launch, gateway, token, f"0:127.0.0.1:{service_port}", *drain
+        )
         with socket.create_connection(("127.0.0.1", public_port), timeout=DEADLINE) as client:
             received = 0
             while received < 512 * 1024:

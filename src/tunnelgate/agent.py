@@ -59,7 +59,7 @@ from tunnelgate.protocol import (
     check_allowed,
     compute_proof,
 )
-from tunnelgate.relay import abort_channel, relay
+from tunnelgate.relay import abort_channel, relay, wait_relays
 from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, connect, reset_socket
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class Agent:
         )
         self._main: asyncio.Task[None] | None = None
         self._control: Channel | None = None  # while a session is up
+        self._pool: _Pool | None = None  # while a session is up
+        self._said_bye = False
         self._closing = False
         self._ready = asyncio.Event()
         self._log = ContextLogger(logger, agent=config.name)
@@ -127,12 +129,43 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """End the session and stop reconnecting."""
-        if self._control is not None:
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop gracefully: tell the gateway (it takes no new clients for this
+        agent and frees its ports), let open connections finish for up to
+        ``drain_timeout`` seconds (default: the config's ``drain_timeout``),
+        then close; connections still open at the deadline are reset."""
+        if self._main is None:
+            return
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        self._closing = True
+        await self._say_bye()
+        pool = self._pool
+        if pool is not None:
+            pool.stop()
+            if pool.serving and drain_timeout > 0:
+                self._log.info(
+                    "draining: waiting up to %g s for %d connection(s) to finish",
+                    drain_timeout,
+                    len(pool.serving),
+                )
+                left = await wait_relays(pool.serving, drain_timeout)
+                if left:
+                    self._log.warning("drain deadline reached: resetting %d connection(s)", left)
+                else:
+                    self._log.info("drained: every connection finished")
+        await self.aclose()
+
+    async def _say_bye(self) -> None:
+        if self._control is not None and not self._said_bye:
+            self._said_bye = True
             with contextlib.suppress(TransportError, TimeoutError):
                 async with asyncio.timeout(BYE_TIMEOUT):
                     await self._control.send_message(Bye("agent shutting down"))
+
+    async def aclose(self) -> None:
+        """Stop at once: end the session (open connections are reset) and stop reconnecting."""
+        await self._say_bye()
         self._closing = True
         if self._main is not None:
             # A cancellation can be absorbed by a session's task group that is
@@ -278,7 +311,7 @@ class Agent:
                 )
             )
             async with asyncio.TaskGroup() as group:
-                pool = _Pool(self, group, welcome, channel, log)
+                pool = self._pool = _Pool(self, group, welcome, channel, log)
                 group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
                 group.create_task(pool.run())
                 reason = await self._control_loop(channel, welcome, pool, log)
@@ -290,6 +323,7 @@ class Agent:
             raise caught.exceptions[0] from None
         finally:
             self._control = None
+            self._pool = None
             channel.abort()
         return reason
 
@@ -302,9 +336,17 @@ class Agent:
         self, channel: Channel, welcome: Welcome, pool: _Pool, log: ContextLogger
     ) -> str:
         phase: Any = "agent_register_reply"
+        goodbye: str | None = None  # the gateway's Bye: open connections finish first
         while True:
-            async with asyncio.timeout(welcome.heartbeat_timeout):
-                event = await channel.receive()
+            try:
+                async with asyncio.timeout(welcome.heartbeat_timeout):
+                    event = await channel.receive()
+            except (ConnectionClosed, TransportError) as exc:
+                if goodbye is None and not self._said_bye:
+                    raise
+                # Draining: the relays run on their own data channels; let them end.
+                await wait_relays(pool.serving)
+                return f"{goodbye or 'said goodbye'}; then {exc}"
             message = check_allowed(phase, event)
             if isinstance(message, Ping):
                 await channel.send_message(Pong(message.seq))
@@ -316,7 +358,12 @@ class Agent:
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)
             elif isinstance(message, Bye):
-                return f"gateway said goodbye: {message.reason}"
+                goodbye = f"gateway said goodbye: {message.reason}"
+                pool.stop()
+                if not pool.serving:
+                    return goodbye
+                log.info("%s; %d connection(s) finishing", goodbye, len(pool.serving))
+                pool.group.create_task(pool.end_when_drained(goodbye))
 
     def _registered(self, message: Registered, log: ContextLogger) -> list[ServiceRequest]:
         """Record the gateway's answers; return the services to ask for again.
@@ -416,6 +463,18 @@ class _Pool:
         self.rate_at = time.monotonic()
         self.open_time = 0.0  # seconds to open a channel, averaged
         self.releasing = 0  # idle channels the gateway was asked to close
+        self.serving: set[asyncio.Task[None]] = set()  # channels relaying a client
+        self.stopped = False  # draining: open no more channels
+
+    def stop(self) -> None:
+        """Open no more data channels (the session is draining)."""
+        self.stopped = True
+        self.changed.set()
+
+    async def end_when_drained(self, reason: str) -> None:
+        """End the session once the last relayed connection has ended."""
+        await wait_relays(self.serving)
+        raise _SessionOver(reason)
 
     def request(self, count: int) -> None:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
@@ -439,7 +498,7 @@ class _Pool:
     async def run(self) -> None:
         """Open channels up to the target at once; release the surplus once
         demand has stayed below it for a while."""
-        while True:
+        while not self.stopped:
             target = self.target()
             while self.idle + self.opening < target:
                 self.opening += 1
@@ -487,6 +546,9 @@ class _Pool:
             return
         self.started()
         self.changed.set()  # the target may have grown
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving.add(task)
         try:
             await self.agent._serve(channel, start, self.log)
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -495,6 +557,8 @@ class _Pool:
         except Exception:
             self.log.exception("unexpected error serving conn %d", start.conn)
             channel.abort()
+        finally:
+            self.serving.discard(task)
 
     async def _wait_for_start(self, channel: Channel) -> Start | None:
         """The Start that puts a pooled channel to use; None if it ended unused.

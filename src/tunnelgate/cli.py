@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import tomllib
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
+EXIT_FORCED = 130  # a second signal: stopped without draining
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--no-tls", dest="tls", action="store_false", default=None,
             help="plain TCP between agent and gateway (trusted networks, measuring)",
+        )  # fmt: skip
+        p.add_argument(
+            "--drain-timeout", type=float, metavar="SECONDS",
+            help="on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)",
         )  # fmt: skip
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
         p.add_argument("--log-format", choices=["text", "json"])
@@ -113,11 +118,11 @@ def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 _GATEWAY_FLAGS = [
     "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
     "allow_ports", "heartbeat_interval", "heartbeat_timeout", "pending_timeout",
-    "handshake_timeout", "log_level", "log_format",
+    "handshake_timeout", "drain_timeout", "log_level", "log_format",
 ]  # fmt: skip
 _AGENT_FLAGS = [
     "gateway", "token", "token_file", "tls", "ca", "fingerprint", "expose", "name",
-    "pool_size", "reconnect_max", "log_level", "log_format",
+    "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format",
 ]  # fmt: skip
 
 
@@ -149,30 +154,26 @@ def _raise_fd_limit() -> None:
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> int:
-    """Run until done or until SIGTERM/SIGINT (exit 0); a second signal exits at once."""
+def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    """Run ``main(stop)`` until it returns. The first SIGTERM/SIGINT sets ``stop``
+    (``main`` then drains and returns: exit 0); a second one exits at once."""
     _raise_fd_limit()
 
     async def guarded() -> int:
-        task = asyncio.current_task()
-        assert task is not None
         loop = asyncio.get_running_loop()
-        signals: list[str] = []
+        stop = asyncio.Event()
 
         def on_signal(name: str) -> None:
-            signals.append(name)
-            if len(signals) > 1:
-                os._exit(130)
+            if stop.is_set():
+                logger.warning("%s received again; exiting now", name)
+                logging.shutdown()
+                os._exit(EXIT_FORCED)
             logger.info("%s received; stopping (again to force)", name)
-            task.cancel()
+            stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        try:
-            await coro
-        except asyncio.CancelledError:
-            if not signals:
-                raise
+        await main(stop)
         return EXIT_OK
 
     if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio":
@@ -194,16 +195,33 @@ def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
         )
 
 
+async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
+    """Wait until ``work`` ends (its error propagates) or ``stop`` is set."""
+    working = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not working.done():
+            working.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await working
+    if not working.cancelled():
+        working.result()
+
+
 def _run_gateway(args: argparse.Namespace) -> int:
     config, log = load_gateway_config(args.config, _flags(args, _GATEWAY_FLAGS))
     _start_logging(args, log)
-    return _run(_gateway_main(config))
+    return _run(lambda stop: _gateway_main(config, stop))
 
 
-async def _gateway_main(config: GatewayConfig) -> None:
+async def _gateway_main(config: GatewayConfig, stop: asyncio.Event) -> None:
     async with Gateway(config) as gateway:
         _print_banner(gateway)
-        await gateway.serve_forever()
+        await _until_stopped(stop, gateway.serve_forever())
+        await gateway.shutdown()
 
 
 def _print_banner(gateway: Gateway) -> None:
@@ -236,12 +254,13 @@ def _print_banner(gateway: Gateway) -> None:
 def _run_agent(args: argparse.Namespace) -> int:
     config, log = load_agent_config(args.config, _flags(args, _AGENT_FLAGS))
     _start_logging(args, log)
-    return _run(_agent_main(config))
+    return _run(lambda stop: _agent_main(config, stop))
 
 
-async def _agent_main(config: AgentConfig) -> None:
+async def _agent_main(config: AgentConfig, stop: asyncio.Event) -> None:
     async with Agent(config) as agent:
-        await agent.run_until_stopped()
+        await _until_stopped(stop, agent.run_until_stopped())
+        await agent.shutdown()
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -265,7 +284,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     logs.configure("info", "text")
     with contextlib.suppress(KeyboardInterrupt):
-        return _run(demo.run())
+        return _run(lambda stop: _until_stopped(stop, demo.run()))
     return EXIT_OK
 
 

@@ -36,6 +36,10 @@ DEFAULT_POOL_SIZE: Final = 4
 DEFAULT_MAX_POOL_SIZE: Final = 64
 DEFAULT_RECONNECT_MIN: Final = 0.5
 DEFAULT_RECONNECT_MAX: Final = 30.0
+DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+DEFAULT_MAX_CONNECTIONS: Final = 16384
+DEFAULT_MAX_PENDING_CLIENTS: Final = 1024
+DEFAULT_MAX_HANDSHAKES: Final = 1024
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
@@ -208,6 +212,10 @@ class GatewayConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     pending_timeout: float = DEFAULT_PENDING_TIMEOUT
     max_pool_size: int = DEFAULT_MAX_POOL_SIZE
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections per session
+    max_pending_clients: int = DEFAULT_MAX_PENDING_CLIENTS  # per session, awaiting a channel
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # control-port connections not yet authenticated
     token_generated: bool = False  # the token came from the state directory
 
     @property
@@ -231,6 +239,7 @@ class AgentConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     reconnect_min: float = DEFAULT_RECONNECT_MIN
     reconnect_max: float = DEFAULT_RECONNECT_MAX
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -304,10 +313,12 @@ class _Source:
             self.fail(key, str(exc))
             return default
 
-    def seconds(self, key: str, default: float) -> float:
+    def seconds(self, key: str, default: float, *, allow_zero: bool = False) -> float:
         value = self.get(key, float, default)
-        if not 0 < value <= 3600:
-            self.fail(key, f"expected seconds in (0, 3600], got {value}")
+        low_ok = value >= 0 if allow_zero else value > 0
+        if not low_ok or value > 3600:
+            bounds = "[0, 3600]" if allow_zero else "(0, 3600]"
+            self.fail(key, f"expected seconds in {bounds}, got {value}")
             return default
         return value
 
@@ -400,7 +411,7 @@ _GATEWAY_KEYS: Final = {
     "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
     "allow_bind", "allow_ports", "heartbeat_interval", "heartbeat_timeout",
     "handshake_timeout", "pending_timeout", "max_pool_size", "agents", "log_level",
-    "log_format",
+    "log_format", "drain_timeout", "max_connections", "max_pending_clients", "max_handshakes",
 }  # fmt: skip
 _AGENT_POLICY_KEYS: Final = {"name", "token", "token_file", "allow_ports"}
 
@@ -487,6 +498,12 @@ def load_gateway_config(
         handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
         pending_timeout=src.seconds("pending_timeout", DEFAULT_PENDING_TIMEOUT),
         max_pool_size=src.count("max_pool_size", DEFAULT_MAX_POOL_SIZE, 1, 4096),
+        drain_timeout=src.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
+        max_connections=src.count("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1 << 20),
+        max_pending_clients=src.count(
+            "max_pending_clients", DEFAULT_MAX_PENDING_CLIENTS, 1, 1 << 16
+        ),
+        max_handshakes=src.count("max_handshakes", DEFAULT_MAX_HANDSHAKES, 1, 1 << 16),
         token_generated=token_generated,
     )
     log = _log_config(src)
@@ -540,7 +557,7 @@ def _agent_policy(
 _AGENT_KEYS: Final = {
     "gateway", "token", "token_file", "tls", "ca", "fingerprint", "name", "expose",
     "services", "pool_size", "connect_timeout", "handshake_timeout", "reconnect_min",
-    "reconnect_max", "log_level", "log_format",
+    "reconnect_max", "log_level", "log_format", "drain_timeout",
 }  # fmt: skip
 _SERVICE_KEYS: Final = {"name", "bind", "port", "local"}
 
@@ -597,6 +614,7 @@ def load_agent_config(
         handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
         reconnect_min=reconnect_min,
         reconnect_max=max(reconnect_max, reconnect_min),
+        drain_timeout=src.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
     )
     log = _log_config(src)
     src.raise_problems()

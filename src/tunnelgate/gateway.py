@@ -42,7 +42,7 @@ from tunnelgate.errors import (
     ProtocolError,
     TransportError,
 )
-from tunnelgate.logs import ContextLogger
+from tunnelgate.logs import ContextLogger, Throttle
 from tunnelgate.protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -63,7 +63,7 @@ from tunnelgate.protocol import (
     check_allowed,
     verify_proof,
 )
-from tunnelgate.relay import RelayResult, relay
+from tunnelgate.relay import RelayResult, relay, wait_relays
 from tunnelgate.transport import (
     Channel,
     SocketStream,
@@ -78,11 +78,10 @@ from tunnelgate.transport import (
 
 logger = logging.getLogger(__name__)
 
-MAX_HANDSHAKING: Final = 1024  # connections on the control port not yet authenticated
-MAX_PENDING_CLIENTS: Final = 1024  # clients of one session waiting for a data channel
 FREE_PORT_TRIES: Final = 64  # allowed ports tried for a service asking for any port
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
+WARNING_INTERVAL: Final = 5.0  # a warning repeated under abuse is logged once per interval
 
 
 class _SessionOver(Exception):
@@ -96,6 +95,7 @@ class _Service:
     name: str
     address: Address
     sock: socket.socket
+    accepting: asyncio.Task[None] | None = None
 
 
 @dataclass(eq=False)
@@ -115,6 +115,10 @@ class _Session:
     waiters: deque[asyncio.Future[Channel]] = field(default_factory=deque)
     requested: int = 0  # data channels asked for and not yet arrived
     started: float = field(default_factory=time.monotonic)
+    clients: set[asyncio.Task[None]] = field(default_factory=set)  # being served
+    goodbye: str | None = None  # why it is draining: no new clients, open ones finish
+    told_bye: bool = False  # the gateway said Bye to the agent
+    refusals: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
 
     async def kill(self) -> None:
         """End the session now without waiting on its peer.
@@ -156,11 +160,13 @@ class Gateway:
         self._context: ssl.SSLContext | None = None
         self._listener: socket.socket | None = None
         self._main: asyncio.Task[None] | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._sessions: dict[str, _Session] = {}  # by agent name
         self._by_id: dict[str, _Session] = {}
         self._ports: dict[tuple[str, int], _Session] = {}
         self._handshaking = 0
+        self._handshake_refusals = Throttle(WARNING_INTERVAL)
         self._conn_ids = itertools.count(1)
         self._ready = asyncio.Event()
 
@@ -201,14 +207,41 @@ class Gateway:
         await self._ready.wait()
         logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
 
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop gracefully: accept no more agents or clients, tell every agent,
+        let open client connections finish for up to ``drain_timeout`` seconds
+        (default: the config's ``drain_timeout``), then close; connections
+        still open at the deadline are reset."""
+        if self._main is None:
+            return
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        await self._stop_accepting_agents()
+        sessions = list(self._by_id.values())
+        for session in sessions:
+            await self._drain(session, "gateway shutting down")
+        await self._say_bye(sessions)
+        open_clients = sum(len(s.clients) for s in sessions)
+        if open_clients and drain_timeout > 0:
+            logger.info(
+                "draining: waiting up to %g s for %d client connection(s) to finish",
+                drain_timeout,
+                open_clients,
+            )
+            deadline = asyncio.get_running_loop().time() + drain_timeout
+            left = 0
+            for session in sessions:
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                left += await wait_relays(session.clients, remaining)
+            if left:
+                logger.warning("drain deadline reached: resetting %d client connection(s)", left)
+            else:
+                logger.info("drained: every client connection finished")
+        await self.aclose()
+
     async def aclose(self) -> None:
-        """Stop accepting, end every session (their clients are reset)."""
-        sessions = list(self._sessions.values())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(BYE_TIMEOUT):
-                await asyncio.gather(
-                    *(_say_bye(s.channel, "gateway shutting down") for s in sessions)
-                )
+        """Stop at once: end every session (their open client connections are reset)."""
+        await self._say_bye(list(self._by_id.values()))
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -235,15 +268,64 @@ class Gateway:
     async def _run(self, listener: socket.socket) -> None:
         async with asyncio.TaskGroup() as group:
             self._group = group
+            self._accepting = group.create_task(self._accept_agents(listener, group))
             self._ready.set()
-            await self._accept_agents(listener, group)
+
+    async def _stop_accepting_agents(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def _say_bye(self, sessions: list[_Session]) -> None:
+        """Tell each agent not told yet that the gateway is going away (within BYE_TIMEOUT)."""
+        untold = [s for s in sessions if not s.told_bye]
+        for session in untold:
+            session.told_bye = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BYE_TIMEOUT):
+                await asyncio.gather(
+                    *(_say_bye(s.channel, "gateway shutting down") for s in untold)
+                )
+
+    async def _drain(self, session: _Session, reason: str) -> None:
+        """Take no new clients for ``session``: its listeners close and its ports
+        are free again at once; its open client connections go on."""
+        if session.goodbye is not None:
+            return
+        session.goodbye = reason
+        if self._sessions.get(session.agent) is session:
+            del self._sessions[session.agent]  # the agent may connect again meanwhile
+        accepting = {s.accepting for s in session.services.values() if s.accepting is not None}
+        for task in accepting:
+            task.cancel()
+        if accepting:
+            await asyncio.wait(accepting)
+        self._release_ports(session)
+        session.close_listeners()
+        session.discard_pool()
+
+    def _release_ports(self, session: _Session) -> None:
+        for key in [k for k, owner in self._ports.items() if owner is session]:
+            del self._ports[key]
 
     # --- the control port ---------------------------------------------------
 
     async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
         def handle(sock: socket.socket, peer: str) -> None:
-            if self._handshaking >= MAX_HANDSHAKING:
-                logger.warning("too many connections in handshake; dropping %s", peer)
+            if self._handshaking >= self.config.max_handshakes:
+                more = self._handshake_refusals.allow(time.monotonic())
+                if more is not None:
+                    logger.warning(
+                        "dropping connection from %s: %d connections are in handshake "
+                        "(max_handshakes)%s",
+                        peer,
+                        self._handshaking,
+                        more,
+                    )
                 reset_socket(sock)
                 return
             _spawn(group, sock, self._guard_connection(sock, peer))
@@ -334,6 +416,9 @@ class Gateway:
             reason = f"data channel for unknown session {hello.session!r}"
             await channel.send_message(Refused("session", reason))
             raise ConnectionClosed("closed", reason)
+        if session.goodbye is not None:  # draining: the agent stops opening them too
+            channel.abort()
+            return
         session.requested = max(0, session.requested - 1)
         while session.waiters:
             waiter = session.waiters.popleft()
@@ -407,8 +492,7 @@ class Gateway:
         if self._sessions.get(session.agent) is session:
             del self._sessions[session.agent]
         self._by_id.pop(session.id, None)
-        for key in [k for k, owner in self._ports.items() if owner is session]:
-            del self._ports[key]
+        self._release_ports(session)
         session.close_listeners()
         session.discard_pool()
 
@@ -416,8 +500,15 @@ class Gateway:
         """Serve the agent's control messages until it leaves; return why."""
         channel = session.channel
         while True:
-            async with asyncio.timeout(self.config.heartbeat_timeout):
-                event = await channel.receive()
+            try:
+                async with asyncio.timeout(self.config.heartbeat_timeout):
+                    event = await channel.receive()
+            except (ConnectionClosed, TransportError) as exc:
+                if session.goodbye is None:
+                    raise
+                # Draining: the relays run on their own data channels; let them end.
+                await wait_relays(session.clients)
+                return f"{session.goodbye}; then {exc}"
             message = check_allowed("gateway_control", event)
             if isinstance(message, Ping):
                 await channel.send_message(Pong(message.seq))
@@ -430,7 +521,20 @@ class Gateway:
                 for _ in range(min(message.count, len(session.pool))):
                     session.pool.popleft().close()
             elif isinstance(message, Bye):
-                return f"agent said goodbye: {message.reason}"
+                reason = f"agent said goodbye: {message.reason}"
+                await self._drain(session, reason)
+                if not session.clients:
+                    return reason
+                session.log.info(
+                    "%s; %d client connection(s) finishing", reason, len(session.clients)
+                )
+                assert session.group is not None
+                session.group.create_task(self._end_when_drained(session, reason))
+
+    async def _end_when_drained(self, session: _Session, reason: str) -> None:
+        """End a draining session once its last client connection has ended."""
+        await wait_relays(session.clients)
+        raise _SessionOver(reason)
 
     def _expose(self, session: _Session, request: ServiceRequest) -> ServiceResult:
         """Open the public listener for one service, if the policy allows it."""
@@ -442,6 +546,8 @@ class Gateway:
             session.log.warning("service %s refused: %s", request.name, error)
             return ServiceResult(request.name, False, error=error)
 
+        if session.goodbye is not None:
+            return refuse("the session is ending")
         if request.name in session.services:
             return refuse(f"service name {request.name!r} used twice")
         if bind not in allowed_binds:
@@ -469,7 +575,7 @@ class Gateway:
         session.services[request.name] = service
         self._ports[(bind, address.port)] = session
         assert session.group is not None
-        session.group.create_task(self._accept_clients(session, service))
+        service.accepting = session.group.create_task(self._accept_clients(session, service))
         session.log.info("service %s exposed on %s", request.name, address)
         return ServiceResult(request.name, True, bind=address.host, port=address.port)
 
@@ -496,10 +602,28 @@ class Gateway:
         assert group is not None
 
         def handle(sock: socket.socket, client: str) -> None:
+            if len(session.clients) >= self.config.max_connections:
+                more = session.refusals.allow(time.monotonic())
+                if more is not None:
+                    session.log.warning(
+                        "refusing client %s on service %s: the agent has %d open connections "
+                        "(max_connections)%s",
+                        client,
+                        service.name,
+                        len(session.clients),
+                        more,
+                    )
+                reset_socket(sock)
+                return
             tune_socket(sock)
             conn = next(self._conn_ids)
             log = session.log.bind(conn=conn, service=service.name)
-            _spawn(group, sock, self._serve_client(session, service, sock, client, conn, log))
+            task = _spawn(
+                group, sock, self._serve_client(session, service, sock, client, conn, log)
+            )
+            if task is not None:
+                session.clients.add(task)
+                task.add_done_callback(session.clients.discard)
 
         def on_error(exc: OSError, repeats: int) -> None:
             session.log.error(
@@ -567,7 +691,7 @@ class Gateway:
                 return channel
             session.log.debug("discarding a stale pooled data channel")
             channel.abort()
-        if len(session.waiters) >= MAX_PENDING_CLIENTS:
+        if len(session.waiters) >= self.config.max_pending_clients:
             return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         session.waiters.append(waiter)
@@ -585,7 +709,9 @@ class Gateway:
                 session.waiters.remove(waiter)
 
 
-def _spawn(group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, Any, None]) -> None:
+def _spawn(
+    group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, Any, None]
+) -> asyncio.Task[None] | None:
     """Start a connection's task, or reset the connection if its owner is ending.
 
     A task cancelled before its first step never runs its own cleanup, so the
@@ -596,8 +722,9 @@ def _spawn(group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, A
     except RuntimeError:  # the task group is shutting down
         coro.close()
         reset_socket(sock)
-        return
+        return None
     task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
+    return task
 
 
 def _more(repeats: int) -> str:

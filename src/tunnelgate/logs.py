@@ -41,6 +41,29 @@ class ContextLogger(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+class Throttle:
+    """Lets a repeated warning through at most once per ``interval`` seconds.
+
+    Under abuse (thousands of refused connections a second) one line per event
+    would flood the log; this keeps one line per interval, with a count of the
+    ones left out. Time is passed in.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._reported_at = -interval
+        self._left_out = 0
+
+    def allow(self, now: float) -> str | None:
+        """The suffix to log with this event (``""`` or ``" (and N more …)"``),
+        or None to stay quiet this time."""
+        if now - self._reported_at < self.interval:
+            self._left_out += 1
+            return None
+        left_out, self._reported_at, self._left_out = self._left_out, now, 0
+        return f" (and {left_out} more since the last report)" if left_out else ""
+
+
 def _utc(record: logging.LogRecord) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{stamp}.{int(record.msecs):03d}Z"

@@ -9,8 +9,10 @@ test starts is killed in the ``launch`` fixture's teardown.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -140,6 +142,21 @@ class _SlowStreamHandler(socketserver.BaseRequestHandler):
             for _ in range(self.count):
                 self.request.sendall(self.chunk)
                 time.sleep(0.002)  # pacing of the service, not a wait of the test
+
+
+class _PacedResponseHandler(socketserver.BaseRequestHandler):
+    """Streams ``PACED_RESPONSE`` over about a second, then ends it cleanly."""
+
+    chunk_size = 16384
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            for offset in range(0, len(PACED_RESPONSE), self.chunk_size):
+                self.request.sendall(PACED_RESPONSE[offset : offset + self.chunk_size])
+                time.sleep(0.003)  # pacing of the service, not a wait of the test
+
+
+PACED_RESPONSE = random.Random(4).randbytes(4 << 20)
 
 
 @contextlib.contextmanager
@@ -488,8 +505,15 @@ def test_check_config_writes_nothing(tmp_path: Path) -> None:
         ("agent", signal.SIGKILL, False),
         ("agent", signal.SIGTERM, True),
         ("gateway", signal.SIGTERM, True),
+        ("gateway", signal.SIGKILL, True),
     ],
-    ids=["agent-SIGKILL-tls", "agent-SIGKILL-plain-tcp", "agent-SIGTERM", "gateway-SIGTERM"],
+    ids=[
+        "agent-SIGKILL-tls",
+        "agent-SIGKILL-plain-tcp",
+        "agent-SIGTERM",
+        "gateway-SIGTERM",
+        "gateway-SIGKILL",
+    ],
 )
 def test_tunnel_ending_mid_transfer_resets_the_client(
     launch: Launch, tmp_path: Path, victim: str, signum: int, tls: bool
@@ -511,7 +535,8 @@ def test_tunnel_ending_mid_transfer_resets_the_client(
                 received += len(chunk)
             stopped = agent if victim == "agent" else gateway.proc
             stopped.signal(signum)
-            stopped.wait_exit()
+            code = stopped.wait_exit()
+            assert code == (0 if signum == signal.SIGTERM else -signal.SIGKILL), code
             deadline = time.monotonic() + DEADLINE
             with pytest.raises(ConnectionResetError):
                 while time.monotonic() < deadline:
@@ -538,7 +563,79 @@ def test_agent_restarted_after_sigkill_gets_its_port_back(
     assert echo_through(public_port, b"back") == b"back"
 
 
-# --- 8. gateway restart -------------------------------------------------------
+# --- 8. graceful shutdown -----------------------------------------------------
+
+
+def read_some(client: socket.socket, at_least: int) -> bytearray:
+    received = bytearray()
+    while len(received) < at_least:
+        chunk = client.recv(65536)
+        assert chunk, "the response ended too early"
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-tcp"])
+@pytest.mark.parametrize("victim", ["agent", "gateway"])
+def test_sigterm_drains_open_connections_and_refuses_new_ones(
+    launch: Launch, tmp_path: Path, victim: str, tls: bool
+) -> None:
+    """SIGTERM mid-response: no new client or agent is taken, the open response
+    arrives whole, then the process exits 0 without waiting for the deadline."""
+    token = new_token()
+    gateway = start_gateway(launch, tmp_path / "state", token=token, tls=tls)
+    with tcp_service(_PacedResponseHandler) as service_port:
+        agent, public_port = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port}")
+        with socket.create_connection(("127.0.0.1", public_port), timeout=DEADLINE) as client:
+            received = read_some(client, 256 * 1024)
+            stopped = agent if victim == "agent" else gateway.proc
+            stopped.signal(signal.SIGTERM)
+            stopped.wait_line(r"draining: waiting up to 10 s for 1 ")
+            wait_refused(public_port)  # the port is free at once, mid-drain
+            if victim == "gateway":
+                wait_refused(gateway.port)
+            while chunk := client.recv(65536):
+                received += chunk
+        assert hashlib.sha256(received).digest() == hashlib.sha256(PACED_RESPONSE).digest()
+        started = time.monotonic()
+        assert stopped.wait_exit() == 0, stopped.describe()
+        assert time.monotonic() - started < 5.0, "waited for the drain deadline"
+        stopped.wait_line(r"drained: every (client )?connection finished")
+    if victim == "agent":
+        ended = gateway.proc.wait_line(r"session ended")
+        assert "agent said goodbye" in ended.string and " INFO " in ended.string, ended.string
+    else:
+        ended = agent.wait_line(r"reconnecting to")
+        assert "gateway said goodbye" in ended.string and " INFO " in ended.string, ended.string
+
+
+@pytest.mark.parametrize("victim", ["agent", "gateway"])
+def test_second_sigint_exits_at_once_without_draining(
+    launch: Launch, tmp_path: Path, victim: str
+) -> None:
+    """Ctrl-C twice: the process exits at once (code 130) and the open client is reset."""
+    token = new_token()
+    drain = ("--drain-timeout", "60")
+    gateway = start_gateway(launch, tmp_path / "state", *drain, token=token)
+    with tcp_service(_SlowStreamHandler) as service_port:
+        agent, public_port = start_agent(
+            launch, gateway, token, f"0:127.0.0.1:{service_port}", *drain
+        )
+        with socket.create_connection(("127.0.0.1", public_port), timeout=DEADLINE) as client:
+            read_some(client, 256 * 1024)
+            stopped = agent if victim == "agent" else gateway.proc
+            stopped.signal(signal.SIGINT)
+            stopped.wait_line(r"draining: waiting up to 60 s")
+            stopped.signal(signal.SIGINT)
+            assert stopped.wait_exit() == 130, stopped.describe()
+            deadline = time.monotonic() + DEADLINE
+            with pytest.raises(ConnectionResetError):
+                while time.monotonic() < deadline:
+                    assert client.recv(65536), "clean EOF: a truncation looks complete"
+                pytest.fail("still receiving after the forced exit")
+
+
+# --- 9. gateway restart -------------------------------------------------------
 
 
 def test_agent_comes_back_after_gateway_restart(
@@ -570,7 +667,7 @@ def test_agent_comes_back_after_gateway_restart(
     assert agent.popen.poll() is None
 
 
-# --- 9. JSON logs, and no secret in them --------------------------------------
+# --- 10. JSON logs, and no secret in them --------------------------------------
 
 
 def assert_json_lines(proc: Proc, *secrets_: str) -> None:
@@ -631,7 +728,7 @@ def test_json_logs_of_a_refused_agent_are_json_lines(
     assert_json_lines(intruder, wrong)
 
 
-# --- 10. small commands -------------------------------------------------------
+# --- 11. small commands -------------------------------------------------------
 
 
 def test_version_prints_the_version() -> None:

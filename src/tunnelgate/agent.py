@@ -60,7 +60,15 @@ from tunnelgate.protocol import (
     compute_proof,
 )
 from tunnelgate.relay import abort_channel, relay, wait_relays
-from tunnelgate.transport import Channel, SocketStream, Stream, TLSStream, connect, reset_socket
+from tunnelgate.transport import (
+    Channel,
+    SocketStream,
+    Stream,
+    TLSStream,
+    connect,
+    reset_socket,
+    reset_unless_closed_cleanly,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +427,7 @@ class Agent:
             log.warning("client %s: %s", start.client, exc)
             await abort_channel(channel, f"agent {exc}")
             return
+        reset_unless_closed_cleanly(sock)
         result = await relay(sock, channel, "service")
         level = logging.INFO if result.normal else logging.WARNING
         log.log(

@@ -73,6 +73,7 @@ from tunnelgate.transport import (
     describe_os_error,
     open_listener,
     reset_socket,
+    reset_unless_closed_cleanly,
     tune_socket,
 )
 
@@ -616,6 +617,7 @@ class Gateway:
                 reset_socket(sock)
                 return
             tune_socket(sock)
+            reset_unless_closed_cleanly(sock)
             conn = next(self._conn_ids)
             log = session.log.bind(conn=conn, service=service.name)
             task = _spawn(

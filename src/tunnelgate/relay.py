@@ -63,6 +63,7 @@ from tunnelgate.protocol import (
 from tunnelgate.transport import (
     WANT_RETRY,
     Channel,
+    close_cleanly,
     describe_os_error,
     epoll_descriptors,
     poller,
@@ -122,7 +123,7 @@ async def relay(local: socket.socket, channel: Channel, local_role: str) -> Rela
         state.result.duration = time.monotonic() - started
     result, failure = state.result, state.failure
     if failure is None:
-        local.close()
+        close_cleanly(local)
         channel.close()
         return result
     result.how = failure.how

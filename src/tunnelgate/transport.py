@@ -46,6 +46,7 @@ KEEPALIVE_IDLE: Final = 30  # seconds
 KEEPALIVE_INTERVAL: Final = 10
 KEEPALIVE_COUNT: Final = 3
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_LINGER_DEFAULT: Final = struct.pack("ii", 0, 0)
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -65,6 +66,25 @@ def reset_socket(sock: socket.socket) -> None:
     """Close ``sock`` with an RST, so the peer sees an abnormal end."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def reset_unless_closed_cleanly(sock: socket.socket) -> None:
+    """Make every close of ``sock`` an RST until :func:`close_cleanly`, even the
+    kernel's own when this process dies (SIGKILL, a crash, a forced exit).
+
+    For the relayed client and service sockets: without this, a killed gateway
+    or agent would end its clients' connections with a FIN, and a response cut
+    off in the middle would look complete.
+    """
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def close_cleanly(sock: socket.socket) -> None:
+    """Close ``sock`` with a FIN (undoing :func:`reset_unless_closed_cleanly`)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)
     sock.close()
 
 

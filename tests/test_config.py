@@ -62,6 +62,10 @@ BAD_TYPES = [
     ("pending_timeout = 0", "pending_timeout", "seconds in (0, 3600]"),
     ('listen = "nowhere"', "listen", "expected HOST:PORT"),
     ('log_level = "loud"', "log_level", "expected one of"),
+    ("drain_timeout = -1", "drain_timeout", "seconds in [0, 3600]"),
+    ("max_connections = 0", "max_connections", "[1, 1048576]"),
+    ("max_pending_clients = 100000", "max_pending_clients", "[1, 65536]"),
+    ('max_handshakes = "many"', "max_handshakes", "expected int"),
 ]
 INCONSISTENT = [
     ({"heartbeat_interval": 30.0}, "heartbeat_timeout", "must be longer than heartbeat_interval"),
@@ -174,6 +178,8 @@ def test_load_gateway_config_defaults(tmp_path: Path) -> None:
     assert config.listen == A("0.0.0.0", 8080) and config.default_bind == "0.0.0.0"
     assert config.tls and config.cert is None and config.max_pool_size == 64
     assert (config.heartbeat_interval, config.heartbeat_timeout) == (10.0, 25.0)
+    assert (config.drain_timeout, config.max_connections) == (10.0, 16384)
+    assert (config.max_pending_clients, config.max_handshakes) == (1024, 1024)
     [policy] = config.agents
     assert policy.name == "" and policy.allow_ports == (range(1024, 65536),)
     assert config.token_generated and (tmp_path / "xdg/tunnelgate/token").exists()
@@ -185,6 +191,14 @@ def test_load_gateway_config_flags_override_file(tmp_path: Path) -> None:
     path = toml(tmp_path, f'listen = "0.0.0.0:9000"\ntoken = "{TOKEN}"\nmax_pool_size = 8\n')
     config, _ = c.load_gateway_config(path, {"listen": "127.0.0.1:7000", "max_pool_size": None})
     assert (config.listen, config.max_pool_size) == (A("127.0.0.1", 7000), 8)
+
+
+def test_load_config_drain_timeout_zero_means_no_drain(tmp_path: Path) -> None:
+    """drain_timeout = 0 is allowed on both sides: stop at once, resetting open connections."""
+    path = toml(tmp_path, f'token = "{TOKEN}"\ndrain_timeout = 0\n')
+    assert c.load_gateway_config(path)[0].drain_timeout == 0.0
+    assert c.load_agent_config(None, {**EXPOSING, "drain_timeout": 0})[0].drain_timeout == 0.0
+    assert c.load_agent_config(None, EXPOSING)[0].drain_timeout == 10.0
 
 
 def test_load_gateway_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:

@@ -576,7 +576,11 @@ class _Pool:
         pause, so that a gateway refusing channels meets no retry storm.
         """
         try:
-            message = check_allowed("agent_pooled", await channel.receive())
+            # The gateway checks a channel that has been idle a while with a Ping.
+            while isinstance(
+                message := check_allowed("agent_pooled", await channel.receive()), Ping
+            ):
+                await channel.send_message(Pong(message.seq))
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             channel.abort()
             if self.releasing and isinstance(exc, ConnectionClosed):

@@ -83,6 +83,8 @@ FREE_PORT_TRIES: Final = 64  # allowed ports tried for a service asking for any 
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 WARNING_INTERVAL: Final = 5.0  # a warning repeated under abuse is logged once per interval
+POOL_CHECK_AGE: Final = 5.0  # a pooled data channel idle this long is checked before use
+POOL_CHECK_TIMEOUT: Final = 1.0  # for the agent's Pong to that check
 
 
 class _SessionOver(Exception):
@@ -100,6 +102,14 @@ class _Service:
 
 
 @dataclass(eq=False)
+class _Pooled:
+    """An idle data channel, and when it was last known to reach the agent."""
+
+    channel: Channel
+    alive_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
 class _Session:
     """One authenticated agent: its control channel and everything it owns."""
 
@@ -112,7 +122,7 @@ class _Session:
     task: asyncio.Task[Any]
     group: asyncio.TaskGroup | None = None
     services: dict[str, _Service] = field(default_factory=dict)
-    pool: deque[Channel] = field(default_factory=deque)
+    pool: deque[_Pooled] = field(default_factory=deque)  # oldest first
     waiters: deque[asyncio.Future[Channel]] = field(default_factory=deque)
     requested: int = 0  # data channels asked for and not yet arrived
     started: float = field(default_factory=time.monotonic)
@@ -135,9 +145,12 @@ class _Session:
         for service in self.services.values():
             service.sock.close()
 
-    def discard_pool(self) -> None:
+    def abort_pooled(self) -> None:
         while self.pool:
-            self.pool.popleft().abort()
+            self.pool.popleft().channel.abort()
+
+    def discard_pool(self) -> None:
+        self.abort_pooled()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -430,7 +443,7 @@ class Gateway:
             session.log.debug("pool full (%d); closing an extra data channel", len(session.pool))
             channel.abort()
             return
-        session.pool.append(channel)
+        session.pool.append(_Pooled(channel))
 
     # --- sessions -----------------------------------------------------------
 
@@ -520,7 +533,7 @@ class Gateway:
                 await channel.send_message(Registered(results))
             elif isinstance(message, PoolRelease):
                 for _ in range(min(message.count, len(session.pool))):
-                    session.pool.popleft().close()
+                    session.pool.popleft().channel.close()
             elif isinstance(message, Bye):
                 reason = f"agent said goodbye: {message.reason}"
                 await self._drain(session, reason)
@@ -686,13 +699,34 @@ class Gateway:
         )
 
     async def _take_channel(self, session: _Session) -> Channel | None:
-        """An open pooled data channel, or one the agent opens within the deadline."""
+        """An open pooled data channel, or one the agent opens within the deadline.
+
+        The newest pooled channel is taken: it is the least likely to have
+        gone stale. One closed or reset by the network is seen at once
+        (:meth:`Channel.is_idle_and_open`); one idle longer than
+        ``POOL_CHECK_AGE`` is first checked with a Ping, because a path that
+        went silent (a NAT mapping dropped without a word) looks open. If that
+        check fails, the older ones are no better: the pool is discarded and
+        the client waits for a fresh channel instead of failing.
+        """
         while session.pool:
-            channel = session.pool.popleft()
-            if channel.is_idle_and_open():
+            pooled = session.pool.pop()
+            channel = pooled.channel
+            if not channel.is_idle_and_open():
+                session.log.debug("discarding a stale pooled data channel")
+                channel.abort()
+                continue
+            if time.monotonic() - pooled.alive_at <= POOL_CHECK_AGE:
                 return channel
-            session.log.debug("discarding a stale pooled data channel")
+            if await _answers_ping(channel):
+                return channel
             channel.abort()
+            session.log.debug(
+                "a pooled data channel idle for %.0f s did not answer; discarding %d more",
+                time.monotonic() - pooled.alive_at,
+                len(session.pool),
+            )
+            session.abort_pooled()
         if len(session.waiters) >= self.config.max_pending_clients:
             return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
@@ -732,6 +766,19 @@ def _spawn(
 def _more(repeats: int) -> str:
     """The tail of an error logged once for several."""
     return f" (and {repeats} more times since the last report)" if repeats else ""
+
+
+async def _answers_ping(channel: Channel) -> bool:
+    """True if the agent answers a Ping on this pooled channel within POOL_CHECK_TIMEOUT."""
+    try:
+        async with asyncio.timeout(POOL_CHECK_TIMEOUT):
+            await channel.send_message(Ping(0))
+            return isinstance(await channel.receive(), Pong)
+    except (TimeoutError, TransportError, ProtocolError, ConnectionClosed):
+        return False
+    except BaseException:
+        channel.abort()  # cancelled: the channel is in neither the pool nor a relay
+        raise
 
 
 async def _say_bye(channel: Channel, reason: str) -> None:

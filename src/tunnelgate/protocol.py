@@ -432,7 +432,7 @@ ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
     "agent_register_reply": (Registered, Ping, Pong, Bye),
     "gateway_control": (Register, Ping, Pong, PoolRelease, Bye),
     "agent_control": (Ping, Pong, PoolRequest, Registered, Bye),
-    "agent_pooled": (Start, Bye, Refused),
+    "agent_pooled": (Start, Ping, Bye, Refused),
 }
 
 

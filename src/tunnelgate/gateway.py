@@ -179,6 +179,7 @@ class Gateway:
         self._sessions: dict[str, _Session] = {}  # by agent name
         self._by_id: dict[str, _Session] = {}
         self._ports: dict[tuple[str, int], _Session] = {}
+        self._stopping = False
         self._handshaking = 0
         self._handshake_refusals = Throttle(WARNING_INTERVAL)
         self._conn_ids = itertools.count(1)
@@ -286,6 +287,7 @@ class Gateway:
             self._ready.set()
 
     async def _stop_accepting_agents(self) -> None:
+        self._stopping = True
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.wait({self._accepting})
@@ -363,7 +365,10 @@ class Gateway:
                     hello, policy = await self._handshake(channel, peer)
             finally:
                 self._handshaking -= 1
-            if hello.role == "control":
+            if hello.role == "control" and self._stopping:
+                # Authenticated while the control port was closing: come back later.
+                await channel.send_message(Refused("shutdown", "the gateway is shutting down"))
+            elif hello.role == "control":
                 owned = True
                 await self._run_session(channel, hello, policy, peer)
             else:

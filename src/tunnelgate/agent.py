@@ -523,8 +523,11 @@ class _Pool:
                     await self.changed.wait()
             except TimeoutError:
                 # The gateway closes only channels still idle on its side:
-                # count afresh rather than wait for the rest.
+                # count afresh rather than wait for the rest. Channels it asked
+                # for are moot too: with idle ones pooled there, no client
+                # waits (those it asked for left or timed out).
                 self.releasing = 0
+                self.extra = 0
             self.changed.clear()
 
     async def _channel(self) -> None:

@@ -75,6 +75,8 @@ from tunnelgate.transport import (
     reset_socket,
     reset_unless_closed_cleanly,
     tune_socket,
+    wait_peer_closed,
+    was_reset,
 )
 
 logger = logging.getLogger(__name__)
@@ -444,6 +446,9 @@ class Gateway:
             if not waiter.done():
                 waiter.set_result(channel)
                 return
+        # No client waits: whatever was asked for and is still on its way is moot
+        # (the clients it was for left or timed out); ask afresh when one waits.
+        session.requested = 0
         if len(session.pool) >= self.config.max_pool_size:
             session.log.debug("pool full (%d); closing an extra data channel", len(session.pool))
             channel.abort()
@@ -668,16 +673,9 @@ class Gateway:
         channel: Channel | None = None
         result: RelayResult | None = None  # set once the relay has closed both ends
         try:
-            channel = await self._take_channel(session)
+            channel = await self._take_channel(session, sock, client, log)
             if channel is None:
-                log.warning(
-                    "no data channel from the agent for client %s (waited up to %g s, "
-                    "%d clients waiting); closing it",
-                    client,
-                    self.config.pending_timeout,
-                    len(session.waiters),
-                )
-                return
+                return  # logged by _take_channel
             await channel.send_message(Start(conn, service.name, client))
             log.debug("client %s started on a data channel", client)
             result = await relay(sock, channel, "client")
@@ -703,8 +701,11 @@ class Gateway:
             result.how,
         )
 
-    async def _take_channel(self, session: _Session) -> Channel | None:
-        """An open pooled data channel, or one the agent opens within the deadline.
+    async def _take_channel(
+        self, session: _Session, sock: socket.socket, client: str, log: ContextLogger
+    ) -> Channel | None:
+        """An open pooled data channel, or one the agent opens within the deadline;
+        None (logged) if none comes, too many clients wait, or the client leaves.
 
         The newest pooled channel is taken: it is the least likely to have
         gone stale. One closed or reset by the network is seen at once
@@ -713,6 +714,12 @@ class Gateway:
         went silent (a NAT mapping dropped without a word) looks open. If that
         check fails, the older ones are no better: the pool is discarded and
         the client waits for a fresh channel instead of failing.
+
+        A client that leaves while it waits gives up its place at once, so a
+        flood of abandoned connections (or a load balancer's health checks)
+        neither fills the queue nor costs the agent a channel each: one that
+        resets, or closes without having sent a byte. One that sent bytes and
+        then half-closed still wants its answer, and waits on.
         """
         while session.pool:
             pooled = session.pool.pop()
@@ -733,6 +740,15 @@ class Gateway:
             )
             session.abort_pooled()
         if len(session.waiters) >= self.config.max_pending_clients:
+            more = session.refusals.allow(time.monotonic())
+            if more is not None:
+                log.warning(
+                    "refusing client %s: %d clients already wait for a data channel "
+                    "(max_pending_clients)%s",
+                    client,
+                    len(session.waiters),
+                    more,
+                )
             return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         session.waiters.append(waiter)
@@ -742,10 +758,24 @@ class Gateway:
             await session.channel.send_message(PoolRequest(missing))
         try:
             async with asyncio.timeout(self.config.pending_timeout):
-                return await waiter
+                taken = await _unless_left(waiter, sock)
+            if taken is None:
+                log.debug("client %s left while waiting for a data channel", client)
+                if waiter.done() and not waiter.cancelled():  # came in the same instant
+                    session.pool.append(_Pooled(waiter.result()))
+            return taken
         except TimeoutError:
+            log.warning(
+                "no data channel from the agent for client %s within %g s "
+                "(%d clients waiting); closing it",
+                client,
+                self.config.pending_timeout,
+                len(session.waiters),
+            )
             return None
         finally:
+            if not waiter.done():
+                waiter.cancel()
             with contextlib.suppress(ValueError):
                 session.waiters.remove(waiter)
 
@@ -771,6 +801,28 @@ def _spawn(
 def _more(repeats: int) -> str:
     """The tail of an error logged once for several."""
     return f" (and {repeats} more times since the last report)" if repeats else ""
+
+
+async def _unless_left(waiter: asyncio.Future[Channel], sock: socket.socket) -> Channel | None:
+    """The channel ``waiter`` gets, or None if the client leaves first: it
+    resets ``sock``, or closes it without having sent anything."""
+    watching = asyncio.ensure_future(wait_peer_closed(sock))
+    either: set[asyncio.Future[Any]] = {waiter, watching}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done() and (was_reset(sock) or not _has_bytes(sock)):
+            return None
+        return await waiter  # got it, or a half-close after a request: it wants the answer
+    finally:
+        watching.cancel()
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    """True if unread bytes wait on ``sock``."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError cannot happen after a FIN; anything else: gone
+        return False
 
 
 async def _answers_ping(channel: Channel) -> bool:

@@ -131,6 +131,7 @@ class Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.readers: dict[int, Callable[[], None]] = {}
         self.writers: dict[int, Callable[[], None]] = {}
+        self.hangups: dict[int, Callable[[], None]] = {}  # peer sent FIN or RST
         self.epoll = select.epoll()
         loop.add_reader(self.epoll.fileno(), self.dispatch)
         weakref.finalize(self, self.epoll.close)
@@ -151,9 +152,19 @@ class Poller:
         if self.writers.pop(fd, None) is not None:
             self._update(fd)
 
+    def add_hangup(self, fd: int, callback: Callable[[], None]) -> None:
+        self.hangups[fd] = callback
+        self._update(fd)
+
+    def remove_hangup(self, fd: int) -> None:
+        if self.hangups.pop(fd, None) is not None:
+            self._update(fd)
+
     def _update(self, fd: int) -> None:
-        mask = (select.EPOLLIN if fd in self.readers else 0) | (
-            select.EPOLLOUT if fd in self.writers else 0
+        mask = (
+            (select.EPOLLIN if fd in self.readers else 0)
+            | (select.EPOLLOUT if fd in self.writers else 0)
+            | (select.EPOLLRDHUP if fd in self.hangups else 0)
         )
         try:
             if mask:
@@ -172,6 +183,8 @@ class Poller:
                 reader()
             if events & _WRITE_EVENTS and (writer := self.writers.get(fd)) is not None:
                 writer()
+            if events & _HANGUP_EVENTS and (hangup := self.hangups.get(fd)) is not None:
+                hangup()
 
 
 class _LoopPoller:
@@ -208,6 +221,9 @@ _READ_EVENTS: Final = (
 _WRITE_EVENTS: Final = (
     select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
 )
+_HANGUP_EVENTS: Final = (
+    select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
+)
 
 
 async def wait_readable(sock: socket.socket) -> None:
@@ -218,6 +234,31 @@ async def wait_readable(sock: socket.socket) -> None:
 async def wait_writable(sock: socket.socket) -> None:
     """Until ``sock`` can take more bytes (or has an error pending)."""
     await _wait(sock, writable=True)
+
+
+async def wait_peer_closed(sock: socket.socket) -> None:
+    """Until the peer has sent a FIN or an RST on ``sock``, whatever bytes are
+    still unread (forever where there is no epoll)."""
+    loop = asyncio.get_running_loop()
+    ready = poller(loop)
+    waiter: asyncio.Future[None] = loop.create_future()
+    if not isinstance(ready, Poller):
+        await waiter  # until cancelled
+        return
+    fd = sock.fileno()
+    ready.add_hangup(fd, functools.partial(_wake, waiter))
+    try:
+        await waiter
+    finally:
+        ready.remove_hangup(fd)
+
+
+def was_reset(sock: socket.socket) -> bool:
+    """True if ``sock`` has a pending error, such as the peer's RST."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    except OSError:
+        return True
 
 
 async def _wait(sock: socket.socket, writable: bool) -> None:

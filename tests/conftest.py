@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from faultkit import FaultProxy as FaultProxy
+from faultkit import reset_writer as reset_writer
+from faultkit import shutdown_writer as shutdown_writer
 
 from tunnelgate import Address, Agent, ExposedService, Gateway
 
@@ -215,175 +217,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
-def reset_writer(writer: asyncio.StreamWriter) -> None:
-    """Close a connection with an RST (SO_LINGER 0)."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and not writer.is_closing():
-        with contextlib.suppress(OSError, ValueError):  # uvloop: ValueError once closed
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-def shutdown_writer(writer: asyncio.StreamWriter) -> None:
-    """Send a FIN at once (``shutdown(SHUT_WR)``), behind the transport's back:
-    what the transport still buffers is never sent.
-
-    uvloop's transport socket has no ``shutdown()``, so this shuts down a
-    duplicate of its file descriptor: the same socket on either loop.
-    """
-    sock = writer.get_extra_info("socket")
-    if sock is None or writer.is_closing():
-        return
-    with (
-        contextlib.suppress(OSError, ValueError),  # closed under us
-        socket.socket(fileno=os.dup(sock.fileno())) as duplicate,
-    ):
-        duplicate.shutdown(socket.SHUT_WR)
-
-
-# --- a proxy between agent and gateway that can fail ----------------------------
-
-
-@dataclass(eq=False)
-class _ProxyConnection:
-    downstream: asyncio.StreamWriter  # the agent's side
-    upstream: asyncio.StreamWriter | None = None  # the gateway's side
-    dead: bool = False  # black-holed: nothing is forwarded, nothing is closed
-    forwarded: int = 0  # bytes passed on, both directions
-
-
-class FaultyProxy:
-    """A TCP proxy (agent → proxy → gateway) that can black-hole its connections.
-
-    A black-holed connection stops forwarding in both directions (what it
-    reads is dropped) but keeps both sockets open, like a cut network path
-    with no RST or FIN. ``blackhole(new=True)`` also black-holes connections
-    accepted from then on; :meth:`restore` lets new connections through again
-    (the ones already black-holed stay dead).
-    """
-
-    def __init__(self, target: Address) -> None:
-        self.target = target
-        self.port = 0
-        self.accepted = 0
-        self._blackhole_new = False
-        self._server: asyncio.Server | None = None
-        self._connections: list[_ProxyConnection] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def live_connections(self) -> list[_ProxyConnection]:
-        return [c for c in self._connections if not c.dead and c.upstream is not None]
-
-    def blackhole(self, *, existing: bool = True, new: bool = True) -> None:
-        if existing:
-            for conn in self._connections:
-                conn.dead = True
-        self._blackhole_new = new
-
-    def restore(self) -> None:
-        self._blackhole_new = False
-
-    async def reset(self, connections: list[_ProxyConnection]) -> None:
-        """Reset both sides of ``connections`` and wait until they are closed."""
-        writers = []
-        for conn in connections:
-            conn.dead = True
-            for writer in (conn.downstream, conn.upstream):
-                if writer is not None:
-                    reset_writer(writer)
-                    writers.append(writer)
-        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
-
-    def shutdown(self, connections: list[_ProxyConnection]) -> None:
-        """End both sides of ``connections`` with a FIN and forward nothing more."""
-        for conn in connections:
-            conn.dead = True
-            for writer in (conn.downstream, conn.upstream):
-                if writer is not None:
-                    shutdown_writer(writer)
-
-    async def __aenter__(self) -> FaultyProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        writers = []
-        for conn in self._connections:
-            for writer in (conn.downstream, conn.upstream):
-                if writer is not None:
-                    writer.transport.abort()
-                    writers.append(writer)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.accepted += 1
-        conn = _ProxyConnection(writer, dead=self._blackhole_new)
-        self._connections.append(conn)
-        try:
-            if conn.dead:
-                await self._pump(reader, None, conn)
-                return
-            try:
-                up_reader, up_writer = await asyncio.open_connection(
-                    self.target.host, self.target.port
-                )
-            except OSError:
-                writer.transport.abort()
-                return
-            conn.upstream = up_writer
-            await asyncio.gather(
-                self._pump(reader, up_writer, conn), self._pump(up_reader, writer, conn)
-            )
-            if not conn.dead:
-                writer.close()
-                up_writer.close()
-        except asyncio.CancelledError:
-            pass  # stopped by __aexit__ (see LocalServer._handle)
-        finally:
-            self._tasks.discard(task)
-
-    async def _pump(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter | None,
-        conn: _ProxyConnection,
-    ) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                if conn.dead or writer is None:
-                    continue
-                writer.write(data)
-                conn.forwarded += len(data)
-                await writer.drain()
-            if (
-                not conn.dead
-                and writer is not None
-                and not writer.is_closing()
-                and writer.can_write_eof()
-            ):
-                writer.write_eof()
-        except (OSError, RuntimeError):  # uvloop: RuntimeError on a closed handle
-            if not conn.dead:  # pass a reset on as a reset
-                for other in (conn.downstream, conn.upstream):
-                    if other is not None:
-                        reset_writer(other)
-
-
 # --- gateways and agents ------------------------------------------------------
 
 
@@ -523,11 +356,12 @@ def start_server(
 
 
 @pytest.fixture
-def start_proxy(
-    stack: contextlib.AsyncExitStack,
-) -> Callable[[Address], Awaitable[FaultyProxy]]:
-    async def start(target: Address) -> FaultyProxy:
-        return await stack.enter_async_context(FaultyProxy(target))
+def start_proxy(stack: contextlib.AsyncExitStack) -> StartProxy:
+    """``await start_proxy(gateway.address, port=0)``: a :class:`~faultkit.FaultProxy`
+    to the gateway (the agent dials ``proxy.address``), closed after the test."""
+
+    async def start(target: Address, port: int = 0) -> FaultProxy:
+        return await stack.enter_async_context(FaultProxy(target, port=port))
 
     return start
 
@@ -858,4 +692,4 @@ OpenGateway = Callable[..., Awaitable[Gateway]]
 OpenAgent = Callable[..., Awaitable[Agent]]
 OpenTunnel = Callable[..., Awaitable[Tunnel]]
 StartServer = Callable[..., Awaitable[LocalServer]]
-StartProxy = Callable[[Address], Awaitable[FaultyProxy]]
+StartProxy = Callable[..., Awaitable[FaultProxy]]

@@ -18,11 +18,11 @@ import pytest
 from conftest import (
     READ_SIZE,
     TOKEN,
-    FaultyProxy,
     LocalServer,
     LogRecorder,
     OpenTunnel,
     Payload,
+    StartProxy,
     StartServer,
     Tunnel,
     agent_tls_options,
@@ -497,7 +497,7 @@ async def test_half_close_client_eof_before_data_channel_exists(
 async def test_pool_respects_gateway_limit_and_still_serves_bursts(
     open_gateway: Callable[..., Awaitable[Gateway]],
     open_agent: Callable[..., Awaitable[Agent]],
-    start_proxy: Callable[[Address], Awaitable[FaultyProxy]],
+    start_proxy: StartProxy,
     echo_server: LocalServer,
 ) -> None:
     """The pool stays within the gateway's limit without churn, and bursts are served."""
@@ -508,7 +508,7 @@ async def test_pool_respects_gateway_limit_and_still_serves_bursts(
         gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], pool_size=8
     )
     (service,) = (await agent.wait_ready(10)).values()
-    control = proxy.live_connections[0]
+    (control,) = proxy.live("control")
     start = control.forwarded
     await wait_until(lambda: control.forwarded - start > 10 * 2 * 12, what="ten heartbeats")
     assert proxy.accepted == 1 + 2, f"{proxy.accepted - 1} data channels opened for a pool of 2"

@@ -1,15 +1,21 @@
 """The whole tunnel when things break: services down, gateways restarted, agents
-replaced or cut off, connections ending abnormally mid-stream."""
+replaced or cut off, connections ending abnormally mid-stream, and the path
+between agent and gateway failing in the ways networks fail (``faultkit``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import hashlib
 import logging
+import os
 import socket
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -34,6 +40,7 @@ from conftest import (
     wait_until,
 )
 
+import tunnelgate.gateway
 from tunnelgate import Address, Gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,7 +235,7 @@ async def test_heartbeat_keeps_idle_session_and_connections_alive(
     agent = await open_agent(gateway, via=proxy.address, expose=[f"0:{echo_server.local}"])
     (service,) = (await agent.wait_ready(10)).values()
     session = agent.session_id
-    control = proxy.live_connections[0]
+    (control,) = proxy.live("control")
     async with asyncio.timeout(10), connect(service.address) as (reader, writer):
         writer.write(b"before")
         assert await reader.readexactly(6) == b"before"
@@ -269,7 +276,8 @@ async def test_pending_client_reset_when_no_data_channel_comes(
     assert time.monotonic() - started < 3.0
     proxy.restore()
     await wait_until(
-        lambda: len(proxy.live_connections) >= 2, what="the agent's retried data channel"
+        lambda: [c for c in proxy.connections if c.kind == "data" and c.up_bytes],
+        what="the agent's retried data channel",
     )
     await echo_roundtrip(service.address)
 
@@ -288,11 +296,8 @@ async def test_stale_pooled_channels_skipped_without_failing_client(
         gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], pool_size=4
     )
     (service,) = (await agent.wait_ready(10)).values()
-    live = await wait_until(
-        lambda: len(proxy.live_connections) == 5 and proxy.live_connections,
-        what="the control channel and 4 pooled data channels",
-    )
-    await proxy.reset(live[1:])  # the first one is the control channel
+    await wait_until(lambda: len(proxy.live("data")) == 4, what="4 pooled data channels")
+    assert await proxy.reset("data") == 4
     await echo_roundtrip(service.address)
     assert gateway.sessions(), "the session should survive its data channels"
 
@@ -355,15 +360,15 @@ async def test_abnormal_end_mid_download_client_sees_reset(
             data = await reader.read(READ_SIZE)
             assert data, "EOF before the breakage"
             received += len(data)
-        busiest = max(proxy.live_connections, key=lambda c: c.forwarded)
+        busiest = max(proxy.live(), key=lambda c: c.forwarded)
         if breakage == "agent_closed":
             await agent.aclose()
         elif breakage == "agent_killed":
-            proxy.shutdown(proxy.live_connections)
+            proxy.shutdown()
         elif breakage == "data_channel_fin":
-            proxy.shutdown([busiest])
+            proxy.shutdown(connections=[busiest])
         elif breakage == "data_channel_reset":
-            await proxy.reset([busiest])
+            await proxy.reset(connections=[busiest])
         elif breakage == "service_reset":
             reset_writer(service_writers[0])
         elif breakage == "agent_replaced":
@@ -427,7 +432,7 @@ async def test_agent_close_while_session_ends_does_not_hang(
             **NEVER_RECONNECT,
         )
         await agent.wait_ready(10)
-        await proxy.reset(proxy.live_connections[:1])  # the control channel
+        await proxy.reset("control")
         for _ in range(attempt):
             await asyncio.sleep(0)  # one turn of the loop each: sweep the moment
         closing = asyncio.ensure_future(agent.aclose())
@@ -481,7 +486,7 @@ async def test_client_arriving_as_session_ends_is_closed(
                 **NEVER_RECONNECT,
             )
             (service,) = (await agent.wait_ready(10)).values()
-            proxy.shutdown(proxy.live_connections[:1])  # the control channel ends now
+            proxy.shutdown("control")  # the control channel ends now
             for _ in range(attempt):
                 await asyncio.sleep(0)  # one turn of the loop each: sweep the moment
             # A blocking connect: on loopback the kernel completes it at once.
@@ -501,3 +506,337 @@ async def test_client_arriving_as_session_ends_is_closed(
     assert not errors, errors
     assert not leaks, leaks
     assert outcomes == [b""] * 4, outcomes
+
+
+# --- the path between agent and gateway fails (faultkit) -------------------------
+#
+# Every transfer below is an echo: the client sends random bytes and checks the
+# sha256 of what comes back against what it sent (a prefix of it when the
+# transfer is cut short).
+
+FAST_HEARTBEAT = {"heartbeat_interval": 0.3, "heartbeat_timeout": 1.0}
+UNDER_WAY = 1 << 20  # bytes echoed before a transfer counts as under way
+ECHO_CHUNK = 32 << 10
+PACE = 0.01  # s between chunks after the fault: a steady upload of about 3 MB/s
+CLIENT_DEADLINE = 3.0  # "a couple of seconds": longer is a lost client
+
+
+@dataclass
+class Transfer:
+    """One client's echo transfer: what it sent, what came back, how it ended."""
+
+    payload: bytes
+    under_way: asyncio.Event = field(default_factory=asyncio.Event)
+    received: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    how: str = ""  # "eof" or "reset"
+    ended_at: float = 0.0
+
+    @property
+    def intact(self) -> bool:
+        """What came back is exactly what was sent, or a prefix of it."""
+        return self.digest.digest() == hashlib.sha256(self.payload[: self.received]).digest()
+
+    @property
+    def complete(self) -> bool:
+        return self.how == "eof" and self.received == len(self.payload) and self.intact
+
+    def describe(self) -> str:
+        return (
+            f"{self.received} of {len(self.payload)} bytes back, ended by {self.how or '-'}, "
+            f"{'intact' if self.intact else 'CORRUPTED'}"
+        )
+
+
+async def echo_transfer(
+    address: Address, transfer: Transfer, go_on: asyncio.Event | None = None
+) -> Transfer:
+    """Send ``transfer.payload`` to an echo service and read the echo to its end.
+
+    With ``go_on``, the client stops after ``UNDER_WAY`` bytes came back (and
+    sets ``transfer.under_way``), waits for ``go_on``, then sends the rest
+    slowly, so that the connection is still busy whenever the fault strikes.
+    """
+    loop = asyncio.get_running_loop()
+    async with connect(address) as (reader, writer):
+
+        async def send() -> None:
+            view = memoryview(transfer.payload)
+            with contextlib.suppress(OSError, RuntimeError):  # the reader reports the end
+                for offset in range(0, len(view), ECHO_CHUNK):
+                    if go_on is not None and offset >= UNDER_WAY:
+                        await go_on.wait()
+                    writer.write(view[offset : offset + ECHO_CHUNK])
+                    await writer.drain()
+                    if go_on is not None and offset >= UNDER_WAY:
+                        await asyncio.sleep(PACE)
+                writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        try:
+            while data := await reader.read(READ_SIZE):
+                transfer.digest.update(data)
+                transfer.received += len(data)
+                if transfer.received >= UNDER_WAY:
+                    transfer.under_way.set()
+            transfer.how = "eof"
+        except OSError:
+            transfer.how = "reset"
+        finally:
+            transfer.ended_at = loop.time()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return transfer
+
+
+async def echo_intact(address: Address, size: int = 256 << 10) -> None:
+    """One whole echo transfer, checked byte for byte, within the client deadline."""
+    async with asyncio.timeout(CLIENT_DEADLINE):
+        transfer = await echo_transfer(address, Transfer(os.urandom(size)))
+    assert transfer.complete, transfer.describe()
+
+
+def pooled(gateway: Gateway, agent: str = "site-a") -> int:
+    """Idle data channels in the gateway's pool for ``agent``."""
+    return len(gateway._sessions[agent].pool)  # no public view of the pool
+
+
+def session_end(log: LogRecorder, session: str) -> str | None:
+    """The gateway's reason for the end of ``session``, once it has ended."""
+    for record in log.records:
+        ctx = getattr(record, "ctx", None) or {}
+        message = record.getMessage()
+        if ctx.get("session") == session and "session ended" in message:
+            return message
+    return None
+
+
+CONTROL_FAULTS = ["blackhole", "cut_down", "cut_up"]
+
+
+@pytest.mark.parametrize("fault", CONTROL_FAULTS)
+async def test_control_channel_silenced_session_torn_down_then_back_on_same_port(
+    fault: str,
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+    tunnel_log: LogRecorder,
+) -> None:
+    """A control channel gone silent (both ways or one) while its data channels
+    work: the heartbeat deadline ends the session on both sides, a client in mid
+    transfer is reset, and the agent comes back by itself on the same port."""
+    loop = asyncio.get_running_loop()
+    gateway = await open_gateway(**FAST_HEARTBEAT)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(gateway, via=proxy.address, expose=[f"0:{echo_server.local}"])
+    (service,) = (await agent.wait_ready(10)).values()
+    old_session = agent.session_id
+    assert old_session is not None
+    go_on = asyncio.Event()
+    transfer = Transfer(os.urandom(16 << 20))
+    async with asyncio.timeout(15), asyncio.TaskGroup() as group:
+        group.create_task(echo_transfer(service.address, transfer, go_on))
+        await transfer.under_way.wait()
+        if fault == "blackhole":
+            proxy.blackhole("control", new=False)
+        else:
+            proxy.cut("down" if fault == "cut_down" else "up", "control", new=False)
+        struck = loop.time()
+        go_on.set()
+    assert transfer.how == "reset", f"client: {transfer.describe()}"
+    assert transfer.intact, transfer.describe()
+    took = transfer.ended_at - struck
+    assert took < FAST_HEARTBEAT["heartbeat_timeout"] + 1.5, f"client reset after {took:.1f} s"
+
+    # The side that hears nothing more ends the session by its deadline; the
+    # other one by that, or by the reset passed on along the live direction.
+    gateway_end = await wait_until(
+        lambda: session_end(tunnel_log, old_session), what="the gateway to end the session"
+    )
+    if fault in ("blackhole", "cut_up"):
+        assert "no heartbeat within the deadline" in gateway_end, gateway_end
+    if fault in ("blackhole", "cut_down"):
+        await wait_until(
+            lambda: tunnel_log.find("no heartbeat reply within the deadline", logging.WARNING),
+            what="the agent to end the session by its deadline",
+        )
+
+    await wait_until(
+        lambda: agent.session_id not in (None, old_session), timeout=10, what="a new session"
+    )
+    (again,) = (await agent.wait_ready(10)).values()
+    assert again.address == service.address
+    await echo_intact(again.address, 1 << 20)
+
+
+POOL_AGE = 0.5  # the gateway's POOL_CHECK_AGE in these tests: "idle long" comes soon
+
+IDLE_KILLS = [
+    "reset",
+    "blackhole",
+    pytest.param(
+        "blackhole_young",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason=(
+                "not guaranteed (docs/RELIABILITY.md): a pooled data channel younger than "
+                "POOL_CHECK_AGE whose path alone went silent passes the MSG_PEEK check, gets "
+                "the Start, and its client hangs until TCP gives up"
+            ),
+        ),
+    ),
+]
+
+
+def pool_age(gateway: Gateway, agent: str = "site-a") -> float:
+    """How long the youngest pooled data channel has been idle at the gateway."""
+    pool = gateway._sessions[agent].pool  # no public view of the pool
+    return min((time.monotonic() - p.alive_at for p in pool), default=0.0)
+
+
+@pytest.mark.parametrize("kill", IDLE_KILLS)
+async def test_idle_pooled_channels_killed_next_clients_served_without_storm(
+    kill: str,
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+    tunnel_log: LogRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle pooled data channels killed as a NAT timeout would (reset, or a
+    silent black hole): the next 20 clients, one by one then together, are all
+    served intact, with few new connections and few warnings."""
+    pool_size = 4
+    if kill != "blackhole_young":
+        monkeypatch.setattr(tunnelgate.gateway, "POOL_CHECK_AGE", POOL_AGE)
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], pool_size=pool_size
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    # Idle means handshaken: in the gateway's pool, not merely connected.
+    await wait_until(lambda: pooled(gateway) == pool_size, what="a full pool")
+    assert len(proxy.live("data")) == pool_size
+    if kill != "blackhole_young":
+        # A NAT forgets a flow after it has been idle for a long time.
+        await wait_until(lambda: pool_age(gateway) > POOL_AGE, what="the pool to be idle long")
+    accepted_before, log_mark = proxy.accepted, len(tunnel_log.records)
+    if kill == "reset":
+        assert await proxy.reset("data") == pool_size
+    else:
+        proxy.blackhole("data", new=False)
+
+    clients = 20
+    for _ in range(clients // 2):
+        await echo_intact(service.address, 64 << 10)
+    async with asyncio.timeout(CLIENT_DEADLINE * 2), asyncio.TaskGroup() as group:
+        for _ in range(clients // 2):
+            group.create_task(echo_intact(service.address, 64 << 10))
+
+    if kill == "reset":  # the agent sees these ends; a black hole it cannot see
+        await wait_until(lambda: len(proxy.live("data")) >= pool_size, what="the pool refilled")
+    opened = proxy.accepted - accepted_before
+    assert opened <= clients + pool_size + 4, f"{opened} new connections for {clients} clients"
+    warnings_logged = [
+        r.getMessage() for r in tunnel_log.records[log_mark:] if r.levelno >= logging.WARNING
+    ]
+    assert len(warnings_logged) <= 3, warnings_logged
+
+
+async def test_latency_and_throttle_on_data_channels_transfers_intact(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """With 50 ms each way and 2 MB/s per data channel, a few MB each way arrive
+    intact, and concurrent clients each get their own bytes back."""
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(gateway, via=proxy.address, expose=[f"0:{echo_server.local}"])
+    (service,) = (await agent.wait_ready(10)).values()
+    proxy.delay(0.05, "data")
+    proxy.throttle(2_000_000, "data")
+    async with asyncio.timeout(15):
+        alone = await echo_transfer(service.address, Transfer(os.urandom(3 << 20)))
+        assert alone.complete, alone.describe()
+        together = await asyncio.gather(
+            *(echo_transfer(service.address, Transfer(os.urandom(1 << 20))) for _ in range(4))
+        )
+    for transfer in together:
+        assert transfer.complete, transfer.describe()
+    slowed = [c for c in proxy.connections if c.kind == "data" and c.up_bytes > 1 << 20]
+    assert len(slowed) == 5 and all(c.faults == {"delay", "throttle"} for c in slowed)
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_data_channel_closed_mid_transfer_client_sees_reset(
+    how: str,
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """A data channel that ends mid-transfer (FIN or RST, no END) is a reset for
+    the client, never a clean EOF after fewer bytes than were sent."""
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(gateway, via=proxy.address, expose=[f"0:{echo_server.local}"])
+    (service,) = (await agent.wait_ready(10)).values()
+    await wait_until(lambda: proxy.live("data"), what="a pooled data channel")
+    proxy.close_after(1 << 20, "data", how=how, new=False)  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        transfer = await echo_transfer(service.address, Transfer(os.urandom(8 << 20)))
+    assert transfer.how == "reset", f"client: {transfer.describe()}"
+    assert transfer.received < 1 << 20
+    assert transfer.intact, transfer.describe()
+    await echo_intact(service.address)  # the next client gets a fresh channel
+
+
+async def test_whole_network_cut_mid_transfer_every_client_reset_in_time(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_proxy: StartProxy,
+    echo_server: LocalServer,
+) -> None:
+    """When the whole path goes silent mid-transfer, every client in flight is
+    reset within heartbeat_timeout + 2 s; the agent is back once the path is."""
+    loop = asyncio.get_running_loop()
+    gateway = await open_gateway(**FAST_HEARTBEAT)
+    assert gateway.address is not None
+    proxy = await start_proxy(gateway.address)
+    agent = await open_agent(
+        gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], handshake_timeout=1.0
+    )
+    (service,) = (await agent.wait_ready(10)).values()
+    old_session = agent.session_id
+    go_on = asyncio.Event()
+    transfers = [Transfer(os.urandom(16 << 20)) for _ in range(3)]
+    async with asyncio.timeout(15), asyncio.TaskGroup() as group:
+        for transfer in transfers:
+            group.create_task(echo_transfer(service.address, transfer, go_on))
+        for transfer in transfers:
+            await transfer.under_way.wait()
+        proxy.blackhole()
+        struck = loop.time()
+        go_on.set()
+    for transfer in transfers:
+        assert transfer.how == "reset", transfer.describe()
+        assert transfer.intact, transfer.describe()
+        took = transfer.ended_at - struck
+        assert took < FAST_HEARTBEAT["heartbeat_timeout"] + 2, f"reset after {took:.1f} s"
+
+    proxy.restore()
+    await wait_until(
+        lambda: agent.session_id not in (None, old_session), timeout=10, what="a new session"
+    )
+    (again,) = (await agent.wait_ready(10)).values()
+    await echo_intact(again.address)

@@ -59,7 +59,7 @@ from tunnelgate.protocol import (
     check_allowed,
     compute_proof,
 )
-from tunnelgate.relay import abort_channel, relay, wait_relays
+from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
 from tunnelgate.transport import (
     Channel,
     SocketStream,
@@ -428,17 +428,19 @@ class Agent:
             await abort_channel(channel, f"agent {exc}")
             return
         reset_unless_closed_cleanly(sock)
-        result = await relay(sock, channel, "service")
-        level = logging.INFO if result.normal else logging.WARNING
-        log.log(
-            level,
-            "closed client=%s up=%d down=%d duration=%.3fs end=%s",
-            start.client,
-            result.received,
-            result.sent,
-            result.duration,
-            result.how,
-        )
+        result = RelayResult()  # filled in even if the relay is cancelled
+        try:
+            await relay(sock, channel, "service", result)
+        finally:
+            log.log(
+                logging.INFO if result.normal else logging.WARNING,
+                "closed client=%s up=%d down=%d duration=%.3fs end=%s",
+                start.client,
+                result.received,
+                result.sent,
+                result.duration,
+                result.how,
+            )
 
 
 class _Pool:

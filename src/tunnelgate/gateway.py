@@ -671,35 +671,34 @@ class Gateway:
     ) -> None:
         """Root of one client connection's task."""
         channel: Channel | None = None
-        result: RelayResult | None = None  # set once the relay has closed both ends
+        result: RelayResult | None = None  # once relaying; filled in even if cancelled
         try:
             channel = await self._take_channel(session, sock, client, log)
             if channel is None:
                 return  # logged by _take_channel
             await channel.send_message(Start(conn, service.name, client))
             log.debug("client %s started on a data channel", client)
-            result = await relay(sock, channel, "client")
+            result = RelayResult()
+            await relay(sock, channel, "client", result)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
-            return
         except Exception:
             log.exception("unexpected error relaying client %s", client)
-            return
         finally:
-            if result is None:  # never relayed, or cancelled: neither end may look clean
+            if result is None:  # never relayed: neither end may look clean
                 reset_socket(sock)
                 if channel is not None:
                     channel.abort()
-        level = logging.INFO if result.normal else logging.WARNING
-        log.log(
-            level,
-            "closed client=%s up=%d down=%d duration=%.3fs end=%s",
-            client,
-            result.sent,
-            result.received,
-            result.duration,
-            result.how,
-        )
+            else:  # the relay closed both ends, however it ended
+                log.log(
+                    logging.INFO if result.normal else logging.WARNING,
+                    "closed client=%s up=%d down=%d duration=%.3fs end=%s",
+                    client,
+                    result.sent,
+                    result.received,
+                    result.duration,
+                    result.how,
+                )
 
     async def _take_channel(
         self, session: _Session, sock: socket.socket, client: str, log: ContextLogger

@@ -103,21 +103,29 @@ class RelayResult:
         return self.how == "normal"
 
 
-async def relay(local: socket.socket, channel: Channel, local_role: str) -> RelayResult:
+async def relay(
+    local: socket.socket, channel: Channel, local_role: str, result: RelayResult | None = None
+) -> RelayResult:
     """Pump bytes both ways until both directions ended; close both sockets.
 
     ``local_role`` ("client" or "service") names the local peer in reasons.
-    Cancellation (a session ending) resets both ends.
+    Cancellation (a session ending) resets both ends; a ``result`` passed in
+    holds the counts so far then, with ``how`` saying so, for the caller's log.
     """
     started = time.monotonic()
-    state = _Relay(local, channel, local_role)
+    state = _Relay(local, channel, local_role, result or RelayResult())
     try:
         await state.finished
-    except BaseException:
+    except BaseException as exc:
         # Cancelled (the session ended) or a bug: neither end may look clean.
         state.stop()
         reset_socket(local)
         channel.abort()
+        state.result.how = (
+            "reset: its session is over"
+            if isinstance(exc, asyncio.CancelledError)
+            else f"reset: {exc!r}"
+        )
         raise
     finally:
         state.result.duration = time.monotonic() - started
@@ -240,13 +248,15 @@ class _Failed:
 class _Relay:
     """One relayed connection: its two pumps and how it ended."""
 
-    def __init__(self, local: socket.socket, channel: Channel, local_role: str) -> None:
+    def __init__(
+        self, local: socket.socket, channel: Channel, local_role: str, result: RelayResult
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.poller = poller(self.loop)
         self.local = local
         self.channel = channel
         self.role = local_role
-        self.result = RelayResult()
+        self.result = result
         self.failure: _Failed | None = None
         self.finished: asyncio.Future[None] = self.loop.create_future()
         use_splice = splice_enabled() and not isinstance(channel.sock, ssl.SSLSocket)

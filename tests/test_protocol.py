@@ -58,6 +58,7 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
     p.Pong: st.builds(p.Pong, u63),
     p.PoolRequest: st.builds(p.PoolRequest, st.integers(1, 1024)),
     p.PoolRelease: st.builds(p.PoolRelease, st.integers(1, 1024)),
+    p.PoolDiscarded: st.builds(p.PoolDiscarded, st.integers(1, 4096)),
     p.Start: st.builds(p.Start, u63, names, st.text(max_size=64)),
     p.Bye: st.builds(p.Bye, st.text(max_size=512)),
 }
@@ -280,6 +281,7 @@ EXAMPLES: dict[type, p.Message] = {
     p.Pong: p.Pong(1),
     p.PoolRequest: p.PoolRequest(2),
     p.PoolRelease: p.PoolRelease(2),
+    p.PoolDiscarded: p.PoolDiscarded(4),
     p.Start: p.Start(1, "web", "203.0.113.9:4711"),
     p.Bye: p.Bye("shutdown"),
 }

@@ -48,6 +48,7 @@ from tunnelgate.protocol import (
     Hello,
     Ping,
     Pong,
+    PoolDiscarded,
     PoolRelease,
     PoolRequest,
     Refused,
@@ -365,6 +366,8 @@ class Agent:
                     await channel.send_message(Register(retry))
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)
+            elif isinstance(message, PoolDiscarded):
+                pool.discarded(message.count)
             elif isinstance(message, Bye):
                 goodbye = f"gateway said goodbye: {message.reason}"
                 pool.stop()
@@ -474,6 +477,7 @@ class _Pool:
         self.rate_at = time.monotonic()
         self.open_time = 0.0  # seconds to open a channel, averaged
         self.releasing = 0  # idle channels the gateway was asked to close
+        self.lost = 0  # idle channels the gateway discarded (a dead path): not ready
         self.serving: set[asyncio.Task[None]] = set()  # channels relaying a client
         self.stopped = False  # draining: open no more channels
 
@@ -490,6 +494,19 @@ class _Pool:
     def request(self, count: int) -> None:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
         self.changed.set()
+
+    def discarded(self, count: int) -> None:
+        """The gateway closed ``count`` pooled channels whose path went silent.
+        Which of ours they were cannot be told: count that many idle ones as
+        lost until channels end unused, and open replacements now."""
+        self.lost = min(self.idle, self.lost + count)
+        self.log.info("the gateway found %d pooled data channel(s) dead; opening new ones", count)
+        self.changed.set()
+
+    @property
+    def ready(self) -> int:
+        """Idle channels that should still reach the gateway."""
+        return max(0, self.idle - self.lost)
 
     def rate_now(self, now: float) -> float:
         """Starts per second, decayed since the last one."""
@@ -511,16 +528,16 @@ class _Pool:
         demand has stayed below it for a while."""
         while not self.stopped:
             target = self.target()
-            while self.idle + self.opening < target:
+            while self.ready + self.opening < target:
                 self.opening += 1
                 self.group.create_task(self._channel())
-            surplus = self.idle - self.releasing - target
+            surplus = self.ready - self.releasing - target
             if surplus > 0 and self.rate_at < time.monotonic() - DEMAND_WINDOW:
                 self.releasing += surplus
                 await self.control.send_message(PoolRelease(surplus))
             try:
                 # Above pool_size, look again as the rate decays.
-                above = self.idle > self.agent.config.pool_size
+                above = self.ready > self.agent.config.pool_size
                 async with asyncio.timeout(DEMAND_WINDOW if above else None):
                     await self.changed.wait()
             except TimeoutError:
@@ -588,6 +605,9 @@ class _Pool:
                 await channel.send_message(Pong(message.seq))
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             channel.abort()
+            if self.lost:
+                self.lost -= 1  # one the gateway discarded (or as good as one)
+                return None
             if self.releasing and isinstance(exc, ConnectionClosed):
                 self.releasing -= 1  # closed as asked with PoolRelease
                 return None

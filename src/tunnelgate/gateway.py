@@ -51,6 +51,7 @@ from tunnelgate.protocol import (
     Hello,
     Ping,
     Pong,
+    PoolDiscarded,
     PoolRelease,
     PoolRequest,
     Refused,
@@ -737,7 +738,9 @@ class Gateway:
                 time.monotonic() - pooled.alive_at,
                 len(session.pool),
             )
+            discarded = 1 + len(session.pool)
             session.abort_pooled()
+            await session.channel.send_message(PoolDiscarded(discarded))
         if len(session.waiters) >= self.config.max_pending_clients:
             more = session.refusals.allow(time.monotonic())
             if more is not None:

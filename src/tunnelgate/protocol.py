@@ -157,6 +157,15 @@ class PoolRelease(msgspec.Struct, tag="pool_release", frozen=True):
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)]
 
 
+class PoolDiscarded(msgspec.Struct, tag="pool_discarded", frozen=True):
+    """Gateway to agent: this many pooled data channels failed their check (a
+    path gone silent) and were closed. The agent cannot tell which of its idle
+    channels they were: it stops counting that many as ready, and opens new
+    ones; the dead ones end on their own (by RST, or by TCP keepalive)."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+
+
 class Start(msgspec.Struct, tag="start", frozen=True):
     """Gateway to agent on a pooled data channel: carry this client connection."""
 
@@ -182,6 +191,7 @@ Message = (
     | Pong
     | PoolRequest
     | PoolRelease
+    | PoolDiscarded
     | Start
     | Bye
 )
@@ -431,7 +441,7 @@ ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
     "agent_awaits_welcome": (Welcome, Refused),
     "agent_register_reply": (Registered, Ping, Pong, Bye),
     "gateway_control": (Register, Ping, Pong, PoolRelease, Bye),
-    "agent_control": (Ping, Pong, PoolRequest, Registered, Bye),
+    "agent_control": (Ping, Pong, PoolRequest, PoolDiscarded, Registered, Bye),
     "agent_pooled": (Start, Ping, Bye, Refused),
 }
 

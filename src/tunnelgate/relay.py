@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import ssl
@@ -262,15 +263,40 @@ class _Relay:
         use_splice = splice_enabled() and not isinstance(channel.sock, ssl.SSLSocket)
         self.result.path = "splice" if use_splice else "copy"
         self._running = 2
+        self._watched: int | None = None  # a finished pump's source, watched for a reset
         self.outbound: _Pump = _SpliceOut(self) if use_splice else _CopyOut(self)
         self.inbound: _Inbound = _SpliceIn(self) if use_splice else _CopyIn(self)
         self.outbound.start()
         self.inbound.start_with(channel.take_pending())
 
-    def pump_done(self) -> None:
+    def pump_done(self, pump: _Pump) -> None:
         self._running -= 1
-        if self._running == 0 and not self.finished.done():
-            self.finished.set_result(None)
+        if self._running == 0:
+            self.stop()
+            if not self.finished.done():
+                self.finished.set_result(None)
+        else:
+            # Nobody reads this socket any more, but its peer may still reset it
+            # (a client that half-closed, then gave up): that must end the relay
+            # now, not whenever the other direction next has bytes to send.
+            self._watched = pump.src_fd
+            self.poller.add_error_watch(pump.src_fd, functools.partial(self._reset_seen, pump))
+
+    def _reset_seen(self, pump: _Pump) -> None:
+        error = pump.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.stop_watching()  # level-triggered: a full hang-up would wake us again
+        if not error:
+            return  # both directions shut cleanly: the other pump finishes by itself
+        exc = OSError(error, os.strerror(error))
+        if pump.src is self.local:
+            self.local_failed(exc)
+        else:
+            self.channel_failed(exc)
+
+    def stop_watching(self) -> None:
+        if self._watched is not None:
+            self.poller.remove_error_watch(self._watched)
+            self._watched = None
 
     def fail(self, how: str, tell_peer: bool) -> None:
         if self.finished.done():
@@ -290,6 +316,7 @@ class _Relay:
         self.fail(f"data channel lost: {describe_os_error(exc)}", tell_peer=False)
 
     def stop(self) -> None:
+        self.stop_watching()
         self.outbound.stop()
         self.inbound.stop()
 
@@ -343,7 +370,7 @@ class _Pump:
 
     def finish(self) -> None:
         self.stop()
-        self.relay.pump_done()
+        self.relay.pump_done(self)
 
     def stop(self) -> None:
         if self.stopped:

@@ -132,6 +132,7 @@ class Poller:
         self.readers: dict[int, Callable[[], None]] = {}
         self.writers: dict[int, Callable[[], None]] = {}
         self.hangups: dict[int, Callable[[], None]] = {}  # peer sent FIN or RST
+        self.errors: dict[int, Callable[[], None]] = {}  # an error or a full hang-up only
         self.epoll = select.epoll()
         loop.add_reader(self.epoll.fileno(), self.dispatch)
         weakref.finalize(self, self.epoll.close)
@@ -160,14 +161,25 @@ class Poller:
         if self.hangups.pop(fd, None) is not None:
             self._update(fd)
 
+    def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call back on an error (such as the peer's RST) or a full hang-up of
+        ``fd``, and on nothing else: for a socket nobody reads any more."""
+        self.errors[fd] = callback
+        self._update(fd)
+
+    def remove_error_watch(self, fd: int) -> None:
+        if self.errors.pop(fd, None) is not None:
+            self._update(fd)
+
     def _update(self, fd: int) -> None:
         mask = (
             (select.EPOLLIN if fd in self.readers else 0)
             | (select.EPOLLOUT if fd in self.writers else 0)
             | (select.EPOLLRDHUP if fd in self.hangups else 0)
         )
+        watched = mask or fd in self.errors  # epoll reports errors on any registration
         try:
-            if mask:
+            if watched:
                 try:
                     self.epoll.modify(fd, mask)
                 except FileNotFoundError:
@@ -185,6 +197,8 @@ class Poller:
                 writer()
             if events & _HANGUP_EVENTS and (hangup := self.hangups.get(fd)) is not None:
                 hangup()
+            if events & _ERROR_EVENTS and (error := self.errors.get(fd)) is not None:
+                error()
 
 
 class _LoopPoller:
@@ -195,6 +209,12 @@ class _LoopPoller:
         self.remove_reader = loop.remove_reader
         self.add_writer = loop.add_writer
         self.remove_writer = loop.remove_writer
+
+    def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Nothing without epoll: an error shows on the next read or write."""
+
+    def remove_error_watch(self, fd: int) -> None:
+        pass
 
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller | _LoopPoller] = (
@@ -221,6 +241,7 @@ _READ_EVENTS: Final = (
 _WRITE_EVENTS: Final = (
     select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
 )
+_ERROR_EVENTS: Final = select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
 _HANGUP_EVENTS: Final = (
     select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
 )
@@ -507,7 +528,9 @@ async def connect(address: Address, timeout: float) -> socket.socket:
                     error = exc
                     continue
                 except BaseException:
-                    sock.close()
+                    # Cancelled, maybe after the kernel connected: the peer must
+                    # see a reset, not a clean connection with nothing in it.
+                    reset_socket(sock)
                     raise
                 tune_socket(sock)
                 return sock

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-without-uvloop lint typecheck pytest pytest-uvloop bench fmt clean
+.PHONY: demo test test-without-uvloop lint typecheck pytest pytest-uvloop bench soak fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ pytest: $(STAMP)
 # The in-process tests again on uvloop (the CLI in subprocesses uses it already),
 # with plain channels on the relay's copy path (splice runs in every other pass).
 pytest-uvloop: $(STAMP)
-	TUNNELGATE_LOOP=uvloop TUNNELGATE_NO_SPLICE=1 $(PY) -m pytest -q tests/test_transport.py tests/test_tunnel_*.py
+	TUNNELGATE_LOOP=uvloop TUNNELGATE_NO_SPLICE=1 $(PY) -m pytest -q tests/test_transport.py tests/test_faultkit.py tests/test_tunnel_*.py
 
 # Every test once more where uvloop is not installed (CI runs this after `make test`).
 STOCK_VENV := .venv-stock
@@ -48,6 +48,12 @@ test-without-uvloop: $(STOCK_VENV)/.installed
 # make bench BENCH_ARGS=--quick   for a smoke run; bench/bench.py --help for the options.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# Mixed traffic against a real gateway and agent while faults fire at random (not part of
+# `make test`): SOAK_SECONDS (default 300) of it, then a table and PASS or FAIL.
+# make soak SOAK_ARGS='--seed 1234'   replays the faults of an earlier run; tests/soak.py --help.
+soak: $(STAMP)
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench

@@ -7,6 +7,7 @@ the gateway (server side) and the agent (client side) wrap them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -184,3 +185,41 @@ async def test_connect_reaches_ip_literals_and_names(host: str) -> None:
             assert await loop.sock_recv(accepted, 2) == b"hi"
     finally:
         listener.close()
+
+
+async def test_connect_cancelled_after_connecting_resets_the_peer() -> None:
+    """A dial cancelled once the kernel has connected (a session ending while an
+    agent dials its service) ends with a reset at the peer, never with a clean,
+    empty connection that would look like a finished exchange."""
+    outcomes: list[str] = []
+
+    async def service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            outcomes.append("clean end" if await reader.read(100) == b"" else "bytes")
+        except OSError:
+            outcomes.append("reset")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(service, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        for steps in (1, 1, 2, 2, 3):
+            dialing = asyncio.create_task(connect(Address("127.0.0.1", port), 5))
+            for _ in range(steps):  # the connect is under way; on loopback, done in the kernel
+                await asyncio.sleep(0)
+            dialing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                sock = await dialing
+                sock.close()  # connect() had returned: a clean end, and not the case here
+                outcomes.append("returned")
+        # A last, ordinary connection closed cleanly: once its end is seen, the
+        # service has seen every earlier one (accepted in order, reset at once).
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        await wait_until(lambda: outcomes.count("clean end") > outcomes.count("returned"))
+    assert outcomes.count("clean end") == outcomes.count("returned") + 1, outcomes
+    if os.environ.get("TUNNELGATE_LOOP") != "uvloop":
+        # The stock loop has the kernel connect within these steps; uvloop's
+        # cancelled dials may never reach it, which proves nothing either way.
+        assert "reset" in outcomes, outcomes

@@ -739,8 +739,10 @@ async def test_idle_pooled_channels_killed_next_clients_served_without_storm(
         for _ in range(clients // 2):
             group.create_task(echo_intact(service.address, 64 << 10))
 
-    if kill == "reset":  # the agent sees these ends; a black hole it cannot see
-        await wait_until(lambda: len(proxy.live("data")) >= pool_size, what="the pool refilled")
+    # Reset channels end at the agent; black-holed ones it learns of from the
+    # gateway (PoolDiscarded). Either way the pool is ready again.
+    await wait_until(lambda: len(proxy.live("data")) >= pool_size, what="the pool refilled")
+    await wait_until(lambda: pooled(gateway) >= pool_size, what="the gateway's pool refilled")
     opened = proxy.accepted - accepted_before
     assert opened <= clients + pool_size + 4, f"{opened} new connections for {clients} clients"
     warnings_logged = [
@@ -840,3 +842,34 @@ async def test_whole_network_cut_mid_transfer_every_client_reset_in_time(
     )
     (again,) = (await agent.wait_ready(10)).values()
     await echo_intact(again.address)
+
+
+async def test_half_closed_client_resetting_while_service_is_silent_resets_the_service(
+    open_tunnel: OpenTunnel, start_server: StartServer, tunnel_log: LogRecorder
+) -> None:
+    """A client sends its request, half-closes, then gives up with a reset while
+    the service is still silent: the service's connection is reset within a
+    couple of seconds, not kept open until the service has something to say."""
+    loop = asyncio.get_running_loop()
+    requests: list[socket.socket] = []
+    answer = asyncio.Event()  # never set: the service stays silent
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the request, up to the client's EOF
+        requests.append(writer.get_extra_info("socket"))
+        await answer.wait()
+
+    tunnel = await open_tunnel(await start_server(silent))
+    async with asyncio.timeout(10), connect(tunnel.address) as (_, writer):
+        writer.write(b"request")
+        writer.write_eof()
+        await wait_until(lambda: requests, what="the service to read the whole request")
+        reset_writer(writer)
+    gave_up = loop.time()
+    await wait_until(
+        lambda: requests[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR),
+        what="the service's connection to be reset",
+    )
+    assert loop.time() - gave_up < 3.0
+    closed = await wait_until(lambda: tunnel_log.find("closed client="), what="the close logs")
+    assert all("end=normal" not in line for line in closed), closed

@@ -605,11 +605,11 @@ class _Pool:
                 await channel.send_message(Pong(message.seq))
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             channel.abort()
-            if self.lost:
-                self.lost -= 1  # one the gateway discarded (or as good as one)
-                return None
             if self.releasing and isinstance(exc, ConnectionClosed):
-                self.releasing -= 1  # closed as asked with PoolRelease
+                self.releasing -= 1  # closed as asked with PoolRelease (a clean close)
+                return None
+            if self.lost:
+                self.lost -= 1  # one the gateway discarded: its path comes back with a reset
                 return None
             self.log.debug("pooled data channel ended unused: %s", exc)
             await asyncio.sleep(OPEN_RETRY_DELAY)

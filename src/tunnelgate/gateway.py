@@ -753,6 +753,7 @@ class Gateway:
                 )
             return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        waited_from = time.monotonic()
         session.waiters.append(waiter)
         missing = len(session.waiters) - session.requested
         if missing > 0:
@@ -761,8 +762,13 @@ class Gateway:
         try:
             async with asyncio.timeout(self.config.pending_timeout):
                 taken = await _unless_left(waiter, sock)
-            if taken is None:
-                log.debug("client %s left while waiting for a data channel", client)
+            if taken is None:  # its one closing line, as for every client
+                log.info(
+                    "closed client=%s up=0 down=0 duration=%.3fs end=left before a data "
+                    "channel came",
+                    client,
+                    time.monotonic() - waited_from,
+                )
                 if waiter.done() and not waiter.cancelled():  # came in the same instant
                     session.pool.append(_Pooled(waiter.result()))
             return taken

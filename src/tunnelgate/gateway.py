@@ -73,10 +73,10 @@ from tunnelgate.transport import (
     bound_address,
     describe_os_error,
     open_listener,
+    peer_closed,
     reset_socket,
     reset_unless_closed_cleanly,
     tune_socket,
-    wait_peer_closed,
     was_reset,
 )
 
@@ -814,15 +814,12 @@ def _more(repeats: int) -> str:
 async def _unless_left(waiter: asyncio.Future[Channel], sock: socket.socket) -> Channel | None:
     """The channel ``waiter`` gets, or None if the client leaves first: it
     resets ``sock``, or closes it without having sent anything."""
-    watching = asyncio.ensure_future(wait_peer_closed(sock))
-    either: set[asyncio.Future[Any]] = {waiter, watching}
-    try:
+    with peer_closed(sock) as closed:
+        either: set[asyncio.Future[Any]] = {waiter, closed}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not waiter.done() and (was_reset(sock) or not _has_bytes(sock)):
             return None
-        return await waiter  # got it, or a half-close after a request: it wants the answer
-    finally:
-        watching.cancel()
+    return await waiter  # got it, or a half-close after a request: it wants the answer
 
 
 def _has_bytes(sock: socket.socket) -> bool:

@@ -151,14 +151,16 @@ async def abort_channel(channel: Channel, reason: str) -> None:
     it resets or closes (for at most ``ABORT_TIMEOUT``): closing at once with
     unread bytes would send an RST that can make the peer lose the ABORT.
     """
-    with contextlib.suppress(TransportError, TimeoutError, OSError):
-        async with asyncio.timeout(ABORT_TIMEOUT):
-            await channel.stream.send(encode_abort(reason))
-            shutdown_write(channel.sock)
-            buffer = memoryview(bytearray(DRAIN_SIZE))
-            while await channel.stream.receive_into(buffer):
-                pass
-    channel.abort()
+    try:
+        with contextlib.suppress(TransportError, TimeoutError, OSError):
+            async with asyncio.timeout(ABORT_TIMEOUT):
+                await channel.stream.send(encode_abort(reason))
+                shutdown_write(channel.sock)
+                buffer = memoryview(bytearray(DRAIN_SIZE))
+                while await channel.stream.receive_into(buffer):
+                    pass
+    finally:  # cancelled meanwhile (the session ended) too
+        channel.abort()
 
 
 # --- per-thread resources ---------------------------------------------------

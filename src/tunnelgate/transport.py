@@ -24,7 +24,7 @@ import ssl
 import struct
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 from tunnelgate.config import Address, format_address
@@ -257,21 +257,28 @@ async def wait_writable(sock: socket.socket) -> None:
     await _wait(sock, writable=True)
 
 
-async def wait_peer_closed(sock: socket.socket) -> None:
-    """Until the peer has sent a FIN or an RST on ``sock``, whatever bytes are
-    still unread (forever where there is no epoll)."""
+@contextlib.contextmanager
+def peer_closed(sock: socket.socket) -> Iterator[asyncio.Future[None]]:
+    """A future that is done once the peer has sent a FIN or an RST on
+    ``sock``, whatever bytes are still unread; watched only inside the block
+    (never done where there is no epoll).
+
+    The watch ends when the block does, before ``sock`` can be closed: a
+    descriptor unregistered later might by then be another socket's.
+    """
     loop = asyncio.get_running_loop()
     ready = poller(loop)
-    waiter: asyncio.Future[None] = loop.create_future()
+    closed: asyncio.Future[None] = loop.create_future()
     if not isinstance(ready, Poller):
-        await waiter  # until cancelled
+        yield closed
         return
     fd = sock.fileno()
-    ready.add_hangup(fd, functools.partial(_wake, waiter))
+    ready.add_hangup(fd, functools.partial(_wake, closed))
     try:
-        await waiter
+        yield closed
     finally:
         ready.remove_hangup(fd)
+        closed.cancel()
 
 
 def was_reset(sock: socket.socket) -> bool:

@@ -372,8 +372,12 @@ async def test_pool_grows_with_the_rate_of_clients_and_shrinks_after(
     open_agent: Callable[..., Awaitable[Agent]],
     echo_server: LocalServer,
 ) -> None:
-    """A steady stream of 16 concurrent clients raises the pool above
-    ``pool_size``; once the clients stop, PoolRelease brings it back down."""
+    """A steady stream of 16 concurrent clients raises the pool's target above
+    ``pool_size``; once the clients stop, PoolRelease brings the pool back down.
+
+    (The target is what adapts. Whether idle channels pile up at the gateway
+    meanwhile depends on how fast this machine opens them against how fast the
+    clients use them: on a loaded CI machine, each one is taken as it arrives.)"""
     gateway = await open_gateway()
     agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], pool_size=2)
     (service,) = (await agent.wait_ready(10)).values()
@@ -390,7 +394,8 @@ async def test_pool_grows_with_the_rate_of_clients_and_shrinks_after(
         nonlocal largest
         while loop.time() < deadline:
             await echo_roundtrip(service.address)
-            largest = max(largest, pooled())
+            pool = agent._pool  # no public view of the pool
+            largest = max(largest, pooled(), pool.target() if pool is not None else 0)
 
     await asyncio.gather(*(worker() for _ in range(16)))
     assert largest > 2, "the pool never grew under a steady stream of clients"

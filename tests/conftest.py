@@ -645,6 +645,51 @@ class Proc:
 Launch = Callable[..., Proc]
 
 
+# --- blocking clients, for the tests of real processes ------------------------
+
+
+def read_until_end(sock: socket.socket, received: bytearray, timeout: float) -> str:
+    """Read into ``received`` until the connection ends: "reset", "eof" or "timeout"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout"
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(262144)
+        except TimeoutError:
+            return "timeout"
+        except OSError:
+            return "reset"
+        if not chunk:
+            return "eof"
+        received += chunk
+
+
+def echo_exchange(port: int, payload: bytes, timeout: float = DEADLINE) -> tuple[bytes, str]:
+    """Send ``payload`` and EOF to an echo through ``port``; return what came back
+    and how it ended ("eof", "reset", "timeout"). Raises ConnectionRefusedError."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        failed: list[OSError] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                failed.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        received = bytearray()
+        how = read_until_end(sock, received, timeout)
+        sender.join(timeout)
+        if failed and how == "eof":
+            how = "reset"
+        return bytes(received), how
+
+
 @pytest.fixture
 def launch_command(tmp_path: Path) -> Iterator[Launch]:
     """Start ``PROGRAM ARGS...`` (``token=`` goes in the environment, ``cwd=`` is where);

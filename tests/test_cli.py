@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, TOKEN_ENV, Launch, Proc, free_port
+from conftest import DEADLINE, TOKEN_ENV, Launch, Proc, echo_exchange, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,25 +181,10 @@ def echo_port() -> Iterator[int]:
 
 
 def echo_through(port: int, payload: bytes) -> bytes:
-    """Send ``payload`` then EOF to ``port``; return everything read until EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                errors.append(exc)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        received = bytearray()
-        while chunk := sock.recv(262144):
-            received += chunk
-        sender.join(DEADLINE)
-        assert not errors, errors
-    return bytes(received)
+    """Send ``payload`` then EOF to ``port``; return everything read until a clean EOF."""
+    received, how = echo_exchange(port, payload)
+    assert how == "eof", f"the echo ended with {how} after {len(received)} bytes"
+    return received
 
 
 def wait_refused(port: int, timeout: float = DEADLINE) -> None:

@@ -336,15 +336,13 @@ class Gateway:
     async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
         def handle(sock: socket.socket, peer: str) -> None:
             if self._handshaking >= self.config.max_handshakes:
-                more = self._handshake_refusals.allow(time.monotonic())
-                if more is not None:
-                    logger.warning(
-                        "dropping connection from %s: %d connections are in handshake "
-                        "(max_handshakes)%s",
-                        peer,
-                        self._handshaking,
-                        more,
-                    )
+                self._handshake_refusals.warning(
+                    logger,
+                    time.monotonic(),
+                    "dropping connection from %s: %d connections are in handshake (max_handshakes)",
+                    peer,
+                    self._handshaking,
+                )
                 reset_socket(sock)
                 return
             _spawn(group, sock, self._guard_connection(sock, peer))
@@ -628,16 +626,15 @@ class Gateway:
 
         def handle(sock: socket.socket, client: str) -> None:
             if len(session.clients) >= self.config.max_connections:
-                more = session.refusals.allow(time.monotonic())
-                if more is not None:
-                    session.log.warning(
-                        "refusing client %s on service %s: the agent has %d open connections "
-                        "(max_connections)%s",
-                        client,
-                        service.name,
-                        len(session.clients),
-                        more,
-                    )
+                session.refusals.warning(
+                    session.log,
+                    time.monotonic(),
+                    "refusing client %s on service %s: the agent has %d open connections "
+                    "(max_connections)",
+                    client,
+                    service.name,
+                    len(session.clients),
+                )
                 reset_socket(sock)
                 return
             tune_socket(sock)
@@ -742,15 +739,14 @@ class Gateway:
             session.abort_pooled()
             await session.channel.send_message(PoolDiscarded(discarded))
         if len(session.waiters) >= self.config.max_pending_clients:
-            more = session.refusals.allow(time.monotonic())
-            if more is not None:
-                log.warning(
-                    "refusing client %s: %d clients already wait for a data channel "
-                    "(max_pending_clients)%s",
-                    client,
-                    len(session.waiters),
-                    more,
-                )
+            session.refusals.warning(
+                log,
+                time.monotonic(),
+                "refusing client %s: %d clients already wait for a data channel "
+                "(max_pending_clients)",
+                client,
+                len(session.waiters),
+            )
             return None
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         waited_from = time.monotonic()

@@ -63,6 +63,15 @@ class Throttle:
         left_out, self._reported_at, self._left_out = self._left_out, now, 0
         return f" (and {left_out} more since the last report)" if left_out else ""
 
+    def warning(
+        self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
+    ) -> None:
+        """``log.warning(msg, *args)`` unless it is too soon, with the count of
+        the ones left out since appended."""
+        more = self.allow(now)
+        if more is not None:
+            log.warning(msg + "%s", *args, more)
+
 
 def _utc(record: logging.LogRecord) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))

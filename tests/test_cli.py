@@ -24,17 +24,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, TOKEN_ENV, Launch, Proc, echo_exchange, free_port
+from conftest import (
+    AGENT_COMMAND_RE,
+    DEADLINE,
+    TOKEN_ENV,
+    GatewayProc,
+    Launch,
+    Proc,
+    echo_exchange,
+    free_port,
+    start_gateway,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-FINGERPRINT_RE = r"SHA256:[0-9A-F]{64}"
-# The banner's suggested agent command, maybe after environment assignments.
-AGENT_COMMAND_RE = r"^\s+((?:[A-Z_]+=\S+\s+)*tunnelgate agent .*)$"
 
 
 # --- processes --------------------------------------------------------------
@@ -54,36 +59,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=DEADLINE,
         check=False,
     )
-
-
-@dataclass
-class GatewayProc:
-    proc: Proc
-    port: int
-    fingerprint: str | None  # None with --no-tls
-
-
-def start_gateway(
-    launch: Launch,
-    state_dir: Path,
-    *flags: str,
-    token: str | None = None,
-    tls: bool = True,
-    listen: str = "127.0.0.1:0",
-) -> GatewayProc:
-    """A gateway whose banner has been printed; its control port read from its log."""
-    args = ["gateway", "--listen", listen, "--state-dir", str(state_dir), *flags]
-    if not tls:
-        args.append("--no-tls")
-    proc = launch(*args, token=token)
-    port = int(proc.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1))
-    proc.wait_line(AGENT_COMMAND_RE, stdout=True)  # the banner's last line
-    fingerprint = None
-    for line in proc.lines_matching(r"^certificate fingerprint: ", stdout=True):
-        fingerprint = line.split(": ", 1)[1].strip()
-        assert re.fullmatch(FINGERPRINT_RE, fingerprint), line
-    assert (fingerprint is not None) == tls, proc.describe()
-    return GatewayProc(proc, port, fingerprint)
 
 
 def banner_agent_command(proc: Proc) -> tuple[dict[str, str], list[str]]:

@@ -35,7 +35,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import DEADLINE, Launch, Proc, echo_exchange, free_port, read_until_end
+from conftest import (
+    DEADLINE,
+    GatewayProc,
+    Launch,
+    Proc,
+    echo_exchange,
+    free_port,
+    read_until_end,
+    start_gateway,
+)
 
 from tunnelgate import protocol as p
 from tunnelgate.config import DEFAULT_MAX_HANDSHAKES, DEFAULT_POOL_SIZE
@@ -57,43 +66,10 @@ AGENT_FLAGS = ("--reconnect-max", str(RECONNECT_MAX))
 AGENT_NAME = "site-a"
 MARGIN = 2.0  # slack for a loaded machine on top of a documented bound
 POLL_INTERVAL = 0.05
-FINGERPRINT_RE = r"SHA256:[0-9A-F]{64}"
 MiB = 1 << 20
 
 
 # --- processes ----------------------------------------------------------------
-
-
-@dataclass
-class GatewayProc:
-    proc: Proc
-    port: int
-    fingerprint: str | None  # None with --no-tls
-
-    @property
-    def pid(self) -> int:
-        return self.proc.popen.pid
-
-
-def start_gateway(
-    launch: Launch,
-    state_dir: Path,
-    token: str,
-    *flags: str,
-    tls: bool = True,
-    listen: str = "127.0.0.1:0",
-) -> GatewayProc:
-    """A gateway whose banner has been printed; its control port read from its log."""
-    args = ["gateway", "--listen", listen, "--state-dir", str(state_dir), *flags]
-    if not tls:
-        args.append("--no-tls")
-    proc = launch(*args, token=token)
-    port = int(proc.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1))
-    fingerprint = None
-    if tls:
-        line = proc.wait_line(rf"^certificate fingerprint: ({FINGERPRINT_RE})$", stdout=True)
-        fingerprint = line.group(1)
-    return GatewayProc(proc, port, fingerprint)
 
 
 def start_agent(launch: Launch, gateway: GatewayProc, token: str, *expose: str) -> Proc:
@@ -466,7 +442,7 @@ def test_gateway_restart_agent_returns_within_backoff_and_gap_clients_never_hang
     state = tmp_path / "state"
     listen = f"127.0.0.1:{free_port()}"
     public = free_port()
-    gateway = start_gateway(launch, state, token, *HEARTBEAT_FLAGS, listen=listen)
+    gateway = start_gateway(launch, state, *HEARTBEAT_FLAGS, listen=listen, token=token)
     with tcp_service(_Echo) as echo:
         agent = start_agent(launch, gateway, token, f"{public}:127.0.0.1:{service_port(echo)}")
         wait_exposed(agent, public)
@@ -478,7 +454,7 @@ def test_gateway_restart_agent_returns_within_backoff_and_gap_clients_never_hang
         gap = [probe(public, bound=1.0) for _ in range(3)]
         assert all(how == "refused" for how, _ in gap), gap
 
-        again = start_gateway(launch, state, token, *HEARTBEAT_FLAGS, listen=listen)
+        again = start_gateway(launch, state, *HEARTBEAT_FLAGS, listen=listen, token=token)
         listening = time.monotonic()
         assert again.fingerprint == gateway.fingerprint
         # Until the agent is back, a client is refused or served, never left waiting.
@@ -514,7 +490,7 @@ def test_agent_death_mid_transfer_resets_clients_and_frees_gateway(
     gateway drops every socket of that session and frees the port, and the
     agent (restarted, or continued) gets the same port back."""
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", token, *HEARTBEAT_FLAGS, tls=tls)
+    gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     baseline = fd_census(gateway.pid)
     public = free_port()
     with tcp_service(_Stream) as stream, contextlib.ExitStack() as closing:
@@ -585,7 +561,7 @@ def test_agent_takeover_of_frozen_session_is_immediate(launch: Launch, tmp_path:
     corrupted while the two take the port from each other."""
     token = new_token()
     flags = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", str(TAKEOVER_HEARTBEAT_TIMEOUT))
-    gateway = start_gateway(launch, tmp_path / "state", token, *flags)
+    gateway = start_gateway(launch, tmp_path / "state", *flags, token=token)
     public = free_port()
     with tcp_service(_Echo) as echo, contextlib.ExitStack() as closing:
         expose = f"{public}:127.0.0.1:{service_port(echo)}"
@@ -725,8 +701,8 @@ def test_control_port_slowloris_closed_after_handshake_timeout(
     and the gateway's descriptors go back to where they were."""
     token = new_token()
     gateway = start_gateway(
-        launch, tmp_path / "state", token, *HEARTBEAT_FLAGS,
-        "--handshake-timeout", str(SHORT_HANDSHAKE),
+        launch, tmp_path / "state", *HEARTBEAT_FLAGS,
+        "--handshake-timeout", str(SHORT_HANDSHAKE), token=token,
     )  # fmt: skip
     baseline = fd_census(gateway.pid)
     hello = tls_client_hello()
@@ -886,7 +862,7 @@ def open_echo_tunnel(
 ) -> tuple[GatewayProc, Proc, int]:
     """A TLS gateway and an agent exposing ``echo``, checked with one transfer."""
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", token, *HEARTBEAT_FLAGS)
+    gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, token=token)
     agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
     public = wait_exposed(agent)
     echo_checked(public)
@@ -962,9 +938,9 @@ def test_service_port_client_hanging_up_while_waiting_is_dropped(
     config = tmp_path / "gateway.toml"
     config.write_text(f"max_pending_clients = {MAX_PENDING}\n")
     gateway = start_gateway(
-        launch, tmp_path / "state", token, "--config", str(config),
+        launch, tmp_path / "state", "--config", str(config),
         "--heartbeat-interval", "0.5", "--heartbeat-timeout", str(LONG_TIMEOUT),
-        "--pending-timeout", str(LONG_TIMEOUT),
+        "--pending-timeout", str(LONG_TIMEOUT), token=token,
     )  # fmt: skip
     baseline = fd_census(gateway.pid)
     with tcp_service(_Echo) as echo:
@@ -1051,7 +1027,7 @@ def test_control_port_oversized_frames_closed_with_warning(
     authentication, are closed at once with a WARNING naming the size; the
     tunnel keeps serving and the gateway keeps none of those sockets."""
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", token, *HEARTBEAT_FLAGS, tls=tls)
+    gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     baseline = fd_census(gateway.pid)
     with tcp_service(_Echo) as echo, contextlib.ExitStack() as closing:
         agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
@@ -1135,7 +1111,7 @@ def test_service_port_idle_clients_capped_by_max_connections(
     config = tmp_path / "gateway.toml"
     config.write_text(f"max_connections = {MAX_CONNECTIONS}\n")
     gateway = start_gateway(
-        launch, tmp_path / "state", token, "--config", str(config), *HEARTBEAT_FLAGS
+        launch, tmp_path / "state", "--config", str(config), *HEARTBEAT_FLAGS, token=token
     )
     with tcp_service(_Echo) as echo:
         agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
@@ -1209,7 +1185,7 @@ def test_client_that_never_reads_stalls_service_with_bounded_memory(
     service's writes stall after a bounded amount, gateway and agent memory
     stay bounded and idle, and another client's transfer runs at its pace."""
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", token, *HEARTBEAT_FLAGS, tls=tls)
+    gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     with (
         tcp_service(_Echo) as echo,
         tcp_service(_Firehose, _FirehoseServer) as firehose,

@@ -14,8 +14,11 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shlex
 import socket
+import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -682,6 +685,33 @@ def start_gateway(
         assert re.fullmatch(FINGERPRINT_RE, fingerprint), line
     assert (fingerprint is not None) == tls, proc.describe()
     return GatewayProc(proc, port, fingerprint)
+
+
+def new_token() -> str:
+    """A fresh strong token for a test's gateway and agents."""
+    return secrets.token_urlsafe(32)
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    """A threaded service that echoes until the peer ends, for the tests of
+    real processes (``socketserver``, so the test's own loop is not involved)."""
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(262144):
+                self.request.sendall(data)
+
+
+def client_hello() -> bytes:
+    """The bytes of a real TLS ClientHello."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="tunnelgate")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 # --- blocking clients, for the tests of real processes ------------------------

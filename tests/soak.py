@@ -804,8 +804,16 @@ class Soak:
         """What a pooled data channel carries (its handshake), learnt from the
         first pool, before any client connects."""
         await poll_until(lambda: len(self.proxy.live("data")) >= POOL_SIZE, PROCESS_START + MARGIN)
-        await asyncio.sleep(0.5)  # the last handshakes have ended
-        self.pooled_sizes = {self.sizes(c) for c in self.proxy.live("data")}
+        seen: set[tuple[int, int]] | None = None
+
+        def handshakes_over() -> bool:  # no pooled channel's byte counts moved since last time
+            nonlocal seen
+            now_seen = {self.sizes(c) for c in self.proxy.live("data")}
+            settled, seen = now_seen == seen, now_seen
+            return settled
+
+        await poll_until(handshakes_over, MARGIN)
+        self.pooled_sizes = seen or set()
 
     async def warm_up(self) -> None:
         """Every kind of traffic for a while (pools, buffers and caches grow to

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shlex
 import signal
 import socket
@@ -31,11 +30,13 @@ from conftest import (
     AGENT_COMMAND_RE,
     DEADLINE,
     TOKEN_ENV,
+    EchoHandler,
     GatewayProc,
     Launch,
     Proc,
     echo_exchange,
     free_port,
+    new_token,
     start_gateway,
 )
 
@@ -92,18 +93,7 @@ def start_agent(
     return proc, port
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
 # --- services and clients -----------------------------------------------------
-
-
-class _EchoHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        with contextlib.suppress(OSError):
-            while data := self.request.recv(65536):
-                self.request.sendall(data)
 
 
 class _SlowStreamHandler(socketserver.BaseRequestHandler):
@@ -151,7 +141,7 @@ def tcp_service(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    with tcp_service(_EchoHandler) as port:
+    with tcp_service(EchoHandler) as port:
         yield port
 
 

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import resource
-import secrets
 import selectors
 import signal
 import socket
@@ -37,11 +36,14 @@ from typing import Any, TypeVar
 import pytest
 from conftest import (
     DEADLINE,
+    EchoHandler,
     GatewayProc,
     Launch,
     Proc,
+    client_hello,
     echo_exchange,
     free_port,
+    new_token,
     read_until_end,
     start_gateway,
 )
@@ -249,13 +251,6 @@ STREAM_CHUNK = 16 * 1024
 STREAM_PACING = 0.002  # the service's own pace: at most ~8 MB/s per client
 
 
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        with contextlib.suppress(OSError):
-            while data := self.request.recv(262144):
-                self.request.sendall(data)
-
-
 class _Stream(socketserver.BaseRequestHandler):
     """Reads an 8-byte length, then sends that much of :func:`pattern`, paced, and closes."""
 
@@ -413,22 +408,6 @@ def is_refused(port: int) -> bool:
         return True
 
 
-def tls_client_hello() -> bytes:
-    """The bytes of a real TLS ClientHello."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="tunnelgate")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
 # --- 1. gateway restart -----------------------------------------------------------
 
 
@@ -443,7 +422,7 @@ def test_gateway_restart_agent_returns_within_backoff_and_gap_clients_never_hang
     listen = f"127.0.0.1:{free_port()}"
     public = free_port()
     gateway = start_gateway(launch, state, *HEARTBEAT_FLAGS, listen=listen, token=token)
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         agent = start_agent(launch, gateway, token, f"{public}:127.0.0.1:{service_port(echo)}")
         wait_exposed(agent, public)
         echo_checked(public)
@@ -563,7 +542,7 @@ def test_agent_takeover_of_frozen_session_is_immediate(launch: Launch, tmp_path:
     flags = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", str(TAKEOVER_HEARTBEAT_TIMEOUT))
     gateway = start_gateway(launch, tmp_path / "state", *flags, token=token)
     public = free_port()
-    with tcp_service(_Echo) as echo, contextlib.ExitStack() as closing:
+    with tcp_service(EchoHandler) as echo, contextlib.ExitStack() as closing:
         expose = f"{public}:127.0.0.1:{service_port(echo)}"
         first = start_agent(launch, gateway, token, expose)
         wait_exposed(first, public)
@@ -705,9 +684,9 @@ def test_control_port_slowloris_closed_after_handshake_timeout(
         "--handshake-timeout", str(SHORT_HANDSHAKE), token=token,
     )  # fmt: skip
     baseline = fd_census(gateway.pid)
-    hello = tls_client_hello()
+    hello = client_hello()
     fragments = [b"", hello[:5], hello[: len(hello) // 2], hello[:-1]]
-    with tcp_service(_Echo) as echo, Slowloris(gateway.port, SLOWLORIS, fragments) as attack:
+    with tcp_service(EchoHandler) as echo, Slowloris(gateway.port, SLOWLORIS, fragments) as attack:
         wait_for(lambda: attack.opened >= SLOWLORIS, DEADLINE, "the attack to start")
         connecting = time.monotonic()
         agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
@@ -874,7 +853,7 @@ def test_control_port_abandoned_connections_leave_no_trace(
 ) -> None:
     """5,000 connections opened and dropped on the control port: clients of the
     tunnel are served throughout, and descriptors and memory come back."""
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         gateway, agent, public = open_echo_tunnel(launch, tmp_path, echo)
         before = Footprint(gateway, agent)
         with EchoLoop(public) as loop:
@@ -897,7 +876,7 @@ def test_service_port_abandoned_connections_leave_no_trace(
     """5,000 connections opened and dropped on a service port: every one is
     closed on both sides, and descriptors and memory of gateway and agent come
     back to where they were."""
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         gateway, agent, public = open_echo_tunnel(launch, tmp_path, echo)
         before = Footprint(gateway, agent)
         flood_time = abandon(public, ABANDONED)
@@ -911,7 +890,7 @@ def test_service_port_abandoned_connections_do_not_disturb_other_clients(
 ) -> None:
     """While 5,000 connections are opened and dropped on a service port, other
     clients of that service are served, intact and without a long wait."""
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         gateway, _, public = open_echo_tunnel(launch, tmp_path, echo)
         with EchoLoop(public) as loop:
             abandon(public, ABANDONED)
@@ -943,7 +922,7 @@ def test_service_port_client_hanging_up_while_waiting_is_dropped(
         "--pending-timeout", str(LONG_TIMEOUT), token=token,
     )  # fmt: skip
     baseline = fd_census(gateway.pid)
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         # No pooled data channel: every client waits for one the agent opens.
         agent = launch(
             "agent", "--gateway", f"127.0.0.1:{gateway.port}", "--fingerprint",
@@ -1029,7 +1008,7 @@ def test_control_port_oversized_frames_closed_with_warning(
     token = new_token()
     gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     baseline = fd_census(gateway.pid)
-    with tcp_service(_Echo) as echo, contextlib.ExitStack() as closing:
+    with tcp_service(EchoHandler) as echo, contextlib.ExitStack() as closing:
         agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
         public = wait_exposed(agent)
         echo_checked(public)
@@ -1113,7 +1092,7 @@ def test_service_port_idle_clients_capped_by_max_connections(
     gateway = start_gateway(
         launch, tmp_path / "state", "--config", str(config), *HEARTBEAT_FLAGS, token=token
     )
-    with tcp_service(_Echo) as echo:
+    with tcp_service(EchoHandler) as echo:
         agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
         public = wait_exposed(agent)
         served = 0  # clients whose end the gateway has logged, so no longer counted
@@ -1187,7 +1166,7 @@ def test_client_that_never_reads_stalls_service_with_bounded_memory(
     token = new_token()
     gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     with (
-        tcp_service(_Echo) as echo,
+        tcp_service(EchoHandler) as echo,
         tcp_service(_Firehose, _FirehoseServer) as firehose,
     ):
         assert isinstance(firehose, _FirehoseServer)

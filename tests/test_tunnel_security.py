@@ -24,6 +24,7 @@ from conftest import (
     StartServer,
     Tunnel,
     banner_handler,
+    client_hello,
     connect,
     echo_roundtrip,
     free_port,
@@ -47,18 +48,6 @@ CLOSE_BOUND = 3.0  # a bad connection is closed well within this
 
 
 # --- bad input on the control port ---------------------------------------------
-
-
-def client_hello() -> bytes:
-    """The bytes of a real TLS ClientHello."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="tunnelgate")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def insecure_client_context() -> ssl.SSLContext:

@@ -307,7 +307,7 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(BYE_TIMEOUT):
                 await asyncio.gather(
-                    *(_say_bye(s.channel, "gateway shutting down") for s in untold)
+                    *(_send_bye(s.channel, "gateway shutting down") for s in untold)
                 )
 
     async def _drain(self, session: _Session, reason: str) -> None:
@@ -839,6 +839,6 @@ async def _answers_ping(channel: Channel) -> bool:
         raise
 
 
-async def _say_bye(channel: Channel, reason: str) -> None:
+async def _send_bye(channel: Channel, reason: str) -> None:
     with contextlib.suppress(TransportError):
         await channel.send_message(Bye(reason))

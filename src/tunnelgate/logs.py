@@ -54,23 +54,17 @@ class Throttle:
         self._reported_at = -interval
         self._left_out = 0
 
-    def allow(self, now: float) -> str | None:
-        """The suffix to log with this event (``""`` or ``" (and N more …)"``),
-        or None to stay quiet this time."""
-        if now - self._reported_at < self.interval:
-            self._left_out += 1
-            return None
-        left_out, self._reported_at, self._left_out = self._left_out, now, 0
-        return f" (and {left_out} more since the last report)" if left_out else ""
-
     def warning(
         self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
     ) -> None:
         """``log.warning(msg, *args)`` unless it is too soon, with the count of
         the ones left out since appended."""
-        more = self.allow(now)
-        if more is not None:
-            log.warning(msg + "%s", *args, more)
+        if now - self._reported_at < self.interval:
+            self._left_out += 1
+            return
+        left_out, self._reported_at, self._left_out = self._left_out, now, 0
+        more = f" (and {left_out} more since the last report)" if left_out else ""
+        log.warning(msg + "%s", *args, more)
 
 
 def _utc(record: logging.LogRecord) -> str:

@@ -114,7 +114,7 @@ async def relay(
     holds the counts so far then, with ``how`` saying so, for the caller's log.
     """
     started = time.monotonic()
-    state = _Relay(local, channel, local_role, result or RelayResult())
+    state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
     try:
         await state.finished
     except BaseException as exc:

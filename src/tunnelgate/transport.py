@@ -210,8 +210,15 @@ class _LoopPoller:
         self.add_writer = loop.add_writer
         self.remove_writer = loop.remove_writer
 
+    # Without epoll a hang-up or an error shows only on the next read or write.
+    def add_hangup(self, fd: int, callback: Callable[[], None]) -> None:
+        pass
+
+    def remove_hangup(self, fd: int) -> None:
+        pass
+
     def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Nothing without epoll: an error shows on the next read or write."""
+        pass
 
     def remove_error_watch(self, fd: int) -> None:
         pass
@@ -269,9 +276,6 @@ def peer_closed(sock: socket.socket) -> Iterator[asyncio.Future[None]]:
     loop = asyncio.get_running_loop()
     ready = poller(loop)
     closed: asyncio.Future[None] = loop.create_future()
-    if not isinstance(ready, Poller):
-        yield closed
-        return
     fd = sock.fileno()
     ready.add_hangup(fd, functools.partial(_wake, closed))
     try:

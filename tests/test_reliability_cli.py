@@ -146,6 +146,15 @@ def back_to_baseline(pid: int, baseline: Counter[str], extra_sockets: int = 0) -
     )
 
 
+def wait_fds_back(pid: int, baseline: Counter[str]) -> None:
+    """Wait until the process holds no more descriptors of any kind than ``baseline``."""
+    wait_for(
+        lambda: back_to_baseline(pid, baseline),
+        DEADLINE,
+        lambda: f"fds of {pid} back to {dict(baseline)}, now {dict(fd_census(pid))}",
+    )
+
+
 def tcp_sockets(pid: int) -> list[tuple[int, int, str]]:
     """(local port, remote port, state) of every TCP socket ``pid`` holds."""
     inodes = set()
@@ -498,11 +507,7 @@ def test_agent_death_mid_transfer_resets_clients_and_frees_gateway(
         assert reset_after < bound, f"clients reset {reset_after:.2f} s after the signal"
         during = fd_census(gateway.pid)
 
-        wait_for(
-            lambda: back_to_baseline(gateway.pid, baseline),
-            DEADLINE,
-            lambda: f"gateway fds back to {dict(baseline)}, now {dict(fd_census(gateway.pid))}",
-        )
+        wait_fds_back(gateway.pid, baseline)
         after = fd_census(gateway.pid)
         assert is_refused(public), "the dead session's port still accepts clients"
 
@@ -709,11 +714,7 @@ def test_control_port_slowloris_closed_after_handshake_timeout(
     )
     agent.signal(signal.SIGTERM)
     assert agent.wait_exit() == 0
-    wait_for(
-        lambda: back_to_baseline(gateway.pid, baseline),
-        DEADLINE,
-        lambda: f"gateway fds back to {dict(baseline)}, now {dict(fd_census(gateway.pid))}",
-    )
+    wait_fds_back(gateway.pid, baseline)
     print(
         f"slowloris: {attack.opened} connections, longest {longest:.2f} s, "
         f"agent exposed after {exposed_after:.2f} s, gateway fds {dict(fd_census(gateway.pid))}"
@@ -1058,11 +1059,7 @@ def test_control_port_oversized_frames_closed_with_warning(
         assert agent.popen.poll() is None
         agent.signal(signal.SIGTERM)
         assert agent.wait_exit() == 0
-    wait_for(
-        lambda: back_to_baseline(gateway.pid, baseline),
-        DEADLINE,
-        lambda: f"gateway fds back to {dict(baseline)}, now {dict(fd_census(gateway.pid))}",
-    )
+    wait_fds_back(gateway.pid, baseline)
 
 
 MAX_CONNECTIONS = 50

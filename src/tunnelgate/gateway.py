@@ -674,7 +674,7 @@ class Gateway:
             channel = await self._take_channel(session, sock, client, log)
             if channel is None:
                 return  # logged by _take_channel
-            await channel.send_message(Start(conn, service.name, client))
+            await channel.send_message(Start(conn, service.name, client, _local_address(sock)))
             log.debug("client %s started on a data channel", client)
             result = RelayResult()
             await relay(sock, channel, "client", result)
@@ -816,6 +816,15 @@ async def _unless_left(waiter: asyncio.Future[Channel], sock: socket.socket) -> 
         if not waiter.done() and (was_reset(sock) or not _has_bytes(sock)):
             return None
     return await waiter  # got it, or a half-close after a request: it wants the answer
+
+
+def _local_address(sock: socket.socket) -> str:
+    """The ``host:port`` a client reached (for the agent's PROXY protocol header)."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return ""
+    return format_address(host, port)
 
 
 def _has_bytes(sock: socket.socket) -> bool:

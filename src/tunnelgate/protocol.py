@@ -171,7 +171,8 @@ class Start(msgspec.Struct, tag="start", frozen=True):
 
     conn: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     service: Name
-    client: Annotated[str, msgspec.Meta(max_length=64)]
+    client: Annotated[str, msgspec.Meta(max_length=64)]  # the client's "host:port"
+    server: Annotated[str, msgspec.Meta(max_length=64)] = ""  # the public "host:port" it reached
 
 
 class Bye(msgspec.Struct, tag="bye", frozen=True):

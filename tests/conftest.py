@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import socketserver
 import ssl
@@ -646,6 +647,32 @@ class Proc:
 
 
 Launch = Callable[..., Proc]
+
+SYSTEM_DIRS = ("/usr/sbin", "/sbin")  # daemons (nginx) live here, often off a user's PATH
+
+
+def require_tool(name: str) -> str:
+    """The path of ``name``; skip without it, or fail when TUNNELGATE_REQUIRE_TOOLS=1."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *SYSTEM_DIRS])
+    path = shutil.which(name, path=search)
+    if path is None:
+        if os.environ.get("TUNNELGATE_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} not found on PATH, and TUNNELGATE_REQUIRE_TOOLS=1")
+        pytest.skip(f"{name} not found on PATH")
+    return path
+
+
+def wait_connectable(port: int, timeout: float = DEADLINE, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # polling interval under a deadline
 
 
 FINGERPRINT_RE = r"SHA256:[0-9A-F]{64}"

@@ -142,7 +142,7 @@ def test_decoder_split_at_every_offset_gives_same_events() -> None:
     """A stream with every frame kind, cut in two at any offset, decodes the same."""
     stream = b"".join(
         [
-            p.encode_message(p.Hello(1, "data", "agent-1", b"\x01" * 32)),
+            p.encode_message(p.Hello(p.PROTOCOL_VERSION, "data", "agent-1", b"\x01" * 32)),
             p.encode_message(p.Start(7, "web", "203.0.113.9:4711")),
             data_frame(b"GET / HTTP/1.1\r\n"),
             data_frame(b"\x00" * 5),
@@ -205,7 +205,7 @@ def hello_payload(**fields: object) -> bytes:
         (frame(p.KIND_ABORT, length=p.MAX_ABORT_SIZE + 1), "abort frame of 1025 bytes"),
         (frame(p.KIND_MESSAGE, b"\xc1"), "undecodable message: MessagePack data is malformed"),
         (frame(p.KIND_MESSAGE, msgspec.msgpack.encode({"type": "teleport"})), "'teleport'"),
-        (frame(p.KIND_MESSAGE, hello_payload(version=2)), "version 2 (this side speaks 1)"),
+        (frame(p.KIND_MESSAGE, hello_payload(version=9)), "version 9 (this side speaks 2)"),
         (frame(p.KIND_MESSAGE, hello_payload(agent="bad name!")), "`$.agent`"),
         (frame(p.KIND_MESSAGE, hello_payload(agent="a" * 65)), "`$.agent`"),
         (frame(p.KIND_MESSAGE, hello_payload(agent="")), "`$.agent`"),
@@ -233,46 +233,12 @@ def test_decoder_rejects_deeply_nested_message() -> None:
         list(p.FrameDecoder().feed(frame(p.KIND_MESSAGE, payload)))
 
 
-TOKEN, NONCE = b"s3cret-token", bytes(range(32))
-
-
-def signed_hello(
-    token: bytes = TOKEN,
-    nonce: bytes = NONCE,
-    role: typing.Literal["control", "data"] = "data",
-    agent: str = "a",
-    session: str = "s1",
-) -> p.Hello:
-    proof = p.compute_proof(token, nonce, role, agent, session)
-    return p.Hello(1, role, agent, proof, session)
-
-
-def test_verify_proof_accepts_the_right_token() -> None:
-    """An agent holding the token proves it without sending it."""
-    hello = signed_hello()
-    assert p.verify_proof(TOKEN, hello, NONCE)
-    assert TOKEN not in p.encode_message(hello)
-
-
-@pytest.mark.parametrize(
-    "hello",
-    [
-        signed_hello(token=b"wrong-token"),
-        signed_hello(nonce=bytes(32)),
-        signed_hello(role="control"),
-        signed_hello(agent="b"),
-        signed_hello(session="s2"),
-    ],
-    ids=["token", "nonce", "role", "agent", "session"],
-)
-def test_verify_proof_rejects_proof_made_for_something_else(hello: p.Hello) -> None:
-    """A proof made with another token, nonce, role, agent or session is refused."""
-    assert not p.verify_proof(TOKEN, p.Hello(1, "data", "a", hello.proof, "s1"), NONCE)
+NONCE = bytes(range(32))
 
 
 EXAMPLES: dict[type, p.Message] = {
-    p.Challenge: p.Challenge(1, NONCE),
-    p.Hello: signed_hello(),
+    p.Challenge: p.Challenge(p.PROTOCOL_VERSION, NONCE),
+    p.Hello: p.Hello(p.PROTOCOL_VERSION, "data", "a", bytes(32), "s1"),
     p.Welcome: p.Welcome("s1", 10.0, 30.0, 64),
     p.Refused: p.Refused("auth", "bad token"),
     p.Register: p.Register([p.ServiceRequest("web", "0.0.0.0", 8080)]),

@@ -12,45 +12,19 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, Launch, free_port
+from conftest import Launch, free_port, require_tool, wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 
 CLIENT_TIMEOUT = 30.0  # for a client tool to finish its run
 
 
-def require_tool(name: str) -> str:
-    """The path of ``name``; skip without it, or fail when TUNNELGATE_REQUIRE_TOOLS=1."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("TUNNELGATE_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"{name} not found on PATH, and TUNNELGATE_REQUIRE_TOOLS=1")
-        pytest.skip(f"{name} not found on PATH")
-    return path
-
-
 # --- processes --------------------------------------------------------------
-
-
-def wait_connectable(port: int, timeout: float = DEADLINE) -> None:
-    """Wait until something accepts connections on ``port``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # polling interval under a deadline
 
 
 def tunnel(launch: Launch, state_dir: Path, local_port: int, *, tls: bool = True) -> int:

@@ -48,6 +48,7 @@ from conftest import (
     start_gateway,
 )
 
+from tunnelgate import credentials
 from tunnelgate import protocol as p
 from tunnelgate.config import DEFAULT_MAX_HANDSHAKES, DEFAULT_POOL_SIZE
 from tunnelgate.relay import CHUNK_SIZE, IDLE_PIPES, PIPE_SIZE
@@ -1026,7 +1027,7 @@ def test_control_port_oversized_frames_closed_with_warning(
         decoder = p.FrameDecoder()
         challenge = receive_message(intruder, decoder)
         assert isinstance(challenge, p.Challenge)
-        proof = p.compute_proof(token.encode(), challenge.nonce, "control", "intruder", "")
+        proof = credentials.proof_for(token.encode(), challenge.nonce, "control", "intruder", "")
         intruder.sendall(
             p.encode_message(p.Hello(p.PROTOCOL_VERSION, "control", "intruder", proof))
         )

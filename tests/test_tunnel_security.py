@@ -32,6 +32,7 @@ from conftest import (
 )
 
 from tunnelgate import Address
+from tunnelgate import credentials
 from tunnelgate import protocol as p
 from tunnelgate.errors import (
     AuthenticationError,
@@ -166,7 +167,7 @@ async def test_control_port_data_channel_for_unknown_session_closed(
         challenge = events[0]
         assert isinstance(challenge, p.Challenge)
         session = "deadbeef"
-        proof = p.compute_proof(TOKEN.encode(), challenge.nonce, "data", "site-a", session)
+        proof = credentials.proof_for(TOKEN.encode(), challenge.nonce, "data", "site-a", session)
         writer.write(
             p.encode_message(p.Hello(p.PROTOCOL_VERSION, "data", "site-a", proof, session))
         )

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tunnelgate import tls
+from tunnelgate import credentials, proxy_protocol, tls
 from tunnelgate.config import (
     Address,
     AgentConfig,
@@ -58,7 +58,6 @@ from tunnelgate.protocol import (
     Start,
     Welcome,
     check_allowed,
-    compute_proof,
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
 from tunnelgate.transport import (
@@ -110,6 +109,7 @@ class Agent:
         self.config = config
         self.services: dict[str, ExposedService] = {}
         self._tls_session: ssl.SSLSession | None = None  # the control channel's, for data channels
+        self._credential: credentials.Credential | None = None  # derived from the token once
         self.session_id: str | None = None
         self._by_name: dict[str, ServiceConfig] = {s.name: s for s in config.services}
         # Ports the gateway chose for services asking for any port (0): asked
@@ -283,7 +283,7 @@ class Agent:
                 if isinstance(challenge, Refused):
                     raise _refusal(challenge)
                 assert isinstance(challenge, Challenge)
-                proof = compute_proof(config.token, challenge.nonce, role, config.name, session)
+                proof = await self._proof(challenge.nonce, role, session)
                 hello = Hello(PROTOCOL_VERSION, role, config.name, proof, session)  # type: ignore[arg-type]
                 await channel.send_message(hello)
                 return channel
@@ -296,6 +296,16 @@ class Agent:
         except BaseException:
             reset_socket(stream.sock if stream is not None else sock)
             raise
+
+    async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
+        """The Hello's proof; empty without a token (a certificate-only agent)."""
+        if not self.config.token:
+            return b""
+        if self._credential is None:  # slow (scrypt), so once, and off the event loop
+            self._credential = await asyncio.to_thread(
+                credentials.derive, self.config.token, self.config.name
+            )
+        return credentials.make_proof(self._credential, nonce, role, self.config.name, session)
 
     async def _session(self) -> str:
         """One session, from connect to its end; returns why it ended."""
@@ -431,6 +441,29 @@ class Agent:
             await abort_channel(channel, f"agent {exc}")
             return
         reset_unless_closed_cleanly(sock)
+        if service.proxy_protocol:
+            # Sent before the relay starts: before any client byte, and outside its counts.
+            header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await SocketStream(sock).send(header)
+            except (TransportError, TimeoutError) as exc:
+                reset_socket(sock)
+                why = str(exc) or f"timed out after {self.config.connect_timeout:g} s"
+                reason = f"cannot send the PROXY protocol header to {service.local}: {why}"
+                log.warning("client %s: %s", start.client, reason)
+                await abort_channel(channel, f"agent {reason}")
+                return
+            except BaseException:
+                reset_socket(sock)
+                raise
+            log.debug(
+                "PROXY protocol v%d header sent to %s: client=%s server=%s",
+                service.proxy_protocol,
+                service.local,
+                start.client,
+                start.server or "?",
+            )
         result = RelayResult()  # filled in even if the relay is cancelled
         try:
             await relay(sock, channel, "service", result)

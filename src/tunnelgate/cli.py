@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, logs
+from tunnelgate import __version__, credentials, logs
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
     TOKEN_ENV,
@@ -35,8 +35,10 @@ from tunnelgate.config import (
     generate_token,
     load_agent_config,
     load_gateway_config,
+    parse_name,
+    read_token,
 )
-from tunnelgate.errors import AuthenticationError, ConfigError, TransportError
+from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError
 from tunnelgate.gateway import Gateway
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--listen", metavar="HOST:PORT", help="control port (0.0.0.0:8080)")
     gateway.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
     gateway.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
+    gateway.add_argument(
+        "--client-ca", metavar="FILE",
+        help="require agent certificates signed by this CA (mutual TLS)",
+    )  # fmt: skip
     gateway.add_argument("--state-dir", metavar="DIR", help=f"default {default_state_dir()}")
     gateway.add_argument("--bind-host", metavar="HOST", help="default bind address of services")
     gateway.add_argument("--allow-ports", metavar="RANGES", help="e.g. 3920,8000-8100")
@@ -97,14 +103,29 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--name", help="this agent's name (default: the host name)")
     agent.add_argument("--pool-size", type=int, metavar="N", help="idle data channels to keep")
     agent.add_argument("--reconnect-max", type=float, metavar="SECONDS")
+    agent.add_argument(
+        "--proxy-protocol", metavar="v1|v2",
+        help="send each service a PROXY protocol header with the client's real address",
+    )  # fmt: skip
     agent.set_defaults(run=_run_agent)
 
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
 
-    token = commands.add_parser("token", help="print a new random token")
-    token.set_defaults(run=lambda args: print(generate_token()) or EXIT_OK)
+    token = commands.add_parser(
+        "token",
+        help="print a new random token (with --name, also its hash for the gateway's config)",
+    )
+    token.add_argument(
+        "--name", type=_name_arg,
+        help="the agent's name: print the [[agents]] lines with the token's hash for it",
+    )  # fmt: skip
+    token.add_argument(
+        "--token-file", metavar="FILE",
+        help=f"hash this token instead of making a new one (or ${TOKEN_ENV})",
+    )  # fmt: skip
+    token.set_defaults(run=_run_token)
 
     demo = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
     demo.set_defaults(run=_run_demo)
@@ -116,13 +137,13 @@ def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 _GATEWAY_FLAGS = [
-    "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
+    "listen", "token", "token_file", "tls", "cert", "key", "client_ca", "state_dir", "bind_host",
     "allow_ports", "heartbeat_interval", "heartbeat_timeout", "pending_timeout",
     "handshake_timeout", "drain_timeout", "log_level", "log_format",
 ]  # fmt: skip
 _AGENT_FLAGS = [
     "gateway", "token", "token_file", "tls", "ca", "fingerprint", "expose", "name",
-    "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format",
+    "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format", "proxy_protocol",
 ]  # fmt: skip
 
 
@@ -212,15 +233,44 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    config, log = load_gateway_config(args.config, _flags(args, _GATEWAY_FLAGS))
+    flags = _flags(args, _GATEWAY_FLAGS)
+    config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
-    return _run(lambda stop: _gateway_main(config, stop))
+    return _run(lambda stop: _gateway_main(config, stop, lambda: _reread(args.config, flags)))
 
 
-async def _gateway_main(config: GatewayConfig, stop: asyncio.Event) -> None:
+def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
+    """The gateway's config as it reads now (on SIGHUP); the log level applies at once."""
+    config, log = load_gateway_config(path, flags)
+    logging.getLogger("tunnelgate").setLevel(log.level.upper())
+    return config
+
+
+async def _gateway_main(
+    config: GatewayConfig, stop: asyncio.Event, reread: Callable[[], GatewayConfig]
+) -> None:
     async with Gateway(config) as gateway:
         _print_banner(gateway)
-        await _until_stopped(stop, gateway.serve_forever())
+        reloads: set[asyncio.Task[None]] = set()
+
+        async def reload() -> None:
+            logger.info("SIGHUP received; reloading the configuration")
+            try:
+                await gateway.reload(reread())
+            except ConfigError as exc:
+                logger.error("configuration not reloaded; the running one stays: %s", exc)
+
+        def on_hangup() -> None:
+            task = asyncio.ensure_future(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        try:
+            await _until_stopped(stop, gateway.serve_forever())
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
         await gateway.shutdown()
 
 
@@ -261,6 +311,38 @@ async def _agent_main(config: AgentConfig, stop: asyncio.Event) -> None:
     async with Agent(config) as agent:
         await _until_stopped(stop, agent.run_until_stopped())
         await agent.shutdown()
+
+
+def _name_arg(text: str) -> str:
+    try:
+        return parse_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    """A new token (or the given one, to hash it) and, with --name, the lines
+    for the gateway's config that hold only its hash."""
+    if args.token_file or os.environ.get(TOKEN_ENV):
+        if not args.name:
+            raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
+        token = read_token(args.token_file).decode()
+    else:
+        token = generate_token()
+        print(token)
+    if not args.name:
+        print(
+            "(add --name AGENT to also print the lines for the gateway's config, which "
+            "hold only the token's hash)",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    stored_key = credentials.derive(token.encode(), args.name).stored_key
+    print(f"# for the gateway's config; the hash is valid for agent {args.name!r} only")
+    print("[[agents]]")
+    print(f'name = "{args.name}"')
+    print(f'token_hash = "{credentials.hash_line(stored_key)}"')
+    return EXIT_OK
 
 
 def _run_check(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from tunnelgate import credentials
+from tunnelgate.access import AccessRule, parse_access_rule
 from tunnelgate.errors import ConfigError, ConfigProblem
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
@@ -141,6 +143,7 @@ class ServiceConfig:
     port: int  # 0: any free port the gateway picks
     local: Address
     bind: str = ""  # "": the gateway's default bind address
+    proxy_protocol: int = 0  # PROXY protocol header sent to the service: 0 none, 1 or 2
 
 
 def parse_expose(text: str) -> tuple[str, int, Address]:
@@ -185,14 +188,31 @@ def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
 
 @dataclass(frozen=True)
 class AgentPolicy:
-    """What the gateway lets one agent (or, unnamed, every agent) do."""
+    """What the gateway lets one agent (or, unnamed, every agent) do.
+
+    An agent proves one of ``tokens`` (kept in clear) or of ``stored_keys``
+    (from ``token_hash``: see :mod:`tunnelgate.credentials`); several at once
+    let a token be rotated without downtime. A policy with neither needs
+    ``client_ca``: the agent's certificate is then its only credential.
+    """
 
     name: str  # "" in single-token mode: any agent name
-    token: bytes = field(repr=False)
+    tokens: tuple[bytes, ...] = field(repr=False)
     allow_ports: tuple[range, ...]
+    stored_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    allow_bind: tuple[str, ...] = ()  # (): the gateway's allow_bind
+    max_services: int = MAX_SERVICES
+    max_connections: int = 0  # 0: the gateway's max_connections
+    access: AccessRule | None = None  # [agents.access]: all of this agent's services
+    service_access: Mapping[str, AccessRule] = field(default_factory=dict)  # by service name
 
     def allows_port(self, port: int) -> bool:
         return any(port in r for r in self.allow_ports)
+
+    @property
+    def token(self) -> bytes:
+        """The first clear token (single-token mode has exactly one)."""
+        return self.tokens[0] if self.tokens else b""
 
 
 @dataclass(frozen=True)
@@ -216,6 +236,9 @@ class GatewayConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections per session
     max_pending_clients: int = DEFAULT_MAX_PENDING_CLIENTS  # per session, awaiting a channel
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # control-port connections not yet authenticated
+    client_ca: Path | None = None  # agents must present a certificate signed by this CA
+    access: AccessRule | None = None  # [access]: every service of every agent
+    service_access: Mapping[str, AccessRule] = field(default_factory=dict)  # [services.NAME]
     token_generated: bool = False  # the token came from the state directory
 
     @property
@@ -349,6 +372,17 @@ def _check_token(text: str) -> bytes:
     return text.encode()
 
 
+def read_token(token_file: str | None) -> bytes:
+    """The token in ``token_file``, else in ``$TUNNELGATE_TOKEN``; ConfigError if unusable."""
+    key = "--token-file" if token_file else TOKEN_ENV
+    try:
+        if token_file:
+            return _read_token_file(token_file)
+        return _check_token(os.environ.get(TOKEN_ENV, ""))
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem("command line", key, str(exc))]) from None
+
+
 def _token(src: _Source) -> bytes | None:
     """The token from --token, --token-file, the environment, or the file, in that order.
 
@@ -412,8 +446,12 @@ _GATEWAY_KEYS: Final = {
     "allow_bind", "allow_ports", "heartbeat_interval", "heartbeat_timeout",
     "handshake_timeout", "pending_timeout", "max_pool_size", "agents", "log_level",
     "log_format", "drain_timeout", "max_connections", "max_pending_clients", "max_handshakes",
+    "client_ca", "access", "services",
 }  # fmt: skip
-_AGENT_POLICY_KEYS: Final = {"name", "token", "token_file", "allow_ports"}
+_AGENT_POLICY_KEYS: Final = {
+    "name", "token", "token_file", "token_hash", "allow_ports", "allow_bind", "max_services",
+    "max_connections", "access", "services",
+}  # fmt: skip
 
 
 def _log_config(src: _Source) -> LogConfig:
@@ -460,9 +498,15 @@ def load_gateway_config(
     allow_ports = src.parse(
         "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
     )
+    client_ca = src.parse("client_ca", lambda v: _existing_file(str(v)), None)
+    if client_ca is not None and not tls:
+        src.fail("client_ca", "makes no sense with --no-tls: certificates are part of TLS")
     agents: list[AgentPolicy] = []
     for index, table in enumerate(src.get("agents", list, [])):
-        agents.extend(_agent_policy(src, index, table, allow_ports))
+        agents.extend(_agent_policy(src, index, table, allow_ports, client_ca is not None))
+    names = [a.name for a in agents]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        src.fail("agents", f"agent {name!r} is listed more than once")
     token_generated = False
     if agents:
         for name in ("token", "token_file"):
@@ -479,7 +523,9 @@ def load_gateway_config(
             except ValueError as exc:
                 src.fail("state_dir", str(exc))
         if token is not None:
-            agents.append(AgentPolicy("", token, allow_ports))
+            agents.append(AgentPolicy("", (token,), allow_ports))
+    access = _access_rule(src, src.values.get("access"), "access")
+    service_access = _service_rules(src, src.values.get("services"), "services")
     interval = src.seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
     timeout = src.seconds("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
     if timeout <= interval:
@@ -504,6 +550,9 @@ def load_gateway_config(
             "max_pending_clients", DEFAULT_MAX_PENDING_CLIENTS, 1, 1 << 16
         ),
         max_handshakes=src.count("max_handshakes", DEFAULT_MAX_HANDSHAKES, 1, 1 << 16),
+        client_ca=client_ca,
+        access=access,
+        service_access=service_access,
         token_generated=token_generated,
     )
     log = _log_config(src)
@@ -519,14 +568,56 @@ def _as_list(value: Any) -> list[Any]:
     raise ValueError(f"expected a list, got {type(value).__name__}")
 
 
+def _existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
+
+
+def _strings(value: Any) -> list[str]:
+    """A string or a list of strings, as a list."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ValueError("expected a string or a list of strings")
+    return items
+
+
+def _access_rule(src: _Source, table: Any, where: str) -> AccessRule | None:
+    """The rule of one access table (None if absent), its problems recorded."""
+    if table is None:
+        return None
+    source = str(src.path or "command line")
+    rule, problems = parse_access_rule(table, where)
+    for key, message in problems:
+        src.problem(source, key, message)
+    return rule
+
+
+def _service_rules(src: _Source, tables: Any, where: str) -> dict[str, AccessRule]:
+    """``[services.NAME]`` tables: an access rule per service name."""
+    if tables is None:
+        return {}
+    if not isinstance(tables, dict):
+        src.problem(str(src.path), where, "expected tables like [services.web]")
+        return {}
+    rules = {}
+    for name, table in tables.items():
+        rule = _access_rule(src, table, f"{where}.{name}")
+        if rule is not None:
+            rules[name] = rule
+    return rules
+
+
 def _agent_policy(
-    src: _Source, index: int, table: Any, default_ports: tuple[range, ...]
+    src: _Source, index: int, table: Any, default_ports: tuple[range, ...], certified: bool
 ) -> list[AgentPolicy]:
     where, _ = src.origin.get("agents", (str(src.path), "agents"))
     prefix = f"agents[{index}]"
     if not isinstance(table, dict):
         src.problem(where, prefix, "expected a table ([[agents]])")
         return []
+    problems = len(src.problems)
     for key in table:
         if key not in _AGENT_POLICY_KEYS:
             src.problem(where, f"{prefix}.{key}", "unknown key")
@@ -534,32 +625,72 @@ def _agent_policy(
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", name):
         src.problem(where, f"{prefix}.name", "expected a name of letters, digits and ._@#/-")
         return []
-    try:
-        if "token" in table:
-            token = _check_token(str(table["token"]))
-        elif "token_file" in table:
-            token = _read_token_file(str(table["token_file"]))
-        else:
-            src.problem(where, f"{prefix}.token", "missing (token or token_file)")
+
+    def values(key: str, parse: Callable[[str], T]) -> list[T]:
+        if key not in table:
             return []
-    except ValueError as exc:
-        src.problem(where, f"{prefix}.token", str(exc))
-        return []
+        try:
+            return [parse(v) for v in _strings(table[key])]
+        except ValueError as exc:
+            src.problem(where, f"{prefix}.{key}", str(exc))
+            return []
+
+    tokens = values("token", _check_token) + values("token_file", _read_token_file)
+    stored_keys = values("token_hash", credentials.parse_hash_line)
+    if not tokens and not stored_keys and len(src.problems) == problems and not certified:
+        src.problem(
+            where,
+            f"{prefix}.token",
+            "missing: token, token_file or token_hash (or client_ca, for certificates alone)",
+        )
     ports = default_ports
     if "allow_ports" in table:
         try:
             ports = parse_port_ranges(table["allow_ports"])
         except ValueError as exc:
             src.problem(where, f"{prefix}.allow_ports", str(exc))
-    return [AgentPolicy(name, token, ports)]
+    binds = tuple(values("allow_bind", lambda h: _host(h, h)))
+    limits = {}
+    for key, default, high in (
+        ("max_services", MAX_SERVICES, MAX_SERVICES),
+        ("max_connections", 0, 1 << 20),
+    ):
+        value = table.get(key, default)
+        if key in table and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high
+        ):
+            src.problem(
+                where, f"{prefix}.{key}", f"expected an integer in [1, {high}], got {value!r}"
+            )
+            value = default
+        limits[key] = value
+    label = f"agents[{name}]"
+    access = _access_rule(src, table.get("access"), f"{label}.access")
+    service_access = _service_rules(src, table.get("services"), f"{label}.services")
+    if len(src.problems) > problems:
+        return []
+    return [
+        AgentPolicy(
+            name,
+            tuple(tokens),
+            ports,
+            stored_keys=tuple(stored_keys),
+            allow_bind=binds,
+            max_services=limits["max_services"],
+            max_connections=limits["max_connections"],
+            access=access,
+            service_access=service_access,
+        )
+    ]
 
 
 _AGENT_KEYS: Final = {
     "gateway", "token", "token_file", "tls", "ca", "fingerprint", "name", "expose",
     "services", "pool_size", "connect_timeout", "handshake_timeout", "reconnect_min",
-    "reconnect_max", "log_level", "log_format", "drain_timeout",
+    "reconnect_max", "log_level", "log_format", "drain_timeout", "proxy_protocol",
 }  # fmt: skip
-_SERVICE_KEYS: Final = {"name", "bind", "port", "local"}
+_SERVICE_KEYS: Final = {"name", "bind", "port", "local", "proxy_protocol"}
+PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -597,7 +728,7 @@ def load_agent_config(
     fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
     if not tls and (ca is not None or fingerprint):
         src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")
-    name = src.parse("name", _agent_name, default_agent_name())
+    name = src.parse("name", parse_name, default_agent_name())
     services = _services(src)
     reconnect_min = src.seconds("reconnect_min", DEFAULT_RECONNECT_MIN)
     reconnect_max = src.seconds("reconnect_max", DEFAULT_RECONNECT_MAX)
@@ -621,7 +752,8 @@ def load_agent_config(
     return config, log
 
 
-def _agent_name(value: Any) -> str:
+def parse_name(value: Any) -> str:
+    """An agent's or a service's name: 1-64 letters, digits or ._@#/-."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", value):
         raise ValueError("expected 1-64 letters, digits or ._@#/-")
     return value
@@ -629,13 +761,16 @@ def _agent_name(value: Any) -> str:
 
 def _services(src: _Source) -> tuple[ServiceConfig, ...]:
     services: list[ServiceConfig] = []
+    # The top-level setting (--proxy-protocol) covers every --expose service and
+    # is the default of [[services]] tables.
+    proxy_default = src.parse("proxy_protocol", _proxy_protocol, 0)
     for spec in src.get("expose", list, []):
         try:
             bind, port, local = parse_expose(str(spec))
         except ValueError as exc:
             src.fail("expose", str(exc))
             continue
-        services.append(ServiceConfig(_derived_name(local), port, local, bind))
+        services.append(ServiceConfig(_derived_name(local), port, local, bind, proxy_default))
     where, _ = src.origin.get("services", (str(src.path), "services"))
     for index, table in enumerate(src.get("services", list, [])):
         prefix = f"services[{index}]"
@@ -661,13 +796,20 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
             continue
         name = table.get("name", _derived_name(local))
         try:
-            name = _agent_name(name) if "name" in table else name
+            name = parse_name(name) if "name" in table else name
             bind = _host(str(table["bind"]), str(table["bind"])) if "bind" in table else ""
         except ValueError as exc:
             src.problem(where, f"{prefix}.name/bind", str(exc))
             continue
+        proxy = proxy_default
+        if "proxy_protocol" in table:
+            try:
+                proxy = _proxy_protocol(table["proxy_protocol"])
+            except ValueError as exc:
+                src.problem(where, f"{prefix}.proxy_protocol", str(exc))
+                continue
         if not bad:
-            services.append(ServiceConfig(name, port, local, bind))
+            services.append(ServiceConfig(name, port, local, bind, proxy))
     taken: set[str] = set()
     unique = []
     for service in services:
@@ -677,7 +819,9 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
             suffix = f"#{count}"
             name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
         taken.add(name)
-        unique.append(ServiceConfig(name, service.port, service.local, service.bind))
+        unique.append(
+            ServiceConfig(name, service.port, service.local, service.bind, service.proxy_protocol)
+        )
     if len(unique) > MAX_SERVICES:
         src.problem(
             "command line" if src.path is None else str(src.path),
@@ -689,6 +833,13 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
     ):
         src.problem("command line", "--expose", "missing: nothing to expose")
     return tuple(unique)
+
+
+def _proxy_protocol(value: Any) -> int:
+    """The PROXY protocol version of a ``proxy_protocol`` setting (0: none)."""
+    if isinstance(value, str) and value.lower() in PROXY_PROTOCOL_VERSIONS:
+        return PROXY_PROTOCOL_VERSIONS[value.lower()]
+    raise ValueError(f'expected "v1", "v2" or "none", got {value!r}')
 
 
 def _derived_name(local: Address) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -22,12 +23,14 @@ import secrets
 import socket
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
-from tunnelgate import tls
+from tunnelgate import credentials, tls
+from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.config import (
     Address,
     AgentPolicy,
@@ -62,7 +65,6 @@ from tunnelgate.protocol import (
     Start,
     Welcome,
     check_allowed,
-    verify_proof,
 )
 from tunnelgate.relay import RelayResult, relay, wait_relays
 from tunnelgate.transport import (
@@ -88,6 +90,13 @@ BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 WARNING_INTERVAL: Final = 5.0  # a warning repeated under abuse is logged once per interval
 POOL_CHECK_AGE: Final = 5.0  # a pooled data channel idle this long is checked before use
 POOL_CHECK_TIMEOUT: Final = 1.0  # for the agent's Pong to that check
+AUTH_DELAY_FIRST: Final = 0.1  # a failed authentication is answered this late, doubling
+AUTH_DELAY_MAX: Final = 10.0  # with each failure from the same address, up to this
+AUTH_FORGET: Final = 300.0  # an address's failures are forgotten after this long without one
+AUTH_SUSPECT: Final = 3  # failures after which an address gets few handshakes at once:
+AUTH_SUSPECT_HANDSHAKES: Final = 4  # this many
+AUTH_TRACKED: Final = 65536  # addresses whose failures are remembered (oldest forgotten first)
+DERIVED_KEYS: Final = 4096  # stored keys derived from clear tokens, kept per (token, agent)
 
 
 class _SessionOver(Exception):
@@ -101,7 +110,38 @@ class _Service:
     name: str
     address: Address
     sock: socket.socket
+    bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
+    gates: list[Gate] = field(default_factory=list)  # access rules a client must pass
     accepting: asyncio.Task[None] | None = None
+
+
+class _AuthFailures:
+    """Failed authentications per source address, and the growing delay each costs.
+
+    A failure is answered after ``AUTH_DELAY_FIRST`` seconds, doubling with
+    each failure from the same address up to ``AUTH_DELAY_MAX``, so guessing
+    tokens one after another is slow; an address with ``AUTH_SUSPECT``
+    failures gets at most ``AUTH_SUSPECT_HANDSHAKES`` handshakes at once, so
+    guessing in parallel is too. A success does not clear the count (a
+    guesser behind the same NAT as a real agent gains nothing from it); time
+    does, after ``AUTH_FORGET``.
+    """
+
+    def __init__(self) -> None:
+        self._by_host: dict[str, tuple[int, float]] = {}  # oldest first
+
+    def count(self, host: str, now: float) -> int:
+        failures, last = self._by_host.get(host, (0, 0.0))
+        return failures if now - last < AUTH_FORGET else 0
+
+    def failed(self, host: str, now: float) -> tuple[int, float]:
+        """Count one failure; return the count and the delay to answer it with."""
+        failures = self.count(host, now) + 1
+        self._by_host.pop(host, None)
+        self._by_host[host] = (failures, now)
+        if len(self._by_host) > AUTH_TRACKED:
+            del self._by_host[next(iter(self._by_host))]
+        return failures, min(AUTH_DELAY_MAX, AUTH_DELAY_FIRST * 2 ** (failures - 1))
 
 
 @dataclass(eq=False)
@@ -120,6 +160,7 @@ class _Session:
     agent: str
     peer: str
     policy: AgentPolicy
+    key: bytes  # the stored key its proof matched (b"": its certificate alone)
     channel: Channel
     log: ContextLogger
     task: asyncio.Task[Any]
@@ -175,6 +216,7 @@ class Gateway:
         self.fingerprint: str | None = None
         self.cert_created = False
         self._context: ssl.SSLContext | None = None
+        self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._listener: socket.socket | None = None
         self._main: asyncio.Task[None] | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -184,6 +226,13 @@ class Gateway:
         self._ports: dict[tuple[str, int], _Session] = {}
         self._stopping = False
         self._handshaking = 0
+        self._handshakes_by_host: Counter[str] = Counter()
+        self._auth_failures = _AuthFailures()
+        self._auth_warnings = Throttle(WARNING_INTERVAL)
+        self._derived: dict[tuple[bytes, str], bytes] = {}  # (token, agent) -> stored key
+        self._gates: dict[str, Gate] = {}  # by the rule's place in the config
+        self._refusal_warnings: dict[str, Throttle] = {}
+        self._reloading = asyncio.Lock()
         self._handshake_refusals = Throttle(WARNING_INTERVAL)
         self._conn_ids = itertools.count(1)
         self._ready = asyncio.Event()
@@ -207,7 +256,8 @@ class Gateway:
                 cert, key, self.cert_created = tls.ensure_self_signed(
                     state_dir, [config.listen.host]
                 )
-            self._context = tls.server_context(cert, key)
+            self._identity = (cert, key)
+            self._context = tls.server_context(cert, key, config.client_ca)
             self.fingerprint = tls.certificate_fingerprint(cert)
         else:
             logger.warning(
@@ -269,6 +319,73 @@ class Gateway:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+    async def reload(self, config: GatewayConfig) -> None:
+        """Apply a new configuration (SIGHUP in the CLI) without a restart.
+
+        Agents removed from it, or whose token (or hash) is no longer listed,
+        are disconnected; so is one whose services its new policy no longer
+        allows (it reconnects and registers again under the new policy).
+        Every other session stays untouched, and new limits and access rules
+        apply to new connections. The control port's address, TLS and the
+        gateway's certificate only change with a restart. A ``client_ca``
+        that cannot be loaded raises :class:`ConfigError` and nothing changes.
+        """
+        async with self._reloading:
+            old = self.config
+            fixed = [
+                key
+                for key in ("listen", "tls", "cert", "key", "state_dir")
+                if getattr(old, key) != getattr(config, key)
+            ]
+            if fixed:
+                logger.warning(
+                    "reload: %s cannot change while running; restart to apply",
+                    ", ".join(fixed),
+                )
+                config = dataclasses.replace(config, **{k: getattr(old, k) for k in fixed})
+            if self._identity is not None:
+                self._context = tls.server_context(*self._identity, config.client_ca)
+            self.config = config
+            kept = 0
+            for session in list(self._sessions.values()):
+                reason = await self._still_allowed(session)
+                if reason is None:
+                    kept += 1
+                    for service in session.services.values():
+                        service.gates = self._gates_for(session.policy, service.name)
+                    continue
+                session.log.warning("disconnecting the agent: %s", reason)
+                await session.kill()
+            logger.info(
+                "configuration reloaded: %d agent policies; %d session(s) kept",
+                len(config.agents),
+                kept,
+            )
+
+    async def _still_allowed(self, session: _Session) -> str | None:
+        """None if ``session`` may go on under the current config (its policy
+        is then updated), else why not."""
+        named = [p for p in self.config.agents if p.name == session.agent]
+        unnamed = [p for p in self.config.agents if not p.name]
+        policy = next(iter(named or unnamed), None)
+        if policy is None:
+            return "it was removed from the configuration"
+        if session.key:
+            if session.key not in await self._keys_of(policy, session.agent):
+                return "its token was revoked"
+        elif policy.tokens or policy.stored_keys:
+            return "its policy now requires a token"
+        allowed_binds = policy.allow_bind or self.config.allow_bind or (self.config.default_bind,)
+        if len(session.services) > policy.max_services:
+            return (
+                f"it has {len(session.services)} services; its policy allows {policy.max_services}"
+            )
+        for service in session.services.values():
+            if not policy.allows_port(service.address.port) or service.bind not in allowed_binds:
+                return f"its policy no longer allows service {service.name} on {service.address}"
+        session.policy = policy
+        return None
 
     async def serve_forever(self) -> None:
         """Wait until the gateway stops. Cancelling this wait leaves the gateway
@@ -335,6 +452,21 @@ class Gateway:
 
     async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
         def handle(sock: socket.socket, peer: str) -> None:
+            host = _host_of(peer)
+            if (
+                self._handshakes_by_host[host] >= AUTH_SUSPECT_HANDSHAKES
+                and self._auth_failures.count(host, time.monotonic()) >= AUTH_SUSPECT
+            ):
+                self._auth_warnings.warning(
+                    logger,
+                    time.monotonic(),
+                    "dropping connection from %s: it failed to authenticate repeatedly and "
+                    "has %d handshakes open",
+                    peer,
+                    self._handshakes_by_host[host],
+                )
+                reset_socket(sock)
+                return
             if self._handshaking >= self.config.max_handshakes:
                 self._handshake_refusals.warning(
                     logger,
@@ -358,20 +490,25 @@ class Gateway:
         """Root of a control-port connection's task: every error ends here, logged once."""
         owned = False  # True once a session (or its pool) closes the socket
         channel: Channel | None = None  # owns the socket once it exists (TLS wraps it)
+        host = _host_of(peer)
         try:
             self._handshaking += 1
+            self._handshakes_by_host[host] += 1
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     channel = await self._secure(sock)
-                    hello, policy = await self._handshake(channel, peer)
+                    hello, policy, key = await self._handshake(channel, peer)
             finally:
                 self._handshaking -= 1
+                self._handshakes_by_host[host] -= 1
+                if not self._handshakes_by_host[host]:
+                    del self._handshakes_by_host[host]
             if hello.role == "control" and self._stopping:
                 # Authenticated while the control port was closing: come back later.
                 await channel.send_message(Refused("shutdown", "the gateway is shutting down"))
             elif hello.role == "control":
                 owned = True
-                await self._run_session(channel, hello, policy, peer)
+                await self._run_session(channel, hello, policy, key, peer)
             else:
                 await self._add_data_channel(channel, hello)
                 owned = True
@@ -396,7 +533,8 @@ class Gateway:
         await stream.handshake()  # resets the connection if it fails
         return Channel(stream)
 
-    async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, AgentPolicy]:
+    async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, AgentPolicy, bytes]:
+        """Challenge, Hello, and the policy and stored key the agent proved."""
         nonce = secrets.token_bytes(NONCE_SIZE)
         await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
         try:
@@ -406,29 +544,75 @@ class Gateway:
                 await channel.send_message(Refused("version", exc.reason))
             raise
         assert isinstance(hello, Hello)
-        policy = self._authenticate(hello, nonce)
-        if policy is None:
-            logger.warning(
-                "authentication failed for agent %r from %s (%s channel)",
+        found, why = await self._authenticate(channel, hello, nonce)
+        if found is None:
+            failures, delay = self._auth_failures.failed(_host_of(peer), time.monotonic())
+            self._auth_warnings.warning(
+                logger,
+                time.monotonic(),
+                "authentication failed for agent %r from %s (%s channel): %s; failure %d "
+                "from this address, answered in %.1f s",
                 hello.agent,
                 peer,
                 hello.role,
+                why,
+                failures,
+                delay,
             )
+            await asyncio.sleep(delay)
             await channel.send_message(
-                Refused("auth", f"the gateway does not accept this token for agent {hello.agent!r}")
+                Refused(
+                    "auth",
+                    f"the gateway does not accept this {why.split()[0]} for agent {hello.agent!r}",
+                )
             )
             raise AuthenticationError("logged above")
-        return hello, policy
+        return hello, *found
 
-    def _authenticate(self, hello: Hello, nonce: bytes) -> AgentPolicy | None:
-        """The policy whose token made the proof; checks them all, in constant time each."""
-        found: AgentPolicy | None = None
+    async def _authenticate(
+        self, channel: Channel, hello: Hello, nonce: bytes
+    ) -> tuple[tuple[AgentPolicy, bytes] | None, str]:
+        """The policy and stored key that made the proof, or None and why not.
+
+        With ``client_ca``, the certificate (verified by TLS) must name the
+        agent; a policy without tokens then accepts the certificate alone.
+        Every key of every matching policy is checked, each in constant time.
+        """
+        if self.config.client_ca is not None:
+            peer_cert = (
+                channel.sock.getpeercert() if isinstance(channel.sock, ssl.SSLSocket) else None
+            )
+            names = tls.certificate_names(peer_cert) if peer_cert else set()
+            if hello.agent not in names:
+                shown = ", ".join(sorted(names)) or "no name"
+                return None, f"certificate is for {shown}, not this agent"
+        found: tuple[AgentPolicy, bytes] | None = None
         for policy in self.config.agents:
             if policy.name and policy.name != hello.agent:
                 continue
-            if verify_proof(policy.token, hello, nonce) and found is None:
-                found = policy
-        return found
+            if not policy.tokens and not policy.stored_keys:  # certificate alone (checked above)
+                found = found or (policy, b"")
+                continue
+            for key in await self._keys_of(policy, hello.agent):
+                if credentials.check_proof(
+                    key, hello.proof, nonce, hello.role, hello.agent, hello.session
+                ):
+                    found = found or (policy, key)
+        return found, "token is wrong"
+
+    async def _keys_of(self, policy: AgentPolicy, agent: str) -> list[bytes]:
+        """The stored keys of a policy for one agent name; clear tokens are
+        derived once (slowly, off the event loop), then remembered."""
+        keys = list(policy.stored_keys)
+        for token in policy.tokens:
+            key = self._derived.get((token, agent))
+            if key is None:
+                key = (await asyncio.to_thread(credentials.derive, token, agent)).stored_key
+                if len(self._derived) >= DERIVED_KEYS:
+                    del self._derived[next(iter(self._derived))]
+                self._derived[(token, agent)] = key
+            keys.append(key)
+        return keys
 
     async def _add_data_channel(self, channel: Channel, hello: Hello) -> None:
         session = self._by_id.get(hello.session)
@@ -457,7 +641,7 @@ class Gateway:
     # --- sessions -----------------------------------------------------------
 
     async def _run_session(
-        self, channel: Channel, hello: Hello, policy: AgentPolicy, peer: str
+        self, channel: Channel, hello: Hello, policy: AgentPolicy, key: bytes, peer: str
     ) -> None:
         session_id = secrets.token_hex(4)
         task = asyncio.current_task()
@@ -467,6 +651,7 @@ class Gateway:
             agent=hello.agent,
             peer=peer,
             policy=policy,
+            key=key,
             channel=channel,
             task=task,
             log=ContextLogger(logger, session=session_id, agent=hello.agent),
@@ -562,8 +747,9 @@ class Gateway:
     def _expose(self, session: _Session, request: ServiceRequest) -> ServiceResult:
         """Open the public listener for one service, if the policy allows it."""
         config = self.config
+        policy = session.policy
         bind = request.bind or config.default_bind
-        allowed_binds = config.allow_bind or (config.default_bind,)
+        allowed_binds = policy.allow_bind or config.allow_bind or (config.default_bind,)
 
         def refuse(error: str) -> ServiceResult:
             session.log.warning("service %s refused: %s", request.name, error)
@@ -573,6 +759,8 @@ class Gateway:
             return refuse("the session is ending")
         if request.name in session.services:
             return refuse(f"service name {request.name!r} used twice")
+        if len(session.services) >= policy.max_services:
+            return refuse(f"this agent may expose at most {policy.max_services} services")
         if bind not in allowed_binds:
             return refuse(
                 f"bind address {bind} is not allowed (allowed: {', '.join(allowed_binds)})"
@@ -594,13 +782,56 @@ class Gateway:
                 return refuse("no free port among the ports allowed for this agent")
             sock = found
         address = bound_address(sock)
-        service = _Service(request.name, address, sock)
+        service = _Service(
+            request.name, address, sock, bind, self._gates_for(session.policy, request.name)
+        )
         session.services[request.name] = service
         self._ports[(bind, address.port)] = session
         assert session.group is not None
         service.accepting = session.group.create_task(self._accept_clients(session, service))
         session.log.info("service %s exposed on %s", request.name, address)
         return ServiceResult(request.name, True, bind=address.host, port=address.port)
+
+    def _gates_for(self, policy: AgentPolicy, service: str) -> list[Gate]:
+        """The access rules a client of ``service`` must pass, broadest first.
+
+        A rule's counters are shared by everything it covers (``[access]`` by
+        every service), so one gate per rule; a reload gives a gate its new
+        rule and keeps the counts of the connections it admitted.
+        """
+        config = self.config
+        rules = (
+            config.access,
+            config.service_access.get(service),
+            policy.access,
+            policy.service_access.get(service),
+        )
+        gates = []
+        for rule in rules:
+            if rule is None:
+                continue
+            gate = self._gates.get(rule.where)
+            if gate is None:
+                gate = self._gates[rule.where] = Gate(rule)
+            gate.rule = rule
+            gates.append(gate)
+        return gates
+
+    def _refused(self, session: _Session, service: _Service, client: str, refusal: Refusal) -> None:
+        """Log a refused client with the rule that refused it; under a flood,
+        once per ``WARNING_INTERVAL`` and rule, with a count of the others."""
+        key = str(refusal)
+        throttle = self._refusal_warnings.get(key)
+        if throttle is None:
+            throttle = self._refusal_warnings[key] = Throttle(WARNING_INTERVAL)
+        throttle.warning(
+            session.log,
+            time.monotonic(),
+            "refused client %s on service %s: %s",
+            client,
+            service.name,
+            refusal,
+        )
 
     def _listen_on_free_port(self, bind: str, policy: AgentPolicy) -> socket.socket | None:
         """A listener on a free port the policy allows: the kernel's pick if it
@@ -625,7 +856,8 @@ class Gateway:
         assert group is not None
 
         def handle(sock: socket.socket, client: str) -> None:
-            if len(session.clients) >= self.config.max_connections:
+            limit = session.policy.max_connections or self.config.max_connections
+            if len(session.clients) >= limit:
                 session.refusals.warning(
                     session.log,
                     time.monotonic(),
@@ -637,6 +869,14 @@ class Gateway:
                 )
                 reset_socket(sock)
                 return
+            gates = service.gates  # the ones admitted through are the ones released
+            ip = client_ip(_host_of(client)) if gates else None
+            if ip is not None:
+                refusal = admit(gates, ip, time.monotonic())
+                if refusal is not None:
+                    self._refused(session, service, client, refusal)
+                    reset_socket(sock)
+                    return
             tune_socket(sock)
             reset_unless_closed_cleanly(sock)
             conn = next(self._conn_ids)
@@ -647,6 +887,11 @@ class Gateway:
             if task is not None:
                 session.clients.add(task)
                 task.add_done_callback(session.clients.discard)
+            if ip is not None:
+                if task is None:
+                    _release(gates, ip)
+                else:
+                    task.add_done_callback(lambda _: _release(gates, ip))
 
         def on_error(exc: OSError, repeats: int) -> None:
             session.log.error(
@@ -800,6 +1045,16 @@ def _spawn(
         return None
     task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
     return task
+
+
+def _release(gates: list[Gate], ip: Any) -> None:
+    for gate in gates:
+        gate.release(ip)
+
+
+def _host_of(address: str) -> str:
+    """The host of a ``host:port`` (IPv6 without its brackets)."""
+    return address.rpartition(":")[0].strip("[]")
 
 
 def _more(repeats: int) -> str:

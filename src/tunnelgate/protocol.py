@@ -27,8 +27,8 @@ TCP alike.
 Handshake (one round trip after TLS)
 ------------------------------------
 The gateway speaks first with a :class:`Challenge` carrying a fresh nonce. The
-agent answers with a :class:`Hello` whose ``proof`` is an HMAC of the nonce
-under its token (:func:`compute_proof`), so the token never crosses the wire.
+agent answers with a :class:`Hello` whose ``proof`` shows that it holds its
+token (:mod:`tunnelgate.credentials`), so the token never crosses the wire.
 A control channel is then answered with :class:`Welcome` or :class:`Refused`;
 an accepted data channel waits silently in the gateway's pool until a
 :class:`Start` arrives.
@@ -36,8 +36,6 @@ an accepted data channel waits silently in the gateway's pool until a
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from collections.abc import Iterator
 from typing import Annotated, Final, Literal
@@ -46,7 +44,7 @@ import msgspec
 
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: the proof is SCRAM over scrypt (credentials.py)
 
 KIND_MESSAGE: Final = 1
 KIND_DATA: Final = 2
@@ -398,27 +396,6 @@ def decode_message(payload: bytes) -> Message:
             f"protocol version {message.version} (this side speaks {PROTOCOL_VERSION})"
         )
     return message
-
-
-# --- authentication ---------------------------------------------------------
-
-_PROOF_CONTEXT: Final = b"tunnelgate proof v1\x00"
-
-
-def compute_proof(token: bytes, nonce: bytes, role: str, agent: str, session: str) -> bytes:
-    """The HMAC-SHA256 an agent sends to show it holds ``token``.
-
-    Binding role, agent name and session into the MAC means a proof made for
-    one purpose cannot be replayed for another, even with the same nonce.
-    """
-    message = b"\x00".join((_PROOF_CONTEXT, nonce, role.encode(), agent.encode(), session.encode()))
-    return hmac.new(token, message, hashlib.sha256).digest()
-
-
-def verify_proof(token: bytes, hello: Hello, nonce: bytes) -> bool:
-    """Check a Hello's proof against ``token`` in constant time."""
-    expected = compute_proof(token, nonce, hello.role, hello.agent, hello.session)
-    return hmac.compare_digest(expected, hello.proof)
 
 
 # --- which message may arrive when ------------------------------------------

@@ -16,7 +16,7 @@ import hashlib
 import os
 import ssl
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -86,8 +86,12 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """The gateway's context: TLS 1.3 only, one session ticket per connection."""
+def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The gateway's context: TLS 1.3 only, one session ticket per connection.
+
+    With ``client_ca``, every agent must present a certificate signed by it
+    (mutual TLS): a connection without one fails in the TLS handshake.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
@@ -96,6 +100,14 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
         raise ConfigError(
             [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
         ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [ConfigProblem(str(client_ca), "client_ca", f"cannot load the CA: {exc}")]
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
     # One ticket per connection: the agent resumes its data channels with the
     # control channel's session (still a fresh ECDHE exchange, but no
     # certificate signature or chain), which halves a data channel's handshake.
@@ -104,11 +116,24 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def client_context(ca: Path | None, fingerprint: str) -> ssl.SSLContext:
+def client_context(
+    ca: Path | None,
+    fingerprint: str,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> ssl.SSLContext:
     """The agent's context. With a fingerprint, the chain is not checked: the
-    pin is, by :func:`check_fingerprint` right after the handshake."""
+    pin is, by :func:`check_fingerprint` right after the handshake. ``cert``
+    and ``key`` are the agent's own, for a gateway that asks for one."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
+            ) from None
     if fingerprint:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -163,6 +188,14 @@ def tune_reads(context: ssl.SSLContext) -> bool:
     ctrl(pointer, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     set_read_len(pointer, READ_BUFFER_SIZE)
     return True
+
+
+def certificate_names(peer: dict[str, Any]) -> set[str]:
+    """The names a verified certificate (``SSLSocket.getpeercert()``) is for:
+    its subject's common names and its DNS subject alternative names."""
+    names = {value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names.update(value for kind, value in peer.get("subjectAltName", ()) if kind == "DNS")
+    return names
 
 
 def check_fingerprint(der: bytes | None, expected: str) -> None:

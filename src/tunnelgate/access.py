@@ -1,0 +1,496 @@
+"""Access control for clients on the gateway's service ports, without I/O.
+
+One :class:`AccessRule` comes from one table of the gateway's config. Rules
+stack: a client connection on a service port is admitted only if every rule
+covering that service lets it through (``[access]`` for every service,
+``[services.NAME]``, ``[agents.access]`` and ``[agents.services.NAME]``). A
+rule may list networks to ``deny`` and to ``allow``, and cap concurrent
+connections (``max_connections``, ``max_connections_per_client``) and the rate
+of new ones per client address (``rate_per_client``, ``burst_per_client``).
+
+A :class:`Gate` holds one rule and the counters of everything the rule
+covers; every service the rule covers shares it. :func:`admit` checks a
+connection against the gates of its service and counts it in all of them, or
+in none; :meth:`Gate.release` uncounts it when it ends.
+
+This module must not import asyncio, socket, ssl, time or logging, nor any
+tunnelgate module but ``errors``: time is passed in as ``now`` (monotonic
+seconds), and what to log is the caller's choice.
+
+Addresses and networks
+----------------------
+A client address is normalised first: an IPv4-mapped IPv6 address
+(``::ffff:10.1.2.3``, what a gateway listening on ``::`` sees for an IPv4
+client) is the IPv4 address it carries. IPv4 networks then match IPv4 clients
+only and IPv6 networks IPv6 clients only; a mapped network in a rule
+(``::ffff:10.0.0.0/104``) is turned into its IPv4 form (``10.0.0.0/8``).
+
+The networks of one list are grouped by prefix length, each group a dict from
+network number (the address shifted right past its host bits) to the network.
+Matching is one dict lookup per distinct prefix length in the list, at most 33
+for IPv4 and 129 for IPv6, however many networks it holds: a short list costs
+no more than a linear scan, and a list of thousands costs the same as a short
+one. When several networks of a list hold an address, the broadest one is the
+one named in a refusal.
+
+Counters
+--------
+A gate counts every connection acquired through it, in total and per client
+address, whatever its rule limits. So a reload that adds or tightens a limit
+applies at once to the connections already open, and a release never depends
+on the rule in force. Releasing an address with nothing counted is ignored.
+
+The rate limit is a token bucket per client address: ``burst_per_client``
+tokens, refilled at ``rate_per_client`` per second, one taken per admitted
+connection. A bucket is stored as one float, the time at which it will be full
+again (the generic cell rate algorithm); an address with no entry has a full
+bucket. Refused attempts take no token: the token budgets the work an admitted
+connection costs (a data channel, a connection at the agent), and a refused
+client is closed at once and costs nothing more; charging refusals would also
+let a client retrying in a loop stay locked out after it slows down to the
+allowed rate.
+
+Memory
+------
+Per-client counters are removed when they reach zero, so they hold one entry
+per address with a connection open. Buckets that have refilled to full are
+dropped when the table grows past ``prune_at`` (at least
+``BUCKETS_PRUNE_MIN``, then twice what the last pruning kept), which costs O(1)
+amortised per admitted connection. The table never holds more than
+``MAX_CLIENT_BUCKETS`` entries per gate: if pruning keeps more than half of
+that, only the half furthest from full survive, and the clients forgotten get
+a full bucket back early (a flood of distinct addresses, which costs nothing
+in IPv6, can then only loosen the rate limit of the clients closest to it,
+never grow memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Final, TypeAlias
+
+ClientIP: TypeAlias = IPv4Address | IPv6Address
+Network: TypeAlias = IPv4Network | IPv6Network
+
+ACCESS_KEYS: Final = frozenset(
+    {
+        "allow",
+        "deny",
+        "max_connections",
+        "max_connections_per_client",
+        "rate_per_client",
+        "burst_per_client",
+    }
+)
+
+BUCKETS_PRUNE_MIN: Final = 1024
+MAX_CLIENT_BUCKETS: Final = 65536
+# How far past its tolerance a bucket may be, in tokens, before a connection is
+# refused: absorbs the rounding of sums of 1/rate.
+RATE_SLACK: Final = 1e-9
+
+_MAX_SHOWN: Final = 60
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One table of access settings; zero or empty means no limit of that kind."""
+
+    where: str  # where it is configured: "access", "agents[site-a].services.web", ...
+    allow: tuple[Network, ...] = ()  # non-empty: a client in none of them is refused
+    deny: tuple[Network, ...] = ()  # a client in any of them is refused, before allow
+    max_connections: int = 0
+    max_connections_per_client: int = 0
+    rate_per_client: float = 0.0  # new connections per second per client address
+    burst_per_client: int = 0  # bucket size; 0 with a rate: max(1, ceil(rate))
+
+    @property
+    def empty(self) -> bool:
+        """Whether the rule lets every connection through (a gate for it can be skipped)."""
+        return not (
+            self.allow
+            or self.deny
+            or self.max_connections
+            or self.max_connections_per_client
+            or self.rate_per_client
+        )
+
+
+def default_burst(rate_per_client: float) -> int:
+    """The bucket size when ``burst_per_client`` is not given: one second's worth."""
+    return max(1, math.ceil(rate_per_client))
+
+
+# --- parsing ----------------------------------------------------------------
+
+
+def parse_access_rule(table: object, where: str) -> tuple[AccessRule, list[tuple[str, str]]]:
+    """The rule in one config table, and its problems as (key path, message).
+
+    Unknown keys, wrong types (a bool is not a number) and bad values are all
+    problems. With problems, the rule holds what could be read and leaves out
+    the rest, so that every problem of a file can be reported at once; it is
+    not meant to be used.
+    """
+    problems: list[tuple[str, str]] = []
+    if not isinstance(table, dict):
+        problems.append((where, f"expected a table, got {_shown(table)}"))
+        return AccessRule(where), problems
+    for key in table:
+        if key not in ACCESS_KEYS:
+            problems.append((f"{where}.{key}", "unknown key"))
+    allow = _network_list(table, "allow", where, problems)
+    deny = _network_list(table, "deny", where, problems)
+    max_connections = _count(table, "max_connections", where, problems)
+    per_client = _count(table, "max_connections_per_client", where, problems)
+    rate = _rate(table, "rate_per_client", where, problems)
+    burst = _count(table, "burst_per_client", where, problems)
+    if "burst_per_client" in table and "rate_per_client" not in table:
+        problems.append((f"{where}.burst_per_client", "has no effect without rate_per_client"))
+    if not rate:
+        burst = 0
+    elif not burst:
+        burst = default_burst(rate)
+    rule = AccessRule(where, allow, deny, max_connections, per_client, rate, burst)
+    return rule, problems
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    if len(text) > _MAX_SHOWN:
+        text = text[: _MAX_SHOWN - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _network_list(
+    table: dict[object, object], key: str, where: str, problems: list[tuple[str, str]]
+) -> tuple[Network, ...]:
+    if key not in table:
+        return ()
+    value = table[key]
+    path = f"{where}.{key}"
+    if not isinstance(value, list):
+        problems.append(
+            (path, f'expected a list of networks like ["10.0.0.0/8"], got {_shown(value)}')
+        )
+        return ()
+    if not value and key == "allow":
+        problems.append(
+            (
+                path,
+                "empty: an empty allow list would admit every address; leave the key out for that",
+            )
+        )
+        return ()
+    networks: list[Network] = []
+    for index, item in enumerate(value):
+        try:
+            networks.append(parse_network(item))
+        except ValueError as exc:
+            problems.append((f"{path}[{index}]", str(exc)))
+    return tuple(networks)
+
+
+def parse_network(text: object) -> Network:
+    """A network from ``"10.0.0.0/8"``, ``"2001:db8::/32"`` or a bare address.
+
+    A bare address is one host (/32 or /128). Host bits set after the prefix
+    (``10.0.0.1/8``) are refused as a likely typo. An IPv4-mapped IPv6 network
+    becomes the IPv4 network it maps, since client addresses are normalised
+    the same way. Raises ``ValueError`` with a message for the user.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected a network as a string like "10.0.0.0/8", got {_shown(text)}')
+    stripped = text.strip()
+    try:
+        network = ip_network(stripped)
+    except ValueError:
+        try:
+            loose = ip_network(stripped, strict=False)
+        except ValueError:
+            raise ValueError(
+                "expected an IPv4 or IPv6 network like '10.0.0.0/8' or '2001:db8::/32',"
+                f" or an address, got {text!r}"
+            ) from None
+        host = stripped.partition("/")[0]
+        raise ValueError(
+            f"{text!r} has host bits set: write '{loose}' for the network,"
+            f" or '{host}' for the one address"
+        ) from None
+    return _normal_network(network)
+
+
+def _count(
+    table: dict[object, object], key: str, where: str, problems: list[tuple[str, str]]
+) -> int:
+    if key not in table:
+        return 0
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        problems.append((f"{where}.{key}", f"expected an integer >= 1, got {_shown(value)}"))
+        return 0
+    if value < 1:
+        problems.append((f"{where}.{key}", f"expected an integer >= 1, got {value}"))
+        return 0
+    return value
+
+
+def _rate(
+    table: dict[object, object], key: str, where: str, problems: list[tuple[str, str]]
+) -> float:
+    if key not in table:
+        return 0.0
+    value = table[key]
+    expected = "expected a number of connections per second > 0"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        problems.append((f"{where}.{key}", f"{expected}, got {_shown(value)}"))
+        return 0.0
+    rate = float(value)
+    if not (rate > 0 and math.isfinite(rate)):
+        problems.append((f"{where}.{key}", f"{expected}, got {value}"))
+        return 0.0
+    return rate
+
+
+# --- addresses --------------------------------------------------------------
+
+
+def client_ip(host: str) -> ClientIP | None:
+    """The client address in a host string (``"10.0.0.1"``, ``"::1"``), normalised.
+
+    ``::ffff:10.0.0.1`` becomes ``10.0.0.1``. None if ``host`` is no address.
+    """
+    try:
+        ip = ip_address(host)
+    except ValueError:
+        return None
+    return _normal(ip)
+
+
+def _normal(ip: ClientIP) -> ClientIP:
+    if isinstance(ip, IPv6Address):
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return mapped
+    return ip
+
+
+def _normal_network(network: Network) -> Network:
+    if (
+        isinstance(network, IPv6Network)
+        and network.prefixlen >= 96
+        and network.network_address.ipv4_mapped is not None
+    ):
+        return IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+    return network
+
+
+class _Networks:
+    """A list of networks for matching: per version, per prefix length, a dict."""
+
+    __slots__ = ("_v4", "_v6", "size")
+
+    def __init__(self, networks: tuple[Network, ...]) -> None:
+        by_length: dict[tuple[int, int], dict[int, Network]] = {}
+        for raw in networks:
+            network = _normal_network(raw)
+            bits = network.max_prefixlen
+            shift = bits - network.prefixlen
+            group = by_length.setdefault((bits, network.prefixlen), {})
+            group.setdefault(int(network.network_address) >> shift, network)
+        # Ascending prefix length: the first match is the broadest network.
+        self._v4 = tuple(
+            (bits - length, group)
+            for (bits, length), group in sorted(by_length.items())
+            if bits == 32
+        )
+        self._v6 = tuple(
+            (bits - length, group)
+            for (bits, length), group in sorted(by_length.items())
+            if bits == 128
+        )
+        self.size = len(networks)
+
+    def match(self, ip: ClientIP) -> Network | None:
+        """The broadest network holding ``ip`` (normalised), or None."""
+        number = int(ip)
+        for shift, group in self._v4 if isinstance(ip, IPv4Address) else self._v6:
+            network = group.get(number >> shift)
+            if network is not None:
+                return network
+        return None
+
+
+# --- gates ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a client connection was refused, and by the rule configured where."""
+
+    where: str
+    reason: str  # "deny 10.0.0.0/8", "not in allow", "max_connections 100 reached", ...
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.where})"
+
+
+@dataclass(frozen=True)
+class GateStatistics:
+    """A snapshot of a gate's counters."""
+
+    connections: int  # open connections counted
+    clients: int  # distinct client addresses among them
+    buckets: int  # rate buckets held: not yet full, or full and not yet pruned
+
+
+class Gate:
+    """One rule and its counters, shared by every service the rule covers.
+
+    The rule can be replaced (a config reload) while the counters go on, so
+    connections admitted under the old rule are still released correctly.
+    Rate buckets start over (full) when the rate or the burst changes.
+    """
+
+    __slots__ = (
+        "_allow",
+        "_buckets",
+        "_clients",
+        "_connections",
+        "_deny",
+        "_empty",
+        "_interval",
+        "_max_reason",
+        "_per_client_reason",
+        "_prune_at",
+        "_rate_reason",
+        "_rule",
+        "_tolerance",
+    )
+
+    def __init__(self, rule: AccessRule) -> None:
+        self._connections = 0
+        self._clients: dict[ClientIP, int] = {}
+        self._buckets: dict[ClientIP, float] = {}  # address -> when its bucket is full again
+        self._prune_at = BUCKETS_PRUNE_MIN
+        self._interval = 0.0
+        self._tolerance = 0.0
+        self.rule = rule
+
+    @property
+    def rule(self) -> AccessRule:
+        return self._rule
+
+    @rule.setter
+    def rule(self, rule: AccessRule) -> None:
+        self._rule = rule
+        self._empty = rule.empty
+        self._allow = _Networks(rule.allow)
+        self._deny = _Networks(rule.deny)
+        self._max_reason = f"max_connections {rule.max_connections} reached"
+        self._per_client_reason = (
+            f"max_connections_per_client {rule.max_connections_per_client} reached"
+        )
+        rate = rule.rate_per_client
+        self._rate_reason = f"rate_per_client {_number(rate)}/s exceeded"
+        interval, tolerance = 0.0, 0.0
+        if rate > 0:
+            burst = rule.burst_per_client or default_burst(rate)
+            interval = 1.0 / rate
+            # A connection is admitted while its bucket is at most this far
+            # from full, in seconds: it then holds at least one token.
+            tolerance = (burst - 1 + RATE_SLACK) * interval
+        if (interval, tolerance) != (self._interval, self._tolerance):
+            self._buckets = {}
+            self._prune_at = BUCKETS_PRUNE_MIN
+        self._interval, self._tolerance = interval, tolerance
+
+    def check(self, ip: ClientIP, now: float) -> str | None:
+        """The reason this gate would refuse a connection from ``ip``, changing nothing."""
+        return self._check(_normal(ip), now)
+
+    def acquire(self, ip: ClientIP, now: float) -> None:
+        """Count an admitted connection from ``ip``, and take a rate token."""
+        self._acquire(_normal(ip), now)
+
+    def release(self, ip: ClientIP) -> None:
+        """A counted connection from ``ip`` ended; an address not counted is ignored."""
+        ip = _normal(ip)
+        count = self._clients.get(ip)
+        if count is None:
+            return
+        if count == 1:
+            del self._clients[ip]
+        else:
+            self._clients[ip] = count - 1
+        self._connections -= 1
+
+    def statistics(self) -> GateStatistics:
+        return GateStatistics(self._connections, len(self._clients), len(self._buckets))
+
+    def _check(self, ip: ClientIP, now: float) -> str | None:
+        if self._empty:
+            return None
+        if self._deny.size:
+            network = self._deny.match(ip)
+            if network is not None:
+                return f"deny {network}"
+        if self._allow.size and self._allow.match(ip) is None:
+            return "not in allow"
+        rule = self._rule
+        if rule.max_connections and self._connections >= rule.max_connections:
+            return self._max_reason
+        limit = rule.max_connections_per_client
+        if limit and self._clients.get(ip, 0) >= limit:
+            return self._per_client_reason
+        if self._interval:
+            full_at = self._buckets.get(ip)
+            if full_at is not None and full_at - now > self._tolerance:
+                return self._rate_reason
+        return None
+
+    def _acquire(self, ip: ClientIP, now: float) -> None:
+        self._connections += 1
+        self._clients[ip] = self._clients.get(ip, 0) + 1
+        if not self._interval:
+            return
+        buckets = self._buckets
+        full_at = buckets.get(ip)
+        if full_at is None:
+            if len(buckets) >= self._prune_at:
+                self._prune(now)
+            buckets = self._buckets
+            full_at = now
+        buckets[ip] = max(full_at, now) + self._interval
+
+    def _prune(self, now: float) -> None:
+        kept = {ip: full_at for ip, full_at in self._buckets.items() if full_at > now}
+        room = MAX_CLIENT_BUCKETS // 2
+        if len(kept) > room:
+            furthest = sorted(kept.items(), key=lambda item: item[1])[-room:]
+            kept = dict(furthest)
+        self._buckets = kept
+        self._prune_at = min(MAX_CLIENT_BUCKETS, max(BUCKETS_PRUNE_MIN, 2 * len(kept)))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def admit(gates: Sequence[Gate], ip: ClientIP, now: float) -> Refusal | None:
+    """Check ``ip`` against every gate, in order; if none refuses, acquire in all.
+
+    All or nothing: a refusal leaves every gate unchanged. The caller releases
+    an admitted connection in the same gates when it ends.
+    """
+    ip = _normal(ip)
+    for gate in gates:
+        reason = gate._check(ip, now)
+        if reason is not None:
+            return Refusal(gate._rule.where, reason)
+    for gate in gates:
+        gate._acquire(ip, now)
+    return None

@@ -1,0 +1,126 @@
+"""Agent credentials: tokens, their stored hashes, and the handshake proof.
+
+An agent proves it holds its token without sending it, and the gateway can
+check that proof without holding the token either: it may keep only a salted,
+slow hash of it (``token_hash`` in its config), and a stolen hash does not let
+anyone pass as the agent. The scheme is SCRAM's (RFC 5802), over scrypt:
+
+.. code-block:: text
+
+    salted     = scrypt(token, salt = SALT_CONTEXT ‖ agent name)   slow, once per process
+    client_key = HMAC-SHA256(salted, "client key")
+    stored_key = SHA-256(client_key)                               what the gateway keeps
+    signature  = HMAC-SHA256(stored_key, AUTH_CONTEXT ‖ nonce ‖ role ‖ agent ‖ session)
+    proof      = client_key XOR signature                          sent in Hello
+
+The gateway computes the signature from ``stored_key``, recovers
+``client_key = proof XOR signature`` and checks that its SHA-256 is
+``stored_key``. Only someone who knows ``client_key`` (so the token) can make
+a proof; ``stored_key`` alone cannot.
+
+The salt is the agent's name, as Kerberos salts keys with the principal's
+name: the gateway speaks first (its Challenge carries the nonce before it
+knows who connects), so a random salt could not reach the agent without one
+more round trip on every connection. A hash line is therefore bound to one
+agent name. The nonce, role, name and session id in the signed message keep
+a proof from being replayed on another connection, channel kind or session.
+
+Pure functions: no I/O, no clocks. :func:`derive` is deliberately slow
+(about 40 ms of CPU); callers cache it and run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Final
+
+SALT_CONTEXT: Final = b"tunnelgate token salt v2\x00"
+AUTH_CONTEXT: Final = b"tunnelgate proof v2\x00"
+HASH_PREFIX: Final = "tg2:"  # a stored key, base64url: "tg2:<43 characters>"
+SCRYPT_N: Final = 1 << 14
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+KEY_SIZE: Final = 32
+DERIVE_CACHE: Final = 1024  # (token, name) pairs kept derived
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What an agent derives from its token for one name: both keys."""
+
+    client_key: bytes = field(repr=False)
+    stored_key: bytes = field(repr=False)
+
+
+@functools.lru_cache(maxsize=DERIVE_CACHE)
+def derive(token: bytes, agent: str) -> Credential:
+    """The keys of ``token`` for the agent named ``agent`` (slow; cached)."""
+    salted = hashlib.scrypt(
+        token,
+        salt=SALT_CONTEXT + agent.encode(),
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        maxmem=64 << 20,
+        dklen=KEY_SIZE,
+    )
+    client_key = hmac.digest(salted, b"client key", "sha256")
+    return Credential(client_key, hashlib.sha256(client_key).digest())
+
+
+def hash_line(stored_key: bytes) -> str:
+    """How a stored key is written in the gateway's config (``token_hash``)."""
+    return HASH_PREFIX + base64.urlsafe_b64encode(stored_key).decode().rstrip("=")
+
+
+def parse_hash_line(text: str) -> bytes:
+    """The stored key of a ``token_hash`` value; ValueError if it is not one."""
+    text = text.strip()
+    if not text.startswith(HASH_PREFIX):
+        raise ValueError(
+            f"expected a hash starting with {HASH_PREFIX!r}, as `tunnelgate token` prints it"
+        )
+    body = text[len(HASH_PREFIX) :]
+    try:
+        key = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:
+        key = b""
+    if len(key) != KEY_SIZE or hash_line(key) != text:
+        raise ValueError("not a valid token hash (it is cut short or altered)")
+    return key
+
+
+def _signature(stored_key: bytes, nonce: bytes, role: str, agent: str, session: str) -> bytes:
+    message = b"\x00".join((nonce, role.encode(), agent.encode(), session.encode()))
+    return hmac.digest(stored_key, AUTH_CONTEXT + message, "sha256")
+
+
+def make_proof(
+    credential: Credential, nonce: bytes, role: str, agent: str, session: str
+) -> bytes:
+    """The Hello's proof for this connection."""
+    signature = _signature(credential.stored_key, nonce, role, agent, session)
+    return bytes(a ^ b for a, b in zip(credential.client_key, signature, strict=True))
+
+
+def proof_for(token: bytes, nonce: bytes, role: str, agent: str, session: str) -> bytes:
+    """:func:`make_proof` straight from a token (for tools and tests)."""
+    return make_proof(derive(token, agent), nonce, role, agent, session)
+
+
+def check_proof(
+    stored_key: bytes, proof: bytes, nonce: bytes, role: str, agent: str, session: str
+) -> bool:
+    """True if ``proof`` was made with the client key behind ``stored_key``.
+
+    Constant-time in the secret values: the comparison is ``hmac.compare_digest``.
+    """
+    if len(proof) != KEY_SIZE:
+        return False
+    signature = _signature(stored_key, nonce, role, agent, session)
+    client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)

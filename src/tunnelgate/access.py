@@ -42,26 +42,27 @@ on the rule in force. Releasing an address with nothing counted is ignored.
 
 The rate limit is a token bucket per client address: ``burst_per_client``
 tokens, refilled at ``rate_per_client`` per second, one taken per admitted
-connection. A bucket is stored as one float, the time at which it will be full
-again (the generic cell rate algorithm); an address with no entry has a full
-bucket. Refused attempts take no token: the token budgets the work an admitted
-connection costs (a data channel, a connection at the agent), and a refused
-client is closed at once and costs nothing more; charging refusals would also
-let a client retrying in a loop stay locked out after it slows down to the
-allowed rate.
+connection, never fewer than zero. A bucket is stored as one float, the time
+at which it will be full again (the generic cell rate algorithm); an address
+with no entry has a full bucket. An attempt up to ``RATE_SLACK`` early counts
+as on time, so that rounding never costs a token. Refused attempts take no
+token: the token budgets the work an admitted connection costs (a data
+channel, a connection at the agent), and a refused client is closed at once
+and costs nothing more. Charging refusals would instead lock out a client for
+as long as it retries faster than the rate, rather than admit it at the rate.
 
 Memory
 ------
-Per-client counters are removed when they reach zero, so they hold one entry
-per address with a connection open. Buckets that have refilled to full are
-dropped when the table grows past ``prune_at`` (at least
-``BUCKETS_PRUNE_MIN``, then twice what the last pruning kept), which costs O(1)
-amortised per admitted connection. The table never holds more than
-``MAX_CLIENT_BUCKETS`` entries per gate: if pruning keeps more than half of
-that, only the half furthest from full survive, and the clients forgotten get
-a full bucket back early (a flood of distinct addresses, which costs nothing
-in IPv6, can then only loosen the rate limit of the clients closest to it,
-never grow memory).
+Per-client counters are removed when they reach zero: one entry per address
+with a connection open. Buckets that have refilled to full are dropped when
+the table reaches ``prune_at`` entries (``BUCKETS_PRUNE_MIN``, or twice what
+the last pruning kept if that is more), which costs O(1) amortised per new
+bucket. And the table never holds more than ``MAX_CLIENT_BUCKETS`` entries:
+when pruning keeps more than half of that, only the half furthest from full
+survive, and the clients forgotten get a full bucket back early. So a flood of
+distinct addresses, which costs nothing in IPv6, can loosen the rate limit of
+the clients nearest to full, but never grow a gate's buckets past
+``MAX_CLIENT_BUCKETS`` (about 10 MB with IPv6 keys).
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ ACCESS_KEYS: Final = frozenset(
 
 BUCKETS_PRUNE_MIN: Final = 1024
 MAX_CLIENT_BUCKETS: Final = 65536
-# How far past its tolerance a bucket may be, in tokens, before a connection is
-# refused: absorbs the rounding of sums of 1/rate.
-RATE_SLACK: Final = 1e-9
+# An attempt this early (seconds) counts as on time: absorbs the rounding of
+# clock values and sums of 1/rate.
+RATE_SLACK: Final = 1e-6
 
 _MAX_SHOWN: Final = 60
 
@@ -109,7 +110,7 @@ class AccessRule:
 
     @property
     def empty(self) -> bool:
-        """Whether the rule lets every connection through (a gate for it can be skipped)."""
+        """Whether the rule lets every connection through: no list, no limit."""
         return not (
             self.allow
             or self.deny
@@ -178,12 +179,7 @@ def _network_list(
         )
         return ()
     if not value and key == "allow":
-        problems.append(
-            (
-                path,
-                "empty: an empty allow list would admit every address; leave the key out for that",
-            )
-        )
+        problems.append((path, "empty: it would admit every address; leave allow out for that"))
         return ()
     networks: list[Network] = []
     for index, item in enumerate(value):
@@ -368,6 +364,7 @@ class Gate:
         "_prune_at",
         "_rate_reason",
         "_rule",
+        "_span",
         "_tolerance",
     )
 
@@ -377,6 +374,7 @@ class Gate:
         self._buckets: dict[ClientIP, float] = {}  # address -> when its bucket is full again
         self._prune_at = BUCKETS_PRUNE_MIN
         self._interval = 0.0
+        self._span = 0.0
         self._tolerance = 0.0
         self.rule = rule
 
@@ -396,17 +394,17 @@ class Gate:
         )
         rate = rule.rate_per_client
         self._rate_reason = f"rate_per_client {_number(rate)}/s exceeded"
-        interval, tolerance = 0.0, 0.0
+        interval = span = 0.0
         if rate > 0:
             burst = rule.burst_per_client or default_burst(rate)
             interval = 1.0 / rate
-            # A connection is admitted while its bucket is at most this far
-            # from full, in seconds: it then holds at least one token.
-            tolerance = (burst - 1 + RATE_SLACK) * interval
-        if (interval, tolerance) != (self._interval, self._tolerance):
+            # A bucket at most `span` seconds from full holds at least one token.
+            span = (burst - 1) * interval
+        if (interval, span) != (self._interval, self._span):
             self._buckets = {}
             self._prune_at = BUCKETS_PRUNE_MIN
-        self._interval, self._tolerance = interval, tolerance
+        self._interval, self._span = interval, span
+        self._tolerance = span + RATE_SLACK
 
     def check(self, ip: ClientIP, now: float) -> str | None:
         """The reason this gate would refuse a connection from ``ip``, changing nothing."""
@@ -429,6 +427,7 @@ class Gate:
         self._connections -= 1
 
     def statistics(self) -> GateStatistics:
+        """A snapshot of the counters."""
         return GateStatistics(self._connections, len(self._clients), len(self._buckets))
 
     def _check(self, ip: ClientIP, now: float) -> str | None:
@@ -464,7 +463,10 @@ class Gate:
                 self._prune(now)
             buckets = self._buckets
             full_at = now
-        buckets[ip] = max(full_at, now) + self._interval
+        # A bucket holds no fewer than zero tokens; clamping also keeps what
+        # RATE_SLACK let through from adding up over many connections.
+        full_at = min(max(full_at, now), now + self._span)
+        buckets[ip] = full_at + self._interval
 
     def _prune(self, now: float) -> None:
         kept = {ip: full_at for ip, full_at in self._buckets.items() if full_at > now}
@@ -483,8 +485,9 @@ def _number(value: float) -> str:
 def admit(gates: Sequence[Gate], ip: ClientIP, now: float) -> Refusal | None:
     """Check ``ip`` against every gate, in order; if none refuses, acquire in all.
 
-    All or nothing: a refusal leaves every gate unchanged. The caller releases
-    an admitted connection in the same gates when it ends.
+    All or nothing: a refusal leaves every gate unchanged. Each gate should
+    appear once. The caller releases an admitted connection in the same gates
+    when it ends.
     """
     ip = _normal(ip)
     for gate in gates:

@@ -103,6 +103,11 @@ def _host(part: str, text: str) -> str:
         except ValueError:
             raise ValueError(f"bad IPv6 address in {text!r}") from None
         return host
+    if ":" in part:  # a bare IPv6 address, as in allow_bind = ["::1"]
+        try:
+            return str(ipaddress.IPv6Address(part))
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {text!r}") from None
     if not _HOST_RE.fullmatch(part):
         raise ValueError(f"bad host {part!r} in {text!r}")
     return part

@@ -229,6 +229,7 @@ class Gateway:
         self._handshakes_by_host: Counter[str] = Counter()
         self._auth_failures = _AuthFailures()
         self._auth_warnings = Throttle(WARNING_INTERVAL)
+        self._suspect_drops = Throttle(WARNING_INTERVAL)
         self._derived: dict[tuple[bytes, str], bytes] = {}  # (token, agent) -> stored key
         self._gates: dict[str, Gate] = {}  # by the rule's place in the config
         self._refusal_warnings: dict[str, Throttle] = {}
@@ -457,7 +458,7 @@ class Gateway:
                 self._handshakes_by_host[host] >= AUTH_SUSPECT_HANDSHAKES
                 and self._auth_failures.count(host, time.monotonic()) >= AUTH_SUSPECT
             ):
-                self._auth_warnings.warning(
+                self._suspect_drops.warning(
                     logger,
                     time.monotonic(),
                     "dropping connection from %s: it failed to authenticate repeatedly and "

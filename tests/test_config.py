@@ -441,3 +441,49 @@ def test_generate_token_never_looks_like_an_option() -> None:
     assert len(tokens) == 2000
     assert not [t for t in tokens if t.startswith("-")]
     assert all(len(t) >= 43 for t in tokens)
+
+
+# --- PROXY protocol -----------------------------------------------------------
+
+
+def test_load_agent_config_proxy_protocol_flag_covers_every_exposed_service() -> None:
+    """--proxy-protocol v2 makes every --expose service get a version 2 header; none without."""
+    flags = {**AGENT, "expose": ["1:a:2", "3:b:4"]}
+    config, _ = c.load_agent_config(None, {**flags, "proxy_protocol": "v2"})
+    assert [s.proxy_protocol for s in config.services] == [2, 2]
+    config, _ = c.load_agent_config(None, flags)
+    assert [s.proxy_protocol for s in config.services] == [0, 0]
+
+
+def test_load_agent_config_services_proxy_protocol_overrides_the_default(tmp_path: Path) -> None:
+    """A [[services]] table's proxy_protocol wins; a table without one takes the top level's."""
+    text = (
+        'proxy_protocol = "v1"\n'
+        '[[services]]\nlocal = "h:1"\n'
+        '[[services]]\nlocal = "h:2"\nproxy_protocol = "v2"\n'
+        '[[services]]\nlocal = "h:3"\nproxy_protocol = "none"\n'
+    )
+    config, _ = c.load_agent_config(toml(tmp_path, text), AGENT)
+    assert [s.proxy_protocol for s in config.services] == [1, 2, 0]
+    config, _ = c.load_agent_config(toml(tmp_path, text), {**AGENT, "proxy_protocol": "v2"})
+    assert [s.proxy_protocol for s in config.services] == [2, 2, 0]
+
+
+SERVICE = '[[services]]\nlocal = "h:1"\n'
+BAD_PROXY_PROTOCOLS = [
+    (SERVICE + 'proxy_protocol = "v3"\n', {}, "file", "services[0].proxy_protocol"),
+    (SERVICE + "proxy_protocol = 2\n", {}, "file", "services[0].proxy_protocol"),
+    ("proxy_protocol = true\n" + SERVICE, {}, "file", "proxy_protocol"),
+    (SERVICE, {"proxy_protocol": "2"}, "command line", "--proxy-protocol"),
+]
+
+
+@pytest.mark.parametrize(("text", "flags", "where", "key"), BAD_PROXY_PROTOCOLS)
+def test_load_agent_config_rejects_bad_proxy_protocol(
+    tmp_path: Path, text: str, flags: dict[str, Any], where: str, key: str
+) -> None:
+    """A proxy_protocol other than "v1", "v2" or "none" is reported at its key."""
+    path = toml(tmp_path, text)
+    [problem] = problems(c.load_agent_config, path, {**AGENT, **flags})
+    assert (problem.source, problem.key) == (str(path) if where == "file" else where, key)
+    assert 'expected "v1", "v2" or "none"' in problem.message

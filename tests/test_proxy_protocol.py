@@ -35,6 +35,7 @@ from conftest import (
     connect,
     free_port,
     new_token,
+    read_to_end,
     read_until_end,
     require_tool,
     start_gateway,
@@ -44,9 +45,11 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tunnelgate import agent as agent_module
 from tunnelgate import cli, proxy_protocol
-from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
+from tunnelgate.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from tunnelgate.proxy_protocol import ProxyHeader, header, parse
+from tunnelgate.transport import SocketStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,8 +96,8 @@ UNUSABLE = [
 def test_header_bytes_follow_the_specification(
     version: int, client: str, server: str, expected: bytes
 ) -> None:
-    """Exactly the specification's bytes; IPv4-mapped addresses become IPv4 when both
-    addresses are IPv4, and IPv6 scope ids are left out."""
+    """Exactly the specification's bytes; IPv4-mapped addresses become plain IPv4 when
+    both addresses are (or map) IPv4, and IPv6 scope ids are left out."""
     assert header(version, client, server) == expected
 
 
@@ -136,8 +139,9 @@ def expected_header(
     version: int, source: IP, destination: IP, ports: tuple[int, int]
 ) -> ProxyHeader:
     """What the module's address rule promises for these two addresses."""
-    source_v4 = source if source.version == 4 else source.ipv4_mapped
-    destination_v4 = destination if destination.version == 4 else destination.ipv4_mapped
+    source_v4, destination_v4 = (
+        a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) else a for a in (source, destination)
+    )
     if source_v4 is not None and destination_v4 is not None:
         return ProxyHeader(
             version, "inet", "stream", str(source_v4), ports[0], str(destination_v4), ports[1]
@@ -439,6 +443,45 @@ async def test_service_without_proxy_protocol_gets_no_header(
     header_seen = (await next_seen(with_header)).header
     assert header_seen is not None and header_seen.version == 2
     assert (header_seen.source, header_seen.source_port) == (SOURCES[1], client_port)
+    no_tracebacks(tunnel_debug_log)
+
+
+@pytest.mark.parametrize("failure", ["reset", "stall"])
+async def test_header_not_sent_ends_the_client_connection_with_a_reset(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    start_server: StartServer,
+    tunnel_debug_log: LogRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """When the header cannot be sent (an error, or no room within connect_timeout), the
+    client is reset like after a failed connect, and the agent says why."""
+    seen: asyncio.Queue[Seen | Exception] = asyncio.Queue()
+    server = await start_server(recording_echo(seen, with_header=True))
+
+    class FailingToService(SocketStream):
+        async def send(self, data: bytes | memoryview) -> None:
+            if self.sock.getpeername()[1] != server.port:
+                return await super().send(data)  # the agent's own channels
+            if failure == "reset":
+                raise TransportError("connection reset by peer")
+            await asyncio.Event().wait()  # a send that never completes
+
+    monkeypatch.setattr(agent_module, "SocketStream", FailingToService)
+    gateway = await open_gateway()
+    agent = await open_agent(
+        gateway, expose=[f"0:{server.local}"], proxy_protocol="v1", connect_timeout=0.2
+    )
+    public = next(iter((await agent.wait_ready(10)).values())).address
+    async with asyncio.timeout(10), connect(public) as (reader, writer):
+        writer.write(b"hello")
+        assert await read_to_end(reader) == (0, "reset")
+    why = "connection reset by peer" if failure == "reset" else "timed out after 0.2 s"
+    reason = f"cannot send the PROXY protocol header to {server.local}: {why}"
+    assert tunnel_debug_log.find(reason, logging.WARNING)
+    async with asyncio.timeout(10):
+        assert isinstance(await seen.get(), ConnectionResetError)  # the service's socket: reset
     no_tracebacks(tunnel_debug_log)
 
 

@@ -116,7 +116,9 @@ class Agent:
         # for again after a reconnect, so a service keeps its public address.
         self._chosen_ports: dict[str, int] = {}
         self._context: ssl.SSLContext | None = (
-            tls.client_context(config.ca, config.fingerprint) if config.tls else None
+            tls.client_context(config.ca, config.fingerprint, config.cert, config.key)
+            if config.tls
+            else None
         )
         self._main: asyncio.Task[None] | None = None
         self._control: Channel | None = None  # while a session is up

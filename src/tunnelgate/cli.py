@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--gateway", metavar="HOST:PORT", help="the gateway's control port")
     agent.add_argument("--ca", metavar="FILE", help="trust the gateway's certificate from CA")
     agent.add_argument("--fingerprint", metavar="SHA256", help="pin the gateway's certificate")
+    agent.add_argument("--cert", metavar="FILE", help="this agent's certificate (mutual TLS)")
+    agent.add_argument("--key", metavar="FILE", help="this agent's private key (mutual TLS)")
     agent.add_argument(
         "--expose", action="append", metavar="[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT",
         help="a service to expose (repeatable); REMOTE_PORT 0 takes any free port",
@@ -142,8 +144,9 @@ _GATEWAY_FLAGS = [
     "handshake_timeout", "drain_timeout", "log_level", "log_format",
 ]  # fmt: skip
 _AGENT_FLAGS = [
-    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "expose", "name",
-    "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format", "proxy_protocol",
+    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "cert", "key", "expose",
+    "name", "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format",
+    "proxy_protocol",
 ]  # fmt: skip
 
 

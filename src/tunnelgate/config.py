@@ -262,6 +262,8 @@ class AgentConfig:
     tls: bool = True
     ca: Path | None = None
     fingerprint: str = ""  # normalised "SHA256:<64 hex>", or ""
+    cert: Path | None = None  # the agent's own certificate, for a gateway with client_ca
+    key: Path | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -692,7 +694,7 @@ def _agent_policy(
 _AGENT_KEYS: Final = {
     "gateway", "token", "token_file", "tls", "ca", "fingerprint", "name", "expose",
     "services", "pool_size", "connect_timeout", "handshake_timeout", "reconnect_min",
-    "reconnect_max", "log_level", "log_format", "drain_timeout", "proxy_protocol",
+    "reconnect_max", "log_level", "log_format", "drain_timeout", "proxy_protocol", "cert", "key",
 }  # fmt: skip
 _SERVICE_KEYS: Final = {"name", "bind", "port", "local", "proxy_protocol"}
 PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
@@ -724,15 +726,24 @@ def load_agent_config(
     if gateway is None and "gateway" not in src.values:
         src.problem("command line", "--gateway", "missing: the gateway's HOST:PORT")
     token = _token(src)
-    if token is None and not _token_problem_recorded(src):
+    if token is None and not _token_problem_recorded(src) and "cert" not in src.values:
         src.problem(
-            "command line", "--token", f"missing: give --token, --token-file or {TOKEN_ENV}"
+            "command line",
+            "--token",
+            f"missing: give --token, --token-file or {TOKEN_ENV} "
+            "(or only --cert and --key, for a gateway that takes certificates alone)",
         )
     tls = src.get("tls", bool, True)
     ca = src.parse("ca", lambda v: Path(str(v)).expanduser(), None)
     fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
     if not tls and (ca is not None or fingerprint):
         src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")
+    cert = src.parse("cert", lambda v: _existing_file(str(v)), None)
+    key = src.parse("key", lambda v: _existing_file(str(v)), None)
+    if ("cert" in src.values) != ("key" in src.values):
+        src.fail("cert" if "cert" in src.values else "key", "cert and key must be given together")
+    if not tls and "cert" in src.values:
+        src.fail("cert", "makes no sense with --no-tls: certificates are part of TLS")
     name = src.parse("name", parse_name, default_agent_name())
     services = _services(src)
     reconnect_min = src.seconds("reconnect_min", DEFAULT_RECONNECT_MIN)
@@ -745,6 +756,8 @@ def load_agent_config(
         tls=tls,
         ca=ca,
         fingerprint=fingerprint,
+        cert=cert,
+        key=key,
         pool_size=src.count("pool_size", DEFAULT_POOL_SIZE, 0, 256),
         connect_timeout=src.seconds("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),

@@ -99,9 +99,7 @@ def _signature(stored_key: bytes, nonce: bytes, role: str, agent: str, session: 
     return hmac.digest(stored_key, AUTH_CONTEXT + message, "sha256")
 
 
-def make_proof(
-    credential: Credential, nonce: bytes, role: str, agent: str, session: str
-) -> bytes:
+def make_proof(credential: Credential, nonce: bytes, role: str, agent: str, session: str) -> bytes:
     """The Hello's proof for this connection."""
     signature = _signature(credential.stored_key, nonce, role, agent, session)
     return bytes(a ^ b for a, b in zip(credential.client_key, signature, strict=True))

@@ -85,6 +85,10 @@ class AuthenticationError(TunnelgateError):
         return f"authentication failed: {self.reason}"
 
 
+class CertificateRefusedError(AuthenticationError):
+    """The gateway refused this agent's TLS certificate (or its lack of one)."""
+
+
 class PeerVerificationError(AuthenticationError):
     """The gateway's TLS certificate is not the one the agent was told to expect."""
 

@@ -41,7 +41,9 @@ V1_PREFIX: Final = b"PROXY "
 V1_MAX_SIZE: Final = 107  # the longest line the specification allows, CRLF included
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_SIZE: Final = 16  # signature, version and command, family and protocol, length
-MAX_HEADER_SIZE: Final = V2_FIXED_SIZE + 216  # the longest :func:`header` could ever build
+MAX_HEADER_SIZE: Final = (
+    V2_FIXED_SIZE + 216
+)  # v2 with UNIX addresses and no TLV; header() builds less
 
 Family = Literal["inet", "inet6", "unix", "unspec"]
 Transport = Literal["stream", "dgram", "unspec"]
@@ -238,7 +240,9 @@ def _v1_address(text: str, family: Family) -> str:
 
 def _v1_port(text: str) -> int:
     if not _PORT_RE.fullmatch(text) or int(text) > 65535:
-        raise RemoteProtocolError(f"PROXY v1 port {text[:8]!r} is not 0-65535 without zeros ahead")
+        raise RemoteProtocolError(
+            f"PROXY v1 port {text[:8]!r} is not 0-65535 without leading zeros"
+        )
     return int(text)
 
 

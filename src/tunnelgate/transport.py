@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 
 from tunnelgate.config import Address, format_address
 from tunnelgate.errors import (
+    CertificateRefusedError,
     ConnectionClosed,
     PeerVerificationError,
     TransportError,
@@ -60,6 +61,26 @@ def describe_os_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+# TLS alerts a gateway sends when it does not accept the agent's certificate.
+_CERTIFICATE_ALERTS: Final = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires one (give --cert and --key)",
+    "TLSV1_ALERT_UNKNOWN_CA": "its CA (client_ca) did not sign it",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "it is not acceptable",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it has expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "it was revoked",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "it is not acceptable",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "its type is not supported",
+}
+
+
+def _certificate_refused(exc: ssl.SSLError) -> CertificateRefusedError | None:
+    """The error for a TLS alert that says the peer refused our certificate."""
+    why = _CERTIFICATE_ALERTS.get(str(exc.reason))
+    if why is None:
+        return None
+    return CertificateRefusedError(f"the gateway refused this agent's TLS certificate: {why}")
 
 
 def reset_socket(sock: socket.socket) -> None:
@@ -409,6 +430,8 @@ class TLSStream:
             raise TransportError("connection closed during the TLS handshake") from None
         except ssl.SSLError as exc:
             self.abort()
+            if refused := _certificate_refused(exc):
+                raise refused from None
             hint = ""
             if exc.reason == "WRONG_VERSION_NUMBER" and not self.sock.server_side:
                 hint = " (does the gateway run with --no-tls? then so must the agent)"
@@ -428,6 +451,8 @@ class TLSStream:
                 await wait_readable(self.sock)
             except ssl.SSLWantWriteError:
                 await wait_writable(self.sock)
+            except ssl.SSLError as exc:  # TLS 1.3: a refused certificate shows on the first read
+                raise _certificate_refused(exc) or TransportError(describe_os_error(exc)) from None
             except OSError as exc:
                 raise TransportError(describe_os_error(exc)) from None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import TOKEN, LocalServer, LogRecorder, echo_roundtrip
+from conftest import LocalServer, LogRecorder, echo_roundtrip
 
 from tunnelgate import Agent, Gateway
 from tunnelgate.errors import AuthenticationError, TunnelgateError

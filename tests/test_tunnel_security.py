@@ -31,8 +31,7 @@ from conftest import (
     wait_until,
 )
 
-from tunnelgate import Address
-from tunnelgate import credentials
+from tunnelgate import Address, credentials
 from tunnelgate import protocol as p
 from tunnelgate.errors import (
     AuthenticationError,

@@ -786,6 +786,27 @@ def echo_exchange(port: int, payload: bytes, timeout: float = DEADLINE) -> tuple
         return bytes(received), how
 
 
+@contextlib.contextmanager
+def tcp_service(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
+    """A threaded TCP server on loopback port 0 in this process; yields its port."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(DEADLINE)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    with tcp_service(EchoHandler) as port:
+        yield port
+
+
 @pytest.fixture
 def launch_command(tmp_path: Path) -> Iterator[Launch]:
     """Start ``PROGRAM ARGS...`` (``token=`` goes in the environment, ``cwd=`` is where);

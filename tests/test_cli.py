@@ -20,9 +20,7 @@ import socket
 import socketserver
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,6 @@ from conftest import (
     AGENT_COMMAND_RE,
     DEADLINE,
     TOKEN_ENV,
-    EchoHandler,
     GatewayProc,
     Launch,
     Proc,
@@ -38,6 +35,7 @@ from conftest import (
     free_port,
     new_token,
     start_gateway,
+    tcp_service,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,27 +120,6 @@ class _PacedResponseHandler(socketserver.BaseRequestHandler):
 
 
 PACED_RESPONSE = random.Random(4).randbytes(4 << 20)
-
-
-@contextlib.contextmanager
-def tcp_service(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
-    """A threaded TCP server on loopback port 0 in this process; yields its port."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(DEADLINE)
-
-
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    with tcp_service(EchoHandler) as port:
-        yield port
 
 
 def echo_through(port: int, payload: bytes) -> bytes:

@@ -1,0 +1,546 @@
+"""Fuzz targets: one function per parser of network or user input.
+
+Each target takes arbitrary bytes, feeds them to tunnelgate the way the
+gateway or the agent would, and returns normally when tunnelgate accepted or
+rejected them as documented (``RemoteProtocolError`` for wire input,
+``ConfigError`` for a config file, ``ValueError`` for a hash line). Any other
+exception, or a broken invariant (an ``AssertionError`` raised here), is a
+bug in tunnelgate. :data:`TARGETS` maps each name to its function.
+
+This module must not import atheris: ``tests/test_fuzz_corpus.py`` replays the
+corpus through it under plain pytest, and ``fuzz/run.py`` drives it under
+atheris.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import os
+import shutil
+import stat
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from tunnelgate import access, config, credentials, protocol, proxy_protocol
+from tunnelgate.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+
+# A normalised event: ("data", bytes) | ("end",) | ("abort", str) | ("message", Message).
+Normal = tuple[Any, ...]
+
+
+# --- frames -------------------------------------------------------------------
+#
+# Input layout: byte 0 holds the number of cuts (low 4 bits) and a step size
+# (high 4 bits, plus one); then one big-endian 16-bit offset per cut; the rest
+# is the byte stream. The stream is decoded four ways (whole, in the chunks
+# between the cuts with the relay's `whole_data_frame` shortcut, step by step
+# with `bytes_wanted`/`skip_data` as the splice path reads, and by a reference
+# model written from the frame table in docs/ARCHITECTURE.md), and all four
+# must agree.
+
+
+def split_frames_input(data: bytes) -> tuple[list[bytes], int, bytes]:
+    """The chunks, the step size and the whole stream of a ``frames`` input."""
+    if not data:
+        return [], 1, b""
+    count, step = data[0] & 0x0F, (data[0] >> 4) + 1
+    head = min(len(data), 1 + 2 * count)
+    stream = data[head:]
+    cuts = sorted(
+        {int.from_bytes(data[i : i + 2], "big") % (len(stream) + 1) for i in range(1, head - 1, 2)}
+    )
+    edges = [0, *cuts, len(stream)]
+    chunks = [stream[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return chunks, step, stream
+
+
+def _normal(event: protocol.Event) -> Normal:
+    if isinstance(event, protocol.Data):
+        return ("data", bytes(event.view))
+    if isinstance(event, protocol.End):
+        return ("end",)
+    if isinstance(event, protocol.Abort):
+        return ("abort", event.reason)
+    return ("message", event)
+
+
+def _merged(events: list[Normal]) -> list[Normal]:
+    """Adjacent DATA joined and empty DATA dropped: how the bytes were cut is not
+    part of what a stream means."""
+    out: list[Normal] = []
+    for event in events:
+        if event[0] == "data":
+            if not event[1]:
+                continue
+            if out and out[-1][0] == "data":
+                out[-1] = ("data", out[-1][1] + event[1])
+                continue
+        out.append(event)
+    return out
+
+
+class _Outcome:
+    """What one way of decoding a stream produced."""
+
+    def __init__(self) -> None:
+        self.events: list[Normal] = []
+        self.failed = False  # a RemoteProtocolError ended it
+        self.data_remaining = 0
+        self.at_frame_boundary = True
+
+    def key(self) -> tuple[list[Normal], bool, int | None, bool | None]:
+        if self.failed:  # the decoder's state after an error is unspecified
+            return _merged(self.events), True, None, None
+        return _merged(self.events), False, self.data_remaining, self.at_frame_boundary
+
+
+def _reference(stream: bytes) -> _Outcome:
+    """The frame table of docs/ARCHITECTURE.md, read as plainly as possible."""
+    out = _Outcome()
+    limits = {
+        protocol.KIND_MESSAGE: (1, protocol.MAX_MESSAGE_SIZE),
+        protocol.KIND_DATA: (1, protocol.MAX_DATA_SIZE),
+        protocol.KIND_END: (0, 0),
+        protocol.KIND_ABORT: (0, protocol.MAX_ABORT_SIZE),
+    }
+    pos = 0
+    while pos < len(stream):
+        if len(stream) - pos < protocol.HEADER_SIZE:
+            out.at_frame_boundary = False
+            return out
+        word = int.from_bytes(stream[pos : pos + protocol.HEADER_SIZE], "big")
+        pos += protocol.HEADER_SIZE
+        kind, length = word >> 24, word & 0xFFFFFF
+        low, high = limits.get(kind, (1, 0))
+        if not low <= length <= high:
+            out.failed = True
+            return out
+        payload = stream[pos : pos + length]
+        pos += len(payload)
+        if kind == protocol.KIND_DATA:
+            out.events.append(("data", payload))
+            if len(payload) < length:
+                out.data_remaining = length - len(payload)
+                out.at_frame_boundary = False
+                return out
+            continue
+        if len(payload) < length:
+            out.at_frame_boundary = False
+            return out
+        if kind == protocol.KIND_END:
+            out.events.append(("end",))
+        elif kind == protocol.KIND_ABORT:
+            out.events.append(("abort", payload.decode("utf-8", "replace")))
+        else:
+            try:
+                out.events.append(("message", protocol.decode_message(payload)))
+            except RemoteProtocolError:
+                out.failed = True
+                return out
+    return out
+
+
+def _is_one_data_frame(chunk: bytes) -> bool:
+    if len(chunk) <= protocol.HEADER_SIZE:
+        return False
+    word = int.from_bytes(chunk[: protocol.HEADER_SIZE], "big")
+    length = len(chunk) - protocol.HEADER_SIZE
+    return word >> 24 == protocol.KIND_DATA and word & 0xFFFFFF == length <= protocol.MAX_DATA_SIZE
+
+
+def _finish(out: _Outcome, decoder: protocol.FrameDecoder) -> _Outcome:
+    out.data_remaining = decoder.data_remaining
+    out.at_frame_boundary = decoder.at_frame_boundary
+    return out
+
+
+def _decode_whole(stream: bytes) -> _Outcome:
+    out, decoder = _Outcome(), protocol.FrameDecoder()
+    try:
+        out.events.extend(_normal(e) for e in decoder.feed(stream))
+    except RemoteProtocolError:
+        out.failed = True
+        return out
+    return _finish(out, decoder)
+
+
+def _decode_chunks(chunks: list[bytes]) -> _Outcome:
+    """As the copy path reads: a read that is exactly one DATA frame skips `feed`."""
+    out, decoder = _Outcome(), protocol.FrameDecoder()
+    try:
+        for chunk in chunks:
+            length = decoder.whole_data_frame(chunk)
+            expected = len(chunk) - protocol.HEADER_SIZE
+            if decoder.at_frame_boundary and _is_one_data_frame(chunk):
+                assert length == expected, f"whole_data_frame gave {length}, expected {expected}"
+                out.events.append(("data", chunk[protocol.HEADER_SIZE :]))
+                continue
+            assert length == 0, f"whole_data_frame took {length} bytes of a {len(chunk)}-byte read"
+            out.events.extend(_normal(e) for e in decoder.feed(chunk))
+    except RemoteProtocolError:
+        out.failed = True
+        return out
+    return _finish(out, decoder)
+
+
+def _decode_steps(stream: bytes, step: int) -> _Outcome:
+    """As the splice path reads: DATA payload is moved past the decoder with
+    `skip_data`, everything else is read at most `bytes_wanted` at a time."""
+    out, decoder = _Outcome(), protocol.FrameDecoder()
+    pos = 0
+    try:
+        while pos < len(stream):
+            remaining = decoder.data_remaining
+            wanted = decoder.bytes_wanted
+            assert wanted > 0, "bytes_wanted is 0: a reader would never make progress"
+            if remaining:
+                assert wanted == remaining, f"bytes_wanted {wanted} != data_remaining {remaining}"
+                for bad in (0, remaining + 1):
+                    with contextlib.suppress(LocalProtocolError):
+                        decoder.skip_data(bad)
+                        raise AssertionError(f"skip_data({bad}) of {remaining} was accepted")
+                count = min(remaining, step, len(stream) - pos)
+                decoder.skip_data(count)
+                assert decoder.data_remaining == remaining - count
+                out.events.append(("data", stream[pos : pos + count]))
+                pos += count
+                continue
+            count = min(wanted, step, len(stream) - pos)
+            for event in decoder.feed(stream[pos : pos + count]):
+                assert not isinstance(event, protocol.Data), "a read of bytes_wanted gave DATA"
+                out.events.append(_normal(event))
+            pos += count
+    except RemoteProtocolError:
+        out.failed = True
+        return out
+    return _finish(out, decoder)
+
+
+def _check_round_trip(message: protocol.Message) -> None:
+    """A decoded message encodes to a frame that decodes to an equal message."""
+    try:
+        frame = protocol.encode_message(message)
+    except LocalProtocolError:
+        # The encoder writes out defaults a peer may leave out; a payload near
+        # the size limit can then be too large to send back. Not a decoding bug.
+        return
+    events = list(protocol.FrameDecoder().feed(frame))
+    assert len(events) == 1 and events[0] == message, f"{message!r} came back as {events!r}"
+
+
+def frames(data: bytes) -> None:
+    """``FrameDecoder`` on a stream cut at chosen offsets, against a reference model."""
+    chunks, step, stream = split_frames_input(data)
+    reference = _reference(stream)
+    for name, outcome in (
+        ("feed(whole)", _decode_whole(stream)),
+        ("feed(chunks)", _decode_chunks(chunks)),
+        ("skip_data steps", _decode_steps(stream, step)),
+    ):
+        got, want = outcome.key(), reference.key()
+        assert got == want, f"{name} gave {got!r}, the frame table says {want!r}"
+    for event in reference.events:
+        if event[0] == "message":
+            _check_round_trip(event[1])
+
+
+# --- messages -----------------------------------------------------------------
+
+
+def messages(data: bytes) -> None:
+    """``decode_message`` on a MESSAGE payload, then ``check_allowed`` in every phase."""
+    try:
+        message: protocol.Message | None = protocol.decode_message(data)
+    except RemoteProtocolError:
+        message = None
+    events: list[protocol.Event] = [
+        protocol.Data(memoryview(data)),
+        protocol.End(),
+        protocol.Abort(data.decode("utf-8", "replace")),
+    ]
+    if message is not None:
+        events.append(message)
+        _check_round_trip(message)
+    for phase, allowed in protocol.ALLOWED.items():
+        for event in events:
+            try:
+                result = protocol.check_allowed(phase, event)
+            except RemoteProtocolError:
+                assert not isinstance(event, allowed), f"{event!r} refused in {phase}"
+                continue
+            assert isinstance(event, allowed), f"{event!r} accepted in {phase}"
+            assert result is event
+
+
+# --- handshake ----------------------------------------------------------------
+
+HANDSHAKE_TOKEN: Final = b"fuzz-token-0123456789"
+HANDSHAKE_AGENT: Final = "site-a"
+HANDSHAKE_NONCE: Final = bytes(range(protocol.NONCE_SIZE))
+STORED_KEY: Final = credentials.derive(HANDSHAKE_TOKEN, HANDSHAKE_AGENT).stored_key
+
+
+def _check_sendable(message: protocol.Message) -> None:
+    """What the gateway answers a Hello with is a message the agent accepts."""
+    _check_round_trip(message)
+    frame = protocol.encode_message(message)  # LocalProtocolError: the gateway cannot send it
+    event = next(protocol.FrameDecoder().feed(frame))
+    protocol.check_allowed("agent_awaits_welcome", event)
+
+
+def _hash_line(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    try:
+        key = credentials.parse_hash_line(text)
+    except ValueError:
+        return
+    assert len(key) == credentials.KEY_SIZE, f"a stored key of {len(key)} bytes"
+    assert credentials.hash_line(key) == text.strip(), f"{text!r} is not how {key!r} is written"
+
+
+def handshake(data: bytes) -> None:
+    """The gateway's side of the handshake, as ``Gateway._handshake`` runs it, without I/O.
+
+    ``data`` is what an agent sent after the Challenge carrying
+    ``HANDSHAKE_NONCE``. No input may pass the proof check: that would be a
+    forged authentication. The same bytes are also read as a ``token_hash`` line.
+    """
+    _hash_line(data)
+    try:
+        event = next(protocol.FrameDecoder().feed(data), None)
+        if event is None:
+            return
+        hello = protocol.check_allowed("gateway_awaits_hello", event)
+    except RemoteProtocolError as exc:
+        if "protocol version" in exc.reason:  # the gateway then answers Refused("version")
+            _check_sendable(protocol.Refused("version", exc.reason))
+        return
+    assert isinstance(hello, protocol.Hello)
+    forged = credentials.check_proof(
+        STORED_KEY, hello.proof, HANDSHAKE_NONCE, hello.role, hello.agent, hello.session
+    )
+    assert not forged, f"{hello!r} passed the proof check without the token"
+    _check_sendable(
+        protocol.Refused(
+            "auth", f"the gateway does not accept this token for agent {hello.agent!r}"
+        )
+    )
+
+
+# --- config files -------------------------------------------------------------
+
+MAX_READ_FILE_SIZE: Final = 1 << 20
+_SYSTEM_TREES: Final = ("/dev", "/proc", "/sys", "/run")
+_scratch: Path | None = None
+
+
+def _scratch_dir() -> Path:
+    """A directory made once per process (in tmpfs when there is one), removed at exit."""
+    global _scratch
+    if _scratch is None:
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        _scratch = Path(tempfile.mkdtemp(prefix="tunnelgate-fuzz-", dir=base))
+        (_scratch / "home").mkdir()
+        atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
+
+
+@contextlib.contextmanager
+def _isolated(scratch: Path) -> Iterator[None]:
+    """HOME, XDG_STATE_HOME and the working directory in ``scratch``, and no
+    token in the environment, for the duration of one load."""
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_STATE_HOME", config.TOKEN_ENV)}
+    cwd = os.getcwd()
+    os.environ["HOME"] = str(scratch / "home")
+    os.environ["XDG_STATE_HOME"] = str(scratch / "home" / "state")
+    os.environ.pop(config.TOKEN_ENV, None)
+    os.chdir(scratch)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _names_unsafe_file(data: bytes) -> bool:
+    """Whether the TOML names a path that reading could block on or that is
+    large: a device, a pipe, a socket, a file under /proc, ... A config may
+    point ``token_file`` anywhere; the fuzzer must not read such files."""
+    try:
+        values = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    for text in _strings(values):
+        if "\x00" in text:
+            continue
+        path = os.path.realpath(os.path.expanduser(text))
+        if path.startswith(_SYSTEM_TREES):
+            return True
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            return True
+        if info.st_size > MAX_READ_FILE_SIZE:
+            return True
+    return False
+
+
+def _load(data: bytes, loader: Callable[[Path], object]) -> object | None:
+    scratch = _scratch_dir()
+    with _isolated(scratch):
+        if _names_unsafe_file(data):
+            return None
+        path = scratch / "config.toml"
+        path.write_bytes(data)
+        try:
+            return loader(path)
+        except ConfigError as exc:
+            assert exc.problems, "a ConfigError without problems"
+            str(exc)
+            return None
+
+
+_CLIENTS: Final = tuple(
+    ipaddress.ip_address(a) for a in ("10.1.2.3", "2001:db8::1", "::ffff:10.1.2.3")
+)
+
+
+def _check_rule(rule: access.AccessRule) -> None:
+    """A rule the loader accepted can be put in force and admit or refuse a client."""
+    gate = access.Gate(rule)
+    for now, ip in enumerate(_CLIENTS):
+        refusal = access.admit([gate], ip, float(now))
+        if refusal is None:
+            gate.release(ip)
+        else:
+            str(refusal)
+    gate.rule = rule
+    gate.statistics()
+
+
+def gateway_config(data: bytes) -> None:
+    """``load_gateway_config`` on a TOML file, then every access rule put in force."""
+    loaded = _load(data, lambda path: config.load_gateway_config(path, create_token=False))
+    if loaded is None:
+        return
+    gateway, _ = loaded  # type: ignore[misc]
+    rules = [gateway.access, *gateway.service_access.values()]
+    for policy in gateway.agents:
+        rules += [policy.access, *policy.service_access.values()]
+    for rule in rules:
+        if rule is not None:
+            _check_rule(rule)
+
+
+def agent_config(data: bytes) -> None:
+    """``load_agent_config`` on a TOML file."""
+    _load(data, config.load_agent_config)
+
+
+# --- PROXY protocol -----------------------------------------------------------
+
+MAX_PREFIXES_CHECKED: Final = 300
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _plain(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, an IPv4-mapped IPv6 one as the IPv4 address it carries."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _parse_back(built: bytes, version: int) -> proxy_protocol.ProxyHeader:
+    """A header :func:`proxy_protocol.header` built parses back whole."""
+    result = proxy_protocol.parse(built)  # RemoteProtocolError here is a bug: we built it
+    assert result is not None and result[1] == len(built), f"{built!r} parsed as {result!r}"
+    assert result[0].version == version
+    return result[0]
+
+
+def _check_header_round_trip(parsed: proxy_protocol.ProxyHeader) -> None:
+    """The addresses of a parsed header, built again, parse back to the same."""
+    if parsed.family not in ("inet", "inet6"):
+        return
+    client = _address(parsed.source, parsed.source_port)
+    server = _address(parsed.destination, parsed.destination_port)
+    source, destination = _plain(parsed.source), _plain(parsed.destination)
+    family = "inet" if source.version == destination.version == 4 else "inet6"
+    for version in (1, 2):
+        again = _parse_back(proxy_protocol.header(version, client, server), version)
+        if family == "inet6" and source.version != destination.version:
+            assert again.family == "unspec", f"{parsed!r} built as {again!r}"
+            continue
+        got = (again.family, _plain(again.source), _plain(again.destination))
+        assert got == (family, source, destination), f"{parsed!r} built as {again!r}"
+        assert (again.source_port, again.destination_port) == (
+            parsed.source_port,
+            parsed.destination_port,
+        )
+
+
+def _check_header_from_text(data: bytes) -> None:
+    """``header`` on the ``client``/``server`` strings of a Start (peer-controlled)."""
+    fields = data.decode("latin-1").split(" ")
+    client, server = fields[0][:64], (fields[1][:64] if len(fields) > 1 else "")
+    for version in (1, 2):
+        built = _parse_back(proxy_protocol.header(version, client, server), version)
+        if built.family != "unspec":
+            ports = (built.source_port, built.destination_port)
+            assert ports == (int(client.rpartition(":")[2]), int(server.rpartition(":")[2]))
+
+
+def proxy_header(data: bytes) -> None:
+    """``proxy_protocol.parse`` on what a service would read first, plus ``header``
+    round trips."""
+    _check_header_from_text(data)
+    try:
+        result = proxy_protocol.parse(data)
+    except RemoteProtocolError:
+        return
+    end = len(data) if result is None else result[1]
+    if result is not None:
+        assert 0 < end <= len(data), f"a header of {end} bytes in {len(data)}"
+        assert proxy_protocol.parse(data[:end]) == result, "the header depends on what follows"
+        _check_header_round_trip(result[0])
+    # Every strict beginning of a valid header (or of a valid beginning) is incomplete.
+    for size in range(min(end, MAX_PREFIXES_CHECKED)):
+        assert proxy_protocol.parse(data[:size]) is None, f"{data[:size]!r} is not incomplete"
+
+
+TARGETS: Final[dict[str, Callable[[bytes], None]]] = {
+    "frames": frames,
+    "messages": messages,
+    "handshake": handshake,
+    "gateway_config": gateway_config,
+    "agent_config": agent_config,
+    "proxy_header": proxy_header,
+}

@@ -221,6 +221,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+@pytest.fixture
+def ipv6_loopback() -> None:
+    """Skip a test on a machine without IPv6 loopback."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 support")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+
+
 # --- gateways and agents ------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -213,17 +212,6 @@ async def test_stalled_client_does_not_slow_others(
         assert written > 1 << 20
     assert statistics.median(latencies) < 0.05, latencies
     assert max(latencies) < 1.0, latencies
-
-
-@pytest.fixture
-def ipv6_loopback() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 support")
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback")
 
 
 @pytest.mark.usefixtures("ipv6_loopback")

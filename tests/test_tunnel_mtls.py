@@ -6,18 +6,14 @@ Real TLS 1.3 on loopback; the CA and certificates come from ``trustme``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trustme
-from conftest import LocalServer, LogRecorder, echo_roundtrip
+from conftest import LocalServer, LogRecorder, OpenAgent, OpenGateway, echo_roundtrip
 
-from tunnelgate import Agent, Gateway
+from tunnelgate import Gateway
 from tunnelgate.errors import AuthenticationError, TunnelgateError
-
-OpenGateway = Callable[..., Awaitable[Gateway]]
-OpenAgent = Callable[..., Awaitable[Agent]]
 
 pytestmark = pytest.mark.parametrize("mode", ["tls"])
 

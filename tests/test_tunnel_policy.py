@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,20 +19,19 @@ from conftest import (
     TOKEN,
     LocalServer,
     LogRecorder,
+    OpenAgent,
+    OpenGateway,
     connect,
     echo_roundtrip,
     free_port,
     wait_until,
 )
 
-from tunnelgate import Address, Agent, Gateway, credentials
+from tunnelgate import Address, credentials
 from tunnelgate import protocol as p
 from tunnelgate.config import load_gateway_config
 from tunnelgate.errors import AuthenticationError
 from tunnelgate.gateway import AUTH_DELAY_FIRST, AUTH_SUSPECT_HANDSHAKES
-
-OpenGateway = Callable[..., Awaitable[Gateway]]
-OpenAgent = Callable[..., Awaitable[Agent]]
 
 THIRD_TOKEN = "third-token-for-rotation-tests"
 
@@ -220,6 +217,7 @@ async def test_access_deny_and_allow_name_the_rule(
     assert not gateway._by_id[agent.session_id or ""].clients or True
 
 
+@pytest.mark.usefixtures("ipv6_loopback")
 async def test_access_ipv6_rules(
     open_gateway: OpenGateway,
     open_agent: OpenAgent,
@@ -227,13 +225,6 @@ async def test_access_ipv6_rules(
     tunnel_log: LogRecorder,
 ) -> None:
     """IPv6 clients are matched by IPv6 rules; an IPv4-only allow list keeps them out."""
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
     gateway = await open_gateway(
         token=None,
         allow_bind=["127.0.0.1", "::1"],

@@ -486,17 +486,6 @@ async def test_header_not_sent_ends_the_client_connection_with_a_reset(
 
 
 @pytest.fixture
-def ipv6_loopback() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 support")
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback")
-
-
-@pytest.fixture
 def mapped_loopback(ipv6_loopback: None) -> None:
     """IPv4 clients reach an IPv6 socket bound to ::ffff:127.0.0.1 (not with bindv6only=1)."""
     try:

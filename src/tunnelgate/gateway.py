@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import itertools
 import logging
 import random
@@ -373,7 +374,8 @@ class Gateway:
         if policy is None:
             return "it was removed from the configuration"
         if session.key:
-            if session.key not in await self._keys_of(policy, session.agent):
+            keys = await self._keys_of(policy, session.agent)
+            if not any(hmac.compare_digest(session.key, key) for key in keys):
                 return "its token was revoked"
         elif policy.tokens or policy.stored_keys:
             return "its policy now requires a token"
@@ -872,8 +874,12 @@ class Gateway:
                 return
             gates = service.gates  # the ones admitted through are the ones released
             ip = client_ip(_host_of(client)) if gates else None
-            if ip is not None:
-                refusal = admit(gates, ip, time.monotonic())
+            if gates:
+                refusal = (
+                    admit(gates, ip, time.monotonic())
+                    if ip is not None
+                    else Refusal(gates[0].rule.where, "address not understood")
+                )
                 if refusal is not None:
                     self._refused(session, service, client, refusal)
                     reset_socket(sock)

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnelgate import config as c
+from tunnelgate import credentials
 from tunnelgate.errors import ConfigError, ConfigProblem
 from tunnelgate.protocol import Name
 
@@ -309,6 +310,91 @@ def test_load_gateway_config_agents_errors_have_key_paths(tmp_path: Path) -> Non
     path = toml(tmp_path, BAD_AGENTS)
     found = problems(c.load_gateway_config, path)
     assert {p.source for p in found} == {str(path)} and keys(found) == BAD_AGENTS_KEYS
+
+
+def test_load_gateway_config_policy_keys(tmp_path: Path) -> None:
+    """Several tokens (clear and hashed), bind addresses, limits and access tables."""
+    line = credentials.hash_line(credentials.derive(TOKEN.encode(), "site-a").stored_key)
+    text = f"""[access]
+deny = ["203.0.113.0/24"]
+[services.web]
+max_connections = 10
+[[agents]]
+name = "site-a"
+token = ["{TOKEN}", "{"u" * 16}"]
+token_hash = "{line}"
+allow_bind = ["0.0.0.0", "::1"]
+max_services = 3
+max_connections = 100
+[agents.access]
+allow = ["10.0.0.0/8"]
+[agents.services.db]
+rate_per_client = 2
+"""
+    config, _ = c.load_gateway_config(toml(tmp_path, text))
+    (policy,) = config.agents
+    assert policy.tokens == (TOKEN.encode(), b"u" * 16)
+    assert policy.stored_keys == (credentials.parse_hash_line(line),)
+    assert policy.allow_bind == ("0.0.0.0", "::1")
+    assert (policy.max_services, policy.max_connections) == (3, 100)
+    assert policy.access is not None and policy.access.where == "agents[site-a].access"
+    assert policy.service_access["db"].rate_per_client == 2
+    assert config.access is not None and config.service_access["web"].max_connections == 10
+    assert TOKEN not in repr(config) and line not in repr(config)
+
+
+BAD_POLICIES = f"""client_ca = "/no/such/ca.pem"
+services = 5
+[access]
+allow = "10.0.0.0/8"
+[[agents]]
+name = "a"
+token_hash = "tg2:nope"
+max_services = 0
+allow_bind = ["bad host"]
+[agents.services.web]
+colour = "blue"
+[[agents]]
+name = "a"
+token = "{TOKEN}"
+max_connections = true
+[[agents]]
+name = "b"
+"""
+BAD_POLICY_KEYS = {
+    "client_ca", "services", "access.allow", "agents[0].token_hash", "agents[0].max_services",
+    "agents[0].allow_bind", "agents[a].services.web.colour", "agents[1].max_connections",
+    "agents", "agents[2].token",
+}  # fmt: skip
+
+
+def test_load_gateway_config_policy_errors_have_key_paths(tmp_path: Path) -> None:
+    """Each mistake in a policy or an access table is reported with its key path;
+    an agent listed twice, and one without a token and without client_ca, too."""
+    found = problems(c.load_gateway_config, toml(tmp_path, BAD_POLICIES))
+    assert keys(found) == BAD_POLICY_KEYS, found
+    assert any("listed more than once" in p.message for p in found)
+
+
+def test_load_gateway_config_client_ca_allows_agents_without_tokens(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here", encoding="utf-8")
+    text = f'client_ca = "{ca}"\n[[agents]]\nname = "site-a"\n'
+    config, _ = c.load_gateway_config(toml(tmp_path, text))
+    assert config.client_ca == ca and config.agents[0].tokens == ()
+    [problem] = problems(c.load_gateway_config, toml(tmp_path, text), {"tls": False})
+    assert problem.key == "--no-tls" or "client_ca" in problem.key
+
+
+def test_load_agent_config_certificate_instead_of_token(tmp_path: Path) -> None:
+    cert, key = tmp_path / "a.crt", tmp_path / "a.key"
+    cert.write_text("x", encoding="utf-8")
+    key.write_text("x", encoding="utf-8")
+    flags = {"gateway": "gw:1", "expose": ["1:a:2"], "cert": str(cert), "key": str(key)}
+    config, _ = c.load_agent_config(None, flags)
+    assert (config.cert, config.key, config.token) == (cert, key, b"")
+    [problem] = problems(c.load_agent_config, None, {**flags, "key": None})
+    assert "together" in problem.message
 
 
 @pytest.mark.parametrize(("flags", "key", "message"), INCONSISTENT)

@@ -509,9 +509,12 @@ def load_gateway_config(
     if client_ca is not None and not tls:
         src.fail("client_ca", "makes no sense with --no-tls: certificates are part of TLS")
     agents: list[AgentPolicy] = []
-    for index, table in enumerate(src.get("agents", list, [])):
+    tables = src.get("agents", list, [])
+    for index, table in enumerate(tables):
         agents.extend(_agent_policy(src, index, table, allow_ports, client_ca is not None))
-    names = [a.name for a in agents]
+    names: list[str] = [
+        t["name"] for t in tables if isinstance(t, dict) and isinstance(t.get("name"), str)
+    ]
     for name in sorted({n for n in names if names.count(n) > 1}):
         src.fail("agents", f"agent {name!r} is listed more than once")
     token_generated = False

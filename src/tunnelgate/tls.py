@@ -86,6 +86,16 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _load_identity(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """This side's own certificate and key, or a ConfigError that names the file."""
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
+        ) from None
+
+
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
     """The gateway's context: TLS 1.3 only, one session ticket per connection.
 
@@ -94,12 +104,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
-        ) from None
+    _load_identity(context, cert, key)
     if client_ca is not None:
         try:
             context.load_verify_locations(cafile=str(client_ca))
@@ -128,12 +133,7 @@ def client_context(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     if cert is not None and key is not None:
-        try:
-            context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
-            ) from None
+        _load_identity(context, cert, key)
     if fingerprint:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -605,6 +605,7 @@ def test_agent_takeover_of_frozen_session_is_immediate(launch: Launch, tmp_path:
 
 SLOWLORIS = 300
 SHORT_HANDSHAKE = 1.0
+ATTACKER = "127.0.0.2"  # the source address of the slow handshakes
 
 
 class Slowloris:
@@ -642,11 +643,21 @@ class Slowloris:
             pytest.fail(f"{len(self._open)} connections still open after {timeout} s")
 
     def _open_one(self, selector: selectors.BaseSelector) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), DEADLINE)
+        # From an address of its own: handshakes left to time out count
+        # against their source, which soon gets only a few at once.
+        try:
+            sock = socket.create_connection(
+                ("127.0.0.1", self.port), DEADLINE, source_address=(ATTACKER, 0)
+            )
+        except ConnectionResetError:  # reset at once, as a suspect address
+            self.opened += 1
+            self.lifetimes.append(0.0)
+            return
         fragment = self.fragments[self.opened % len(self.fragments)]
         self.opened += 1
         if fragment:
-            sock.sendall(fragment)
+            with contextlib.suppress(OSError):  # reset at once, as a suspect address
+                sock.sendall(fragment)
         sock.setblocking(False)
         self.ports.add(sock.getsockname()[1])
         self._open[sock] = time.monotonic()
@@ -682,8 +693,9 @@ def test_control_port_slowloris_closed_after_handshake_timeout(
     launch: Launch, tmp_path: Path
 ) -> None:
     """Hundreds of connections that never finish a TLS handshake are closed
-    after the handshake timeout, a real agent connects and serves meanwhile,
-    and the gateway's descriptors go back to where they were."""
+    after the handshake timeout, their address then gets only a few at once,
+    a real agent connects and serves meanwhile, and the gateway's descriptors
+    go back to where they were."""
     token = new_token()
     gateway = start_gateway(
         launch, tmp_path / "state", *HEARTBEAT_FLAGS,
@@ -711,7 +723,10 @@ def test_control_port_slowloris_closed_after_handshake_timeout(
     held = remote_ports(gateway.pid) & (attack.ports - agent_ports)
     assert not held, f"the gateway still holds {len(held)} connections of the attack"
     gateway.proc.wait_line(
-        r"WARNING .*closing connection from 127\.0\.0\.1:\d+: handshake timed out"
+        r"WARNING .*closing connection from 127\.0\.0\.2:\d+: handshake timed out"
+    )
+    gateway.proc.wait_line(  # its timeouts count against the attacker's address
+        r"dropping connection from 127\.0\.0\.2:\d+: it failed to authenticate repeatedly"
     )
     agent.signal(signal.SIGTERM)
     assert agent.wait_exit() == 0

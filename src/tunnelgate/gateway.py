@@ -218,6 +218,7 @@ class Gateway:
         self.cert_created = False
         self._context: ssl.SSLContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
+        self._client_ca_pem: bytes | None = None  # as loaded into the context
         self._listener: socket.socket | None = None
         self._main: asyncio.Task[None] | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -259,6 +260,7 @@ class Gateway:
                     state_dir, [config.listen.host]
                 )
             self._identity = (cert, key)
+            self._client_ca_pem = _contents(config.client_ca)
             self._context = tls.server_context(cert, key, config.client_ca)
             self.fingerprint = tls.certificate_fingerprint(cert)
         else:
@@ -346,8 +348,14 @@ class Gateway:
                     ", ".join(fixed),
                 )
                 config = dataclasses.replace(config, **{k: getattr(old, k) for k in fixed})
-            if self._identity is not None:
+            ca_pem = _contents(config.client_ca)
+            if self._identity is not None and (
+                config.client_ca != old.client_ca or ca_pem != self._client_ca_pem
+            ):
+                # A new context has new ticket keys: agents' data channels stop
+                # resuming until they reconnect, so only when the CA changed.
                 self._context = tls.server_context(*self._identity, config.client_ca)
+                self._client_ca_pem = ca_pem
             self.config = config
             kept = 0
             for session in list(self._sessions.values()):
@@ -516,6 +524,9 @@ class Gateway:
                 await self._add_data_channel(channel, hello)
                 owned = True
         except TimeoutError:
+            # Counted like a failed authentication: an address that keeps
+            # handshakes open until the deadline soon gets few at once.
+            self._auth_failures.failed(host, time.monotonic())
             logger.warning("closing connection from %s: handshake timed out", peer)
         except AuthenticationError:
             pass  # logged where it was found, with the agent's name
@@ -550,6 +561,7 @@ class Gateway:
         found, why = await self._authenticate(channel, hello, nonce)
         if found is None:
             failures, delay = self._auth_failures.failed(_host_of(peer), time.monotonic())
+            delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
             self._auth_warnings.warning(
                 logger,
                 time.monotonic(),
@@ -772,7 +784,7 @@ class Gateway:
             return refuse(f"port {request.port} is not allowed for this agent")
         holder = self._ports.get((bind, request.port)) if request.port else None
         if holder is not None:
-            return refuse(f"port {request.port} is held by agent {holder.agent!r}")
+            return refuse(f"port {request.port} is held by another agent")
         if request.port:
             try:
                 sock = open_listener(bind, request.port)
@@ -1052,6 +1064,14 @@ def _spawn(
         return None
     task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
     return task
+
+
+def _contents(path: Path | None) -> bytes | None:
+    """A file's bytes (None without one, or if it cannot be read: loading it reports why)."""
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError:
+        return None
 
 
 def _release(gates: list[Gate], ip: Any) -> None:

@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 
 class ContextLogger(logging.LoggerAdapter[logging.Logger]):
@@ -67,6 +67,11 @@ class Throttle:
         log.warning(msg + "%s", *args, more)
 
 
+# Peers' words reach log lines (reasons, names in errors): escape control
+# characters, so that nobody can forge a line or hide one with \r or \n.
+_CONTROLS: Final = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
 def _utc(record: logging.LogRecord) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{stamp}.{int(record.msecs):03d}Z"
@@ -79,7 +84,7 @@ class TextFormatter(logging.Formatter):
         text = f"{_utc(record)} {record.levelname:<7} {record.name.removeprefix('tunnelgate.')}"
         if fields:
             text += f" [{fields}]"
-        text += " " + record.getMessage()
+        text += " " + record.getMessage().translate(_CONTROLS)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -492,3 +493,43 @@ async def test_reload_policy_that_no_longer_allows_a_port_reconnects_the_agent(
         what="the agent to come back with service a only",
     )
     await echo_roundtrip(Address("127.0.0.1", port_a))
+
+
+@pytest.mark.parametrize("mode", ["plain"])
+async def test_auth_failure_delay_stays_within_the_handshake_deadline(
+    open_gateway: OpenGateway,
+) -> None:
+    """However many failures an address has, its refusal comes before the
+    handshake deadline: an agent with a wrong token is told, and stops."""
+    gateway = await open_gateway(handshake_timeout=1.0)
+    assert gateway.address is not None
+    for _ in range(6):  # unclamped, the 5th and 6th would wait 1.6 s and 3.2 s
+        delay, answer = await failed_hello(gateway.address, "127.0.0.8")
+        assert isinstance(answer, p.Refused) and answer.code == "auth", (delay, answer)
+        assert delay < 1.0
+
+
+@pytest.mark.parametrize("mode", ["tls"])
+async def test_reload_keeps_tls_sessions_resuming(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    tunnel_debug_log: LogRecorder,
+) -> None:
+    """A reload that does not touch client_ca keeps the TLS context, so the
+    agent's new data channels still resume its session."""
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], pool_size=1)
+    (service,) = (await agent.wait_ready(10)).values()
+    await gateway.reload(gateway.config)
+    before = len(tunnel_debug_log.find("data channel: TLS session", logging.DEBUG))
+    for _ in range(3):  # each client takes a pooled channel; a new one replaces it
+        await echo_roundtrip(service.address)
+    await wait_until(
+        lambda: (
+            len(tunnel_debug_log.find("data channel: TLS session", logging.DEBUG)) >= before + 3
+        ),
+        what="new data channels after the reload",
+    )
+    after = tunnel_debug_log.find("data channel: TLS session", logging.DEBUG)[before:]
+    assert all(line.endswith("resumed") for line in after), after

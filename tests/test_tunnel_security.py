@@ -456,7 +456,8 @@ async def test_policy_port_of_another_agent_refused(
     start_server: StartServer,
     tunnel_log: LogRecorder,
 ) -> None:
-    """An agent cannot take a port another agent holds; the holder keeps serving it."""
+    """An agent cannot take a port another agent holds, nor learn who holds it;
+    the holder keeps serving it."""
     port = free_port()
     first_service = await start_server(banner_handler(b"first"))
     second_service = await start_server(banner_handler(b"second"))
@@ -473,7 +474,9 @@ async def test_policy_port_of_another_agent_refused(
     )
     services = await second.wait_ready(10)
     assert set(services) == {"own"}
-    assert [m for m in tunnel_log.find("service stolen not exposed") if "site-a" in m]
+    (refusal,) = tunnel_log.find("service stolen not exposed")
+    assert f"port {port} is held by another agent" in refusal
+    assert "site-a" not in refusal, "an agent does not learn the names of others"
     async with asyncio.timeout(5), connect(Address("127.0.0.1", port)) as (reader, _):
         assert await reader.read() == b"first"
     async with asyncio.timeout(5), connect(services["own"].address) as (reader, _):

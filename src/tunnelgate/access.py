@@ -87,6 +87,8 @@ ACCESS_KEYS: Final = frozenset(
     }
 )
 
+MAX_COUNT: Final = 1 << 20  # the largest connection count or burst a rule may give
+MAX_RATE: Final = 1e6  # the largest rate_per_client, in connections per second
 BUCKETS_PRUNE_MIN: Final = 1024
 MAX_CLIENT_BUCKETS: Final = 65536
 # An attempt this early (seconds) counts as on time: absorbs the rounding of
@@ -228,8 +230,9 @@ def _count(
     if not isinstance(value, int) or isinstance(value, bool):
         problems.append((f"{where}.{key}", f"expected an integer >= 1, got {_shown(value)}"))
         return 0
-    if value < 1:
-        problems.append((f"{where}.{key}", f"expected an integer >= 1, got {value}"))
+    if not 1 <= value <= MAX_COUNT:
+        bound = "expected an integer >= 1" if value < 1 else f"expected at most {MAX_COUNT}"
+        problems.append((f"{where}.{key}", f"{bound}, got {value}"))
         return 0
     return value
 
@@ -247,6 +250,9 @@ def _rate(
     rate = float(value)
     if not (rate > 0 and math.isfinite(rate)):
         problems.append((f"{where}.{key}", f"{expected}, got {value}"))
+        return 0.0
+    if rate > MAX_RATE:
+        problems.append((f"{where}.{key}", f"expected at most {MAX_RATE:g}, got {value}"))
         return 0.0
     return rate
 

@@ -301,6 +301,12 @@ class _Source:
             except tomllib.TOMLDecodeError as exc:
                 self.problem(str(path), "-", f"not valid TOML: {exc}")
                 data = {}
+            except UnicodeDecodeError as exc:
+                self.problem(str(path), "-", f"not valid TOML: not UTF-8 ({exc.reason})")
+                data = {}
+            except RecursionError:
+                self.problem(str(path), "-", "not valid TOML: nested too deeply")
+                data = {}
             for key, value in data.items():
                 self.values[key] = value
                 self.origin[key] = (str(path), key)
@@ -366,7 +372,7 @@ class _Source:
 
 def _read_token_file(path: str) -> bytes:
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        text = _path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
     return _check_token(text)
@@ -492,11 +498,11 @@ def load_gateway_config(
         Address("0.0.0.0", DEFAULT_CONTROL_PORT),
     )
     tls = src.get("tls", bool, True)
-    cert = src.parse("cert", lambda v: Path(str(v)).expanduser(), None)
-    key = src.parse("key", lambda v: Path(str(v)).expanduser(), None)
+    cert = src.parse("cert", _path, None)
+    key = src.parse("key", _path, None)
     if (cert is None) != (key is None):
         src.fail("cert" if cert is not None else "key", "cert and key must be given together")
-    state_dir = src.parse("state_dir", lambda v: Path(str(v)).expanduser(), None)
+    state_dir = src.parse("state_dir", _path, None)
     bind_host = src.parse("bind_host", lambda v: _host(str(v), str(v)), "")
     no_binds: list[str] = []
     allow_bind = tuple(
@@ -578,8 +584,16 @@ def _as_list(value: Any) -> list[Any]:
     raise ValueError(f"expected a list, got {type(value).__name__}")
 
 
+def _path(value: Any) -> Path:
+    """A path from a setting, ``~`` and ``~user`` expanded."""
+    try:
+        return Path(str(value)).expanduser()
+    except RuntimeError:  # ~user for a user this system does not know
+        raise ValueError(f"cannot expand {str(value)!r}: no such user's home") from None
+
+
 def _existing_file(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = _path(text)
     if not path.is_file():
         raise ValueError(f"no such file: {text}")
     return path
@@ -737,7 +751,7 @@ def load_agent_config(
             "(or only --cert and --key, for a gateway that takes certificates alone)",
         )
     tls = src.get("tls", bool, True)
-    ca = src.parse("ca", lambda v: Path(str(v)).expanduser(), None)
+    ca = src.parse("ca", _path, None)
     fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
     if not tls and (ca is not None or fingerprint):
         src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")

@@ -74,6 +74,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol."""
 
 
+class VersionMismatchError(RemoteProtocolError):
+    """The peer speaks another version of the protocol."""
+
+
 class AuthenticationError(TunnelgateError):
     """The peer refused our credentials, or we refused its. Not retried."""
 

@@ -45,6 +45,7 @@ from tunnelgate.errors import (
     ConnectionClosed,
     ProtocolError,
     TransportError,
+    VersionMismatchError,
 )
 from tunnelgate.logs import ContextLogger, Throttle
 from tunnelgate.protocol import (
@@ -553,9 +554,8 @@ class Gateway:
         await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
         try:
             hello = check_allowed("gateway_awaits_hello", await channel.receive())
-        except ProtocolError as exc:
-            if "protocol version" in exc.reason:
-                await channel.send_message(Refused("version", exc.reason))
+        except VersionMismatchError as exc:
+            await channel.send_message(Refused("version", exc.reason))
             raise
         assert isinstance(hello, Hello)
         found, why = await self._authenticate(channel, hello, nonce)

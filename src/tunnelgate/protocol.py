@@ -42,7 +42,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
+from tunnelgate.errors import LocalProtocolError, RemoteProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION: Final = 2  # 2: the proof is SCRAM over scrypt (credentials.py)
 
@@ -392,7 +392,7 @@ def decode_message(payload: bytes) -> Message:
     except RecursionError:
         raise RemoteProtocolError("message nested too deeply") from None
     if isinstance(message, Challenge | Hello) and message.version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
+        raise VersionMismatchError(
             f"protocol version {message.version} (this side speaks {PROTOCOL_VERSION})"
         )
     return message

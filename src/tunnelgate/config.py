@@ -173,6 +173,8 @@ def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
     """Parse ``"3920"`` / ``"8000-8100"`` items (or one comma-separated string)."""
     if isinstance(items, str):
         items = [item for item in items.split(",") if item.strip()]
+    if not isinstance(items, list):
+        raise ValueError('expected a list like ["3920", "8000-8100"], or a string like "3920,8000"')
     ranges = []
     for item in items:
         if not isinstance(item, str | int):

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-without-uvloop lint typecheck pytest pytest-uvloop bench soak fmt clean
+.PHONY: demo test test-without-uvloop lint typecheck pytest pytest-uvloop bench soak fuzz fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 test: lint typecheck pytest pytest-uvloop
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff format --check src tests bench fuzz
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -55,9 +55,22 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) tests/soak.py $(SOAK_ARGS)
 
+# Coverage-guided fuzzing (atheris) of every parser of network or user input (not part of
+# `make test`, which replays the corpus kept in fuzz/corpus/): FUZZ_SECONDS (default 60) per
+# target, then each corpus is minimised; crashes land in fuzz/crashes/ and in the corpus.
+# make fuzz FUZZ_TARGETS=frames,handshake FUZZ_SECONDS=600   see fuzz/campaign.py and fuzz/run.py.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+$(VENV)/.installed-fuzz: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	touch $@
+
+fuzz: $(VENV)/.installed-fuzz
+	$(PY) fuzz/campaign.py --seconds $(FUZZ_SECONDS) --targets '$(FUZZ_TARGETS)'
+
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench fuzz
+	$(VENV)/bin/ruff check --fix src tests bench fuzz
 
 clean:
 	rm -rf $(VENV) $(STOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

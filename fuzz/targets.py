@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from tunnelgate import access, config, credentials, protocol, proxy_protocol
-from tunnelgate.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from tunnelgate.errors import (
+    ConfigError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    VersionMismatchError,
+)
 
 T = TypeVar("T")
 
@@ -295,7 +301,10 @@ def _check_sendable(message: protocol.Message) -> None:
         event = next(protocol.FrameDecoder().feed(frame))
         protocol.check_allowed("agent_awaits_welcome", event)
     except ProtocolError as exc:
-        raise AssertionError(f"the gateway would answer {message!r}: {exc}") from exc
+        shown = repr(message)[:200]
+        raise AssertionError(
+            f"the agent cannot take the gateway's answer ({exc}): {shown}"
+        ) from exc
     assert event == message, f"{message!r} reached the agent as {event!r}"
 
 
@@ -322,9 +331,10 @@ def handshake(data: bytes) -> None:
         if event is None:
             return
         hello = protocol.check_allowed("gateway_awaits_hello", event)
-    except RemoteProtocolError as exc:
-        if "protocol version" in exc.reason:  # the gateway then answers Refused("version")
-            _check_sendable(protocol.Refused("version", exc.reason))
+    except VersionMismatchError as exc:  # the gateway answers Refused("version")
+        _check_sendable(protocol.Refused("version", exc.reason))
+        return
+    except RemoteProtocolError:
         return
     assert isinstance(hello, protocol.Hello)
     forged = credentials.check_proof(
@@ -342,19 +352,44 @@ def handshake(data: bytes) -> None:
 
 MAX_READ_FILE_SIZE: Final = 1 << 20
 _SYSTEM_TREES: Final = ("/dev", "/proc", "/sys", "/run")
+SCRATCH_PREFIX: Final = "tunnelgate-fuzz-"
 _scratch: Path | None = None
 
 
+def _scratch_base() -> Path:
+    shm = "/dev/shm"
+    return Path(shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir())
+
+
+def remove_stale_scratch_dirs() -> None:
+    """Remove the scratch directories of processes that are gone (by the pid
+    in their name): libFuzzer ends its process without running ``atexit``."""
+    for stale in _scratch_base().glob(f"{SCRATCH_PREFIX}*-"):
+        pid = stale.name[len(SCRATCH_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _scratch_dir() -> Path:
-    """A directory made once per process (in tmpfs when there is one), removed at exit."""
+    """A directory made once per process (in tmpfs when there is one)."""
     global _scratch
     if _scratch is None:
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-        _scratch = Path(tempfile.mkdtemp(prefix="tunnelgate-fuzz-", dir=base))
+        remove_stale_scratch_dirs()
+        prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
+        _scratch = Path(tempfile.mkdtemp(prefix=prefix, suffix="-", dir=_scratch_base()))
         (_scratch / "home").mkdir()
         atexit.register(shutil.rmtree, _scratch, True)
     return _scratch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -390,7 +425,7 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(item)
 
 
-def _names_unsafe_file(data: bytes) -> bool:
+def _names_unsafe_file(data: bytes, scratch: str) -> bool:
     """Whether the TOML names a path that reading could block on or that is
     large: a device, a pipe, a socket, a file under /proc, ... A config may
     point ``token_file`` anywhere; the fuzzer must not read such files."""
@@ -402,7 +437,8 @@ def _names_unsafe_file(data: bytes) -> bool:
         if "\x00" in text:
             continue
         path = os.path.realpath(os.path.expanduser(text))
-        if path.startswith(_SYSTEM_TREES):
+        inside = path == scratch or path.startswith(scratch + os.sep)
+        if not inside and path.startswith(_SYSTEM_TREES):
             return True
         try:
             info = os.stat(path)
@@ -418,7 +454,7 @@ def _names_unsafe_file(data: bytes) -> bool:
 def _load(data: bytes, loader: Callable[[Path], T]) -> T | None:
     scratch = _scratch_dir()
     with _isolated(scratch):
-        if _names_unsafe_file(data):
+        if _names_unsafe_file(data, str(scratch)):
             return None
         path = scratch / "config.toml"
         path.write_bytes(data)
@@ -446,6 +482,28 @@ def _check_rule(rule: access.AccessRule) -> None:
             str(refusal)
     gate.rule = rule
     gate.statistics()
+    _check_rate(rule)
+
+
+MAX_BURST_CHECKED: Final = 64
+
+
+def _check_rate(rule: access.AccessRule) -> None:
+    """With ``rate_per_client``, a client gets ``burst_per_client`` connections
+    in the same instant, and not one more."""
+    burst = rule.burst_per_client
+    if not rule.rate_per_client or burst > MAX_BURST_CHECKED:
+        return
+    gate = access.Gate(rule)
+    admitted = [ip for ip in _CLIENTS if gate.check(ip, 0.0) is None]
+    if not admitted or (rule.max_connections and rule.max_connections <= burst):
+        return
+    ip = admitted[0]
+    for _ in range(burst):
+        assert access.admit([gate], ip, 0.0) is None, f"{rule!r} refused within its burst"
+        gate.release(ip)
+    refusal = access.admit([gate], ip, 0.0)
+    assert refusal is not None, f"{rule!r} admitted {burst + 1} connections in one instant"
 
 
 def gateway_config(data: bytes) -> None:
@@ -470,13 +528,14 @@ def agent_config(data: bytes) -> None:
 # --- PROXY protocol -----------------------------------------------------------
 
 MAX_PREFIXES_CHECKED: Final = 300
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _plain(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _plain(text: str) -> IPAddress:
     """The address, an IPv4-mapped IPv6 one as the IPv4 address it carries."""
     address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -500,6 +559,7 @@ def _check_header_round_trip(parsed: proxy_protocol.ProxyHeader) -> None:
     client = _address(parsed.source, parsed.source_port)
     server = _address(parsed.destination, parsed.destination_port)
     source, destination = _plain(parsed.source), _plain(parsed.destination)
+    expected: tuple[str, IPAddress, IPAddress]
     if source.version == destination.version == 4:
         expected = ("inet", source, destination)
     else:

@@ -88,6 +88,7 @@ ACCESS_KEYS: Final = frozenset(
 )
 
 MAX_COUNT: Final = 1 << 20  # the largest connection count or burst a rule may give
+MIN_RATE: Final = 1e-3  # the smallest rate_per_client: one connection per 1000 s
 MAX_RATE: Final = 1e6  # the largest rate_per_client, in connections per second
 BUCKETS_PRUNE_MIN: Final = 1024
 MAX_CLIENT_BUCKETS: Final = 65536
@@ -251,8 +252,9 @@ def _rate(
     if not (rate > 0 and math.isfinite(rate)):
         problems.append((f"{where}.{key}", f"{expected}, got {value}"))
         return 0.0
-    if rate > MAX_RATE:
-        problems.append((f"{where}.{key}", f"expected at most {MAX_RATE:g}, got {value}"))
+    if not MIN_RATE <= rate <= MAX_RATE:
+        bounds = f"in [{MIN_RATE:g}, {MAX_RATE:g}]"
+        problems.append((f"{where}.{key}", f"expected a number {bounds}, got {value}"))
         return 0.0
     return rate
 

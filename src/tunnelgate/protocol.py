@@ -54,6 +54,7 @@ KIND_ABORT: Final = 4
 HEADER_SIZE: Final = 4
 MAX_MESSAGE_SIZE: Final = 64 * 1024
 MAX_DATA_SIZE: Final = 1024 * 1024
+WHOLE_FRAME_MAX: Final = HEADER_SIZE + MAX_DATA_SIZE  # the largest frame whole_data_frame takes
 MAX_ABORT_SIZE: Final = 1024
 NONCE_SIZE: Final = 32
 
@@ -296,8 +297,8 @@ class FrameDecoder:
         under way, the payload length (the caller takes ``data[4:]``); else 0
         and nothing is consumed. The common case of a small message, without
         the generator of :meth:`feed`."""
-        if self._in_frame or self._header or len(data) <= HEADER_SIZE:
-            return 0
+        if self._in_frame or self._header or not HEADER_SIZE < len(data) <= WHOLE_FRAME_MAX:
+            return 0  # (a longer one is left to feed(), which also checks MAX_DATA_SIZE)
         (word,) = _HEADER.unpack_from(data)
         length = len(data) - HEADER_SIZE
         return length if word == (KIND_DATA << 24) | length else 0

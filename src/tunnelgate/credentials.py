@@ -99,10 +99,15 @@ def _signature(stored_key: bytes, nonce: bytes, role: str, agent: str, session: 
     return hmac.digest(stored_key, AUTH_CONTEXT + message, "sha256")
 
 
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(KEY_SIZE)
+
+
 def make_proof(credential: Credential, nonce: bytes, role: str, agent: str, session: str) -> bytes:
     """The Hello's proof for this connection."""
-    signature = _signature(credential.stored_key, nonce, role, agent, session)
-    return bytes(a ^ b for a, b in zip(credential.client_key, signature, strict=True))
+    return _xor(
+        credential.client_key, _signature(credential.stored_key, nonce, role, agent, session)
+    )
 
 
 def proof_for(token: bytes, nonce: bytes, role: str, agent: str, session: str) -> bytes:
@@ -119,6 +124,5 @@ def check_proof(
     """
     if len(proof) != KEY_SIZE:
         return False
-    signature = _signature(stored_key, nonce, role, agent, session)
-    client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+    client_key = _xor(proof, _signature(stored_key, nonce, role, agent, session))
     return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)

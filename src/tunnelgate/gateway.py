@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
+import ipaddress
 import itertools
 import logging
 import random
@@ -115,6 +117,12 @@ class _Service:
     bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
     gates: list[Gate] = field(default_factory=list)  # access rules a client must pass
     accepting: asyncio.Task[None] | None = None
+
+    @functools.cached_property
+    def public(self) -> str:
+        """The address clients reach, if the listener's own says it (not a wildcard)."""
+        wildcard = ipaddress.ip_address(self.address.host).is_unspecified
+        return "" if wildcard else str(self.address)
 
 
 class _AuthFailures:
@@ -938,7 +946,8 @@ class Gateway:
             channel = await self._take_channel(session, sock, client, log)
             if channel is None:
                 return  # logged by _take_channel
-            await channel.send_message(Start(conn, service.name, client, _local_address(sock)))
+            server = service.public or _local_address(sock)
+            await channel.send_message(Start(conn, service.name, client, server))
             log.debug("client %s started on a data channel", client)
             result = RelayResult()
             await relay(sock, channel, "client", result)

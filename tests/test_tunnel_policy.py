@@ -208,14 +208,11 @@ async def test_access_deny_and_allow_name_the_rule(
     assert await exchange_from("127.0.0.9", address) == b""
     assert time.monotonic() - started < 2, "refused clients are closed at once"
     assert await exchange_from("127.0.0.4", address) == b"hello"
-    assert (
+    assert "deny 127.0.0.2/32 (agents[site-a].services.echo)" in "".join(
         tunnel_log.find("refused client 127.0.0.2:")
-        and "deny 127.0.0.2/32 (agents[site-a].services.echo)"
-        in tunnel_log.find("refused client 127.0.0.2:")[0]
     )
     assert "(agents[site-a].services.echo)" in tunnel_log.find("refused client 127.0.0.8:")[0]
     assert "deny 127.0.0.9/32 (access)" in tunnel_log.find("refused client 127.0.0.9:")[0]
-    assert not gateway._by_id[agent.session_id or ""].clients or True
 
 
 @pytest.mark.usefixtures("ipv6_loopback")

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -437,35 +438,11 @@ class Agent:
             await abort_channel(channel, f"unknown service {start.service!r}")
             return
         try:
-            sock = await connect(service.local, self.config.connect_timeout)
+            sock = await self._reach(service, start, log)
         except TransportError as exc:
             log.warning("client %s: %s", start.client, exc)
             await abort_channel(channel, f"agent {exc}")
             return
-        reset_unless_closed_cleanly(sock)
-        if service.proxy_protocol:
-            # Sent before the relay starts: before any client byte, and outside its counts.
-            header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
-            try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    await SocketStream(sock).send(header)
-            except (TransportError, TimeoutError) as exc:
-                reset_socket(sock)
-                why = str(exc) or f"timed out after {self.config.connect_timeout:g} s"
-                reason = f"cannot send the PROXY protocol header to {service.local}: {why}"
-                log.warning("client %s: %s", start.client, reason)
-                await abort_channel(channel, f"agent {reason}")
-                return
-            except BaseException:
-                reset_socket(sock)
-                raise
-            log.debug(
-                "PROXY protocol v%d header sent to %s: client=%s server=%s",
-                service.proxy_protocol,
-                service.local,
-                start.client,
-                start.server or "?",
-            )
         result = RelayResult()  # filled in even if the relay is cancelled
         try:
             await relay(sock, channel, "service", result)
@@ -479,6 +456,39 @@ class Agent:
                 result.duration,
                 result.how,
             )
+
+    async def _reach(
+        self, service: ServiceConfig, start: Start, log: ContextLogger
+    ) -> socket.socket:
+        """The connection to ``service``, set to reset unless closed cleanly, with
+        its PROXY protocol header sent if it wants one: before any client byte,
+        and outside the relay's counts. TransportError (socket reset) if not."""
+        timeout = self.config.connect_timeout
+        sock = await connect(service.local, timeout)
+        reset_unless_closed_cleanly(sock)
+        if not service.proxy_protocol:
+            return sock
+        header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
+        try:
+            async with asyncio.timeout(timeout):
+                await SocketStream(sock).send(header)
+        except (TransportError, TimeoutError) as exc:
+            reset_socket(sock)
+            why = str(exc) or f"timed out after {timeout:g} s"
+            raise TransportError(
+                f"cannot send the PROXY protocol header to {service.local}: {why}"
+            ) from None
+        except BaseException:
+            reset_socket(sock)
+            raise
+        log.debug(
+            "PROXY protocol v%d header sent to %s: client=%s server=%s",
+            service.proxy_protocol,
+            service.local,
+            start.client,
+            start.server or "?",
+        )
+        return sock
 
 
 class _Pool:

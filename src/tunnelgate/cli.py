@@ -326,9 +326,9 @@ def _name_arg(text: str) -> str:
 def _run_token(args: argparse.Namespace) -> int:
     """A new token (or the given one, to hash it) and, with --name, the lines
     for the gateway's config that hold only its hash."""
-    if args.token_file or os.environ.get(TOKEN_ENV):
-        if not args.name:
-            raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
+    if args.token_file and not args.name:
+        raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
+    if args.name and (args.token_file or os.environ.get(TOKEN_ENV)):
         token = read_token(args.token_file).decode()
     else:
         token = generate_token()

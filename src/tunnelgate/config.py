@@ -513,7 +513,7 @@ def load_gateway_config(
     allow_ports = src.parse(
         "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
     )
-    client_ca = src.parse("client_ca", lambda v: _existing_file(str(v)), None)
+    client_ca = src.parse("client_ca", _existing_file, None)
     if client_ca is not None and not tls:
         src.fail("client_ca", "makes no sense with --no-tls: certificates are part of TLS")
     agents: list[AgentPolicy] = []
@@ -594,10 +594,10 @@ def _path(value: Any) -> Path:
         raise ValueError(f"cannot expand {str(value)!r}: no such user's home") from None
 
 
-def _existing_file(text: str) -> Path:
-    path = _path(text)
+def _existing_file(value: Any) -> Path:
+    path = _path(value)
     if not path.is_file():
-        raise ValueError(f"no such file: {text}")
+        raise ValueError(f"no such file: {value}")
     return path
 
 
@@ -757,8 +757,8 @@ def load_agent_config(
     fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
     if not tls and (ca is not None or fingerprint):
         src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")
-    cert = src.parse("cert", lambda v: _existing_file(str(v)), None)
-    key = src.parse("key", lambda v: _existing_file(str(v)), None)
+    cert = src.parse("cert", _existing_file, None)
+    key = src.parse("key", _existing_file, None)
     if ("cert" in src.values) != ("key" in src.values):
         src.fail("cert" if "cert" in src.values else "key", "cert and key must be given together")
     if not tls and "cert" in src.values:

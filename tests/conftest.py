@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import shlex
 import shutil
 import socket
@@ -36,6 +35,7 @@ from faultkit import reset_writer as reset_writer
 from faultkit import shutdown_writer as shutdown_writer
 
 from tunnelgate import Address, Agent, ExposedService, Gateway
+from tunnelgate.config import generate_token
 
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "another-token-fedcba9876543210"
@@ -727,8 +727,10 @@ def start_gateway(
 
 
 def new_token() -> str:
-    """A fresh strong token for a test's gateway and agents."""
-    return secrets.token_urlsafe(32)
+    """A fresh strong token for a test's gateway and agents, made as
+    ``tunnelgate token`` makes one (so never starting with "-", which a
+    command line would take for an option)."""
+    return generate_token()
 
 
 class EchoHandler(socketserver.BaseRequestHandler):

@@ -81,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faultkit import CloseHow, Direction, FaultProxy, Kind, ProxiedConnection
 
 from tunnelgate import Address
+from tunnelgate.config import generate_token
 
 # --- settings of the processes ---------------------------------------------------
 
@@ -628,7 +629,7 @@ class Processes:
         self.public = Address("127.0.0.1", public)
         self.state_dir = workdir / "state"
         self.token_file = workdir / "token"
-        self.token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        self.token_file.write_text(generate_token() + "\n")
         self.token_file.chmod(0o600)
         self.fingerprint = ""
         self.all: list[Process] = []

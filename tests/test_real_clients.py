@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Launch, free_port, require_tool, wait_connectable
+from conftest import Launch, free_port, new_token, require_tool, wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ CLIENT_TIMEOUT = 30.0  # for a client tool to finish its run
 
 def tunnel(launch: Launch, state_dir: Path, local_port: int, *, tls: bool = True) -> int:
     """Gateway and agent through the CLI, exposing ``local_port``; returns the public port."""
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     gateway_args = ["gateway", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)]
     gateway = launch(*gateway_args, *([] if tls else ["--no-tls"]), token=token)
     control_port = gateway.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1)

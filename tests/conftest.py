@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import hypothesis
 import pytest
 from faultkit import FaultProxy as FaultProxy
 from faultkit import reset_writer as reset_writer
@@ -43,6 +44,11 @@ MODES = ["plain", "tls"]
 READ_SIZE = 1 << 20
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+# Properties assert on results, never on time: a per-example deadline would
+# only fail on a loaded CI machine (speed is measured by `make bench`).
+hypothesis.settings.register_profile("tunnelgate", deadline=None)
+hypothesis.settings.load_profile("tunnelgate")
 
 
 def pytest_configure(config: pytest.Config) -> None:

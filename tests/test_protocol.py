@@ -9,7 +9,7 @@ import typing
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnelgate import protocol as p
@@ -126,7 +126,6 @@ def test_message_round_trips(kind: type, data: st.DataObject) -> None:
     assert decode([p.encode_message(message)]) == [message]
 
 
-@settings(deadline=None)
 @given(pairs=st.lists(items, max_size=12), cuts=st.lists(st.integers(0, 2000)))
 def test_decoder_events_do_not_depend_on_chunking(pairs: list, cuts: list[int]) -> None:
     """Whole, one byte at a time or cut anywhere, a stream decodes to the same events."""

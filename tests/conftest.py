@@ -36,6 +36,7 @@ from faultkit import reset_writer as reset_writer
 from faultkit import shutdown_writer as shutdown_writer
 
 from tunnelgate import Address, Agent, ExposedService, Gateway
+from tunnelgate import protocol as p
 from tunnelgate.config import generate_token
 
 TOKEN = "test-token-0123456789abcdef"
@@ -198,6 +199,15 @@ async def connect(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def next_event(reader: asyncio.StreamReader, decoder: p.FrameDecoder) -> p.Event | None:
+    """The next event a raw control-port connection brings, or None when the
+    peer closes first."""
+    while data := await reader.read(READ_SIZE):
+        if events := list(decoder.feed(data)):
+            return events[0]
+    return None
 
 
 async def echo_roundtrip(address: Address, payload: bytes = b"ping through the tunnel") -> None:

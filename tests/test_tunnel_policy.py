@@ -25,6 +25,7 @@ from conftest import (
     connect,
     echo_roundtrip,
     free_port,
+    next_event,
     wait_until,
 )
 
@@ -314,7 +315,7 @@ async def test_access_rate_per_client(
 # --- authentication failures ------------------------------------------------
 
 
-async def failed_hello(address: Address, source: str) -> tuple[float, p.Message | None]:
+async def failed_hello(address: Address, source: str) -> tuple[float, p.Event | None]:
     """One control-channel handshake with a wrong proof, plain TCP, from
     ``source``; how long the answer took, and the answer (None: closed)."""
     async with (
@@ -322,21 +323,17 @@ async def failed_hello(address: Address, source: str) -> tuple[float, p.Message 
         connect(address, local_addr=(source, 0)) as (reader, writer),
     ):
         decoder = p.FrameDecoder()
-        events: list[p.Event] = []
-        while not events:
-            events += decoder.feed(await reader.read(65536))
-        challenge = events[0]
+        challenge = await next_event(reader, decoder)
         assert isinstance(challenge, p.Challenge)
         proof = credentials.proof_for(b"a-wrong-token-0123", challenge.nonce, "control", "x", "")
         writer.write(p.encode_message(p.Hello(p.PROTOCOL_VERSION, "control", "x", proof)))
         await writer.drain()
         started = time.monotonic()
         try:
-            while not (answers := list(decoder.feed(await reader.read(65536)))):
-                pass
+            answer = await next_event(reader, decoder)
         except (OSError, p.ProtocolError):
-            return time.monotonic() - started, None
-        return time.monotonic() - started, answers[0]  # type: ignore[return-value]
+            answer = None
+        return time.monotonic() - started, answer
 
 
 @pytest.mark.parametrize("mode", ["plain"])

@@ -28,6 +28,7 @@ from conftest import (
     connect,
     echo_roundtrip,
     free_port,
+    next_event,
     wait_until,
 )
 
@@ -160,10 +161,7 @@ async def test_control_port_data_channel_for_unknown_session_closed(
     assert address is not None
     async with asyncio.timeout(5), connect(address) as (reader, writer):
         decoder = p.FrameDecoder()
-        events: list[p.Event] = []
-        while not events:
-            events += decoder.feed(await reader.read(65536))
-        challenge = events[0]
+        challenge = await next_event(reader, decoder)
         assert isinstance(challenge, p.Challenge)
         session = "deadbeef"
         proof = credentials.proof_for(TOKEN.encode(), challenge.nonce, "data", "site-a", session)

@@ -11,6 +11,18 @@ flowing. Anything abnormal (a reset, ``ABORT``, a channel that stops without
 ``END``, a protocol error) resets both the local socket and the channel, so an
 abnormal end is never disguised as a clean one.
 
+An abnormal end still delivers every byte that was on its way, then resets:
+
+* a write that fails towards one side stops only that direction; the other
+  one reads what the failed side still holds (a service's last reply before
+  its reset) until that side's end, and only then does the relay fail;
+* before an ``ABORT``, the frame under way to the channel is finished; before
+  the local socket is reset, what the inbound pump still holds is written and
+  the local peer is given ``DELIVERY_TIMEOUT`` to acknowledge it (an RST
+  discards a socket's unsent bytes);
+* after ``END`` the inbound pump keeps reading the channel, so an ``ABORT``
+  behind it (a service reset after its answer) resets the client at once.
+
 How the bytes move
 ------------------
 A pump is not a task: it is a small state machine run by the event loop's
@@ -70,6 +82,8 @@ from tunnelgate.transport import (
     poller,
     reset_socket,
     shutdown_write,
+    wait_delivered,
+    wait_writable,
 )
 
 CHUNK_SIZE: Final = 256 * 1024  # the copy path's shared buffer
@@ -79,6 +93,7 @@ SMALL_READ: Final = 64 * 1024  # splice mode: reads below this are copied, not s
 HEADER_READ: Final = 16 * 1024  # splice mode: read between frames (small frames arrive whole)
 STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yielding
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
+DELIVERY_TIMEOUT: Final = 2.0  # for a local peer to take its last bytes before its reset
 DRAIN_SIZE: Final = 16 * 1024
 SPLICE_AVAILABLE: Final = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -110,38 +125,70 @@ async def relay(
     """Pump bytes both ways until both directions ended; close both sockets.
 
     ``local_role`` ("client" or "service") names the local peer in reasons.
-    Cancellation (a session ending) resets both ends; a ``result`` passed in
-    holds the counts so far then, with ``how`` saying so, for the caller's log.
+    Cancellation (a session ending) resets both ends at once; a ``result``
+    passed in holds the counts so far then, with ``how`` saying so, for the
+    caller's log.
     """
     started = time.monotonic()
     state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
     try:
         await state.finished
+        result, failure = state.result, state.failure
+        if failure is None:
+            close_cleanly(local)
+            channel.close()
+            return result
+        result.how = failure.how
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_end_local(state, failure))
+            group.create_task(_end_channel(state, failure))
+        return result
     except BaseException as exc:
         # Cancelled (the session ended) or a bug: neither end may look clean.
         state.stop()
         reset_socket(local)
         channel.abort()
-        state.result.how = (
-            "reset: its session is over"
-            if isinstance(exc, asyncio.CancelledError)
-            else f"reset: {exc!r}"
-        )
+        if state.failure is None:
+            state.result.how = (
+                "reset: its session is over"
+                if isinstance(exc, asyncio.CancelledError)
+                else f"reset: {exc!r}"
+            )
         raise
     finally:
+        state.release()
         state.result.duration = time.monotonic() - started
-    result, failure = state.result, state.failure
-    if failure is None:
-        close_cleanly(local)
-        channel.close()
-        return result
-    result.how = failure.how
-    reset_socket(local)
-    if failure.tell_peer:
-        await abort_channel(channel, failure.how)
-    else:
-        channel.abort()
-    return result
+
+
+async def _end_local(state: _Relay, failure: _Failed) -> None:
+    """Reset the local socket after an abnormal end; a local peer that is still
+    there first gets what was on its way, for up to ``DELIVERY_TIMEOUT``."""
+    if not failure.local_alive:
+        reset_socket(state.local)
+        return
+    try:
+        async with asyncio.timeout(DELIVERY_TIMEOUT):
+            await state.inbound.deliver_pending()
+            await wait_delivered(state.local)
+    except TimeoutError:
+        pass
+    finally:
+        reset_socket(state.local)
+
+
+async def _end_channel(state: _Relay, failure: _Failed) -> None:
+    """Abort the channel after an abnormal end: with an ABORT behind the frame
+    under way if the peer should learn why, else at once."""
+    if not failure.tell_peer:
+        state.channel.abort()
+        return
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT):
+            await state.outbound.deliver_pending()
+    except (TimeoutError, TransportError):
+        state.channel.abort()
+        return
+    await abort_channel(state.channel, failure.how)
 
 
 async def abort_channel(channel: Channel, reason: str) -> None:
@@ -239,13 +286,16 @@ _WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError)
 
 
 class _Failed:
-    """An abnormal end. ``tell_peer`` sends ABORT over the channel."""
+    """An abnormal end. ``tell_peer``: the channel still works, so an ABORT
+    says why; ``local_alive``: the local peer is still there, so it is given
+    what was on its way before its reset."""
 
-    __slots__ = ("how", "tell_peer")
+    __slots__ = ("how", "local_alive", "tell_peer")
 
-    def __init__(self, how: str, tell_peer: bool) -> None:
+    def __init__(self, how: str, *, tell_peer: bool, local_alive: bool) -> None:
         self.how = how
         self.tell_peer = tell_peer
+        self.local_alive = local_alive
 
 
 class _Relay:
@@ -266,23 +316,33 @@ class _Relay:
         self.result.path = "splice" if use_splice else "copy"
         self._running = 2
         self._watched: int | None = None  # a finished pump's source, watched for a reset
-        self.outbound: _Pump = _SpliceOut(self) if use_splice else _CopyOut(self)
+        # A write that failed towards one side; the relay fails once the
+        # other direction has read what that side still held.
+        self.local_error: OSError | None = None
+        self.channel_error: OSError | None = None
+        self._give_up: asyncio.TimerHandle | None = None
+        self.outbound: _Outbound = _SpliceOut(self) if use_splice else _CopyOut(self)
         self.inbound: _Inbound = _SpliceIn(self) if use_splice else _CopyIn(self)
         self.outbound.start()
         self.inbound.start_with(channel.take_pending())
 
     def pump_done(self, pump: _Pump) -> None:
+        """``pump``'s direction ended cleanly (END sent, or END received)."""
         self._running -= 1
         if self._running == 0:
             self.stop()
             if not self.finished.done():
                 self.finished.set_result(None)
-        else:
+        elif pump is self.outbound:
             # Nobody reads this socket any more, but its peer may still reset it
             # (a client that half-closed, then gave up): that must end the relay
             # now, not whenever the other direction next has bytes to send.
-            self._watched = pump.src_fd
-            self.poller.add_error_watch(pump.src_fd, functools.partial(self._reset_seen, pump))
+            self.watch_for_reset(pump)
+        # The inbound pump reads on after END, for an ABORT behind it.
+
+    def watch_for_reset(self, pump: _Pump) -> None:
+        self._watched = pump.src_fd
+        self.poller.add_error_watch(pump.src_fd, functools.partial(self._reset_seen, pump))
 
     def _reset_seen(self, pump: _Pump) -> None:
         error = pump.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -300,27 +360,61 @@ class _Relay:
             self.poller.remove_error_watch(self._watched)
             self._watched = None
 
-    def fail(self, how: str, tell_peer: bool) -> None:
+    def fail(self, how: str, *, tell_peer: bool, local_alive: bool) -> None:
         if self.finished.done():
             return
-        self.failure = _Failed(how, tell_peer)
+        self.failure = _Failed(how, tell_peer=tell_peer, local_alive=local_alive)
         self.stop()
         self.finished.set_result(None)
 
     def local_failed(self, exc: OSError) -> None:
-        self.fail(f"{self.role} {describe_os_error(exc)}", tell_peer=True)
+        """The local socket broke, and all it held has been read."""
+        how = f"{self.role} {describe_os_error(self.local_error or exc)}"
+        self.fail(how, tell_peer=True, local_alive=False)
 
-    def channel_failed(self, exc: OSError, salvage: bool = False) -> None:
-        """The channel broke. From the outbound side (``salvage``), first let
-        the inbound pump read what already arrived: an ABORT there says why."""
-        if salvage and not self.inbound.stopped and not self.inbound.writing:
-            self.inbound.on_readable()
-        self.fail(f"data channel lost: {describe_os_error(exc)}", tell_peer=False)
+    def local_write_failed(self, exc: OSError) -> None:
+        """Writing to the local socket failed (its peer reset it). Nothing more
+        goes that way, but what it still holds (its peer's last bytes) goes to
+        the channel first: the relay fails at the outbound pump's end."""
+        self.inbound.stop()
+        self.local_error = exc
+        if self.outbound.stopped:
+            self.local_failed(exc)
+        else:
+            self._give_up_after(functools.partial(self.local_failed, exc))
+
+    def channel_failed(self, exc: OSError) -> None:
+        """The channel broke, and all it held has been read."""
+        how = f"data channel lost: {describe_os_error(self.channel_error or exc)}"
+        self.fail(how, tell_peer=False, local_alive=True)
+
+    def channel_write_failed(self, exc: OSError) -> None:
+        """Writing to the channel failed: as :meth:`local_write_failed`, the
+        other way (an ABORT that arrived says why)."""
+        self.outbound.stop()
+        self.channel_error = exc
+        if self.inbound.stopped:
+            self.channel_failed(exc)
+        else:
+            self._give_up_after(functools.partial(self.channel_failed, exc))
+
+    def _give_up_after(self, failed: functools.partial[None]) -> None:
+        """A side that cannot be read to its end (its peer does not take the
+        bytes) fails the relay after ``DELIVERY_TIMEOUT`` anyway."""
+        if self._give_up is None:
+            self._give_up = self.loop.call_later(DELIVERY_TIMEOUT, failed)
 
     def stop(self) -> None:
         self.stop_watching()
+        if self._give_up is not None:
+            self._give_up.cancel()
         self.outbound.stop()
         self.inbound.stop()
+
+    def release(self) -> None:
+        """Give back the pumps' pipes (after any last delivery)."""
+        self.outbound.release_pipe()
+        self.inbound.release_pipe()
 
 
 class _Pump:
@@ -375,12 +469,12 @@ class _Pump:
         self.relay.pump_done(self)
 
     def stop(self) -> None:
+        """No more callbacks. The pipe stays: an abnormal end may deliver it."""
         if self.stopped:
             return
         self.stopped = True
         self.stop_reading()
         self.stop_writing()
-        self.release_pipe()
 
     def release_pipe(self) -> None:
         """Give the pipe back to the thread's pool (closed unless empty)."""
@@ -395,17 +489,69 @@ class _Pump:
         raise NotImplementedError
 
 
+async def _write_all(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Write ``data`` to a plain socket outside the pumps (a last delivery);
+    how many bytes it took before an error."""
+    view = memoryview(data)
+    total = len(view)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await wait_writable(sock)
+        except OSError:
+            break
+    return total - len(view)
+
+
+async def _splice_all(pipe: _Pipe, sock: socket.socket) -> int:
+    """Move what ``pipe`` holds into a plain socket; how many bytes it took."""
+    moved = 0
+    while pipe.count:
+        try:
+            n = os.splice(pipe.read_fd, sock.fileno(), pipe.count, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            await wait_writable(sock)
+            continue
+        except OSError:
+            break
+        pipe.count -= n
+        moved += n
+    return moved
+
+
 # --- outbound: local socket → DATA frames → channel --------------------------
 
 
-class _CopyOut(_Pump):
-    """Reads into the shared buffer behind a header slot; one send per chunk."""
+class _Outbound(_Pump):
+    """Common to both outbound pumps: the end of the local socket's bytes."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.local, relay.channel.sock)
+        self.eof = False
+
+    def local_ended(self) -> bool:
+        """The local socket reached EOF: True if END should follow; else its
+        peer had reset it (a write failed) and the relay fails instead."""
+        if self.relay.local_error is not None:
+            self.relay.local_failed(self.relay.local_error)
+            return False
+        self.eof = True
+        return True
+
+    async def deliver_pending(self) -> None:
+        """Finish the frame under way to the channel (before an ABORT).
+        Raises TransportError."""
+        raise NotImplementedError
+
+
+class _CopyOut(_Outbound):
+    """Reads into the shared buffer behind a header slot; one send per chunk."""
+
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__(relay)
         self.backlog: memoryview | None = None  # what the channel has not taken yet
         self.backlog_payload = 0
-        self.eof = False
 
     def on_readable(self) -> None:
         if self.stopped:
@@ -418,8 +564,8 @@ class _CopyOut(_Pump):
         except OSError as exc:
             return self.relay.local_failed(exc)
         if n == 0:
-            self.eof = True
-            self.send(memoryview(END_FRAME), 0)
+            if self.local_ended():
+                self.send(memoryview(END_FRAME), 0)
         else:
             pack_data_header(_scratch.buffer, n)
             self.send(view[: HEADER_SIZE + n], n)
@@ -432,7 +578,7 @@ class _CopyOut(_Pump):
         except ssl.SSLWantReadError:
             sent = 0
         except OSError as exc:
-            return self.relay.channel_failed(exc, salvage=True)
+            return self.relay.channel_write_failed(exc)
         if sent == len(frame):
             return self.sent(payload)
         # TLS takes all or nothing and must be offered the same bytes again.
@@ -452,6 +598,12 @@ class _CopyOut(_Pump):
             self.finish()
         else:
             self.want_read()
+
+    async def deliver_pending(self) -> None:
+        if self.backlog is not None:
+            frame, self.backlog = self.backlog, None
+            await self.relay.channel.stream.send(frame)  # the same bytes again, as TLS needs
+            self.relay.result.sent += self.backlog_payload
 
 
 class _SpliceOut(_CopyOut):
@@ -480,11 +632,13 @@ class _SpliceOut(_CopyOut):
             self.release_pipe()
             return
         except OSError as exc:
+            self.release_pipe()
             return self.relay.local_failed(exc)
         self.bulk = n >= SMALL_READ
         if n == 0:
             self.release_pipe()
-            self.eof = True
+            if not self.local_ended():
+                return
             self.header[:] = END_FRAME
         else:
             pipe.count = n
@@ -503,8 +657,8 @@ class _SpliceOut(_CopyOut):
             return self.relay.local_failed(exc)
         self.bulk = n == SMALL_READ
         if n == 0:
-            self.eof = True
-            self.send(memoryview(END_FRAME), 0)
+            if self.local_ended():
+                self.send(memoryview(END_FRAME), 0)
         else:
             pack_data_header(_scratch.buffer, n)
             self.send(view[: HEADER_SIZE + n], n)
@@ -528,7 +682,7 @@ class _SpliceOut(_CopyOut):
         except BlockingIOError:
             return self.want_write()
         except OSError as exc:
-            return self.relay.channel_failed(exc, salvage=True)
+            return self.relay.channel_write_failed(exc)
         self.release_pipe()
         self.relay.result.sent += self.payload
         if self.eof:
@@ -536,18 +690,33 @@ class _SpliceOut(_CopyOut):
         else:
             self.want_read()
 
+    async def deliver_pending(self) -> None:
+        await super().deliver_pending()
+        if not self.head and (self.pipe is None or not self.pipe.count):
+            return
+        head, self.head = bytes(self.head), memoryview(self.header)[:0]
+        if len(head) != await _write_all(self.dst, head):
+            raise TransportError("data channel lost before the end of a frame")
+        if self.pipe is not None and self.pipe.count:
+            await _splice_all(self.pipe, self.dst)
+            if self.pipe.count:
+                raise TransportError("data channel lost before the end of a frame")
+        self.relay.result.sent += self.payload
+
 
 # --- inbound: channel → frames → local socket --------------------------------
 
 
 class _Inbound(_Pump):
     """Delivers decoded events; what the local socket cannot take yet waits,
-    copied, in ``backlog`` (with the events behind it, in order)."""
+    copied, in ``backlog`` (with the events behind it, in order). After END
+    it reads on: only an ABORT (or the channel's end) may follow."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.channel.sock, relay.local)
         self.decoder = relay.channel.decoder
         self.backlog: deque[bytes | Event] = deque()
+        self.ended = False  # END received; the local socket is half-closed
 
     def start_with(self, pending: list[Event]) -> None:
         if self.deliver(pending):
@@ -563,18 +732,18 @@ class _Inbound(_Pump):
                     return False
                 if backlog:
                     backlog.append(bytes(event.view) if isinstance(event, Data) else event)
-                elif isinstance(event, Data):
+                elif isinstance(event, Data) and not self.ended:
                     self.write_keeping_rest(event.view)
                 else:
                     self.handle(event)
         except ProtocolError as exc:
-            self.relay.fail(str(exc), tell_peer=True)
+            self.relay.fail(str(exc), tell_peer=True, local_alive=True)
             return False
         return self.runs_on()
 
     def take(self, view: memoryview, n: int) -> bool:
         """Deliver the ``n`` bytes read into ``view``; like :meth:`deliver`."""
-        if self.decoder.whole_data_frame(view[:n]) and not self.backlog:
+        if not self.backlog and not self.ended and self.decoder.whole_data_frame(view[:n]):
             self.write_keeping_rest(view[HEADER_SIZE:n])
             return self.runs_on()
         return self.deliver(self.decoder.feed(view[:n]))
@@ -596,26 +765,32 @@ class _Inbound(_Pump):
             self.backlog.append(bytes(data[sent:]))
 
     def write(self, data: memoryview | bytes) -> int:
-        """Send what the local socket takes now; -1 if the relay failed."""
+        """Send what the local socket takes now; -1 if it failed."""
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.relay.local_failed(exc)
+            self.relay.local_write_failed(exc)
             return -1
         self.relay.result.received += sent
         return sent
 
     def handle(self, event: Event) -> None:
-        if isinstance(event, End):
+        if isinstance(event, Abort):
+            how = f"aborted by peer: {event.reason or 'no reason'}"
+            self.relay.fail(how, tell_peer=False, local_alive=True)
+        elif isinstance(event, End) and not self.ended:
+            self.ended = True
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
-            self.finish()
-        elif isinstance(event, Abort):
-            self.relay.fail(f"aborted by peer: {event.reason or 'no reason'}", tell_peer=False)
+            self.relay.pump_done(self)
         else:
-            self.relay.fail(f"protocol error: unexpected message {event!r}", tell_peer=False)
+            what = "data" if isinstance(event, Data) else repr(event)
+            after = " after end of stream" if self.ended else ""
+            self.relay.fail(
+                f"protocol error: unexpected {what}{after}", tell_peer=True, local_alive=True
+            )
 
     def drain_backlog(self) -> bool:
         """Write the backlog out; True when it is empty and the pump runs on."""
@@ -637,8 +812,29 @@ class _Inbound(_Pump):
                     return False
         return True
 
-    def closed_without_end(self) -> None:
-        self.relay.fail("data channel closed without end of stream", tell_peer=False)
+    def channel_ended(self) -> None:
+        """EOF on the channel."""
+        relay = self.relay
+        if relay.channel_error is not None:
+            relay.channel_failed(relay.channel_error)
+        elif not self.ended:
+            how = "data channel closed without end of stream"
+            relay.fail(how, tell_peer=False, local_alive=True)
+        else:
+            # The peer closed after its END while our direction still runs:
+            # our next write tells whether it is gone; until then, a reset.
+            self.stop()
+            relay.watch_for_reset(self)
+
+    async def deliver_pending(self) -> None:
+        """Write the bytes held for the local socket (before its reset), up
+        to the first event among them or an error."""
+        while self.backlog and isinstance(item := self.backlog[0], bytes):
+            sent = await _write_all(self.dst, item)
+            self.relay.result.received += sent
+            if sent < len(item):
+                return
+            self.backlog.popleft()
 
 
 class _CopyIn(_Inbound):
@@ -666,11 +862,13 @@ class _CopyIn(_Inbound):
         except ssl.SSLWantWriteError:
             self.retry_later()
         except OSError as exc:
+            if n and not self.take(view, n):
+                return
             return self.relay.channel_failed(exc)
         if n and not self.take(view, n):
             return
         if eof:
-            return self.closed_without_end()
+            return self.channel_ended()
         if n >= CHUNK_SIZE:
             # TLS may hold more records (read ahead) that no readiness event
             # will announce: read again soon rather than wait for one.
@@ -694,7 +892,7 @@ class _SpliceIn(_Inbound):
         decoder = self.decoder
         for _ in range(STEPS_PER_WAKEUP):
             remaining = decoder.data_remaining
-            if remaining == 0:
+            if remaining == 0 or self.ended:
                 # Between frames: recv what is there (small frames arrive
                 # whole); the rest of a large DATA frame is spliced below.
                 view = _scratch.between_frames
@@ -705,7 +903,7 @@ class _SpliceIn(_Inbound):
                 except OSError as exc:
                     return self.relay.channel_failed(exc)
                 if n == 0:
-                    return self.closed_without_end()
+                    return self.channel_ended()
                 if not self.take(view, n):
                     return
                 if n < HEADER_READ and decoder.data_remaining == 0:
@@ -721,7 +919,7 @@ class _SpliceIn(_Inbound):
             except OSError as exc:
                 return self.relay.channel_failed(exc)
             if n == 0:
-                return self.closed_without_end()
+                return self.channel_ended()
             decoder.skip_data(n)
             pipe.count = n
             if not self.drain_pipe():
@@ -740,7 +938,7 @@ class _SpliceIn(_Inbound):
             self.want_write()
             return False
         except OSError as exc:
-            self.relay.local_failed(exc)
+            self.relay.local_write_failed(exc)
             return False
         self.release_pipe()
         return True
@@ -753,3 +951,10 @@ class _SpliceIn(_Inbound):
         if self.drain_backlog():
             self.want_read()
             self.loop.call_soon(self.on_readable)
+
+    async def deliver_pending(self) -> None:
+        if self.pipe is not None and self.pipe.count:
+            self.relay.result.received += await _splice_all(self.pipe, self.dst)
+            if self.pipe.count:
+                return
+        await super().deliver_pending()

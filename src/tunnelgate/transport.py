@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import ipaddress
 import os
@@ -22,6 +23,7 @@ import select
 import socket
 import ssl
 import struct
+import termios
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -46,6 +48,8 @@ CHANNEL_READ_SIZE: Final = 16 * 1024
 KEEPALIVE_IDLE: Final = 30  # seconds
 KEEPALIVE_INTERVAL: Final = 10
 KEEPALIVE_COUNT: Final = 3
+DELIVERY_POLL_MIN: Final = 0.001  # seconds; see wait_delivered
+DELIVERY_POLL_MAX: Final = 0.05
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _LINGER_DEFAULT: Final = struct.pack("ii", 0, 0)
 
@@ -312,6 +316,31 @@ def was_reset(sock: socket.socket) -> bool:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
     except OSError:
         return True
+
+
+async def wait_delivered(sock: socket.socket) -> None:
+    """Until the peer has acknowledged every byte sent on ``sock``, or reset it.
+
+    For an abnormal end: an RST discards what the socket has not sent yet, and
+    the peer would have read those bytes over a direct connection. No readiness
+    event says "all acknowledged", so this polls the send queue, with a delay
+    that doubles from ``DELIVERY_POLL_MIN`` to ``DELIVERY_POLL_MAX``; the
+    caller bounds the wait. On loopback the queue is usually empty at once.
+    """
+    delay = DELIVERY_POLL_MIN
+    while _unacknowledged(sock) and not was_reset(sock):
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, DELIVERY_POLL_MAX)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue: not sent yet, or not acknowledged."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+    except OSError:
+        return 0
+    count: int = struct.unpack("i", answer)[0]
+    return count
 
 
 async def _wait(sock: socket.socket, writable: bool) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -285,6 +286,15 @@ _WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError)
 # --- the state machines -----------------------------------------------------
 
 
+def _describe_reset(exc: OSError) -> str:
+    """Why a relayed socket broke. A write gets EPIPE rather than ECONNRESET
+    when the peer reset a connection whose other direction had ended: the
+    same event, said once."""
+    if exc.errno == errno.EPIPE:
+        return describe_os_error(OSError(errno.ECONNRESET, "connection reset"))
+    return describe_os_error(exc)
+
+
 class _Failed:
     """An abnormal end. ``tell_peer``: the channel still works, so an ABORT
     says why; ``local_alive``: the local peer is still there, so it is given
@@ -369,7 +379,7 @@ class _Relay:
 
     def local_failed(self, exc: OSError) -> None:
         """The local socket broke, and all it held has been read."""
-        how = f"{self.role} {describe_os_error(self.local_error or exc)}"
+        how = f"{self.role} {_describe_reset(self.local_error or exc)}"
         self.fail(how, tell_peer=True, local_alive=False)
 
     def local_write_failed(self, exc: OSError) -> None:
@@ -385,7 +395,7 @@ class _Relay:
 
     def channel_failed(self, exc: OSError) -> None:
         """The channel broke, and all it held has been read."""
-        how = f"data channel lost: {describe_os_error(self.channel_error or exc)}"
+        how = f"data channel lost: {_describe_reset(self.channel_error or exc)}"
         self.fail(how, tell_peer=False, local_alive=True)
 
     def channel_write_failed(self, exc: OSError) -> None:

@@ -35,6 +35,7 @@ from tunnelgate.errors import (
     RemoteProtocolError,
     VersionMismatchError,
 )
+from tunnelgate.protocol import session
 
 T = TypeVar("T")
 
@@ -262,7 +263,8 @@ def frames(data: bytes) -> None:
 
 
 def messages(data: bytes) -> None:
-    """``decode_message`` on a MESSAGE payload, then ``check_allowed`` in every phase."""
+    """``decode_message`` on a MESSAGE payload, then every state of the session
+    core receives it: accepted exactly where its table lists it."""
     try:
         message: protocol.Message | None = protocol.decode_message(data)
     except RemoteProtocolError:
@@ -275,15 +277,18 @@ def messages(data: bytes) -> None:
     if message is not None:
         events.append(message)
         _check_round_trip(message)
-    for phase, allowed in protocol.ALLOWED.items():
+    for (side, state), allowed in session.RECEIVE.items():
         for event in events:
+            conversation = session.Conversation(side, state)
             try:
-                result = protocol.check_allowed(phase, event)
+                result = conversation.receive(event)
             except RemoteProtocolError:
-                assert not isinstance(event, allowed), f"{event!r} refused in {phase}"
+                assert session.label(event) not in allowed, f"{event!r} refused {state}"
+                assert conversation.state is state, "a refused message moved the state"
                 continue
-            assert isinstance(event, allowed), f"{event!r} accepted in {phase}"
+            assert session.label(event) in allowed, f"{event!r} accepted {state}"
             assert result is event
+            assert conversation.state is allowed[session.label(event)]
 
 
 # --- handshake ----------------------------------------------------------------
@@ -299,7 +304,8 @@ def _check_sendable(message: protocol.Message) -> None:
     try:
         frame = protocol.encode_message(message)
         event = next(protocol.FrameDecoder().feed(frame))
-        protocol.check_allowed("agent_awaits_welcome", event)
+        agent = session.Conversation(session.Side.AGENT, session.State.AWAIT_WELCOME)
+        agent.receive(event)
     except ProtocolError as exc:
         shown = repr(message)[:200]
         raise AssertionError(
@@ -319,33 +325,33 @@ def _hash_line(data: bytes) -> None:
 
 
 def handshake(data: bytes) -> None:
-    """The gateway's side of the handshake, as ``Gateway._handshake`` runs it, without I/O.
+    """The gateway's side of the handshake, through the same session core and
+    :func:`~tunnelgate.protocol.authenticate` the gateway uses, without I/O.
 
     ``data`` is what an agent sent after the Challenge carrying
     ``HANDSHAKE_NONCE``. No input may pass the proof check: that would be a
     forged authentication. The same bytes are also read as a ``token_hash`` line.
     """
     _hash_line(data)
+    gateway = session.Conversation(session.Side.GATEWAY)
+    gateway.send(protocol.Challenge(protocol.PROTOCOL_VERSION, HANDSHAKE_NONCE))
     try:
         event = next(protocol.FrameDecoder().feed(data), None)
         if event is None:
             return
-        hello = protocol.check_allowed("gateway_awaits_hello", event)
+        hello = gateway.receive(event)
     except VersionMismatchError as exc:  # the gateway answers Refused("version")
-        _check_sendable(protocol.Refused("version", exc.reason))
+        _check_sendable(gateway.send(protocol.Refused("version", exc.reason)))
         return
     except RemoteProtocolError:
         return
     assert isinstance(hello, protocol.Hello)
-    forged = credentials.check_proof(
-        STORED_KEY, hello.proof, HANDSHAKE_NONCE, hello.role, hello.agent, hello.session
+    verdict = session.authenticate(
+        hello, HANDSHAKE_NONCE, [session.Candidate(None, [STORED_KEY])], None
     )
-    assert not forged, f"{hello!r} passed the proof check without the token"
-    _check_sendable(
-        protocol.Refused(
-            "auth", f"the gateway does not accept this token for agent {hello.agent!r}"
-        )
-    )
+    assert isinstance(verdict, str), f"{hello!r} passed the proof check without the token"
+    refusal = protocol.Refused("auth", session.auth_refusal_reason(hello, verdict))
+    _check_sendable(gateway.send(refusal))
 
 
 # --- config files -------------------------------------------------------------

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tunnelgate import config as c
 from tunnelgate import credentials
 from tunnelgate.errors import ConfigError, ConfigProblem
-from tunnelgate.protocol import Name
+from tunnelgate.protocol.wire import Name
 
 A = c.Address
 TOKEN = "t" * c.MIN_TOKEN_LENGTH

@@ -252,28 +252,6 @@ EXAMPLES: dict[type, p.Message] = {
 }
 
 
-@pytest.mark.parametrize("phase", list(p.ALLOWED))
-@pytest.mark.parametrize("kind", MESSAGE_TYPES, ids=TAGS)
-def test_check_allowed_follows_the_phase_table(phase: p.Phase, kind: type) -> None:
-    """A message is accepted exactly in the phases whose table entry lists it."""
-    message, where = EXAMPLES[kind], phase.replace("_", " ")
-    if kind in p.ALLOWED[phase]:
-        assert p.check_allowed(phase, message) is message
-    else:
-        tag = kind.__struct_config__.tag
-        with pytest.raises(RemoteProtocolError, match=f"unexpected {tag} frame while in {where}"):
-            p.check_allowed(phase, message)
-
-
-@pytest.mark.parametrize("phase", list(p.ALLOWED))
-@pytest.mark.parametrize("event", [p.Data(memoryview(b"x")), p.End(), p.Abort("gone")])
-def test_check_allowed_rejects_relay_events_in_every_phase(phase: p.Phase, event: p.Event) -> None:
-    """Relayed bytes, END and ABORT are never a message a phase waits for."""
-    label, where = type(event).__name__.lower(), phase.replace("_", " ")
-    with pytest.raises(RemoteProtocolError, match=f"unexpected {label} frame while in {where}"):
-        p.check_allowed(phase, event)
-
-
 def test_encode_message_refuses_oversized_message() -> None:
     """Sending a message the peer would reject fails here, as a local bug."""
     services = [p.ServiceRequest("n" * 64, "h" * 255, 65535)] * 256  # within every limit

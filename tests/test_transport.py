@@ -21,7 +21,7 @@ from conftest import wait_until
 from tunnelgate import tls
 from tunnelgate.config import Address
 from tunnelgate.errors import PeerVerificationError, TransportError
-from tunnelgate.protocol import Ping
+from tunnelgate.protocol import Ping, Side, State
 from tunnelgate.transport import (
     Channel,
     SocketStream,
@@ -127,7 +127,9 @@ async def test_stream_abort_is_seen_as_an_error_by_the_peer(pair: Pair) -> None:
 async def test_channel_carries_messages_and_checks_liveness(pair: Pair) -> None:
     """Framed messages round-trip; a silent channel is idle and open, a closed one is not."""
     server, client = pair
-    agent_side, gateway_side = Channel(client), Channel(server)
+    agent_side = Channel(client, Side.AGENT)
+    gateway_side = Channel(server, Side.GATEWAY)
+    agent_side.conversation.state = gateway_side.conversation.state = State.CONTROL
     await agent_side.send_message(Ping(7))
     assert await gateway_side.receive() == Ping(7)
     assert gateway_side.is_idle_and_open()

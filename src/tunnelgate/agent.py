@@ -56,9 +56,9 @@ from tunnelgate.protocol import (
     Register,
     Registered,
     ServiceRequest,
+    Side,
     Start,
     Welcome,
-    check_allowed,
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
 from tunnelgate.transport import (
@@ -278,8 +278,8 @@ class Agent:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
                 else:
                     stream = SocketStream(sock)
-                channel = Channel(stream)
-                challenge = check_allowed("agent_awaits_challenge", await channel.receive())
+                channel = Channel(stream, Side.AGENT)
+                challenge = await channel.receive()
                 if role == "control" and isinstance(stream, TLSStream):
                     # The ticket came before the Challenge: data channels resume it.
                     self._tls_session = stream.sock.session
@@ -316,7 +316,7 @@ class Agent:
         channel = await self._open("control")
         try:
             async with asyncio.timeout(config.handshake_timeout):
-                welcome = check_allowed("agent_awaits_welcome", await channel.receive())
+                welcome = await channel.receive()
             if isinstance(welcome, Refused):
                 raise _refusal(welcome)
             assert isinstance(welcome, Welcome)
@@ -357,23 +357,20 @@ class Agent:
     async def _control_loop(
         self, channel: Channel, welcome: Welcome, pool: _Pool, log: ContextLogger
     ) -> str:
-        phase: Any = "agent_register_reply"
         goodbye: str | None = None  # the gateway's Bye: open connections finish first
         while True:
             try:
                 async with asyncio.timeout(welcome.heartbeat_timeout):
-                    event = await channel.receive()
+                    message = await channel.receive()
             except (ConnectionClosed, TransportError) as exc:
                 if goodbye is None and not self._said_bye:
                     raise
                 # Draining: the relays run on their own data channels; let them end.
                 await wait_relays(pool.serving)
                 return f"{goodbye or 'said goodbye'}; then {exc}"
-            message = check_allowed(phase, event)
             if isinstance(message, Ping):
                 await channel.send_message(Pong(message.seq))
             elif isinstance(message, Registered):
-                phase = "agent_control"
                 retry = self._registered(message, log)
                 if retry:
                     await channel.send_message(Register(retry))
@@ -644,9 +641,7 @@ class _Pool:
         """
         try:
             # The gateway checks a channel that has been idle a while with a Ping.
-            while isinstance(
-                message := check_allowed("agent_pooled", await channel.receive()), Ping
-            ):
+            while isinstance(message := await channel.receive(), Ping):
                 await channel.send_message(Pong(message.seq))
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             channel.abort()

@@ -53,7 +53,9 @@ from tunnelgate.logs import ContextLogger, Throttle
 from tunnelgate.protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
+    Admitted,
     Bye,
+    Candidate,
     Challenge,
     Hello,
     Ping,
@@ -66,9 +68,11 @@ from tunnelgate.protocol import (
     Registered,
     ServiceRequest,
     ServiceResult,
+    Side,
     Start,
     Welcome,
-    check_allowed,
+    auth_refusal_reason,
+    authenticate,
 )
 from tunnelgate.relay import RelayResult, relay, wait_relays
 from tunnelgate.transport import (
@@ -551,23 +555,24 @@ class Gateway:
         """The framed channel over ``sock``, after the TLS handshake if TLS is on."""
         tune_socket(sock)
         if self._context is None:
-            return Channel(SocketStream(sock))
+            return Channel(SocketStream(sock), Side.GATEWAY)
         stream = TLSStream(sock, self._context, server_side=True)
         await stream.handshake()  # resets the connection if it fails
-        return Channel(stream)
+        return Channel(stream, Side.GATEWAY)
 
     async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, AgentPolicy, bytes]:
         """Challenge, Hello, and the policy and stored key the agent proved."""
         nonce = secrets.token_bytes(NONCE_SIZE)
         await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
         try:
-            hello = check_allowed("gateway_awaits_hello", await channel.receive())
+            hello = await channel.receive()
         except VersionMismatchError as exc:
             await channel.send_message(Refused("version", exc.reason))
             raise
         assert isinstance(hello, Hello)
-        found, why = await self._authenticate(channel, hello, nonce)
-        if found is None:
+        verdict = await self._authenticate(channel, hello, nonce)
+        if isinstance(verdict, str):
+            why = verdict
             failures, delay = self._auth_failures.failed(_host_of(peer), time.monotonic())
             delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
             self._auth_warnings.warning(
@@ -583,45 +588,30 @@ class Gateway:
                 delay,
             )
             await asyncio.sleep(delay)
-            await channel.send_message(
-                Refused(
-                    "auth",
-                    f"the gateway does not accept this {why.split()[0]} for agent {hello.agent!r}",
-                )
-            )
+            await channel.send_message(Refused("auth", auth_refusal_reason(hello, why)))
             raise AuthenticationError("logged above")
-        return hello, *found
+        return hello, verdict.policy, verdict.key
 
     async def _authenticate(
         self, channel: Channel, hello: Hello, nonce: bytes
-    ) -> tuple[tuple[AgentPolicy, bytes] | None, str]:
-        """The policy and stored key that made the proof, or None and why not.
+    ) -> Admitted[AgentPolicy] | str:
+        """The policy and stored key that made the proof, or why none did.
 
         With ``client_ca``, the certificate (verified by TLS) must name the
         agent; a policy without tokens then accepts the certificate alone.
-        Every key of every matching policy is checked, each in constant time.
         """
+        names: frozenset[str] | None = None
         if self.config.client_ca is not None:
             peer_cert = (
                 channel.sock.getpeercert() if isinstance(channel.sock, ssl.SSLSocket) else None
             )
-            names = tls.certificate_names(peer_cert) if peer_cert else set()
-            if hello.agent not in names:
-                shown = ", ".join(sorted(names)) or "no name"
-                return None, f"certificate is for {shown}, not this agent"
-        found: tuple[AgentPolicy, bytes] | None = None
-        for policy in self.config.agents:
-            if policy.name and policy.name != hello.agent:
-                continue
-            if not policy.tokens and not policy.stored_keys:  # certificate alone (checked above)
-                found = found or (policy, b"")
-                continue
-            for key in await self._keys_of(policy, hello.agent):
-                if credentials.check_proof(
-                    key, hello.proof, nonce, hello.role, hello.agent, hello.session
-                ):
-                    found = found or (policy, key)
-        return found, "token is wrong"
+            names = frozenset(tls.certificate_names(peer_cert) if peer_cert else ())
+        candidates = [
+            Candidate(policy, await self._keys_of(policy, hello.agent))
+            for policy in self.config.agents
+            if not policy.name or policy.name == hello.agent
+        ]
+        return authenticate(hello, nonce, candidates, names)
 
     async def _keys_of(self, policy: AgentPolicy, agent: str) -> list[bytes]:
         """The stored keys of a policy for one agent name; clear tokens are
@@ -646,6 +636,7 @@ class Gateway:
         if session.goodbye is not None:  # draining: the agent stops opening them too
             channel.abort()
             return
+        channel.conversation.accept_data_channel()
         session.requested = max(0, session.requested - 1)
         while session.waiters:
             waiter = session.waiters.popleft()
@@ -733,14 +724,13 @@ class Gateway:
         while True:
             try:
                 async with asyncio.timeout(self.config.heartbeat_timeout):
-                    event = await channel.receive()
+                    message = await channel.receive()
             except (ConnectionClosed, TransportError) as exc:
                 if session.goodbye is None:
                     raise
                 # Draining: the relays run on their own data channels; let them end.
                 await wait_relays(session.clients)
                 return f"{session.goodbye}; then {exc}"
-            message = check_allowed("gateway_control", event)
             if isinstance(message, Ping):
                 await channel.send_message(Pong(message.seq))
             elif isinstance(message, Pong):

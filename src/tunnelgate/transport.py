@@ -36,7 +36,7 @@ from tunnelgate.errors import (
     PeerVerificationError,
     TransportError,
 )
-from tunnelgate.protocol import Event, FrameDecoder, Message, encode_message
+from tunnelgate.protocol import Conversation, Event, FrameDecoder, Message, Side, encode_message
 
 LISTEN_BACKLOG: Final = 4096
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
@@ -507,14 +507,18 @@ class TLSStream:
 
 
 class Channel:
-    """A framed stream: a control channel or a data channel.
+    """A framed stream: a control channel or a data channel, on one side.
 
-    Events decoded ahead of need are queued; a relay taking over a data
-    channel first drains :meth:`take_pending`, then keeps using ``decoder``.
+    Every message received or sent passes through the channel's
+    :class:`~tunnelgate.protocol.Conversation`, which knows which messages its
+    state allows. Events decoded ahead of need are queued; a relay taking
+    over a started data channel first drains :meth:`take_pending`, then keeps
+    using ``decoder``.
     """
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, side: Side) -> None:
         self.stream = stream
+        self.conversation = Conversation(side)
         self.decoder = FrameDecoder()
         self._pending: deque[Event] = deque()
         self._send_lock = asyncio.Lock()
@@ -523,8 +527,9 @@ class Channel:
     def sock(self) -> socket.socket:
         return self.stream.sock
 
-    async def receive(self) -> Event:
-        """The next event. Raises ConnectionClosed("eof") at end of stream."""
+    async def receive(self) -> Message:
+        """The next message, if the conversation allows it now: raises
+        RemoteProtocolError if not, ConnectionClosed("eof") at end of stream."""
         while not self._pending:
             buffer = memoryview(bytearray(CHANNEL_READ_SIZE))
             n = await self.stream.receive_into(buffer)
@@ -532,7 +537,7 @@ class Channel:
                 raise ConnectionClosed("eof", "closed by the peer")
             for event in self.decoder.feed(buffer[:n]):
                 self._pending.append(event)
-        return self._pending.popleft()
+        return self.conversation.receive(self._pending.popleft())
 
     def take_pending(self) -> list[Event]:
         events = list(self._pending)
@@ -540,8 +545,9 @@ class Channel:
         return events
 
     async def send_message(self, message: Message) -> None:
-        data = encode_message(message)
         async with self._send_lock:
+            # In the lock: the conversation's order is the order on the wire.
+            data = encode_message(self.conversation.send(message))
             await self.stream.send(data)
 
     def is_idle_and_open(self) -> bool:

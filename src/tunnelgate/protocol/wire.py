@@ -397,39 +397,3 @@ def decode_message(payload: bytes) -> Message:
             f"protocol version {message.version} (this side speaks {PROTOCOL_VERSION})"
         )
     return message
-
-
-# --- which message may arrive when ------------------------------------------
-#
-# Everything that affects what a connection accepts lives in this table. Each
-# receiving site names its phase; any other message there is a protocol error.
-
-Phase = Literal[
-    "agent_awaits_challenge",
-    "gateway_awaits_hello",
-    "agent_awaits_welcome",
-    "gateway_control",
-    "agent_control",
-    "agent_pooled",
-    "agent_register_reply",
-]
-
-ALLOWED: Final[dict[Phase, tuple[type, ...]]] = {
-    "agent_awaits_challenge": (Challenge, Refused),
-    "gateway_awaits_hello": (Hello,),
-    "agent_awaits_welcome": (Welcome, Refused),
-    "agent_register_reply": (Registered, Ping, Pong, Bye),
-    "gateway_control": (Register, Ping, Pong, PoolRelease, Bye),
-    "agent_control": (Ping, Pong, PoolRequest, PoolDiscarded, Registered, Bye),
-    "agent_pooled": (Start, Ping, Bye, Refused),
-}
-
-
-def check_allowed(phase: Phase, event: Event) -> Message:
-    """Return ``event`` if it is a message allowed in ``phase``; raise otherwise."""
-    allowed = ALLOWED[phase]
-    if isinstance(event, allowed):
-        return event  # type: ignore[return-value]
-    name = getattr(type(event), "__struct_config__", None)
-    label = name.tag if name is not None else type(event).__name__.lower()
-    raise RemoteProtocolError(f"unexpected {label!s} frame while in {phase.replace('_', ' ')}")

@@ -1,0 +1,236 @@
+"""The session core, sans I/O: what each side of a channel may send and
+receive in each state, and the handshake's decisions.
+
+Everything that affects transitions lives in this module (h11's rule), in two
+tables: :data:`RECEIVE` and :data:`SEND` map a side and a state to the
+messages allowed there and the state each leads to. A :class:`Conversation`
+walks them for one channel, control or data, on one side: the gateway and the
+agent call :meth:`Conversation.receive` on every message that arrives and
+:meth:`Conversation.send` on every message they are about to send, so a
+message out of place is a :class:`~tunnelgate.errors.RemoteProtocolError` (the
+peer broke the protocol) or a :class:`~tunnelgate.errors.LocalProtocolError`
+(a bug here), never a surprise further in.
+
+The life of a channel::
+
+    agent                                gateway
+    AWAIT_CHALLENGE  ◀── Challenge ───   NEW → AWAIT_HELLO
+    HELLO_DUE        ─── Hello ──────▶   AUTHENTICATING
+      control: AWAIT_WELCOME ◀─ Welcome ─ → CONTROL        (or Refused → CLOSED)
+               REGISTER_DUE ── Register ▶
+               REGISTERING ◀─ Registered ─
+               CONTROL
+      data:    POOLED      (silent)        accept() → POOLED
+               STARTED     ◀── Start ───   → STARTED       (then frames: the relay's)
+
+The handshake's decisions are functions here too: :func:`authenticate` (which
+policy and stored key an agent's proof matches) and :func:`auth_refusal`
+(what a refused agent is told). The gateway looks up the keys (slowly: they
+may need deriving) and does the I/O; the fuzz target drives these same
+functions without any.
+
+Must not import asyncio, socket, ssl or time: callers pass the clock in.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from tunnelgate import credentials
+from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
+from tunnelgate.protocol.wire import Event, Hello, Message
+
+
+class Side(enum.Enum):
+    AGENT = "agent"
+    GATEWAY = "gateway"
+
+
+class State(enum.Enum):
+    NEW = "new"  # gateway: connected, the Challenge is due
+    AWAIT_CHALLENGE = "awaiting the challenge"  # agent: connected
+    AWAIT_HELLO = "awaiting the hello"  # gateway
+    HELLO_DUE = "hello due"  # agent
+    AUTHENTICATING = "authenticating"  # gateway: the Hello is being checked
+    AWAIT_WELCOME = "awaiting the welcome"  # agent, control channel
+    REGISTER_DUE = "register due"  # agent, control channel
+    REGISTERING = "registering"  # agent: its first Register awaits its answer
+    CONTROL = "control"  # both: the session runs
+    POOLED = "pooled"  # both: an idle data channel
+    STARTED = "started"  # both: a data channel carries a client; only relay frames now
+    CLOSED = "closed"  # refused: nothing more may pass
+
+
+_A, _G = Side.AGENT, Side.GATEWAY
+_S = State
+
+# Messages are named by their tag; a Hello by its tag and role.
+RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
+    (_A, _S.AWAIT_CHALLENGE): {"challenge": _S.HELLO_DUE, "refused": _S.CLOSED},
+    (_A, _S.AWAIT_WELCOME): {"welcome": _S.REGISTER_DUE, "refused": _S.CLOSED},
+    (_A, _S.REGISTERING): {
+        "registered": _S.CONTROL,
+        "ping": _S.REGISTERING,
+        "pong": _S.REGISTERING,
+        "bye": _S.REGISTERING,
+    },
+    (_A, _S.CONTROL): {
+        "registered": _S.CONTROL,
+        "ping": _S.CONTROL,
+        "pong": _S.CONTROL,
+        "pool_request": _S.CONTROL,
+        "pool_discarded": _S.CONTROL,
+        "bye": _S.CONTROL,
+    },
+    # The gateway checks a data channel idle for long with a Ping.
+    (_A, _S.POOLED): {
+        "start": _S.STARTED,
+        "ping": _S.POOLED,
+        "bye": _S.CLOSED,
+        "refused": _S.CLOSED,
+    },
+    (_G, _S.AWAIT_HELLO): {"hello/control": _S.AUTHENTICATING, "hello/data": _S.AUTHENTICATING},
+    (_G, _S.CONTROL): {
+        "register": _S.CONTROL,
+        "ping": _S.CONTROL,
+        "pong": _S.CONTROL,
+        "pool_release": _S.CONTROL,
+        "bye": _S.CONTROL,
+    },
+    (_G, _S.POOLED): {"pong": _S.POOLED},
+}
+
+SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
+    (_A, _S.HELLO_DUE): {"hello/control": _S.AWAIT_WELCOME, "hello/data": _S.POOLED},
+    (_A, _S.REGISTER_DUE): {"register": _S.REGISTERING, "bye": _S.REGISTER_DUE},
+    (_A, _S.REGISTERING): {
+        "ping": _S.REGISTERING,
+        "pong": _S.REGISTERING,
+        "pool_release": _S.REGISTERING,
+        "bye": _S.REGISTERING,
+    },
+    (_A, _S.CONTROL): {
+        "register": _S.CONTROL,
+        "ping": _S.CONTROL,
+        "pong": _S.CONTROL,
+        "pool_release": _S.CONTROL,
+        "bye": _S.CONTROL,
+    },
+    (_A, _S.POOLED): {"pong": _S.POOLED},
+    (_G, _S.NEW): {"challenge": _S.AWAIT_HELLO},
+    (_G, _S.AWAIT_HELLO): {"refused": _S.CLOSED},  # a protocol version it does not speak
+    (_G, _S.AUTHENTICATING): {"welcome": _S.CONTROL, "refused": _S.CLOSED},
+    (_G, _S.CONTROL): {
+        "registered": _S.CONTROL,
+        "ping": _S.CONTROL,
+        "pong": _S.CONTROL,
+        "pool_request": _S.CONTROL,
+        "pool_discarded": _S.CONTROL,
+        "bye": _S.CONTROL,
+    },
+    (_G, _S.POOLED): {"ping": _S.POOLED, "start": _S.STARTED},
+}
+
+_INITIAL: Final = {Side.AGENT: State.AWAIT_CHALLENGE, Side.GATEWAY: State.NEW}
+
+
+def label(event: Event) -> str:
+    """How the tables name ``event``: a message's tag (a Hello's with its
+    role), or the kind of a relay frame."""
+    if isinstance(event, Hello):
+        return f"hello/{event.role}"
+    config = getattr(type(event), "__struct_config__", None)
+    return str(config.tag) if config is not None else type(event).__name__.lower()
+
+
+class Conversation:
+    """The state of one channel on one side; see the module's tables."""
+
+    __slots__ = ("side", "state")
+
+    def __init__(self, side: Side, state: State | None = None) -> None:
+        self.side = side
+        self.state = _INITIAL[side] if state is None else state
+
+    def receive(self, event: Event) -> Message:
+        """``event`` if it may arrive now (and move to the state it leads to);
+        raises RemoteProtocolError otherwise."""
+        name = label(event)
+        after = RECEIVE.get((self.side, self.state), {}).get(name)
+        if after is None:
+            raise RemoteProtocolError(f"unexpected {name} frame while {self.state.value}")
+        self.state = after
+        return event  # type: ignore[return-value]  # only messages are in the tables
+
+    def send(self, message: Message) -> Message:
+        """``message`` if this side may send it now (and move on); raises
+        LocalProtocolError otherwise."""
+        name = label(message)
+        after = SEND.get((self.side, self.state), {}).get(name)
+        if after is None:
+            raise LocalProtocolError(f"cannot send {name} while {self.state.value}")
+        self.state = after
+        return message
+
+    def accept_data_channel(self) -> None:
+        """Gateway: an authenticated data channel joins the pool, unanswered."""
+        if self.side is not Side.GATEWAY or self.state is not State.AUTHENTICATING:
+            raise LocalProtocolError(f"cannot pool a data channel while {self.state.value}")
+        self.state = State.POOLED
+
+
+# --- the handshake's decisions -------------------------------------------------
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class Candidate(Generic[P]):
+    """A policy that may admit an agent, with the stored keys its proof may
+    match; none: the agent's certificate alone admits it."""
+
+    policy: P
+    keys: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class Admitted(Generic[P]):
+    policy: P
+    key: bytes  # the stored key its proof matched; b"": its certificate alone
+
+
+def authenticate(
+    hello: Hello,
+    nonce: bytes,
+    candidates: Iterable[Candidate[P]],
+    certificate_names: frozenset[str] | None = None,
+) -> Admitted[P] | str:
+    """The first candidate that admits the agent of ``hello``, or why none does.
+
+    ``certificate_names`` are the names in the agent's verified certificate,
+    when the gateway requires one: the agent's name must be among them. Every
+    key of every candidate is checked, each in constant time, so the time
+    taken does not tell which key came close.
+    """
+    if certificate_names is not None and hello.agent not in certificate_names:
+        shown = ", ".join(sorted(certificate_names)) or "no name"
+        return f"certificate is for {shown}, not this agent"
+    found: Admitted[P] | None = None
+    for candidate in candidates:
+        if not candidate.keys:
+            found = found or Admitted(candidate.policy, b"")
+            continue
+        for key in candidate.keys:
+            if credentials.check_proof(
+                key, hello.proof, nonce, hello.role, hello.agent, hello.session
+            ):
+                found = found or Admitted(candidate.policy, key)
+    return found if found is not None else "token is wrong"
+
+
+def auth_refusal_reason(hello: Hello, why: str) -> str:
+    """What a refused agent is told: what was not accepted, never the detail."""
+    return f"the gateway does not accept this {why.split()[0]} for agent {hello.agent!r}"

@@ -24,7 +24,9 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -885,3 +887,58 @@ OpenAgent = Callable[..., Awaitable[Agent]]
 OpenTunnel = Callable[..., Awaitable[Tunnel]]
 StartServer = Callable[..., Awaitable[LocalServer]]
 StartProxy = Callable[..., Awaitable[FaultProxy]]
+
+
+# --- a service that answers an error and resets, for the last-reply tests -----
+
+ERROR_REPLY = b"-ERR Protocol error: unexpected input\r\n"
+WRITE_CHUNK = 64 * 1024
+WRITE_LIMIT = 16 * 1024 * 1024  # a client that is never stopped gives up here
+
+
+class ErrorThenCloseHandler(socketserver.BaseRequestHandler):
+    """A service refusing its client's input, as Redis does on a protocol error:
+    it reads 16 bytes, answers one error line and closes while more input
+    waits unread, so that its kernel ends the connection with an RST."""
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.settimeout(DEADLINE)
+        with contextlib.suppress(OSError):
+            received = 0
+            while received < 16 and (chunk := sock.recv(16 - received)):
+                received += len(chunk)
+            sock.recv(1, socket.MSG_PEEK)  # more input is there, and it stays unread
+            sock.sendall(ERROR_REPLY)
+        sock.close()
+
+
+def send_until_reset(port: int, first: bytes = b"", timeout: float = DEADLINE) -> tuple[bytes, str]:
+    """A client that writes ``first``, then zeros, until a write fails (or
+    ``WRITE_LIMIT`` bytes went), then reads to the end. Returns what it read and
+    how the connection ended: "reset" (a write or the read failed; Linux reports
+    an RST to the first call after it, so the read may then see EOF), "eof" (no
+    call failed) or "timeout"."""
+    chunk = bytes(WRITE_CHUNK)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        write_failed = False
+        try:
+            sock.sendall(first)
+            for _ in range(WRITE_LIMIT // WRITE_CHUNK):
+                sock.sendall(chunk)
+        except TimeoutError:
+            return b"", "timeout"
+        except OSError:  # ECONNRESET, or EPIPE once an earlier call took the reset
+            write_failed = True
+        received = bytearray()
+        how = read_until_end(sock, received, timeout)
+        return bytes(received), "reset" if write_failed and how == "eof" else how
+
+
+def send_until_reset_trials(
+    port: int, trials: int, first: bytes = b"", at_once: int = 4
+) -> Counter[tuple[bytes, str]]:
+    """What ``trials`` runs of :func:`send_until_reset` read and how each ended,
+    counted; ``at_once`` clients at a time (fewer than a service's listen backlog)."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return Counter(pool.map(lambda _: send_until_reset(port, first), range(trials)))

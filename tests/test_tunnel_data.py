@@ -371,7 +371,8 @@ async def test_pool_grows_with_the_rate_of_clients_and_shrinks_after(
     (service,) = (await agent.wait_ready(10)).values()
 
     def pooled() -> int:
-        return len(gateway._sessions["site-a"].pool)  # no public view of the pool
+        (session,) = gateway.statistics().sessions
+        return session.pool.idle
 
     await wait_until(lambda: pooled() == 2, what=lambda: f"2 pooled channels, not {pooled()}")
     largest = 0

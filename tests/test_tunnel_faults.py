@@ -40,8 +40,9 @@ from conftest import (
     wait_until,
 )
 
-import tunnelgate.gateway
+import tunnelgate.gateway.pool
 from tunnelgate import Address, Gateway
+from tunnelgate.gateway import SessionStatistics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -597,9 +598,15 @@ async def echo_intact(address: Address, size: int = 256 << 10) -> None:
     assert transfer.complete, transfer.describe()
 
 
+def session_statistics(gateway: Gateway, agent: str) -> SessionStatistics:
+    """The statistics of ``agent``'s one running session."""
+    (found,) = [s for s in gateway.statistics().sessions if s.agent == agent and not s.draining]
+    return found
+
+
 def pooled(gateway: Gateway, agent: str = "site-a") -> int:
     """Idle data channels in the gateway's pool for ``agent``."""
-    return len(gateway._sessions[agent].pool)  # no public view of the pool
+    return session_statistics(gateway, agent).pool.idle
 
 
 def session_end(log: LogRecorder, session: str) -> str | None:
@@ -693,8 +700,7 @@ IDLE_KILLS = [
 
 def pool_age(gateway: Gateway, agent: str = "site-a") -> float:
     """How long the youngest pooled data channel has been idle at the gateway."""
-    pool = gateway._sessions[agent].pool  # no public view of the pool
-    return min((time.monotonic() - p.alive_at for p in pool), default=0.0)
+    return min(session_statistics(gateway, agent).pool.idle_for, default=0.0)
 
 
 @pytest.mark.parametrize("kill", IDLE_KILLS)
@@ -712,7 +718,7 @@ async def test_idle_pooled_channels_killed_next_clients_served_without_storm(
     served intact, with few new connections and few warnings."""
     pool_size = 4
     if kill != "blackhole_young":
-        monkeypatch.setattr(tunnelgate.gateway, "POOL_CHECK_AGE", POOL_AGE)
+        monkeypatch.setattr(tunnelgate.gateway.pool, "POOL_CHECK_AGE", POOL_AGE)
     gateway = await open_gateway()
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)

@@ -29,11 +29,11 @@ from conftest import (
     wait_until,
 )
 
-from tunnelgate import Address, credentials
+from tunnelgate import Address, Gateway, credentials
 from tunnelgate import protocol as p
 from tunnelgate.config import load_gateway_config
 from tunnelgate.errors import AuthenticationError
-from tunnelgate.gateway import AUTH_DELAY_FIRST, AUTH_SUSPECT_HANDSHAKES
+from tunnelgate.gateway import AUTH_DELAY_FIRST, AUTH_SUSPECT_HANDSHAKES, ClientStatistics
 
 THIRD_TOKEN = "third-token-for-rotation-tests"
 
@@ -151,7 +151,7 @@ async def test_policy_max_connections_per_agent(
         assert await exchange_from("127.0.0.1", a.address) == b""
         for _ in range(3):
             assert await exchange_from("127.0.0.1", b.address) == b"hello"
-    await wait_until(lambda: not gateway._by_id[site_a.session_id or ""].clients)
+    await wait_until(lambda: not open_clients(gateway, site_a.session_id))
     assert await exchange_from("127.0.0.1", a.address) == b"hello"
 
 
@@ -270,8 +270,9 @@ async def test_access_max_connections_per_client_and_per_service(
         assert await exchange_from("127.0.0.4", address) == b"", "fourth on the service"
         _, writer = second
         writer.close()
-        session = gateway._by_id[agent.session_id or ""]
-        await wait_until(lambda: len(session.clients) == 2, what="the closed one to end")
+        await wait_until(
+            lambda: len(open_clients(gateway, agent.session_id)) == 2, what="the closed one to end"
+        )
         assert await exchange_from("127.0.0.2", address) == b"hello"
 
 
@@ -527,3 +528,9 @@ async def test_reload_keeps_tls_sessions_resuming(
     )
     after = tunnel_debug_log.find("data channel: TLS session", logging.DEBUG)[before:]
     assert all(line.endswith("resumed") for line in after), after
+
+
+def open_clients(gateway: Gateway, session_id: str | None) -> tuple[ClientStatistics, ...]:
+    """The client connections the gateway carries for one session."""
+    (session,) = [s for s in gateway.statistics().sessions if s.id == session_id]
+    return session.clients

@@ -10,7 +10,8 @@
     ├── AuthenticationError      wrong token, refused session: fatal for an agent
     │   └── PeerVerificationError  the gateway's certificate is not the one expected
     ├── TransportError           the network failed (refused, reset, timed out): retryable
-    └── ConnectionClosed         a connection ended; ``how`` says in which way
+    ├── ConnectionClosed         a connection ended; ``how`` says in which way
+    └── SessionOver              a session ends on purpose (goodbye, drained): not a failure
 
 Exceptions keep their data in attributes and build their text in ``__str__``.
 They are caught in three places only: at the transport edge (where ``OSError``
@@ -129,3 +130,15 @@ class ConnectionClosed(TunnelgateError):
 
     def __str__(self) -> str:
         return f"connection {self.how}" + (f": {self.detail}" if self.detail else "")
+
+
+class SessionOver(TunnelgateError):
+    """A session ends on purpose, for ``reason``; raised inside its task group
+    to end every task of the session."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason

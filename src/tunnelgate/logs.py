@@ -67,6 +67,30 @@ class Throttle:
         log.warning(msg + "%s", *args, more)
 
 
+def log_closed(
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    client: str,
+    up: int,
+    down: int,
+    duration: float,
+    end: str,
+    *,
+    normal: bool,
+) -> None:
+    """The one line each side writes per closed client connection: bytes ``up``
+    (client to service) and ``down``, and how it ended; INFO if it ended
+    normally, else WARNING."""
+    log.log(
+        logging.INFO if normal else logging.WARNING,
+        "closed client=%s up=%d down=%d duration=%.3fs end=%s",
+        client,
+        up,
+        down,
+        duration,
+        end,
+    )
+
+
 # Peers' words reach log lines (reasons, names in errors): escape control
 # characters, so that nobody can forge a line or hide one with \r or \n.
 _CONTROLS: Final = {c: f"\\x{c:02x}" for c in [*range(32), 127]}

@@ -1,0 +1,533 @@
+"""The gateway: the registry and life cycle around its sessions.
+
+:class:`Gateway` listens on the control port. Every connection there is
+secured (TLS) and handshaken in its own task, under a deadline, never in the
+accept loop; the session core (:mod:`tunnelgate.protocol.session`) decides
+what may pass and whom the proof admits. An authenticated control channel
+becomes a :class:`~tunnelgate.gateway.session.GatewaySession`, which owns
+everything of its agent from then on; a data channel joins its session's
+pool. The gateway keeps the sessions by agent name (a reconnecting agent
+replaces its old session at once) and by id, the public ports they hold, and
+what outlives a session: failed authentications per address, derived keys,
+and the access rules' counters. It also drains, stops and reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import itertools
+import logging
+import secrets
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tunnelgate import credentials, tls
+from tunnelgate.config import (
+    Address,
+    AgentPolicy,
+    GatewayConfig,
+    default_state_dir,
+    load_gateway_config,
+)
+from tunnelgate.errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    TransportError,
+    VersionMismatchError,
+)
+from tunnelgate.gateway.admission import (
+    WARNING_INTERVAL,
+    AuthFailures,
+    ClientGates,
+    Handshakes,
+)
+from tunnelgate.gateway.ports import Ports
+from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, more, spawn
+from tunnelgate.logs import Throttle
+from tunnelgate.protocol import (
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    Admitted,
+    Bye,
+    Candidate,
+    Challenge,
+    Hello,
+    Refused,
+    Side,
+    auth_refusal_reason,
+    authenticate,
+)
+from tunnelgate.relay import wait_relays
+from tunnelgate.transport import (
+    Channel,
+    SocketStream,
+    TLSStream,
+    accept_forever,
+    bound_address,
+    describe_os_error,
+    open_listener,
+    reset_socket,
+    tune_socket,
+)
+
+logger = logging.getLogger(__package__)
+
+BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
+DERIVED_KEYS: Final = 4096  # stored keys derived from clear tokens, kept per (token, agent)
+
+
+@dataclass(frozen=True)
+class GatewayStatistics:
+    address: Address | None
+    tls: bool
+    handshakes: int  # connections on the control port still in their handshake
+    sessions: tuple[SessionStatistics, ...]
+
+
+class Gateway:
+    """The public side. Use as ``async with Gateway(...) as gateway:``.
+
+    Pass a :class:`GatewayConfig`, or the keys of the gateway's TOML file as
+    keyword arguments (``Gateway(listen="127.0.0.1:0", token="…", tls=False)``).
+    """
+
+    def __init__(self, config: GatewayConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config, _ = load_gateway_config(None, options)
+        self.config = config
+        self.address: Address | None = None
+        self.fingerprint: str | None = None
+        self.cert_created = False
+        self._context: ssl.SSLContext | None = None
+        self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
+        self._client_ca_pem: bytes | None = None  # as loaded into the context
+        self._listener: socket.socket | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._sessions: dict[str, GatewaySession] = {}  # by agent name, not draining
+        self._by_id: dict[str, GatewaySession] = {}  # every running session
+        self._ports = Ports()
+        self._gates = ClientGates()
+        self._stopping = False
+        self._auth_failures = AuthFailures()
+        self._handshakes = Handshakes(self._auth_failures)
+        self._auth_warnings = Throttle(WARNING_INTERVAL)
+        self._handshake_refusals = Throttle(WARNING_INTERVAL)
+        self._derived: dict[tuple[bytes, str], bytes] = {}  # (token, agent) -> stored key
+        self._reloading = asyncio.Lock()
+        self._conn_ids = itertools.count(1)
+        self._ready = asyncio.Event()
+
+    # --- life cycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Load the TLS identity, bind the control port and start serving."""
+        config = self.config
+        if config.tls:
+            cert, key = config.cert, config.key
+            if cert is None or key is None:
+                state_dir = config.state_dir or default_state_dir()
+                cert, key, self.cert_created = tls.ensure_self_signed(
+                    state_dir, [config.listen.host]
+                )
+            self._identity = (cert, key)
+            self._client_ca_pem = _contents(config.client_ca)
+            self._context = tls.server_context(cert, key, config.client_ca)
+            self.fingerprint = tls.certificate_fingerprint(cert)
+        else:
+            logger.warning(
+                "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
+                "network in clear and anyone on the path can read or change them"
+            )
+        try:
+            self._listener = open_listener(config.listen.host, config.listen.port)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {config.listen}: {describe_os_error(exc)}"
+            ) from None
+        self.address = bound_address(self._listener)
+        self._main = asyncio.create_task(self._run(self._listener), name="gateway")
+        await self._ready.wait()
+        logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop gracefully: accept no more agents or clients, tell every agent,
+        let open client connections finish for up to ``drain_timeout`` seconds
+        (default: the config's ``drain_timeout``), then close; connections
+        still open at the deadline are reset."""
+        if self._main is None:
+            return
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        await self._stop_accepting_agents()
+        sessions = list(self._by_id.values())
+        for session in sessions:
+            await session.drain("gateway shutting down")
+        await self._say_bye(sessions)
+        open_clients = sum(len(s.clients) for s in sessions)
+        if open_clients and drain_timeout > 0:
+            logger.info(
+                "draining: waiting up to %g s for %d client connection(s) to finish",
+                drain_timeout,
+                open_clients,
+            )
+            deadline = asyncio.get_running_loop().time() + drain_timeout
+            left = 0
+            for session in sessions:
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                left += await wait_relays(session.clients, remaining)
+            if left:
+                logger.warning("drain deadline reached: resetting %d client connection(s)", left)
+            else:
+                logger.info("drained: every client connection finished")
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop at once: end every session (their open client connections are reset)."""
+        await self._say_bye(list(self._by_id.values()))
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+            self._main = None
+            logger.info("gateway stopped")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def reload(self, config: GatewayConfig) -> None:
+        """Apply a new configuration (SIGHUP in the CLI) without a restart.
+
+        Agents removed from it, or whose token (or hash) is no longer listed,
+        are disconnected; so is one whose services its new policy no longer
+        allows (it reconnects and registers again under the new policy).
+        Every other session stays untouched, and new limits and access rules
+        apply to new connections. The control port's address, TLS and the
+        gateway's certificate only change with a restart. A ``client_ca``
+        that cannot be loaded raises :class:`ConfigError` and nothing changes.
+        """
+        async with self._reloading:
+            old = self.config
+            fixed = [
+                key
+                for key in ("listen", "tls", "cert", "key", "state_dir")
+                if getattr(old, key) != getattr(config, key)
+            ]
+            if fixed:
+                logger.warning(
+                    "reload: %s cannot change while running; restart to apply",
+                    ", ".join(fixed),
+                )
+                config = dataclasses.replace(config, **{k: getattr(old, k) for k in fixed})
+            ca_pem = _contents(config.client_ca)
+            if self._identity is not None and (
+                config.client_ca != old.client_ca or ca_pem != self._client_ca_pem
+            ):
+                # A new context has new ticket keys: agents' data channels stop
+                # resuming until they reconnect, so only when the CA changed.
+                self._context = tls.server_context(*self._identity, config.client_ca)
+                self._client_ca_pem = ca_pem
+            self.config = config
+            kept = 0
+            for session in list(self._sessions.values()):
+                reason = await self._still_allowed(session)
+                if reason is None:
+                    kept += 1
+                    session.update_gates()
+                    continue
+                session.log.warning("disconnecting the agent: %s", reason)
+                await session.kill()
+            logger.info(
+                "configuration reloaded: %d agent policies; %d session(s) kept",
+                len(config.agents),
+                kept,
+            )
+
+    async def _still_allowed(self, session: GatewaySession) -> str | None:
+        """None if ``session`` may go on under the current config (its policy
+        is then updated), else why not."""
+        named = [p for p in self.config.agents if p.name == session.agent]
+        unnamed = [p for p in self.config.agents if not p.name]
+        policy = next(iter(named or unnamed), None)
+        if policy is None:
+            return "it was removed from the configuration"
+        if session.key:
+            keys = await self._keys_of(policy, session.agent)
+            if not any(hmac.compare_digest(session.key, key) for key in keys):
+                return "its token was revoked"
+        elif policy.tokens or policy.stored_keys:
+            return "its policy now requires a token"
+        allowed_binds = policy.allow_bind or self.config.allow_bind or (self.config.default_bind,)
+        if len(session.services) > policy.max_services:
+            return (
+                f"it has {len(session.services)} services; its policy allows {policy.max_services}"
+            )
+        for service in session.services.values():
+            if not policy.allows_port(service.address.port) or service.bind not in allowed_binds:
+                return f"its policy no longer allows service {service.name} on {service.address}"
+        session.policy = policy
+        return None
+
+    async def serve_forever(self) -> None:
+        """Wait until the gateway stops. Cancelling this wait leaves the gateway
+        running, so that ``aclose()`` can still say goodbye to the agents."""
+        assert self._main is not None, "start() first"
+        await asyncio.shield(self._main)
+
+    def sessions(self) -> dict[str, list[Address]]:
+        """A snapshot: agent name → the public addresses of its services."""
+        return {
+            name: [service.address for service in session.services.values()]
+            for name, session in self._sessions.items()
+        }
+
+    def statistics(self) -> GatewayStatistics:
+        """A snapshot of the gateway, every session, service, pool and client."""
+        return GatewayStatistics(
+            self.address,
+            self._context is not None,
+            self._handshakes.running,
+            tuple(session.statistics() for session in self._by_id.values()),
+        )
+
+    async def _run(self, listener: socket.socket) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._accepting = group.create_task(self._accept_agents(listener, group))
+            self._ready.set()
+
+    async def _stop_accepting_agents(self) -> None:
+        self._stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def _say_bye(self, sessions: list[GatewaySession]) -> None:
+        """Tell each agent not told yet that the gateway is going away (within BYE_TIMEOUT)."""
+        untold = [s for s in sessions if not s.told_bye]
+        for session in untold:
+            session.told_bye = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BYE_TIMEOUT):
+                await asyncio.gather(
+                    *(_send_bye(s.channel, "gateway shutting down") for s in untold)
+                )
+
+    def _forget_name(self, session: GatewaySession) -> None:
+        """``session`` no longer answers for its agent's name (it drains, or ended)."""
+        if self._sessions.get(session.agent) is session:
+            del self._sessions[session.agent]
+
+    # --- the control port ---------------------------------------------------
+
+    async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
+        def handle(sock: socket.socket, peer: str) -> None:
+            refusal = self._handshakes.refusal(
+                host_of(peer), time.monotonic(), self.config.max_handshakes
+            )
+            if refusal is not None:
+                self._handshake_refusals.warning(
+                    logger, time.monotonic(), "dropping connection from %s: %s", peer, refusal
+                )
+                reset_socket(sock)
+                return
+            spawn(group, sock, self._guard_connection(sock, peer))
+
+        def on_error(exc: OSError, repeats: int) -> None:
+            logger.error(
+                "accept failed on the control port: %s%s", describe_os_error(exc), more(repeats)
+            )
+
+        await accept_forever(listener, handle, on_error)
+
+    async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
+        """Root of a control-port connection's task: every error ends here, logged once."""
+        owned = False  # True once a session (or its pool) closes the socket
+        channel: Channel | None = None  # owns the socket once it exists (TLS wraps it)
+        host = host_of(peer)
+        try:
+            self._handshakes.begin(host)
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    channel = await self._secure(sock)
+                    hello, admitted = await self._handshake(channel, peer)
+            finally:
+                self._handshakes.end(host)
+            if hello.role == "control" and self._stopping:
+                # Authenticated while the control port was closing: come back later.
+                await channel.send_message(Refused("shutdown", "the gateway is shutting down"))
+            elif hello.role == "control":
+                owned = True
+                await self._run_session(channel, hello, admitted, peer)
+            else:
+                await self._add_data_channel(channel, hello)
+                owned = True
+        except TimeoutError:
+            # Counted like a failed authentication: an address that keeps
+            # handshakes open until the deadline soon gets few at once.
+            self._auth_failures.failed(host, time.monotonic())
+            logger.warning("closing connection from %s: handshake timed out", peer)
+        except AuthenticationError:
+            pass  # logged where it was found, with the agent's name
+        except (ProtocolError, TransportError, ConnectionClosed) as exc:
+            logger.warning("closing connection from %s: %s", peer, exc)
+        except Exception:
+            logger.exception("unexpected error on connection from %s", peer)
+        finally:
+            if not owned:
+                reset_socket(channel.sock if channel is not None else sock)
+
+    async def _secure(self, sock: socket.socket) -> Channel:
+        """The framed channel over ``sock``, after the TLS handshake if TLS is on."""
+        tune_socket(sock)
+        if self._context is None:
+            return Channel(SocketStream(sock), Side.GATEWAY)
+        stream = TLSStream(sock, self._context, server_side=True)
+        await stream.handshake()  # resets the connection if it fails
+        return Channel(stream, Side.GATEWAY)
+
+    async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, Admitted[AgentPolicy]]:
+        """Challenge, Hello, and the policy and stored key the agent proved."""
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
+        try:
+            hello = await channel.receive()
+        except VersionMismatchError as exc:
+            await channel.send_message(Refused("version", exc.reason))
+            raise
+        assert isinstance(hello, Hello)
+        verdict = await self._authenticate(channel, hello, nonce)
+        if isinstance(verdict, Admitted):
+            return hello, verdict
+        failures, delay = self._auth_failures.failed(host_of(peer), time.monotonic())
+        delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
+        self._auth_warnings.warning(
+            logger,
+            time.monotonic(),
+            "authentication failed for agent %r from %s (%s channel): %s; failure %d "
+            "from this address, answered in %.1f s",
+            hello.agent,
+            peer,
+            hello.role,
+            verdict,
+            failures,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        await channel.send_message(Refused("auth", auth_refusal_reason(hello, verdict)))
+        raise AuthenticationError("logged above")
+
+    async def _authenticate(
+        self, channel: Channel, hello: Hello, nonce: bytes
+    ) -> Admitted[AgentPolicy] | str:
+        """The policy and stored key that made the proof, or why none did.
+
+        With ``client_ca``, the certificate (verified by TLS) must name the
+        agent; a policy without tokens then accepts the certificate alone.
+        """
+        names: frozenset[str] | None = None
+        if self.config.client_ca is not None:
+            peer_cert = (
+                channel.sock.getpeercert() if isinstance(channel.sock, ssl.SSLSocket) else None
+            )
+            names = frozenset(tls.certificate_names(peer_cert) if peer_cert else ())
+        candidates = [
+            Candidate(policy, await self._keys_of(policy, hello.agent))
+            for policy in self.config.agents
+            if not policy.name or policy.name == hello.agent
+        ]
+        return authenticate(hello, nonce, candidates, names)
+
+    async def _keys_of(self, policy: AgentPolicy, agent: str) -> list[bytes]:
+        """The stored keys of a policy for one agent name; clear tokens are
+        derived once (slowly, off the event loop), then remembered."""
+        keys = list(policy.stored_keys)
+        for token in policy.tokens:
+            key = self._derived.get((token, agent))
+            if key is None:
+                key = (await asyncio.to_thread(credentials.derive, token, agent)).stored_key
+                if len(self._derived) >= DERIVED_KEYS:
+                    del self._derived[next(iter(self._derived))]
+                self._derived[(token, agent)] = key
+            keys.append(key)
+        return keys
+
+    async def _add_data_channel(self, channel: Channel, hello: Hello) -> None:
+        session = self._by_id.get(hello.session)
+        if session is None or session.agent != hello.agent or not session.running:
+            reason = f"data channel for unknown session {hello.session!r}"
+            await channel.send_message(Refused("session", reason))
+            raise ConnectionClosed("closed", reason)
+        session.add_data_channel(channel)
+
+    # --- sessions -----------------------------------------------------------
+
+    async def _run_session(
+        self, channel: Channel, hello: Hello, admitted: Admitted[AgentPolicy], peer: str
+    ) -> None:
+        session = GatewaySession(
+            agent=hello.agent,
+            peer=peer,
+            policy=admitted.policy,
+            key=admitted.key,
+            channel=channel,
+            config=lambda: self.config,
+            ports=self._ports,
+            gates=self._gates,
+            conn_ids=self._conn_ids,
+            session_id=secrets.token_hex(4),
+            on_drain=self._forget_name,
+        )
+        old = self._sessions.get(hello.agent)
+        if old is not None:
+            session.log.info("agent reconnected; replacing its session %s at once", old.id)
+            await old.kill()
+        self._sessions[hello.agent] = session
+        self._by_id[session.id] = session
+        reason, level = "ended", logging.INFO
+        try:
+            reason, level = await session.run()
+        finally:
+            self._forget_name(session)
+            self._by_id.pop(session.id, None)
+            session.release()
+            session.channel.abort()
+            duration = time.monotonic() - session.started
+            names = ", ".join(session.services) or "none"
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                session.log.log(
+                    level, "session ended after %.1f s: %s (services: %s)", duration, reason, names
+                )
+            else:
+                session.log.info("session closed after %.1f s (services: %s)", duration, names)
+
+
+def _contents(path: Path | None) -> bytes | None:
+    """A file's bytes (None without one, or if it cannot be read: loading it reports why)."""
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError:
+        return None
+
+
+async def _send_bye(channel: Channel, reason: str) -> None:
+    with contextlib.suppress(TransportError):
+        await channel.send_message(Bye(reason))

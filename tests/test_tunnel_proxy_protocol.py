@@ -45,8 +45,8 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnelgate import agent as agent_module
 from tunnelgate import cli, proxy_protocol
+from tunnelgate.agent import session as agent_session
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from tunnelgate.proxy_protocol import ProxyHeader, header, parse
 from tunnelgate.transport import SocketStream
@@ -468,7 +468,7 @@ async def test_header_not_sent_ends_the_client_connection_with_a_reset(
                 raise TransportError("connection reset by peer")
             await asyncio.Event().wait()  # a send that never completes
 
-    monkeypatch.setattr(agent_module, "SocketStream", FailingToService)
+    monkeypatch.setattr(agent_session, "SocketStream", FailingToService)
     gateway = await open_gateway()
     agent = await open_agent(
         gateway, expose=[f"0:{server.local}"], proxy_protocol="v1", connect_timeout=0.2

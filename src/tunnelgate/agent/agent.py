@@ -1,0 +1,231 @@
+"""The agent: the life cycle and the reconnect loop around its sessions.
+
+:meth:`Agent.run` keeps one :class:`~tunnelgate.agent.session.AgentSession`
+up per gateway: connect, run the session until it ends, wait a backoff with
+full jitter, repeat. An authentication or gateway verification failure ends
+the loop instead (it would fail the same way again). The agent holds its
+sessions in a list, so that more gateways are more entries in it; today it
+dials one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, SessionStatistics
+from tunnelgate.config import Address, AgentConfig, format_address, load_agent_config
+from tunnelgate.errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    TransportError,
+)
+from tunnelgate.logs import ContextLogger
+from tunnelgate.relay import wait_relays
+
+logger = logging.getLogger(__package__)
+
+STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
+CLOSE_RETRY_INTERVAL: Final = 0.1
+
+
+@dataclass(frozen=True)
+class AgentStatistics:
+    name: str
+    sessions: tuple[SessionStatistics, ...]  # the sessions up now
+
+
+class Agent:
+    """The private side. Use as ``async with Agent(...) as agent:``.
+
+    Pass an :class:`AgentConfig`, or the keys of the agent's TOML file as
+    keyword arguments (``Agent(gateway="gw:8080", token="…", expose=["0:localhost:80"])``).
+    """
+
+    def __init__(self, config: AgentConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config, _ = load_agent_config(None, options)
+        self.config = config
+        self._log = ContextLogger(logger, agent=config.name)
+        self._dialer = Dialer(config, self._log)
+        # Ports the gateway chose for services asking for any port (0): asked
+        # for again after a reconnect, so a service keeps its public address.
+        self._chosen_ports: dict[str, int] = {}
+        self._sessions: list[AgentSession] = []  # the sessions up now
+        self._main: asyncio.Task[None] | None = None
+        self._closing = False
+        self._ready = asyncio.Event()
+
+    @property
+    def services(self) -> dict[str, ExposedService]:
+        """The services the gateway exposes now, by name."""
+        return {name: s for session in self._sessions for name, s in session.services.items()}
+
+    @property
+    def session_id(self) -> str | None:
+        """The id of the session up now, if any."""
+        return next((s.id for s in self._sessions if s.id is not None), None)
+
+    def statistics(self) -> AgentStatistics:
+        """A snapshot of the agent's sessions, their services and pools."""
+        return AgentStatistics(self.config.name, tuple(s.statistics() for s in self._sessions))
+
+    async def __aenter__(self) -> Agent:
+        if not self.config.tls:
+            self._log.warning(
+                "TLS is OFF (--no-tls): relayed bytes cross the network in clear, "
+                "and nothing proves the gateway is the one you meant"
+            )
+        self._main = asyncio.create_task(self.run(), name="agent")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop gracefully: tell the gateway (it takes no new clients for this
+        agent and frees its ports), let open connections finish for up to
+        ``drain_timeout`` seconds (default: the config's ``drain_timeout``),
+        then close; connections still open at the deadline are reset."""
+        if self._main is None:
+            return
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        self._closing = True
+        await self._say_bye()
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.stop_opening()
+        open_connections = sum(len(session.serving) for session in sessions)
+        if open_connections and drain_timeout > 0:
+            self._log.info(
+                "draining: waiting up to %g s for %d connection(s) to finish",
+                drain_timeout,
+                open_connections,
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_timeout
+            left = 0
+            for session in sessions:  # each set is live: a task leaves it when done
+                left += await wait_relays(session.serving, max(0.0, deadline - loop.time()))
+            if left:
+                self._log.warning("drain deadline reached: resetting %d connection(s)", left)
+            else:
+                self._log.info("drained: every connection finished")
+        await self.aclose()
+
+    async def _say_bye(self) -> None:
+        await asyncio.gather(*(session.say_bye() for session in self._sessions))
+
+    async def aclose(self) -> None:
+        """Stop at once: end the session (open connections are reset) and stop reconnecting."""
+        await self._say_bye()
+        self._closing = True
+        main, self._main = self._main, None
+        if main is not None:
+            # A cancellation can be absorbed by a session's task group that is
+            # already unwinding an error; ``_closing`` stops the loop then, and
+            # cancelling again until the task is done covers the rest.
+            while not main.done():
+                main.cancel()
+                await asyncio.wait({main}, timeout=CLOSE_RETRY_INTERVAL)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                main.result()
+
+    async def run_until_stopped(self) -> None:
+        """Wait while the agent runs; raise its fatal error if it gives up.
+
+        Cancelling this wait leaves the agent running, so that ``aclose()``
+        can still say goodbye to the gateway."""
+        assert self._main is not None, "use 'async with Agent(...)' first"
+        await asyncio.shield(self._main)
+
+    async def wait_ready(self, timeout: float | None = None) -> dict[str, ExposedService]:
+        """Wait until services are registered; raise the fatal error if the agent gave up."""
+        assert self._main is not None, "use 'async with Agent(...)' first"
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({ready, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
+            self._main.result()  # raises the fatal error
+            raise ConnectionClosed("closed", "agent stopped")
+        return self.services
+
+    # --- the reconnect loop -------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a session up until cancelled. Raises AuthenticationError when refused."""
+        config = self.config
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            session = AgentSession(
+                config, self._dialer, self._chosen_ports, self._log, on_ready=self._ready.set
+            )
+            self._sessions.append(session)
+            try:
+                reason = await session.run()
+                level = logging.INFO
+            except AuthenticationError:
+                raise  # fatal: the caller reports it (the CLI logs it and exits 1)
+            except TimeoutError:
+                reason, level = "no heartbeat reply within the deadline", logging.WARNING
+            except (TransportError, ProtocolError, ConnectionClosed) as exc:
+                reason, level = str(exc), logging.WARNING
+            finally:
+                self._sessions.remove(session)
+                if not self._sessions:
+                    self._ready.clear()
+            if self._closing:
+                raise asyncio.CancelledError
+            if time.monotonic() - started >= STABLE_SESSION:
+                attempt = 0
+            delay = random.uniform(0, min(config.reconnect_max, config.reconnect_min * 2**attempt))
+            attempt += 1
+            self._log.log(
+                level,
+                "%s; reconnecting to %s in %.1f s (attempt %d)",
+                reason,
+                config.gateway,
+                delay,
+                attempt,
+            )
+            await asyncio.sleep(delay)
+
+
+@contextlib.asynccontextmanager
+async def expose(
+    local_port: int,
+    *,
+    gateway: str,
+    token: str,
+    local_host: str = "127.0.0.1",
+    remote_port: int = 0,
+    timeout: float = 30.0,
+    **options: Any,
+) -> AsyncIterator[Address]:
+    """Expose ``local_host:local_port`` through a gateway; yield its public address.
+
+    ``options`` are further agent settings (``fingerprint``, ``ca``, ``tls``,
+    ``name``…), as in the agent's TOML file.
+    """
+    spec = f"{remote_port}:{format_address(local_host, local_port)}"
+    async with Agent(gateway=gateway, token=token, expose=[spec], **options) as agent:
+        services = await agent.wait_ready(timeout)
+        if not services:
+            raise TransportError("the gateway did not expose the service (see the log)")
+        (service,) = services.values()
+        host = service.address.host
+        if host in ("0.0.0.0", "::", ""):
+            host = agent.config.gateway.host
+        yield Address(host, service.address.port)

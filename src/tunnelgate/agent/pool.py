@@ -1,0 +1,246 @@
+"""The agent's pool of data channels: how many to keep open (a pure demand
+calculation, :class:`Demand`), and the tasks that open them, wait in the pool
+and serve the client each one is started for (:class:`DataChannels`).
+
+The target is ``pool_size`` idle channels, or more when clients arrive
+faster: the rate of Starts (averaged over ``DEMAND_WINDOW``) times the time a
+channel takes to open, times ``DEMAND_HEADROOM``, so a steady stream of new
+clients finds a channel ready. Channels the gateway asked for come on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
+from tunnelgate.logs import ContextLogger
+from tunnelgate.protocol import Ping, Pong, PoolRelease, Refused, Start
+from tunnelgate.relay import wait_relays
+from tunnelgate.transport import Channel
+
+OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
+MAX_EXTRA_CHANNELS: Final = 1024
+DEMAND_WINDOW: Final = 1.0  # seconds over which the rate of new clients is averaged
+DEMAND_HEADROOM: Final = 2.0  # idle channels kept per channel in use while one opens
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    idle: int  # open data channels waiting for a Start
+    opening: int
+    serving: int  # data channels carrying a client
+    target: int  # idle channels wanted now
+
+
+class Demand:
+    """How many data channels to keep open; pure, time passed in."""
+
+    def __init__(self, pool_size: int, limit: int, now: float) -> None:
+        self.pool_size = pool_size
+        self.limit = limit  # the gateway's max_pool_size
+        self.idle = 0
+        self.opening = 0
+        self.extra = 0  # asked for by the gateway
+        self.rate = 0.0  # Starts per second, decaying
+        self.rate_at = now
+        self.open_time = 0.0  # seconds to open a channel, averaged
+        self.releasing = 0  # idle channels the gateway was asked to close
+        self.lost = 0  # idle channels the gateway discarded (a dead path): not ready
+
+    @property
+    def ready(self) -> int:
+        """Idle channels that should still reach the gateway."""
+        return max(0, self.idle - self.lost)
+
+    def rate_now(self, now: float) -> float:
+        """Starts per second, decayed since the last one."""
+        return self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
+
+    def started(self, now: float) -> None:
+        """Count one client for the demand estimate."""
+        self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
+        self.rate_at = now
+
+    def opened(self, seconds: float) -> None:
+        """A channel opened in ``seconds``; it is idle now."""
+        self.open_time += (seconds - self.open_time) / 4
+        self.extra = max(0, self.extra - 1)
+        self.idle += 1
+
+    def target(self, now: float) -> int:
+        demand = round(self.rate_now(now) * self.open_time * DEMAND_HEADROOM)  # 0 once faded
+        return min(self.limit, max(self.pool_size, demand) + self.extra)
+
+    def to_open(self, now: float) -> int:
+        return max(0, self.target(now) - self.ready - self.opening)
+
+    def surplus(self, now: float) -> int:
+        """Idle channels to release, once demand stayed below them for a while."""
+        surplus = self.ready - self.releasing - self.target(now)
+        return surplus if surplus > 0 and self.rate_at < now - DEMAND_WINDOW else 0
+
+    def request(self, count: int) -> None:
+        self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
+
+    def discarded(self, count: int) -> None:
+        """The gateway closed ``count`` pooled channels whose path went silent.
+        Which of ours they were cannot be told: count that many idle ones as
+        lost until channels end unused."""
+        self.lost = min(self.idle, self.lost + count)
+
+    def settled(self) -> None:
+        """Demand stayed flat for a window: the gateway closes only channels
+        still idle on its side, so count afresh rather than wait for the rest;
+        channels it asked for are moot too (with idle ones pooled there, no
+        client waits)."""
+        self.releasing = 0
+        self.extra = 0
+
+
+class DataChannels:
+    """The tasks of a session's data channels: open up to the demand's target,
+    wait in the pool, serve the client a Start names."""
+
+    def __init__(
+        self,
+        *,
+        demand: Demand,
+        group: asyncio.TaskGroup,
+        control: Channel,
+        open_channel: Callable[[], Awaitable[Channel]],
+        serve: Callable[[Channel, Start], Awaitable[None]],
+        log: ContextLogger,
+    ) -> None:
+        self.demand = demand
+        self.group = group
+        self.control = control
+        self.open_channel = open_channel
+        self.serve = serve
+        self.log = log
+        self.changed = asyncio.Event()
+        self.serving: set[asyncio.Task[None]] = set()  # channels relaying a client
+        self.stopped = False  # draining: open no more channels
+
+    def statistics(self) -> PoolStatistics:
+        demand = self.demand
+        target = demand.target(time.monotonic())
+        return PoolStatistics(demand.idle, demand.opening, len(self.serving), target)
+
+    def stop(self) -> None:
+        """Open no more data channels (the session is draining)."""
+        self.stopped = True
+        self.changed.set()
+
+    async def end_when_drained(self, reason: str) -> None:
+        """End the session once the last relayed connection has ended."""
+        await wait_relays(self.serving)
+        raise SessionOver(reason)
+
+    def request(self, count: int) -> None:
+        self.demand.request(count)
+        self.changed.set()
+
+    def discarded(self, count: int) -> None:
+        self.demand.discarded(count)
+        self.log.info("the gateway found %d pooled data channel(s) dead; opening new ones", count)
+        self.changed.set()
+
+    async def run(self) -> None:
+        """Open channels up to the target at once; release the surplus once
+        demand has stayed below it for a while."""
+        demand = self.demand
+        while not self.stopped:
+            for _ in range(demand.to_open(time.monotonic())):
+                demand.opening += 1
+                self.group.create_task(self._channel())
+            surplus = demand.surplus(time.monotonic())
+            if surplus:
+                demand.releasing += surplus
+                await self.control.send_message(PoolRelease(surplus))
+            try:
+                # Above pool_size, look again as the rate decays.
+                above = demand.ready > demand.pool_size
+                async with asyncio.timeout(DEMAND_WINDOW if above else None):
+                    await self.changed.wait()
+            except TimeoutError:
+                demand.settled()
+            self.changed.clear()
+
+    async def _channel(self) -> None:
+        """Root of one data channel's task: open, wait in the pool, serve one client."""
+        demand = self.demand
+        began = time.monotonic()
+        try:
+            channel = await self.open_channel()
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.warning("cannot open a data channel: %s", exc)
+            await asyncio.sleep(OPEN_RETRY_DELAY)  # no retry storm against a failing gateway
+            demand.opening -= 1
+            self.changed.set()
+            return
+        except BaseException:
+            demand.opening -= 1
+            raise
+        demand.opening -= 1
+        demand.opened(time.monotonic() - began)
+        self.changed.set()  # there may be a surplus to release now
+        try:
+            start = await self._wait_for_start(channel)
+        finally:
+            demand.idle -= 1
+            self.changed.set()
+        if start is None:
+            return
+        demand.started(time.monotonic())
+        self.changed.set()  # the target may have grown
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving.add(task)
+        try:
+            await self.serve(channel, start)
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            self.log.warning("conn %d: %s", start.conn, exc)
+            channel.abort()
+        except Exception:
+            self.log.exception("unexpected error serving conn %d", start.conn)
+            channel.abort()
+        finally:
+            self.serving.discard(task)
+
+    async def _wait_for_start(self, channel: Channel) -> Start | None:
+        """The Start that puts a pooled channel to use; None if it ended unused.
+
+        A pooled channel the gateway closes unused is released only after a
+        pause, so that a gateway refusing channels meets no retry storm.
+        """
+        demand = self.demand
+        try:
+            # The gateway checks a channel that has been idle a while with a Ping.
+            while isinstance(message := await channel.receive(), Ping):
+                await channel.send_message(Pong(message.seq))
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
+            channel.abort()
+            if demand.releasing and isinstance(exc, ConnectionClosed):
+                demand.releasing -= 1  # closed as asked with PoolRelease (a clean close)
+                return None
+            if demand.lost:
+                demand.lost -= 1  # one the gateway discarded: its path comes back with a reset
+                return None
+            self.log.debug("pooled data channel ended unused: %s", exc)
+            await asyncio.sleep(OPEN_RETRY_DELAY)
+            return None
+        except BaseException:
+            channel.abort()
+            raise
+        if isinstance(message, Start):
+            return message
+        if isinstance(message, Refused):
+            self.log.warning("data channel refused by the gateway: %s", message.reason)
+            await asyncio.sleep(OPEN_RETRY_DELAY)
+        channel.abort()
+        return None

@@ -1,0 +1,404 @@
+"""One connection of the agent to one gateway: an :class:`AgentSession`.
+
+A session opens the control channel, registers the agent's services, sends
+heartbeats (and ends when the gateway's replies stop within the deadline),
+keeps the pool of data channels (:mod:`tunnelgate.agent.pool`), serves every
+client a Start names, and drains on goodbye. It ends for good: a reconnect is
+a new session. The :class:`Dialer` opens and authenticates channels to one
+gateway, control and data alike, and remembers what outlives a session (the
+derived credential, the TLS session that data channels resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from tunnelgate import credentials, proxy_protocol, tls
+from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
+from tunnelgate.config import Address, AgentConfig, ServiceConfig
+from tunnelgate.errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    RemoteProtocolError,
+    SessionOver,
+    TransportError,
+)
+from tunnelgate.logs import ContextLogger, log_closed
+from tunnelgate.protocol import (
+    PROTOCOL_VERSION,
+    Bye,
+    Challenge,
+    Hello,
+    Ping,
+    Pong,
+    PoolDiscarded,
+    PoolRequest,
+    Refused,
+    Register,
+    Registered,
+    ServiceRequest,
+    Side,
+    Start,
+    Welcome,
+)
+from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
+from tunnelgate.transport import (
+    Channel,
+    SocketStream,
+    Stream,
+    TLSStream,
+    connect,
+    reset_socket,
+    reset_unless_closed_cleanly,
+)
+
+BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
+
+
+@dataclass(frozen=True)
+class ExposedService:
+    """A service as the gateway exposes it."""
+
+    name: str
+    address: Address  # the gateway's bind address and port
+    local: Address
+
+
+@dataclass(frozen=True)
+class SessionStatistics:
+    id: str
+    gateway: Address
+    duration: float
+    services: tuple[ExposedService, ...]
+    pool: PoolStatistics | None  # None until the session runs
+
+
+class Dialer:
+    """Opens channels to one gateway: connect, TLS, and the token's proof."""
+
+    def __init__(self, config: AgentConfig, log: ContextLogger) -> None:
+        self.config = config
+        self.log = log
+        self._context: ssl.SSLContext | None = (
+            tls.client_context(config.ca, config.fingerprint, config.cert, config.key)
+            if config.tls
+            else None
+        )
+        self._tls_session: ssl.SSLSession | None = None  # the control channel's, for data
+        self._credential: credentials.Credential | None = None  # derived from the token once
+
+    async def open(self, role: str, session: str = "") -> Channel:
+        """Connect, secure, and prove the token: a control or data channel."""
+        config = self.config
+        sock = await connect(config.gateway, config.connect_timeout)
+        stream: Stream | None = None  # owns the socket once it exists
+        try:
+            async with asyncio.timeout(config.handshake_timeout):
+                if self._context is not None:
+                    hostname = None if config.fingerprint else config.gateway.host
+                    resume = self._tls_session if role == "data" else None
+                    tls_stream = stream = TLSStream(
+                        sock,
+                        self._context,
+                        server_side=False,
+                        server_hostname=hostname,
+                        session=resume,
+                    )
+                    await tls_stream.handshake()
+                    if resume is not None:
+                        reused = tls_stream.sock.session_reused
+                        self.log.debug(
+                            "data channel: TLS session %s", "resumed" if reused else "new"
+                        )
+                    if config.fingerprint:
+                        tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
+                else:
+                    stream = SocketStream(sock)
+                channel = Channel(stream, Side.AGENT)
+                challenge = await channel.receive()
+                if role == "control" and isinstance(stream, TLSStream):
+                    # The ticket came before the Challenge: data channels resume it.
+                    self._tls_session = stream.sock.session
+                if isinstance(challenge, Refused):
+                    raise refusal(challenge)
+                assert isinstance(challenge, Challenge)
+                proof = await self._proof(challenge.nonce, role, session)
+                hello = Hello(PROTOCOL_VERSION, role, config.name, proof, session)  # type: ignore[arg-type]
+                await channel.send_message(hello)
+                return channel
+        except TimeoutError:
+            reset_socket(stream.sock if stream is not None else sock)
+            hint = " (does the gateway use TLS? this agent runs with --no-tls)"
+            raise TransportError(
+                f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
+            ) from None
+        except BaseException:
+            reset_socket(stream.sock if stream is not None else sock)
+            raise
+
+    async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
+        """The Hello's proof; empty without a token (a certificate-only agent)."""
+        if not self.config.token:
+            return b""
+        if self._credential is None:  # slow (scrypt), so once, and off the event loop
+            self._credential = await asyncio.to_thread(
+                credentials.derive, self.config.token, self.config.name
+            )
+        return credentials.make_proof(self._credential, nonce, role, self.config.name, session)
+
+
+class AgentSession:
+    """One session with one gateway, from its control channel to its end.
+
+    ``chosen_ports`` outlives the session: ports the gateway chose for
+    services asking for any port (0), asked for again after a reconnect so a
+    service keeps its public address.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        dialer: Dialer,
+        chosen_ports: dict[str, int],
+        log: ContextLogger,
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.dialer = dialer
+        self.id: str | None = None  # once welcomed
+        self.services: dict[str, ExposedService] = {}
+        self._on_ready = on_ready  # called when the first registration was answered
+        self.started = time.monotonic()
+        self.log = log
+        self._chosen_ports = chosen_ports
+        self._by_name = {s.name: s for s in config.services}
+        self._control: Channel | None = None
+        self._channels: DataChannels | None = None
+        self._said_bye = False
+
+    def statistics(self) -> SessionStatistics:
+        channels = self._channels
+        return SessionStatistics(
+            self.id or "",
+            self.config.gateway,
+            time.monotonic() - self.started,
+            tuple(self.services.values()),
+            channels.statistics() if channels is not None else None,
+        )
+
+    @property
+    def serving(self) -> set[asyncio.Task[None]]:
+        """The tasks of the client connections this session carries."""
+        return self._channels.serving if self._channels is not None else set()
+
+    async def run(self) -> str:
+        """The session, from connect to its end; returns why it ended.
+        Raises AuthenticationError when refused, TimeoutError on a silent
+        gateway, and TransportError, ProtocolError or ConnectionClosed."""
+        config = self.config
+        channel = await self.dialer.open("control")
+        try:
+            async with asyncio.timeout(config.handshake_timeout):
+                welcome = await channel.receive()
+            if isinstance(welcome, Refused):
+                raise refusal(welcome)
+            assert isinstance(welcome, Welcome)
+            self.id = welcome.session
+            self.log = self.log.bind(session=welcome.session)
+            self._control = channel
+            self.log.info("connected to gateway %s", config.gateway)
+            await channel.send_message(
+                Register(
+                    [
+                        ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
+                        for s in config.services
+                    ]
+                )
+            )
+            async with asyncio.TaskGroup() as group:
+                channels = self._channels = DataChannels(
+                    demand=Demand(config.pool_size, welcome.max_pool_size, time.monotonic()),
+                    group=group,
+                    control=channel,
+                    open_channel=lambda: self.dialer.open("data", welcome.session),
+                    serve=self._serve,
+                    log=self.log,
+                )
+                group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
+                group.create_task(channels.run())
+                raise SessionOver(await self._control_loop(channel, welcome, channels))
+        except* SessionOver as caught:
+            reason = str(caught.exceptions[0])
+        except* Exception as caught:
+            # One session-ending error is enough; a second one is its echo.
+            raise caught.exceptions[0] from None
+        finally:
+            self._control = None
+            channel.abort()
+        return reason
+
+    async def say_bye(self) -> None:
+        """Tell the gateway this agent is going away (it takes no new clients
+        for it and frees its ports); within ``BYE_TIMEOUT``."""
+        if self._control is not None and not self._said_bye:
+            self._said_bye = True
+            with contextlib.suppress(TransportError, TimeoutError):
+                async with asyncio.timeout(BYE_TIMEOUT):
+                    await self._control.send_message(Bye("agent shutting down"))
+
+    def stop_opening(self) -> None:
+        """Open no more data channels (draining)."""
+        if self._channels is not None:
+            self._channels.stop()
+
+    async def _heartbeat(self, channel: Channel, interval: float) -> None:
+        for seq in range(2**62):
+            await asyncio.sleep(interval)
+            await channel.send_message(Ping(seq))
+
+    async def _control_loop(self, channel: Channel, welcome: Welcome, pool: DataChannels) -> str:
+        goodbye: str | None = None  # the gateway's Bye: open connections finish first
+        while True:
+            try:
+                async with asyncio.timeout(welcome.heartbeat_timeout):
+                    message = await channel.receive()
+            except (ConnectionClosed, TransportError) as exc:
+                if goodbye is None and not self._said_bye:
+                    raise
+                # Draining: the relays run on their own data channels; let them end.
+                await wait_relays(pool.serving)
+                return f"{goodbye or 'said goodbye'}; then {exc}"
+            if isinstance(message, Ping):
+                await channel.send_message(Pong(message.seq))
+            elif isinstance(message, Registered):
+                retry = self._registered(message)
+                if retry:
+                    await channel.send_message(Register(retry))
+            elif isinstance(message, PoolRequest):
+                pool.request(message.count)
+            elif isinstance(message, PoolDiscarded):
+                pool.discarded(message.count)
+            elif isinstance(message, Bye):
+                goodbye = f"gateway said goodbye: {message.reason}"
+                pool.stop()
+                if not pool.serving:
+                    return goodbye
+                self.log.info("%s; %d connection(s) finishing", goodbye, len(pool.serving))
+                pool.group.create_task(pool.end_when_drained(goodbye))
+
+    def _registered(self, message: Registered) -> list[ServiceRequest]:
+        """Record the gateway's answers; return the services to ask for again.
+
+        A service that asked for any port and lost the one it had before (now
+        taken) is asked for again with any port.
+        """
+        retry = []
+        for result in message.results:
+            service = self._by_name.get(result.name)
+            if service is None:
+                raise RemoteProtocolError(
+                    f"registration result for unknown service {result.name!r}"
+                )
+            if not result.ok and service.port == 0 and result.name in self._chosen_ports:
+                lost = self._chosen_ports.pop(result.name)
+                self.log.warning(
+                    "service %s cannot have its former port %d again (%s); asking for any port",
+                    result.name,
+                    lost,
+                    result.error,
+                )
+                retry.append(ServiceRequest(service.name, service.bind, 0))
+            elif result.ok:
+                if service.port == 0:
+                    self._chosen_ports[result.name] = result.port
+                address = Address(result.bind, result.port)
+                self.services[result.name] = ExposedService(result.name, address, service.local)
+                self.log.info(
+                    "service %s exposed at gateway port %d (%s) -> %s",
+                    result.name,
+                    result.port,
+                    address,
+                    service.local,
+                )
+            else:
+                self.log.error("service %s not exposed: %s", result.name, result.error)
+        if not retry:
+            self._on_ready()
+        return retry
+
+    # --- serving clients ----------------------------------------------------
+
+    async def _serve(self, channel: Channel, start: Start) -> None:
+        """Carry one client connection to its service. Root of the relay's task."""
+        log = self.log.bind(conn=start.conn, service=start.service)
+        service = self._by_name.get(start.service)
+        if service is None:
+            log.warning("gateway started unknown service %r", start.service)
+            await abort_channel(channel, f"unknown service {start.service!r}")
+            return
+        try:
+            sock = await reach(service, start, self.config.connect_timeout, log)
+        except TransportError as exc:
+            log.warning("client %s: %s", start.client, exc)
+            await abort_channel(channel, f"agent {exc}")
+            return
+        result = RelayResult()  # filled in even if the relay is cancelled
+        try:
+            await relay(sock, channel, "service", result)
+        finally:
+            log_closed(
+                log,
+                start.client,
+                result.received,
+                result.sent,
+                result.duration,
+                result.how,
+                normal=result.normal,
+            )
+
+
+async def reach(
+    service: ServiceConfig, start: Start, timeout: float, log: ContextLogger
+) -> socket.socket:
+    """The connection to ``service``, set to reset unless closed cleanly, with
+    its PROXY protocol header sent if it wants one: before any client byte,
+    and outside the relay's counts. TransportError (socket reset) if not."""
+    sock = await connect(service.local, timeout)
+    reset_unless_closed_cleanly(sock)
+    if not service.proxy_protocol:
+        return sock
+    header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
+    try:
+        async with asyncio.timeout(timeout):
+            await SocketStream(sock).send(header)
+    except (TransportError, TimeoutError) as exc:
+        reset_socket(sock)
+        why = str(exc) or f"timed out after {timeout:g} s"
+        raise TransportError(
+            f"cannot send the PROXY protocol header to {service.local}: {why}"
+        ) from None
+    except BaseException:
+        reset_socket(sock)
+        raise
+    log.debug(
+        "PROXY protocol v%d header sent to %s: client=%s server=%s",
+        service.proxy_protocol,
+        service.local,
+        start.client,
+        start.server or "?",
+    )
+    return sock
+
+
+def refusal(message: Refused) -> Exception:
+    if message.code in ("auth", "version"):
+        return AuthenticationError(message.reason)
+    return ConnectionClosed("closed", f"gateway refused: {message.reason}")

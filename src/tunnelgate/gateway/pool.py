@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
-from tunnelgate.logs import ContextLogger, Throttle
+from tunnelgate.logs import ContextLogger, Throttle, log_closed
 from tunnelgate.protocol import Ping, Pong, PoolDiscarded, PoolRequest
 from tunnelgate.transport import Channel, peer_closed, was_reset
 
@@ -159,12 +159,8 @@ class ChannelPool:
             async with asyncio.timeout(pending_timeout):
                 taken = await _unless_left(waiter, sock)
             if taken is None:  # its one closing line, as for every client
-                log.info(
-                    "closed client=%s up=0 down=0 duration=%.3fs end=left before a data "
-                    "channel came",
-                    client,
-                    time.monotonic() - waited_from,
-                )
+                duration, end = time.monotonic() - waited_from, "left before a data channel came"
+                log_closed(log, client, 0, 0, duration, end, normal=True)
                 if waiter.done() and not waiter.cancelled():  # came in the same instant
                     self.idle.append(_Pooled(waiter.result()))
             return taken

@@ -27,13 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from tunnelgate import credentials, proxy_protocol, tls
-from tunnelgate.config import (
-    Address,
-    AgentConfig,
-    ServiceConfig,
-    format_address,
-    load_agent_config,
-)
+from tunnelgate.address import Address, format_address
+from tunnelgate.config import AgentConfig, ServiceConfig, load_agent_config
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelgate import __version__, credentials, logs
+from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
     TOKEN_ENV,
@@ -31,11 +32,9 @@ from tunnelgate.config import (
     GatewayConfig,
     LogConfig,
     default_state_dir,
-    format_address,
     generate_token,
     load_agent_config,
     load_gateway_config,
-    parse_name,
     read_token,
 )
 from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError

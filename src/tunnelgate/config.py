@@ -9,7 +9,6 @@ trusts what comes out of here. This module does no networking.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import secrets
@@ -22,7 +21,18 @@ from typing import Any, Final, TypeVar
 
 from tunnelgate import credentials
 from tunnelgate.access import AccessRule, parse_access_rule
+from tunnelgate.address import (
+    MAX_NAME_LENGTH,
+    Address,
+    parse_address,
+    parse_expose,
+    parse_host,
+    parse_name,
+    parse_port_ranges,
+    to_name,
+)
 from tunnelgate.errors import ConfigError, ConfigProblem
+from tunnelgate.protocol import MAX_SERVICES
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
 DEFAULT_CONTROL_PORT: Final = 8080
@@ -47,97 +57,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 
 
-# --- addresses --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Address:
-    """A host (name, IPv4 or IPv6 without brackets) and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return format_address(self.host, self.port)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with IPv6 literals in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_colons(text: str) -> list[str]:
-    """Split on ':' outside square brackets; brackets are removed from parts."""
-    parts: list[str] = []
-    current = ""
-    depth = 0
-    for char in text:
-        if char == "[":
-            if depth or current:
-                raise ValueError(f"misplaced '[' in {text!r}")
-            depth = 1
-        elif char == "]":
-            if not depth:
-                raise ValueError(f"unbalanced ']' in {text!r}")
-            depth = 0
-            current = "[" + current + "]"
-        elif char == ":" and not depth:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    if depth:
-        raise ValueError(f"unclosed '[' in {text!r}")
-    parts.append(current)
-    return parts
-
-
-_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def _host(part: str, text: str) -> str:
-    if part.startswith("[") and part.endswith("]"):
-        host = part[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {text!r}") from None
-        return host
-    if ":" in part:  # a bare IPv6 address, as in allow_bind = ["::1"]
-        try:
-            return str(ipaddress.IPv6Address(part))
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {text!r}") from None
-    if not _HOST_RE.fullmatch(part):
-        raise ValueError(f"bad host {part!r} in {text!r}")
-    return part
-
-
-_DIGITS: Final = re.compile(r"[0-9]{1,5}")
-_SERVICE_NAME_CHARS: Final = re.compile(r"[^A-Za-z0-9_.:@#/-]")
-MAX_NAME_LENGTH: Final = 64
-MAX_SERVICES: Final = 256  # what one Register message carries
-
-
-def _port(part: str, text: str, *, allow_zero: bool) -> int:
-    if not _DIGITS.fullmatch(part):
-        raise ValueError(f"bad port {part!r} in {text!r}")
-    port = int(part)
-    if port > 65535 or (port == 0 and not allow_zero):
-        raise ValueError(f"port {port} out of range in {text!r}")
-    return port
-
-
-def parse_address(
-    text: str, *, default_port: int | None = None, allow_zero: bool = False
-) -> Address:
-    """Parse ``host:port``, ``[v6]:port`` or (with ``default_port``) a bare host."""
-    parts = _split_colons(text.strip())
-    if len(parts) == 1 and default_port is not None:
-        return Address(_host(parts[0], text), default_port)
-    if len(parts) != 2:
-        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {text!r}")
-    return Address(_host(parts[0], text), _port(parts[1], text, allow_zero=allow_zero))
+# --- the values -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -149,48 +69,6 @@ class ServiceConfig:
     local: Address
     bind: str = ""  # "": the gateway's default bind address
     proxy_protocol: int = 0  # PROXY protocol header sent to the service: 0 none, 1 or 2
-
-
-def parse_expose(text: str) -> tuple[str, int, Address]:
-    """Parse ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`` (``ssh -R`` order)."""
-    parts = _split_colons(text.strip())
-    if len(parts) == 3:
-        bind = ""
-        remote, local_host, local_port = parts
-    elif len(parts) == 4:
-        bind = _host(parts[0], text)
-        remote, local_host, local_port = parts[1:]
-    else:
-        raise ValueError(f"expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, got {text!r}")
-    return (
-        bind,
-        _port(remote, text, allow_zero=True),
-        Address(_host(local_host, text), _port(local_port, text, allow_zero=False)),
-    )
-
-
-def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
-    """Parse ``"3920"`` / ``"8000-8100"`` items (or one comma-separated string)."""
-    if isinstance(items, str):
-        items = [item for item in items.split(",") if item.strip()]
-    if not isinstance(items, list):
-        raise ValueError('expected a list like ["3920", "8000-8100"], or a string like "3920,8000"')
-    ranges = []
-    for item in items:
-        if not isinstance(item, str | int):
-            raise ValueError(f"expected a port or a range like '8000-8100', got {item!r}")
-        text = str(item).strip()
-        low, dash, high = text.partition("-")
-        if not _DIGITS.fullmatch(low) or (dash and not _DIGITS.fullmatch(high)):
-            raise ValueError(f"expected a port or a range like '8000-8100', got {text!r}")
-        first, last = int(low), int(high or low)
-        if not 1 <= first <= last <= 65535:
-            raise ValueError(f"bad port range {text!r}")
-        ranges.append(range(first, last + 1))
-    return tuple(ranges)
-
-
-# --- the values -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -505,10 +383,10 @@ def load_gateway_config(
     if (cert is None) != (key is None):
         src.fail("cert" if cert is not None else "key", "cert and key must be given together")
     state_dir = src.parse("state_dir", _path, None)
-    bind_host = src.parse("bind_host", lambda v: _host(str(v), str(v)), "")
+    bind_host = src.parse("bind_host", lambda v: parse_host(str(v)), "")
     no_binds: list[str] = []
     allow_bind = tuple(
-        src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], no_binds)
+        src.parse("allow_bind", lambda v: [parse_host(str(h)) for h in _as_list(v)], no_binds)
     )
     allow_ports = src.parse(
         "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
@@ -647,9 +525,10 @@ def _agent_policy(
     for key in table:
         if key not in _AGENT_POLICY_KEYS:
             src.problem(where, f"{prefix}.{key}", "unknown key")
-    name = table.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", name):
-        src.problem(where, f"{prefix}.name", "expected a name of letters, digits and ._@#/-")
+    try:
+        name = parse_name(table.get("name"))
+    except ValueError as exc:
+        src.problem(where, f"{prefix}.name", str(exc))
         return []
 
     def values(key: str, parse: Callable[[str], T]) -> list[T]:
@@ -675,7 +554,7 @@ def _agent_policy(
             ports = parse_port_ranges(table["allow_ports"])
         except ValueError as exc:
             src.problem(where, f"{prefix}.allow_ports", str(exc))
-    binds = tuple(values("allow_bind", lambda h: _host(h, h)))
+    binds = tuple(values("allow_bind", parse_host))
     limits = {}
     for key, default, high in (
         ("max_services", MAX_SERVICES, MAX_SERVICES),
@@ -731,7 +610,7 @@ def normalize_fingerprint(text: str) -> str:
 
 
 def default_agent_name() -> str:
-    name = re.sub(r"[^A-Za-z0-9_.@#/-]", "-", socket.gethostname())[:64]
+    name = to_name(socket.gethostname())[:MAX_NAME_LENGTH]
     return name or "agent"
 
 
@@ -789,13 +668,6 @@ def load_agent_config(
     return config, log
 
 
-def parse_name(value: Any) -> str:
-    """An agent's or a service's name: 1-64 letters, digits or ._@#/-."""
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", value):
-        raise ValueError("expected 1-64 letters, digits or ._@#/-")
-    return value
-
-
 def _services(src: _Source) -> tuple[ServiceConfig, ...]:
     services: list[ServiceConfig] = []
     # The top-level setting (--proxy-protocol) covers every --expose service and
@@ -834,7 +706,7 @@ def _services(src: _Source) -> tuple[ServiceConfig, ...]:
         name = table.get("name", _derived_name(local))
         try:
             name = parse_name(name) if "name" in table else name
-            bind = _host(str(table["bind"]), str(table["bind"])) if "bind" in table else ""
+            bind = parse_host(str(table["bind"])) if "bind" in table else ""
         except ValueError as exc:
             src.problem(where, f"{prefix}.name/bind", str(exc))
             continue
@@ -881,4 +753,4 @@ def _proxy_protocol(value: Any) -> int:
 
 def _derived_name(local: Address) -> str:
     """A service's default name: its local address, in the protocol's name alphabet."""
-    return _SERVICE_NAME_CHARS.sub("-", f"{local.host}:{local.port}")[-MAX_NAME_LENGTH:]
+    return to_name(f"{local.host}:{local.port}")[-MAX_NAME_LENGTH:]

@@ -34,14 +34,8 @@ from typing import Any, Final
 
 from tunnelgate import credentials, tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
-from tunnelgate.config import (
-    Address,
-    AgentPolicy,
-    GatewayConfig,
-    default_state_dir,
-    format_address,
-    load_gateway_config,
-)
+from tunnelgate.address import Address, format_address
+from tunnelgate.config import AgentPolicy, GatewayConfig, default_state_dir, load_gateway_config
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import socket
 import ssl
 import time
@@ -28,6 +27,7 @@ from typing import Any, Final
 
 from tunnelgate import credentials, proxy_protocol, tls
 from tunnelgate.address import Address, format_address
+from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, ServiceConfig, load_agent_config
 from tunnelgate.errors import (
     AuthenticationError,
@@ -68,7 +68,6 @@ from tunnelgate.transport import (
 
 logger = logging.getLogger(__name__)
 
-STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024
 DEMAND_WINDOW: Final = 1.0  # seconds over which the rate of new clients is averaged
@@ -212,7 +211,8 @@ class Agent:
     async def run(self) -> None:
         """Keep a session up until cancelled. Raises AuthenticationError when refused."""
         config = self.config
-        attempt = 0
+        delays = backoff(config.reconnect_min, config.reconnect_max)
+        next(delays)
         while True:
             started = time.monotonic()
             try:
@@ -230,10 +230,7 @@ class Agent:
                 self.session_id = None
             if self._closing:
                 raise asyncio.CancelledError
-            if time.monotonic() - started >= STABLE_SESSION:
-                attempt = 0
-            delay = random.uniform(0, min(config.reconnect_max, config.reconnect_min * 2**attempt))
-            attempt += 1
+            delay, attempt = delays.send(time.monotonic() - started)
             self._log.log(
                 level,
                 "%s; reconnecting to %s in %.1f s (attempt %d)",

@@ -509,7 +509,7 @@ def _check_rate(rule: access.AccessRule) -> None:
 
 def gateway_config(data: bytes) -> None:
     """``load_gateway_config`` on a TOML file, then every access rule put in force."""
-    loaded = _load(data, lambda path: config.load_gateway_config(path, create_token=False))
+    loaded = _load(data, config.load_gateway_config)
     if loaded is None:
         return
     gateway, _ = loaded

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +84,15 @@ def keys(found: list[ConfigProblem]) -> set[str]:
 
 
 def test_load_gateway_config_defaults(tmp_path: Path) -> None:
-    """With nothing given: 0.0.0.0:8080, TLS, default ports, a token stored in XDG_STATE_HOME."""
+    """With nothing given: 0.0.0.0:8080, TLS, default ports, no token yet, nothing written."""
     config, log = c.load_gateway_config()
     assert config.listen == A("0.0.0.0", 8080) and config.default_bind == "0.0.0.0"
     assert config.tls and config.cert is None and config.max_pool_size == 64
     assert (config.heartbeat_interval, config.heartbeat_timeout) == (10.0, 25.0)
     assert (config.drain_timeout, config.max_connections) == (10.0, 16384)
     assert (config.max_pending_clients, config.max_handshakes) == (1024, 1024)
-    [policy] = config.agents
-    assert policy.name == "" and policy.allow_ports == (range(1024, 65536),)
-    assert config.token_generated and (tmp_path / "xdg/tunnelgate/token").exists()
+    assert config.agents == () and config.allow_ports == (range(1024, 65536),)
+    assert not (tmp_path / "xdg").exists()
     assert (log.level, log.format) == ("info", "text")
 
 
@@ -175,27 +172,6 @@ def test_load_gateway_config_rejects_short_token(monkeypatch: pytest.MonkeyPatch
     assert (problem.source, problem.key) == ("environment", c.TOKEN_ENV)
 
 
-def test_load_gateway_config_generates_and_reuses_stored_token(tmp_path: Path) -> None:
-    """Without a token the gateway creates one (mode 0600) and reuses it next time."""
-    flags = {"state_dir": str(tmp_path / "state")}
-    first, _ = c.load_gateway_config(None, flags)
-    stored = tmp_path / "state" / "token"
-    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
-    assert first.token_generated and len(first.agents[0].token) >= c.MIN_TOKEN_LENGTH
-    second, _ = c.load_gateway_config(None, flags)
-    assert second.token_generated
-    assert second.agents[0].token == first.agents[0].token == stored.read_bytes().strip()
-
-
-def test_load_gateway_config_rejects_empty_stored_token(tmp_path: Path) -> None:
-    """An empty (e.g. half-written) stored token never becomes the gateway's token."""
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "token").write_text("", encoding="utf-8")
-    with contextlib.suppress(ConfigError):
-        config, _ = c.load_gateway_config(None, {"state_dir": str(tmp_path / "state")})
-        assert len(config.agents[0].token) >= c.MIN_TOKEN_LENGTH
-
-
 def test_load_gateway_config_agents_tables(tmp_path: Path) -> None:
     """[[agents]] give each agent its own token and ports; no token is generated."""
     (tmp_path / "lab.token").write_text("l" * 16, encoding="utf-8")
@@ -214,7 +190,7 @@ token_file = "{tmp_path / "lab.token"}"
     assert (lab.name, lab.token) == ("lab", b"l" * 16)
     assert office.allows_port(3920) and office.allows_port(8100) and not office.allows_port(9000)
     assert lab.allow_ports == (range(9000, 9011),)
-    assert not config.token_generated and not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists()
 
 
 def test_load_gateway_config_agents_errors_have_key_paths(tmp_path: Path) -> None:
@@ -423,14 +399,6 @@ def test_config_error_str_several_problems_counted_one_per_line() -> None:
         "  a.toml: tls: x",
         "  command line: --y: z",
     ]
-
-
-def test_generate_token_never_looks_like_an_option() -> None:
-    """A generated token can follow --token on a command line: it never starts with '-'."""
-    tokens = {c.generate_token() for _ in range(2000)}
-    assert len(tokens) == 2000
-    assert not [t for t in tokens if t.startswith("-")]
-    assert all(len(t) >= 43 for t in tokens)
 
 
 # --- PROXY protocol -----------------------------------------------------------

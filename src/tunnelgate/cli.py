@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -29,10 +30,11 @@ from tunnelgate.agent import Agent
 from tunnelgate.config import (
     TOKEN_ENV,
     AgentConfig,
+    AgentPolicy,
     GatewayConfig,
     LogConfig,
+    check_token,
     default_state_dir,
-    generate_token,
     load_agent_config,
     load_gateway_config,
     read_token,
@@ -46,6 +48,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
+STORED_TOKEN_FILE = "token"  # in the gateway's state directory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,22 +240,55 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 def _run_gateway(args: argparse.Namespace) -> int:
     flags = _flags(args, _GATEWAY_FLAGS)
     config, log = load_gateway_config(args.config, flags)
+    config, stored = with_stored_token(config)
     _start_logging(args, log)
-    return _run(lambda stop: _gateway_main(config, stop, lambda: _reread(args.config, flags)))
+    return _run(
+        lambda stop: _gateway_main(config, stored, stop, lambda: _reread(args.config, flags))
+    )
+
+
+def with_stored_token(config: GatewayConfig) -> tuple[GatewayConfig, Path | None]:
+    """In single-token mode without a token given, the config with the token
+    stored in the state directory (made, mode 0600, on first start), and
+    that token's path; else the config as it is, and None."""
+    if config.agents:
+        return config, None
+    state_dir = config.state_dir or default_state_dir()
+    path = state_dir / STORED_TOKEN_FILE
+    try:
+        if path.exists():
+            token = check_token(path.read_text(encoding="utf-8"))
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            token = credentials.generate_token().encode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(token + b"\n")
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = f"the stored token is unusable ({exc}); delete it"
+        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+    except OSError as exc:
+        problem = f"cannot read or create the stored token: {exc.strerror or exc}"
+        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+    policy = AgentPolicy("", (token,), config.allow_ports)
+    return dataclasses.replace(config, agents=(policy,)), path
 
 
 def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
     """The gateway's config as it reads now (on SIGHUP); the log level applies at once."""
     config, log = load_gateway_config(path, flags)
     logging.getLogger("tunnelgate").setLevel(log.level.upper())
-    return config
+    return with_stored_token(config)[0]
 
 
 async def _gateway_main(
-    config: GatewayConfig, stop: asyncio.Event, reread: Callable[[], GatewayConfig]
+    config: GatewayConfig,
+    stored: Path | None,
+    stop: asyncio.Event,
+    reread: Callable[[], GatewayConfig],
 ) -> None:
     async with Gateway(config) as gateway:
-        _print_banner(gateway)
+        _print_banner(gateway, stored)
         reloads: set[asyncio.Task[None]] = set()
 
         async def reload() -> None:
@@ -276,7 +312,8 @@ async def _gateway_main(
         await gateway.shutdown()
 
 
-def _print_banner(gateway: Gateway) -> None:
+def _print_banner(gateway: Gateway, stored: Path | None) -> None:
+    """What an operator needs to start an agent; the token only if it is the stored one."""
     config = gateway.config
     assert gateway.address is not None
     host = config.listen.host
@@ -285,10 +322,9 @@ def _print_banner(gateway: Gateway) -> None:
     target = format_address(host, gateway.address.port)
     lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
     command = f"tunnelgate agent --gateway {target}"
-    if config.token_generated:
-        state = config.state_dir or default_state_dir()
+    if stored is not None:
         token = config.agents[0].token.decode()
-        lines.append(f"token: {token}  (stored in {state / 'token'})")
+        lines.append(f"token: {token}  (stored in {stored})")
         command = f"{TOKEN_ENV}={token} {command}"
     else:
         command += " --token-file FILE"
@@ -330,7 +366,7 @@ def _run_token(args: argparse.Namespace) -> int:
     if args.name and (args.token_file or os.environ.get(TOKEN_ENV)):
         token = read_token(args.token_file).decode()
     else:
-        token = generate_token()
+        token = credentials.generate_token()
         print(token)
     if not args.name:
         print(
@@ -358,7 +394,7 @@ def _run_check(args: argparse.Namespace) -> int:
         agent_config, _ = load_agent_config(path)
         print(f"{path}: ok (agent config, {len(agent_config.services)} service(s))")
     else:
-        gateway_config, _ = load_gateway_config(path, create_token=False)
+        gateway_config, _ = load_gateway_config(path)
         print(f"{path}: ok (gateway config, {len(gateway_config.agents)} agent policy(ies))")
     return EXIT_OK
 

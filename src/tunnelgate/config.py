@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -105,7 +104,8 @@ class GatewayConfig:
     """Everything a gateway needs; see ``docs/ARCHITECTURE.md`` for each key."""
 
     listen: Address
-    agents: tuple[AgentPolicy, ...]
+    agents: tuple[AgentPolicy, ...]  # (): single-token mode, the token not read yet
+    allow_ports: tuple[range, ...]  # every agent's, unless its [[agents]] table says
     tls: bool = True
     cert: Path | None = None
     key: Path | None = None
@@ -124,7 +124,6 @@ class GatewayConfig:
     client_ca: Path | None = None  # agents must present a certificate signed by this CA
     access: AccessRule | None = None  # [access]: every service of every agent
     service_access: Mapping[str, AccessRule] = field(default_factory=dict)  # [services.NAME]
-    token_generated: bool = False  # the token came from the state directory
 
     @property
     def default_bind(self) -> str:
@@ -255,10 +254,11 @@ def _read_token_file(path: str) -> bytes:
         text = _path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
-    return _check_token(text)
+    return check_token(text)
 
 
-def _check_token(text: str) -> bytes:
+def check_token(text: str) -> bytes:
+    """The token written in ``text`` (whitespace around it left out); ValueError if too short."""
     text = text.strip()
     if len(text) < MIN_TOKEN_LENGTH:
         raise ValueError(f"token too short (at least {MIN_TOKEN_LENGTH} characters)")
@@ -271,7 +271,7 @@ def read_token(token_file: str | None) -> bytes:
     try:
         if token_file:
             return _read_token_file(token_file)
-        return _check_token(os.environ.get(TOKEN_ENV, ""))
+        return check_token(os.environ.get(TOKEN_ENV, ""))
     except ValueError as exc:
         raise ConfigError([ConfigProblem("command line", key, str(exc))]) from None
 
@@ -287,14 +287,14 @@ def _token(src: _Source) -> bytes | None:
     env = os.environ.get(TOKEN_ENV)
     if not from_flags and env:
         try:
-            return _check_token(env)
+            return check_token(env)
         except ValueError as exc:
             src.problem("environment", TOKEN_ENV, str(exc))
             return None
     for key in from_flags or ["token", "token_file"]:
         if key in src.values:
             if key == "token":
-                return src.parse(key, lambda v: _check_token(str(v)), None)
+                return src.parse(key, lambda v: check_token(str(v)), None)
             return src.parse(key, lambda v: _read_token_file(str(v)), None)
     return None
 
@@ -304,34 +304,10 @@ def _token_problem_recorded(src: _Source) -> bool:
     return any(p.key in keys for p in src.problems)
 
 
-def generate_token() -> str:
-    """A new random token (256 bits, URL-safe), never starting with "-", which
-    command lines would take for an option."""
-    while (token := secrets.token_urlsafe(32)).startswith("-"):
-        pass
-    return token
-
-
 def default_state_dir() -> Path:
     """``$XDG_STATE_HOME/tunnelgate``, else ``~/.local/state/tunnelgate``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "tunnelgate"
-
-
-def _state_token(state_dir: Path) -> str:
-    """Read the gateway's stored token, creating it (mode 0600) on first start."""
-    path = state_dir / "token"
-    if path.exists():
-        try:
-            return _check_token(path.read_text(encoding="utf-8")).decode()
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"the stored token {path} is unusable ({exc}); delete it") from None
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = generate_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token + "\n")
-    return token
 
 
 _GATEWAY_KEYS: Final = {
@@ -362,13 +338,11 @@ def _log_config(src: _Source) -> LogConfig:
 def load_gateway_config(
     path: Path | None = None,
     flags: Mapping[str, Any] | None = None,
-    *,
-    create_token: bool = True,
 ) -> tuple[GatewayConfig, LogConfig]:
-    """Read the gateway's file and flags.
+    """Read the gateway's file and flags (reading only: nothing is written).
 
-    Without any token given, the stored one is used, created on first start
-    (unless ``create_token`` is false, as when only checking a file).
+    With no token given in any way and no ``[[agents]]``, ``agents`` is empty:
+    the CLI adds the token stored in the state directory (see ``cli``).
     """
     src = _Source(path, flags or {})
     src.reject_unknown(_GATEWAY_KEYS)
@@ -403,21 +377,12 @@ def load_gateway_config(
     ]
     for name in sorted({n for n in names if names.count(n) > 1}):
         src.fail("agents", f"agent {name!r} is listed more than once")
-    token_generated = False
     if agents:
         for name in ("token", "token_file"):
             if name in src.values:
                 src.fail(name, "not used with [[agents]]: give each agent its own token there")
     else:
         token = _token(src)
-        if token is None and not src.problems and create_token:
-            try:
-                token = _state_token(state_dir or default_state_dir()).encode()
-                token_generated = True
-            except OSError as exc:
-                src.fail("state_dir", f"cannot create the token: {exc.strerror or exc}")
-            except ValueError as exc:
-                src.fail("state_dir", str(exc))
         if token is not None:
             agents.append(AgentPolicy("", (token,), allow_ports))
     access = _access_rule(src, src.values.get("access"), "access")
@@ -429,6 +394,7 @@ def load_gateway_config(
     config = GatewayConfig(
         listen=listen,
         agents=tuple(agents),
+        allow_ports=allow_ports,
         tls=tls,
         cert=cert,
         key=key,
@@ -449,7 +415,6 @@ def load_gateway_config(
         client_ca=client_ca,
         access=access,
         service_access=service_access,
-        token_generated=token_generated,
     )
     log = _log_config(src)
     src.raise_problems()
@@ -540,7 +505,7 @@ def _agent_policy(
             src.problem(where, f"{prefix}.{key}", str(exc))
             return []
 
-    tokens = values("token", _check_token) + values("token_file", _read_token_file)
+    tokens = values("token", check_token) + values("token_file", _read_token_file)
     stored_keys = values("token_hash", credentials.parse_hash_line)
     if not tokens and not stored_keys and len(src.problems) == problems and not certified:
         src.problem(

@@ -1,12 +1,9 @@
-"""The agent's reconnect backoff: how long to wait before dialing again.
-
-"Full jitter" (AWS's name): before attempt ``n`` wait a uniformly random time
-below ``min(maximum, minimum * 2**n)``, so agents cut off together do not
-come back together; a session that lasted ``STABLE_SESSION`` or more starts
-the count again, as rathole does. A pure generator: the caller passes in how
-long each session lasted and may pass in the random source, so tests need no
-clock and no sleep. This module must not import asyncio, socket, ssl, time
-or any tunnelgate module.
+"""The agent's reconnect backoff: "full jitter", a uniformly random wait below
+``min(maximum, minimum * 2**attempt)``, so agents cut off together do not all
+come back together; a session that lasted ``STABLE_SESSION`` starts the count
+again. A pure generator, fed with session durations, its random source
+injectable: tests need no clock. This module must not import asyncio, socket,
+ssl, time or any tunnelgate module.
 """
 
 from __future__ import annotations
@@ -25,13 +22,9 @@ def backoff(
     stable: float = STABLE_SESSION,
     uniform: Callable[[float, float], float] = random.uniform,
 ) -> Generator[tuple[float, int], float, None]:
-    """Delays before reconnecting, with the attempt each one precedes (from 1).
-
-    Start it with ``next()``, then ``send()`` the duration of each session that
-    ended (0 if it never came up) to get ``(delay, attempt)``.
-    """
-    ceiling = minimum
-    attempt = 0
+    """``(delay, attempt)`` before each reconnect: start it with ``next()``, then
+    ``send()`` how long each ended session lasted (0 if it never came up)."""
+    ceiling, attempt = minimum, 0
     lasted = yield 0.0, 0
     while True:
         if lasted >= stable:

@@ -42,13 +42,9 @@ class ContextLogger(logging.LoggerAdapter[logging.Logger]):
 
 
 class Throttle:
-    """Lets a repeated event through at most once per ``interval`` seconds, with
-    a count of the ones held back.
-
-    Under abuse (thousands of refused connections a second) one line per event
-    would flood the log; this keeps one line per interval. Time is passed in:
-    the class reads no clock and, but for :meth:`warning`, logs nothing.
-    """
+    """Lets a repeated event through once per ``interval`` seconds, with a count
+    of the ones held back: under abuse (thousands of refused connections a
+    second) the log gets one line per interval. Time is passed in."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -67,8 +63,7 @@ class Throttle:
     def warning(
         self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
     ) -> None:
-        """``log.warning(msg, *args)`` if :meth:`admit` lets it through, with the
-        count held back since the last one appended."""
+        """``log.warning(msg, *args)`` if :meth:`admit` lets it, with the count appended."""
         held_back = self.admit(now)
         if held_back is not None:
             more = f" (and {held_back} more since the last report)" if held_back else ""

@@ -445,3 +445,9 @@ def test_load_agent_config_rejects_bad_proxy_protocol(
     [problem] = problems(c.load_agent_config, path, {**AGENT, **flags})
     assert (problem.source, problem.key) == (str(path) if where == "file" else where, key)
     assert 'expected "v1", "v2" or "none"' in problem.message
+
+
+def test_load_gateway_config_agents_given_as_arguments_report_key_paths() -> None:
+    """[[agents]] passed in Python (as Gateway(agents=[...]) does) report agents[0].name too."""
+    found = problems(c.load_gateway_config, None, {"agents": [{"name": "a b", "token": TOKEN}]})
+    assert [(p.source, p.key) for p in found] == [("command line", "agents[0].name")]

@@ -1,11 +1,9 @@
-"""Addresses, ports and names as users write them, parsed into plain values.
-
-``HOST:PORT`` (IPv6 in brackets), the ``--expose`` spec in ``ssh -R`` order,
-port ranges, and the one alphabet of agent and service names, which the
-config loader and the wire protocol both check against. Pure functions that
-raise ``ValueError`` quoting the text they were given. This module must not
-import asyncio, socket, ssl, time or any tunnelgate module: the pure core,
-the transports and the config all build on it.
+"""Addresses, ports and names as users write them: ``HOST:PORT`` (IPv6 in
+brackets), ``--expose`` in ``ssh -R`` order, port ranges, and the one name
+alphabet that both the config and the wire protocol check. Pure functions
+raising ``ValueError`` that quotes the text. This module must not import
+asyncio, socket, ssl, time or any tunnelgate module: the pure core, the
+transports and the config all build on it.
 """
 
 from __future__ import annotations
@@ -85,8 +83,7 @@ _DIGITS: Final = re.compile(r"[0-9]{1,5}")
 
 
 def parse_host(part: str, text: str | None = None) -> str:
-    """A host name, an IPv4 address, or an IPv6 one (bracketed or bare);
-    ``text`` is what the error quotes (default: ``part``)."""
+    """A host name, IPv4 or IPv6 address (bracketed or bare); errors quote ``text``."""
     text = part if text is None else text
     if part.startswith("[") and part.endswith("]"):
         host = part[1:-1]
@@ -127,9 +124,7 @@ def parse_address(
 
 
 def parse_expose(text: str) -> tuple[str, int, Address]:
-    """Parse ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`` (``ssh -R`` order)
-    into (bind, remote port, local address); bind "" and port 0 mean the
-    gateway's default bind address and any free port."""
+    """(bind, remote port, local address) of ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT``."""
     parts = _split_colons(text.strip())
     if len(parts) == 3:
         bind = ""
@@ -146,14 +141,19 @@ def parse_expose(text: str) -> tuple[str, int, Address]:
     )
 
 
+def split_items(value: Any) -> list[Any]:
+    """A list as it is, or the items of a comma-separated string."""
+    if isinstance(value, str):
+        return [item for item in value.split(",") if item.strip()]
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list or a comma-separated string, got {value!r}")
+    return value
+
+
 def parse_port_ranges(items: Any) -> tuple[range, ...]:
     """Parse ``"3920"`` / ``"8000-8100"`` items (or one comma-separated string)."""
-    if isinstance(items, str):
-        items = [item for item in items.split(",") if item.strip()]
-    if not isinstance(items, list):
-        raise ValueError('expected a list like ["3920", "8000-8100"], or a string like "3920,8000"')
     ranges = []
-    for item in items:
+    for item in split_items(items):
         if not isinstance(item, str | int):
             raise ValueError(f"expected a port or a range like '8000-8100', got {item!r}")
         text = str(item).strip()

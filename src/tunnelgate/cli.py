@@ -28,6 +28,8 @@ from tunnelgate import __version__, credentials, logs
 from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
+    AGENT,
+    GATEWAY,
     TOKEN_ENV,
     AgentConfig,
     AgentPolicy,
@@ -37,6 +39,7 @@ from tunnelgate.config import (
     default_state_dir,
     load_agent_config,
     load_gateway_config,
+    options,
     read_token,
 )
 from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError
@@ -60,57 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
-        p.add_argument("--token", help=f"shared secret (better: --token-file or ${TOKEN_ENV})")
-        p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
-        p.add_argument(
-            "--no-tls", dest="tls", action="store_false", default=None,
-            help="plain TCP between agent and gateway (trusted networks, measuring)",
-        )  # fmt: skip
-        p.add_argument(
-            "--drain-timeout", type=float, metavar="SECONDS",
-            help="on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)",
-        )  # fmt: skip
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--log-format", choices=["text", "json"])
-
     gateway = commands.add_parser("gateway", help="run the public side")
-    common(gateway)
-    gateway.add_argument("--listen", metavar="HOST:PORT", help="control port (0.0.0.0:8080)")
-    gateway.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
-    gateway.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
-    gateway.add_argument(
-        "--client-ca", metavar="FILE",
-        help="require agent certificates signed by this CA (mutual TLS)",
-    )  # fmt: skip
-    gateway.add_argument("--state-dir", metavar="DIR", help=f"default {default_state_dir()}")
-    gateway.add_argument("--bind-host", metavar="HOST", help="default bind address of services")
-    gateway.add_argument("--allow-ports", metavar="RANGES", help="e.g. 3920,8000-8100")
-    gateway.add_argument("--heartbeat-interval", type=float, metavar="SECONDS")
-    gateway.add_argument("--heartbeat-timeout", type=float, metavar="SECONDS")
-    gateway.add_argument("--pending-timeout", type=float, metavar="SECONDS")
-    gateway.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    _add_flags(gateway, GATEWAY)
     gateway.set_defaults(run=_run_gateway)
-
     agent = commands.add_parser("agent", help="run the private side")
-    common(agent)
-    agent.add_argument("--gateway", metavar="HOST:PORT", help="the gateway's control port")
-    agent.add_argument("--ca", metavar="FILE", help="trust the gateway's certificate from CA")
-    agent.add_argument("--fingerprint", metavar="SHA256", help="pin the gateway's certificate")
-    agent.add_argument("--cert", metavar="FILE", help="this agent's certificate (mutual TLS)")
-    agent.add_argument("--key", metavar="FILE", help="this agent's private key (mutual TLS)")
-    agent.add_argument(
-        "--expose", action="append", metavar="[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT",
-        help="a service to expose (repeatable); REMOTE_PORT 0 takes any free port",
-    )  # fmt: skip
-    agent.add_argument("--name", help="this agent's name (default: the host name)")
-    agent.add_argument("--pool-size", type=int, metavar="N", help="idle data channels to keep")
-    agent.add_argument("--reconnect-max", type=float, metavar="SECONDS")
-    agent.add_argument(
-        "--proxy-protocol", metavar="v1|v2",
-        help="send each service a PROXY protocol header with the client's real address",
-    )  # fmt: skip
+    _add_flags(agent, AGENT)
     agent.set_defaults(run=_run_agent)
 
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
@@ -136,20 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    return {name: getattr(args, name, None) for name in names}
-
-
-_GATEWAY_FLAGS = [
-    "listen", "token", "token_file", "tls", "cert", "key", "client_ca", "state_dir", "bind_host",
-    "allow_ports", "heartbeat_interval", "heartbeat_timeout", "pending_timeout",
-    "handshake_timeout", "drain_timeout", "log_level", "log_format",
-]  # fmt: skip
-_AGENT_FLAGS = [
-    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "cert", "key", "expose",
-    "name", "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format",
-    "proxy_protocol",
-]  # fmt: skip
+def _add_flags(parser: argparse.ArgumentParser, side: str) -> None:
+    """``--config`` and a flag for each of the side's options that has one."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
+    for o in options(side).values():
+        if o.flag and o.kind is bool:  # --no-tls
+            parser.add_argument(o.flag, dest=o.key, action="store_false", default=None, help=o.help)
+        elif o.flag:
+            parser.add_argument(
+                o.flag, dest=o.key, action="append" if o.kind is list else "store",
+                type=o.kind if o.kind in (int, float) else str, choices=o.choices,
+                metavar=o.metavar, help=o.help,
+            )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +193,7 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    flags = _flags(args, _GATEWAY_FLAGS)
+    flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     config, stored = with_stored_token(config)
     _start_logging(args, log)
@@ -248,30 +203,27 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 def with_stored_token(config: GatewayConfig) -> tuple[GatewayConfig, Path | None]:
-    """In single-token mode without a token given, the config with the token
-    stored in the state directory (made, mode 0600, on first start), and
-    that token's path; else the config as it is, and None."""
+    """With no token given and no [[agents]]: the config with the token stored in the state
+    directory (made, mode 0600, on first start), and its path; else the config and None."""
     if config.agents:
         return config, None
-    state_dir = config.state_dir or default_state_dir()
-    path = state_dir / STORED_TOKEN_FILE
+    path = (config.state_dir or default_state_dir()) / STORED_TOKEN_FILE
     try:
-        if path.exists():
-            token = check_token(path.read_text(encoding="utf-8"))
-        else:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            token = credentials.generate_token().encode()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(token + b"\n")
-    except (ValueError, UnicodeDecodeError) as exc:
-        problem = f"the stored token is unusable ({exc}); delete it"
-        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(credentials.generate_token() + "\n")
+        token = check_token(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problem = f"cannot read or create the stored token: {exc.strerror or exc}"
         raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
-    policy = AgentPolicy("", (token,), config.allow_ports)
-    return dataclasses.replace(config, agents=(policy,)), path
+    except ValueError as exc:  # UnicodeDecodeError too
+        problem = f"the stored token is unusable ({exc}); delete it"
+        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+    return dataclasses.replace(
+        config, agents=(AgentPolicy("", (token,), config.allow_ports),)
+    ), path
 
 
 def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
@@ -340,7 +292,8 @@ def _print_banner(gateway: Gateway, stored: Path | None) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    config, log = load_agent_config(args.config, _flags(args, _AGENT_FLAGS))
+    flags = {key: getattr(args, key, None) for key in options(AGENT)}
+    config, log = load_agent_config(args.config, flags)
     _start_logging(args, log)
     return _run(lambda stop: _agent_main(config, stop))
 
@@ -363,8 +316,8 @@ def _run_token(args: argparse.Namespace) -> int:
     for the gateway's config that hold only its hash."""
     if args.token_file and not args.name:
         raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
-    if args.name and (args.token_file or os.environ.get(TOKEN_ENV)):
-        token = read_token(args.token_file).decode()
+    if args.name and (given := read_token(args.token_file)) is not None:
+        token = given.decode()
     else:
         token = credentials.generate_token()
         print(token)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from tunnelgate import access, config, credentials, protocol, proxy_protocol
+from tunnelgate.address import format_address
 from tunnelgate.errors import (
     ConfigError,
     LocalProtocolError,
@@ -514,7 +515,7 @@ def _check_rate(rule: access.AccessRule) -> None:
 
 def gateway_config(data: bytes) -> None:
     """``load_gateway_config`` on a TOML file, then every access rule put in force."""
-    loaded = _load(data, lambda path: config.load_gateway_config(path, create_token=False))
+    loaded = _load(data, config.load_gateway_config)
     if loaded is None:
         return
     gateway, _ = loaded
@@ -535,10 +536,6 @@ def agent_config(data: bytes) -> None:
 
 MAX_PREFIXES_CHECKED: Final = 300
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _plain(text: str) -> IPAddress:
@@ -562,8 +559,8 @@ def _check_header_round_trip(parsed: proxy_protocol.ProxyHeader) -> None:
     (both IPv4 or IPv4-mapped: as TCP4; otherwise as TCP6, unchanged)."""
     if parsed.family not in ("inet", "inet6"):
         return
-    client = _address(parsed.source, parsed.source_port)
-    server = _address(parsed.destination, parsed.destination_port)
+    client = format_address(parsed.source, parsed.source_port)
+    server = format_address(parsed.destination, parsed.destination_port)
     source, destination = _plain(parsed.source), _plain(parsed.destination)
     expected: tuple[str, IPAddress, IPAddress]
     if source.version == destination.version == 4:

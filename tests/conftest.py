@@ -39,7 +39,7 @@ from faultkit import shutdown_writer as shutdown_writer
 
 from tunnelgate import Address, Agent, ExposedService, Gateway
 from tunnelgate import protocol as p
-from tunnelgate.config import generate_token
+from tunnelgate.credentials import generate_token
 
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "another-token-fedcba9876543210"

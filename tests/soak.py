@@ -81,7 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faultkit import CloseHow, Direction, FaultProxy, Kind, ProxiedConnection
 
 from tunnelgate import Address
-from tunnelgate.config import generate_token
+from tunnelgate.credentials import generate_token
 
 # --- settings of the processes ---------------------------------------------------
 

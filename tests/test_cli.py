@@ -18,6 +18,7 @@ import shlex
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import time
@@ -37,6 +38,10 @@ from conftest import (
     start_gateway,
     tcp_service,
 )
+
+from tunnelgate.config import load_gateway_config
+from tunnelgate.errors import ConfigError
+from tunnelgate.gateway import with_stored_token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -420,6 +425,40 @@ def test_check_config_writes_nothing(tmp_path: Path) -> None:
     result = run_cli("check-config", str(path), env={"XDG_STATE_HOME": str(tmp_path / "xdg")})
     assert result.returncode == 0, result
     assert not state.exists(), sorted(state.rglob("*"))
+
+
+def test_stored_token_is_made_private_once_and_reused(tmp_path: Path) -> None:
+    """Without a token the gateway's config gets one from its state directory:
+    made on first start (mode 0600, directory 0700), the same one after that."""
+    state = tmp_path / "state"
+    config, _ = load_gateway_config(None, {"state_dir": str(state), "allow_ports": "3920"})
+    first, path = with_stored_token(config)
+    assert path == state / "token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    [policy] = first.agents
+    assert policy.name == "" and policy.allow_ports == (range(3920, 3921),)
+    assert policy.token == path.read_bytes().strip() and len(policy.token) >= 32
+    second, _ = with_stored_token(config)
+    assert second.agents == first.agents
+
+
+def test_stored_token_unusable_is_refused_not_replaced(tmp_path: Path) -> None:
+    """An empty (e.g. half-written) stored token is a config error naming the file; it stays."""
+    (tmp_path / "token").write_text("", encoding="utf-8")
+    config, _ = load_gateway_config(None, {"state_dir": str(tmp_path)})
+    with pytest.raises(ConfigError) as info:
+        with_stored_token(config)
+    [problem] = info.value.problems
+    assert problem.source == str(tmp_path / "token") and "delete it" in problem.message
+    assert (tmp_path / "token").read_text(encoding="utf-8") == ""
+
+
+def test_stored_token_not_used_when_a_token_is_given(tmp_path: Path) -> None:
+    """A token given in any way (here --token) leaves the state directory alone."""
+    config, _ = load_gateway_config(None, {"state_dir": str(tmp_path / "s"), "token": GOOD_TOKEN})
+    assert with_stored_token(config) == (config, None)
+    assert not (tmp_path / "s").exists()
 
 
 # --- 7. no silent truncation ----------------------------------------------------

@@ -95,3 +95,11 @@ def test_hash_line_round_trip() -> None:
 def test_hash_line_rejects_anything_else(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         c.parse_hash_line(text)
+
+
+def test_generate_token_never_looks_like_an_option() -> None:
+    """A generated token can follow --token on a command line: it never starts with '-'."""
+    tokens = {c.generate_token() for _ in range(2000)}
+    assert len(tokens) == 2000
+    assert not [t for t in tokens if t.startswith("-")]
+    assert all(len(t) >= 43 for t in tokens)

@@ -34,3 +34,21 @@ def test_text_lines_escape_control_characters() -> None:
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
     assert line.endswith("bad\\x0aINFO forged\\x0dline\\x1b[2K")
+
+
+def test_throttle_admits_the_first_event_whatever_the_clock() -> None:
+    """The first event always passes, even at a negative or zero time."""
+    for now in (-1e9, 0.0, 12345.6):
+        assert Throttle(5.0).admit(now) == 0
+
+
+def test_throttle_counts_what_it_holds_back_until_the_interval_has_passed() -> None:
+    """Events within the interval are held back and counted; the first one at or
+    after the interval passes with that count, and the count starts again."""
+    throttle = Throttle(5.0)
+    assert throttle.admit(100.0) == 0
+    assert [throttle.admit(t) for t in (101.0, 104.9, 104.99)] == [None, None, None]
+    assert throttle.admit(105.0) == 3
+    assert throttle.admit(106.0) is None
+    assert throttle.admit(200.0) == 1
+    assert throttle.admit(205.0) == 0

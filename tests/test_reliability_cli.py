@@ -50,7 +50,7 @@ from conftest import (
 
 from tunnelgate import credentials
 from tunnelgate import protocol as p
-from tunnelgate.config import DEFAULT_MAX_HANDSHAKES, DEFAULT_POOL_SIZE
+from tunnelgate.config import AGENT, GATEWAY, options
 from tunnelgate.relay import CHUNK_SIZE, IDLE_PIPES, PIPE_SIZE
 from tunnelgate.tls import READ_BUFFER_SIZE
 
@@ -741,8 +741,8 @@ ABANDONED = 5000
 ABANDON_BATCH = 500
 # A flood's memory peaks with the handshakes in flight (at most max_handshakes),
 # each holding up to a TLS read buffer.
-FLOOD_RSS_BOUND_KIB = DEFAULT_MAX_HANDSHAKES * READ_BUFFER_SIZE // 1024
-FLOOD_FD_TOLERANCE = DEFAULT_POOL_SIZE + 4  # the agent's idle pool, and a few
+FLOOD_RSS_BOUND_KIB = options(GATEWAY)["max_handshakes"].default * READ_BUFFER_SIZE // 1024
+FLOOD_FD_TOLERANCE = options(AGENT)["pool_size"].default + 4  # the agent's idle pool, and a few
 # A 32 KiB echo beside a flood; alone it takes ~10 ms. The gateway works through
 # the flood's 5,000 accepts at its own pace (0.1-0.4 s here; up to ~4 s with
 # PYTHONASYNCIODEBUG=1, as in CI): a live client waits behind them, but must

@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_until
 
 from tunnelgate import tls
-from tunnelgate.config import Address
+from tunnelgate.address import Address
 from tunnelgate.errors import PeerVerificationError, TransportError
 from tunnelgate.protocol import Ping, Side, State
 from tunnelgate.transport import (

@@ -73,6 +73,20 @@ async def held_open(source: str, address: Address) -> Any:
 # --- policies ---------------------------------------------------------------
 
 
+async def test_gateway_without_a_token_uses_the_one_stored_in_its_state_directory(
+    open_gateway: OpenGateway, open_agent: OpenAgent, echo_server: LocalServer
+) -> None:
+    """An embedded Gateway given no token and no agents makes one in its state
+    directory at start (as the command does), and accepts an agent holding it."""
+    gateway = await open_gateway(token=None)
+    assert gateway.stored_token is not None
+    assert gateway.stored_token.stat().st_mode & 0o777 == 0o600
+    token = gateway.stored_token.read_text(encoding="utf-8").strip()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], token=token)
+    (service,) = (await agent.wait_ready(10)).values()
+    await echo_roundtrip(service.address)
+
+
 async def test_policy_several_tokens_any_of_them_works(
     open_gateway: OpenGateway, open_agent: OpenAgent, echo_server: LocalServer
 ) -> None:

@@ -6,8 +6,8 @@ connection through the tunnel to a service only the agent can reach.
 :func:`expose` embeds an agent in a Python program.
 """
 
+from tunnelgate.address import Address
 from tunnelgate.agent import Agent, ExposedService, expose
-from tunnelgate.config import Address
 from tunnelgate.gateway import Gateway
 
 __version__ = "0.1.0"

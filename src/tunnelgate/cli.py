@@ -24,22 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from tunnelgate import __version__, credentials, logs
+from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
+    AGENT,
+    GATEWAY,
     TOKEN_ENV,
     AgentConfig,
     GatewayConfig,
     LogConfig,
-    default_state_dir,
-    format_address,
-    generate_token,
     load_agent_config,
     load_gateway_config,
-    parse_name,
+    options,
     read_token,
 )
 from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError
-from tunnelgate.gateway import Gateway
+from tunnelgate.gateway import Gateway, with_stored_token
 
 logger = logging.getLogger(__name__)
 
@@ -58,57 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
-        p.add_argument("--token", help=f"shared secret (better: --token-file or ${TOKEN_ENV})")
-        p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
-        p.add_argument(
-            "--no-tls", dest="tls", action="store_false", default=None,
-            help="plain TCP between agent and gateway (trusted networks, measuring)",
-        )  # fmt: skip
-        p.add_argument(
-            "--drain-timeout", type=float, metavar="SECONDS",
-            help="on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)",
-        )  # fmt: skip
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--log-format", choices=["text", "json"])
-
     gateway = commands.add_parser("gateway", help="run the public side")
-    common(gateway)
-    gateway.add_argument("--listen", metavar="HOST:PORT", help="control port (0.0.0.0:8080)")
-    gateway.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
-    gateway.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
-    gateway.add_argument(
-        "--client-ca", metavar="FILE",
-        help="require agent certificates signed by this CA (mutual TLS)",
-    )  # fmt: skip
-    gateway.add_argument("--state-dir", metavar="DIR", help=f"default {default_state_dir()}")
-    gateway.add_argument("--bind-host", metavar="HOST", help="default bind address of services")
-    gateway.add_argument("--allow-ports", metavar="RANGES", help="e.g. 3920,8000-8100")
-    gateway.add_argument("--heartbeat-interval", type=float, metavar="SECONDS")
-    gateway.add_argument("--heartbeat-timeout", type=float, metavar="SECONDS")
-    gateway.add_argument("--pending-timeout", type=float, metavar="SECONDS")
-    gateway.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    _add_flags(gateway, GATEWAY)
     gateway.set_defaults(run=_run_gateway)
-
     agent = commands.add_parser("agent", help="run the private side")
-    common(agent)
-    agent.add_argument("--gateway", metavar="HOST:PORT", help="the gateway's control port")
-    agent.add_argument("--ca", metavar="FILE", help="trust the gateway's certificate from CA")
-    agent.add_argument("--fingerprint", metavar="SHA256", help="pin the gateway's certificate")
-    agent.add_argument("--cert", metavar="FILE", help="this agent's certificate (mutual TLS)")
-    agent.add_argument("--key", metavar="FILE", help="this agent's private key (mutual TLS)")
-    agent.add_argument(
-        "--expose", action="append", metavar="[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT",
-        help="a service to expose (repeatable); REMOTE_PORT 0 takes any free port",
-    )  # fmt: skip
-    agent.add_argument("--name", help="this agent's name (default: the host name)")
-    agent.add_argument("--pool-size", type=int, metavar="N", help="idle data channels to keep")
-    agent.add_argument("--reconnect-max", type=float, metavar="SECONDS")
-    agent.add_argument(
-        "--proxy-protocol", metavar="v1|v2",
-        help="send each service a PROXY protocol header with the client's real address",
-    )  # fmt: skip
+    _add_flags(agent, AGENT)
     agent.set_defaults(run=_run_agent)
 
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
@@ -134,20 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    return {name: getattr(args, name, None) for name in names}
-
-
-_GATEWAY_FLAGS = [
-    "listen", "token", "token_file", "tls", "cert", "key", "client_ca", "state_dir", "bind_host",
-    "allow_ports", "heartbeat_interval", "heartbeat_timeout", "pending_timeout",
-    "handshake_timeout", "drain_timeout", "log_level", "log_format",
-]  # fmt: skip
-_AGENT_FLAGS = [
-    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "cert", "key", "expose",
-    "name", "pool_size", "reconnect_max", "drain_timeout", "log_level", "log_format",
-    "proxy_protocol",
-]  # fmt: skip
+def _add_flags(parser: argparse.ArgumentParser, side: str) -> None:
+    """``--config`` and a flag for each of the side's options that has one."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
+    for o in options(side).values():
+        if o.flag and o.kind is bool:  # --no-tls
+            parser.add_argument(o.flag, dest=o.key, action="store_false", default=None, help=o.help)
+        elif o.flag:
+            parser.add_argument(
+                o.flag, dest=o.key, action="append" if o.kind is list else "store",
+                type=o.kind if o.kind in (int, float) else str, choices=o.choices,
+                metavar=o.metavar, help=o.help,
+            )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +188,7 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    flags = _flags(args, _GATEWAY_FLAGS)
+    flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
     return _run(lambda stop: _gateway_main(config, stop, lambda: _reread(args.config, flags)))
@@ -246,14 +198,16 @@ def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
     """The gateway's config as it reads now (on SIGHUP); the log level applies at once."""
     config, log = load_gateway_config(path, flags)
     logging.getLogger("tunnelgate").setLevel(log.level.upper())
-    return config
+    return with_stored_token(config)[0]
 
 
 async def _gateway_main(
-    config: GatewayConfig, stop: asyncio.Event, reread: Callable[[], GatewayConfig]
+    config: GatewayConfig,
+    stop: asyncio.Event,
+    reread: Callable[[], GatewayConfig],
 ) -> None:
     async with Gateway(config) as gateway:
-        _print_banner(gateway)
+        _print_banner(gateway, gateway.stored_token)
         reloads: set[asyncio.Task[None]] = set()
 
         async def reload() -> None:
@@ -277,7 +231,8 @@ async def _gateway_main(
         await gateway.shutdown()
 
 
-def _print_banner(gateway: Gateway) -> None:
+def _print_banner(gateway: Gateway, stored: Path | None) -> None:
+    """What an operator needs to start an agent; the token only if it is the stored one."""
     config = gateway.config
     assert gateway.address is not None
     host = config.listen.host
@@ -286,10 +241,9 @@ def _print_banner(gateway: Gateway) -> None:
     target = format_address(host, gateway.address.port)
     lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
     command = f"tunnelgate agent --gateway {target}"
-    if config.token_generated:
-        state = config.state_dir or default_state_dir()
+    if stored is not None:
         token = config.agents[0].token.decode()
-        lines.append(f"token: {token}  (stored in {state / 'token'})")
+        lines.append(f"token: {token}  (stored in {stored})")
         command = f"{TOKEN_ENV}={token} {command}"
     else:
         command += " --token-file FILE"
@@ -305,7 +259,8 @@ def _print_banner(gateway: Gateway) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    config, log = load_agent_config(args.config, _flags(args, _AGENT_FLAGS))
+    flags = {key: getattr(args, key, None) for key in options(AGENT)}
+    config, log = load_agent_config(args.config, flags)
     _start_logging(args, log)
     return _run(lambda stop: _agent_main(config, stop))
 
@@ -328,10 +283,10 @@ def _run_token(args: argparse.Namespace) -> int:
     for the gateway's config that hold only its hash."""
     if args.token_file and not args.name:
         raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
-    if args.name and (args.token_file or os.environ.get(TOKEN_ENV)):
-        token = read_token(args.token_file).decode()
+    if args.name and (given := read_token(args.token_file)) is not None:
+        token = given.decode()
     else:
-        token = generate_token()
+        token = credentials.generate_token()
         print(token)
     if not args.name:
         print(
@@ -359,7 +314,7 @@ def _run_check(args: argparse.Namespace) -> int:
         agent_config, _ = load_agent_config(path)
         print(f"{path}: ok (agent config, {len(agent_config.services)} service(s))")
     else:
-        gateway_config, _ = load_gateway_config(path, create_token=False)
+        gateway_config, _ = load_gateway_config(path)
         print(f"{path}: ok (gateway config, {len(gateway_config.agents)} agent policy(ies))")
     return EXIT_OK
 

@@ -1,18 +1,20 @@
 """Configuration: flags and TOML files, checked once into frozen values.
 
-Both sides read a TOML file (``--config``) and then let flags override it.
-Every problem found is collected, with the file (or "command line") and the
-key, and raised together as one :class:`~tunnelgate.errors.ConfigError`;
-unknown keys are problems too, so a typo never passes silently. Inner code
-trusts what comes out of here. This module does no networking.
+Each setting is declared once, as an :class:`Option` in :data:`OPTIONS` (key,
+flag, type, reader, default, help, side): the CLI makes its flags from that
+table, and the loaders check keys and fill in defaults from it. Flags override
+the file. Every problem is collected, with the file (or "command line") and the
+key path, and raised together as one :class:`~tunnelgate.errors.ConfigError`;
+unknown keys are problems too. Inner code trusts what comes out of here. This
+module only reads (files, the environment, the host name): it must not write
+anything, nor import asyncio, ssl or networking (``socket`` only for the host name).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 import os
 import re
-import secrets
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,122 +24,35 @@ from typing import Any, Final, TypeVar
 
 from tunnelgate import credentials
 from tunnelgate.access import AccessRule, parse_access_rule
+from tunnelgate.address import (
+    MAX_NAME_LENGTH,
+    Address,
+    parse_address,
+    parse_expose,
+    parse_host,
+    parse_name,
+    parse_port_ranges,
+    split_items,
+    to_name,
+)
 from tunnelgate.errors import ConfigError, ConfigProblem
+from tunnelgate.protocol import MAX_SERVICES
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
-DEFAULT_CONTROL_PORT: Final = 8080
-DEFAULT_ALLOW_PORTS: Final = "1024-65535"
 MIN_TOKEN_LENGTH: Final = 16
-
-DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
-DEFAULT_HEARTBEAT_TIMEOUT: Final = 25.0
-DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
-DEFAULT_PENDING_TIMEOUT: Final = 10.0
-DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-DEFAULT_POOL_SIZE: Final = 4
-DEFAULT_MAX_POOL_SIZE: Final = 64
-DEFAULT_RECONNECT_MIN: Final = 0.5
-DEFAULT_RECONNECT_MAX: Final = 30.0
-DEFAULT_DRAIN_TIMEOUT: Final = 10.0
-DEFAULT_MAX_CONNECTIONS: Final = 16384
-DEFAULT_MAX_PENDING_CLIENTS: Final = 1024
-DEFAULT_MAX_HANDSHAKES: Final = 1024
-
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
+PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
+GATEWAY: Final = "gateway"
+AGENT: Final = "agent"
+BOTH: Final = (GATEWAY, AGENT)
+_GW: Final = (GATEWAY,)
+_AG: Final = (AGENT,)
+
+T = TypeVar("T")
 
 
-# --- addresses --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Address:
-    """A host (name, IPv4 or IPv6 without brackets) and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return format_address(self.host, self.port)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with IPv6 literals in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_colons(text: str) -> list[str]:
-    """Split on ':' outside square brackets; brackets are removed from parts."""
-    parts: list[str] = []
-    current = ""
-    depth = 0
-    for char in text:
-        if char == "[":
-            if depth or current:
-                raise ValueError(f"misplaced '[' in {text!r}")
-            depth = 1
-        elif char == "]":
-            if not depth:
-                raise ValueError(f"unbalanced ']' in {text!r}")
-            depth = 0
-            current = "[" + current + "]"
-        elif char == ":" and not depth:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    if depth:
-        raise ValueError(f"unclosed '[' in {text!r}")
-    parts.append(current)
-    return parts
-
-
-_HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def _host(part: str, text: str) -> str:
-    if part.startswith("[") and part.endswith("]"):
-        host = part[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {text!r}") from None
-        return host
-    if ":" in part:  # a bare IPv6 address, as in allow_bind = ["::1"]
-        try:
-            return str(ipaddress.IPv6Address(part))
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {text!r}") from None
-    if not _HOST_RE.fullmatch(part):
-        raise ValueError(f"bad host {part!r} in {text!r}")
-    return part
-
-
-_DIGITS: Final = re.compile(r"[0-9]{1,5}")
-_SERVICE_NAME_CHARS: Final = re.compile(r"[^A-Za-z0-9_.:@#/-]")
-MAX_NAME_LENGTH: Final = 64
-MAX_SERVICES: Final = 256  # what one Register message carries
-
-
-def _port(part: str, text: str, *, allow_zero: bool) -> int:
-    if not _DIGITS.fullmatch(part):
-        raise ValueError(f"bad port {part!r} in {text!r}")
-    port = int(part)
-    if port > 65535 or (port == 0 and not allow_zero):
-        raise ValueError(f"port {port} out of range in {text!r}")
-    return port
-
-
-def parse_address(
-    text: str, *, default_port: int | None = None, allow_zero: bool = False
-) -> Address:
-    """Parse ``host:port``, ``[v6]:port`` or (with ``default_port``) a bare host."""
-    parts = _split_colons(text.strip())
-    if len(parts) == 1 and default_port is not None:
-        return Address(_host(parts[0], text), default_port)
-    if len(parts) != 2:
-        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {text!r}")
-    return Address(_host(parts[0], text), _port(parts[1], text, allow_zero=allow_zero))
+# --- the values -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -149,48 +64,6 @@ class ServiceConfig:
     local: Address
     bind: str = ""  # "": the gateway's default bind address
     proxy_protocol: int = 0  # PROXY protocol header sent to the service: 0 none, 1 or 2
-
-
-def parse_expose(text: str) -> tuple[str, int, Address]:
-    """Parse ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`` (``ssh -R`` order)."""
-    parts = _split_colons(text.strip())
-    if len(parts) == 3:
-        bind = ""
-        remote, local_host, local_port = parts
-    elif len(parts) == 4:
-        bind = _host(parts[0], text)
-        remote, local_host, local_port = parts[1:]
-    else:
-        raise ValueError(f"expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, got {text!r}")
-    return (
-        bind,
-        _port(remote, text, allow_zero=True),
-        Address(_host(local_host, text), _port(local_port, text, allow_zero=False)),
-    )
-
-
-def parse_port_ranges(items: list[str] | str) -> tuple[range, ...]:
-    """Parse ``"3920"`` / ``"8000-8100"`` items (or one comma-separated string)."""
-    if isinstance(items, str):
-        items = [item for item in items.split(",") if item.strip()]
-    if not isinstance(items, list):
-        raise ValueError('expected a list like ["3920", "8000-8100"], or a string like "3920,8000"')
-    ranges = []
-    for item in items:
-        if not isinstance(item, str | int):
-            raise ValueError(f"expected a port or a range like '8000-8100', got {item!r}")
-        text = str(item).strip()
-        low, dash, high = text.partition("-")
-        if not _DIGITS.fullmatch(low) or (dash and not _DIGITS.fullmatch(high)):
-            raise ValueError(f"expected a port or a range like '8000-8100', got {text!r}")
-        first, last = int(low), int(high or low)
-        if not 1 <= first <= last <= 65535:
-            raise ValueError(f"bad port range {text!r}")
-        ranges.append(range(first, last + 1))
-    return tuple(ranges)
-
-
-# --- the values -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -222,368 +95,120 @@ class AgentPolicy:
         return self.tokens[0] if self.tokens else b""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
-    """Everything a gateway needs; see ``docs/ARCHITECTURE.md`` for each key."""
+    """Everything a gateway needs; :data:`OPTIONS` has each key's default."""
 
     listen: Address
-    agents: tuple[AgentPolicy, ...]
-    tls: bool = True
-    cert: Path | None = None
-    key: Path | None = None
-    state_dir: Path | None = None
-    bind_host: str = ""  # "": the host of ``listen``
-    allow_bind: tuple[str, ...] = ()  # (): only ``bind_host``
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
-    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    pending_timeout: float = DEFAULT_PENDING_TIMEOUT
-    max_pool_size: int = DEFAULT_MAX_POOL_SIZE
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections per session
-    max_pending_clients: int = DEFAULT_MAX_PENDING_CLIENTS  # per session, awaiting a channel
-    max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # control-port connections not yet authenticated
-    client_ca: Path | None = None  # agents must present a certificate signed by this CA
-    access: AccessRule | None = None  # [access]: every service of every agent
-    service_access: Mapping[str, AccessRule] = field(default_factory=dict)  # [services.NAME]
-    token_generated: bool = False  # the token came from the state directory
+    agents: tuple[AgentPolicy, ...]  # (): single-token mode, the token not read yet
+    allow_ports: tuple[range, ...]  # every agent's, unless its [[agents]] table says
+    tls: bool
+    cert: Path | None
+    key: Path | None
+    state_dir: Path | None
+    bind_host: str  # "": the host of ``listen``
+    allow_bind: tuple[str, ...]  # (): only ``bind_host``
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    handshake_timeout: float
+    pending_timeout: float
+    max_pool_size: int
+    drain_timeout: float
+    max_connections: int  # client connections per session
+    max_pending_clients: int  # per session, awaiting a channel
+    max_handshakes: int  # control-port connections not yet authenticated
+    client_ca: Path | None  # agents must present a certificate signed by this CA
+    access: AccessRule | None  # [access]: every service of every agent
+    service_access: Mapping[str, AccessRule]  # [services.NAME]
 
     @property
     def default_bind(self) -> str:
         return self.bind_host or self.listen.host
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    """Everything an agent needs; see ``docs/ARCHITECTURE.md`` for each key."""
+    """Everything an agent needs; :data:`OPTIONS` has each key's default."""
 
     gateway: Address
     token: bytes = field(repr=False)
     services: tuple[ServiceConfig, ...]
-    name: str = "agent"
-    tls: bool = True
-    ca: Path | None = None
-    fingerprint: str = ""  # normalised "SHA256:<64 hex>", or ""
-    cert: Path | None = None  # the agent's own certificate, for a gateway with client_ca
-    key: Path | None = None
-    pool_size: int = DEFAULT_POOL_SIZE
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    reconnect_min: float = DEFAULT_RECONNECT_MIN
-    reconnect_max: float = DEFAULT_RECONNECT_MAX
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    name: str
+    tls: bool
+    ca: Path | None
+    fingerprint: str  # normalised "SHA256:<64 hex>", or ""
+    cert: Path | None  # the agent's own certificate, for a gateway with client_ca
+    key: Path | None
+    pool_size: int
+    connect_timeout: float
+    handshake_timeout: float
+    reconnect_min: float
+    reconnect_max: float
+    drain_timeout: float
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "text"
+    level: str
+    format: str
 
 
-# --- reading ----------------------------------------------------------------
-
-T = TypeVar("T")
+# --- the options ------------------------------------------------------------
 
 
-class _Source:
-    """Merged settings from a file and flags, remembering where each came from."""
+@dataclass(frozen=True)
+class Option:
+    """One setting, and its flag unless ``flag`` is "" (a key of the file only).
 
-    def __init__(self, path: Path | None, flags: Mapping[str, Any]) -> None:
-        self.path = path
-        self.problems: list[ConfigProblem] = []
-        self.values: dict[str, Any] = {}
-        self.origin: dict[str, tuple[str, str]] = {}  # key -> (source, label)
-        if path is not None:
-            try:
-                with path.open("rb") as fh:
-                    data = tomllib.load(fh)
-            except OSError as exc:
-                self.problem(str(path), "-", f"cannot read: {exc.strerror or exc}")
-                data = {}
-            except tomllib.TOMLDecodeError as exc:
-                self.problem(str(path), "-", f"not valid TOML: {exc}")
-                data = {}
-            except UnicodeDecodeError as exc:
-                self.problem(str(path), "-", f"not valid TOML: not UTF-8 ({exc.reason})")
-                data = {}
-            except RecursionError:
-                self.problem(str(path), "-", "not valid TOML: nested too deeply")
-                data = {}
-            for key, value in data.items():
-                self.values[key] = value
-                self.origin[key] = (str(path), key)
-        for key, value in flags.items():
-            if value is not None:
-                self.values[key] = value
-                self.origin[key] = ("command line", "--" + key.replace("_", "-"))
+    ``kind`` is the type a value must have (None: any, for ``read`` to judge);
+    an int or float flag converts its argument to it, a bool flag (``--no-tls``)
+    sets False, a list flag (``--expose``) repeats. ``read`` checks and converts
+    a value of that kind (ValueError); without it the loader takes it as it is.
+    """
 
-    def problem(self, source: str, key: str, message: str) -> None:
-        self.problems.append(ConfigProblem(source, key, message))
+    key: str
+    sides: tuple[str, ...]
+    default: Any = None
+    kind: type | None = None
+    read: Callable[[Any], Any] | None = None
+    flag: str = ""
+    metavar: str | None = None
+    help: str | None = None
+    choices: tuple[str, ...] | None = None
 
-    def fail(self, key: str, message: str) -> None:
-        source, label = self.origin.get(key, (str(self.path or "command line"), key))
-        self.problem(source, label, message)
-
-    def reject_unknown(self, known: set[str]) -> None:
-        for key in self.values:
-            if key not in known:
-                self.fail(key, "unknown key")
-
-    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
-        if key not in self.values:
-            return default
-        value = self.values[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            self.fail(key, f"expected {names}, got {type(value).__name__} {value!r}")
-            return default
-        return value  # type: ignore[return-value]
-
-    def parse(self, key: str, parser: Callable[[Any], T], default: T) -> T:
-        if key not in self.values:
-            return default
-        try:
-            return parser(self.values[key])
-        except (ValueError, TypeError) as exc:
-            self.fail(key, str(exc))
-            return default
-
-    def seconds(self, key: str, default: float, *, allow_zero: bool = False) -> float:
-        value = self.get(key, float, default)
-        low_ok = value >= 0 if allow_zero else value > 0
-        if not low_ok or value > 3600:
-            bounds = "[0, 3600]" if allow_zero else "(0, 3600]"
-            self.fail(key, f"expected seconds in {bounds}, got {value}")
-            return default
+    def value(self, raw: Any) -> Any:
+        """The setting's value from what a file or a flag gave; ValueError if unusable."""
+        kind = self.kind
+        if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(raw)
+        if kind is not None and (
+            not isinstance(raw, kind) or (isinstance(raw, bool) and kind is not bool)
+        ):
+            raise ValueError(f"expected {kind.__name__}, got {type(raw).__name__} {raw!r}")
+        value = raw if self.read is None else self.read(raw)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"expected one of {', '.join(self.choices)}, got {value!r}")
         return value
 
-    def count(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.get(key, int, default)
+
+def _seconds(*, allow_zero: bool = False) -> Callable[[float], float]:
+    bounds = "[0, 3600]" if allow_zero else "(0, 3600]"
+
+    def read(value: float) -> float:
+        if not (value >= 0 if allow_zero else value > 0) or value > 3600:
+            raise ValueError(f"expected seconds in {bounds}, got {value}")
+        return value
+
+    return read
+
+
+def _integer(low: int, high: int) -> Callable[[int], int]:
+    def read(value: int) -> int:
         if not low <= value <= high:
-            self.fail(key, f"expected an integer in [{low}, {high}], got {value}")
-            return default
+            raise ValueError(f"expected an integer in [{low}, {high}], got {value}")
         return value
 
-    def raise_problems(self) -> None:
-        if self.problems:
-            raise ConfigError(self.problems)
-
-
-def _read_token_file(path: str) -> bytes:
-    try:
-        text = _path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
-    return _check_token(text)
-
-
-def _check_token(text: str) -> bytes:
-    text = text.strip()
-    if len(text) < MIN_TOKEN_LENGTH:
-        raise ValueError(f"token too short (at least {MIN_TOKEN_LENGTH} characters)")
-    return text.encode()
-
-
-def read_token(token_file: str | None) -> bytes:
-    """The token in ``token_file``, else in ``$TUNNELGATE_TOKEN``; ConfigError if unusable."""
-    key = "--token-file" if token_file else TOKEN_ENV
-    try:
-        if token_file:
-            return _read_token_file(token_file)
-        return _check_token(os.environ.get(TOKEN_ENV, ""))
-    except ValueError as exc:
-        raise ConfigError([ConfigProblem("command line", key, str(exc))]) from None
-
-
-def _token(src: _Source) -> bytes | None:
-    """The token from --token, --token-file, the environment, or the file, in that order.
-
-    None if there is none, or if the one found is unusable (then a problem is recorded).
-    """
-    from_flags = [
-        k for k in ("token", "token_file") if src.origin.get(k, ("",))[0] == "command line"
-    ]
-    env = os.environ.get(TOKEN_ENV)
-    if not from_flags and env:
-        try:
-            return _check_token(env)
-        except ValueError as exc:
-            src.problem("environment", TOKEN_ENV, str(exc))
-            return None
-    for key in from_flags or ["token", "token_file"]:
-        if key in src.values:
-            if key == "token":
-                return src.parse(key, lambda v: _check_token(str(v)), None)
-            return src.parse(key, lambda v: _read_token_file(str(v)), None)
-    return None
-
-
-def _token_problem_recorded(src: _Source) -> bool:
-    keys = {"--token", "token", "--token-file", "token_file", TOKEN_ENV}
-    return any(p.key in keys for p in src.problems)
-
-
-def generate_token() -> str:
-    """A new random token (256 bits, URL-safe), never starting with "-", which
-    command lines would take for an option."""
-    while (token := secrets.token_urlsafe(32)).startswith("-"):
-        pass
-    return token
-
-
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/tunnelgate``, else ``~/.local/state/tunnelgate``."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "tunnelgate"
-
-
-def _state_token(state_dir: Path) -> str:
-    """Read the gateway's stored token, creating it (mode 0600) on first start."""
-    path = state_dir / "token"
-    if path.exists():
-        try:
-            return _check_token(path.read_text(encoding="utf-8")).decode()
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"the stored token {path} is unusable ({exc}); delete it") from None
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = generate_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token + "\n")
-    return token
-
-
-_GATEWAY_KEYS: Final = {
-    "listen", "token", "token_file", "tls", "cert", "key", "state_dir", "bind_host",
-    "allow_bind", "allow_ports", "heartbeat_interval", "heartbeat_timeout",
-    "handshake_timeout", "pending_timeout", "max_pool_size", "agents", "log_level",
-    "log_format", "drain_timeout", "max_connections", "max_pending_clients", "max_handshakes",
-    "client_ca", "access", "services",
-}  # fmt: skip
-_AGENT_POLICY_KEYS: Final = {
-    "name", "token", "token_file", "token_hash", "allow_ports", "allow_bind", "max_services",
-    "max_connections", "access", "services",
-}  # fmt: skip
-
-
-def _log_config(src: _Source) -> LogConfig:
-    level = src.get("log_level", str, "info").lower()
-    if level not in LOG_LEVELS:
-        src.fail("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        level = "info"
-    fmt = src.get("log_format", str, "text")
-    if fmt not in LOG_FORMATS:
-        src.fail("log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
-        fmt = "text"
-    return LogConfig(level, fmt)
-
-
-def load_gateway_config(
-    path: Path | None = None,
-    flags: Mapping[str, Any] | None = None,
-    *,
-    create_token: bool = True,
-) -> tuple[GatewayConfig, LogConfig]:
-    """Read the gateway's file and flags.
-
-    Without any token given, the stored one is used, created on first start
-    (unless ``create_token`` is false, as when only checking a file).
-    """
-    src = _Source(path, flags or {})
-    src.reject_unknown(_GATEWAY_KEYS)
-    listen = src.parse(
-        "listen",
-        lambda v: parse_address(str(v), allow_zero=True),
-        Address("0.0.0.0", DEFAULT_CONTROL_PORT),
-    )
-    tls = src.get("tls", bool, True)
-    cert = src.parse("cert", _path, None)
-    key = src.parse("key", _path, None)
-    if (cert is None) != (key is None):
-        src.fail("cert" if cert is not None else "key", "cert and key must be given together")
-    state_dir = src.parse("state_dir", _path, None)
-    bind_host = src.parse("bind_host", lambda v: _host(str(v), str(v)), "")
-    no_binds: list[str] = []
-    allow_bind = tuple(
-        src.parse("allow_bind", lambda v: [_host(str(h), str(h)) for h in _as_list(v)], no_binds)
-    )
-    allow_ports = src.parse(
-        "allow_ports", parse_port_ranges, parse_port_ranges(DEFAULT_ALLOW_PORTS)
-    )
-    client_ca = src.parse("client_ca", _existing_file, None)
-    if client_ca is not None and not tls:
-        src.fail("client_ca", "makes no sense with --no-tls: certificates are part of TLS")
-    agents: list[AgentPolicy] = []
-    tables = src.get("agents", list, [])
-    for index, table in enumerate(tables):
-        agents.extend(_agent_policy(src, index, table, allow_ports, client_ca is not None))
-    names: list[str] = [
-        t["name"] for t in tables if isinstance(t, dict) and isinstance(t.get("name"), str)
-    ]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        src.fail("agents", f"agent {name!r} is listed more than once")
-    token_generated = False
-    if agents:
-        for name in ("token", "token_file"):
-            if name in src.values:
-                src.fail(name, "not used with [[agents]]: give each agent its own token there")
-    else:
-        token = _token(src)
-        if token is None and not src.problems and create_token:
-            try:
-                token = _state_token(state_dir or default_state_dir()).encode()
-                token_generated = True
-            except OSError as exc:
-                src.fail("state_dir", f"cannot create the token: {exc.strerror or exc}")
-            except ValueError as exc:
-                src.fail("state_dir", str(exc))
-        if token is not None:
-            agents.append(AgentPolicy("", (token,), allow_ports))
-    access = _access_rule(src, src.values.get("access"), "access")
-    service_access = _service_rules(src, src.values.get("services"), "services")
-    interval = src.seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
-    timeout = src.seconds("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
-    if timeout <= interval:
-        src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
-    config = GatewayConfig(
-        listen=listen,
-        agents=tuple(agents),
-        tls=tls,
-        cert=cert,
-        key=key,
-        state_dir=state_dir,
-        bind_host=bind_host,
-        allow_bind=allow_bind,
-        heartbeat_interval=interval,
-        heartbeat_timeout=timeout,
-        handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
-        pending_timeout=src.seconds("pending_timeout", DEFAULT_PENDING_TIMEOUT),
-        max_pool_size=src.count("max_pool_size", DEFAULT_MAX_POOL_SIZE, 1, 4096),
-        drain_timeout=src.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
-        max_connections=src.count("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1 << 20),
-        max_pending_clients=src.count(
-            "max_pending_clients", DEFAULT_MAX_PENDING_CLIENTS, 1, 1 << 16
-        ),
-        max_handshakes=src.count("max_handshakes", DEFAULT_MAX_HANDSHAKES, 1, 1 << 16),
-        client_ca=client_ca,
-        access=access,
-        service_access=service_access,
-        token_generated=token_generated,
-    )
-    log = _log_config(src)
-    src.raise_problems()
-    return config, log
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v.strip()]
-    if isinstance(value, list):
-        return value
-    raise ValueError(f"expected a list, got {type(value).__name__}")
+    return read
 
 
 def _path(value: Any) -> Path:
@@ -609,114 +234,20 @@ def _strings(value: Any) -> list[str]:
     return items
 
 
-def _access_rule(src: _Source, table: Any, where: str) -> AccessRule | None:
-    """The rule of one access table (None if absent), its problems recorded."""
-    if table is None:
-        return None
-    source = str(src.path or "command line")
-    rule, problems = parse_access_rule(table, where)
-    for key, message in problems:
-        src.problem(source, key, message)
-    return rule
+def _read_token_file(path: str) -> bytes:
+    try:
+        text = _path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
+    return check_token(text)
 
 
-def _service_rules(src: _Source, tables: Any, where: str) -> dict[str, AccessRule]:
-    """``[services.NAME]`` tables: an access rule per service name."""
-    if tables is None:
-        return {}
-    if not isinstance(tables, dict):
-        src.problem(str(src.path), where, "expected tables like [services.web]")
-        return {}
-    rules = {}
-    for name, table in tables.items():
-        rule = _access_rule(src, table, f"{where}.{name}")
-        if rule is not None:
-            rules[name] = rule
-    return rules
-
-
-def _agent_policy(
-    src: _Source, index: int, table: Any, default_ports: tuple[range, ...], certified: bool
-) -> list[AgentPolicy]:
-    where, _ = src.origin.get("agents", (str(src.path), "agents"))
-    prefix = f"agents[{index}]"
-    if not isinstance(table, dict):
-        src.problem(where, prefix, "expected a table ([[agents]])")
-        return []
-    problems = len(src.problems)
-    for key in table:
-        if key not in _AGENT_POLICY_KEYS:
-            src.problem(where, f"{prefix}.{key}", "unknown key")
-    name = table.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", name):
-        src.problem(where, f"{prefix}.name", "expected a name of letters, digits and ._@#/-")
-        return []
-
-    def values(key: str, parse: Callable[[str], T]) -> list[T]:
-        if key not in table:
-            return []
-        try:
-            return [parse(v) for v in _strings(table[key])]
-        except ValueError as exc:
-            src.problem(where, f"{prefix}.{key}", str(exc))
-            return []
-
-    tokens = values("token", _check_token) + values("token_file", _read_token_file)
-    stored_keys = values("token_hash", credentials.parse_hash_line)
-    if not tokens and not stored_keys and len(src.problems) == problems and not certified:
-        src.problem(
-            where,
-            f"{prefix}.token",
-            "missing: token, token_file or token_hash (or client_ca, for certificates alone)",
-        )
-    ports = default_ports
-    if "allow_ports" in table:
-        try:
-            ports = parse_port_ranges(table["allow_ports"])
-        except ValueError as exc:
-            src.problem(where, f"{prefix}.allow_ports", str(exc))
-    binds = tuple(values("allow_bind", lambda h: _host(h, h)))
-    limits = {}
-    for key, default, high in (
-        ("max_services", MAX_SERVICES, MAX_SERVICES),
-        ("max_connections", 0, 1 << 20),
-    ):
-        value = table.get(key, default)
-        if key in table and (
-            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high
-        ):
-            src.problem(
-                where, f"{prefix}.{key}", f"expected an integer in [1, {high}], got {value!r}"
-            )
-            value = default
-        limits[key] = value
-    label = f"agents[{name}]"
-    access = _access_rule(src, table.get("access"), f"{label}.access")
-    service_access = _service_rules(src, table.get("services"), f"{label}.services")
-    if len(src.problems) > problems:
-        return []
-    return [
-        AgentPolicy(
-            name,
-            tuple(tokens),
-            ports,
-            stored_keys=tuple(stored_keys),
-            allow_bind=binds,
-            max_services=limits["max_services"],
-            max_connections=limits["max_connections"],
-            access=access,
-            service_access=service_access,
-        )
-    ]
-
-
-_AGENT_KEYS: Final = {
-    "gateway", "token", "token_file", "tls", "ca", "fingerprint", "name", "expose",
-    "services", "pool_size", "connect_timeout", "handshake_timeout", "reconnect_min",
-    "reconnect_max", "log_level", "log_format", "drain_timeout", "proxy_protocol", "cert", "key",
-}  # fmt: skip
-_SERVICE_KEYS: Final = {"name", "bind", "port", "local", "proxy_protocol"}
-PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
+def check_token(text: str) -> bytes:
+    """The token written in ``text`` (whitespace around it left out); ValueError if too short."""
+    text = text.strip()
+    if len(text) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"token too short (at least {MIN_TOKEN_LENGTH} characters)")
+    return text.encode()
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -731,145 +262,8 @@ def normalize_fingerprint(text: str) -> str:
 
 
 def default_agent_name() -> str:
-    name = re.sub(r"[^A-Za-z0-9_.@#/-]", "-", socket.gethostname())[:64]
-    return name or "agent"
-
-
-def load_agent_config(
-    path: Path | None = None, flags: Mapping[str, Any] | None = None
-) -> tuple[AgentConfig, LogConfig]:
-    """Read the agent's file and flags; ``flags["expose"]`` is a list of specs."""
-    src = _Source(path, flags or {})
-    src.reject_unknown(_AGENT_KEYS)
-    gateway = src.parse("gateway", lambda v: parse_address(str(v)), None)
-    if gateway is None and "gateway" not in src.values:
-        src.problem("command line", "--gateway", "missing: the gateway's HOST:PORT")
-    token = _token(src)
-    if token is None and not _token_problem_recorded(src) and "cert" not in src.values:
-        src.problem(
-            "command line",
-            "--token",
-            f"missing: give --token, --token-file or {TOKEN_ENV} "
-            "(or only --cert and --key, for a gateway that takes certificates alone)",
-        )
-    tls = src.get("tls", bool, True)
-    ca = src.parse("ca", _path, None)
-    fingerprint = src.parse("fingerprint", lambda v: normalize_fingerprint(str(v)), "")
-    if not tls and (ca is not None or fingerprint):
-        src.fail("ca" if ca is not None else "fingerprint", "makes no sense with --no-tls")
-    cert = src.parse("cert", _existing_file, None)
-    key = src.parse("key", _existing_file, None)
-    if ("cert" in src.values) != ("key" in src.values):
-        src.fail("cert" if "cert" in src.values else "key", "cert and key must be given together")
-    if not tls and "cert" in src.values:
-        src.fail("cert", "makes no sense with --no-tls: certificates are part of TLS")
-    name = src.parse("name", parse_name, default_agent_name())
-    services = _services(src)
-    reconnect_min = src.seconds("reconnect_min", DEFAULT_RECONNECT_MIN)
-    reconnect_max = src.seconds("reconnect_max", DEFAULT_RECONNECT_MAX)
-    config = AgentConfig(
-        gateway=gateway or Address("localhost", DEFAULT_CONTROL_PORT),
-        token=token or b"",
-        services=services,
-        name=name,
-        tls=tls,
-        ca=ca,
-        fingerprint=fingerprint,
-        cert=cert,
-        key=key,
-        pool_size=src.count("pool_size", DEFAULT_POOL_SIZE, 0, 256),
-        connect_timeout=src.seconds("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-        handshake_timeout=src.seconds("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
-        reconnect_min=reconnect_min,
-        reconnect_max=max(reconnect_max, reconnect_min),
-        drain_timeout=src.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
-    )
-    log = _log_config(src)
-    src.raise_problems()
-    return config, log
-
-
-def parse_name(value: Any) -> str:
-    """An agent's or a service's name: 1-64 letters, digits or ._@#/-."""
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.@#/-]{1,64}", value):
-        raise ValueError("expected 1-64 letters, digits or ._@#/-")
-    return value
-
-
-def _services(src: _Source) -> tuple[ServiceConfig, ...]:
-    services: list[ServiceConfig] = []
-    # The top-level setting (--proxy-protocol) covers every --expose service and
-    # is the default of [[services]] tables.
-    proxy_default = src.parse("proxy_protocol", _proxy_protocol, 0)
-    for spec in src.get("expose", list, []):
-        try:
-            bind, port, local = parse_expose(str(spec))
-        except ValueError as exc:
-            src.fail("expose", str(exc))
-            continue
-        services.append(ServiceConfig(_derived_name(local), port, local, bind, proxy_default))
-    where, _ = src.origin.get("services", (str(src.path), "services"))
-    for index, table in enumerate(src.get("services", list, [])):
-        prefix = f"services[{index}]"
-        if not isinstance(table, dict):
-            src.problem(where, prefix, "expected a table ([[services]])")
-            continue
-        bad = False
-        for key in table:
-            if key not in _SERVICE_KEYS:
-                src.problem(where, f"{prefix}.{key}", "unknown key")
-                bad = True
-        if "local" not in table:
-            src.problem(where, f"{prefix}.local", "missing: the service's HOST:PORT")
-            continue
-        try:
-            local = parse_address(str(table["local"]))
-        except ValueError as exc:
-            src.problem(where, f"{prefix}.local", str(exc))
-            continue
-        port = table.get("port", 0)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-            src.problem(where, f"{prefix}.port", f"expected a port 0-65535, got {port!r}")
-            continue
-        name = table.get("name", _derived_name(local))
-        try:
-            name = parse_name(name) if "name" in table else name
-            bind = _host(str(table["bind"]), str(table["bind"])) if "bind" in table else ""
-        except ValueError as exc:
-            src.problem(where, f"{prefix}.name/bind", str(exc))
-            continue
-        proxy = proxy_default
-        if "proxy_protocol" in table:
-            try:
-                proxy = _proxy_protocol(table["proxy_protocol"])
-            except ValueError as exc:
-                src.problem(where, f"{prefix}.proxy_protocol", str(exc))
-                continue
-        if not bad:
-            services.append(ServiceConfig(name, port, local, bind, proxy))
-    taken: set[str] = set()
-    unique = []
-    for service in services:
-        name, count = service.name, 1
-        while name in taken:
-            count += 1
-            suffix = f"#{count}"
-            name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
-        taken.add(name)
-        unique.append(
-            ServiceConfig(name, service.port, service.local, service.bind, service.proxy_protocol)
-        )
-    if len(unique) > MAX_SERVICES:
-        src.problem(
-            "command line" if src.path is None else str(src.path),
-            "services",
-            f"{len(unique)} services; at most {MAX_SERVICES} per agent",
-        )
-    if not unique and not any(
-        p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
-    ):
-        src.problem("command line", "--expose", "missing: nothing to expose")
-    return tuple(unique)
+    """The host name, as a name (the agent's when its config gives none)."""
+    return to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent"
 
 
 def _proxy_protocol(value: Any) -> int:
@@ -879,6 +273,419 @@ def _proxy_protocol(value: Any) -> int:
     raise ValueError(f'expected "v1", "v2" or "none", got {value!r}')
 
 
+_SECONDS: Final = "SECONDS"
+# Option(key, sides, default, kind, read, flag, metavar, help): one per setting.
+OPTIONS: Final = (
+    Option("token", BOTH, flag="--token",
+           help=f"shared secret (better: --token-file or ${TOKEN_ENV})"),
+    Option("token_file", BOTH, flag="--token-file", metavar="FILE",
+           help="read the token from FILE"),
+    Option("tls", BOTH, True, bool, flag="--no-tls",
+           help="plain TCP between agent and gateway (trusted networks, measuring)"),
+    Option("drain_timeout", BOTH, 10.0, float, _seconds(allow_zero=True), "--drain-timeout",
+           _SECONDS,
+           "on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)"),
+    Option("log_level", BOTH, "info", str, str.lower, "--log-level", choices=LOG_LEVELS),
+    Option("log_format", BOTH, "text", str, None, "--log-format", choices=LOG_FORMATS),
+    # the gateway
+    Option("listen", _GW, Address("0.0.0.0", 8080), None,
+           lambda v: parse_address(str(v), allow_zero=True), "--listen", "HOST:PORT",
+           "control port (0.0.0.0:8080)"),
+    Option("cert", _GW, None, None, _path, "--cert", "FILE", "TLS certificate (PEM)"),
+    Option("key", _GW, None, None, _path, "--key", "FILE", "TLS private key (PEM)"),
+    Option("client_ca", _GW, None, None, _existing_file, "--client-ca", "FILE",
+           "require agent certificates signed by this CA (mutual TLS)"),
+    Option("state_dir", _GW, None, None, _path, "--state-dir", "DIR",
+           "default $XDG_STATE_HOME/tunnelgate, else ~/.local/state/tunnelgate"),
+    Option("bind_host", _GW, "", None, lambda v: parse_host(str(v)), "--bind-host", "HOST",
+           "default bind address of services"),
+    Option("allow_bind", _GW, (), None,
+           lambda v: tuple(parse_host(str(h)) for h in split_items(v))),
+    Option("allow_ports", _GW, (range(1024, 65536),), None, parse_port_ranges, "--allow-ports",
+           "RANGES", "e.g. 3920,8000-8100"),
+    Option("heartbeat_interval", _GW, 10.0, float, _seconds(), "--heartbeat-interval", _SECONDS),
+    Option("heartbeat_timeout", _GW, 25.0, float, _seconds(), "--heartbeat-timeout", _SECONDS),
+    Option("pending_timeout", _GW, 10.0, float, _seconds(), "--pending-timeout", _SECONDS),
+    Option("handshake_timeout", _GW, 10.0, float, _seconds(), "--handshake-timeout", _SECONDS),
+    Option("max_pool_size", _GW, 64, int, _integer(1, 4096)),
+    Option("max_connections", _GW, 16384, int, _integer(1, 1 << 20)),
+    Option("max_pending_clients", _GW, 1024, int, _integer(1, 1 << 16)),
+    Option("max_handshakes", _GW, 1024, int, _integer(1, 1 << 16)),
+    Option("agents", _GW, (), list),  # [[agents]] tables
+    Option("access", _GW),  # [access]
+    Option("services", _GW),  # [services.NAME] tables
+    # the agent
+    Option("gateway", _AG, None, None, lambda v: parse_address(str(v)), "--gateway", "HOST:PORT",
+           "the gateway's control port"),
+    Option("ca", _AG, None, None, _path, "--ca", "FILE", "trust the gateway's certificate from CA"),
+    Option("fingerprint", _AG, "", None, lambda v: normalize_fingerprint(str(v)), "--fingerprint",
+           "SHA256", "pin the gateway's certificate"),
+    Option("cert", _AG, None, None, _existing_file, "--cert", "FILE",
+           "this agent's certificate (mutual TLS)"),
+    Option("key", _AG, None, None, _existing_file, "--key", "FILE",
+           "this agent's private key (mutual TLS)"),
+    Option("expose", _AG, (), list, None, "--expose", "[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT",
+           "a service to expose (repeatable); REMOTE_PORT 0 takes any free port"),
+    Option("services", _AG, (), list),  # [[services]] tables
+    Option("name", _AG, "", None, parse_name, "--name",
+           help="this agent's name (default: the host name)"),
+    Option("pool_size", _AG, 4, int, _integer(0, 256), "--pool-size", "N",
+           "idle data channels to keep"),
+    Option("connect_timeout", _AG, 5.0, float, _seconds()),
+    Option("handshake_timeout", _AG, 10.0, float, _seconds()),
+    Option("reconnect_min", _AG, 0.5, float, _seconds()),
+    Option("reconnect_max", _AG, 30.0, float, _seconds(), "--reconnect-max", _SECONDS),
+    Option("proxy_protocol", _AG, 0, None, _proxy_protocol, "--proxy-protocol", "v1|v2",
+           "send each service a PROXY protocol header with the client's real address"),
+)  # fmt: skip
+
+
+def options(side: str) -> dict[str, Option]:
+    """The options of one side (``GATEWAY`` or ``AGENT``), by key, in table order."""
+    return {option.key: option for option in OPTIONS if side in option.sides}
+
+
+def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
+    """A reader of a string or a list of strings, each read by ``read``."""
+    return lambda value: tuple(read(item) for item in _strings(value))
+
+
+# The keys of an [[agents]] table on the gateway and of a [[services]] table on the agent.
+_AGENT_POLICY_OPTIONS: Final = (
+    Option("name", (), None, None, parse_name),
+    Option("token", (), (), None, _each(check_token)),
+    Option("token_file", (), (), None, _each(_read_token_file)),
+    Option("token_hash", (), (), None, _each(credentials.parse_hash_line)),
+    Option("allow_ports", (), None, None, parse_port_ranges),  # None: the gateway's
+    Option("allow_bind", (), (), None, _each(parse_host)),
+    Option("max_services", (), MAX_SERVICES, int, _integer(1, MAX_SERVICES)),
+    Option("max_connections", (), 0, int, _integer(1, 1 << 20)),  # 0: the gateway's
+    Option("access", ()),
+    Option("services", ()),
+)
+_SERVICE_OPTIONS: Final = (
+    Option("local", (), None, None, lambda v: parse_address(str(v))),
+    Option("port", (), 0, int, _integer(0, 65535)),  # 0: any free port
+    Option("name", (), None, None, parse_name),  # None: from local
+    Option("bind", (), "", None, lambda v: parse_host(str(v))),
+    Option("proxy_protocol", (), None, None, _proxy_protocol),  # None: the top-level one
+)
+
+
+# --- reading ----------------------------------------------------------------
+
+
+class _Source:
+    """Settings by key, each remembering where it came from (source and label),
+    and the problems found in them."""
+
+    def __init__(
+        self,
+        known: Mapping[str, Option],
+        problems: list[ConfigProblem],
+        source: str,
+        prefix: str = "",
+    ) -> None:
+        self.known = known
+        self.problems = problems
+        self.source = source  # of problems about keys not given
+        self.prefix = prefix  # of their labels
+        self.values: dict[str, Any] = {}
+        self.origin: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def load(
+        cls, path: Path | None, flags: Mapping[str, Any], known: Mapping[str, Option]
+    ) -> _Source:
+        """A file's settings, then the flags given (not None) over them."""
+        src = cls(known, [], str(path or "command line"))
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                src.problem(str(path), "-", f"cannot read: {exc.strerror or exc}")
+            except tomllib.TOMLDecodeError as exc:
+                src.problem(str(path), "-", f"not valid TOML: {exc}")
+            except UnicodeDecodeError as exc:
+                src.problem(str(path), "-", f"not valid TOML: not UTF-8 ({exc.reason})")
+            except RecursionError:
+                src.problem(str(path), "-", "not valid TOML: nested too deeply")
+        src.add(data, str(path))
+        src.add({k: v for k, v in flags.items() if v is not None}, "command line", flags=True)
+        return src
+
+    def add(self, values: Mapping[str, Any], source: str, *, flags: bool = False) -> None:
+        """Take ``values`` from ``source``; an unknown key is a problem."""
+        for key, value in values.items():
+            self.values[key] = value
+            flag = self.known[key].flag if key in self.known else ""
+            label = (flag or "--" + key.replace("_", "-")) if flags else self.prefix + key
+            self.origin[key] = (source, label)
+            if key not in self.known:
+                self.fail(key, "unknown key")
+
+    def table(self, key: str, index: int, table: Any, known: tuple[Option, ...]) -> _Source | None:
+        """The settings of the ``index``-th ``[[key]]`` table; None if it is not a table."""
+        source, prefix = self.origin.get(key, (self.source,))[0], f"{key}[{index}]"
+        if not isinstance(table, dict):
+            self.problem(source, prefix, f"expected a table ([[{key}]])")
+            return None
+        src = _Source({o.key: o for o in known}, self.problems, source, prefix + ".")
+        src.add(table, source)
+        return src
+
+    def problem(self, source: str, key: str, message: str) -> None:
+        self.problems.append(ConfigProblem(source, key, message))
+
+    def fail(self, key: str, message: str) -> None:
+        source, label = self.origin.get(key, (self.source, self.prefix + key))
+        self.problem(source, label, message)
+
+    def parse(self, key: str, parser: Callable[[Any], T], default: T) -> T:
+        if key not in self.values:
+            return default
+        try:
+            return parser(self.values[key])
+        except (ValueError, TypeError) as exc:
+            self.fail(key, str(exc))
+            return default
+
+    def read(self) -> dict[str, Any]:
+        """Every known option's value (its default if absent or unusable)."""
+        return {key: self.parse(key, o.value, o.default) for key, o in self.known.items()}
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _fields(cls: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values whose keys are fields of the dataclass ``cls``."""
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+
+
+def read_token(token_file: str | None) -> bytes | None:
+    """The token in ``token_file``, else ``$TUNNELGATE_TOKEN``, else None; ConfigError if bad."""
+    src = _Source.load(None, {"token_file": token_file}, options(AGENT))
+    token = _token(src)
+    src.raise_problems()
+    return token
+
+
+def _token(src: _Source) -> bytes | None:
+    """The token from --token, --token-file, the environment, or the file, in that
+    order; None if there is none, b"" if the one found is unusable (a problem)."""
+    from_flags = [
+        k for k in ("token", "token_file") if src.origin.get(k, ("",))[0] == "command line"
+    ]
+    env = os.environ.get(TOKEN_ENV)
+    if not from_flags and env:
+        try:
+            return check_token(env)
+        except ValueError as exc:
+            src.problem("environment", TOKEN_ENV, str(exc))
+            return b""
+    for key in from_flags or ["token", "token_file"]:
+        if key in src.values:
+            if key == "token":
+                return src.parse(key, lambda v: check_token(str(v)), b"")
+            return src.parse(key, lambda v: _read_token_file(str(v)), b"")
+    return None
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tunnelgate``, else ``~/.local/state/tunnelgate``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tunnelgate"
+
+
+def _access_rule(src: _Source, table: Any, where: str) -> AccessRule | None:
+    """The rule of one access table (None if absent), its problems recorded."""
+    if table is None:
+        return None
+    rule, problems = parse_access_rule(table, where)
+    for key, message in problems:
+        src.problem(src.source, key, message)
+    return rule
+
+
+def _service_rules(src: _Source, tables: Any, where: str) -> dict[str, AccessRule]:
+    """``[services.NAME]`` tables: an access rule per service name."""
+    if tables is None:
+        return {}
+    if not isinstance(tables, dict):
+        src.problem(src.source, where, "expected tables like [services.web]")
+        return {}
+    rules = {}
+    for name, table in tables.items():
+        rule = _access_rule(src, table, f"{where}.{name}")
+        if rule is not None:
+            rules[name] = rule
+    return rules
+
+
+def _agent_policy(
+    src: _Source, index: int, table: Any, default_ports: tuple[range, ...], certified: bool
+) -> list[AgentPolicy]:
+    problems = len(src.problems)
+    policy = src.table("agents", index, table, _AGENT_POLICY_OPTIONS)
+    if policy is None:
+        return []
+    values = policy.read()
+    if "name" not in policy.values:
+        policy.fail("name", "missing: the agent's name")
+    tokens = values["token"] + values["token_file"]
+    if not tokens and not values["token_hash"] and len(src.problems) == problems and not certified:
+        policy.fail(
+            "token",
+            "missing: token, token_file or token_hash (or client_ca, for certificates alone)",
+        )
+    if values["name"] is None:
+        return []
+    label = f"agents[{values['name']}]"
+    access = _access_rule(src, values["access"], f"{label}.access")
+    service_access = _service_rules(src, values["services"], f"{label}.services")
+    if len(src.problems) > problems:
+        return []
+    return [
+        AgentPolicy(
+            values["name"],
+            tokens,
+            default_ports if values["allow_ports"] is None else values["allow_ports"],
+            stored_keys=values["token_hash"],
+            allow_bind=values["allow_bind"],
+            max_services=values["max_services"],
+            max_connections=values["max_connections"],
+            access=access,
+            service_access=service_access,
+        )
+    ]
+
+
+def _check_tls(src: _Source, *needing_tls: str) -> None:
+    """A certificate comes with its key, and TLS settings never with --no-tls."""
+    if ("cert" in src.values) != ("key" in src.values):
+        src.fail("cert" if "cert" in src.values else "key", "cert and key must be given together")
+    for key in needing_tls if src.values.get("tls") is False else ():
+        if key in src.values:
+            src.fail(key, "makes no sense with --no-tls: it is part of TLS")
+
+
+def load_gateway_config(
+    path: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> tuple[GatewayConfig, LogConfig]:
+    """Read the gateway's file and flags (reading only: nothing is written).
+
+    With no token given in any way and no ``[[agents]]``, ``agents`` is empty:
+    the CLI adds the token stored in the state directory (see ``cli``).
+    """
+    src = _Source.load(path, flags or {}, options(GATEWAY))
+    values = src.read()
+    _check_tls(src, "client_ca")
+    client_ca, ports = values["client_ca"], values["allow_ports"]
+    agents: list[AgentPolicy] = []
+    tables = values["agents"]
+    for index, table in enumerate(tables):
+        agents.extend(_agent_policy(src, index, table, ports, client_ca is not None))
+    names: list[str] = [
+        t["name"] for t in tables if isinstance(t, dict) and isinstance(t.get("name"), str)
+    ]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        src.fail("agents", f"agent {name!r} is listed more than once")
+    if agents:
+        for name in ("token", "token_file"):
+            if name in src.values:
+                src.fail(name, "not used with [[agents]]: give each agent its own token there")
+    elif (token := _token(src)) is not None:
+        agents.append(AgentPolicy("", (token,), ports))
+    if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
+        src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
+    given = {
+        "agents": tuple(agents),
+        "access": _access_rule(src, values["access"], "access"),
+        "service_access": _service_rules(src, values["services"], "services"),
+    }
+    src.raise_problems()
+    config = GatewayConfig(**{**_fields(GatewayConfig, values), **given})
+    return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def load_agent_config(
+    path: Path | None = None, flags: Mapping[str, Any] | None = None
+) -> tuple[AgentConfig, LogConfig]:
+    """Read the agent's file and flags; ``flags["expose"]`` is a list of specs."""
+    src = _Source.load(path, flags or {}, options(AGENT))
+    values = src.read()
+    if "gateway" not in src.values:
+        src.problem("command line", "--gateway", "missing: the gateway's HOST:PORT")
+    token = _token(src)
+    if token is None and "cert" not in src.values:
+        src.problem(
+            "command line",
+            "--token",
+            f"missing: give --token, --token-file or {TOKEN_ENV} "
+            "(or only --cert and --key, for a gateway that takes certificates alone)",
+        )
+    _check_tls(src, "ca", "fingerprint", "cert")
+    given = {
+        "token": token or b"",  # b"": certificates alone
+        "services": _services(src, values),
+        "name": values["name"] or default_agent_name(),
+        "reconnect_max": max(values["reconnect_max"], values["reconnect_min"]),
+    }
+    src.raise_problems()
+    config = AgentConfig(**{**_fields(AgentConfig, values), **given})
+    return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, ...]:
+    services: list[ServiceConfig] = []
+    # The top-level setting (--proxy-protocol) covers every --expose service and
+    # is the default of [[services]] tables.
+    proxy_default = values["proxy_protocol"]
+    for spec in values["expose"]:
+        try:
+            bind, port, local = parse_expose(str(spec))
+        except ValueError as exc:
+            src.fail("expose", str(exc))
+            continue
+        services.append(ServiceConfig(_derived_name(local), port, local, bind, proxy_default))
+    for index, table in enumerate(values["services"]):
+        problems = len(src.problems)
+        if (given := src.table("services", index, table, _SERVICE_OPTIONS)) is None:
+            continue
+        fields = given.read()
+        if "local" not in given.values:
+            given.fail("local", "missing: the service's HOST:PORT")
+        if len(src.problems) == problems:
+            local, proxy = fields["local"], fields["proxy_protocol"]
+            name = fields["name"] or _derived_name(local)
+            proxy = proxy_default if proxy is None else proxy
+            services.append(ServiceConfig(name, fields["port"], local, fields["bind"], proxy))
+    taken: set[str] = set()
+    unique = []
+    for service in services:
+        name, count = service.name, 1
+        while name in taken:
+            count += 1
+            suffix = f"#{count}"
+            name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+        taken.add(name)
+        unique.append(dataclasses.replace(service, name=name))
+    if len(unique) > MAX_SERVICES:
+        src.problem(
+            src.source, "services", f"{len(unique)} services; at most {MAX_SERVICES} per agent"
+        )
+    if not unique and not any(
+        p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
+    ):
+        src.problem("command line", "--expose", "missing: nothing to expose")
+    return tuple(unique)
+
+
 def _derived_name(local: Address) -> str:
     """A service's default name: its local address, in the protocol's name alphabet."""
-    return _SERVICE_NAME_CHARS.sub("-", f"{local.host}:{local.port}")[-MAX_NAME_LENGTH:]
+    return to_name(f"{local.host}:{local.port}")[-MAX_NAME_LENGTH:]

@@ -35,6 +35,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -70,6 +71,14 @@ def derive(token: bytes, agent: str) -> Credential:
     )
     client_key = hmac.digest(salted, b"client key", "sha256")
     return Credential(client_key, hashlib.sha256(client_key).digest())
+
+
+def generate_token() -> str:
+    """A new random token (256 bits, URL-safe), never starting with "-", which
+    command lines would take for an option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 def hash_line(stored_key: bytes) -> str:

@@ -42,29 +42,32 @@ class ContextLogger(logging.LoggerAdapter[logging.Logger]):
 
 
 class Throttle:
-    """Lets a repeated warning through at most once per ``interval`` seconds.
-
-    Under abuse (thousands of refused connections a second) one line per event
-    would flood the log; this keeps one line per interval, with a count of the
-    ones left out. Time is passed in.
-    """
+    """Lets a repeated event through once per ``interval`` seconds, with a count
+    of the ones held back: under abuse (thousands of refused connections a
+    second) the log gets one line per interval. Time is passed in."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._reported_at = -interval
-        self._left_out = 0
+        self._reported_at: float | None = None
+        self._held_back = 0
+
+    def admit(self, now: float) -> int | None:
+        """None if an event at ``now`` comes too soon after the last one let
+        through (it is counted); else the count held back since that one."""
+        if self._reported_at is not None and now - self._reported_at < self.interval:
+            self._held_back += 1
+            return None
+        held_back, self._reported_at, self._held_back = self._held_back, now, 0
+        return held_back
 
     def warning(
         self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
     ) -> None:
-        """``log.warning(msg, *args)`` unless it is too soon, with the count of
-        the ones left out since appended."""
-        if now - self._reported_at < self.interval:
-            self._left_out += 1
-            return
-        left_out, self._reported_at, self._left_out = self._left_out, now, 0
-        more = f" (and {left_out} more since the last report)" if left_out else ""
-        log.warning(msg + "%s", *args, more)
+        """``log.warning(msg, *args)`` if :meth:`admit` lets it, with the count appended."""
+        held_back = self.admit(now)
+        if held_back is not None:
+            more = f" (and {held_back} more since the last report)" if held_back else ""
+            log.warning(msg + "%s", *args, more)
 
 
 def log_closed(

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
-from tunnelgate.config import Address, format_address
+from tunnelgate.address import Address, format_address
 from tunnelgate.errors import (
     CertificateRefusedError,
     ConnectionClosed,

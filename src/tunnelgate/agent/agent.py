@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tunnelgate.address import Address, format_address
 from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, SessionStatistics
-from tunnelgate.config import Address, AgentConfig, format_address, load_agent_config
+from tunnelgate.backoff import backoff
+from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,
@@ -32,7 +33,6 @@ from tunnelgate.relay import wait_relays
 
 logger = logging.getLogger(__package__)
 
-STABLE_SESSION: Final = 30.0  # a session this long resets the reconnect backoff
 CLOSE_RETRY_INTERVAL: Final = 0.1
 
 
@@ -166,7 +166,8 @@ class Agent:
     async def run(self) -> None:
         """Keep a session up until cancelled. Raises AuthenticationError when refused."""
         config = self.config
-        attempt = 0
+        delays = backoff(config.reconnect_min, config.reconnect_max)
+        next(delays)
         while True:
             started = time.monotonic()
             session = AgentSession(
@@ -188,10 +189,7 @@ class Agent:
                     self._ready.clear()
             if self._closing:
                 raise asyncio.CancelledError
-            if time.monotonic() - started >= STABLE_SESSION:
-                attempt = 0
-            delay = random.uniform(0, min(config.reconnect_max, config.reconnect_min * 2**attempt))
-            attempt += 1
+            delay, attempt = delays.send(time.monotonic() - started)
             self._log.log(
                 level,
                 "%s; reconnecting to %s in %.1f s (attempt %d)",

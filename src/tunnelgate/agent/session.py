@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from tunnelgate import credentials, proxy_protocol, tls
+from tunnelgate.address import Address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
-from tunnelgate.config import Address, AgentConfig, ServiceConfig
+from tunnelgate.config import AgentConfig, ServiceConfig
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,

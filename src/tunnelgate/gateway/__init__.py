@@ -19,7 +19,7 @@ from tunnelgate.gateway.admission import (
     AUTH_SUSPECT,
     AUTH_SUSPECT_HANDSHAKES,
 )
-from tunnelgate.gateway.gateway import Gateway, GatewayStatistics
+from tunnelgate.gateway.gateway import Gateway, GatewayStatistics, with_stored_token
 from tunnelgate.gateway.pool import POOL_CHECK_AGE, POOL_CHECK_TIMEOUT, PoolStatistics
 from tunnelgate.gateway.session import (
     ClientStatistics,
@@ -42,4 +42,5 @@ __all__ = [
     "PoolStatistics",
     "ServiceStatistics",
     "SessionStatistics",
+    "with_stored_token",
 ]

@@ -20,6 +20,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -29,15 +30,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from tunnelgate import credentials, tls
+from tunnelgate.address import Address
 from tunnelgate.config import (
-    Address,
     AgentPolicy,
     GatewayConfig,
+    check_token,
     default_state_dir,
     load_gateway_config,
 )
 from tunnelgate.errors import (
     AuthenticationError,
+    ConfigError,
+    ConfigProblem,
     ConnectionClosed,
     ProtocolError,
     TransportError,
@@ -81,6 +85,7 @@ from tunnelgate.transport import (
 logger = logging.getLogger(__package__)
 
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
+STORED_TOKEN_FILE: Final = "token"  # in the state directory, without a token or [[agents]]
 DERIVED_KEYS: Final = 4096  # stored keys derived from clear tokens, kept per (token, agent)
 
 
@@ -106,6 +111,7 @@ class Gateway:
         self.address: Address | None = None
         self.fingerprint: str | None = None
         self.cert_created = False
+        self.stored_token: Path | None = None  # the state directory's token, if it is the one
         self._context: ssl.SSLContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._client_ca_pem: bytes | None = None  # as loaded into the context
@@ -137,6 +143,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Load the TLS identity, bind the control port and start serving."""
+        self.config, self.stored_token = with_stored_token(self.config)
         config = self.config
         if config.tls:
             cert, key = config.cert, config.key
@@ -518,6 +525,30 @@ class Gateway:
                 )
             else:
                 session.log.info("session closed after %.1f s (services: %s)", duration, names)
+
+
+def with_stored_token(config: GatewayConfig) -> tuple[GatewayConfig, Path | None]:
+    """With no token given and no [[agents]]: the config with the token stored in the state
+    directory (made, mode 0600, on first start), and its path; else the config and None."""
+    if config.agents:
+        return config, None
+    path = (config.state_dir or default_state_dir()) / STORED_TOKEN_FILE
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(credentials.generate_token() + "\n")
+        token = check_token(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problem = f"cannot read or create the stored token: {exc.strerror or exc}"
+        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+    except ValueError as exc:  # UnicodeDecodeError too
+        problem = f"the stored token is unusable ({exc}); delete it"
+        raise ConfigError([ConfigProblem(str(path), "-", problem)]) from None
+    return dataclasses.replace(
+        config, agents=(AgentPolicy("", (token,), config.allow_ports),)
+    ), path
 
 
 def _contents(path: Path | None) -> bytes | None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tunnelgate.access import Gate, Refusal, admit, client_ip
-from tunnelgate.config import Address, AgentPolicy, GatewayConfig, format_address
+from tunnelgate.address import Address, format_address
+from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.errors import (
     ConnectionClosed,
     ProtocolError,

@@ -42,6 +42,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from tunnelgate.address import NAME_PATTERN
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION: Final = 2  # 2: the proof is SCRAM over scrypt (credentials.py)
@@ -57,11 +58,12 @@ MAX_DATA_SIZE: Final = 1024 * 1024
 WHOLE_FRAME_MAX: Final = HEADER_SIZE + MAX_DATA_SIZE  # the largest frame whole_data_frame takes
 MAX_ABORT_SIZE: Final = 1024
 NONCE_SIZE: Final = 32
+MAX_SERVICES: Final = 256  # in one Register, so per agent
 
 _HEADER = struct.Struct(">I")
 _LENGTH_MASK: Final = 0xFFFFFF
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_.:@#/-]+\Z")]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Host = Annotated[str, msgspec.Meta(max_length=255)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -111,7 +113,7 @@ class ServiceRequest(msgspec.Struct, frozen=True):
 class Register(msgspec.Struct, tag="register", frozen=True):
     """Agent to gateway: expose these services too (names not yet registered)."""
 
-    services: Annotated[list[ServiceRequest], msgspec.Meta(max_length=256)]
+    services: Annotated[list[ServiceRequest], msgspec.Meta(max_length=MAX_SERVICES)]
 
 
 class ServiceResult(msgspec.Struct, frozen=True):
@@ -127,7 +129,7 @@ class ServiceResult(msgspec.Struct, frozen=True):
 class Registered(msgspec.Struct, tag="registered", frozen=True):
     """Gateway to agent: one result per requested service, in the same order."""
 
-    results: Annotated[list[ServiceResult], msgspec.Meta(max_length=256)]
+    results: Annotated[list[ServiceResult], msgspec.Meta(max_length=MAX_SERVICES)]
 
 
 class Ping(msgspec.Struct, tag="ping", frozen=True):

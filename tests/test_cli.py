@@ -25,19 +25,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    AGENT_COMMAND_RE,
-    DEADLINE,
-    TOKEN_ENV,
-    GatewayProc,
-    Launch,
-    Proc,
-    echo_exchange,
-    free_port,
-    new_token,
-    start_gateway,
-    tcp_service,
-)
+from kit.clients import echo_exchange
+from kit.processes import AGENT_COMMAND_RE, GatewayProc, Launch, Proc, start_gateway
+from kit.services import free_port, tcp_service
+from kit.tokens import TOKEN_ENV, new_token
+from kit.waiting import DEADLINE
 
 from tunnelgate.config import load_gateway_config
 from tunnelgate.errors import ConfigError

@@ -7,15 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ERROR_REPLY,
-    ErrorThenCloseHandler,
-    Launch,
-    new_token,
-    send_until_reset_trials,
-    start_gateway,
-    tcp_service,
-)
+from kit.clients import send_until_reset_trials
+from kit.processes import Launch, start_gateway
+from kit.services import ERROR_REPLY, ErrorThenCloseHandler, tcp_service
+from kit.tokens import new_token
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,20 +14,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
-    LocalServer,
-    OpenAgent,
-    OpenGateway,
-    StartProxy,
-    StartServer,
-    connect,
-    echo_roundtrip,
-    free_port,
-    read_to_end,
-    reset_writer,
-    wait_until,
-)
-from faultkit import FaultProxy, ProxiedConnection
+from faultkit import FaultProxy, ProxiedConnection, reset_writer
+from kit.clients import connect, echo_roundtrip, read_to_end
+from kit.services import LocalServer, free_port
+from kit.tunnels import OpenAgent, OpenGateway, StartProxy, StartServer
+from kit.waiting import wait_until
 
 from tunnelgate import Address
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from conftest import recording
+from kit.logs import recording
 
 from tunnelgate.logs import TextFormatter, Throttle
 

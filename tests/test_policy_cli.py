@@ -12,18 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    DEADLINE,
-    TOKEN_ENV,
-    TUNNELGATE,
-    EchoHandler,
-    GatewayProc,
-    Launch,
-    Proc,
-    new_token,
-    start_gateway,
-    tcp_service,
-)
+from kit.processes import TUNNELGATE, GatewayProc, Launch, Proc, start_gateway
+from kit.services import EchoHandler, tcp_service
+from kit.tokens import TOKEN_ENV, new_token
+from kit.waiting import DEADLINE
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Launch, free_port, new_token, require_tool, wait_connectable
+from kit.processes import Launch, require_tool
+from kit.services import free_port
+from kit.tokens import new_token
+from kit.waiting import wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,15 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import (
-    Launch,
-    free_port,
-    new_token,
-    require_tool,
-    send_until_reset_trials,
-    start_gateway,
-    wait_connectable,
-)
+from kit.clients import send_until_reset_trials
+from kit.processes import Launch, require_tool, start_gateway
+from kit.services import free_port
+from kit.tokens import new_token
+from kit.waiting import wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -34,19 +34,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import (
-    DEADLINE,
-    EchoHandler,
-    GatewayProc,
-    Launch,
-    Proc,
-    client_hello,
-    echo_exchange,
-    free_port,
-    new_token,
-    read_until_end,
-    start_gateway,
-)
+from kit.clients import client_hello, echo_exchange, read_until_end
+from kit.processes import GatewayProc, Launch, Proc, start_gateway
+from kit.services import EchoHandler, free_port
+from kit.tokens import new_token
+from kit.waiting import DEADLINE
 
 from tunnelgate import credentials
 from tunnelgate import protocol as p

@@ -14,26 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    READ_SIZE,
-    TOKEN,
-    LocalServer,
-    LogRecorder,
+from faultkit import reset_writer
+from kit.clients import Payload, connect, echo_roundtrip, read_to_end
+from kit.logs import LogRecorder
+from kit.services import READ_SIZE, LocalServer, banner_handler, echo_handler
+from kit.tokens import TOKEN
+from kit.tunnels import (
     OpenTunnel,
-    Payload,
     StartProxy,
     StartServer,
     Tunnel,
     agent_tls_options,
-    banner_handler,
-    connect,
-    echo_handler,
-    echo_roundtrip,
     gateway_defaults,
-    read_to_end,
-    reset_writer,
-    wait_until,
 )
+from kit.waiting import wait_until
 
 import tunnelgate
 from tunnelgate import Address, Agent, Gateway, relay

@@ -10,18 +10,10 @@ import os
 import time
 
 import pytest
-from conftest import (
-    Handler,
-    OpenAgent,
-    OpenGateway,
-    StartServer,
-    connect,
-    echo_handler,
-    echo_roundtrip,
-    free_port,
-    read_to_end,
-    wait_until,
-)
+from kit.clients import connect, echo_roundtrip, read_to_end
+from kit.services import Handler, echo_handler, free_port
+from kit.tunnels import OpenAgent, OpenGateway, StartServer
+from kit.waiting import wait_until
 
 from tunnelgate import Address
 

@@ -18,27 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    READ_SIZE,
-    LocalServer,
-    LogRecorder,
+from faultkit import reset_writer
+from kit.clients import connect, echo_roundtrip, read_to_end
+from kit.logs import LogRecorder, recording
+from kit.services import READ_SIZE, LocalServer, banner_handler, echo_handler, free_port
+from kit.tunnels import (
     OpenAgent,
     OpenGateway,
     OpenTunnel,
     StartProxy,
     StartServer,
     Tunnel,
-    banner_handler,
-    connect,
-    echo_handler,
-    echo_roundtrip,
-    free_port,
     gateway_defaults,
-    read_to_end,
-    recording,
-    reset_writer,
-    wait_until,
 )
+from kit.waiting import wait_until
 
 import tunnelgate.gateway.pool
 from tunnelgate import Address, Gateway

@@ -19,16 +19,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import (
-    DEADLINE,
-    ERROR_REPLY,
-    ErrorThenCloseHandler,
-    OpenAgent,
-    OpenGateway,
-    read_until_end,
-    send_until_reset_trials,
-    tcp_service,
-)
+from kit.clients import read_until_end, send_until_reset_trials
+from kit.services import ERROR_REPLY, ErrorThenCloseHandler, tcp_service
+from kit.tunnels import OpenAgent, OpenGateway
+from kit.waiting import DEADLINE
 
 from tunnelgate import relay
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import LocalServer, LogRecorder, OpenAgent, OpenGateway, echo_roundtrip
+from kit.clients import echo_roundtrip
+from kit.logs import LogRecorder
+from kit.services import LocalServer
+from kit.tunnels import OpenAgent, OpenGateway
 
 from tunnelgate import Gateway
 from tunnelgate.errors import AuthenticationError, TunnelgateError

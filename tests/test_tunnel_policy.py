@@ -15,19 +15,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import (
-    OTHER_TOKEN,
-    TOKEN,
-    LocalServer,
-    LogRecorder,
-    OpenAgent,
-    OpenGateway,
-    connect,
-    echo_roundtrip,
-    free_port,
-    next_event,
-    wait_until,
-)
+from kit.clients import connect, echo_roundtrip, next_event
+from kit.logs import LogRecorder
+from kit.services import LocalServer, free_port
+from kit.tokens import OTHER_TOKEN, TOKEN
+from kit.tunnels import OpenAgent, OpenGateway
+from kit.waiting import wait_until
 
 from tunnelgate import Address, Gateway, credentials
 from tunnelgate import protocol as p

@@ -9,15 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
-    LocalServer,
-    LogRecorder,
-    OpenAgent,
-    OpenGateway,
-    echo_roundtrip,
-    gateway_defaults,
-    wait_until,
-)
+from kit.clients import echo_roundtrip
+from kit.logs import LogRecorder
+from kit.services import LocalServer
+from kit.tunnels import OpenAgent, OpenGateway, gateway_defaults
+from kit.waiting import wait_until
 
 from tunnelgate import Address, Gateway
 

@@ -22,28 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    DEADLINE,
-    READ_SIZE,
-    TOKEN,
-    Handler,
-    Launch,
-    LogRecorder,
-    OpenAgent,
-    OpenGateway,
-    StartServer,
-    connect,
-    free_port,
-    new_token,
-    read_to_end,
-    read_until_end,
-    require_tool,
-    start_gateway,
-    wait_connectable,
-    wait_until,
-)
 from hypothesis import given
 from hypothesis import strategies as st
+from kit.clients import connect, read_to_end, read_until_end
+from kit.logs import LogRecorder
+from kit.processes import Launch, require_tool, start_gateway
+from kit.services import READ_SIZE, Handler, free_port
+from kit.tokens import TOKEN, new_token
+from kit.tunnels import OpenAgent, OpenGateway, StartServer
+from kit.waiting import DEADLINE, wait_connectable, wait_until
 
 from tunnelgate import cli, proxy_protocol
 from tunnelgate.agent import session as agent_session

@@ -14,23 +14,12 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import (
-    OTHER_TOKEN,
-    TOKEN,
-    LocalServer,
-    LogRecorder,
-    OpenAgent,
-    OpenGateway,
-    StartServer,
-    Tunnel,
-    banner_handler,
-    client_hello,
-    connect,
-    echo_roundtrip,
-    free_port,
-    next_event,
-    wait_until,
-)
+from kit.clients import client_hello, connect, echo_roundtrip, next_event
+from kit.logs import LogRecorder
+from kit.services import LocalServer, banner_handler, free_port
+from kit.tokens import OTHER_TOKEN, TOKEN
+from kit.tunnels import OpenAgent, OpenGateway, StartServer, Tunnel
+from kit.waiting import wait_until
 
 from tunnelgate import Address, credentials
 from tunnelgate import protocol as p

@@ -23,7 +23,8 @@ import pytest
 from faultkit import FaultProxy
 from kit.clients import Payload
 from kit.logs import LogRecorder, recording, unexpected_lines
-from kit.processes import TUNNELGATE, Launch, Proc
+from kit.ports import start_listening
+from kit.processes import TUNNELGATE, Launch, Proc, require_tool
 from kit.services import EchoHandler, Handler, LocalServer, echo_handler, tcp_service
 from kit.tokens import OTHER_TOKEN, TOKEN, TOKEN_ENV
 from kit.tunnels import MODES, Tunnel, agent_tls_options, gateway_defaults
@@ -292,6 +293,22 @@ def launch_command(tmp_path: Path) -> Iterator[Launch]:
         if proc.is_tunnelgate and any("Traceback" in line for line in proc.stderr + proc.stdout)
     ]
     assert not broken, "a tunnelgate process logged a traceback:\n" + "\n".join(broken)
+
+
+@pytest.fixture
+def redis_port(launch_command: Launch, tmp_path: Path) -> int:
+    """A throwaway ``redis-server`` on loopback (no persistence); its port."""
+    server = require_tool("redis-server")
+
+    def start(port: int) -> Proc:
+        return launch_command(
+            server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path),
+            cwd=tmp_path,
+        )  # fmt: skip
+
+    _, port = start_listening(start)
+    return port
 
 
 @pytest.fixture

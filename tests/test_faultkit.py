@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import pytest
 from faultkit import FaultProxy, ProxiedConnection, reset_writer
 from kit.clients import connect, echo_roundtrip, read_to_end
-from kit.services import LocalServer, free_port
+from kit.ports import refusing_port
+from kit.services import LocalServer
 from kit.tunnels import OpenAgent, OpenGateway, StartProxy, StartServer
 from kit.waiting import wait_until
 
@@ -489,9 +490,10 @@ async def test_refuse_resets_new_connections_at_once(
 
 async def test_gateway_unreachable_resets_the_agent_side(start_proxy: StartProxy) -> None:
     """When nothing listens at the target, the agent's connection is reset, not closed."""
-    proxy = await start_proxy(Address("127.0.0.1", free_port()))
-    async with raw_client(proxy) as sock:
-        assert await recv_until_closed(sock) == (b"", "reset")
+    with refusing_port() as port:
+        proxy = await start_proxy(Address("127.0.0.1", port))
+        async with raw_client(proxy) as sock:
+            assert await recv_until_closed(sock) == (b"", "reset")
 
 
 # --- which connections a fault touches ----------------------------------------------
@@ -582,7 +584,8 @@ async def test_heal_leaves_a_blackholed_connection_dead(
 
 async def test_fixed_port_lets_the_proxy_restart_in_place(echo_server: LocalServer) -> None:
     """A proxy given a port listens there again after a restart."""
-    port = free_port()
+    async with FaultProxy(echo_server.address) as first:
+        port = first.port  # the kernel's pick, asked for by name from now on
     proxy = FaultProxy(echo_server.address, port=port)
     for _ in range(2):
         async with proxy:

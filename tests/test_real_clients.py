@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 from kit.processes import Launch, require_tool
-from kit.services import free_port
 from kit.tokens import new_token
-from kit.waiting import wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,20 +105,6 @@ def test_curl_fetches_a_large_file_intact(
 
 
 # --- 12. redis-benchmark and redis-cli against Redis --------------------------
-
-
-@pytest.fixture
-def redis_port(launch_command: Launch, tmp_path: Path) -> int:
-    """A throwaway ``redis-server`` on loopback (no persistence); its port."""
-    server = require_tool("redis-server")
-    port = free_port()
-    launch_command(
-        server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(tmp_path),
-        cwd=tmp_path,
-    )  # fmt: skip
-    wait_connectable(port)
-    return port
 
 
 BENCHMARK_ARGS = ("-n", "2000", "-c", "20", "-t", "set,get", "-q")

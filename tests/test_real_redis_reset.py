@@ -10,30 +10,14 @@ from pathlib import Path
 
 import pytest
 from kit.clients import send_until_reset_trials
-from kit.processes import Launch, require_tool, start_gateway
-from kit.services import free_port
+from kit.processes import Launch, start_gateway
 from kit.tokens import new_token
-from kit.waiting import wait_connectable
 
 pytestmark = pytest.mark.timeout(60)
 
 TRIALS = 25
 PROTOCOL_ERROR = b"-ERR Protocol error"
 BAD_REQUEST = b"\x00"  # no inline request ends before Redis gives up on it
-
-
-@pytest.fixture
-def redis_port(launch_command: Launch, tmp_path: Path) -> int:
-    """A throwaway ``redis-server`` on loopback (no persistence); its port."""
-    server = require_tool("redis-server")
-    port = free_port()
-    launch_command(
-        server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(tmp_path),
-        cwd=tmp_path,
-    )  # fmt: skip
-    wait_connectable(port)
-    return port
 
 
 def protocol_errors_then_resets(port: int) -> Counter[tuple[bytes, str]]:

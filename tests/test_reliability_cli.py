@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import pytest
 from kit.clients import client_hello, echo_exchange, read_until_end
 from kit.processes import GatewayProc, Launch, Proc, start_gateway
-from kit.services import EchoHandler, free_port
+from kit.services import EchoHandler
 from kit.tokens import new_token
 from kit.waiting import DEADLINE
 
@@ -421,12 +421,11 @@ def test_gateway_restart_agent_returns_within_backoff_and_gap_clients_never_hang
     once, the agent is back within its backoff cap, and bytes flow again intact."""
     token = new_token()
     state = tmp_path / "state"
-    listen = f"127.0.0.1:{free_port()}"
-    public = free_port()
-    gateway = start_gateway(launch, state, *HEARTBEAT_FLAGS, listen=listen, token=token)
+    gateway = start_gateway(launch, state, *HEARTBEAT_FLAGS, token=token)
+    listen = f"127.0.0.1:{gateway.port}"  # the port the first one was given, again
     with tcp_service(EchoHandler) as echo:
-        agent = start_agent(launch, gateway, token, f"{public}:127.0.0.1:{service_port(echo)}")
-        wait_exposed(agent, public)
+        agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
+        public = wait_exposed(agent)  # and kept across the restart
         echo_checked(public)
 
         gateway.proc.signal(signum)
@@ -473,11 +472,10 @@ def test_agent_death_mid_transfer_resets_clients_and_frees_gateway(
     token = new_token()
     gateway = start_gateway(launch, tmp_path / "state", *HEARTBEAT_FLAGS, tls=tls, token=token)
     baseline = fd_census(gateway.pid)
-    public = free_port()
     with tcp_service(_Stream) as stream, contextlib.ExitStack() as closing:
-        expose = f"{public}:127.0.0.1:{service_port(stream)}"
-        agent = start_agent(launch, gateway, token, expose)
-        wait_exposed(agent, public)
+        agent = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(stream)}")
+        public = wait_exposed(agent)
+        expose = f"{public}:127.0.0.1:{service_port(stream)}"  # for the restarted agent
         clients = []
         for _ in range(STALLED_CLIENTS):
             sock = closing.enter_context(socket.create_connection(("127.0.0.1", public), DEADLINE))
@@ -539,11 +537,10 @@ def test_agent_takeover_of_frozen_session_is_immediate(launch: Launch, tmp_path:
     token = new_token()
     flags = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", str(TAKEOVER_HEARTBEAT_TIMEOUT))
     gateway = start_gateway(launch, tmp_path / "state", *flags, token=token)
-    public = free_port()
     with tcp_service(EchoHandler) as echo, contextlib.ExitStack() as closing:
-        expose = f"{public}:127.0.0.1:{service_port(echo)}"
-        first = start_agent(launch, gateway, token, expose)
-        wait_exposed(first, public)
+        first = start_agent(launch, gateway, token, f"0:127.0.0.1:{service_port(echo)}")
+        public = wait_exposed(first)
+        expose = f"{public}:127.0.0.1:{service_port(echo)}"  # the second asks for it by number
         echo_checked(public)
         # A client in the middle of an exchange through the first agent.
         stalled = closing.enter_context(socket.create_connection(("127.0.0.1", public), DEADLINE))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from kit.clients import connect, echo_roundtrip, read_to_end
-from kit.services import Handler, echo_handler, free_port
+from kit.services import Handler, echo_handler
 from kit.tunnels import OpenAgent, OpenGateway, StartServer
 from kit.waiting import wait_until
 
@@ -89,10 +89,10 @@ async def test_agent_shutdown_frees_its_ports_for_a_successor_while_draining(
     gated = await start_server(gated_handler(release))
     echo = await start_server(echo_handler)
     gateway = await open_gateway()
-    port = free_port()
-    old = await open_agent(gateway, expose=[f"{port}:{gated.local}"])
-    await old.wait_ready(10)
-    public = Address("127.0.0.1", port)
+    old = await open_agent(gateway, expose=[f"0:{gated.local}"])
+    (first,) = (await old.wait_ready(10)).values()
+    public = first.address
+    port = public.port  # the successor asks for it by number
     async with asyncio.timeout(20), connect(public) as (reader, _):
         assert await reader.readexactly(len(FIRST)) == FIRST
         stopping = asyncio.create_task(old.shutdown(drain_timeout=30))

@@ -21,7 +21,8 @@ import pytest
 from faultkit import reset_writer
 from kit.clients import connect, echo_roundtrip, read_to_end
 from kit.logs import LogRecorder, recording
-from kit.services import READ_SIZE, LocalServer, banner_handler, echo_handler, free_port
+from kit.ports import refusing_port
+from kit.services import READ_SIZE, LocalServer, banner_handler, echo_handler
 from kit.tunnels import (
     OpenAgent,
     OpenGateway,
@@ -65,21 +66,21 @@ async def test_service_down_client_closed_promptly_then_recovers(
 ) -> None:
     """With the service down clients are closed promptly, and the gateway logs the
     agent's reason; once the service is up they get through."""
-    port = free_port()
-    gateway = await open_gateway()
-    agent = await open_agent(gateway, expose=[f"0:127.0.0.1:{port}"])
-    (service,) = (await agent.wait_ready(10)).values()
-    async with asyncio.timeout(5), connect(service.address) as (reader, writer):
-        writer.write(b"is anyone there?")
-        await writer.drain()
-        received, how = await read_to_end(reader)
-    assert received == 0
-    assert how in ("reset", "eof")
-    reason = f"aborted by peer: agent cannot connect to 127.0.0.1:{port}: connection refused"
-    await wait_until(
-        lambda: tunnel_log.find(reason, logging.WARNING),
-        what="the gateway to log the agent's reason",
-    )
+    with refusing_port() as port:  # the service's port, where nothing listens yet
+        gateway = await open_gateway()
+        agent = await open_agent(gateway, expose=[f"0:127.0.0.1:{port}"])
+        (service,) = (await agent.wait_ready(10)).values()
+        async with asyncio.timeout(5), connect(service.address) as (reader, writer):
+            writer.write(b"is anyone there?")
+            await writer.drain()
+            received, how = await read_to_end(reader)
+        assert received == 0
+        assert how in ("reset", "eof")
+        reason = f"aborted by peer: agent cannot connect to 127.0.0.1:{port}: connection refused"
+        await wait_until(
+            lambda: tunnel_log.find(reason, logging.WARNING),
+            what="the gateway to log the agent's reason",
+        )
     await start_server(echo_handler, port=port)
     await echo_roundtrip(service.address)
 
@@ -95,9 +96,8 @@ async def test_gateway_restart_agent_reconnects_by_itself(
     async with Gateway(**gateway_defaults(mode, state_dir)) as first:
         assert first.address is not None
         port, fingerprint = first.address.port, first.fingerprint
-        service_port = free_port()
-        agent = await open_agent(first, expose=[f"{service_port}:{echo_server.local}"])
-        await agent.wait_ready(10)
+        agent = await open_agent(first, expose=[f"0:{echo_server.local}"])
+        (service,) = (await agent.wait_ready(10)).values()
         old_session = agent.session_id
         await echo_roundtrip(only_address(first))
     await wait_until(lambda: agent.session_id != old_session, what="the agent to notice")
@@ -106,7 +106,7 @@ async def test_gateway_restart_agent_reconnects_by_itself(
     addresses = await wait_until(
         lambda: second.sessions().get("site-a"), timeout=10, what="the agent to register again"
     )
-    assert addresses == [Address("127.0.0.1", service_port)]
+    assert addresses == [service.address]
     await echo_roundtrip(addresses[0])
 
 
@@ -114,8 +114,9 @@ async def test_agent_started_before_gateway_connects_when_it_comes_up(
     open_gateway: OpenGateway, open_agent: OpenAgent, echo_server: LocalServer, mode: str
 ) -> None:
     """An agent started before its gateway connects as soon as the gateway listens."""
-    port = free_port()
-    gateway = await open_gateway(listen=f"127.0.0.1:{port}")
+    gateway = await open_gateway()
+    assert gateway.address is not None
+    port = gateway.address.port  # the kernel's pick, asked for again below
     address = gateway.address
     fingerprint = gateway.fingerprint
     await gateway.aclose()
@@ -133,13 +134,12 @@ async def test_takeover_new_agent_gets_fixed_port_at_once(
     open_gateway: OpenGateway, open_agent: OpenAgent, start_server: StartServer
 ) -> None:
     """An agent reconnecting under a live session's name takes its fixed port at once."""
-    port = free_port()
     old_service = await start_server(banner_handler(b"old"))
     new_service = await start_server(banner_handler(b"new"))
     gateway = await open_gateway()
-    old = await open_agent(gateway, expose=[f"{port}:{old_service.local}"], **NEVER_RECONNECT)
+    old = await open_agent(gateway, expose=[f"0:{old_service.local}"], **NEVER_RECONNECT)
     (service,) = (await old.wait_ready(10)).values()
-    assert service.address.port == port
+    port = service.address.port  # the new agent asks for it by number
 
     new = await open_agent(gateway, expose=[f"{port}:{new_service.local}"], **NEVER_RECONNECT)
     started = time.monotonic()
@@ -160,14 +160,14 @@ async def test_takeover_does_not_wait_for_dead_old_agent(
     echo_server: LocalServer,
 ) -> None:
     """Takeover of a silent old session is immediate, not after a heartbeat timeout."""
-    port = free_port()
     gateway = await open_gateway(heartbeat_interval=10, heartbeat_timeout=30)
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)
     old = await open_agent(
-        gateway, via=proxy.address, expose=[f"{port}:{echo_server.local}"], **NEVER_RECONNECT
+        gateway, via=proxy.address, expose=[f"0:{echo_server.local}"], **NEVER_RECONNECT
     )
-    await old.wait_ready(10)
+    (service,) = (await old.wait_ready(10)).values()
+    port = service.address.port  # the new agent asks for it by number
     proxy.blackhole()
     new = await open_agent(gateway, expose=[f"{port}:{echo_server.local}"], **NEVER_RECONNECT)
     started = time.monotonic()

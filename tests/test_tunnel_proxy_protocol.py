@@ -26,11 +26,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kit.clients import connect, read_to_end, read_until_end
 from kit.logs import LogRecorder
-from kit.processes import Launch, require_tool, start_gateway
-from kit.services import READ_SIZE, Handler, free_port
+from kit.ports import start_listening
+from kit.processes import Launch, Proc, require_tool, start_gateway
+from kit.services import READ_SIZE, Handler
 from kit.tokens import TOKEN, new_token
 from kit.tunnels import OpenAgent, OpenGateway, StartServer
-from kit.waiting import DEADLINE, wait_connectable, wait_until
+from kit.waiting import DEADLINE, wait_until
 
 from tunnelgate import cli, proxy_protocol
 from tunnelgate.agent import session as agent_session
@@ -560,17 +561,16 @@ def nginx_port(launch_command: Launch, tmp_path: Path) -> int:
     for module in ("proxy", "fastcgi", "uwsgi", "scgi"):  # each only if built in
         if f"--without-http_{module}_module" not in built:
             temp_paths.append(f"    {module}_temp_path {root}/{module};")
-    port = free_port()
     conf = root / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(root=root, port=port, temp_paths="\n".join(temp_paths)),
-        encoding="utf-8",
-    )
-    proc = launch_command(nginx, "-p", f"{root}/", "-e", "stderr", "-c", str(conf))
-    try:
-        wait_connectable(port)
-    except OSError:
-        pytest.fail(f"nginx does not accept connections on port {port}\n{proc.describe()}")
+
+    def start(port: int) -> Proc:
+        conf.write_text(
+            NGINX_CONF.format(root=root, port=port, temp_paths="\n".join(temp_paths)),
+            encoding="utf-8",
+        )
+        return launch_command(nginx, "-p", f"{root}/", "-e", "stderr", "-c", str(conf))
+
+    _, port = start_listening(start)
     return port
 
 

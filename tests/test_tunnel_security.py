@@ -16,7 +16,8 @@ import pytest
 import trustme
 from kit.clients import client_hello, connect, echo_roundtrip, next_event
 from kit.logs import LogRecorder
-from kit.services import LocalServer, banner_handler, free_port
+from kit.ports import port_range_spec, unassigned_ports
+from kit.services import LocalServer, banner_handler
 from kit.tokens import OTHER_TOKEN, TOKEN
 from kit.tunnels import OpenAgent, OpenGateway, StartServer, Tunnel
 from kit.waiting import wait_until
@@ -386,19 +387,18 @@ async def test_policy_port_not_allowed_refused_other_service_works(
     tunnel_log: LogRecorder,
 ) -> None:
     """A service asking for a port outside allow_ports is refused; the other one works."""
-    allowed = free_port()
-    denied = allowed + 1 if allowed < 65535 else allowed - 1
-    gateway = await open_gateway(allow_ports=str(allowed))
+    allowed = unassigned_ports(100)
+    gateway = await open_gateway(allow_ports=port_range_spec(allowed))
     agent = await open_agent(
         gateway,
         services=[
-            {"name": "denied", "port": denied, "local": echo_server.local},
-            {"name": "allowed", "port": allowed, "local": echo_server.local},
+            {"name": "denied", "port": allowed.stop, "local": echo_server.local},
+            {"name": "allowed", "port": 0, "local": echo_server.local},
         ],
     )
     services = await agent.wait_ready(10)
     assert set(services) == {"allowed"}
-    assert services["allowed"].address.port == allowed
+    assert services["allowed"].address.port in allowed
     assert [m for m in tunnel_log.find("service denied not exposed") if "not allowed" in m]
     await echo_roundtrip(services["allowed"].address)
 
@@ -409,11 +409,12 @@ async def test_policy_port_zero_gets_allowed_port(
     echo_server: LocalServer,
 ) -> None:
     """With allow_ports restricted, a service asking for any port gets an allowed one."""
-    allowed = free_port()
-    gateway = await open_gateway(allow_ports=f"{allowed}")
+    allowed = unassigned_ports(100)  # never the kernel's pick: the gateway picks itself
+    gateway = await open_gateway(allow_ports=port_range_spec(allowed))
     agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
-    services = await agent.wait_ready(10)
-    assert [s.address.port for s in services.values()] == [allowed]
+    (service,) = (await agent.wait_ready(10)).values()
+    assert service.address.port in allowed
+    await echo_roundtrip(service.address)
 
 
 async def test_policy_bind_address_not_allowed_refused(
@@ -445,12 +446,12 @@ async def test_policy_port_of_another_agent_refused(
 ) -> None:
     """An agent cannot take a port another agent holds, nor learn who holds it;
     the holder keeps serving it."""
-    port = free_port()
     first_service = await start_server(banner_handler(b"first"))
     second_service = await start_server(banner_handler(b"second"))
     gateway = await open_gateway()
-    first = await open_agent(gateway, name="site-a", expose=[f"{port}:{first_service.local}"])
-    await first.wait_ready(10)
+    first = await open_agent(gateway, name="site-a", expose=[f"0:{first_service.local}"])
+    (held,) = (await first.wait_ready(10)).values()
+    port = held.address.port
     second = await open_agent(
         gateway,
         name="site-b",
@@ -477,24 +478,26 @@ async def test_policy_per_agent_allowed_ports(
     echo_server: LocalServer,
 ) -> None:
     """Each agent may bind only the ports its own policy allows."""
-    port_a, port_b = free_port(), free_port()
+    ports = unassigned_ports(200)
+    ports_a, ports_b = ports[:100], ports[100:]
     gateway = await open_gateway(
         token=None,
         agents=[
-            {"name": "site-a", "token": TOKEN, "allow_ports": [str(port_a)]},
-            {"name": "site-b", "token": OTHER_TOKEN, "allow_ports": [str(port_b)]},
+            {"name": "site-a", "token": TOKEN, "allow_ports": [port_range_spec(ports_a)]},
+            {"name": "site-b", "token": OTHER_TOKEN, "allow_ports": [port_range_spec(ports_b)]},
         ],
     )
     site_a = await open_agent(
         gateway,
         name="site-a",
         services=[
-            {"name": "own", "port": port_a, "local": echo_server.local},
-            {"name": "other", "port": port_b, "local": echo_server.local},
+            {"name": "own", "port": 0, "local": echo_server.local},
+            {"name": "other", "port": ports_b.start, "local": echo_server.local},
         ],
     )
     services = await site_a.wait_ready(10)
-    assert {name: s.address.port for name, s in services.items()} == {"own": port_a}
+    assert set(services) == {"own"}
+    assert services["own"].address.port in ports_a
     await echo_roundtrip(services["own"].address)
 
 

@@ -150,11 +150,3 @@ class ErrorThenCloseHandler(socketserver.BaseRequestHandler):
             sock.recv(1, socket.MSG_PEEK)  # more input is there, and it stays unread
             sock.sendall(ERROR_REPLY)
         sock.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (for tests that need a fixed port)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-    return port

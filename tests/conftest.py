@@ -44,6 +44,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "loop_errors_checked_by_test: the test checks asyncio's error log itself",
     )
+    config.addinivalue_line(
+        "markers",
+        "errors_logged_on_purpose(why): the test makes tunnelgate log a traceback, or "
+        "asyncio an error, on purpose (no_unexpected_errors does not check it)",
+    )
 
 
 def pytest_asyncio_loop_factories(
@@ -80,8 +85,41 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    """Closes the gateways, services and proxies a test opened, last opened first."""
+def no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test during which tunnelgate logged a traceback (an unexpected
+    exception: a bug), a line it could not format, or a token, or during which
+    asyncio reported a lost task or exception.
+
+    Every test that runs gateways or agents in its loop gets this through
+    ``stack``; a unit test asks for it with ``usefixtures``. A test that makes
+    tunnelgate log a traceback on purpose says so with ``errors_logged_on_purpose``.
+    """
+    if request.node.get_closest_marker("errors_logged_on_purpose"):
+        yield
+        return
+    with (
+        recording("tunnelgate", logging.DEBUG) as ours,
+        recording("asyncio", logging.ERROR) as loop,
+    ):
+        yield
+    if request.node.get_closest_marker("loop_errors_checked_by_test"):
+        loop.records.clear()
+    problems = unexpected_lines(ours, loop, (TOKEN, OTHER_TOKEN))
+    if problems:
+        # The records hold tracebacks, whose frames may hold sockets: free them
+        # now, or their ResourceWarnings would fail whichever test runs later.
+        ours.records.clear()
+        loop.records.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    assert not problems, "unexpected log lines:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+async def stack(no_unexpected_errors: None) -> AsyncIterator[contextlib.AsyncExitStack]:
+    """Closes the gateways, services and proxies a test opened, last opened first;
+    what tunnelgate logs meanwhile, and while they close, is checked."""
     exit_stack = contextlib.AsyncExitStack()
     async with exit_stack:
         yield exit_stack
@@ -224,33 +262,6 @@ def tunnel_debug_log() -> Iterator[LogRecorder]:
     """tunnelgate's log lines (all levels) during the test."""
     with recording("tunnelgate", logging.DEBUG) as recorder:
         yield recorder
-
-
-@pytest.fixture(autouse=True)
-def no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
-    """In the tunnel tests: fail a test during which tunnelgate logged a
-    traceback (an unexpected exception: a bug), a line it could not format, or
-    a token, or during which asyncio reported a lost task or exception."""
-    if not request.node.path.name.startswith("test_tunnel"):
-        yield
-        return
-    with (
-        recording("tunnelgate", logging.DEBUG) as ours,
-        recording("asyncio", logging.ERROR) as loop,
-    ):
-        yield
-    if request.node.get_closest_marker("loop_errors_checked_by_test"):
-        loop.records.clear()
-    problems = unexpected_lines(ours, loop, (TOKEN, OTHER_TOKEN))
-    if problems:
-        # The records hold tracebacks, whose frames may hold sockets: free them
-        # now, or their ResourceWarnings would fail whichever test runs later.
-        ours.records.clear()
-        loop.records.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-    assert not problems, "unexpected log lines:\n" + "\n".join(problems)
 
 
 # --- the CLI and other programs in subprocesses ---------------------------------

@@ -458,6 +458,7 @@ async def _uvloop_scenario(mode: str, state_dir: Path) -> None:
             assert (await read_to_end(reader))[1] == "reset"
 
 
+@pytest.mark.usefixtures("no_unexpected_errors")  # its gateway and agent run in a loop of its own
 def test_uvloop_data_path_works(mode: str, state_dir: Path) -> None:
     """Under uvloop (as the CLI runs) bytes, half-closes and resets go through."""
     uvloop = pytest.importorskip("uvloop")

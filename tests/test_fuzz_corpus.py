@@ -3,14 +3,14 @@ what fuzzing found, and crashes once found) goes through its target again.
 
 A target returns normally when tunnelgate accepts an input or rejects it as
 documented; anything else it raises is a bug. No atheris here: the targets in
-``fuzz/targets.py`` are plain functions. ``make fuzz`` grows the corpus.
+``fuzz/targets.py`` are plain functions. ``make fuzz`` grows the corpus, and
+is where a slow input shows (its per-input ``-timeout``): time is not asserted here.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +18,6 @@ from types import ModuleType
 import pytest
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
-REPLAY_BUDGET = 10.0  # seconds per target; the whole corpus takes well under one
 
 
 def _load_targets() -> ModuleType:
@@ -49,13 +48,10 @@ def test_fuzz_corpus_covers_every_target() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fuzz_corpus_replays_without_bugs(name: str) -> None:
-    """Every kept input of the target is accepted or rejected as documented, quickly."""
+    """Every kept input of the target is accepted or rejected as documented."""
     target = targets.TARGETS[name]
     failures = []
-    slowest = (0.0, "")
-    start = time.perf_counter()
     for path in _inputs(name):
-        began = time.perf_counter()
         try:
             target(path.read_bytes())
         except Exception as exc:
@@ -65,9 +61,4 @@ def test_fuzz_corpus_replays_without_bugs(name: str) -> None:
                 f" (at {Path(where.filename).name}:{where.lineno})"
                 f"\n  replay: .venv/bin/python fuzz/run.py {name} fuzz/corpus/{name}/{path.name}"
             )
-        slowest = max(slowest, (time.perf_counter() - began, path.name))
-    elapsed = time.perf_counter() - start
     assert not failures, f"{len(failures)} input(s) found bugs:\n" + "\n".join(failures)
-    assert elapsed < REPLAY_BUDGET, (
-        f"replaying {name} took {elapsed:.1f} s (slowest: {slowest[1]}, {slowest[0]:.2f} s)"
-    )

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import socket
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from kit.tunnels import (
     Tunnel,
     gateway_defaults,
 )
-from kit.waiting import wait_until
+from kit.waiting import LONGER_THAN_ANY_TEST, wait_until
 
 import tunnelgate.gateway.pool
 from tunnelgate import Address, Gateway
@@ -141,12 +140,11 @@ async def test_takeover_new_agent_gets_fixed_port_at_once(
     (service,) = (await old.wait_ready(10)).values()
     port = service.address.port  # the new agent asks for it by number
 
+    # The old agent is healthy and never reconnects: its session would hold the
+    # port for good, so the new agent having it at all is the takeover.
     new = await open_agent(gateway, expose=[f"{port}:{new_service.local}"], **NEVER_RECONNECT)
-    started = time.monotonic()
     services = await new.wait_ready(5)
-    elapsed = time.monotonic() - started
     assert [s.address for s in services.values()] == [Address("127.0.0.1", port)]
-    assert elapsed < 1.0, f"takeover took {elapsed:.2f} s"
     assert gateway.sessions() == {"site-a": [Address("127.0.0.1", port)]}
     async with asyncio.timeout(5), connect(Address("127.0.0.1", port)) as (reader, _):
         assert await reader.read() == b"new"
@@ -160,7 +158,9 @@ async def test_takeover_does_not_wait_for_dead_old_agent(
     echo_server: LocalServer,
 ) -> None:
     """Takeover of a silent old session is immediate, not after a heartbeat timeout."""
-    gateway = await open_gateway(heartbeat_interval=10, heartbeat_timeout=30)
+    # No heartbeat deadline passes while this test runs: a takeover that waited
+    # for the silent session to time out would never come.
+    gateway = await open_gateway(heartbeat_interval=10, heartbeat_timeout=LONGER_THAN_ANY_TEST)
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)
     old = await open_agent(
@@ -170,11 +170,8 @@ async def test_takeover_does_not_wait_for_dead_old_agent(
     port = service.address.port  # the new agent asks for it by number
     proxy.blackhole()
     new = await open_agent(gateway, expose=[f"{port}:{echo_server.local}"], **NEVER_RECONNECT)
-    started = time.monotonic()
     services = await new.wait_ready(5)
-    elapsed = time.monotonic() - started
     assert [s.address.port for s in services.values()] == [port]
-    assert elapsed < 1.0, f"takeover took {elapsed:.2f} s"
     await echo_roundtrip(Address("127.0.0.1", port))
 
 
@@ -183,9 +180,10 @@ async def test_dead_peer_detected_both_sides_then_agent_registers_again(
     open_agent: OpenAgent,
     start_proxy: StartProxy,
     echo_server: LocalServer,
+    tunnel_log: LogRecorder,
 ) -> None:
-    """A silent path ends the session on both sides in time; the agent then comes back."""
-    loop = asyncio.get_running_loop()
+    """A silent path ends the session on both sides by their heartbeat deadlines;
+    the agent then comes back."""
     gateway = await open_gateway(heartbeat_interval=0.5, heartbeat_timeout=1.5)
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)
@@ -195,17 +193,17 @@ async def test_dead_peer_detected_both_sides_then_agent_registers_again(
     (service,) = (await agent.wait_ready(10)).values()
     await echo_roundtrip(service.address)
     old_session = agent.session_id
+    assert old_session is not None
 
     proxy.blackhole()
-    started = loop.time()
+    # Nothing else ends a silent TCP connection this soon (keepalive takes a minute).
     await wait_until(lambda: not gateway.sessions(), timeout=6, what="the gateway to give up")
-    gateway_took = loop.time() - started
     await wait_until(
         lambda: agent.session_id != old_session, timeout=6, what="the agent to give up"
     )
-    agent_took = loop.time() - started
-    assert gateway_took < 4.0, f"gateway noticed after {gateway_took:.1f} s"
-    assert agent_took < 4.0, f"agent noticed after {agent_took:.1f} s"
+    gateway_end = session_end(tunnel_log, old_session)
+    assert gateway_end and "no heartbeat within the deadline" in gateway_end, gateway_end
+    assert tunnel_log.find("no heartbeat reply within the deadline", logging.WARNING)
     assert await refused(service.address), "the dead session's port is still open"
 
     proxy.restore()
@@ -248,6 +246,7 @@ async def test_pending_client_reset_when_no_data_channel_comes(
     open_agent: OpenAgent,
     start_proxy: StartProxy,
     echo_server: LocalServer,
+    tunnel_log: LogRecorder,
 ) -> None:
     """A client with no data channel coming is reset after pending_timeout, not hung."""
     gateway = await open_gateway(pending_timeout=1.0)
@@ -262,12 +261,11 @@ async def test_pending_client_reset_when_no_data_channel_comes(
     )
     (service,) = (await agent.wait_ready(10)).values()
     proxy.blackhole(existing=False, new=True)  # the control channel keeps working
-    started = time.monotonic()
     async with asyncio.timeout(5), connect(service.address) as (reader, writer):
         writer.write(b"hello?")
         await writer.drain()
         assert await read_to_end(reader) == (0, "reset")
-    assert time.monotonic() - started < 3.0
+    assert tunnel_log.find("no data channel from the agent for client", logging.WARNING)
     proxy.restore()
     await wait_until(
         lambda: [c for c in proxy.connections if c.kind == "data" and c.up_bytes],
@@ -524,7 +522,6 @@ class Transfer:
     received: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     how: str = ""  # "eof" or "reset"
-    ended_at: float = 0.0
 
     @property
     def intact(self) -> bool:
@@ -551,7 +548,6 @@ async def echo_transfer(
     sets ``transfer.under_way``), waits for ``go_on``, then sends the rest
     slowly, so that the connection is still busy whenever the fault strikes.
     """
-    loop = asyncio.get_running_loop()
     async with connect(address) as (reader, writer):
 
         async def send() -> None:
@@ -577,7 +573,6 @@ async def echo_transfer(
         except OSError:
             transfer.how = "reset"
         finally:
-            transfer.ended_at = loop.time()
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
@@ -627,7 +622,6 @@ async def test_control_channel_silenced_session_torn_down_then_back_on_same_port
     """A control channel gone silent (both ways or one) while its data channels
     work: the heartbeat deadline ends the session on both sides, a client in mid
     transfer is reset, and the agent comes back by itself on the same port."""
-    loop = asyncio.get_running_loop()
     gateway = await open_gateway(**FAST_HEARTBEAT)
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)
@@ -644,12 +638,12 @@ async def test_control_channel_silenced_session_torn_down_then_back_on_same_port
             proxy.blackhole("control", new=False)
         else:
             proxy.cut("down" if fault == "cut_down" else "up", "control", new=False)
-        struck = loop.time()
         go_on.set()
+    # Reset, not left to finish its upload (at PACE that takes seconds more):
+    # by the session's end, as the closing lines say.
     assert transfer.how == "reset", f"client: {transfer.describe()}"
     assert transfer.intact, transfer.describe()
-    took = transfer.ended_at - struck
-    assert took < FAST_HEARTBEAT["heartbeat_timeout"] + 1.5, f"client reset after {took:.1f} s"
+    assert tunnel_log.find("end=reset: its session is over", logging.WARNING)
 
     # The side that hears nothing more ends the session by its deadline; the
     # other one by that, or by the reset passed on along the live direction.
@@ -807,10 +801,11 @@ async def test_whole_network_cut_mid_transfer_every_client_reset_in_time(
     open_agent: OpenAgent,
     start_proxy: StartProxy,
     echo_server: LocalServer,
+    tunnel_log: LogRecorder,
 ) -> None:
-    """When the whole path goes silent mid-transfer, every client in flight is
-    reset within heartbeat_timeout + 2 s; the agent is back once the path is."""
-    loop = asyncio.get_running_loop()
+    """When the whole path goes silent mid-transfer, the heartbeat deadline ends
+    the session and every client in flight is reset with it, not left hanging;
+    the agent is back once the path is."""
     gateway = await open_gateway(**FAST_HEARTBEAT)
     assert gateway.address is not None
     proxy = await start_proxy(gateway.address)
@@ -827,13 +822,14 @@ async def test_whole_network_cut_mid_transfer_every_client_reset_in_time(
         for transfer in transfers:
             await transfer.under_way.wait()
         proxy.blackhole()
-        struck = loop.time()
         go_on.set()
     for transfer in transfers:
         assert transfer.how == "reset", transfer.describe()
         assert transfer.intact, transfer.describe()
-        took = transfer.ended_at - struck
-        assert took < FAST_HEARTBEAT["heartbeat_timeout"] + 2, f"reset after {took:.1f} s"
+    assert old_session is not None
+    gateway_end = session_end(tunnel_log, old_session)
+    assert gateway_end and "no heartbeat within the deadline" in gateway_end, gateway_end
+    assert len(tunnel_log.find("end=reset: its session is over", logging.WARNING)) >= 3
 
     proxy.restore()
     await wait_until(
@@ -847,9 +843,8 @@ async def test_half_closed_client_resetting_while_service_is_silent_resets_the_s
     open_tunnel: OpenTunnel, start_server: StartServer, tunnel_log: LogRecorder
 ) -> None:
     """A client sends its request, half-closes, then gives up with a reset while
-    the service is still silent: the service's connection is reset within a
-    couple of seconds, not kept open until the service has something to say."""
-    loop = asyncio.get_running_loop()
+    the service is still silent: the service's connection is reset, not kept
+    open until the service has something to say (here: never)."""
     requests: list[socket.socket] = []
     answer = asyncio.Event()  # never set: the service stays silent
 
@@ -864,11 +859,9 @@ async def test_half_closed_client_resetting_while_service_is_silent_resets_the_s
         writer.write_eof()
         await wait_until(lambda: requests, what="the service to read the whole request")
         reset_writer(writer)
-    gave_up = loop.time()
     await wait_until(
         lambda: requests[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR),
         what="the service's connection to be reset",
     )
-    assert loop.time() - gave_up < 3.0
     closed = await wait_until(lambda: tunnel_log.find("closed client="), what="the close logs")
     assert all("end=normal" not in line for line in closed), closed

@@ -38,7 +38,8 @@ def hashed(token: str, name: str) -> str:
 
 async def exchange_from(source: str, address: Address, payload: bytes = b"hello") -> bytes:
     """Send ``payload`` from ``source`` to an echo service; what came back
-    (b"" if the connection was refused: reset or closed before answering)."""
+    (b"" if the connection was refused: reset or closed before answering).
+    A connection left open without an answer fails the test."""
     try:
         async with (
             asyncio.timeout(5),
@@ -47,6 +48,8 @@ async def exchange_from(source: str, address: Address, payload: bytes = b"hello"
             writer.write(payload)
             await writer.drain()
             return await reader.readexactly(len(payload))
+    except TimeoutError:  # an OSError too: caught first
+        pytest.fail(f"a client from {source} was neither answered nor closed")
     except (OSError, asyncio.IncompleteReadError):
         return b""
 
@@ -210,11 +213,12 @@ async def test_access_deny_and_allow_name_the_rule(
     )
     address = (await agent.wait_ready(10))["echo"].address
     assert await exchange_from("127.0.0.3", address) == b"hello"
-    started = time.monotonic()
+    # Refused clients are closed by the gateway, not left open; none reaches the service.
+    connections = echo_server.connections
     assert await exchange_from("127.0.0.2", address) == b""
     assert await exchange_from("127.0.0.8", address) == b""
     assert await exchange_from("127.0.0.9", address) == b""
-    assert time.monotonic() - started < 2, "refused clients are closed at once"
+    assert echo_server.connections == connections
     assert await exchange_from("127.0.0.4", address) == b"hello"
     assert "deny 127.0.0.2/32 (agents[site-a].services.echo)" in "".join(
         tunnel_log.find("refused client 127.0.0.2:")
@@ -359,10 +363,14 @@ async def test_auth_failures_answered_later_and_later_per_source(
         delays.append(delay)
     expected = [AUTH_DELAY_FIRST * 2**i for i in range(4)]  # 0.1, 0.2, 0.4, 0.8 s
     assert all(d >= e * 0.95 for d, e in zip(delays, expected, strict=True)), delays
-    started = time.monotonic()
+    # The fifth failure from 127.0.0.5 is answered after 1.6 s; meanwhile an
+    # agent from 127.0.0.1 gets in, and first.
+    fifth = asyncio.create_task(failed_hello(gateway.address, "127.0.0.5"))
     agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
     (service,) = (await agent.wait_ready(10)).values()
-    assert time.monotonic() - started < 2
+    assert not fifth.done(), "the agent waited as long as the failing address"
+    _, answer = await fifth
+    assert isinstance(answer, p.Refused) and answer.code == "auth", answer
     await echo_roundtrip(service.address)
 
 
@@ -506,9 +514,9 @@ async def test_auth_failure_delay_stays_within_the_handshake_deadline(
     gateway = await open_gateway(handshake_timeout=1.0)
     assert gateway.address is not None
     for _ in range(6):  # unclamped, the 5th and 6th would wait 1.6 s and 3.2 s
+        # Past the deadline the gateway would close the connection unanswered.
         delay, answer = await failed_hello(gateway.address, "127.0.0.8")
         assert isinstance(answer, p.Refused) and answer.code == "auth", (delay, answer)
-        assert delay < 1.0
 
 
 @pytest.mark.parametrize("mode", ["tls"])

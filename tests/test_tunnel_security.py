@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from kit.ports import port_range_spec, unassigned_ports
 from kit.services import LocalServer, banner_handler
 from kit.tokens import OTHER_TOKEN, TOKEN
 from kit.tunnels import OpenAgent, OpenGateway, StartServer, Tunnel
-from kit.waiting import wait_until
+from kit.waiting import LONGER_THAN_ANY_TEST, wait_until
 
 from tunnelgate import Address, credentials
 from tunnelgate import protocol as p
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 HANDSHAKE_TIMEOUT = 1.0
-CLOSE_BOUND = 3.0  # a bad connection is closed well within this
+CLOSE_DEADLINE = 5.0  # the wait for a bad connection to be closed
 
 
 # --- bad input on the control port ---------------------------------------------
@@ -105,20 +104,20 @@ async def test_control_port_bad_input_closed_tunnel_unharmed(
     open_agent: OpenAgent,
     echo_server: LocalServer,
 ) -> None:
-    """Bad input on the control port is closed in bounded time; the tunnel keeps working."""
+    """Bad input on the control port is closed (silence by the handshake deadline,
+    anything else at once); the tunnel keeps working."""
     _, speak_tls, data = BAD_INPUTS[case]
-    gateway = await open_gateway(handshake_timeout=HANDSHAKE_TIMEOUT)
+    waits_for_timeout = data is None or case.startswith("half")
+    # Where the input itself is the fault, the handshake deadline never comes
+    # while the test runs: being closed at all shows the gateway refused the input.
+    handshake_timeout = HANDSHAKE_TIMEOUT if waits_for_timeout else LONGER_THAN_ANY_TEST
+    gateway = await open_gateway(handshake_timeout=handshake_timeout)
     agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
     (service,) = (await agent.wait_ready(10)).values()
     assert gateway.address is not None
 
-    started = time.monotonic()
-    async with asyncio.timeout(CLOSE_BOUND + 2):
+    async with asyncio.timeout(CLOSE_DEADLINE):
         await send_and_wait_closed(gateway.address, speak_tls, data)
-    elapsed = time.monotonic() - started
-    waits_for_timeout = data is None or case.startswith("half")
-    bound = HANDSHAKE_TIMEOUT + 2 if waits_for_timeout else 1.0
-    assert elapsed < bound, f"closed after {elapsed:.2f} s"
 
     await echo_roundtrip(service.address)
     assert gateway.sessions() == {"site-a": [service.address]}
@@ -171,22 +170,20 @@ async def test_control_port_slow_handshakes_do_not_block_agents(
     echo_server: LocalServer,
 ) -> None:
     """Fifty stalled handshakes do not delay a real agent's handshake."""
-    gateway = await open_gateway(handshake_timeout=30)
+    # They never time out while the test runs: the agent cannot be waiting for them.
+    gateway = await open_gateway(handshake_timeout=LONGER_THAN_ANY_TEST)
     assert gateway.address is not None
     sockets = []
     try:
         for _ in range(50):
             sock = socket.create_connection((gateway.address.host, gateway.address.port))
             sockets.append(sock)
-        started = time.monotonic()
         agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
         (service,) = (await agent.wait_ready(10)).values()
         await echo_roundtrip(service.address)
-        elapsed = time.monotonic() - started
     finally:
         for sock in sockets:
             sock.close()
-    assert elapsed < 2.0, f"the agent needed {elapsed:.2f} s"
 
 
 # --- authentication -----------------------------------------------------------

@@ -16,6 +16,11 @@ import pytest
 DEADLINE = 10.0  # for what should happen "at once": a log line, a connection
 EXIT_DEADLINE = 5.0  # "exits within a few seconds"
 TEARDOWN_TIMEOUT = 10.0  # for a test's gateways, agents and services to close
+# A product timeout (drain, heartbeat, handshake) set this long never expires
+# while a test runs: a test that passes with it has shown that what it waited
+# for did not come from that timeout. Tests assert on behaviour and order, never
+# on how long something took (time is measured by `make bench`).
+LONGER_THAN_ANY_TEST = 3600.0
 
 
 async def wait_until(

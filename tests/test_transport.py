@@ -113,6 +113,27 @@ async def test_stream_receive_returns_zero_after_peer_closes(pair: Pair) -> None
     assert await read_all(server) == b"last words"
 
 
+async def test_stream_half_close_keeps_the_other_direction_flowing(pair: Pair) -> None:
+    """After a FIN the peer reads to EOF and can still answer at length (under TLS
+    too: a bare FIN without close_notify ends only the sender's direction)."""
+    server, client = pair
+    await client.send(b"request")
+    shutdown_write(client.sock)
+    assert await read_all(server) == b"request"
+    reply = os.urandom(1 << 20)
+    buffer = memoryview(bytearray(len(reply)))
+
+    async def read_reply() -> None:
+        got = 0
+        while got < len(reply):
+            n = await client.receive_into(buffer[got:])
+            assert n, f"EOF after {got} bytes"
+            got += n
+
+    await asyncio.gather(server.send(reply), read_reply())
+    assert bytes(buffer) == reply
+
+
 async def test_stream_abort_is_seen_as_an_error_by_the_peer(pair: Pair) -> None:
     """An aborted stream resets the connection: the peer's next receive fails or ends."""
     server, client = pair

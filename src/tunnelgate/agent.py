@@ -19,14 +19,13 @@ import contextlib
 import logging
 import math
 import random
-import socket
-import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 from tunnelgate import credentials, proxy_protocol, tls
+from tunnelgate.channel import Channel
 from tunnelgate.config import (
     Address,
     AgentConfig,
@@ -62,13 +61,12 @@ from tunnelgate.protocol import (
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
 from tunnelgate.transport import (
-    Channel,
     SocketStream,
     Stream,
+    TLSContext,
+    TLSSession,
     TLSStream,
     connect,
-    reset_socket,
-    reset_unless_closed_cleanly,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,14 +107,14 @@ class Agent:
             config, _ = load_agent_config(None, options)
         self.config = config
         self.services: dict[str, ExposedService] = {}
-        self._tls_session: ssl.SSLSession | None = None  # the control channel's, for data channels
+        self._tls_session: TLSSession | None = None  # the control channel's, for data channels
         self._credential: credentials.Credential | None = None  # derived from the token once
         self.session_id: str | None = None
         self._by_name: dict[str, ServiceConfig] = {s.name: s for s in config.services}
         # Ports the gateway chose for services asking for any port (0): asked
         # for again after a reconnect, so a service keeps its public address.
         self._chosen_ports: dict[str, int] = {}
-        self._context: ssl.SSLContext | None = (
+        self._context: TLSContext | None = (
             tls.client_context(config.ca, config.fingerprint, config.cert, config.key)
             if config.tls
             else None
@@ -254,15 +252,15 @@ class Agent:
     async def _open(self, role: str, session: str = "") -> Channel:
         """Connect, secure, and prove the token: a control or data channel."""
         config = self.config
-        sock = await connect(config.gateway, config.connect_timeout)
-        stream: Stream | None = None  # owns the socket once it exists
+        tcp = await connect(config.gateway, config.connect_timeout)
+        stream: Stream = tcp  # TLS goes on it; resetting either resets the connection
         try:
             async with asyncio.timeout(config.handshake_timeout):
                 if self._context is not None:
                     hostname = None if config.fingerprint else config.gateway.host
                     resume = self._tls_session if role == "data" else None
                     tls_stream = stream = TLSStream(
-                        sock,
+                        tcp,
                         self._context,
                         server_side=False,
                         server_hostname=hostname,
@@ -270,19 +268,17 @@ class Agent:
                     )
                     await tls_stream.handshake()
                     if resume is not None:
-                        reused = tls_stream.sock.session_reused
+                        reused = tls_stream.session_reused
                         self._log.debug(
                             "data channel: TLS session %s", "resumed" if reused else "new"
                         )
                     if config.fingerprint:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
-                else:
-                    stream = SocketStream(sock)
                 channel = Channel(stream)
                 challenge = check_allowed("agent_awaits_challenge", await channel.receive())
                 if role == "control" and isinstance(stream, TLSStream):
                     # The ticket came before the Challenge: data channels resume it.
-                    self._tls_session = stream.sock.session
+                    self._tls_session = stream.session
                 if isinstance(challenge, Refused):
                     raise _refusal(challenge)
                 assert isinstance(challenge, Challenge)
@@ -291,13 +287,13 @@ class Agent:
                 await channel.send_message(hello)
                 return channel
         except TimeoutError:
-            reset_socket(stream.sock if stream is not None else sock)
+            stream.abort()
             hint = " (does the gateway use TLS? this agent runs with --no-tls)"
             raise TransportError(
                 f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
             ) from None
         except BaseException:
-            reset_socket(stream.sock if stream is not None else sock)
+            stream.abort()
             raise
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
@@ -438,14 +434,14 @@ class Agent:
             await abort_channel(channel, f"unknown service {start.service!r}")
             return
         try:
-            sock = await self._reach(service, start, log)
+            stream = await self._reach(service, start, log)
         except TransportError as exc:
             log.warning("client %s: %s", start.client, exc)
             await abort_channel(channel, f"agent {exc}")
             return
         result = RelayResult()  # filled in even if the relay is cancelled
         try:
-            await relay(sock, channel, "service", result)
+            await relay(stream, channel, "service", result)
         finally:
             log.log(
                 logging.INFO if result.normal else logging.WARNING,
@@ -459,27 +455,27 @@ class Agent:
 
     async def _reach(
         self, service: ServiceConfig, start: Start, log: ContextLogger
-    ) -> socket.socket:
+    ) -> SocketStream:
         """The connection to ``service``, set to reset unless closed cleanly, with
         its PROXY protocol header sent if it wants one: before any client byte,
-        and outside the relay's counts. TransportError (socket reset) if not."""
+        and outside the relay's counts. TransportError (connection reset) if not."""
         timeout = self.config.connect_timeout
-        sock = await connect(service.local, timeout)
-        reset_unless_closed_cleanly(sock)
+        stream = await connect(service.local, timeout)
+        stream.reset_unless_closed_cleanly()
         if not service.proxy_protocol:
-            return sock
+            return stream
         header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
         try:
             async with asyncio.timeout(timeout):
-                await SocketStream(sock).send(header)
+                await stream.send(header)
         except (TransportError, TimeoutError) as exc:
-            reset_socket(sock)
+            stream.abort()
             why = str(exc) or f"timed out after {timeout:g} s"
             raise TransportError(
                 f"cannot send the PROXY protocol header to {service.local}: {why}"
             ) from None
         except BaseException:
-            reset_socket(sock)
+            stream.abort()
             raise
         log.debug(
             "PROXY protocol v%d header sent to %s: client=%s server=%s",
@@ -488,7 +484,7 @@ class Agent:
             start.client,
             start.server or "?",
         )
-        return sock
+        return stream
 
 
 class _Pool:

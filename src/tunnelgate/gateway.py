@@ -23,8 +23,6 @@ import itertools
 import logging
 import random
 import secrets
-import socket
-import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Coroutine
@@ -34,12 +32,12 @@ from typing import Any, Final
 
 from tunnelgate import credentials, tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
+from tunnelgate.channel import Channel
 from tunnelgate.config import (
     Address,
     AgentPolicy,
     GatewayConfig,
     default_state_dir,
-    format_address,
     load_gateway_config,
 )
 from tunnelgate.errors import (
@@ -72,18 +70,12 @@ from tunnelgate.protocol import (
 )
 from tunnelgate.relay import RelayResult, relay, wait_relays
 from tunnelgate.transport import (
-    Channel,
+    Listener,
     SocketStream,
+    Stream,
+    TLSContext,
     TLSStream,
-    accept_forever,
-    bound_address,
-    describe_os_error,
     open_listener,
-    peer_closed,
-    reset_socket,
-    reset_unless_closed_cleanly,
-    tune_socket,
-    was_reset,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,7 +105,7 @@ class _SessionOver(Exception):
 class _Service:
     name: str
     address: Address
-    sock: socket.socket
+    listener: Listener
     bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
     gates: list[Gate] = field(default_factory=list)  # access rules a client must pass
     accepting: asyncio.Task[None] | None = None
@@ -197,7 +189,7 @@ class _Session:
 
     def close_listeners(self) -> None:
         for service in self.services.values():
-            service.sock.close()
+            service.listener.close()
 
     def abort_pooled(self) -> None:
         while self.pool:
@@ -225,10 +217,10 @@ class Gateway:
         self.address: Address | None = None
         self.fingerprint: str | None = None
         self.cert_created = False
-        self._context: ssl.SSLContext | None = None
+        self._context: TLSContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._client_ca_pem: bytes | None = None  # as loaded into the context
-        self._listener: socket.socket | None = None
+        self._listener: Listener | None = None
         self._main: asyncio.Task[None] | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
@@ -277,13 +269,8 @@ class Gateway:
                 "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
                 "network in clear and anyone on the path can read or change them"
             )
-        try:
-            self._listener = open_listener(config.listen.host, config.listen.port)
-        except OSError as exc:
-            raise TransportError(
-                f"cannot listen on {config.listen}: {describe_os_error(exc)}"
-            ) from None
-        self.address = bound_address(self._listener)
+        self._listener = open_listener(config.listen.host, config.listen.port)
+        self.address = self._listener.address
         self._main = asyncio.create_task(self._run(self._listener), name="gateway")
         await self._ready.wait()
         logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
@@ -420,7 +407,7 @@ class Gateway:
             for name, session in self._sessions.items()
         }
 
-    async def _run(self, listener: socket.socket) -> None:
+    async def _run(self, listener: Listener) -> None:
         async with asyncio.TaskGroup() as group:
             self._group = group
             self._accepting = group.create_task(self._accept_agents(listener, group))
@@ -470,8 +457,8 @@ class Gateway:
 
     # --- the control port ---------------------------------------------------
 
-    async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
-        def handle(sock: socket.socket, peer: str) -> None:
+    async def _accept_agents(self, listener: Listener, group: asyncio.TaskGroup) -> None:
+        def handle(stream: SocketStream, peer: str) -> None:
             host = _host_of(peer)
             if (
                 self._handshakes_by_host[host] >= AUTH_SUSPECT_HANDSHAKES
@@ -485,7 +472,7 @@ class Gateway:
                     peer,
                     self._handshakes_by_host[host],
                 )
-                reset_socket(sock)
+                stream.abort()
                 return
             if self._handshaking >= self.config.max_handshakes:
                 self._handshake_refusals.warning(
@@ -495,28 +482,26 @@ class Gateway:
                     peer,
                     self._handshaking,
                 )
-                reset_socket(sock)
+                stream.abort()
                 return
-            _spawn(group, sock, self._guard_connection(sock, peer))
+            _spawn(group, stream, self._guard_connection(stream, peer))
 
-        def on_error(exc: OSError, repeats: int) -> None:
-            logger.error(
-                "accept failed on the control port: %s%s", describe_os_error(exc), _more(repeats)
-            )
+        def on_error(exc: TransportError, repeats: int) -> None:
+            logger.error("accept failed on the control port: %s%s", exc, _more(repeats))
 
-        await accept_forever(listener, handle, on_error)
+        await listener.accept_forever(handle, on_error)
 
-    async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
+    async def _guard_connection(self, stream: SocketStream, peer: str) -> None:
         """Root of a control-port connection's task: every error ends here, logged once."""
-        owned = False  # True once a session (or its pool) closes the socket
-        channel: Channel | None = None  # owns the socket once it exists (TLS wraps it)
+        owned = False  # True once a session (or its pool) closes the connection
+        channel: Channel | None = None
         host = _host_of(peer)
         try:
             self._handshaking += 1
             self._handshakes_by_host[host] += 1
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
-                    channel = await self._secure(sock)
+                    channel = await self._secure(stream)
                     hello, policy, key = await self._handshake(channel, peer)
             finally:
                 self._handshaking -= 1
@@ -545,16 +530,15 @@ class Gateway:
             logger.exception("unexpected error on connection from %s", peer)
         finally:
             if not owned:
-                reset_socket(channel.sock if channel is not None else sock)
+                (channel or stream).abort()
 
-    async def _secure(self, sock: socket.socket) -> Channel:
-        """The framed channel over ``sock``, after the TLS handshake if TLS is on."""
-        tune_socket(sock)
+    async def _secure(self, stream: SocketStream) -> Channel:
+        """The framed channel over ``stream``, after the TLS handshake if TLS is on."""
         if self._context is None:
-            return Channel(SocketStream(sock))
-        stream = TLSStream(sock, self._context, server_side=True)
-        await stream.handshake()  # resets the connection if it fails
-        return Channel(stream)
+            return Channel(stream)
+        tls_stream = TLSStream(stream, self._context, server_side=True)
+        await tls_stream.handshake()  # resets the connection if it fails
+        return Channel(tls_stream)
 
     async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, AgentPolicy, bytes]:
         """Challenge, Hello, and the policy and stored key the agent proved."""
@@ -602,10 +586,7 @@ class Gateway:
         Every key of every matching policy is checked, each in constant time.
         """
         if self.config.client_ca is not None:
-            peer_cert = (
-                channel.sock.getpeercert() if isinstance(channel.sock, ssl.SSLSocket) else None
-            )
-            names = tls.certificate_names(peer_cert) if peer_cert else set()
+            names = channel.stream.peer_certificate_names()
             if hello.agent not in names:
                 shown = ", ".join(sorted(names)) or "no name"
                 return None, f"certificate is for {shown}, not this agent"
@@ -795,18 +776,17 @@ class Gateway:
             return refuse(f"port {request.port} is held by another agent")
         if request.port:
             try:
-                sock = open_listener(bind, request.port)
-            except OSError as exc:
-                where = format_address(bind, request.port)
-                return refuse(f"cannot listen on {where}: {describe_os_error(exc)}")
+                listener = open_listener(bind, request.port)
+            except TransportError as exc:
+                return refuse(str(exc))
         else:
             found = self._listen_on_free_port(bind, session.policy)
             if found is None:
                 return refuse("no free port among the ports allowed for this agent")
-            sock = found
-        address = bound_address(sock)
+            listener = found
+        address = listener.address
         service = _Service(
-            request.name, address, sock, bind, self._gates_for(session.policy, request.name)
+            request.name, address, listener, bind, self._gates_for(session.policy, request.name)
         )
         session.services[request.name] = service
         self._ports[(bind, address.port)] = session
@@ -856,19 +836,19 @@ class Gateway:
             refusal,
         )
 
-    def _listen_on_free_port(self, bind: str, policy: AgentPolicy) -> socket.socket | None:
+    def _listen_on_free_port(self, bind: str, policy: AgentPolicy) -> Listener | None:
         """A listener on a free port the policy allows: the kernel's pick if it
         is allowed, else a random sample of the allowed ports."""
-        with contextlib.suppress(OSError):
-            sock = open_listener(bind, 0)
-            if policy.allows_port(bound_address(sock).port):
-                return sock
-            sock.close()
+        with contextlib.suppress(TransportError):
+            listener = open_listener(bind, 0)
+            if policy.allows_port(listener.address.port):
+                return listener
+            listener.close()
         ports = [p for r in policy.allow_ports for p in r] if policy.allow_ports else []
         for port in random.sample(ports, min(len(ports), FREE_PORT_TRIES)):
             if (bind, port) in self._ports:
                 continue
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(TransportError):
                 return open_listener(bind, port)
         return None
 
@@ -878,7 +858,7 @@ class Gateway:
         group = session.group
         assert group is not None
 
-        def handle(sock: socket.socket, client: str) -> None:
+        def handle(stream: SocketStream, client: str) -> None:
             limit = session.policy.max_connections or self.config.max_connections
             if len(session.clients) >= limit:
                 session.refusals.warning(
@@ -890,7 +870,7 @@ class Gateway:
                     service.name,
                     len(session.clients),
                 )
-                reset_socket(sock)
+                stream.abort()
                 return
             gates = service.gates  # the ones admitted through are the ones released
             ip = client_ip(_host_of(client)) if gates else None
@@ -902,14 +882,13 @@ class Gateway:
                 )
                 if refusal is not None:
                     self._refused(session, service, client, refusal)
-                    reset_socket(sock)
+                    stream.abort()
                     return
-            tune_socket(sock)
-            reset_unless_closed_cleanly(sock)
+            stream.reset_unless_closed_cleanly()
             conn = next(self._conn_ids)
             log = session.log.bind(conn=conn, service=service.name)
             task = _spawn(
-                group, sock, self._serve_client(session, service, sock, client, conn, log)
+                group, stream, self._serve_client(session, service, stream, client, conn, log)
             )
             if task is not None:
                 session.clients.add(task)
@@ -920,21 +899,21 @@ class Gateway:
                 else:
                     task.add_done_callback(lambda _: _release(gates, ip))
 
-        def on_error(exc: OSError, repeats: int) -> None:
+        def on_error(exc: TransportError, repeats: int) -> None:
             session.log.error(
                 "accept failed on service %s: %s%s",
                 service.name,
-                describe_os_error(exc),
+                exc,
                 _more(repeats),
             )
 
-        await accept_forever(service.sock, handle, on_error)
+        await service.listener.accept_forever(handle, on_error)
 
     async def _serve_client(
         self,
         session: _Session,
         service: _Service,
-        sock: socket.socket,
+        stream: SocketStream,
         client: str,
         conn: int,
         log: ContextLogger,
@@ -943,21 +922,21 @@ class Gateway:
         channel: Channel | None = None
         result: RelayResult | None = None  # once relaying; filled in even if cancelled
         try:
-            channel = await self._take_channel(session, sock, client, log)
+            channel = await self._take_channel(session, stream, client, log)
             if channel is None:
                 return  # logged by _take_channel
-            server = service.public or _local_address(sock)
+            server = service.public or stream.local_address()
             await channel.send_message(Start(conn, service.name, client, server))
             log.debug("client %s started on a data channel", client)
             result = RelayResult()
-            await relay(sock, channel, "client", result)
+            await relay(stream, channel, "client", result)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
         except Exception:
             log.exception("unexpected error relaying client %s", client)
         finally:
             if result is None:  # never relayed: neither end may look clean
-                reset_socket(sock)
+                stream.abort()
                 if channel is not None:
                     channel.abort()
             else:  # the relay closed both ends, however it ended
@@ -972,7 +951,7 @@ class Gateway:
                 )
 
     async def _take_channel(
-        self, session: _Session, sock: socket.socket, client: str, log: ContextLogger
+        self, session: _Session, stream: SocketStream, client: str, log: ContextLogger
     ) -> Channel | None:
         """An open pooled data channel, or one the agent opens within the deadline;
         None (logged) if none comes, too many clients wait, or the client leaves.
@@ -1030,7 +1009,7 @@ class Gateway:
             await session.channel.send_message(PoolRequest(missing))
         try:
             async with asyncio.timeout(self.config.pending_timeout):
-                taken = await _unless_left(waiter, sock)
+                taken = await _unless_left(waiter, stream)
             if taken is None:  # its one closing line, as for every client
                 log.info(
                     "closed client=%s up=0 down=0 duration=%.3fs end=left before a data "
@@ -1058,20 +1037,20 @@ class Gateway:
 
 
 def _spawn(
-    group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, Any, None]
+    group: asyncio.TaskGroup, stream: Stream, coro: Coroutine[Any, Any, None]
 ) -> asyncio.Task[None] | None:
     """Start a connection's task, or reset the connection if its owner is ending.
 
     A task cancelled before its first step never runs its own cleanup, so the
-    socket is reset here then; a task cancelled later has reset it already.
+    connection is reset here then; a task cancelled later has reset it already.
     """
     try:
         task = group.create_task(coro)
     except RuntimeError:  # the task group is shutting down
         coro.close()
-        reset_socket(sock)
+        stream.abort()
         return None
-    task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
+    task.add_done_callback(lambda t: stream.abort() if t.cancelled() else None)
     return task
 
 
@@ -1098,32 +1077,17 @@ def _more(repeats: int) -> str:
     return f" (and {repeats} more times since the last report)" if repeats else ""
 
 
-async def _unless_left(waiter: asyncio.Future[Channel], sock: socket.socket) -> Channel | None:
+async def _unless_left(waiter: asyncio.Future[Channel], stream: Stream) -> Channel | None:
     """The channel ``waiter`` gets, or None if the client leaves first: it
-    resets ``sock``, or closes it without having sent anything."""
-    with peer_closed(sock) as closed:
+    resets ``stream``, or closes it without having sent anything."""
+    with stream.watch_peer_close() as closed:
         either: set[asyncio.Future[Any]] = {waiter, closed}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done() and (was_reset(sock) or not _has_bytes(sock)):
+        if not waiter.done() and (
+            stream.pending_error() is not None or not stream.has_unread_bytes()
+        ):
             return None
     return await waiter  # got it, or a half-close after a request: it wants the answer
-
-
-def _local_address(sock: socket.socket) -> str:
-    """The ``host:port`` a client reached (for the agent's PROXY protocol header)."""
-    try:
-        host, port = sock.getsockname()[:2]
-    except OSError:
-        return ""
-    return format_address(host, port)
-
-
-def _has_bytes(sock: socket.socket) -> bool:
-    """True if unread bytes wait on ``sock``."""
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:  # BlockingIOError cannot happen after a FIN; anything else: gone
-        return False
 
 
 async def _answers_ping(channel: Channel) -> bool:

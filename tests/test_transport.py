@@ -514,3 +514,18 @@ def test_transport_imports_nothing_above_it() -> None:
                     assert module in allowed or module.startswith("tunnelgate.transport"), (
                         f"{path.name} imports {module}"
                     )
+
+
+@pytest.mark.parametrize("module", ["channel", "relay", "gateway", "agent"])
+def test_orchestration_sees_streams_not_sockets(module: str) -> None:
+    """Channel, relay, gateway and agent import neither socket nor ssl: they see
+    connections through the Stream interface only."""
+    path = TRANSPORT.parent / f"{module}.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names = {(node.module or "").split(".")[0]}
+        else:
+            continue
+        assert not names & {"socket", "ssl", "select"}, f"{module}.py imports {names}"

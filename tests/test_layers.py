@@ -110,3 +110,15 @@ def test_module_says_what_it_is_for(module: str) -> None:
     for path in files(module):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert ast.get_docstring(tree), f"{path.relative_to(SRC)} has no opening paragraph"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for m in sorted(ORCHESTRATION) for p in files(m)],
+    ids=lambda p: str(p.relative_to(SRC)),
+)
+def test_orchestration_sees_streams_not_sockets(path: Path) -> None:
+    """Channel, relay, gateway and agent import neither socket, ssl nor select:
+    they see connections through the Stream interface only."""
+    outside, _ = imports(path)
+    assert not outside & {"socket", "ssl", "select"}, sorted(outside & {"socket", "ssl", "select"})

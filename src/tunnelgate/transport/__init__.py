@@ -5,7 +5,7 @@ the :class:`Stream` interface and imports from this package, never from its
 modules. What each module is for:
 
 * ``stream`` — the interface: :class:`Stream`, :class:`SpliceableStream`,
-  :class:`WouldBlock`;
+  :class:`WouldBlock` (:class:`WouldBlockOnWrite`);
 * ``tcp`` — plain TCP: :class:`SocketStream`, :func:`connect`,
   :func:`open_listener` and :class:`Listener`;
 * ``tls_stream`` — :class:`TLSStream`, TLS 1.3 on a TCP stream's socket
@@ -22,7 +22,7 @@ nothing), nor the protocol's framing; from config only ``Address`` and
 
 from tunnelgate.transport.pipe import SPLICE_AVAILABLE, Pipe
 from tunnelgate.transport.poller import Poller, epoll_descriptors, poller
-from tunnelgate.transport.stream import SpliceableStream, Stream, WouldBlock
+from tunnelgate.transport.stream import SpliceableStream, Stream, WouldBlock, WouldBlockOnWrite
 from tunnelgate.transport.tcp import Listener, SocketStream, connect, open_listener
 from tunnelgate.transport.tls_stream import WANT_RETRY, TLSContext, TLSSession, TLSStream
 
@@ -39,6 +39,7 @@ __all__ = [
     "TLSSession",
     "TLSStream",
     "WouldBlock",
+    "WouldBlockOnWrite",
     "connect",
     "epoll_descriptors",
     "open_listener",

@@ -22,21 +22,24 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from tunnelgate.errors import TransportError
 
 
 class WouldBlock(Exception):
     """A non-blocking receive found nothing to take now: wait until the
-    stream's descriptor is readable, then try again. With ``wants_write``
-    the stream must first write (TLS, mid key update): it becomes writable
-    soon, so retry shortly rather than wait for data.
-    """
+    stream's descriptor is readable, then try again. Raised as a class, so
+    that the relay's read loops pay no Python-level constructor."""
 
-    def __init__(self, *, wants_write: bool = False) -> None:
-        super().__init__()
-        self.wants_write = wants_write
+    wants_write: ClassVar[bool] = False
+
+
+class WouldBlockOnWrite(WouldBlock):
+    """The stream must first write (TLS, mid key update): its descriptor
+    becomes writable soon, so retry shortly rather than wait for data."""
+
+    wants_write: ClassVar[bool] = True
 
 
 class Stream(Protocol):
@@ -118,7 +121,8 @@ class Stream(Protocol):
 
     def try_receive_into(self, buffer: memoryview) -> int:
         """Bytes taken into ``buffer`` without waiting; 0 at the end of the
-        stream. Raises WouldBlock if there are none yet."""
+        stream. Raises WouldBlock if there are none yet (WouldBlockOnWrite
+        if the stream must write first)."""
         ...
 
     def try_send(self, data: bytes | memoryview, more: bool = False) -> int:

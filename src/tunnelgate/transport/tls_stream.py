@@ -23,7 +23,7 @@ from typing import Final, TypeAlias
 
 from tunnelgate import tls
 from tunnelgate.errors import CertificateRefusedError, PeerVerificationError, TransportError
-from tunnelgate.transport.stream import WouldBlock
+from tunnelgate.transport.stream import WouldBlock, WouldBlockOnWrite
 from tunnelgate.transport.tcp import SocketStream, describe_os_error, transport_error
 
 WANT_RETRY: Final = 0.005  # seconds; TLS wanting the opposite direction (never in TLS 1.3)
@@ -224,7 +224,7 @@ class TLSStream:
         except ssl.SSLWantReadError:
             raise WouldBlock from None
         except ssl.SSLWantWriteError:
-            raise WouldBlock(wants_write=True) from None
+            raise WouldBlockOnWrite from None
         except OSError as exc:
             raise _tls_error(exc) from None
 

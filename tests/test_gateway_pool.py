@@ -15,31 +15,18 @@ from dataclasses import dataclass
 import pytest
 from kit.logs import LogRecorder, recording
 from kit.waiting import wait_until
+from streamkit import tcp_pair
 
+from tunnelgate.channel import Channel
 from tunnelgate.gateway.pool import ChannelPool
 from tunnelgate.logs import ContextLogger, Throttle
 from tunnelgate.protocol import FrameDecoder, PoolRequest, Side, State
-
-try:  # Channel is moving to a module of its own
-    from tunnelgate.channel import Channel  # type: ignore[import-not-found]
-except ImportError:
-    from tunnelgate.transport import Channel
 from tunnelgate.transport import SocketStream
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_unexpected_errors")]
 
 MAX_SIZE = 4
 WAIT = 5.0  # a client's pending_timeout where no test lets it pass
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one loopback TCP connection (port 0), non-blocking."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        far = socket.create_connection(listener.getsockname())
-        near, _ = listener.accept()
-    far.setblocking(False)
-    near.setblocking(False)
-    return near, far
 
 
 @dataclass
@@ -77,6 +64,7 @@ class Pool:
         self.refusals = Throttle(5.0)
 
     def pair(self) -> tuple[socket.socket, socket.socket]:
+        """The gateway's end of a loopback connection, and the far end."""
         near, far = tcp_pair()
         self._sockets += [near, far]
         return near, far
@@ -96,7 +84,7 @@ class Pool:
         self, client: socket.socket, *, max_pending: int = 8, pending_timeout: float = WAIT
     ) -> Channel | None:
         return await self.pool.take(
-            client,
+            SocketStream(client),
             "127.0.0.1:40000",
             self.log,
             max_pending=max_pending,

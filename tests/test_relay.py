@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kit.waiting import wait_until
 
-from tunnelgate import relay as relay_module
+from tunnelgate.channel import Channel
 from tunnelgate.protocol import (
     END_FRAME,
     HEADER_SIZE,
@@ -32,12 +32,7 @@ from tunnelgate.protocol import (
     pack_data_header,
 )
 from tunnelgate.relay import CHUNK_SIZE, PIPE_SIZE, RelayResult, relay
-
-try:  # Channel is moving to a module of its own
-    from tunnelgate.channel import Channel  # type: ignore[import-not-found]
-except ImportError:
-    from tunnelgate.transport import Channel
-from tunnelgate.transport import SocketStream
+from tunnelgate.transport import SPLICE_AVAILABLE, SocketStream
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_unexpected_errors")]
 
@@ -147,7 +142,7 @@ class Relayed:
 @pytest.fixture(params=["splice", "copy"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which path the relay takes for a plain channel (read at each relay)."""
-    if request.param == "splice" and not relay_module.SPLICE_AVAILABLE:
+    if request.param == "splice" and not SPLICE_AVAILABLE:
         pytest.skip("no os.splice here")
     monkeypatch.setenv("TUNNELGATE_NO_SPLICE", "0" if request.param == "splice" else "1")
     return str(request.param)
@@ -165,7 +160,7 @@ def start_relay(path: str) -> Callable[..., contextlib.AbstractAsyncContextManag
         far_sock, near = tcp_pair(buffer_size)
         channel = Channel(SocketStream(near), Side.GATEWAY)
         result = RelayResult()
-        task = asyncio.create_task(relay(local, channel, "client", result))
+        task = asyncio.create_task(relay(SocketStream(local), channel, "client", result))
         try:
             sockets = (client, local, near, far_sock)
             yield Relayed(client, FarEnd(far_sock), result, task, sockets)

@@ -34,7 +34,6 @@ from kit.tunnels import OpenAgent, OpenGateway, StartServer
 from kit.waiting import DEADLINE, wait_until
 
 from tunnelgate import cli, proxy_protocol
-from tunnelgate.agent import session as agent_session
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from tunnelgate.proxy_protocol import ProxyHeader, header, parse
 from tunnelgate.transport import SocketStream
@@ -448,15 +447,16 @@ async def test_header_not_sent_ends_the_client_connection_with_a_reset(
     seen: asyncio.Queue[Seen | Exception] = asyncio.Queue()
     server = await start_server(recording_echo(seen, with_header=True))
 
-    class FailingToService(SocketStream):
-        async def send(self, data: bytes | memoryview) -> None:
-            if self.sock.getpeername()[1] != server.port:
-                return await super().send(data)  # the agent's own channels
-            if failure == "reset":
-                raise TransportError("connection reset by peer")
-            await asyncio.Event().wait()  # a send that never completes
+    send = SocketStream.send
 
-    monkeypatch.setattr(agent_session, "SocketStream", FailingToService)
+    async def failing_to_service(self: SocketStream, data: bytes | memoryview) -> None:
+        if not self.peer_address().endswith(f":{server.port}"):
+            return await send(self, data)  # the agent's own channels
+        if failure == "reset":
+            raise TransportError("connection reset by peer")
+        await asyncio.Event().wait()  # a send that never completes
+
+    monkeypatch.setattr(SocketStream, "send", failing_to_service)
     gateway = await open_gateway()
     agent = await open_agent(
         gateway, expose=[f"0:{server.local}"], proxy_protocol="v1", connect_timeout=0.2

@@ -1,14 +1,15 @@
-"""The relay: bytes between a local TCP socket and a started data channel.
+"""The relay: bytes between a local stream and a started data channel.
 
-On the gateway the local socket is the client's; on the agent it is the
-service's. Two pumps run side by side:
+On the gateway the local stream is the client's connection; on the agent it
+is the service's. Both ends are :class:`~tunnelgate.transport.Stream`; the
+relay never sees a socket. Two pumps run side by side:
 
-* outbound: local socket → ``DATA`` frames → channel; local EOF → ``END``;
-* inbound: channel → frames → local socket; ``END`` → ``shutdown(SHUT_WR)``.
+* outbound: local stream → ``DATA`` frames → channel; local EOF → ``END``;
+* inbound: channel → frames → local stream; ``END`` → ``send_eof()``.
 
 A half-close therefore travels end to end while the other direction keeps
 flowing. Anything abnormal (a reset, ``ABORT``, a channel that stops without
-``END``, a protocol error) resets both the local socket and the channel, so an
+``END``, a protocol error) resets both the local stream and the channel, so an
 abnormal end is never disguised as a clean one.
 
 An abnormal end still delivers every byte that was on its way, then resets:
@@ -17,51 +18,55 @@ An abnormal end still delivers every byte that was on its way, then resets:
   one reads what the failed side still holds (a service's last reply before
   its reset) until that side's end, and only then does the relay fail;
 * before an ``ABORT``, the frame under way to the channel is finished; before
-  the local socket is reset, what the inbound pump still holds is written and
+  the local stream is reset, what the inbound pump still holds is written and
   the local peer is given ``DELIVERY_TIMEOUT`` to acknowledge it (an RST
-  discards a socket's unsent bytes);
+  discards a connection's unsent bytes);
 * after ``END`` the inbound pump keeps reading the channel, so an ``ABORT``
   behind it (a service reset after its answer) resets the client at once.
 
 How the bytes move
 ------------------
-A pump is not a task: it is a small state machine run by the event loop's
-readiness callbacks (``add_reader``/``add_writer``). It reads when its source
-is readable, writes at once, and only if the destination cannot take
-everything does it keep the rest and wait until the destination is writable,
-with its source's reader removed (that is the backpressure). An idle
-connection therefore holds no buffer, no task and no pending ``await``.
+A pump is not a task: it is a small state machine run by readiness
+callbacks on its streams' descriptors (``Stream.fileno``, registered with the
+transport's poller). It reads when its source is readable
+(``try_receive_into``), writes at once (``try_send``), and only if the
+destination cannot take everything does it keep the rest and wait until the
+destination is writable, with its source's reader removed (that is the
+backpressure). An idle connection therefore holds no buffer, no task and no
+pending ``await``.
 
-* Plain TCP channels (the default on Linux): the payload never enters Python.
-  ``os.splice`` moves it from one socket into a pipe and from the pipe into the
-  other socket; only the 4-byte frame headers are read and written by Python.
-  Pipes are borrowed from a per-thread pool while bytes are in flight.
-* TLS channels (and plain ones when splice is unavailable, or disabled with
-  ``TUNNELGATE_NO_SPLICE=1``): ``recv_into``/``send`` through one large
-  per-thread buffer. Under TLS, OpenSSL reads and writes the descriptor, so
-  the cipher's copy is the only one.
+* Both ends spliceable (:class:`~tunnelgate.transport.SpliceableStream`: plain
+  TCP, the default on Linux): the payload never enters Python. ``os.splice``
+  moves it from one descriptor into a pipe and from the pipe into the other;
+  only the 4-byte frame headers are read and written by Python. Pipes are
+  borrowed from a per-thread pool while bytes are in flight.
+* Otherwise (TLS channels, and plain ones when splice is unavailable, or
+  disabled with ``TUNNELGATE_NO_SPLICE=1``): ``try_receive_into``/``try_send``
+  through one large per-thread buffer. Under TLS, OpenSSL reads and writes the
+  descriptor, so the cipher's copy is the only one.
 
 Either way nothing is allocated, logged or awaited per chunk, except a copy of
 what a slow receiver could not take yet.
+
+The streams raise :class:`~tunnelgate.errors.TransportError` (never
+``OSError``), and :class:`~tunnelgate.transport.WouldBlock` when not ready.
+This module must not import socket, ssl, gateway, agent, config, cli or logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import functools
 import os
-import socket
-import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeGuard
 
+from tunnelgate.channel import Channel
 from tunnelgate.errors import ProtocolError, TransportError
 from tunnelgate.protocol import (
     END_FRAME,
@@ -75,16 +80,14 @@ from tunnelgate.protocol import (
     pack_data_header,
 )
 from tunnelgate.transport import (
+    SPLICE_AVAILABLE,
     WANT_RETRY,
-    Channel,
-    close_cleanly,
-    describe_os_error,
+    Pipe,
+    SpliceableStream,
+    Stream,
+    WouldBlock,
     epoll_descriptors,
     poller,
-    reset_socket,
-    shutdown_write,
-    wait_delivered,
-    wait_writable,
 )
 
 CHUNK_SIZE: Final = 256 * 1024  # the copy path's shared buffer
@@ -96,8 +99,6 @@ STEPS_PER_WAKEUP: Final = 8  # frames one inbound callback handles before yieldi
 ABORT_TIMEOUT: Final = 1.0  # for the peer to take an ABORT before the reset
 DELIVERY_TIMEOUT: Final = 2.0  # for a local peer to take its last bytes before its reset
 DRAIN_SIZE: Final = 16 * 1024
-SPLICE_AVAILABLE: Final = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
-_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
 def splice_enabled() -> bool:
@@ -109,8 +110,8 @@ def splice_enabled() -> bool:
 class RelayResult:
     """How one relayed connection went. ``how`` is "normal" or a reason."""
 
-    sent: int = 0  # bytes from the local socket into the tunnel
-    received: int = 0  # bytes from the tunnel to the local socket
+    sent: int = 0  # bytes from the local stream into the tunnel
+    received: int = 0  # bytes from the tunnel to the local stream
     how: str = "normal"
     duration: float = 0.0
     path: str = "copy"  # "splice" or "copy"
@@ -121,9 +122,9 @@ class RelayResult:
 
 
 async def relay(
-    local: socket.socket, channel: Channel, local_role: str, result: RelayResult | None = None
+    local: Stream, channel: Channel, local_role: str, result: RelayResult | None = None
 ) -> RelayResult:
-    """Pump bytes both ways until both directions ended; close both sockets.
+    """Pump bytes both ways until both directions ended; close both streams.
 
     ``local_role`` ("client" or "service") names the local peer in reasons.
     Cancellation (a session ending) resets both ends at once; a ``result``
@@ -136,7 +137,7 @@ async def relay(
         await state.finished
         result, failure = state.result, state.failure
         if failure is None:
-            close_cleanly(local)
+            local.close()
             channel.close()
             return result
         result.how = failure.how
@@ -147,7 +148,7 @@ async def relay(
     except BaseException as exc:
         # Cancelled (the session ended) or a bug: neither end may look clean.
         state.stop()
-        reset_socket(local)
+        local.abort()
         channel.abort()
         if state.failure is None:
             state.result.how = (
@@ -162,19 +163,19 @@ async def relay(
 
 
 async def _end_local(state: _Relay, failure: _Failed) -> None:
-    """Reset the local socket after an abnormal end; a local peer that is still
+    """Reset the local stream after an abnormal end; a local peer that is still
     there first gets what was on its way, for up to ``DELIVERY_TIMEOUT``."""
     if not failure.local_alive:
-        reset_socket(state.local)
+        state.local.abort()
         return
     try:
         async with asyncio.timeout(DELIVERY_TIMEOUT):
             await state.inbound.deliver_pending()
-            await wait_delivered(state.local)
+            await state.local.wait_delivered()
     except TimeoutError:
         pass
     finally:
-        reset_socket(state.local)
+        state.local.abort()
 
 
 async def _end_channel(state: _Relay, failure: _Failed) -> None:
@@ -200,10 +201,10 @@ async def abort_channel(channel: Channel, reason: str) -> None:
     unread bytes would send an RST that can make the peer lose the ABORT.
     """
     try:
-        with contextlib.suppress(TransportError, TimeoutError, OSError):
+        with contextlib.suppress(TransportError, TimeoutError):
             async with asyncio.timeout(ABORT_TIMEOUT):
                 await channel.stream.send(encode_abort(reason))
-                shutdown_write(channel.sock)
+                channel.stream.send_eof()
                 buffer = memoryview(bytearray(DRAIN_SIZE))
                 while await channel.stream.receive_into(buffer):
                     pass
@@ -231,23 +232,6 @@ async def wait_relays(relays: set[asyncio.Task[None]], timeout: float | None = N
     return len(relays)
 
 
-class _Pipe:
-    """A kernel pipe that carries spliced bytes; ``count`` are in it now."""
-
-    __slots__ = ("count", "read_fd", "size", "write_fd")
-
-    def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size
-            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self.size = min(fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ), MAX_DATA_SIZE)
-        self.count = 0
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
 class _Scratch(threading.local):
     """What the pumps of one thread share: callbacks run one at a time, and a
     pump keeps nothing here across callbacks."""
@@ -259,12 +243,13 @@ class _Scratch(threading.local):
         self.payload = self.view[HEADER_SIZE:]
         self.small_payload = self.view[HEADER_SIZE : HEADER_SIZE + SMALL_READ]
         self.between_frames = self.view[:HEADER_READ]
-        self.pipes: list[_Pipe] = []
+        self.pipes: list[Pipe] = []
 
-    def take_pipe(self) -> _Pipe:
-        return self.pipes.pop() if self.pipes else _Pipe()
+    def take_pipe(self) -> Pipe:
+        # One fill of a pipe is one DATA frame's payload.
+        return self.pipes.pop() if self.pipes else Pipe(PIPE_SIZE, MAX_DATA_SIZE)
 
-    def give_pipe(self, pipe: _Pipe) -> None:
+    def give_pipe(self, pipe: Pipe) -> None:
         if pipe.count == 0 and len(self.pipes) < IDLE_PIPES:
             self.pipes.append(pipe)
         else:
@@ -280,19 +265,7 @@ def cached_fds() -> int:
     return 2 * len(_scratch.pipes) + epoll_descriptors()
 
 
-_WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError)
-
-
 # --- the state machines -----------------------------------------------------
-
-
-def _describe_reset(exc: OSError) -> str:
-    """Why a relayed socket broke. A write gets EPIPE rather than ECONNRESET
-    when the peer reset a connection whose other direction had ended: the
-    same event, said once."""
-    if exc.errno == errno.EPIPE:
-        return describe_os_error(OSError(errno.ECONNRESET, "connection reset"))
-    return describe_os_error(exc)
 
 
 class _Failed:
@@ -312,7 +285,7 @@ class _Relay:
     """One relayed connection: its two pumps and how it ended."""
 
     def __init__(
-        self, local: socket.socket, channel: Channel, local_role: str, result: RelayResult
+        self, local: Stream, channel: Channel, local_role: str, result: RelayResult
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.poller = poller(self.loop)
@@ -322,17 +295,23 @@ class _Relay:
         self.result = result
         self.failure: _Failed | None = None
         self.finished: asyncio.Future[None] = self.loop.create_future()
-        use_splice = splice_enabled() and not isinstance(channel.sock, ssl.SSLSocket)
-        self.result.path = "splice" if use_splice else "copy"
+        splice_fds = _splice_fds(local, channel.stream) if splice_enabled() else None
+        self.result.path = "copy" if splice_fds is None else "splice"
         self._running = 2
         self._watched: int | None = None  # a finished pump's source, watched for a reset
         # A write that failed towards one side; the relay fails once the
         # other direction has read what that side still held.
-        self.local_error: OSError | None = None
-        self.channel_error: OSError | None = None
+        self.local_error: TransportError | None = None
+        self.channel_error: TransportError | None = None
         self._give_up: asyncio.TimerHandle | None = None
-        self.outbound: _Outbound = _SpliceOut(self) if use_splice else _CopyOut(self)
-        self.inbound: _Inbound = _SpliceIn(self) if use_splice else _CopyIn(self)
+        self.outbound: _Outbound
+        self.inbound: _Inbound
+        if splice_fds is None:
+            self.outbound, self.inbound = _CopyOut(self), _CopyIn(self)
+        else:
+            local_fd, channel_fd = splice_fds
+            self.outbound = _SpliceOut(self, local_fd, channel_fd)
+            self.inbound = _SpliceIn(self, channel_fd, local_fd)
         self.outbound.start()
         self.inbound.start_with(channel.take_pending())
 
@@ -344,7 +323,7 @@ class _Relay:
             if not self.finished.done():
                 self.finished.set_result(None)
         elif pump is self.outbound:
-            # Nobody reads this socket any more, but its peer may still reset it
+            # Nobody reads this stream any more, but its peer may still reset it
             # (a client that half-closed, then gave up): that must end the relay
             # now, not whenever the other direction next has bytes to send.
             self.watch_for_reset(pump)
@@ -355,11 +334,10 @@ class _Relay:
         self.poller.add_error_watch(pump.src_fd, functools.partial(self._reset_seen, pump))
 
     def _reset_seen(self, pump: _Pump) -> None:
-        error = pump.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        exc = pump.src.pending_error()
         self.stop_watching()  # level-triggered: a full hang-up would wake us again
-        if not error:
+        if exc is None:
             return  # both directions shut cleanly: the other pump finishes by itself
-        exc = OSError(error, os.strerror(error))
         if pump.src is self.local:
             self.local_failed(exc)
         else:
@@ -377,13 +355,13 @@ class _Relay:
         self.stop()
         self.finished.set_result(None)
 
-    def local_failed(self, exc: OSError) -> None:
-        """The local socket broke, and all it held has been read."""
-        how = f"{self.role} {_describe_reset(self.local_error or exc)}"
+    def local_failed(self, exc: TransportError) -> None:
+        """The local stream broke, and all it held has been read."""
+        how = f"{self.role} {(self.local_error or exc).reason}"
         self.fail(how, tell_peer=True, local_alive=False)
 
-    def local_write_failed(self, exc: OSError) -> None:
-        """Writing to the local socket failed (its peer reset it). Nothing more
+    def local_write_failed(self, exc: TransportError) -> None:
+        """Writing to the local stream failed (its peer reset it). Nothing more
         goes that way, but what it still holds (its peer's last bytes) goes to
         the channel first: the relay fails at the outbound pump's end."""
         self.inbound.stop()
@@ -393,12 +371,12 @@ class _Relay:
         else:
             self._give_up_after(functools.partial(self.local_failed, exc))
 
-    def channel_failed(self, exc: OSError) -> None:
+    def channel_failed(self, exc: TransportError) -> None:
         """The channel broke, and all it held has been read."""
-        how = f"data channel lost: {_describe_reset(self.channel_error or exc)}"
+        how = f"data channel lost: {(self.channel_error or exc).reason}"
         self.fail(how, tell_peer=False, local_alive=True)
 
-    def channel_write_failed(self, exc: OSError) -> None:
+    def channel_write_failed(self, exc: TransportError) -> None:
         """Writing to the channel failed: as :meth:`local_write_failed`, the
         other way (an ABORT that arrived says why)."""
         self.outbound.stop()
@@ -431,7 +409,7 @@ class _Pump:
     """One direction: read ``src`` when readable, write ``dst`` at once, and
     wait for ``dst`` to be writable only when it could not take everything."""
 
-    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, relay: _Relay, src: Stream, dst: Stream) -> None:
         self.relay = relay
         self.loop = relay.loop
         self.poller = relay.poller
@@ -442,7 +420,7 @@ class _Pump:
         self.reading = False  # our reader is registered on src
         self.writing = False  # our writer is registered on dst
         self.stopped = False
-        self.pipe: _Pipe | None = None
+        self.pipe: Pipe | None = None
 
     def start(self) -> None:
         self.want_read()
@@ -499,49 +477,69 @@ class _Pump:
         raise NotImplementedError
 
 
-async def _write_all(sock: socket.socket, data: bytes | memoryview) -> int:
-    """Write ``data`` to a plain socket outside the pumps (a last delivery);
-    how many bytes it took before an error."""
+def _splice_fds(local: Stream, channel: Stream) -> tuple[int, int] | None:
+    """The descriptors to splice between, where both ends can hand one out."""
+    if _spliceable(local) and _spliceable(channel):
+        return local.fd_for_splice(), channel.fd_for_splice()
+    return None
+
+
+_SPLICEABLE: dict[type, bool] = {}
+
+
+def _spliceable(stream: Stream) -> TypeGuard[SpliceableStream]:
+    """Whether the class of ``stream`` is a SpliceableStream, asked once per
+    class (an isinstance check against a Protocol costs microseconds)."""
+    kind = type(stream)
+    answer = _SPLICEABLE.get(kind)
+    if answer is None:
+        answer = _SPLICEABLE[kind] = isinstance(stream, SpliceableStream)
+    return answer
+
+
+async def _write_all(stream: Stream, data: bytes | memoryview) -> int:
+    """Write ``data`` outside the pumps (a last delivery); how many bytes the
+    stream took before an error."""
     view = memoryview(data)
     total = len(view)
     while view:
         try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await wait_writable(sock)
-        except OSError:
+            sent = stream.try_send(view)
+        except TransportError:
             break
+        if sent:
+            view = view[sent:]
+        else:
+            await stream.wait_writable()
     return total - len(view)
 
 
-async def _splice_all(pipe: _Pipe, sock: socket.socket) -> int:
-    """Move what ``pipe`` holds into a plain socket; how many bytes it took."""
+async def _splice_all(pipe: Pipe, fd: int, stream: Stream) -> int:
+    """Move what ``pipe`` holds into ``fd``, the splice descriptor of
+    ``stream``; how many bytes it took."""
     moved = 0
     while pipe.count:
         try:
-            n = os.splice(pipe.read_fd, sock.fileno(), pipe.count, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            await wait_writable(sock)
-            continue
-        except OSError:
+            moved += pipe.drain_into(fd)
+        except WouldBlock:
+            await stream.wait_writable()
+        except TransportError:
             break
-        pipe.count -= n
-        moved += n
     return moved
 
 
-# --- outbound: local socket → DATA frames → channel --------------------------
+# --- outbound: local stream → DATA frames → channel --------------------------
 
 
 class _Outbound(_Pump):
-    """Common to both outbound pumps: the end of the local socket's bytes."""
+    """Common to both outbound pumps: the end of the local stream's bytes."""
 
     def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay, relay.local, relay.channel.sock)
+        super().__init__(relay, relay.local, relay.channel.stream)
         self.eof = False
 
     def local_ended(self) -> bool:
-        """The local socket reached EOF: True if END should follow; else its
+        """The local stream reached EOF: True if END should follow; else its
         peer had reset it (a write failed) and the relay fails instead."""
         if self.relay.local_error is not None:
             self.relay.local_failed(self.relay.local_error)
@@ -568,10 +566,10 @@ class _CopyOut(_Outbound):
             return
         view = _scratch.view
         try:
-            n = self.src.recv_into(_scratch.payload)
-        except BlockingIOError:
+            n = self.src.try_receive_into(_scratch.payload)
+        except WouldBlock:
             return
-        except OSError as exc:
+        except TransportError as exc:
             return self.relay.local_failed(exc)
         if n == 0:
             if self.local_ended():
@@ -582,12 +580,8 @@ class _CopyOut(_Outbound):
 
     def send(self, frame: memoryview, payload: int) -> None:
         try:
-            sent = self.dst.send(frame)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            sent = 0
-        except ssl.SSLWantReadError:
-            sent = 0
-        except OSError as exc:
+            sent = self.dst.try_send(frame)
+        except TransportError as exc:
             return self.relay.channel_write_failed(exc)
         if sent == len(frame):
             return self.sent(payload)
@@ -618,13 +612,15 @@ class _CopyOut(_Outbound):
 
 class _SpliceOut(_CopyOut):
     """Like :class:`_CopyOut` while reads are small; once a read fills
-    ``SMALL_READ`` (bulk), it splices instead: what the local socket has goes
-    into a pipe (up to one frame), the header goes out with MSG_MORE, then the
-    pipe into the channel. A splice smaller than ``SMALL_READ`` switches back,
-    so small messages cost one ``recv`` and one ``send`` per hop."""
+    ``SMALL_READ`` (bulk), it splices instead: what the local stream has goes
+    into a pipe (up to one frame), the header goes out with ``more`` (MSG_MORE),
+    then the pipe into the channel. A splice smaller than ``SMALL_READ``
+    switches back, so small messages cost one ``recv`` and one ``send`` per hop."""
 
-    def __init__(self, relay: _Relay) -> None:
+    def __init__(self, relay: _Relay, local_fd: int, channel_fd: int) -> None:
         super().__init__(relay)
+        self.splice_src = local_fd
+        self.splice_dst = channel_fd
         self.header = bytearray(HEADER_SIZE)
         self.head = memoryview(self.header)[:0]  # header bytes not yet sent
         self.payload = 0
@@ -637,11 +633,11 @@ class _SpliceOut(_CopyOut):
             return self.read_small()
         pipe = self.pipe = _scratch.take_pipe()
         try:
-            n = os.splice(self.src_fd, pipe.write_fd, pipe.size, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
+            n = pipe.fill_from(self.splice_src, pipe.size)
+        except WouldBlock:
             self.release_pipe()
             return
-        except OSError as exc:
+        except TransportError as exc:
             self.release_pipe()
             return self.relay.local_failed(exc)
         self.bulk = n >= SMALL_READ
@@ -651,7 +647,6 @@ class _SpliceOut(_CopyOut):
                 return
             self.header[:] = END_FRAME
         else:
-            pipe.count = n
             pack_data_header(self.header, n)
         self.head = memoryview(self.header)
         self.payload = n
@@ -660,10 +655,10 @@ class _SpliceOut(_CopyOut):
     def read_small(self) -> None:
         view = _scratch.view
         try:
-            n = self.src.recv_into(_scratch.small_payload)
-        except BlockingIOError:
+            n = self.src.try_receive_into(_scratch.small_payload)
+        except WouldBlock:
             return
-        except OSError as exc:
+        except TransportError as exc:
             return self.relay.local_failed(exc)
         self.bulk = n == SMALL_READ
         if n == 0:
@@ -685,13 +680,15 @@ class _SpliceOut(_CopyOut):
         pipe = self.pipe
         try:
             while self.head:
-                more = socket.MSG_MORE if pipe is not None else 0
-                self.head = self.head[self.dst.send(self.head, more) :]
+                sent = self.dst.try_send(self.head, more=pipe is not None)
+                if not sent:
+                    return self.want_write()
+                self.head = self.head[sent:]
             while pipe is not None and pipe.count:
-                pipe.count -= os.splice(pipe.read_fd, self.dst_fd, pipe.count, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
+                pipe.drain_into(self.splice_dst)
+        except WouldBlock:
             return self.want_write()
-        except OSError as exc:
+        except TransportError as exc:
             return self.relay.channel_write_failed(exc)
         self.release_pipe()
         self.relay.result.sent += self.payload
@@ -708,25 +705,25 @@ class _SpliceOut(_CopyOut):
         if len(head) != await _write_all(self.dst, head):
             raise TransportError("data channel lost before the end of a frame")
         if self.pipe is not None and self.pipe.count:
-            await _splice_all(self.pipe, self.dst)
+            await _splice_all(self.pipe, self.splice_dst, self.dst)
             if self.pipe.count:
                 raise TransportError("data channel lost before the end of a frame")
         self.relay.result.sent += self.payload
 
 
-# --- inbound: channel → frames → local socket --------------------------------
+# --- inbound: channel → frames → local stream --------------------------------
 
 
 class _Inbound(_Pump):
-    """Delivers decoded events; what the local socket cannot take yet waits,
+    """Delivers decoded events; what the local stream cannot take yet waits,
     copied, in ``backlog`` (with the events behind it, in order). After END
     it reads on: only an ABORT (or the channel's end) may follow."""
 
     def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay, relay.channel.sock, relay.local)
+        super().__init__(relay, relay.channel.stream, relay.local)
         self.decoder = relay.channel.decoder
         self.backlog: deque[bytes | Event] = deque()
-        self.ended = False  # END received; the local socket is half-closed
+        self.ended = False  # END received; the local stream is half-closed
 
     def start_with(self, pending: list[Event]) -> None:
         if self.deliver(pending):
@@ -734,7 +731,7 @@ class _Inbound(_Pump):
             self.loop.call_soon(self.on_readable)  # TLS may hold decrypted bytes already
 
     def deliver(self, events: Iterable[Event]) -> bool:
-        """Hand events to the local socket; False if it blocked or it ended."""
+        """Hand events to the local stream; False if it blocked or it ended."""
         backlog = self.backlog
         try:
             for event in events:
@@ -760,7 +757,7 @@ class _Inbound(_Pump):
 
     def runs_on(self) -> bool:
         """After delivering: True if the pump may read on; else it ended, or
-        it waits for the local socket to take the backlog."""
+        it waits for the local stream to take the backlog."""
         if self.stopped:
             return False
         if self.backlog:
@@ -769,18 +766,16 @@ class _Inbound(_Pump):
         return True
 
     def write_keeping_rest(self, data: memoryview) -> None:
-        """Send ``data``; what the local socket does not take goes to the backlog."""
+        """Send ``data``; what the local stream does not take goes to the backlog."""
         sent = self.write(data)
         if 0 <= sent < len(data):
             self.backlog.append(bytes(data[sent:]))
 
     def write(self, data: memoryview | bytes) -> int:
-        """Send what the local socket takes now; -1 if it failed."""
+        """Send what the local stream takes now; -1 if it failed."""
         try:
-            sent = self.dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
+            sent = self.dst.try_send(data)
+        except TransportError as exc:
             self.relay.local_write_failed(exc)
             return -1
         self.relay.result.received += sent
@@ -792,8 +787,8 @@ class _Inbound(_Pump):
             self.relay.fail(how, tell_peer=False, local_alive=True)
         elif isinstance(event, End) and not self.ended:
             self.ended = True
-            with contextlib.suppress(OSError):
-                self.dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(TransportError):
+                self.dst.send_eof()
             self.relay.pump_done(self)
         else:
             what = "data" if isinstance(event, Data) else repr(event)
@@ -837,7 +832,7 @@ class _Inbound(_Pump):
             relay.watch_for_reset(self)
 
     async def deliver_pending(self) -> None:
-        """Write the bytes held for the local socket (before its reset), up
+        """Write the bytes held for the local stream (before its reset), up
         to the first event among them or an error."""
         while self.backlog and isinstance(item := self.backlog[0], bytes):
             sent = await _write_all(self.dst, item)
@@ -850,28 +845,31 @@ class _Inbound(_Pump):
 class _CopyIn(_Inbound):
     """Reads as much as is ready into the shared buffer and decodes it."""
 
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__(relay)
+        self.reads_all_ready = self.src.reads_all_ready
+
     def on_readable(self) -> None:
         if self.stopped or self.writing:
             return
         self.want_read()  # again, after a retry_later
         view = _scratch.view
-        sock = self.src
+        stream = self.src
         n = 0
         eof = False
         try:
             while n < CHUNK_SIZE:
-                got = sock.recv_into(view[n:CHUNK_SIZE])
+                got = stream.try_receive_into(view[n:CHUNK_SIZE])
                 if got == 0:
                     eof = True
                     break
                 n += got
-                if not isinstance(sock, ssl.SSLSocket):
+                if self.reads_all_ready:
                     break  # plain recv returns all that is ready; TLS one record
-        except _WOULD_BLOCK:
-            pass
-        except ssl.SSLWantWriteError:
-            self.retry_later()
-        except OSError as exc:
+        except WouldBlock as exc:
+            if exc.wants_write:
+                self.retry_later()
+        except TransportError as exc:
             if n and not self.take(view, n):
                 return
             return self.relay.channel_failed(exc)
@@ -896,6 +894,11 @@ class _SpliceIn(_Inbound):
     """Between frames, reads up to ``HEADER_READ`` and delivers what it holds
     by copy; the rest of a DATA frame still due is spliced through a pipe."""
 
+    def __init__(self, relay: _Relay, channel_fd: int, local_fd: int) -> None:
+        super().__init__(relay)
+        self.splice_src = channel_fd
+        self.splice_dst = local_fd
+
     def on_readable(self) -> None:
         if self.stopped or self.writing:
             return
@@ -907,10 +910,10 @@ class _SpliceIn(_Inbound):
                 # whole); the rest of a large DATA frame is spliced below.
                 view = _scratch.between_frames
                 try:
-                    n = self.src.recv_into(view)
-                except BlockingIOError:
+                    n = self.src.try_receive_into(view)
+                except WouldBlock:
                     return
-                except OSError as exc:
+                except TransportError as exc:
                     return self.relay.channel_failed(exc)
                 if n == 0:
                     return self.channel_ended()
@@ -921,33 +924,28 @@ class _SpliceIn(_Inbound):
                 continue
             pipe = self.pipe = self.pipe or _scratch.take_pipe()
             try:
-                n = os.splice(
-                    self.src_fd, pipe.write_fd, min(remaining, pipe.size), flags=_SPLICE_FLAGS
-                )
-            except BlockingIOError:
+                n = pipe.fill_from(self.splice_src, min(remaining, pipe.size))
+            except WouldBlock:
                 return
-            except OSError as exc:
+            except TransportError as exc:
                 return self.relay.channel_failed(exc)
             if n == 0:
                 return self.channel_ended()
             decoder.skip_data(n)
-            pipe.count = n
             if not self.drain_pipe():
                 return
 
     def drain_pipe(self) -> bool:
-        """Splice the pipe into the local socket; False if that must wait."""
+        """Splice the pipe into the local stream; False if that must wait."""
         pipe = self.pipe
         assert pipe is not None
         try:
             while pipe.count:
-                moved = os.splice(pipe.read_fd, self.dst_fd, pipe.count, flags=_SPLICE_FLAGS)
-                pipe.count -= moved
-                self.relay.result.received += moved
-        except BlockingIOError:
+                self.relay.result.received += pipe.drain_into(self.splice_dst)
+        except WouldBlock:
             self.want_write()
             return False
-        except OSError as exc:
+        except TransportError as exc:
             self.relay.local_write_failed(exc)
             return False
         self.release_pipe()
@@ -964,7 +962,7 @@ class _SpliceIn(_Inbound):
 
     async def deliver_pending(self) -> None:
         if self.pipe is not None and self.pipe.count:
-            self.relay.result.received += await _splice_all(self.pipe, self.dst)
+            self.relay.result.received += await _splice_all(self.pipe, self.splice_dst, self.dst)
             if self.pipe.count:
                 return
         await super().deliver_pending()

@@ -117,6 +117,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     # control channel's session (still a fresh ECDHE exchange, but no
     # certificate signature or chain), which halves a data channel's handshake.
     context.num_tickets = 1
+    _accept_fin_as_end(context)
     tune_reads(context)
     return context
 
@@ -146,8 +147,18 @@ def client_context(
             ) from None
     else:
         context.load_default_certs()
+    _accept_fin_as_end(context)
     tune_reads(context)
     return context
+
+
+def _accept_fin_as_end(context: ssl.SSLContext) -> None:
+    """Take a peer's TCP FIN without close_notify as the end of its direction
+    only: a TLS stream's ``send_eof`` sends one, and the other direction must
+    keep flowing. Without this, OpenSSL 3 fails every later write after such
+    an EOF. Reads already returned 0 there (``suppress_ragged_eofs``); the
+    framing's END tells a complete stream from a cut one."""
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
 # OpenSSL settings Python's ssl module does not expose (constants from ssl.h).

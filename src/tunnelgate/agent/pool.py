@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
 from tunnelgate.logs import ContextLogger
 from tunnelgate.protocol import Ping, Pong, PoolRelease, Refused, Start
 from tunnelgate.relay import wait_relays
-from tunnelgate.transport import Channel
 
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024

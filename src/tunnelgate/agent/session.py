@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Final
 from tunnelgate import credentials, proxy_protocol, tls
 from tunnelgate.address import Address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
+from tunnelgate.channel import Channel
 from tunnelgate.config import AgentConfig, ServiceConfig
 from tunnelgate.errors import (
     AuthenticationError,
@@ -51,13 +50,12 @@ from tunnelgate.protocol import (
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
 from tunnelgate.transport import (
-    Channel,
     SocketStream,
     Stream,
+    TLSContext,
+    TLSSession,
     TLSStream,
     connect,
-    reset_socket,
-    reset_unless_closed_cleanly,
 )
 
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
@@ -87,26 +85,26 @@ class Dialer:
     def __init__(self, config: AgentConfig, log: ContextLogger) -> None:
         self.config = config
         self.log = log
-        self._context: ssl.SSLContext | None = (
+        self._context: TLSContext | None = (
             tls.client_context(config.ca, config.fingerprint, config.cert, config.key)
             if config.tls
             else None
         )
-        self._tls_session: ssl.SSLSession | None = None  # the control channel's, for data
+        self._tls_session: TLSSession | None = None  # the control channel's, for data
         self._credential: credentials.Credential | None = None  # derived from the token once
 
     async def open(self, role: str, session: str = "") -> Channel:
         """Connect, secure, and prove the token: a control or data channel."""
         config = self.config
-        sock = await connect(config.gateway, config.connect_timeout)
-        stream: Stream | None = None  # owns the socket once it exists
+        tcp = await connect(config.gateway, config.connect_timeout)
+        stream: Stream = tcp  # TLS goes on it; resetting either resets the connection
         try:
             async with asyncio.timeout(config.handshake_timeout):
                 if self._context is not None:
                     hostname = None if config.fingerprint else config.gateway.host
                     resume = self._tls_session if role == "data" else None
                     tls_stream = stream = TLSStream(
-                        sock,
+                        tcp,
                         self._context,
                         server_side=False,
                         server_hostname=hostname,
@@ -114,19 +112,17 @@ class Dialer:
                     )
                     await tls_stream.handshake()
                     if resume is not None:
-                        reused = tls_stream.sock.session_reused
+                        reused = tls_stream.session_reused
                         self.log.debug(
                             "data channel: TLS session %s", "resumed" if reused else "new"
                         )
                     if config.fingerprint:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
-                else:
-                    stream = SocketStream(sock)
                 channel = Channel(stream, Side.AGENT)
                 challenge = await channel.receive()
                 if role == "control" and isinstance(stream, TLSStream):
                     # The ticket came before the Challenge: data channels resume it.
-                    self._tls_session = stream.sock.session
+                    self._tls_session = stream.session
                 if isinstance(challenge, Refused):
                     raise refusal(challenge)
                 assert isinstance(challenge, Challenge)
@@ -135,13 +131,13 @@ class Dialer:
                 await channel.send_message(hello)
                 return channel
         except TimeoutError:
-            reset_socket(stream.sock if stream is not None else sock)
+            stream.abort()
             hint = " (does the gateway use TLS? this agent runs with --no-tls)"
             raise TransportError(
                 f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
             ) from None
         except BaseException:
-            reset_socket(stream.sock if stream is not None else sock)
+            stream.abort()
             raise
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
@@ -346,14 +342,14 @@ class AgentSession:
             await abort_channel(channel, f"unknown service {start.service!r}")
             return
         try:
-            sock = await reach(service, start, self.config.connect_timeout, log)
+            stream = await reach(service, start, self.config.connect_timeout, log)
         except TransportError as exc:
             log.warning("client %s: %s", start.client, exc)
             await abort_channel(channel, f"agent {exc}")
             return
         result = RelayResult()  # filled in even if the relay is cancelled
         try:
-            await relay(sock, channel, "service", result)
+            await relay(stream, channel, "service", result)
         finally:
             log_closed(
                 log,
@@ -368,26 +364,26 @@ class AgentSession:
 
 async def reach(
     service: ServiceConfig, start: Start, timeout: float, log: ContextLogger
-) -> socket.socket:
+) -> SocketStream:
     """The connection to ``service``, set to reset unless closed cleanly, with
     its PROXY protocol header sent if it wants one: before any client byte,
-    and outside the relay's counts. TransportError (socket reset) if not."""
-    sock = await connect(service.local, timeout)
-    reset_unless_closed_cleanly(sock)
+    and outside the relay's counts. TransportError (connection reset) if not."""
+    stream = await connect(service.local, timeout)
+    stream.reset_unless_closed_cleanly()
     if not service.proxy_protocol:
-        return sock
+        return stream
     header = proxy_protocol.header(service.proxy_protocol, start.client, start.server)
     try:
         async with asyncio.timeout(timeout):
-            await SocketStream(sock).send(header)
+            await stream.send(header)
     except (TransportError, TimeoutError) as exc:
-        reset_socket(sock)
+        stream.abort()
         why = str(exc) or f"timed out after {timeout:g} s"
         raise TransportError(
             f"cannot send the PROXY protocol header to {service.local}: {why}"
         ) from None
     except BaseException:
-        reset_socket(sock)
+        stream.abort()
         raise
     log.debug(
         "PROXY protocol v%d header sent to %s: client=%s server=%s",
@@ -396,7 +392,7 @@ async def reach(
         start.client,
         start.server or "?",
     )
-    return sock
+    return stream
 
 
 def refusal(message: Refused) -> Exception:

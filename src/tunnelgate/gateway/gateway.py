@@ -22,8 +22,6 @@ import itertools
 import logging
 import os
 import secrets
-import socket
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any, Final
 
 from tunnelgate import credentials, tls
 from tunnelgate.address import Address
+from tunnelgate.channel import Channel
 from tunnelgate.config import (
     AgentPolicy,
     GatewayConfig,
@@ -70,17 +69,7 @@ from tunnelgate.protocol import (
     authenticate,
 )
 from tunnelgate.relay import wait_relays
-from tunnelgate.transport import (
-    Channel,
-    SocketStream,
-    TLSStream,
-    accept_forever,
-    bound_address,
-    describe_os_error,
-    open_listener,
-    reset_socket,
-    tune_socket,
-)
+from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
 
 logger = logging.getLogger(__package__)
 
@@ -112,10 +101,10 @@ class Gateway:
         self.fingerprint: str | None = None
         self.cert_created = False
         self.stored_token: Path | None = None  # the state directory's token, if it is the one
-        self._context: ssl.SSLContext | None = None
+        self._context: TLSContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._client_ca_pem: bytes | None = None  # as loaded into the context
-        self._listener: socket.socket | None = None
+        self._listener: Listener | None = None
         self._main: asyncio.Task[None] | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: dict[str, GatewaySession] = {}  # by agent name, not draining
@@ -161,13 +150,8 @@ class Gateway:
                 "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
                 "network in clear and anyone on the path can read or change them"
             )
-        try:
-            self._listener = open_listener(config.listen.host, config.listen.port)
-        except OSError as exc:
-            raise TransportError(
-                f"cannot listen on {config.listen}: {describe_os_error(exc)}"
-            ) from None
-        self.address = bound_address(self._listener)
+        self._listener = open_listener(config.listen.host, config.listen.port)
+        self.address = self._listener.address
         self._main = asyncio.create_task(self._run(self._listener), name="gateway")
         await self._ready.wait()
         logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
@@ -312,7 +296,7 @@ class Gateway:
             tuple(session.statistics() for session in self._by_id.values()),
         )
 
-    async def _run(self, listener: socket.socket) -> None:
+    async def _run(self, listener: Listener) -> None:
         async with asyncio.TaskGroup() as group:
             self._accepting = group.create_task(self._accept_agents(listener, group))
             self._ready.set()
@@ -345,8 +329,8 @@ class Gateway:
 
     # --- the control port ---------------------------------------------------
 
-    async def _accept_agents(self, listener: socket.socket, group: asyncio.TaskGroup) -> None:
-        def handle(sock: socket.socket, peer: str) -> None:
+    async def _accept_agents(self, listener: Listener, group: asyncio.TaskGroup) -> None:
+        def handle(stream: SocketStream, peer: str) -> None:
             refusal = self._handshakes.refusal(
                 host_of(peer), time.monotonic(), self.config.max_handshakes
             )
@@ -354,27 +338,25 @@ class Gateway:
                 self._handshake_refusals.warning(
                     logger, time.monotonic(), "dropping connection from %s: %s", peer, refusal
                 )
-                reset_socket(sock)
+                stream.abort()
                 return
-            spawn(group, sock, self._guard_connection(sock, peer))
+            spawn(group, stream, self._guard_connection(stream, peer))
 
-        def on_error(exc: OSError, repeats: int) -> None:
-            logger.error(
-                "accept failed on the control port: %s%s", describe_os_error(exc), more(repeats)
-            )
+        def on_error(exc: TransportError, repeats: int) -> None:
+            logger.error("accept failed on the control port: %s%s", exc, more(repeats))
 
-        await accept_forever(listener, handle, on_error)
+        await listener.accept_forever(handle, on_error)
 
-    async def _guard_connection(self, sock: socket.socket, peer: str) -> None:
+    async def _guard_connection(self, stream: SocketStream, peer: str) -> None:
         """Root of a control-port connection's task: every error ends here, logged once."""
-        owned = False  # True once a session (or its pool) closes the socket
-        channel: Channel | None = None  # owns the socket once it exists (TLS wraps it)
+        owned = False  # True once a session (or its pool) closes the connection
+        channel: Channel | None = None
         host = host_of(peer)
         try:
             self._handshakes.begin(host)
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
-                    channel = await self._secure(sock)
+                    channel = await self._secure(stream)
                     hello, admitted = await self._handshake(channel, peer)
             finally:
                 self._handshakes.end(host)
@@ -400,16 +382,15 @@ class Gateway:
             logger.exception("unexpected error on connection from %s", peer)
         finally:
             if not owned:
-                reset_socket(channel.sock if channel is not None else sock)
+                (channel or stream).abort()
 
-    async def _secure(self, sock: socket.socket) -> Channel:
-        """The framed channel over ``sock``, after the TLS handshake if TLS is on."""
-        tune_socket(sock)
+    async def _secure(self, stream: SocketStream) -> Channel:
+        """The framed channel over ``stream``, after the TLS handshake if TLS is on."""
         if self._context is None:
-            return Channel(SocketStream(sock), Side.GATEWAY)
-        stream = TLSStream(sock, self._context, server_side=True)
-        await stream.handshake()  # resets the connection if it fails
-        return Channel(stream, Side.GATEWAY)
+            return Channel(stream, Side.GATEWAY)
+        tls_stream = TLSStream(stream, self._context, server_side=True)
+        await tls_stream.handshake()  # resets the connection if it fails
+        return Channel(tls_stream, Side.GATEWAY)
 
     async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, Admitted[AgentPolicy]]:
         """Challenge, Hello, and the policy and stored key the agent proved."""
@@ -452,10 +433,7 @@ class Gateway:
         """
         names: frozenset[str] | None = None
         if self.config.client_ca is not None:
-            peer_cert = (
-                channel.sock.getpeercert() if isinstance(channel.sock, ssl.SSLSocket) else None
-            )
-            names = frozenset(tls.certificate_names(peer_cert) if peer_cert else ())
+            names = channel.stream.peer_certificate_names()
         candidates = [
             Candidate(policy, await self._keys_of(policy, hello.agent))
             for policy in self.config.agents

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
 from tunnelgate.protocol import Ping, Pong, PoolDiscarded, PoolRequest
-from tunnelgate.transport import Channel, peer_closed, was_reset
+from tunnelgate.transport import Stream
 
 POOL_CHECK_AGE: Final = 5.0  # a pooled data channel idle this long is checked before use
 POOL_CHECK_TIMEOUT: Final = 1.0  # for the agent's Pong to that check
@@ -93,7 +93,7 @@ class ChannelPool:
 
     async def take(
         self,
-        sock: socket.socket,
+        stream: Stream,
         client: str,
         log: ContextLogger,
         *,
@@ -157,7 +157,7 @@ class ChannelPool:
             await self.control.send_message(PoolRequest(missing))
         try:
             async with asyncio.timeout(pending_timeout):
-                taken = await _unless_left(waiter, sock)
+                taken = await _unless_left(waiter, stream)
             if taken is None:  # its one closing line, as for every client
                 duration, end = time.monotonic() - waited_from, "left before a data channel came"
                 log_closed(log, client, 0, 0, duration, end, normal=True)
@@ -180,23 +180,17 @@ class ChannelPool:
                 self.waiters.remove(waiter)
 
 
-async def _unless_left(waiter: asyncio.Future[Channel], sock: socket.socket) -> Channel | None:
+async def _unless_left(waiter: asyncio.Future[Channel], stream: Stream) -> Channel | None:
     """The channel ``waiter`` gets, or None if the client leaves first: it
-    resets ``sock``, or closes it without having sent anything."""
-    with peer_closed(sock) as closed:
+    resets ``stream``, or closes it without having sent anything."""
+    with stream.watch_peer_close() as closed:
         either: set[asyncio.Future[Any]] = {waiter, closed}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done() and (was_reset(sock) or not _has_bytes(sock)):
+        if not waiter.done() and (
+            stream.pending_error() is not None or not stream.has_unread_bytes()
+        ):
             return None
     return await waiter  # got it, or a half-close after a request: it wants the answer
-
-
-def _has_bytes(sock: socket.socket) -> bool:
-    """True if unread bytes wait on ``sock``."""
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:  # BlockingIOError cannot happen after a FIN; anything else: gone
-        return False
 
 
 async def _answers_ping(channel: Channel) -> bool:

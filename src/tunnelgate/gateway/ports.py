@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import random
-import socket
 from typing import Final
 
 from tunnelgate.config import AgentPolicy
-from tunnelgate.transport import bound_address, open_listener
+from tunnelgate.errors import TransportError
+from tunnelgate.transport import Listener, open_listener
 
 FREE_PORT_TRIES: Final = 64  # allowed ports tried for a service asking for any port
 
@@ -36,18 +36,18 @@ class Ports:
         for key in [k for k, held_by in self._holders.items() if held_by is owner]:
             del self._holders[key]
 
-    def listen_on_free_port(self, bind: str, policy: AgentPolicy) -> socket.socket | None:
+    def listen_on_free_port(self, bind: str, policy: AgentPolicy) -> Listener | None:
         """A listener on a free port the policy allows: the kernel's pick if it
         is allowed, else a random sample of the allowed ports."""
-        with contextlib.suppress(OSError):
-            sock = open_listener(bind, 0)
-            if policy.allows_port(bound_address(sock).port):
-                return sock
-            sock.close()
+        with contextlib.suppress(TransportError):
+            listener = open_listener(bind, 0)
+            if policy.allows_port(listener.address.port):
+                return listener
+            listener.close()
         ports = [p for r in policy.allow_ports for p in r] if policy.allow_ports else []
         for port in random.sample(ports, min(len(ports), FREE_PORT_TRIES)):
             if (bind, port) in self._holders:
                 continue
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(TransportError):
                 return open_listener(bind, port)
         return None

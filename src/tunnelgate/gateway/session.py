@@ -18,14 +18,14 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tunnelgate.access import Gate, Refusal, admit, client_ip
-from tunnelgate.address import Address, format_address
+from tunnelgate.address import Address
+from tunnelgate.channel import Channel
 from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.errors import (
     ConnectionClosed,
@@ -50,16 +50,7 @@ from tunnelgate.protocol import (
     Welcome,
 )
 from tunnelgate.relay import RelayResult, relay, wait_relays
-from tunnelgate.transport import (
-    Channel,
-    accept_forever,
-    bound_address,
-    describe_os_error,
-    open_listener,
-    reset_socket,
-    reset_unless_closed_cleanly,
-    tune_socket,
-)
+from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
 
 logger = logging.getLogger(__package__)
 
@@ -70,7 +61,7 @@ KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network wa
 class _Service:
     name: str
     address: Address
-    sock: socket.socket
+    listener: Listener
     bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
     gates: list[Gate] = field(default_factory=list)  # access rules a client must pass
     accepting: asyncio.Task[None] | None = None
@@ -259,7 +250,7 @@ class GatewaySession:
         """Free the ports, close the listeners and the pool; safe to call twice."""
         self._ports.release(self)
         for service in self.services.values():
-            service.sock.close()
+            service.listener.close()
         self.pool.discard()
 
     def add_data_channel(self, channel: Channel) -> None:
@@ -338,18 +329,21 @@ class GatewaySession:
             return refuse(f"port {request.port} is held by another agent")
         if request.port:
             try:
-                sock = open_listener(bind, request.port)
-            except OSError as exc:
-                where = format_address(bind, request.port)
-                return refuse(f"cannot listen on {where}: {describe_os_error(exc)}")
+                listener = open_listener(bind, request.port)
+            except TransportError as exc:
+                return refuse(str(exc))
         else:
             found = self._ports.listen_on_free_port(bind, policy)
             if found is None:
                 return refuse("no free port among the ports allowed for this agent")
-            sock = found
-        address = bound_address(sock)
+            listener = found
+        address = listener.address
         service = _Service(
-            request.name, address, sock, bind, self._gates.gates_for(config, policy, request.name)
+            request.name,
+            address,
+            listener,
+            bind,
+            self._gates.gates_for(config, policy, request.name),
         )
         self.services[request.name] = service
         self._ports.claim(bind, address.port, self)
@@ -369,7 +363,7 @@ class GatewaySession:
         group = self._group
         assert group is not None
 
-        def handle(sock: socket.socket, client: str) -> None:
+        def handle(stream: SocketStream, client: str) -> None:
             limit = self.policy.max_connections or self.config.max_connections
             if len(self.clients) >= limit:
                 self._refusals.warning(
@@ -381,7 +375,7 @@ class GatewaySession:
                     service.name,
                     len(self.clients),
                 )
-                reset_socket(sock)
+                stream.abort()
                 return
             gates = service.gates  # the ones admitted through are the ones released
             ip = client_ip(host_of(client)) if gates else None
@@ -395,12 +389,11 @@ class GatewaySession:
                     self._gates.warn_refused(
                         self.log, time.monotonic(), service.name, client, refusal
                     )
-                    reset_socket(sock)
+                    stream.abort()
                     return
-            tune_socket(sock)
-            reset_unless_closed_cleanly(sock)
+            stream.reset_unless_closed_cleanly()
             record = _Client(next(self._conn_ids), client, service.name)
-            task = spawn(group, sock, self._serve_client(service, sock, record))
+            task = spawn(group, stream, self._serve_client(service, stream, record))
             if task is not None:
                 self.clients.add(task)
                 self._by_task[task] = record
@@ -411,21 +404,16 @@ class GatewaySession:
                 else:
                     task.add_done_callback(lambda _: _release(gates, ip))
 
-        def on_error(exc: OSError, repeats: int) -> None:
-            self.log.error(
-                "accept failed on service %s: %s%s",
-                service.name,
-                describe_os_error(exc),
-                more(repeats),
-            )
+        def on_error(exc: TransportError, repeats: int) -> None:
+            self.log.error("accept failed on service %s: %s%s", service.name, exc, more(repeats))
 
-        await accept_forever(service.sock, handle, on_error)
+        await service.listener.accept_forever(handle, on_error)
 
     def _client_done(self, task: asyncio.Task[None]) -> None:
         self.clients.discard(task)
         self._by_task.pop(task, None)
 
-    async def _serve_client(self, service: _Service, sock: socket.socket, record: _Client) -> None:
+    async def _serve_client(self, service: _Service, stream: SocketStream, record: _Client) -> None:
         """Root of one client connection's task."""
         client = record.client
         log = self.log.bind(conn=record.conn, service=service.name)
@@ -434,7 +422,7 @@ class GatewaySession:
         config = self.config
         try:
             channel = await self.pool.take(
-                sock,
+                stream,
                 client,
                 log,
                 max_pending=config.max_pending_clients,
@@ -443,18 +431,18 @@ class GatewaySession:
             )
             if channel is None:
                 return  # logged by take
-            server = service.public or _local_address(sock)
+            server = service.public or stream.local_address()
             await channel.send_message(Start(record.conn, service.name, client, server))
             log.debug("client %s started on a data channel", client)
             result = record.result = RelayResult()
-            await relay(sock, channel, "client", result)
+            await relay(stream, channel, "client", result)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
         except Exception:
             log.exception("unexpected error relaying client %s", client)
         finally:
             if result is None:  # never relayed: neither end may look clean
-                reset_socket(sock)
+                stream.abort()
                 if channel is not None:
                     channel.abort()
             else:  # the relay closed both ends, however it ended
@@ -470,20 +458,20 @@ class GatewaySession:
 
 
 def spawn(
-    group: asyncio.TaskGroup, sock: socket.socket, coro: Coroutine[Any, Any, None]
+    group: asyncio.TaskGroup, stream: Stream, coro: Coroutine[Any, Any, None]
 ) -> asyncio.Task[None] | None:
     """Start a connection's task, or reset the connection if its owner is ending.
 
     A task cancelled before its first step never runs its own cleanup, so the
-    socket is reset here then; a task cancelled later has reset it already.
+    connection is reset here then; a task cancelled later has reset it already.
     """
     try:
         task = group.create_task(coro)
     except RuntimeError:  # the task group is shutting down
         coro.close()
-        reset_socket(sock)
+        stream.abort()
         return None
-    task.add_done_callback(lambda t: reset_socket(sock) if t.cancelled() else None)
+    task.add_done_callback(lambda t: stream.abort() if t.cancelled() else None)
     return task
 
 
@@ -500,12 +488,3 @@ def more(repeats: int) -> str:
 def _release(gates: list[Gate], ip: Any) -> None:
     for gate in gates:
         gate.release(ip)
-
-
-def _local_address(sock: socket.socket) -> str:
-    """The ``host:port`` a client reached (for the agent's PROXY protocol header)."""
-    try:
-        host, port = sock.getsockname()[:2]
-    except OSError:
-        return ""
-    return format_address(host, port)

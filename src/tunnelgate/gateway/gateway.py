@@ -37,6 +37,7 @@ from tunnelgate.config import (
     default_state_dir,
     load_gateway_config,
 )
+from tunnelgate.control import wait_relays
 from tunnelgate.errors import (
     AuthenticationError,
     ConfigError,
@@ -68,7 +69,6 @@ from tunnelgate.protocol import (
     auth_refusal_reason,
     authenticate,
 )
-from tunnelgate.relay import wait_relays
 from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
 
 logger = logging.getLogger(__package__)

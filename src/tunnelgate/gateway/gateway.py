@@ -54,7 +54,7 @@ from tunnelgate.gateway.admission import (
     Handshakes,
 )
 from tunnelgate.gateway.ports import Ports
-from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, more, spawn
+from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, spawn
 from tunnelgate.logs import Throttle
 from tunnelgate.protocol import (
     NONCE_SIZE,
@@ -342,8 +342,11 @@ class Gateway:
                 return
             spawn(group, stream, self._guard_connection(stream, peer))
 
-        def on_error(exc: TransportError, repeats: int) -> None:
-            logger.error("accept failed on the control port: %s%s", exc, more(repeats))
+        accept_errors = Throttle(WARNING_INTERVAL)
+
+        def on_error(exc: TransportError) -> None:
+            message = "accept failed on the control port: %s"
+            accept_errors.log(logger, logging.ERROR, time.monotonic(), message, exc)
 
         await listener.accept_forever(handle, on_error)
 

@@ -392,8 +392,11 @@ class GatewaySession:
                 else:
                     task.add_done_callback(lambda _: _release(gates, ip))
 
-        def on_error(exc: TransportError, repeats: int) -> None:
-            self.log.error("accept failed on service %s: %s%s", service.name, exc, more(repeats))
+        accept_errors = Throttle(WARNING_INTERVAL)
+
+        def on_error(exc: TransportError) -> None:
+            message = "accept failed on service %s: %s"
+            accept_errors.log(self.log, logging.ERROR, time.monotonic(), message, service.name, exc)
 
         await service.listener.accept_forever(handle, on_error)
 
@@ -466,11 +469,6 @@ def spawn(
 def host_of(address: str) -> str:
     """The host of a ``host:port`` (IPv6 without its brackets)."""
     return address.rpartition(":")[0].strip("[]")
-
-
-def more(repeats: int) -> str:
-    """The tail of an error logged once for several."""
-    return f" (and {repeats} more times since the last report)" if repeats else ""
 
 
 def _release(gates: list[Gate], ip: Any) -> None:

@@ -30,7 +30,7 @@ pytest: $(STAMP)
 # The in-process tests again on uvloop (the CLI in subprocesses uses it already),
 # with plain channels on the relay's copy path (splice runs in every other pass).
 pytest-uvloop: $(STAMP)
-	TUNNELGATE_LOOP=uvloop TUNNELGATE_NO_SPLICE=1 $(PY) -m pytest -q tests/test_transport.py tests/test_relay.py tests/test_gateway_pool.py tests/test_faultkit.py tests/test_tunnel_*.py
+	TUNNELGATE_LOOP=uvloop TUNNELGATE_NO_SPLICE=1 $(PY) -m pytest -q tests/test_transport.py tests/test_channel.py tests/test_relay.py tests/test_gateway_pool.py tests/test_faultkit.py tests/test_tunnel_*.py
 
 # Every test once more where uvloop is not installed (CI runs this after `make test`).
 STOCK_VENV := .venv-stock

@@ -209,5 +209,5 @@ def test_client_gates_warn_once_per_interval_and_rule_with_a_count(tmp_path: Pat
         "refused client 127.0.0.1:5000 on service web: max_connections_per_client 4 reached "
         "(agents[site-a].access)",
         "refused client 10.0.0.99:5000 on service web: deny 10.0.0.0/8 (access) "
-        "(and 9 more since the last report)",
+        "(and 9 more times since the last report)",
     ]

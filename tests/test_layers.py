@@ -15,7 +15,7 @@ IO_AND_CLOCKS = {"asyncio", "socket", "ssl", "time", "selectors", "select", "uvl
 
 PURE_CORE = {"errors", "address", "backoff", "credentials", "access", "proxy_protocol", "protocol"}
 TRANSPORTS = {"tls", "transport"}
-ORCHESTRATION = {"channel", "relay", "gateway", "agent"}
+ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent"}
 EDGES = {"config", "logs", "cli", "demo", "__main__", "__init__"}
 EVERYTHING = PURE_CORE | TRANSPORTS | ORCHESTRATION | EDGES
 
@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "transport": {"errors", "address", "tls"},
     "channel": {"errors", "protocol", "transport"},
     "relay": {"errors", "protocol", "transport", "channel"},
+    "control": {"errors", "protocol", "channel"},
     "logs": set(),
     "config": PURE_CORE,
     "gateway": EVERYTHING - {"agent", "cli", "demo", "__main__", "__init__"},

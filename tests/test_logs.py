@@ -19,7 +19,7 @@ def test_throttle_logs_once_per_interval_with_a_count_of_the_rest() -> None:
             throttle.warning(log, step * 0.1, "refusing client %d", step)
     assert recorder.messages() == [
         "refusing client 0",
-        "refusing client 50 (and 49 more since the last report)",
+        "refusing client 50 (and 49 more times since the last report)",
     ]
 
 

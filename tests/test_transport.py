@@ -405,7 +405,7 @@ async def test_listener_hands_out_streams_of_accepted_connections() -> None:
     listener = open_listener("127.0.0.1", 0)
     accepted: asyncio.Queue[tuple[SocketStream, str]] = asyncio.Queue()
 
-    def on_error(exc: TransportError, repeats: int) -> None:
+    def on_error(exc: TransportError) -> None:
         raise AssertionError(f"accept failed: {exc}")
 
     accepting = asyncio.create_task(

@@ -60,14 +60,24 @@ class Throttle:
         held_back, self._reported_at, self._held_back = self._held_back, now, 0
         return held_back
 
+    def log(
+        self,
+        log: logging.Logger | logging.LoggerAdapter[Any],
+        level: int,
+        now: float,
+        msg: str,
+        *args: object,
+    ) -> None:
+        """``log.log(level, msg, *args)`` if :meth:`admit` lets it, with the count appended."""
+        held_back = self.admit(now)
+        if held_back is not None:
+            more = f" (and {held_back} more times since the last report)" if held_back else ""
+            log.log(level, msg + "%s", *args, more)
+
     def warning(
         self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
     ) -> None:
-        """``log.warning(msg, *args)`` if :meth:`admit` lets it, with the count appended."""
-        held_back = self.admit(now)
-        if held_back is not None:
-            more = f" (and {held_back} more since the last report)" if held_back else ""
-            log.warning(msg + "%s", *args, more)
+        self.log(log, logging.WARNING, now, msg, *args)
 
 
 def log_closed(

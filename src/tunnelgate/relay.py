@@ -215,23 +215,6 @@ async def abort_channel(channel: Channel, reason: str) -> None:
 # --- per-thread resources ---------------------------------------------------
 
 
-async def wait_relays(relays: set[asyncio.Task[None]], timeout: float | None = None) -> int:
-    """Wait until the relays' tasks have all ended, for up to ``timeout`` seconds;
-    return how many are still running (the graceful drain of either side).
-
-    ``relays`` is live: each task removes itself when done, and a task added
-    meanwhile is waited for too.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    while relays:
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            break
-        await asyncio.wait(set(relays), timeout=remaining)
-    return len(relays)
-
-
 class _Scratch(threading.local):
     """What the pumps of one thread share: callbacks run one at a time, and a
     pump keeps nothing here across callbacks."""

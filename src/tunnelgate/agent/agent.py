@@ -22,6 +22,7 @@ from tunnelgate.address import Address, format_address
 from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, SessionStatistics
 from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, load_agent_config
+from tunnelgate.control import wait_relays
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,
@@ -29,7 +30,6 @@ from tunnelgate.errors import (
     TransportError,
 )
 from tunnelgate.logs import ContextLogger
-from tunnelgate.relay import wait_relays
 
 logger = logging.getLogger(__package__)
 

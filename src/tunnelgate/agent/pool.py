@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from tunnelgate.channel import Channel
-from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
+from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
 from tunnelgate.protocol import Ping, Pong, PoolRelease, Refused, Start
-from tunnelgate.relay import wait_relays
 
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024
@@ -135,11 +134,6 @@ class DataChannels:
         """Open no more data channels (the session is draining)."""
         self.stopped = True
         self.changed.set()
-
-    async def end_when_drained(self, reason: str) -> None:
-        """End the session once the last relayed connection has ended."""
-        await wait_relays(self.serving)
-        raise SessionOver(reason)
 
     def request(self, count: int) -> None:
         self.demand.request(count)

@@ -23,6 +23,7 @@ from tunnelgate.address import Address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentConfig, ServiceConfig
+from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import (
     AuthenticationError,
     ConnectionClosed,
@@ -37,7 +38,6 @@ from tunnelgate.protocol import (
     Challenge,
     Hello,
     Ping,
-    Pong,
     PoolDiscarded,
     PoolRequest,
     Refused,
@@ -48,7 +48,7 @@ from tunnelgate.protocol import (
     Start,
     Welcome,
 )
-from tunnelgate.relay import RelayResult, abort_channel, relay, wait_relays
+from tunnelgate.relay import RelayResult, abort_channel, relay
 from tunnelgate.transport import (
     SocketStream,
     Stream,
@@ -180,6 +180,7 @@ class AgentSession:
         self._control: Channel | None = None
         self._channels: DataChannels | None = None
         self._said_bye = False
+        self._goodbye: str | None = None  # the gateway's Bye: open connections finish first
 
     def statistics(self) -> SessionStatistics:
         channels = self._channels
@@ -256,26 +257,26 @@ class AgentSession:
         if self._channels is not None:
             self._channels.stop()
 
+    def _draining(self) -> str | None:
+        """Why the session drains (either side said goodbye), or None."""
+        return self._goodbye or ("said goodbye" if self._said_bye else None)
+
     async def _heartbeat(self, channel: Channel, interval: float) -> None:
         for seq in range(2**62):
             await asyncio.sleep(interval)
             await channel.send_message(Ping(seq))
 
     async def _control_loop(self, channel: Channel, welcome: Welcome, pool: DataChannels) -> str:
-        goodbye: str | None = None  # the gateway's Bye: open connections finish first
         while True:
-            try:
-                async with asyncio.timeout(welcome.heartbeat_timeout):
-                    message = await channel.receive()
-            except (ConnectionClosed, TransportError) as exc:
-                if goodbye is None and not self._said_bye:
-                    raise
-                # Draining: the relays run on their own data channels; let them end.
-                await wait_relays(pool.serving)
-                return f"{goodbye or 'said goodbye'}; then {exc}"
-            if isinstance(message, Ping):
-                await channel.send_message(Pong(message.seq))
-            elif isinstance(message, Registered):
+            message = await receive_control(
+                channel,
+                welcome.heartbeat_timeout,
+                self._draining,
+                pool.serving,
+            )
+            if isinstance(message, str):
+                return message
+            if isinstance(message, Registered):
                 retry = self._registered(message)
                 if retry:
                     await channel.send_message(Register(retry))
@@ -284,12 +285,12 @@ class AgentSession:
             elif isinstance(message, PoolDiscarded):
                 pool.discarded(message.count)
             elif isinstance(message, Bye):
-                goodbye = f"gateway said goodbye: {message.reason}"
+                goodbye = self._goodbye = f"gateway said goodbye: {message.reason}"
                 pool.stop()
                 if not pool.serving:
                     return goodbye
                 self.log.info("%s; %d connection(s) finishing", goodbye, len(pool.serving))
-                pool.group.create_task(pool.end_when_drained(goodbye))
+                pool.group.create_task(end_when_drained(pool.serving, goodbye))
 
     def _registered(self, message: Registered) -> list[ServiceRequest]:
         """Record the gateway's answers; return the services to ask for again.

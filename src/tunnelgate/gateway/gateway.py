@@ -37,6 +37,7 @@ from tunnelgate.config import (
     default_state_dir,
     load_gateway_config,
 )
+from tunnelgate.control import wait_relays
 from tunnelgate.errors import (
     AuthenticationError,
     ConfigError,
@@ -53,7 +54,7 @@ from tunnelgate.gateway.admission import (
     Handshakes,
 )
 from tunnelgate.gateway.ports import Ports
-from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, more, spawn
+from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, spawn
 from tunnelgate.logs import Throttle
 from tunnelgate.protocol import (
     NONCE_SIZE,
@@ -68,7 +69,6 @@ from tunnelgate.protocol import (
     auth_refusal_reason,
     authenticate,
 )
-from tunnelgate.relay import wait_relays
 from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
 
 logger = logging.getLogger(__package__)
@@ -342,8 +342,11 @@ class Gateway:
                 return
             spawn(group, stream, self._guard_connection(stream, peer))
 
-        def on_error(exc: TransportError, repeats: int) -> None:
-            logger.error("accept failed on the control port: %s%s", exc, more(repeats))
+        accept_errors = Throttle(WARNING_INTERVAL)
+
+        def on_error(exc: TransportError) -> None:
+            message = "accept failed on the control port: %s"
+            accept_errors.log(logger, logging.ERROR, time.monotonic(), message, exc)
 
         await listener.accept_forever(handle, on_error)
 

@@ -27,6 +27,7 @@ from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.address import Address
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentPolicy, GatewayConfig
+from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import (
     ConnectionClosed,
     ProtocolError,
@@ -39,8 +40,6 @@ from tunnelgate.gateway.ports import Ports
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
 from tunnelgate.protocol import (
     Bye,
-    Ping,
-    Pong,
     PoolRelease,
     Register,
     Registered,
@@ -49,7 +48,7 @@ from tunnelgate.protocol import (
     Start,
     Welcome,
 )
-from tunnelgate.relay import RelayResult, relay, wait_relays
+from tunnelgate.relay import RelayResult, relay
 from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
 
 logger = logging.getLogger(__package__)
@@ -267,18 +266,11 @@ class GatewaySession:
         """Serve the agent's control messages until it leaves; return why."""
         channel = self.channel
         while True:
-            try:
-                async with asyncio.timeout(self.config.heartbeat_timeout):
-                    message = await channel.receive()
-            except (ConnectionClosed, TransportError) as exc:
-                if self.goodbye is None:
-                    raise
-                # Draining: the relays run on their own data channels; let them end.
-                await wait_relays(self.clients)
-                return f"{self.goodbye}; then {exc}"
-            if isinstance(message, Ping):
-                await channel.send_message(Pong(message.seq))
-            elif isinstance(message, Register):
+            timeout = self.config.heartbeat_timeout
+            message = await receive_control(channel, timeout, lambda: self.goodbye, self.clients)
+            if isinstance(message, str):
+                return message
+            if isinstance(message, Register):
                 results = [self._expose(request) for request in message.services]
                 await channel.send_message(Registered(results))
             elif isinstance(message, PoolRelease):
@@ -290,11 +282,7 @@ class GatewaySession:
                     return reason
                 self.log.info("%s; %d client connection(s) finishing", reason, len(self.clients))
                 assert self._group is not None
-                self._group.create_task(self._end_when_drained(reason))
-
-    async def _end_when_drained(self, reason: str) -> None:
-        await wait_relays(self.clients)
-        raise SessionOver(reason)
+                self._group.create_task(end_when_drained(self.clients, reason))
 
     # --- services -----------------------------------------------------------
 
@@ -404,8 +392,11 @@ class GatewaySession:
                 else:
                     task.add_done_callback(lambda _: _release(gates, ip))
 
-        def on_error(exc: TransportError, repeats: int) -> None:
-            self.log.error("accept failed on service %s: %s%s", service.name, exc, more(repeats))
+        accept_errors = Throttle(WARNING_INTERVAL)
+
+        def on_error(exc: TransportError) -> None:
+            message = "accept failed on service %s: %s"
+            accept_errors.log(self.log, logging.ERROR, time.monotonic(), message, service.name, exc)
 
         await service.listener.accept_forever(handle, on_error)
 
@@ -478,11 +469,6 @@ def spawn(
 def host_of(address: str) -> str:
     """The host of a ``host:port`` (IPv6 without its brackets)."""
     return address.rpartition(":")[0].strip("[]")
-
-
-def more(repeats: int) -> str:
-    """The tail of an error logged once for several."""
-    return f" (and {repeats} more times since the last report)" if repeats else ""
 
 
 def _release(gates: list[Gate], ip: Any) -> None:

@@ -33,7 +33,6 @@ from tunnelgate.transport.stream import WouldBlock
 LISTEN_BACKLOG: Final = 4096
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event
 ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
-ACCEPT_ERROR_INTERVAL: Final = 5.0  # seconds between two logged accept errors of a listener
 KEEPALIVE_IDLE: Final = 30  # seconds
 KEEPALIVE_INTERVAL: Final = 10
 KEEPALIVE_COUNT: Final = 3
@@ -357,38 +356,30 @@ class Listener:
     async def accept_forever(
         self,
         handle: Callable[[SocketStream, str], None],
-        on_error: Callable[[TransportError, int], None],
+        on_error: Callable[[TransportError], None],
     ) -> None:
         """Pass every connection accepted to ``handle`` until cancelled.
 
         Accepting happens in a reader callback, never in an awaited
         ``sock_accept``: a cancelled wait could otherwise accept a connection
         and drop it unclosed. ``handle`` receives the connection's stream and
-        the peer's ``host:port``, and must not raise. On errors such as
-        EMFILE, accepting pauses briefly (``ACCEPT_PAUSE``), and
-        ``on_error(exc, repeats)`` is called at most once per
-        ``ACCEPT_ERROR_INTERVAL``, with the number of errors not reported since.
+        the peer's ``host:port``, and must not raise. On an error such as
+        EMFILE, ``on_error`` gets it and accepting pauses for ``ACCEPT_PAUSE``.
         """
         loop = asyncio.get_running_loop()
         listener = self._sock
         fd = listener.fileno()
         resume: asyncio.TimerHandle | None = None
-        reported_at = -ACCEPT_ERROR_INTERVAL
-        repeats = 0
 
         def on_readable() -> None:
-            nonlocal resume, reported_at, repeats
+            nonlocal resume
             for _ in range(ACCEPT_BATCH):
                 try:
                     sock, addr = listener.accept()
                 except BlockingIOError:
                     return
                 except OSError as exc:
-                    if loop.time() - reported_at >= ACCEPT_ERROR_INTERVAL:
-                        on_error(transport_error(exc), repeats)
-                        reported_at, repeats = loop.time(), 0
-                    else:
-                        repeats += 1
+                    on_error(transport_error(exc))
                     loop.remove_reader(fd)
                     resume = loop.call_later(ACCEPT_PAUSE, loop.add_reader, fd, on_readable)
                     return

@@ -29,7 +29,6 @@ from kit.services import EchoHandler, Handler, LocalServer, echo_handler, tcp_se
 from kit.tokens import OTHER_TOKEN, TOKEN, TOKEN_ENV
 from kit.tunnels import MODES, Tunnel, agent_tls_options, gateway_defaults
 from kit.waiting import close_within
-from kit.waiting import wait_until as wait_until  # tests/test_transport.py imports it from here
 
 from tunnelgate import Address, Agent, Gateway
 

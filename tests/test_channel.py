@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import streamkit
-from conftest import wait_until
+from kit.waiting import wait_until
 from streamkit import Pair
 
 from tunnelgate.channel import Channel

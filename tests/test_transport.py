@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import streamkit
 import trustme
-from conftest import wait_until
+from kit.waiting import wait_until
 from streamkit import Pair, handshake, read_all, read_exactly, tcp_pair, tls_pinned
 
 from tunnelgate import tls

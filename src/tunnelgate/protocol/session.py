@@ -67,24 +67,26 @@ class State(enum.Enum):
 _A, _G = Side.AGENT, Side.GATEWAY
 _S = State
 
+
+def _stay(state: State, *names: str) -> dict[str, State]:
+    """Messages that leave a channel in ``state``."""
+    return dict.fromkeys(names, state)
+
+
+# What the agent sends on a running control channel is what the gateway
+# receives there, and the other way round.
+_AGENT_CONTROL = ("register", "ping", "pong", "pool_release", "bye")
+_GATEWAY_CONTROL = ("registered", "ping", "pong", "pool_request", "pool_discarded", "bye")
+
 # Messages are named by their tag; a Hello by its tag and role.
 RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_A, _S.AWAIT_CHALLENGE): {"challenge": _S.HELLO_DUE, "refused": _S.CLOSED},
     (_A, _S.AWAIT_WELCOME): {"welcome": _S.REGISTER_DUE, "refused": _S.CLOSED},
     (_A, _S.REGISTERING): {
+        **_stay(_S.REGISTERING, "ping", "pong", "bye"),
         "registered": _S.CONTROL,
-        "ping": _S.REGISTERING,
-        "pong": _S.REGISTERING,
-        "bye": _S.REGISTERING,
     },
-    (_A, _S.CONTROL): {
-        "registered": _S.CONTROL,
-        "ping": _S.CONTROL,
-        "pong": _S.CONTROL,
-        "pool_request": _S.CONTROL,
-        "pool_discarded": _S.CONTROL,
-        "bye": _S.CONTROL,
-    },
+    (_A, _S.CONTROL): _stay(_S.CONTROL, *_GATEWAY_CONTROL),
     # The gateway checks a data channel idle for long with a Ping.
     (_A, _S.POOLED): {
         "start": _S.STARTED,
@@ -92,45 +94,21 @@ RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
         "bye": _S.CLOSED,
         "refused": _S.CLOSED,
     },
-    (_G, _S.AWAIT_HELLO): {"hello/control": _S.AUTHENTICATING, "hello/data": _S.AUTHENTICATING},
-    (_G, _S.CONTROL): {
-        "register": _S.CONTROL,
-        "ping": _S.CONTROL,
-        "pong": _S.CONTROL,
-        "pool_release": _S.CONTROL,
-        "bye": _S.CONTROL,
-    },
+    (_G, _S.AWAIT_HELLO): _stay(_S.AUTHENTICATING, "hello/control", "hello/data"),
+    (_G, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_G, _S.POOLED): {"pong": _S.POOLED},
 }
 
 SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_A, _S.HELLO_DUE): {"hello/control": _S.AWAIT_WELCOME, "hello/data": _S.POOLED},
     (_A, _S.REGISTER_DUE): {"register": _S.REGISTERING, "bye": _S.REGISTER_DUE},
-    (_A, _S.REGISTERING): {
-        "ping": _S.REGISTERING,
-        "pong": _S.REGISTERING,
-        "pool_release": _S.REGISTERING,
-        "bye": _S.REGISTERING,
-    },
-    (_A, _S.CONTROL): {
-        "register": _S.CONTROL,
-        "ping": _S.CONTROL,
-        "pong": _S.CONTROL,
-        "pool_release": _S.CONTROL,
-        "bye": _S.CONTROL,
-    },
+    (_A, _S.REGISTERING): _stay(_S.REGISTERING, "ping", "pong", "pool_release", "bye"),
+    (_A, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_A, _S.POOLED): {"pong": _S.POOLED},
     (_G, _S.NEW): {"challenge": _S.AWAIT_HELLO},
     (_G, _S.AWAIT_HELLO): {"refused": _S.CLOSED},  # a protocol version it does not speak
     (_G, _S.AUTHENTICATING): {"welcome": _S.CONTROL, "refused": _S.CLOSED},
-    (_G, _S.CONTROL): {
-        "registered": _S.CONTROL,
-        "ping": _S.CONTROL,
-        "pong": _S.CONTROL,
-        "pool_request": _S.CONTROL,
-        "pool_discarded": _S.CONTROL,
-        "bye": _S.CONTROL,
-    },
+    (_G, _S.CONTROL): _stay(_S.CONTROL, *_GATEWAY_CONTROL),
     (_G, _S.POOLED): {"ping": _S.POOLED, "start": _S.STARTED},
 }
 

@@ -545,21 +545,27 @@ class _CopyOut(_Outbound):
         self.backlog_payload = 0
 
     def on_readable(self) -> None:
-        if self.stopped:
-            return
-        view = _scratch.view
+        if not self.stopped:
+            self.copy(_scratch.payload)
+
+    def copy(self, into: memoryview) -> int:
+        """Read into ``into`` (a slice of the shared buffer behind its header
+        slot) and send that as one frame, or END at EOF; the bytes read, or
+        -1 if none could be."""
         try:
-            n = self.src.try_receive_into(_scratch.payload)
+            n = self.src.try_receive_into(into)
         except WouldBlock:
-            return
+            return -1
         except TransportError as exc:
-            return self.relay.local_failed(exc)
+            self.relay.local_failed(exc)
+            return -1
         if n == 0:
             if self.local_ended():
                 self.send(memoryview(END_FRAME), 0)
         else:
             pack_data_header(_scratch.buffer, n)
-            self.send(view[: HEADER_SIZE + n], n)
+            self.send(_scratch.view[: HEADER_SIZE + n], n)
+        return n
 
     def send(self, frame: memoryview, payload: int) -> None:
         try:
@@ -613,7 +619,8 @@ class _SpliceOut(_CopyOut):
         if self.stopped:
             return
         if not self.bulk:
-            return self.read_small()
+            self.bulk = self.copy(_scratch.small_payload) == SMALL_READ
+            return
         pipe = self.pipe = _scratch.take_pipe()
         try:
             n = pipe.fill_from(self.splice_src, pipe.size)
@@ -634,22 +641,6 @@ class _SpliceOut(_CopyOut):
         self.head = memoryview(self.header)
         self.payload = n
         self.flush()
-
-    def read_small(self) -> None:
-        view = _scratch.view
-        try:
-            n = self.src.try_receive_into(_scratch.small_payload)
-        except WouldBlock:
-            return
-        except TransportError as exc:
-            return self.relay.local_failed(exc)
-        self.bulk = n == SMALL_READ
-        if n == 0:
-            if self.local_ended():
-                self.send(memoryview(END_FRAME), 0)
-        else:
-            pack_data_header(_scratch.buffer, n)
-            self.send(view[: HEADER_SIZE + n], n)
 
     def on_writable(self) -> None:
         if self.stopped:

@@ -91,6 +91,11 @@ class Handshakes:
             del self.by_host[host]
 
 
+def allowed_binds(config: GatewayConfig, policy: AgentPolicy) -> tuple[str, ...]:
+    """The bind addresses an agent under ``policy`` may ask for."""
+    return tuple(policy.allow_bind or config.allow_bind or (config.default_bind,))
+
+
 class ClientGates:
     """The access rules of every service, one :class:`~tunnelgate.access.Gate`
     per rule: a rule's counters are shared by everything it covers

@@ -263,14 +263,8 @@ class Gateway:
                 return "its token was revoked"
         elif policy.tokens or policy.stored_keys:
             return "its policy now requires a token"
-        allowed_binds = policy.allow_bind or self.config.allow_bind or (self.config.default_bind,)
-        if len(session.services) > policy.max_services:
-            return (
-                f"it has {len(session.services)} services; its policy allows {policy.max_services}"
-            )
-        for service in session.services.values():
-            if not policy.allows_port(service.address.port) or service.bind not in allowed_binds:
-                return f"its policy no longer allows service {service.name} on {service.address}"
+        if (outside := session.services_outside(policy)) is not None:
+            return outside
         session.policy = policy
         return None
 

@@ -34,7 +34,7 @@ from tunnelgate.errors import (
     SessionOver,
     TransportError,
 )
-from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates
+from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
@@ -286,16 +286,23 @@ class GatewaySession:
 
     # --- services -----------------------------------------------------------
 
-    def allowed_binds(self, config: GatewayConfig) -> tuple[str, ...]:
-        policy = self.policy
-        return tuple(policy.allow_bind or config.allow_bind or (config.default_bind,))
+    def services_outside(self, policy: AgentPolicy) -> str | None:
+        """Why the services this session holds do not fit ``policy`` (after a
+        reload), or None."""
+        if len(self.services) > policy.max_services:
+            return f"it has {len(self.services)} services; its policy allows {policy.max_services}"
+        binds = allowed_binds(self.config, policy)
+        for service in self.services.values():
+            if not policy.allows_port(service.address.port) or service.bind not in binds:
+                return f"its policy no longer allows service {service.name} on {service.address}"
+        return None
 
     def _expose(self, request: ServiceRequest) -> ServiceResult:
         """Open the public listener for one service, if the policy allows it."""
         config = self.config
         policy = self.policy
         bind = request.bind or config.default_bind
-        allowed_binds = self.allowed_binds(config)
+        binds = allowed_binds(config, policy)
 
         def refuse(error: str) -> ServiceResult:
             self.log.warning("service %s refused: %s", request.name, error)
@@ -307,10 +314,8 @@ class GatewaySession:
             return refuse(f"service name {request.name!r} used twice")
         if len(self.services) >= policy.max_services:
             return refuse(f"this agent may expose at most {policy.max_services} services")
-        if bind not in allowed_binds:
-            return refuse(
-                f"bind address {bind} is not allowed (allowed: {', '.join(allowed_binds)})"
-            )
+        if bind not in binds:
+            return refuse(f"bind address {bind} is not allowed (allowed: {', '.join(binds)})")
         if request.port and not policy.allows_port(request.port):
             return refuse(f"port {request.port} is not allowed for this agent")
         if request.port and self._ports.holder(bind, request.port) is not None:

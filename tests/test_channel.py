@@ -12,7 +12,8 @@ from streamkit import Pair
 
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, LocalProtocolError, RemoteProtocolError
-from tunnelgate.protocol import Ping, Pong, Side, State, encode_message
+from tunnelgate.protocol.session import Side, State
+from tunnelgate.protocol.wire import Ping, Pong, encode_message
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -34,7 +34,7 @@ from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST
 
 from tunnelgate.config import load_gateway_config
 from tunnelgate.errors import ConfigError
-from tunnelgate.gateway import with_stored_token
+from tunnelgate.gateway.gateway import with_stored_token
 
 pytestmark = pytest.mark.timeout(60)
 

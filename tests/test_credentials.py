@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from tunnelgate import credentials as c
-from tunnelgate import protocol as p
+from tunnelgate.protocol import wire as p
 
 TOKEN, NONCE = b"s3cret-token-of-16+", bytes(range(32))
 

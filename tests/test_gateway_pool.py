@@ -20,7 +20,8 @@ from streamkit import tcp_pair
 from tunnelgate.channel import Channel
 from tunnelgate.gateway.pool import ChannelPool
 from tunnelgate.logs import ContextLogger, Throttle
-from tunnelgate.protocol import FrameDecoder, PoolRequest, Side, State
+from tunnelgate.protocol.session import Side, State
+from tunnelgate.protocol.wire import FrameDecoder, PoolRequest
 from tunnelgate.transport import SocketStream
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_unexpected_errors")]

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnelgate import protocol as p
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
+from tunnelgate.protocol import wire as p
 
 MESSAGE_TYPES = typing.get_args(p.Message)
 TAGS = [t.__struct_config__.tag for t in MESSAGE_TYPES]

@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from tunnelgate import credentials
-from tunnelgate import protocol as p
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
 from tunnelgate.protocol import session as s
+from tunnelgate.protocol import wire as p
 
 NONCE = bytes(range(p.NONCE_SIZE))
 TOKEN = b"a-token-for-the-session-core-tests"

@@ -20,14 +20,14 @@ import pytest
 from kit.waiting import wait_until
 
 from tunnelgate.channel import Channel
-from tunnelgate.protocol import (
+from tunnelgate.protocol.session import Side
+from tunnelgate.protocol.wire import (
     END_FRAME,
     HEADER_SIZE,
     Abort,
     Data,
     End,
     FrameDecoder,
-    Side,
     encode_abort,
     pack_data_header,
 )

@@ -41,8 +41,8 @@ from kit.tokens import new_token
 from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST
 
 from tunnelgate import credentials
-from tunnelgate import protocol as p
 from tunnelgate.config import AGENT, GATEWAY, options
+from tunnelgate.protocol import wire as p
 from tunnelgate.relay import CHUNK_SIZE, IDLE_PIPES, PIPE_SIZE
 from tunnelgate.tls import READ_BUFFER_SIZE
 

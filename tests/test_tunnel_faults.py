@@ -35,7 +35,7 @@ from kit.waiting import LONGER_THAN_ANY_TEST, wait_until
 
 import tunnelgate.gateway.pool
 from tunnelgate import Address, Gateway
-from tunnelgate.gateway import SessionStatistics
+from tunnelgate.gateway.session import SessionStatistics
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,10 +23,11 @@ from kit.tunnels import OpenAgent, OpenGateway
 from kit.waiting import wait_until
 
 from tunnelgate import Address, Gateway, credentials
-from tunnelgate import protocol as p
 from tunnelgate.config import load_gateway_config
 from tunnelgate.errors import AuthenticationError
-from tunnelgate.gateway import AUTH_DELAY_FIRST, AUTH_SUSPECT_HANDSHAKES, ClientStatistics
+from tunnelgate.gateway.admission import AUTH_DELAY_FIRST, AUTH_SUSPECT_HANDSHAKES
+from tunnelgate.gateway.session import ClientStatistics
+from tunnelgate.protocol import wire as p
 
 THIRD_TOKEN = "third-token-for-rotation-tests"
 

@@ -22,13 +22,13 @@ from kit.tunnels import OpenAgent, OpenGateway, StartServer, Tunnel
 from kit.waiting import LONGER_THAN_ANY_TEST, wait_until
 
 from tunnelgate import Address, credentials
-from tunnelgate import protocol as p
 from tunnelgate.errors import (
     AuthenticationError,
     ConfigError,
     PeerVerificationError,
     TunnelgateError,
 )
+from tunnelgate.protocol import wire as p
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,7 +19,8 @@ from collections import deque
 from typing import Final
 
 from tunnelgate.errors import ConnectionClosed
-from tunnelgate.protocol import Conversation, Event, FrameDecoder, Message, Side, encode_message
+from tunnelgate.protocol.session import Conversation, Side
+from tunnelgate.protocol.wire import Event, FrameDecoder, Message, encode_message
 from tunnelgate.transport import Stream
 
 CHANNEL_READ_SIZE: Final = 16 * 1024

@@ -39,7 +39,7 @@ from tunnelgate.config import (
     read_token,
 )
 from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError
-from tunnelgate.gateway import Gateway, with_stored_token
+from tunnelgate.gateway.gateway import Gateway, with_stored_token
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from tunnelgate.address import (
     to_name,
 )
 from tunnelgate.errors import ConfigError, ConfigProblem
-from tunnelgate.protocol import MAX_SERVICES
+from tunnelgate.protocol.wire import MAX_SERVICES
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
 MIN_TOKEN_LENGTH: Final = 16

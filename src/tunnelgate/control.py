@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, SessionOver, TransportError
-from tunnelgate.protocol import Message, Ping, Pong
+from tunnelgate.protocol.wire import Message, Ping, Pong
 
 
 async def receive_control(

@@ -68,7 +68,7 @@ from typing import Final, TypeGuard
 
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ProtocolError, TransportError
-from tunnelgate.protocol import (
+from tunnelgate.protocol.wire import (
     END_FRAME,
     HEADER_SIZE,
     MAX_DATA_SIZE,

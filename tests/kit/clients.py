@@ -24,7 +24,7 @@ import pytest
 from kit.services import READ_SIZE
 from kit.waiting import DEADLINE
 from tunnelgate import Address
-from tunnelgate import protocol as p
+from tunnelgate.protocol import wire as p
 
 # --- asyncio clients, in the test's own loop ----------------------------------
 

@@ -11,16 +11,7 @@
 Nothing here imports :mod:`tunnelgate.gateway`.
 """
 
-from tunnelgate.agent.agent import Agent, AgentStatistics, expose
-from tunnelgate.agent.pool import PoolStatistics
-from tunnelgate.agent.session import AgentSession, ExposedService, SessionStatistics
+from tunnelgate.agent.agent import Agent, expose
+from tunnelgate.agent.session import ExposedService
 
-__all__ = [
-    "Agent",
-    "AgentSession",
-    "AgentStatistics",
-    "ExposedService",
-    "PoolStatistics",
-    "SessionStatistics",
-    "expose",
-]
+__all__ = ["Agent", "ExposedService", "expose"]

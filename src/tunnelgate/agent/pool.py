@@ -20,7 +20,7 @@ from typing import Final
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
-from tunnelgate.protocol import Ping, Pong, PoolRelease, Refused, Start
+from tunnelgate.protocol.wire import Ping, Pong, PoolRelease, Refused, Start
 
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
 MAX_EXTRA_CHANNELS: Final = 1024

@@ -32,7 +32,8 @@ from tunnelgate.errors import (
     TransportError,
 )
 from tunnelgate.logs import ContextLogger, log_closed
-from tunnelgate.protocol import (
+from tunnelgate.protocol.session import Side
+from tunnelgate.protocol.wire import (
     PROTOCOL_VERSION,
     Bye,
     Challenge,
@@ -44,7 +45,6 @@ from tunnelgate.protocol import (
     Register,
     Registered,
     ServiceRequest,
-    Side,
     Start,
     Welcome,
 )

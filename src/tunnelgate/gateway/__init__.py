@@ -13,34 +13,6 @@
 Nothing here imports :mod:`tunnelgate.agent`.
 """
 
-from tunnelgate.gateway.admission import (
-    AUTH_DELAY_FIRST,
-    AUTH_DELAY_MAX,
-    AUTH_SUSPECT,
-    AUTH_SUSPECT_HANDSHAKES,
-)
-from tunnelgate.gateway.gateway import Gateway, GatewayStatistics, with_stored_token
-from tunnelgate.gateway.pool import POOL_CHECK_AGE, POOL_CHECK_TIMEOUT, PoolStatistics
-from tunnelgate.gateway.session import (
-    ClientStatistics,
-    GatewaySession,
-    ServiceStatistics,
-    SessionStatistics,
-)
+from tunnelgate.gateway.gateway import Gateway
 
-__all__ = [
-    "AUTH_DELAY_FIRST",
-    "AUTH_DELAY_MAX",
-    "AUTH_SUSPECT",
-    "AUTH_SUSPECT_HANDSHAKES",
-    "POOL_CHECK_AGE",
-    "POOL_CHECK_TIMEOUT",
-    "ClientStatistics",
-    "Gateway",
-    "GatewaySession",
-    "GatewayStatistics",
-    "PoolStatistics",
-    "ServiceStatistics",
-    "SessionStatistics",
-    "with_stored_token",
-]
+__all__ = ["Gateway"]

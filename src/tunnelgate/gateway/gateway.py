@@ -56,19 +56,8 @@ from tunnelgate.gateway.admission import (
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.gateway.session import GatewaySession, SessionStatistics, host_of, spawn
 from tunnelgate.logs import Throttle
-from tunnelgate.protocol import (
-    NONCE_SIZE,
-    PROTOCOL_VERSION,
-    Admitted,
-    Bye,
-    Candidate,
-    Challenge,
-    Hello,
-    Refused,
-    Side,
-    auth_refusal_reason,
-    authenticate,
-)
+from tunnelgate.protocol.session import Admitted, Candidate, Side, auth_refusal_reason, authenticate
+from tunnelgate.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION, Bye, Challenge, Hello, Refused
 from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
 
 logger = logging.getLogger(__package__)

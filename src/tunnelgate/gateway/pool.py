@@ -19,7 +19,7 @@ from typing import Any, Final
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
-from tunnelgate.protocol import Ping, Pong, PoolDiscarded, PoolRequest
+from tunnelgate.protocol.wire import Ping, Pong, PoolDiscarded, PoolRequest
 from tunnelgate.transport import Stream
 
 POOL_CHECK_AGE: Final = 5.0  # a pooled data channel idle this long is checked before use

@@ -38,7 +38,7 @@ from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
-from tunnelgate.protocol import (
+from tunnelgate.protocol.wire import (
     Bye,
     PoolRelease,
     Register,

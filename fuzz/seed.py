@@ -20,39 +20,38 @@ from typing import Literal
 import msgspec
 import targets
 
-from tunnelgate import credentials, protocol, proxy_protocol
+from tunnelgate import credentials, proxy_protocol
+from tunnelgate.protocol import wire
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 TOKEN = "t" * 16 + "-seed-token"
 HASH = credentials.hash_line(credentials.derive(TOKEN.encode(), "site-a").stored_key)
 
-SAMPLES: list[protocol.Message] = [
-    protocol.Challenge(protocol.PROTOCOL_VERSION, bytes(range(32))),
-    protocol.Hello(protocol.PROTOCOL_VERSION, "control", "site-a", b"\x01" * 32),
-    protocol.Hello(protocol.PROTOCOL_VERSION, "data", "site-a", b"\x02" * 32, "ab12cd34"),
-    protocol.Welcome("ab12cd34", 10.0, 25.0, 64),
-    protocol.Refused("auth", "the gateway does not accept this token for agent 'site-a'"),
-    protocol.Register(
-        [protocol.ServiceRequest("web", "", 8080), protocol.ServiceRequest("db", "::", 0)]
-    ),
-    protocol.Registered(
+SAMPLES: list[wire.Message] = [
+    wire.Challenge(wire.PROTOCOL_VERSION, bytes(range(32))),
+    wire.Hello(wire.PROTOCOL_VERSION, "control", "site-a", b"\x01" * 32),
+    wire.Hello(wire.PROTOCOL_VERSION, "data", "site-a", b"\x02" * 32, "ab12cd34"),
+    wire.Welcome("ab12cd34", 10.0, 25.0, 64),
+    wire.Refused("auth", "the gateway does not accept this token for agent 'site-a'"),
+    wire.Register([wire.ServiceRequest("web", "", 8080), wire.ServiceRequest("db", "::", 0)]),
+    wire.Registered(
         [
-            protocol.ServiceResult("web", True, "0.0.0.0", 8080),
-            protocol.ServiceResult("db", False, error="port 5432 is not allowed"),
+            wire.ServiceResult("web", True, "0.0.0.0", 8080),
+            wire.ServiceResult("db", False, error="port 5432 is not allowed"),
         ]
     ),
-    protocol.Ping(7),
-    protocol.Pong(2**63 - 1),
-    protocol.PoolRequest(3),
-    protocol.PoolRelease(1),
-    protocol.PoolDiscarded(4096),
-    protocol.Start(17, "web", "203.0.113.7:51234", "198.51.100.1:443"),
-    protocol.Bye("shutting down"),
+    wire.Ping(7),
+    wire.Pong(2**63 - 1),
+    wire.PoolRequest(3),
+    wire.PoolRelease(1),
+    wire.PoolDiscarded(4096),
+    wire.Start(17, "web", "203.0.113.7:51234", "198.51.100.1:443"),
+    wire.Bye("shutting down"),
 ]
 
 
-def _payload(message: protocol.Message) -> bytes:
-    return protocol.encode_message(message)[protocol.HEADER_SIZE :]
+def _payload(message: wire.Message) -> bytes:
+    return wire.encode_message(message)[wire.HEADER_SIZE :]
 
 
 def _raw(obj: object) -> bytes:
@@ -61,12 +60,12 @@ def _raw(obj: object) -> bytes:
 
 def _message_frame(payload: bytes) -> bytes:
     """A MESSAGE frame around any payload, valid or not."""
-    return ((protocol.KIND_MESSAGE << 24) | len(payload)).to_bytes(4, "big") + payload
+    return ((wire.KIND_MESSAGE << 24) | len(payload)).to_bytes(4, "big") + payload
 
 
 def _data(payload: bytes) -> bytes:
-    header = bytearray(protocol.HEADER_SIZE)
-    protocol.pack_data_header(header, len(payload))
+    header = bytearray(wire.HEADER_SIZE)
+    wire.pack_data_header(header, len(payload))
     return bytes(header) + payload
 
 
@@ -76,21 +75,21 @@ def _frames_input(stream: bytes, cuts: list[int], step: int = 1) -> bytes:
 
 
 def frames_seeds() -> list[bytes]:
-    everything = b"".join(protocol.encode_message(m) for m in SAMPLES)
+    everything = b"".join(wire.encode_message(m) for m in SAMPLES)
     relay = (
-        protocol.encode_message(SAMPLES[-2])
+        wire.encode_message(SAMPLES[-2])
         + _data(b"GET / HTTP/1.1\r\n\r\n")
         + _data(bytes(300))
-        + protocol.END_FRAME
+        + wire.END_FRAME
     )
     seeds = [
         _frames_input(everything, []),
         _frames_input(everything, [1, 5, 9, 40, 41, 200], step=3),
         _frames_input(relay, [4, 26, 30], step=16),
         _frames_input(relay, [0, 3, 26], step=7),
-        _frames_input(_data(b"x") + protocol.encode_abort("agent cannot connect"), [5]),
-        _frames_input(protocol.encode_abort(""), []),
-        _frames_input(protocol.encode_abort("\u00e9" * 600), [3]),  # cut to 1024 bytes
+        _frames_input(_data(b"x") + wire.encode_abort("agent cannot connect"), [5]),
+        _frames_input(wire.encode_abort(""), []),
+        _frames_input(wire.encode_abort("\u00e9" * 600), [3]),  # cut to 1024 bytes
         _frames_input(b"\x02\x00\x00\x00", []),  # DATA of 0 bytes
         _frames_input(b"\x02\x10\x00\x01" + bytes(8), []),  # DATA over MAX_DATA_SIZE
         _frames_input(b"\x01\x01\x00\x01", []),  # MESSAGE over MAX_MESSAGE_SIZE
@@ -116,7 +115,7 @@ def messages_seeds() -> list[bytes]:
 
 
 def handshake_seeds() -> list[bytes]:
-    other_nonce = bytes(reversed(range(protocol.NONCE_SIZE)))
+    other_nonce = bytes(reversed(range(wire.NONCE_SIZE)))
     seeds = []
     roles: tuple[tuple[Literal["control", "data"], str], ...] = (
         ("control", ""),
@@ -126,16 +125,14 @@ def handshake_seeds() -> list[bytes]:
         proof = credentials.proof_for(
             targets.HANDSHAKE_TOKEN, other_nonce, role, targets.HANDSHAKE_AGENT, session
         )
-        hello = protocol.Hello(
-            protocol.PROTOCOL_VERSION, role, targets.HANDSHAKE_AGENT, proof, session
-        )
-        seeds.append(protocol.encode_message(hello))
+        hello = wire.Hello(wire.PROTOCOL_VERSION, role, targets.HANDSHAKE_AGENT, proof, session)
+        seeds.append(wire.encode_message(hello))
     wrong = _raw({"type": "hello", "version": 1, "role": "control", "agent": "a", "proof": b""})
     seeds += [
-        protocol.encode_message(SAMPLES[1]),
-        protocol.encode_message(protocol.Ping(1)),
+        wire.encode_message(SAMPLES[1]),
+        wire.encode_message(wire.Ping(1)),
         _message_frame(wrong),
-        protocol.END_FRAME,
+        wire.END_FRAME,
         HASH.encode(),
         HASH[:-2].encode(),
         (HASH + "\n").encode(),

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from tunnelgate import access, config, credentials, protocol, proxy_protocol
+from tunnelgate import access, config, credentials, proxy_protocol
 from tunnelgate.address import format_address
 from tunnelgate.errors import (
     ConfigError,
@@ -36,7 +36,7 @@ from tunnelgate.errors import (
     RemoteProtocolError,
     VersionMismatchError,
 )
-from tunnelgate.protocol import session
+from tunnelgate.protocol import session, wire
 
 T = TypeVar("T")
 
@@ -70,12 +70,12 @@ def split_frames_input(data: bytes) -> tuple[list[bytes], int, bytes]:
     return chunks, step, stream
 
 
-def _normal(event: protocol.Event) -> Normal:
-    if isinstance(event, protocol.Data):
+def _normal(event: wire.Event) -> Normal:
+    if isinstance(event, wire.Data):
         return ("data", bytes(event.view))
-    if isinstance(event, protocol.End):
+    if isinstance(event, wire.End):
         return ("end",)
-    if isinstance(event, protocol.Abort):
+    if isinstance(event, wire.Abort):
         return ("abort", event.reason)
     return ("message", event)
 
@@ -114,18 +114,18 @@ def _reference(stream: bytes) -> _Outcome:
     """The frame table of docs/ARCHITECTURE.md, read as plainly as possible."""
     out = _Outcome()
     limits = {
-        protocol.KIND_MESSAGE: (1, protocol.MAX_MESSAGE_SIZE),
-        protocol.KIND_DATA: (1, protocol.MAX_DATA_SIZE),
-        protocol.KIND_END: (0, 0),
-        protocol.KIND_ABORT: (0, protocol.MAX_ABORT_SIZE),
+        wire.KIND_MESSAGE: (1, wire.MAX_MESSAGE_SIZE),
+        wire.KIND_DATA: (1, wire.MAX_DATA_SIZE),
+        wire.KIND_END: (0, 0),
+        wire.KIND_ABORT: (0, wire.MAX_ABORT_SIZE),
     }
     pos = 0
     while pos < len(stream):
-        if len(stream) - pos < protocol.HEADER_SIZE:
+        if len(stream) - pos < wire.HEADER_SIZE:
             out.at_frame_boundary = False
             return out
-        word = int.from_bytes(stream[pos : pos + protocol.HEADER_SIZE], "big")
-        pos += protocol.HEADER_SIZE
+        word = int.from_bytes(stream[pos : pos + wire.HEADER_SIZE], "big")
+        pos += wire.HEADER_SIZE
         kind, length = word >> 24, word & 0xFFFFFF
         low, high = limits.get(kind, (1, 0))
         if not low <= length <= high:
@@ -133,7 +133,7 @@ def _reference(stream: bytes) -> _Outcome:
             return out
         payload = stream[pos : pos + length]
         pos += len(payload)
-        if kind == protocol.KIND_DATA:
+        if kind == wire.KIND_DATA:
             out.events.append(("data", payload))
             if len(payload) < length:
                 out.data_remaining = length - len(payload)
@@ -143,13 +143,13 @@ def _reference(stream: bytes) -> _Outcome:
         if len(payload) < length:
             out.at_frame_boundary = False
             return out
-        if kind == protocol.KIND_END:
+        if kind == wire.KIND_END:
             out.events.append(("end",))
-        elif kind == protocol.KIND_ABORT:
+        elif kind == wire.KIND_ABORT:
             out.events.append(("abort", payload.decode("utf-8", "replace")))
         else:
             try:
-                out.events.append(("message", protocol.decode_message(payload)))
+                out.events.append(("message", wire.decode_message(payload)))
             except RemoteProtocolError:
                 out.failed = True
                 return out
@@ -157,21 +157,21 @@ def _reference(stream: bytes) -> _Outcome:
 
 
 def _is_one_data_frame(chunk: bytes) -> bool:
-    if len(chunk) <= protocol.HEADER_SIZE:
+    if len(chunk) <= wire.HEADER_SIZE:
         return False
-    word = int.from_bytes(chunk[: protocol.HEADER_SIZE], "big")
-    length = len(chunk) - protocol.HEADER_SIZE
-    return word >> 24 == protocol.KIND_DATA and word & 0xFFFFFF == length <= protocol.MAX_DATA_SIZE
+    word = int.from_bytes(chunk[: wire.HEADER_SIZE], "big")
+    length = len(chunk) - wire.HEADER_SIZE
+    return word >> 24 == wire.KIND_DATA and word & 0xFFFFFF == length <= wire.MAX_DATA_SIZE
 
 
-def _finish(out: _Outcome, decoder: protocol.FrameDecoder) -> _Outcome:
+def _finish(out: _Outcome, decoder: wire.FrameDecoder) -> _Outcome:
     out.data_remaining = decoder.data_remaining
     out.at_frame_boundary = decoder.at_frame_boundary
     return out
 
 
 def _decode_whole(stream: bytes) -> _Outcome:
-    out, decoder = _Outcome(), protocol.FrameDecoder()
+    out, decoder = _Outcome(), wire.FrameDecoder()
     try:
         out.events.extend(_normal(e) for e in decoder.feed(stream))
     except RemoteProtocolError:
@@ -182,14 +182,14 @@ def _decode_whole(stream: bytes) -> _Outcome:
 
 def _decode_chunks(chunks: list[bytes]) -> _Outcome:
     """As the copy path reads: a read that is exactly one DATA frame skips `feed`."""
-    out, decoder = _Outcome(), protocol.FrameDecoder()
+    out, decoder = _Outcome(), wire.FrameDecoder()
     try:
         for chunk in chunks:
             length = decoder.whole_data_frame(chunk)
-            expected = len(chunk) - protocol.HEADER_SIZE
+            expected = len(chunk) - wire.HEADER_SIZE
             if decoder.at_frame_boundary and _is_one_data_frame(chunk):
                 assert length == expected, f"whole_data_frame gave {length}, expected {expected}"
-                out.events.append(("data", chunk[protocol.HEADER_SIZE :]))
+                out.events.append(("data", chunk[wire.HEADER_SIZE :]))
                 continue
             assert length == 0, f"whole_data_frame took {length} bytes of a {len(chunk)}-byte read"
             out.events.extend(_normal(e) for e in decoder.feed(chunk))
@@ -202,7 +202,7 @@ def _decode_chunks(chunks: list[bytes]) -> _Outcome:
 def _decode_steps(stream: bytes, step: int) -> _Outcome:
     """As the splice path reads: DATA payload is moved past the decoder with
     `skip_data`, everything else is read at most `bytes_wanted` at a time."""
-    out, decoder = _Outcome(), protocol.FrameDecoder()
+    out, decoder = _Outcome(), wire.FrameDecoder()
     pos = 0
     try:
         while pos < len(stream):
@@ -223,7 +223,7 @@ def _decode_steps(stream: bytes, step: int) -> _Outcome:
                 continue
             count = min(wanted, step, len(stream) - pos)
             for event in decoder.feed(stream[pos : pos + count]):
-                assert not isinstance(event, protocol.Data), "a read of bytes_wanted gave DATA"
+                assert not isinstance(event, wire.Data), "a read of bytes_wanted gave DATA"
                 out.events.append(_normal(event))
             pos += count
     except RemoteProtocolError:
@@ -232,15 +232,15 @@ def _decode_steps(stream: bytes, step: int) -> _Outcome:
     return _finish(out, decoder)
 
 
-def _check_round_trip(message: protocol.Message) -> None:
+def _check_round_trip(message: wire.Message) -> None:
     """A decoded message encodes to a frame that decodes to an equal message."""
     try:
-        frame = protocol.encode_message(message)
+        frame = wire.encode_message(message)
     except LocalProtocolError:
         # The encoder writes out defaults a peer may leave out; a payload near
         # the size limit can then be too large to send back. Not a decoding bug.
         return
-    events = list(protocol.FrameDecoder().feed(frame))
+    events = list(wire.FrameDecoder().feed(frame))
     assert len(events) == 1 and events[0] == message, f"{message!r} came back as {events!r}"
 
 
@@ -267,13 +267,13 @@ def messages(data: bytes) -> None:
     """``decode_message`` on a MESSAGE payload, then every state of the session
     core receives it: accepted exactly where its table lists it."""
     try:
-        message: protocol.Message | None = protocol.decode_message(data)
+        message: wire.Message | None = wire.decode_message(data)
     except RemoteProtocolError:
         message = None
-    events: list[protocol.Event] = [
-        protocol.Data(memoryview(data)),
-        protocol.End(),
-        protocol.Abort(data.decode("utf-8", "replace")),
+    events: list[wire.Event] = [
+        wire.Data(memoryview(data)),
+        wire.End(),
+        wire.Abort(data.decode("utf-8", "replace")),
     ]
     if message is not None:
         events.append(message)
@@ -296,15 +296,15 @@ def messages(data: bytes) -> None:
 
 HANDSHAKE_TOKEN: Final = b"fuzz-token-0123456789"
 HANDSHAKE_AGENT: Final = "site-a"
-HANDSHAKE_NONCE: Final = bytes(range(protocol.NONCE_SIZE))
+HANDSHAKE_NONCE: Final = bytes(range(wire.NONCE_SIZE))
 STORED_KEY: Final = credentials.derive(HANDSHAKE_TOKEN, HANDSHAKE_AGENT).stored_key
 
 
-def _check_sendable(message: protocol.Message) -> None:
+def _check_sendable(message: wire.Message) -> None:
     """What the gateway answers a Hello with is a message the agent accepts."""
     try:
-        frame = protocol.encode_message(message)
-        event = next(protocol.FrameDecoder().feed(frame))
+        frame = wire.encode_message(message)
+        event = next(wire.FrameDecoder().feed(frame))
         agent = session.Conversation(session.Side.AGENT, session.State.AWAIT_WELCOME)
         agent.receive(event)
     except ProtocolError as exc:
@@ -327,7 +327,7 @@ def _hash_line(data: bytes) -> None:
 
 def handshake(data: bytes) -> None:
     """The gateway's side of the handshake, through the same session core and
-    :func:`~tunnelgate.protocol.authenticate` the gateway uses, without I/O.
+    :func:`~tunnelgate.protocol.session.authenticate` the gateway uses, without I/O.
 
     ``data`` is what an agent sent after the Challenge carrying
     ``HANDSHAKE_NONCE``. No input may pass the proof check: that would be a
@@ -335,23 +335,23 @@ def handshake(data: bytes) -> None:
     """
     _hash_line(data)
     gateway = session.Conversation(session.Side.GATEWAY)
-    gateway.send(protocol.Challenge(protocol.PROTOCOL_VERSION, HANDSHAKE_NONCE))
+    gateway.send(wire.Challenge(wire.PROTOCOL_VERSION, HANDSHAKE_NONCE))
     try:
-        event = next(protocol.FrameDecoder().feed(data), None)
+        event = next(wire.FrameDecoder().feed(data), None)
         if event is None:
             return
         hello = gateway.receive(event)
     except VersionMismatchError as exc:  # the gateway answers Refused("version")
-        _check_sendable(gateway.send(protocol.Refused("version", exc.reason)))
+        _check_sendable(gateway.send(wire.Refused("version", exc.reason)))
         return
     except RemoteProtocolError:
         return
-    assert isinstance(hello, protocol.Hello)
+    assert isinstance(hello, wire.Hello)
     verdict = session.authenticate(
         hello, HANDSHAKE_NONCE, [session.Candidate(None, [STORED_KEY])], None
     )
     assert isinstance(verdict, str), f"{hello!r} passed the proof check without the token"
-    refusal = protocol.Refused("auth", session.auth_refusal_reason(hello, verdict))
+    refusal = wire.Refused("auth", session.auth_refusal_reason(hello, verdict))
     _check_sendable(gateway.send(refusal))
 
 

@@ -1,68 +1,26 @@
 """Access control for clients on the gateway's service ports, without I/O.
 
-One :class:`AccessRule` comes from one table of the gateway's config. Rules
-stack: a client connection on a service port is admitted only if every rule
-covering that service lets it through (``[access]`` for every service,
-``[services.NAME]``, ``[agents.access]`` and ``[agents.services.NAME]``). A
-rule may list networks to ``deny`` and to ``allow``, and cap concurrent
-connections (``max_connections``, ``max_connections_per_client``) and the rate
-of new ones per client address (``rate_per_client``, ``burst_per_client``).
+An :class:`AccessRule` comes from one config table; rules stack (``[access]``,
+``[services.NAME]``, ``[agents.access]``, ``[agents.services.NAME]``) and a
+connection is admitted only if every rule covering its service lets it
+through. A :class:`Gate` holds one rule and the counters of all it covers;
+:func:`admit` counts a connection in all of a service's gates or in none, and
+:meth:`Gate.release` uncounts it.
 
-A :class:`Gate` holds one rule and the counters of everything the rule
-covers; every service the rule covers shares it. :func:`admit` checks a
-connection against the gates of its service and counts it in all of them, or
-in none; :meth:`Gate.release` uncounts it when it ends.
+* Addresses: an IPv4-mapped IPv6 address or network is its IPv4 form. A list
+  of networks is a dict per prefix length, so matching costs one lookup per
+  distinct length, however long the list; a refusal names the broadest match.
+* Counters count every connection whatever the rule limits, so a reload that
+  tightens a limit applies at once to open connections.
+* The rate limit is a token bucket per address stored as one float, when it
+  is full again (GCRA). Refused attempts take no token: a refused client costs
+  nothing more, and charging it would lock out a client that retries too fast.
+* Memory: per-client counters go at zero; full buckets are pruned when the
+  table doubles, and at most ``MAX_CLIENT_BUCKETS`` survive (those furthest
+  from full), so an IPv6 address flood cannot grow it without bound.
 
-This module must not import asyncio, socket, ssl, time or logging, nor any
-tunnelgate module but ``errors``: time is passed in as ``now`` (monotonic
-seconds), and what to log is the caller's choice.
-
-Addresses and networks
-----------------------
-A client address is normalised first: an IPv4-mapped IPv6 address
-(``::ffff:10.1.2.3``, what a gateway listening on ``::`` sees for an IPv4
-client) is the IPv4 address it carries. IPv4 networks then match IPv4 clients
-only and IPv6 networks IPv6 clients only; a mapped network in a rule
-(``::ffff:10.0.0.0/104``) is turned into its IPv4 form (``10.0.0.0/8``).
-
-The networks of one list are grouped by prefix length, each group a dict from
-network number (the address shifted right past its host bits) to the network.
-Matching is one dict lookup per distinct prefix length in the list, at most 33
-for IPv4 and 129 for IPv6, however many networks it holds: a short list costs
-no more than a linear scan, and a list of thousands costs the same as a short
-one. When several networks of a list hold an address, the broadest one is the
-one named in a refusal.
-
-Counters
---------
-A gate counts every connection acquired through it, in total and per client
-address, whatever its rule limits. So a reload that adds or tightens a limit
-applies at once to the connections already open, and a release never depends
-on the rule in force. Releasing an address with nothing counted is ignored.
-
-The rate limit is a token bucket per client address: ``burst_per_client``
-tokens, refilled at ``rate_per_client`` per second, one taken per admitted
-connection, never fewer than zero. A bucket is stored as one float, the time
-at which it will be full again (the generic cell rate algorithm); an address
-with no entry has a full bucket. An attempt up to ``RATE_SLACK`` early counts
-as on time, so that rounding never costs a token. Refused attempts take no
-token: the token budgets the work an admitted connection costs (a data
-channel, a connection at the agent), and a refused client is closed at once
-and costs nothing more. Charging refusals would instead lock out a client for
-as long as it retries faster than the rate, rather than admit it at the rate.
-
-Memory
-------
-Per-client counters are removed when they reach zero: one entry per address
-with a connection open. Buckets that have refilled to full are dropped when
-the table reaches ``prune_at`` entries (``BUCKETS_PRUNE_MIN``, or twice what
-the last pruning kept if that is more), which costs O(1) amortised per new
-bucket. And the table never holds more than ``MAX_CLIENT_BUCKETS`` entries:
-when pruning keeps more than half of that, only the half furthest from full
-survive, and the clients forgotten get a full bucket back early. So a flood of
-distinct addresses, which costs nothing in IPv6, can loosen the rate limit of
-the clients nearest to full, but never grow a gate's buckets past
-``MAX_CLIENT_BUCKETS`` (about 10 MB with IPv6 keys).
+Must not import asyncio, socket, ssl, time or logging, nor any tunnelgate
+module but ``errors``: time comes in as ``now`` (monotonic seconds).
 """
 
 from __future__ import annotations
@@ -306,16 +264,9 @@ class _Networks:
             group = by_length.setdefault((bits, network.prefixlen), {})
             group.setdefault(int(network.network_address) >> shift, network)
         # Ascending prefix length: the first match is the broadest network.
-        self._v4 = tuple(
-            (bits - length, group)
-            for (bits, length), group in sorted(by_length.items())
-            if bits == 32
-        )
-        self._v6 = tuple(
-            (bits - length, group)
-            for (bits, length), group in sorted(by_length.items())
-            if bits == 128
-        )
+        ordered = sorted(by_length.items())
+        self._v4 = tuple((32 - n, group) for (bits, n), group in ordered if bits == 32)
+        self._v6 = tuple((128 - n, group) for (bits, n), group in ordered if bits == 128)
         self.size = len(networks)
 
     def match(self, ip: ClientIP) -> Network | None:

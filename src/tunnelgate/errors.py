@@ -30,6 +30,19 @@ class TunnelgateError(Exception):
     """Base class of every error tunnelgate raises on purpose."""
 
 
+class _Reasoned(TunnelgateError):
+    """An error told by one ``reason``, shown after the class's ``prefix``."""
+
+    prefix = ""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.prefix + self.reason
+
+
 @dataclass(frozen=True)
 class ConfigProblem:
     """One thing wrong with the configuration."""
@@ -56,15 +69,10 @@ class ConfigError(TunnelgateError):
         return f"bad configuration ({len(self.problems)} problems):\n{lines}"
 
 
-class ProtocolError(TunnelgateError):
+class ProtocolError(_Reasoned):
     """Bytes on a connection do not follow the wire protocol."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"protocol error: {self.reason}"
+    prefix = "protocol error: "
 
 
 class LocalProtocolError(ProtocolError):
@@ -79,15 +87,10 @@ class VersionMismatchError(RemoteProtocolError):
     """The peer speaks another version of the protocol."""
 
 
-class AuthenticationError(TunnelgateError):
+class AuthenticationError(_Reasoned):
     """The peer refused our credentials, or we refused its. Not retried."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"authentication failed: {self.reason}"
+    prefix = "authentication failed: "
 
 
 class CertificateRefusedError(AuthenticationError):
@@ -109,15 +112,8 @@ class PeerVerificationError(AuthenticationError):
         return text
 
 
-class TransportError(TunnelgateError):
+class TransportError(_Reasoned):
     """The network failed under a connection. Reconnecting may help."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 class ConnectionClosed(TunnelgateError):
@@ -132,13 +128,6 @@ class ConnectionClosed(TunnelgateError):
         return f"connection {self.how}" + (f": {self.detail}" if self.detail else "")
 
 
-class SessionOver(TunnelgateError):
+class SessionOver(_Reasoned):
     """A session ends on purpose, for ``reason``; raised inside its task group
     to end every task of the session."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason

@@ -1,31 +1,17 @@
 """The PROXY protocol (versions 1 and 2): the client's real address, for the service.
 
-Seen from a service, every connection comes from the agent. A service that
-speaks the PROXY protocol (nginx, HAProxy, Postfix, ...) can be told who the
-client really was: the agent then sends one header, before any relayed byte,
-naming the client's address and the public address it reached on the gateway
-(:func:`header`). :func:`parse` reads such a header back, with the limits of
-the specification (https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt).
+A service that speaks it (nginx, HAProxy, Postfix, ...) is sent one header
+before any relayed byte, naming the client and the public address it reached
+(:func:`header`); :func:`parse` reads one back, with the specification's
+limits (https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt).
 
-Version 1 is one text line::
+Both addresses IPv4 (or IPv4-mapped IPv6, as a gateway on ``::`` sees IPv4
+clients): TCP4 / AF_INET. Both IPv6: TCP6 / AF_INET6. Otherwise (missing,
+unparsable or mixed): ``PROXY UNKNOWN`` (v1) or LOCAL with AF_UNSPEC (v2),
+and the service uses the connection's own addresses.
 
-    PROXY TCP4 203.0.113.7 198.51.100.1 51234 443\\r\\n
-
-Version 2 is binary: a 12-byte signature, version and command, family and
-protocol, the length of what follows, then the addresses and ports in network
-byte order (and optional TLVs).
-
-The address rule: when both addresses are IPv4, or IPv4-mapped IPv6
-(``::ffff:a.b.c.d``, what a gateway listening on ``::`` sees of an IPv4
-client), the header is TCP4 / AF_INET with the plain IPv4 addresses. When both
-are IPv6, it is TCP6 / AF_INET6. Otherwise (an address missing, as from a
-gateway older than this feature, unparsable, or of two different families)
-the header says it does not know: ``PROXY UNKNOWN`` in version 1, the LOCAL
-command with AF_UNSPEC in version 2, and the service uses the connection's
-own addresses.
-
-Pure functions on bytes and strings: this module must not import asyncio,
-socket, ssl or any clock, nor any tunnelgate module but ``errors``.
+Pure functions on bytes and strings: must not import asyncio, socket, ssl or
+any clock, nor any tunnelgate module but ``errors``.
 """
 
 from __future__ import annotations
@@ -41,9 +27,7 @@ V1_PREFIX: Final = b"PROXY "
 V1_MAX_SIZE: Final = 107  # the longest line the specification allows, CRLF included
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_SIZE: Final = 16  # signature, version and command, family and protocol, length
-MAX_HEADER_SIZE: Final = (
-    V2_FIXED_SIZE + 216
-)  # v2 with UNIX addresses and no TLV; header() builds less
+MAX_HEADER_SIZE: Final = V2_FIXED_SIZE + 216  # v2 with UNIX addresses and no TLV
 
 Family = Literal["inet", "inet6", "unix", "unspec"]
 Transport = Literal["stream", "dgram", "unspec"]

@@ -13,8 +13,10 @@ import _ssl
 import ctypes
 import datetime
 import hashlib
+import ipaddress
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -77,8 +79,6 @@ def ensure_self_signed(state_dir: Path, hostnames: list[str]) -> tuple[Path, Pat
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -86,14 +86,16 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _load_identity(context: ssl.SSLContext, cert: Path, key: Path) -> None:
-    """This side's own certificate and key, or a ConfigError that names the file."""
+def _load(source: str, key: str, what: str, load: Callable[..., None], *args: Path) -> None:
+    """``load(*args)``, or a ConfigError that names what could not be loaded, and where."""
     try:
-        context.load_cert_chain(cert, key)
+        load(*args)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            [ConfigProblem(str(cert), "cert/key", f"cannot load certificate and key: {exc}")]
-        ) from None
+        raise ConfigError([ConfigProblem(source, key, f"cannot load {what}: {exc}")]) from None
+
+
+def _load_identity(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    _load(str(cert), "cert/key", "certificate and key", context.load_cert_chain, cert, key)
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
@@ -106,12 +108,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     _load_identity(context, cert, key)
     if client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=str(client_ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [ConfigProblem(str(client_ca), "client_ca", f"cannot load the CA: {exc}")]
-            ) from None
+        _load(str(client_ca), "client_ca", "the CA", context.load_verify_locations, client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     # One ticket per connection: the agent resumes its data channels with the
     # control channel's session (still a fresh ECDHE exchange, but no
@@ -139,12 +136,7 @@ def client_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif ca is not None:
-        try:
-            context.load_verify_locations(cafile=str(ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [ConfigProblem("command line", "--ca", f"cannot load {ca}: {exc}")]
-            ) from None
+        _load("command line", "--ca", str(ca), context.load_verify_locations, ca)
     else:
         context.load_default_certs()
     _accept_fin_as_end(context)

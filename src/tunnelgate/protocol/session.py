@@ -29,7 +29,10 @@ policy and stored key an agent's proof matches) and :func:`auth_refusal`
 may need deriving) and does the I/O; the fuzz target drives these same
 functions without any.
 
-Must not import asyncio, socket, ssl or time: callers pass the clock in.
+Must not import asyncio, socket, ssl or time. No transition depends on the
+clock: deadlines are the caller's (``asyncio.timeout`` around a receive), and
+the handshake's timed decisions (failure delays, rate limits) are
+:mod:`tunnelgate.gateway.admission`'s, which takes ``now``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import os
 import socket
 import struct
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
 from tunnelgate.address import Address, format_address
@@ -133,10 +134,8 @@ class TCPConnection:
             return transport_error(exc)
         return transport_error(OSError(code, os.strerror(code))) if code else None
 
-    @contextlib.contextmanager
-    def watch_peer_close(self) -> Iterator[asyncio.Future[None]]:
-        with watch_hangup(self._sock.fileno()) as closed:
-            yield closed
+    def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:
+        return watch_hangup(self._sock.fileno())
 
     async def wait_delivered(self) -> None:
         # An RST discards what the socket has not sent, which the peer would have

@@ -1,9 +1,7 @@
-"""A channel: the wire protocol's frames and messages on a stream, each checked
-by the channel's :class:`~tunnelgate.protocol.Conversation`. A control channel
-lives in its Channel for the whole session; a data channel until the relay
-takes over its stream and decoder. It sees the connection only as a
-:class:`~tunnelgate.transport.Stream`: it must not import socket or ssl, nor
-gateway, agent or relay.
+"""A channel: the wire protocol's frames and messages on a stream, each checked by
+its :class:`~tunnelgate.protocol.Conversation`. A data channel lives in it until
+the relay takes over its stream and decoder. It sees a Stream only: it must not
+import socket or ssl, nor gateway, agent or relay.
 """
 
 from __future__ import annotations
@@ -43,8 +41,7 @@ class Channel:
 
     def take_pending(self) -> list[Event]:
         """The events decoded ahead of need, for a relay taking over the channel."""
-        events = list(self._pending)
-        self._pending.clear()
+        events, self._pending = list(self._pending), deque()
         return events
 
     async def send_message(self, message: Message) -> None:

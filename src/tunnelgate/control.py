@@ -20,9 +20,8 @@ async def receive_control(
     draining: Callable[[], str | None],
     relays: set[asyncio.Task[None]],
 ) -> Message | str:
-    """The next message other than a Ping (answered here), within ``timeout``.
-    Once draining (``draining()`` says why), the channel's end is the normal
-    end: wait for the relays (on their own data channels) and return why."""
+    """The next message but Pings (answered here), within ``timeout``. Once draining
+    (``draining()`` says why), the channel's end is normal: wait for the relays."""
     while True:
         try:
             async with asyncio.timeout(timeout):
@@ -48,10 +47,7 @@ async def wait_relays(relays: set[asyncio.Task[None]], timeout: float | None = N
     """Until the relays' tasks (a live set: each removes itself) have ended, for
     up to ``timeout``; how many still run."""
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    while relays:
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            break
-        await asyncio.wait(set(relays), timeout=remaining)
+    end = None if timeout is None else loop.time() + timeout
+    while relays and (end is None or end > loop.time()):
+        await asyncio.wait(set(relays), timeout=None if end is None else end - loop.time())
     return len(relays)

@@ -57,11 +57,6 @@ DELIVERY_TIMEOUT: Final = 2.0  # for a local peer to take its last bytes before 
 DRAIN_SIZE: Final = 16 * 1024
 
 
-def splice_enabled() -> bool:
-    """Whether plain channels relay with ``os.splice`` (asked at each relay)."""
-    return SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
-
-
 @dataclass
 class RelayResult:
     """How one relayed connection went: "normal" or a reason."""
@@ -88,16 +83,15 @@ async def relay(
     state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
     try:
         await state.finished
-        result, failure = state.result, state.failure
-        if failure is None:
+        if state.failure is None:
             local.close()
             channel.close()
-            return result
-        result.how = failure.how
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_end_local(state, failure))
-            group.create_task(_end_channel(state, failure))
-        return result
+        else:
+            state.result.how = state.failure
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_end_local(state))
+                group.create_task(_end_channel(state, state.failure))
+        return state.result
     except BaseException as exc:
         state.stop()  # cancelled or a bug: neither end may look clean
         local.abort()
@@ -106,15 +100,16 @@ async def relay(
             cancelled = isinstance(exc, asyncio.CancelledError)
             state.result.how = "reset: its session is over" if cancelled else f"reset: {exc!r}"
         raise
-    finally:
-        state.release()
+    finally:  # the pipes go back after any last delivery
+        state.outbound.release_pipe()
+        state.inbound.release_pipe()
         state.result.duration = time.monotonic() - started
 
 
-async def _end_local(state: _Relay, failure: _Failed) -> None:
+async def _end_local(state: _Relay) -> None:
     """Reset the local stream, after giving a peer still there what was on its way."""
     try:
-        if failure.local_alive:
+        if state.local_alive:
             async with asyncio.timeout(DELIVERY_TIMEOUT):
                 await state.inbound.deliver_pending()
                 await state.local.wait_delivered()
@@ -124,9 +119,9 @@ async def _end_local(state: _Relay, failure: _Failed) -> None:
         state.local.abort()
 
 
-async def _end_channel(state: _Relay, failure: _Failed) -> None:
+async def _end_channel(state: _Relay, how: str) -> None:
     """Abort the channel: with an ABORT behind the frame under way if the peer should learn why."""
-    if not failure.tell_peer:
+    if not state.tell_peer:
         state.channel.abort()
         return
     try:
@@ -135,7 +130,7 @@ async def _end_channel(state: _Relay, failure: _Failed) -> None:
     except (TimeoutError, TransportError):
         state.channel.abort()
         return
-    await abort_channel(state.channel, failure.how)
+    await abort_channel(state.channel, how)
 
 
 async def abort_channel(channel: Channel, reason: str) -> None:
@@ -183,16 +178,6 @@ def cached_fds() -> int:
     return 2 * len(_scratch.pipes) + epoll_descriptors()
 
 
-@dataclass(slots=True)
-class _Failed:
-    """An abnormal end. ``tell_peer``: the channel works, so an ABORT says why;
-    ``local_alive``: the local peer is given what was on its way first."""
-
-    how: str
-    tell_peer: bool
-    local_alive: bool
-
-
 class _Relay:
     """One relayed connection: its two pumps and how it ended."""
 
@@ -205,7 +190,9 @@ class _Relay:
         self.channel = channel
         self.role = local_role
         self.result = result
-        self.failure: _Failed | None = None
+        self.failure: str | None = None  # how it ended abnormally
+        self.tell_peer = False  # then: the channel works, so an ABORT says why
+        self.local_alive = False  # then: the local peer first gets what was on its way
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self._running = 2
         self._watched: int | None = None  # a finished pump's source, watched for a reset
@@ -216,8 +203,9 @@ class _Relay:
         self._give_up: asyncio.TimerHandle | None = None
         self.outbound: _CopyOut
         self.inbound: _Inbound
+        splice = SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
         remote = channel.stream
-        if splice_enabled() and _spliceable(local) and _spliceable(remote):
+        if splice and _spliceable(local) and _spliceable(remote):
             local_fd, channel_fd = local.fd_for_splice(), remote.fd_for_splice()
             self.result.path = "splice"
             self.outbound = _SpliceOut(self, local_fd, channel_fd)
@@ -260,7 +248,7 @@ class _Relay:
     def fail(self, how: str, *, tell_peer: bool, local_alive: bool) -> None:
         if self.finished.done():
             return
-        self.failure = _Failed(how, tell_peer, local_alive)
+        self.failure, self.tell_peer, self.local_alive = how, tell_peer, local_alive
         self.stop()
         self.finished.set_result(None)
 
@@ -304,10 +292,6 @@ class _Relay:
         self.outbound.stop()
         self.inbound.stop()
 
-    def release(self) -> None:  # after any last delivery
-        self.outbound.release_pipe()
-        self.inbound.release_pipe()
-
 
 class _Pump:
     """One direction: read ``src`` when readable, write ``dst`` at once, and
@@ -325,6 +309,9 @@ class _Pump:
         self.writing = False  # our writer is registered on dst
         self.stopped = False
         self.pipe: Pipe | None = None
+
+    on_readable: Callable[[], None]  # each kind of pump defines both
+    on_writable: Callable[[], None]
 
     def want_read(self) -> None:
         self.stop_writing()
@@ -369,12 +356,6 @@ class _Pump:
             _scratch.give_pipe(self.pipe)
             self.pipe = None
 
-    def on_readable(self) -> None:
-        raise NotImplementedError
-
-    def on_writable(self) -> None:
-        raise NotImplementedError
-
 
 _SPLICEABLE: dict[type, bool] = {}  # per class: isinstance of a Protocol costs microseconds
 
@@ -415,11 +396,9 @@ async def _splice_all(pipe: Pipe, fd: int, stream: Stream) -> int:
     return moved
 
 
-# --- outbound: local stream → DATA frames → channel --------------------------
-
-
 class _CopyOut(_Pump):
-    """Reads into the shared buffer behind a header slot; one send per chunk."""
+    """Outbound, local stream → DATA frames → channel: reads into the shared buffer
+    behind a header slot, and sends each chunk as one frame."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.local, relay.channel.stream)
@@ -492,10 +471,9 @@ class _CopyOut(_Pump):
 
 
 class _SpliceOut(_CopyOut):
-    """Copies while reads are small; once one fills ``SMALL_READ``, splices: the
-    local stream into a pipe (up to one frame), the header with MSG_MORE, then
-    the pipe into the channel. A smaller splice switches back, so small messages
-    cost one ``recv`` and one ``send`` per hop."""
+    """Copies while reads are small; after one fills ``SMALL_READ``, splices the local
+    stream into a pipe (up to a frame), sends the header with MSG_MORE, then the
+    pipe; a smaller splice switches back (one ``recv``, one ``send`` per message)."""
 
     def __init__(self, relay: _Relay, local_fd: int, channel_fd: int) -> None:
         super().__init__(relay)
@@ -534,11 +512,9 @@ class _SpliceOut(_CopyOut):
         self.flush()
 
     def on_writable(self) -> None:
-        if self.stopped:
-            return
         if self.backlog is not None:
             super().on_writable()
-        else:
+        elif not self.stopped:
             self.flush()
 
     def flush(self) -> None:
@@ -576,12 +552,10 @@ class _SpliceOut(_CopyOut):
         self.relay.result.sent += self.payload
 
 
-# --- inbound: channel → frames → local stream --------------------------------
-
-
 class _Inbound(_Pump):
-    """Delivers decoded events; what the local stream cannot take yet waits, copied,
-    in ``backlog`` with the events behind it. After END it reads on for an ABORT."""
+    """Inbound, channel → frames → local stream: what the local stream cannot take
+    yet waits, copied, in ``backlog`` with the events behind it. After END it reads
+    on, for an ABORT."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.channel.stream, relay.local)

@@ -1,10 +1,8 @@
 """Transports: byte streams between agent and gateway, and to clients and services.
-
-Orchestration sees connections only through the :class:`Stream` interface and
-imports from this package, never from its modules: ``stream`` (the interface),
-``tcp``, ``tls_stream``, ``pipe`` (for splice) and ``poller`` (readiness).
-``OSError`` and ``ssl.SSLError`` become TransportError here and nowhere else.
-It logs nothing, and imports from tunnelgate only errors, address and tls.
+Orchestration imports them from here, never from the modules (stream, tcp,
+tls_stream, pipe, poller). ``OSError`` and ``ssl.SSLError`` become TransportError
+in this package and nowhere else. It logs nothing, and imports from tunnelgate
+only errors, address and tls.
 """
 
 from tunnelgate.transport.pipe import SPLICE_AVAILABLE, Pipe

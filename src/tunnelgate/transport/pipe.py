@@ -1,7 +1,5 @@
-"""Kernel pipes for ``os.splice``: the relay's path between two plain TCP streams,
-on which bytes never enter Python. Raises WouldBlock and TransportError like
-the streams; must not import config, gateway, agent, relay, channel or the
-protocol's framing.
+"""Kernel pipes for ``os.splice``, the relay's path between two plain TCP streams
+(bytes never enter Python). From tunnelgate it imports only errors and this package.
 """
 
 from __future__ import annotations

@@ -27,12 +27,9 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class Poller:
-    """Our own epoll set, woken by one loop reader on its descriptor.
-
-    Not the loop's per-descriptor watchers: uvloop (libuv) drops a watcher
-    silently when its socket reports an error, which would leave a pump (or a
-    TLS read) asleep on a reset connection.
-    """
+    """Our own epoll set, woken by one loop reader. Not the loop's watchers: uvloop
+    drops one silently when its socket reports an error, which would leave a pump
+    (or a TLS read) asleep on a reset connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.readers: dict[int, Callable[[], None]] = {}
@@ -68,8 +65,7 @@ class Poller:
             self._update(fd)
 
     def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call back on an error (such as an RST) or a full hang-up only: for a
-        socket nobody reads any more."""
+        """Call back on an error (an RST) or a full hang-up only: for a socket nobody reads."""
         self.errors[fd] = callback
         self._update(fd)
 
@@ -161,9 +157,8 @@ async def _wait(fd: int, writable: bool) -> None:
 
 @contextlib.contextmanager
 def watch_hangup(fd: int) -> Iterator[asyncio.Future[None]]:
-    """A future done once the peer sent FIN or RST on ``fd`` (never without
-    epoll). The watch ends with the block, before ``fd`` can be closed and
-    its number reused by another socket."""
+    """A future done once the peer sent FIN or RST on ``fd`` (never without epoll),
+    watched until the block ends: before ``fd`` is closed and its number reused."""
     loop = asyncio.get_running_loop()
     ready = poller(loop)
     closed: asyncio.Future[None] = loop.create_future()

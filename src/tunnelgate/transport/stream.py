@@ -1,11 +1,7 @@
-"""The stream interface: what gateway, agent, channel and relay see of a connection.
-
-Streams in the manner of trio's: ``receive_into`` returns 0 at the end,
-``send`` waits for room, ``send_eof`` is idempotent; the second half is what
-the relay's readiness-driven pumps need. Every method raises
-:class:`~tunnelgate.errors.TransportError`, never ``OSError`` or ``ssl.SSLError``.
-Interface only: it must not import socket, ssl, config, channel, gateway,
-agent, relay or the protocol's framing.
+"""The stream interface: what gateway, agent, channel and relay see of a connection,
+in the manner of trio's streams, plus what the relay's readiness-driven pumps need.
+Every method raises TransportError, never ``OSError`` or ``ssl.SSLError``.
+Interface only: from tunnelgate it imports only errors; no socket or ssl.
 """
 
 from __future__ import annotations
@@ -48,8 +44,7 @@ class Stream(Protocol):
     def peer_certificate_names(self) -> frozenset[str]: ...  # if TLS verified it against a CA
 
     def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:
-        """A future done once the peer sent FIN or RST, watched while the block
-        runs (never done where the platform cannot tell without reading)."""
+        """A future done once the peer sent FIN or RST, while the block runs (or never)."""
 
     # What the relay's readiness-driven pumps use.
     def fileno(self) -> int: ...  # the descriptor whose readiness to wait for
@@ -58,13 +53,11 @@ class Stream(Protocol):
 
     @property
     def reads_all_ready(self) -> bool:
-        """True if one :meth:`try_receive_into` takes all that is ready (plain
-        TCP); False if bytes can stay inside with no readiness event to
-        announce them (TLS), so a reader loops until WouldBlock."""
+        """False if bytes can stay inside after a :meth:`try_receive_into` with no
+        readiness event to announce them (TLS), so a reader loops until WouldBlock."""
 
     def try_receive_into(self, buffer: memoryview) -> int:
-        """Bytes taken into ``buffer`` without waiting; 0 at the end. Raises
-        WouldBlock if none yet (WouldBlockOnWrite if it must write first)."""
+        """Like receive_into but at once: WouldBlock (OnWrite: must write first) if none."""
 
     def try_send(self, data: bytes | memoryview, more: bool = False) -> int:
         """Bytes of ``data`` taken without waiting (maybe 0); ``more``: more

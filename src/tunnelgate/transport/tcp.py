@@ -1,8 +1,6 @@
-"""Plain TCP: :class:`SocketStream`, dialing (:func:`connect`) and listening
-(:func:`open_listener`, :class:`Listener`). The transport edge for sockets:
-``OSError`` becomes :class:`~tunnelgate.errors.TransportError` here
-(:func:`transport_error`). It must not import gateway, agent, relay, channel,
-logs or the protocol's framing; from config only ``Address`` and ``format_address``.
+"""Plain TCP: :class:`SocketStream`, :func:`connect`, :func:`open_listener`; the
+transport edge for sockets (:func:`transport_error`). From tunnelgate it imports
+only errors, address and this package.
 """
 
 from __future__ import annotations
@@ -69,8 +67,12 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def _address(name: Any) -> str:
-    return format_address(name[0], name[1])
+def _address(name: Callable[[], Any]) -> str:
+    try:
+        host, port = name()[:2]
+    except OSError:
+        return ""
+    return format_address(host, port)
 
 
 class TCPConnection:
@@ -105,9 +107,8 @@ class TCPConnection:
         _reset(self._sock)
 
     def reset_unless_closed_cleanly(self) -> None:
-        """Make every close an RST until :meth:`close`, even the kernel's when
-        this process dies: a killed gateway or agent must not end its clients'
-        and services' connections with a FIN, as if a cut response were whole."""
+        """Every close is an RST until :meth:`close`, even the kernel's when this process
+        dies: a cut response must not end with a FIN, as if it were whole."""
         self._resets = True
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -154,16 +155,10 @@ class TCPConnection:
         return int(struct.unpack("i", answer)[0])
 
     def peer_address(self) -> str:
-        try:
-            return _address(self._sock.getpeername())
-        except OSError:
-            return ""
+        return _address(self._sock.getpeername)
 
     def local_address(self) -> str:
-        try:
-            return _address(self._sock.getsockname())
-        except OSError:
-            return ""
+        return _address(self._sock.getsockname)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -200,8 +195,7 @@ class SocketStream(TCPConnection):
     def peer_certificate_names(self) -> frozenset[str]:
         return frozenset()
 
-    def fd_for_splice(self) -> int:
-        return self._sock.fileno()
+    fd_for_splice = TCPConnection.fileno  # the bytes pass through it unchanged
 
     def try_receive_into(self, buffer: memoryview) -> int:
         try:
@@ -301,8 +295,7 @@ class Listener:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        host, port = sock.getsockname()[:2]
-        self.address = Address(host, port)
+        self.address = Address(*sock.getsockname()[:2])
 
     def close(self) -> None:
         self._sock.close()
@@ -312,10 +305,9 @@ class Listener:
         handle: Callable[[SocketStream, str], None],
         on_error: Callable[[TransportError], None],
     ) -> None:
-        """Pass each connection (stream, peer's ``host:port``) to ``handle``,
-        which must not raise, until cancelled; on an error (EMFILE) tell
-        ``on_error`` and pause. Accepting is in a reader callback: a cancelled
-        ``sock_accept`` could accept a connection and drop it unclosed."""
+        """Pass each connection (stream, peer) to ``handle`` (which must not raise) until
+        cancelled; on an error (EMFILE) tell ``on_error`` and pause. In a reader
+        callback: a cancelled ``sock_accept`` could accept and drop a connection."""
         loop = asyncio.get_running_loop()
         listener = self._sock
         fd = listener.fileno()
@@ -335,7 +327,7 @@ class Listener:
                     return
                 sock.setblocking(False)
                 _tune(sock)
-                handle(SocketStream(sock), _address(addr))
+                handle(SocketStream(sock), format_address(addr[0], addr[1]))
 
         loop.add_reader(fd, on_readable)
         try:

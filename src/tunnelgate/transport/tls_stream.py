@@ -1,9 +1,7 @@
-"""TLS 1.3 streams: :class:`TLSStream`, a non-blocking ``ssl.SSLSocket`` on a TCP
-stream's socket, so OpenSSL reads and writes the descriptor and the cipher's
-copy is the only one (contexts come from :mod:`tunnelgate.tls`). The transport
-edge for TLS: ``ssl.SSLError`` becomes TransportError (or AuthenticationError)
-here. It must not import config, gateway, agent, relay, channel, logs or the
-protocol's framing.
+"""TLS 1.3 streams: :class:`TLSStream`, a non-blocking ``ssl.SSLSocket``, so OpenSSL
+reads and writes the descriptor and the cipher's copy is the only one. The transport
+edge for TLS (``ssl.SSLError``). From tunnelgate it imports only errors, tls and
+this package.
 """
 
 from __future__ import annotations
@@ -57,14 +55,10 @@ def _certificate_refused(exc: ssl.SSLError) -> CertificateRefusedError | None:
 
 
 class TLSStream(TCPConnection):
-    """TLS 1.3 on the socket of ``transport``, which goes on owning it too:
-    closing or resetting either ends the same connection. :meth:`handshake`
-    runs the handshake, and resets the connection if it fails.
-
-    ``send_eof`` sends a FIN without close_notify: this side's session stays
-    usable for reading, and a peer with a context from :mod:`tunnelgate.tls`
-    reads it as EOF and can still send.
-    """
+    """TLS 1.3 on the socket of ``transport``, which owns it too: closing or
+    resetting either ends the connection. A failed :meth:`handshake` resets it.
+    ``send_eof`` is a FIN without close_notify: this side can still read, and
+    a peer with a context from :mod:`tunnelgate.tls` reads EOF and can still send."""
 
     __slots__ = ("_ssl",)
 
@@ -96,22 +90,23 @@ class TLSStream(TCPConnection):
 
     async def handshake(self) -> None:
         try:
-            while True:
-                try:
-                    self._ssl.do_handshake()
-                    return
-                except ssl.SSLWantReadError:
-                    await self.wait_readable()
-                except ssl.SSLWantWriteError:
-                    await self.wait_writable()
+            try:
+                while True:
+                    try:
+                        self._ssl.do_handshake()
+                        return
+                    except ssl.SSLWantReadError:
+                        await self.wait_readable()
+                    except ssl.SSLWantWriteError:
+                        await self.wait_writable()
+            except BaseException:
+                self.abort()  # whatever went wrong, the peer sees a reset
+                raise
         except ssl.SSLCertVerificationError as exc:
-            self.abort()
             raise PeerVerificationError(describe_tls_error(exc)) from None
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
-            self.abort()
             raise TransportError("connection closed during the TLS handshake") from None
         except ssl.SSLError as exc:
-            self.abort()
             if refused := _certificate_refused(exc):
                 raise refused from None
             hint = ""
@@ -119,11 +114,7 @@ class TLSStream(TCPConnection):
                 hint = " (does the gateway run with --no-tls? then so must the agent)"
             raise TransportError(f"TLS handshake failed: {describe_tls_error(exc)}{hint}") from None
         except OSError as exc:
-            self.abort()
             raise transport_error(exc) from None
-        except BaseException:
-            self.abort()
-            raise
 
     @property
     def session(self) -> TLSSession | None:

@@ -224,9 +224,8 @@ class _Relay:
             if not self.finished.done():
                 self.finished.set_result(None)
         elif pump is self.outbound:
-            # Nobody reads the local stream now, but a reset of it (a client that
-            # half-closed, then gave up) must end the relay at once. (The
-            # inbound pump reads on after END, for an ABORT behind it.)
+            # Nobody reads the local stream now, but its reset (a client that half-closed,
+            # then gave up) must end the relay at once. Inbound reads on after END anyway.
             self.watch_for_reset(pump)
 
     def watch_for_reset(self, pump: _Pump) -> None:
@@ -367,20 +366,18 @@ def _spliceable(stream: Stream) -> TypeGuard[SpliceableStream]:
     return answer
 
 
-async def _write_all(stream: Stream, data: bytes | memoryview) -> int:
+async def _write_all(stream: Stream, data: bytes) -> int:
     """Write ``data`` outside the pumps (a last delivery); the bytes taken before an error."""
     view = memoryview(data)
-    total = len(view)
     while view:
         try:
             sent = stream.try_send(view)
         except TransportError:
             break
-        if sent:
-            view = view[sent:]
-        else:
+        view = view[sent:]
+        if not sent:
             await stream.wait_writable()
-    return total - len(view)
+    return len(data) - len(view)
 
 
 async def _splice_all(pipe: Pipe, fd: int, stream: Stream) -> int:

@@ -1,8 +1,8 @@
 """Transports: byte streams between agent and gateway, and to clients and services.
 Orchestration imports them from here, never from the modules (stream, tcp,
 tls_stream, pipe, poller). ``OSError`` and ``ssl.SSLError`` become TransportError
-in this package and nowhere else. It logs nothing, and imports from tunnelgate
-only errors, address and tls.
+in this package and nowhere else. It logs nothing, and must not import from
+tunnelgate beyond errors, address and tls.
 """
 
 from tunnelgate.transport.pipe import SPLICE_AVAILABLE, Pipe

@@ -1,5 +1,5 @@
 """Kernel pipes for ``os.splice``, the relay's path between two plain TCP streams
-(bytes never enter Python). From tunnelgate it imports only errors and this package.
+(bytes never enter Python). It must not import tunnelgate beyond errors and this package.
 """
 
 from __future__ import annotations

@@ -103,8 +103,7 @@ class Poller:
 
 
 class _LoopPoller:
-    """The same interface on the loop's own readers and writers, without epoll,
-    where a hang-up or an error shows only on the next read or write."""
+    """Without epoll, the loop's own readers and writers; errors show on the next call."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.add_reader, self.remove_reader = loop.add_reader, loop.remove_reader
@@ -125,8 +124,7 @@ def epoll_descriptors() -> int:
 
 def poller(loop: asyncio.AbstractEventLoop) -> Poller | _LoopPoller:
     """The readiness set of ``loop``, made on first use."""
-    found = _pollers.get(loop)
-    if found is None:
+    if (found := _pollers.get(loop)) is None:
         found = _pollers[loop] = Poller(loop) if hasattr(select, "epoll") else _LoopPoller(loop)
     return found
 

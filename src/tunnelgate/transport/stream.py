@@ -1,7 +1,7 @@
 """The stream interface: what gateway, agent, channel and relay see of a connection,
 in the manner of trio's streams, plus what the relay's readiness-driven pumps need.
 Every method raises TransportError, never ``OSError`` or ``ssl.SSLError``.
-Interface only: from tunnelgate it imports only errors; no socket or ssl.
+Interface only: it must not import socket or ssl, nor tunnelgate beyond errors.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Stream(Protocol):
     """A connected byte stream between two peers."""
 
     async def receive_into(self, buffer: memoryview) -> int: ...  # 0 at the end of the stream
-    async def send(self, data: bytes | memoryview) -> None: ...  # waits while the peer takes none
+    async def send(self, data: bytes | memoryview) -> None: ...  # all, waiting for room
     def send_eof(self) -> None: ...  # a FIN; reading goes on; a second call does nothing
     def close(self) -> None: ...  # the peer reads to the end, then sees EOF
     def abort(self) -> None: ...  # a reset: the peer sees an error, never a clean end
@@ -44,7 +44,7 @@ class Stream(Protocol):
     def peer_certificate_names(self) -> frozenset[str]: ...  # if TLS verified it against a CA
 
     def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:
-        """A future done once the peer sent FIN or RST, while the block runs (or never)."""
+        """A future done once the peer sends FIN or RST inside the block (never without epoll)."""
 
     # What the relay's readiness-driven pumps use.
     def fileno(self) -> int: ...  # the descriptor whose readiness to wait for
@@ -57,7 +57,7 @@ class Stream(Protocol):
         readiness event to announce them (TLS), so a reader loops until WouldBlock."""
 
     def try_receive_into(self, buffer: memoryview) -> int:
-        """Like receive_into but at once: WouldBlock (OnWrite: must write first) if none."""
+        """Like receive_into, without waiting: raises WouldBlock (or WouldBlockOnWrite) if none."""
 
     def try_send(self, data: bytes | memoryview, more: bool = False) -> int:
         """Bytes of ``data`` taken without waiting (maybe 0); ``more``: more

@@ -1,6 +1,6 @@
 """Plain TCP: :class:`SocketStream`, :func:`connect`, :func:`open_listener`; the
-transport edge for sockets (:func:`transport_error`). From tunnelgate it imports
-only errors, address and this package.
+transport edge for sockets (:func:`transport_error`). It must not import tunnelgate
+beyond errors, address and this package.
 """
 
 from __future__ import annotations
@@ -67,18 +67,18 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def _address(name: Callable[[], Any]) -> str:
+def _address(get_name: Callable[[], Any]) -> str:
     try:
-        host, port = name()[:2]
+        host, port = get_name()[:2]
     except OSError:
         return ""
     return format_address(host, port)
 
 
 class TCPConnection:
-    """The kernel's side of a TCP connection in non-blocking mode, which this
-    object owns: what :class:`SocketStream` and TLSStream share. Calls go
-    through ``socket.socket``'s own methods, which ``ssl.SSLSocket`` overrides."""
+    """The kernel's side of a TCP connection in non-blocking mode, which this object
+    owns: what :class:`SocketStream` and TLSStream share. It calls ``socket.socket``'s
+    own ``recv`` and ``shutdown``, which ``ssl.SSLSocket`` overrides."""
 
     __slots__ = ("_eof_sent", "_loop", "_resets", "_sock")
 
@@ -89,13 +89,12 @@ class TCPConnection:
         self._resets = False  # every close is an RST until close()
 
     def send_eof(self) -> None:
-        if self._eof_sent:
-            return
-        self._eof_sent = True
-        try:
-            socket.socket.shutdown(self._sock, socket.SHUT_WR)
-        except OSError as exc:
-            raise transport_error(exc) from None
+        if not self._eof_sent:
+            self._eof_sent = True
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_WR)
+            except OSError as exc:
+                raise transport_error(exc) from None
 
     def close(self) -> None:
         if self._resets:
@@ -139,9 +138,8 @@ class TCPConnection:
         return watch_hangup(self._sock.fileno())
 
     async def wait_delivered(self) -> None:
-        # An RST discards what the socket has not sent, which the peer would have
-        # read over a direct connection. No event says "all acknowledged", so poll
-        # the send queue (TIOCOUTQ), backing off; the caller bounds the wait.
+        # An RST discards unsent bytes the peer would have read over a direct connection.
+        # No event says "all acknowledged": poll the send queue; the caller bounds the wait.
         delay = DELIVERY_POLL_MIN
         while self._unacknowledged() and self.pending_error() is None:
             await asyncio.sleep(delay)

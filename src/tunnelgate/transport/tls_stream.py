@@ -1,7 +1,7 @@
 """TLS 1.3 streams: :class:`TLSStream`, a non-blocking ``ssl.SSLSocket``, so OpenSSL
 reads and writes the descriptor and the cipher's copy is the only one. The transport
-edge for TLS (``ssl.SSLError``). From tunnelgate it imports only errors, tls and
-this package.
+edge for TLS: ``ssl.SSLError`` becomes TransportError or AuthenticationError here.
+It must not import tunnelgate beyond errors, tls and this package.
 """
 
 from __future__ import annotations

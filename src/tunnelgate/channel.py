@@ -1,15 +1,7 @@
-"""A channel: the wire protocol's frames and messages on a stream.
-
-A control channel lives in its :class:`Channel` for the whole session; a
-data channel until it starts, when the relay takes over its stream and its
-decoder (with the events decoded ahead of need, :meth:`Channel.take_pending`).
-Every message received or sent passes through the channel's
-:class:`~tunnelgate.protocol.Conversation`, which knows which messages its
-state allows.
-
-A channel sees its connection only through the
-:class:`~tunnelgate.transport.Stream` interface: it must not import socket or
-ssl, nor gateway, agent or relay.
+"""A channel: the wire protocol's frames and messages on a stream, each checked by
+its :class:`~tunnelgate.protocol.Conversation`. A data channel lives in it until
+the relay takes over its stream and decoder. It sees a Stream only: it must not
+import socket or ssl, nor gateway, agent or relay.
 """
 
 from __future__ import annotations
@@ -27,48 +19,38 @@ CHANNEL_READ_SIZE: Final = 16 * 1024
 
 
 class Channel:
-    """A framed stream: a control channel or a data channel, on one side.
-
-    Events decoded ahead of need are queued; a relay taking over a data
-    channel first drains :meth:`take_pending`, then keeps using ``decoder``.
-    """
+    """A framed stream, control or data, on one side."""
 
     def __init__(self, stream: Stream, side: Side) -> None:
         self.stream = stream
         self.conversation = Conversation(side)
         self.decoder = FrameDecoder()
-        self._pending: deque[Event] = deque()
+        self._pending: deque[Event] = deque()  # decoded ahead of need
         self._send_lock = asyncio.Lock()
 
     async def receive(self) -> Message:
-        """The next message, if the conversation allows it now: raises
-        RemoteProtocolError if not, ConnectionClosed("eof") at end of stream."""
+        """The next message, if the conversation allows it (else RemoteProtocolError);
+        ConnectionClosed("eof") at the end of the stream."""
         while not self._pending:
             buffer = memoryview(bytearray(CHANNEL_READ_SIZE))
             n = await self.stream.receive_into(buffer)
             if n == 0:
                 raise ConnectionClosed("eof", "closed by the peer")
-            for event in self.decoder.feed(buffer[:n]):
-                self._pending.append(event)
+            self._pending.extend(self.decoder.feed(buffer[:n]))
         return self.conversation.receive(self._pending.popleft())
 
     def take_pending(self) -> list[Event]:
-        events = list(self._pending)
-        self._pending.clear()
+        """The events decoded ahead of need, for a relay taking over the channel."""
+        events, self._pending = list(self._pending), deque()
         return events
 
     async def send_message(self, message: Message) -> None:
-        async with self._send_lock:
-            # In the lock: the conversation's order is the order on the wire.
-            data = encode_message(self.conversation.send(message))
-            await self.stream.send(data)
+        async with self._send_lock:  # the conversation's order is the order on the wire
+            await self.stream.send(encode_message(self.conversation.send(message)))
 
     def is_idle_and_open(self) -> bool:
-        """True if nothing (not even EOF or RST) arrived since the handshake.
-
-        A pooled data channel must be silent until it is started; anything
-        else means the agent or a middlebox closed it.
-        """
+        """True if nothing (not even EOF or RST) arrived since the handshake: a
+        pooled data channel is silent until started, or the agent closed it."""
         if self._pending or not self.decoder.at_frame_boundary:
             return False
         return self.stream.is_quiet()

@@ -1,10 +1,6 @@
-"""What both sides do on a control channel, written once: receive under the
-heartbeat deadline (answering pings on the way), and drain — a session that
-said or heard goodbye takes no new clients, and ends once its last relayed
-connection has ended.
-
-Orchestration shared by the gateway's and the agent's sessions: it must not
-import gateway or agent.
+"""What both sides do on a control channel: receive under the heartbeat deadline
+(answering pings), and drain (after goodbye, end once the last relay has ended).
+Orchestration shared by both sides' sessions: it must not import gateway or agent.
 """
 
 from __future__ import annotations
@@ -24,11 +20,8 @@ async def receive_control(
     draining: Callable[[], str | None],
     relays: set[asyncio.Task[None]],
 ) -> Message | str:
-    """The next message other than a Ping (which is answered here), within
-    ``timeout`` (TimeoutError: the peer is silent). Once the session drains
-    (``draining()`` says why), the control channel's end is the normal end:
-    the relays run on their own data channels, so wait for them and return
-    why the session ended."""
+    """The next message but Pings (answered here), within ``timeout``. Once draining
+    (``draining()`` says why), the channel's end is normal: wait for the relays."""
     while True:
         try:
             async with asyncio.timeout(timeout):
@@ -51,17 +44,10 @@ async def end_when_drained(relays: set[asyncio.Task[None]], reason: str) -> NoRe
 
 
 async def wait_relays(relays: set[asyncio.Task[None]], timeout: float | None = None) -> int:
-    """Wait until the relays' tasks have all ended, for up to ``timeout`` seconds;
-    return how many are still running (the graceful drain of either side).
-
-    ``relays`` is live: each task removes itself when done, and a task added
-    meanwhile is waited for too.
-    """
+    """Until the relays' tasks (a live set: each removes itself) have ended, for
+    up to ``timeout``; how many still run."""
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    while relays:
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            break
-        await asyncio.wait(set(relays), timeout=remaining)
+    end = None if timeout is None else loop.time() + timeout
+    while relays and (end is None or end > loop.time()):
+        await asyncio.wait(set(relays), timeout=None if end is None else end - loop.time())
     return len(relays)

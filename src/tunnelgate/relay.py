@@ -1,56 +1,12 @@
-"""The relay: bytes between a local stream and a started data channel.
-
-On the gateway the local stream is the client's connection; on the agent it
-is the service's. Both ends are :class:`~tunnelgate.transport.Stream`; the
-relay never sees a socket. Two pumps run side by side:
-
-* outbound: local stream → ``DATA`` frames → channel; local EOF → ``END``;
-* inbound: channel → frames → local stream; ``END`` → ``send_eof()``.
-
-A half-close therefore travels end to end while the other direction keeps
-flowing. Anything abnormal (a reset, ``ABORT``, a channel that stops without
-``END``, a protocol error) resets both the local stream and the channel, so an
-abnormal end is never disguised as a clean one.
-
-An abnormal end still delivers every byte that was on its way, then resets:
-
-* a write that fails towards one side stops only that direction; the other
-  one reads what the failed side still holds (a service's last reply before
-  its reset) until that side's end, and only then does the relay fail;
-* before an ``ABORT``, the frame under way to the channel is finished; before
-  the local stream is reset, what the inbound pump still holds is written and
-  the local peer is given ``DELIVERY_TIMEOUT`` to acknowledge it (an RST
-  discards a connection's unsent bytes);
-* after ``END`` the inbound pump keeps reading the channel, so an ``ABORT``
-  behind it (a service reset after its answer) resets the client at once.
-
-How the bytes move
-------------------
-A pump is not a task: it is a small state machine run by readiness
-callbacks on its streams' descriptors (``Stream.fileno``, registered with the
-transport's poller). It reads when its source is readable
-(``try_receive_into``), writes at once (``try_send``), and only if the
-destination cannot take everything does it keep the rest and wait until the
-destination is writable, with its source's reader removed (that is the
-backpressure). An idle connection therefore holds no buffer, no task and no
-pending ``await``.
-
-* Both ends spliceable (:class:`~tunnelgate.transport.SpliceableStream`: plain
-  TCP, the default on Linux): the payload never enters Python. ``os.splice``
-  moves it from one descriptor into a pipe and from the pipe into the other;
-  only the 4-byte frame headers are read and written by Python. Pipes are
-  borrowed from a per-thread pool while bytes are in flight.
-* Otherwise (TLS channels, and plain ones when splice is unavailable, or
-  disabled with ``TUNNELGATE_NO_SPLICE=1``): ``try_receive_into``/``try_send``
-  through one large per-thread buffer. Under TLS, OpenSSL reads and writes the
-  descriptor, so the cipher's copy is the only one.
-
-Either way nothing is allocated, logged or awaited per chunk, except a copy of
-what a slow receiver could not take yet.
-
-The streams raise :class:`~tunnelgate.errors.TransportError` (never
-``OSError``), and :class:`~tunnelgate.transport.WouldBlock` when not ready.
-This module must not import socket, ssl, gateway, agent, config, cli or logs.
+"""The relay: bytes both ways between a local stream (a client's connection on the
+gateway, a service's on the agent) and a started data channel, as DATA frames,
+END for a half-close, ABORT for an abnormal end that comes only after every
+byte on its way (docs/RELIABILITY.md). Each direction is a pump: not a task but
+a state machine run by readiness callbacks, holding nothing while idle, which
+stops reading while its destination is full (backpressure). Between plain TCP
+streams the payload moves by ``os.splice``, otherwise through one per-thread
+buffer; nothing is allocated, logged or awaited per chunk.
+It sees streams only: it must not import socket, ssl, gateway, agent, config, cli or logs.
 """
 
 from __future__ import annotations
@@ -62,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, TypeGuard
 
@@ -101,14 +57,9 @@ DELIVERY_TIMEOUT: Final = 2.0  # for a local peer to take its last bytes before 
 DRAIN_SIZE: Final = 16 * 1024
 
 
-def splice_enabled() -> bool:
-    """Whether plain channels relay with ``os.splice`` (read at each relay)."""
-    return SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
-
-
 @dataclass
 class RelayResult:
-    """How one relayed connection went. ``how`` is "normal" or a reason."""
+    """How one relayed connection went: "normal" or a reason."""
 
     sent: int = 0  # bytes from the local stream into the tunnel
     received: int = 0  # bytes from the tunnel to the local stream
@@ -125,63 +76,52 @@ async def relay(
     local: Stream, channel: Channel, local_role: str, result: RelayResult | None = None
 ) -> RelayResult:
     """Pump bytes both ways until both directions ended; close both streams.
-
     ``local_role`` ("client" or "service") names the local peer in reasons.
-    Cancellation (a session ending) resets both ends at once; a ``result``
-    passed in holds the counts so far then, with ``how`` saying so, for the
-    caller's log.
-    """
+    Cancelled (its session ended), it resets both ends at once; a ``result``
+    passed in then holds the counts so far, for the caller's log."""
     started = time.monotonic()
     state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
     try:
         await state.finished
-        result, failure = state.result, state.failure
-        if failure is None:
+        if state.failure is None:
             local.close()
             channel.close()
-            return result
-        result.how = failure.how
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_end_local(state, failure))
-            group.create_task(_end_channel(state, failure))
-        return result
+        else:
+            state.result.how = state.failure
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_end_local(state))
+                group.create_task(_end_channel(state, state.failure))
+        return state.result
     except BaseException as exc:
-        # Cancelled (the session ended) or a bug: neither end may look clean.
-        state.stop()
+        state.stop()  # cancelled or a bug: neither end may look clean
         local.abort()
         channel.abort()
         if state.failure is None:
-            state.result.how = (
-                "reset: its session is over"
-                if isinstance(exc, asyncio.CancelledError)
-                else f"reset: {exc!r}"
-            )
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            state.result.how = "reset: its session is over" if cancelled else f"reset: {exc!r}"
         raise
-    finally:
-        state.release()
+    finally:  # the pipes go back after any last delivery
+        state.outbound.release_pipe()
+        state.inbound.release_pipe()
         state.result.duration = time.monotonic() - started
 
 
-async def _end_local(state: _Relay, failure: _Failed) -> None:
-    """Reset the local stream after an abnormal end; a local peer that is still
-    there first gets what was on its way, for up to ``DELIVERY_TIMEOUT``."""
-    if not failure.local_alive:
-        state.local.abort()
-        return
+async def _end_local(state: _Relay) -> None:
+    """Reset the local stream, after giving a peer still there what was on its way."""
     try:
-        async with asyncio.timeout(DELIVERY_TIMEOUT):
-            await state.inbound.deliver_pending()
-            await state.local.wait_delivered()
+        if state.local_alive:
+            async with asyncio.timeout(DELIVERY_TIMEOUT):
+                await state.inbound.deliver_pending()
+                await state.local.wait_delivered()
     except TimeoutError:
         pass
     finally:
         state.local.abort()
 
 
-async def _end_channel(state: _Relay, failure: _Failed) -> None:
-    """Abort the channel after an abnormal end: with an ABORT behind the frame
-    under way if the peer should learn why, else at once."""
-    if not failure.tell_peer:
+async def _end_channel(state: _Relay, how: str) -> None:
+    """Abort the channel: with an ABORT behind the frame under way if the peer should learn why."""
+    if not state.tell_peer:
         state.channel.abort()
         return
     try:
@@ -190,16 +130,13 @@ async def _end_channel(state: _Relay, failure: _Failed) -> None:
     except (TimeoutError, TransportError):
         state.channel.abort()
         return
-    await abort_channel(state.channel, failure.how)
+    await abort_channel(state.channel, how)
 
 
 async def abort_channel(channel: Channel, reason: str) -> None:
     """Tell the peer why the relay ends abnormally, then reset the channel.
-
-    ABORT is followed by a FIN, and the peer's bytes are read and dropped until
-    it resets or closes (for at most ``ABORT_TIMEOUT``): closing at once with
-    unread bytes would send an RST that can make the peer lose the ABORT.
-    """
+    ABORT, FIN, then the peer's bytes are dropped until it closes: closing with
+    unread bytes would send an RST that can make the peer lose the ABORT."""
     try:
         with contextlib.suppress(TransportError, TimeoutError):
             async with asyncio.timeout(ABORT_TIMEOUT):
@@ -212,24 +149,18 @@ async def abort_channel(channel: Channel, reason: str) -> None:
         channel.abort()
 
 
-# --- per-thread resources ---------------------------------------------------
-
-
 class _Scratch(threading.local):
-    """What the pumps of one thread share: callbacks run one at a time, and a
-    pump keeps nothing here across callbacks."""
+    """What the pumps of one thread share; a pump keeps nothing here across callbacks."""
 
     def __init__(self) -> None:
         self.buffer = bytearray(HEADER_SIZE + CHUNK_SIZE)
         self.view = memoryview(self.buffer)
-        # The slices the pumps read into, made once.
         self.payload = self.view[HEADER_SIZE:]
         self.small_payload = self.view[HEADER_SIZE : HEADER_SIZE + SMALL_READ]
         self.between_frames = self.view[:HEADER_READ]
         self.pipes: list[Pipe] = []
 
-    def take_pipe(self) -> Pipe:
-        # One fill of a pipe is one DATA frame's payload.
+    def take_pipe(self) -> Pipe:  # one fill of a pipe is one DATA frame's payload
         return self.pipes.pop() if self.pipes else Pipe(PIPE_SIZE, MAX_DATA_SIZE)
 
     def give_pipe(self, pipe: Pipe) -> None:
@@ -243,25 +174,8 @@ _scratch = _Scratch()
 
 
 def cached_fds() -> int:
-    """Descriptors the relay keeps between connections in this thread: idle
-    pipes, and one epoll descriptor per live event loop."""
+    """Descriptors kept between connections: idle pipes, one epoll set per live loop."""
     return 2 * len(_scratch.pipes) + epoll_descriptors()
-
-
-# --- the state machines -----------------------------------------------------
-
-
-class _Failed:
-    """An abnormal end. ``tell_peer``: the channel still works, so an ABORT
-    says why; ``local_alive``: the local peer is still there, so it is given
-    what was on its way before its reset."""
-
-    __slots__ = ("how", "local_alive", "tell_peer")
-
-    def __init__(self, how: str, *, tell_peer: bool, local_alive: bool) -> None:
-        self.how = how
-        self.tell_peer = tell_peer
-        self.local_alive = local_alive
 
 
 class _Relay:
@@ -276,26 +190,30 @@ class _Relay:
         self.channel = channel
         self.role = local_role
         self.result = result
-        self.failure: _Failed | None = None
+        self.failure: str | None = None  # how it ended abnormally
+        self.tell_peer = False  # then: the channel works, so an ABORT says why
+        self.local_alive = False  # then: the local peer first gets what was on its way
         self.finished: asyncio.Future[None] = self.loop.create_future()
-        splice_fds = _splice_fds(local, channel.stream) if splice_enabled() else None
-        self.result.path = "copy" if splice_fds is None else "splice"
         self._running = 2
         self._watched: int | None = None  # a finished pump's source, watched for a reset
-        # A write that failed towards one side; the relay fails once the
-        # other direction has read what that side still held.
+        # A write that failed towards one side: the relay fails once the other
+        # direction has read what that side still held.
         self.local_error: TransportError | None = None
         self.channel_error: TransportError | None = None
         self._give_up: asyncio.TimerHandle | None = None
-        self.outbound: _Outbound
+        self.outbound: _CopyOut
         self.inbound: _Inbound
-        if splice_fds is None:
-            self.outbound, self.inbound = _CopyOut(self), _CopyIn(self)
-        else:
-            local_fd, channel_fd = splice_fds
+        splice = SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
+        remote = channel.stream
+        if splice and _spliceable(local) and _spliceable(remote):
+            local_fd, channel_fd = local.fd_for_splice(), remote.fd_for_splice()
+            self.result.path = "splice"
             self.outbound = _SpliceOut(self, local_fd, channel_fd)
             self.inbound = _SpliceIn(self, channel_fd, local_fd)
-        self.outbound.start()
+        else:
+            self.result.path = "copy"
+            self.outbound, self.inbound = _CopyOut(self), _CopyIn(self)
+        self.outbound.want_read()
         self.inbound.start_with(channel.take_pending())
 
     def pump_done(self, pump: _Pump) -> None:
@@ -306,11 +224,9 @@ class _Relay:
             if not self.finished.done():
                 self.finished.set_result(None)
         elif pump is self.outbound:
-            # Nobody reads this stream any more, but its peer may still reset it
-            # (a client that half-closed, then gave up): that must end the relay
-            # now, not whenever the other direction next has bytes to send.
+            # Nobody reads the local stream now, but its reset (a client that half-closed,
+            # then gave up) must end the relay at once. Inbound reads on after END anyway.
             self.watch_for_reset(pump)
-        # The inbound pump reads on after END, for an ABORT behind it.
 
     def watch_for_reset(self, pump: _Pump) -> None:
         self._watched = pump.src_fd
@@ -321,10 +237,7 @@ class _Relay:
         self.stop_watching()  # level-triggered: a full hang-up would wake us again
         if exc is None:
             return  # both directions shut cleanly: the other pump finishes by itself
-        if pump.src is self.local:
-            self.local_failed(exc)
-        else:
-            self.channel_failed(exc)
+        (self.local_failed if pump.src is self.local else self.channel_failed)(exc)
 
     def stop_watching(self) -> None:
         if self._watched is not None:
@@ -334,7 +247,7 @@ class _Relay:
     def fail(self, how: str, *, tell_peer: bool, local_alive: bool) -> None:
         if self.finished.done():
             return
-        self.failure = _Failed(how, tell_peer=tell_peer, local_alive=local_alive)
+        self.failure, self.tell_peer, self.local_alive = how, tell_peer, local_alive
         self.stop()
         self.finished.set_result(None)
 
@@ -344,15 +257,11 @@ class _Relay:
         self.fail(how, tell_peer=True, local_alive=False)
 
     def local_write_failed(self, exc: TransportError) -> None:
-        """Writing to the local stream failed (its peer reset it). Nothing more
-        goes that way, but what it still holds (its peer's last bytes) goes to
-        the channel first: the relay fails at the outbound pump's end."""
+        """Its peer reset the local stream: what that still holds (the peer's
+        last bytes) goes to the channel first; the relay fails at its end."""
         self.inbound.stop()
         self.local_error = exc
-        if self.outbound.stopped:
-            self.local_failed(exc)
-        else:
-            self._give_up_after(functools.partial(self.local_failed, exc))
+        self._fail_after(self.outbound, self.local_failed, exc)
 
     def channel_failed(self, exc: TransportError) -> None:
         """The channel broke, and all it held has been read."""
@@ -360,20 +269,20 @@ class _Relay:
         self.fail(how, tell_peer=False, local_alive=True)
 
     def channel_write_failed(self, exc: TransportError) -> None:
-        """Writing to the channel failed: as :meth:`local_write_failed`, the
-        other way (an ABORT that arrived says why)."""
+        """As :meth:`local_write_failed`, the other way (an ABORT may say why)."""
         self.outbound.stop()
         self.channel_error = exc
-        if self.inbound.stopped:
-            self.channel_failed(exc)
-        else:
-            self._give_up_after(functools.partial(self.channel_failed, exc))
+        self._fail_after(self.inbound, self.channel_failed, exc)
 
-    def _give_up_after(self, failed: functools.partial[None]) -> None:
-        """A side that cannot be read to its end (its peer does not take the
-        bytes) fails the relay after ``DELIVERY_TIMEOUT`` anyway."""
-        if self._give_up is None:
-            self._give_up = self.loop.call_later(DELIVERY_TIMEOUT, failed)
+    def _fail_after(
+        self, reader: _Pump, failed: Callable[[TransportError], None], exc: TransportError
+    ) -> None:
+        """``failed(exc)`` once ``reader`` has read its side to the end, or after
+        ``DELIVERY_TIMEOUT`` if that side's peer does not take the bytes."""
+        if reader.stopped:
+            failed(exc)
+        elif self._give_up is None:
+            self._give_up = self.loop.call_later(DELIVERY_TIMEOUT, failed, exc)
 
     def stop(self) -> None:
         self.stop_watching()
@@ -381,11 +290,6 @@ class _Relay:
             self._give_up.cancel()
         self.outbound.stop()
         self.inbound.stop()
-
-    def release(self) -> None:
-        """Give back the pumps' pipes (after any last delivery)."""
-        self.outbound.release_pipe()
-        self.inbound.release_pipe()
 
 
 class _Pump:
@@ -405,8 +309,8 @@ class _Pump:
         self.stopped = False
         self.pipe: Pipe | None = None
 
-    def start(self) -> None:
-        self.want_read()
+    on_readable: Callable[[], None]  # each kind of pump defines both
+    on_writable: Callable[[], None]
 
     def want_read(self) -> None:
         self.stop_writing()
@@ -439,8 +343,7 @@ class _Pump:
         self.stop()
         self.relay.pump_done(self)
 
-    def stop(self) -> None:
-        """No more callbacks. The pipe stays: an abnormal end may deliver it."""
+    def stop(self) -> None:  # no more callbacks; the pipe stays for a last delivery
         if self.stopped:
             return
         self.stopped = True
@@ -448,58 +351,37 @@ class _Pump:
         self.stop_writing()
 
     def release_pipe(self) -> None:
-        """Give the pipe back to the thread's pool (closed unless empty)."""
         if self.pipe is not None:
             _scratch.give_pipe(self.pipe)
             self.pipe = None
 
-    def on_readable(self) -> None:
-        raise NotImplementedError
 
-    def on_writable(self) -> None:
-        raise NotImplementedError
-
-
-def _splice_fds(local: Stream, channel: Stream) -> tuple[int, int] | None:
-    """The descriptors to splice between, where both ends can hand one out."""
-    if _spliceable(local) and _spliceable(channel):
-        return local.fd_for_splice(), channel.fd_for_splice()
-    return None
-
-
-_SPLICEABLE: dict[type, bool] = {}
+_SPLICEABLE: dict[type, bool] = {}  # per class: isinstance of a Protocol costs microseconds
 
 
 def _spliceable(stream: Stream) -> TypeGuard[SpliceableStream]:
-    """Whether the class of ``stream`` is a SpliceableStream, asked once per
-    class (an isinstance check against a Protocol costs microseconds)."""
     kind = type(stream)
-    answer = _SPLICEABLE.get(kind)
-    if answer is None:
+    if (answer := _SPLICEABLE.get(kind)) is None:
         answer = _SPLICEABLE[kind] = isinstance(stream, SpliceableStream)
     return answer
 
 
-async def _write_all(stream: Stream, data: bytes | memoryview) -> int:
-    """Write ``data`` outside the pumps (a last delivery); how many bytes the
-    stream took before an error."""
+async def _write_all(stream: Stream, data: bytes) -> int:
+    """Write ``data`` outside the pumps (a last delivery); the bytes taken before an error."""
     view = memoryview(data)
-    total = len(view)
     while view:
         try:
             sent = stream.try_send(view)
         except TransportError:
             break
-        if sent:
-            view = view[sent:]
-        else:
+        view = view[sent:]
+        if not sent:
             await stream.wait_writable()
-    return total - len(view)
+    return len(data) - len(view)
 
 
 async def _splice_all(pipe: Pipe, fd: int, stream: Stream) -> int:
-    """Move what ``pipe`` holds into ``fd``, the splice descriptor of
-    ``stream``; how many bytes it took."""
+    """Move what ``pipe`` holds into ``fd``, the splice descriptor of ``stream``."""
     moved = 0
     while pipe.count:
         try:
@@ -511,18 +393,18 @@ async def _splice_all(pipe: Pipe, fd: int, stream: Stream) -> int:
     return moved
 
 
-# --- outbound: local stream → DATA frames → channel --------------------------
-
-
-class _Outbound(_Pump):
-    """Common to both outbound pumps: the end of the local stream's bytes."""
+class _CopyOut(_Pump):
+    """Outbound, local stream → DATA frames → channel: reads into the shared buffer
+    behind a header slot, and sends each chunk as one frame."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.local, relay.channel.stream)
         self.eof = False
+        self.backlog: memoryview | None = None  # what the channel has not taken yet
+        self.backlog_payload = 0
 
     def local_ended(self) -> bool:
-        """The local stream reached EOF: True if END should follow; else its
+        """At the local stream's EOF: True if END should follow, False if its
         peer had reset it (a write failed) and the relay fails instead."""
         if self.relay.local_error is not None:
             self.relay.local_failed(self.relay.local_error)
@@ -530,28 +412,13 @@ class _Outbound(_Pump):
         self.eof = True
         return True
 
-    async def deliver_pending(self) -> None:
-        """Finish the frame under way to the channel (before an ABORT).
-        Raises TransportError."""
-        raise NotImplementedError
-
-
-class _CopyOut(_Outbound):
-    """Reads into the shared buffer behind a header slot; one send per chunk."""
-
-    def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay)
-        self.backlog: memoryview | None = None  # what the channel has not taken yet
-        self.backlog_payload = 0
-
     def on_readable(self) -> None:
         if not self.stopped:
             self.copy(_scratch.payload)
 
     def copy(self, into: memoryview) -> int:
-        """Read into ``into`` (a slice of the shared buffer behind its header
-        slot) and send that as one frame, or END at EOF; the bytes read, or
-        -1 if none could be."""
+        """Read into ``into`` (behind the header slot) and send one frame, or END
+        at EOF; the bytes read, or -1 if none could be."""
         try:
             n = self.src.try_receive_into(into)
         except WouldBlock:
@@ -593,6 +460,7 @@ class _CopyOut(_Outbound):
             self.want_read()
 
     async def deliver_pending(self) -> None:
+        """Finish the frame under way to the channel (before an ABORT). Raises TransportError."""
         if self.backlog is not None:
             frame, self.backlog = self.backlog, None
             await self.relay.channel.stream.send(frame)  # the same bytes again, as TLS needs
@@ -600,11 +468,9 @@ class _CopyOut(_Outbound):
 
 
 class _SpliceOut(_CopyOut):
-    """Like :class:`_CopyOut` while reads are small; once a read fills
-    ``SMALL_READ`` (bulk), it splices instead: what the local stream has goes
-    into a pipe (up to one frame), the header goes out with ``more`` (MSG_MORE),
-    then the pipe into the channel. A splice smaller than ``SMALL_READ``
-    switches back, so small messages cost one ``recv`` and one ``send`` per hop."""
+    """Copies while reads are small; after one fills ``SMALL_READ``, splices the local
+    stream into a pipe (up to a frame), sends the header with MSG_MORE, then the
+    pipe; a smaller splice switches back (one ``recv``, one ``send`` per message)."""
 
     def __init__(self, relay: _Relay, local_fd: int, channel_fd: int) -> None:
         super().__init__(relay)
@@ -643,11 +509,9 @@ class _SpliceOut(_CopyOut):
         self.flush()
 
     def on_writable(self) -> None:
-        if self.stopped:
-            return
         if self.backlog is not None:
             super().on_writable()
-        else:
+        elif not self.stopped:
             self.flush()
 
     def flush(self) -> None:
@@ -685,13 +549,10 @@ class _SpliceOut(_CopyOut):
         self.relay.result.sent += self.payload
 
 
-# --- inbound: channel → frames → local stream --------------------------------
-
-
 class _Inbound(_Pump):
-    """Delivers decoded events; what the local stream cannot take yet waits,
-    copied, in ``backlog`` (with the events behind it, in order). After END
-    it reads on: only an ABORT (or the channel's end) may follow."""
+    """Inbound, channel → frames → local stream: what the local stream cannot take
+    yet waits, copied, in ``backlog`` with the events behind it. After END it reads
+    on, for an ABORT."""
 
     def __init__(self, relay: _Relay) -> None:
         super().__init__(relay, relay.channel.stream, relay.local)
@@ -722,16 +583,14 @@ class _Inbound(_Pump):
             return False
         return self.runs_on()
 
-    def take(self, view: memoryview, n: int) -> bool:
-        """Deliver the ``n`` bytes read into ``view``; like :meth:`deliver`."""
+    def take(self, view: memoryview, n: int) -> bool:  # the n bytes read into view
         if not self.backlog and not self.ended and self.decoder.whole_data_frame(view[:n]):
             self.write_keeping_rest(view[HEADER_SIZE:n])
             return self.runs_on()
         return self.deliver(self.decoder.feed(view[:n]))
 
     def runs_on(self) -> bool:
-        """After delivering: True if the pump may read on; else it ended, or
-        it waits for the local stream to take the backlog."""
+        """After delivering: False if the pump ended or waits to write its backlog."""
         if self.stopped:
             return False
         if self.backlog:
@@ -740,7 +599,6 @@ class _Inbound(_Pump):
         return True
 
     def write_keeping_rest(self, data: memoryview) -> None:
-        """Send ``data``; what the local stream does not take goes to the backlog."""
         sent = self.write(data)
         if 0 <= sent < len(data):
             self.backlog.append(bytes(data[sent:]))
@@ -767,9 +625,8 @@ class _Inbound(_Pump):
         else:
             what = "data" if isinstance(event, Data) else repr(event)
             after = " after end of stream" if self.ended else ""
-            self.relay.fail(
-                f"protocol error: unexpected {what}{after}", tell_peer=True, local_alive=True
-            )
+            how = f"protocol error: unexpected {what}{after}"
+            self.relay.fail(how, tell_peer=True, local_alive=True)
 
     def drain_backlog(self) -> bool:
         """Write the backlog out; True when it is empty and the pump runs on."""
@@ -791,8 +648,7 @@ class _Inbound(_Pump):
                     return False
         return True
 
-    def channel_ended(self) -> None:
-        """EOF on the channel."""
+    def channel_ended(self) -> None:  # EOF on the channel
         relay = self.relay
         if relay.channel_error is not None:
             relay.channel_failed(relay.channel_error)
@@ -800,14 +656,13 @@ class _Inbound(_Pump):
             how = "data channel closed without end of stream"
             relay.fail(how, tell_peer=False, local_alive=True)
         else:
-            # The peer closed after its END while our direction still runs:
-            # our next write tells whether it is gone; until then, a reset.
+            # The peer closed after its END while our direction still runs: our
+            # next write tells whether it is gone; until then, watch for a reset.
             self.stop()
             relay.watch_for_reset(self)
 
     async def deliver_pending(self) -> None:
-        """Write the bytes held for the local stream (before its reset), up
-        to the first event among them or an error."""
+        """Write the bytes held for the local stream (before its reset), up to an event."""
         while self.backlog and isinstance(item := self.backlog[0], bytes):
             sent = await _write_all(self.dst, item)
             self.relay.result.received += sent
@@ -851,9 +706,7 @@ class _CopyIn(_Inbound):
             return
         if eof:
             return self.channel_ended()
-        if n >= CHUNK_SIZE:
-            # TLS may hold more records (read ahead) that no readiness event
-            # will announce: read again soon rather than wait for one.
+        if n >= CHUNK_SIZE:  # TLS may hold read-ahead records no readiness event announces
             self.loop.call_soon(self.on_readable)
 
     def on_writable(self) -> None:
@@ -865,8 +718,8 @@ class _CopyIn(_Inbound):
 
 
 class _SpliceIn(_Inbound):
-    """Between frames, reads up to ``HEADER_READ`` and delivers what it holds
-    by copy; the rest of a DATA frame still due is spliced through a pipe."""
+    """Between frames, reads up to ``HEADER_READ`` (small frames arrive whole) and
+    delivers it by copy; the rest of a DATA frame is spliced through a pipe."""
 
     def __init__(self, relay: _Relay, channel_fd: int, local_fd: int) -> None:
         super().__init__(relay)
@@ -880,8 +733,6 @@ class _SpliceIn(_Inbound):
         for _ in range(STEPS_PER_WAKEUP):
             remaining = decoder.data_remaining
             if remaining == 0 or self.ended:
-                # Between frames: recv what is there (small frames arrive
-                # whole); the rest of a large DATA frame is spliced below.
                 view = _scratch.between_frames
                 try:
                     n = self.src.try_receive_into(view)

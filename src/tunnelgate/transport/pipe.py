@@ -1,13 +1,5 @@
-"""Kernel pipes that move bytes between descriptors with ``os.splice``, so
-that the bytes never enter Python: the relay's fast path between two
-:class:`~tunnelgate.transport.stream.SpliceableStream` (plain TCP).
-
-Like the streams, a :class:`Pipe` raises
-:class:`~tunnelgate.transport.stream.WouldBlock` when a descriptor is not
-ready and :class:`~tunnelgate.errors.TransportError` when one failed.
-
-It must not import config, gateway, agent, relay, channel or the protocol's
-framing.
+"""Kernel pipes for ``os.splice``, the relay's path between two plain TCP streams
+(bytes never enter Python). It must not import tunnelgate beyond errors and this package.
 """
 
 from __future__ import annotations
@@ -25,14 +17,12 @@ _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_N
 
 
 class Pipe:
-    """A pipe in non-blocking mode; ``count`` bytes are in it now, and one
-    fill takes at most ``size``."""
+    """A non-blocking pipe holding ``count`` bytes; one fill takes at most ``size``
+    (what the kernel granted of ``size``, bounded by ``max_fill``)."""
 
     __slots__ = ("count", "read_fd", "size", "write_fd")
 
     def __init__(self, size: int, max_fill: int) -> None:
-        """``size`` is asked of the kernel, which may grant less; ``max_fill``
-        bounds ``size`` further."""
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size
             fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)
@@ -40,8 +30,7 @@ class Pipe:
         self.count = 0
 
     def fill_from(self, fd: int, limit: int) -> int:
-        """Move up to ``limit`` bytes from ``fd`` into the pipe; 0 at EOF.
-        Raises WouldBlock if ``fd`` has none yet."""
+        """Move up to ``limit`` bytes from ``fd`` into the pipe; 0 at EOF."""
         try:
             moved = os.splice(fd, self.write_fd, limit, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -52,8 +41,7 @@ class Pipe:
         return moved
 
     def drain_into(self, fd: int) -> int:
-        """Move what ``fd`` takes of the pipe's bytes into it. Raises
-        WouldBlock if it takes none now."""
+        """Move what ``fd`` takes of the pipe's bytes into it."""
         try:
             moved = os.splice(self.read_fd, fd, self.count, flags=_SPLICE_FLAGS)
         except BlockingIOError:

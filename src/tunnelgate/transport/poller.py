@@ -1,11 +1,6 @@
-"""Readiness of descriptors: an epoll set per event loop, nested in the loop.
-
-The relay's pumps register callbacks here for the descriptors of their
-streams, and the streams wait here (:func:`wait_readable`,
-:func:`wait_writable`, :func:`watch_hangup`) when an operation would block.
-
-This module knows descriptors only: it must not import anything from
-tunnelgate (no streams, no errors, no config, no protocol).
+"""Readiness of descriptors: an epoll set per event loop, nested in the loop, for
+the relay's pumps and for streams waiting on an operation that would block.
+It knows descriptors only: it must not import anything from tunnelgate.
 """
 
 from __future__ import annotations
@@ -19,6 +14,11 @@ from collections.abc import Callable, Iterator
 from typing import Final
 
 DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of a Poller
+if hasattr(select, "epoll"):  # errors and hang-ups count as readiness: the next call reports them
+    _ERROR_EVENTS: Final = select.EPOLLERR | select.EPOLLHUP
+    _READ_EVENTS: Final = select.EPOLLIN | _ERROR_EVENTS
+    _WRITE_EVENTS: Final = select.EPOLLOUT | _ERROR_EVENTS
+    _HANGUP_EVENTS: Final = select.EPOLLRDHUP | _ERROR_EVENTS
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -27,18 +27,9 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class Poller:
-    """Readiness for our descriptors: an epoll set of our own, nested in the loop.
-
-    The relay's pumps and :func:`wait_readable`/:func:`wait_writable` register
-    descriptors here, not with the loop: one loop reader (on the epoll
-    descriptor) wakes this, and it calls back those whose descriptors are ready.
-    Errors and hang-ups count as readiness, so the next ``recv``/``send``
-    reports them. The loop's own per-descriptor watchers are not used because
-    uvloop (libuv) drops a watcher silently when its socket reports an error,
-    which would leave a pump (or a TLS read) asleep on a reset connection.
-    Registering a descriptor is one ``epoll_ctl`` and nothing else. Without
-    epoll, the loop's own readers and writers are used.
-    """
+    """Our own epoll set, woken by one loop reader. Not the loop's watchers: uvloop
+    drops one silently when its socket reports an error, which would leave a pump
+    (or a TLS read) asleep on a reset connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.readers: dict[int, Callable[[], None]] = {}
@@ -74,8 +65,7 @@ class Poller:
             self._update(fd)
 
     def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call back on an error (such as the peer's RST) or a full hang-up of
-        ``fd``, and on nothing else: for a socket nobody reads any more."""
+        """Call back on an error (an RST) or a full hang-up only: for a socket nobody reads."""
         self.errors[fd] = callback
         self._update(fd)
 
@@ -89,9 +79,8 @@ class Poller:
             | (select.EPOLLOUT if fd in self.writers else 0)
             | (select.EPOLLRDHUP if fd in self.hangups else 0)
         )
-        watched = mask or fd in self.errors  # epoll reports errors on any registration
         try:
-            if watched:
+            if mask or fd in self.errors:  # epoll reports errors on any registration
                 try:
                     self.epoll.modify(fd, mask)
                 except FileNotFoundError:
@@ -114,26 +103,13 @@ class Poller:
 
 
 class _LoopPoller:
-    """The same interface on the event loop's own readers and writers."""
+    """Without epoll, the loop's own readers and writers; errors show on the next call."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.add_reader = loop.add_reader
-        self.remove_reader = loop.remove_reader
-        self.add_writer = loop.add_writer
-        self.remove_writer = loop.remove_writer
-
-    # Without epoll a hang-up or an error shows only on the next read or write.
-    def add_hangup(self, fd: int, callback: Callable[[], None]) -> None:
-        pass
-
-    def remove_hangup(self, fd: int) -> None:
-        pass
-
-    def add_error_watch(self, fd: int, callback: Callable[[], None]) -> None:
-        pass
-
-    def remove_error_watch(self, fd: int) -> None:
-        pass
+        self.add_reader, self.remove_reader = loop.add_reader, loop.remove_reader
+        self.add_writer, self.remove_writer = loop.add_writer, loop.remove_writer
+        self.add_hangup = self.add_error_watch = lambda fd, callback: None
+        self.remove_hangup = self.remove_error_watch = lambda fd: None
 
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller | _LoopPoller] = (
@@ -148,31 +124,16 @@ def epoll_descriptors() -> int:
 
 def poller(loop: asyncio.AbstractEventLoop) -> Poller | _LoopPoller:
     """The readiness set of ``loop``, made on first use."""
-    found = _pollers.get(loop)
-    if found is None:
+    if (found := _pollers.get(loop)) is None:
         found = _pollers[loop] = Poller(loop) if hasattr(select, "epoll") else _LoopPoller(loop)
     return found
 
 
-_READ_EVENTS: Final = (
-    select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-)
-_WRITE_EVENTS: Final = (
-    select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-)
-_ERROR_EVENTS: Final = select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-_HANGUP_EVENTS: Final = (
-    select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0
-)
-
-
 async def wait_readable(fd: int) -> None:
-    """Until ``fd`` is readable (data, EOF or an error is pending)."""
     await _wait(fd, writable=False)
 
 
 async def wait_writable(fd: int) -> None:
-    """Until ``fd`` can take more bytes (or has an error pending)."""
     await _wait(fd, writable=True)
 
 
@@ -194,13 +155,8 @@ async def _wait(fd: int, writable: bool) -> None:
 
 @contextlib.contextmanager
 def watch_hangup(fd: int) -> Iterator[asyncio.Future[None]]:
-    """A future that is done once the peer has sent a FIN or an RST on
-    ``fd``, whatever bytes are still unread; watched only inside the block
-    (never done where there is no epoll).
-
-    The watch ends when the block does, before ``fd`` can be closed: a
-    descriptor unregistered later might by then be another socket's.
-    """
+    """A future done once the peer sent FIN or RST on ``fd`` (never without epoll),
+    watched until the block ends: before ``fd`` is closed and its number reused."""
     loop = asyncio.get_running_loop()
     ready = poller(loop)
     closed: asyncio.Future[None] = loop.create_future()

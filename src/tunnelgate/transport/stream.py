@@ -1,21 +1,7 @@
-"""The stream interface: what gateway, agent, channel and relay see of a connection.
-
-A :class:`Stream` is a connected, reliable byte stream in both directions,
-in the manner of trio's and anyio's streams: ``receive_into`` returns 0 at
-the end of the stream, ``send`` waits for room, ``send_eof`` (idempotent)
-ends this direction while the other one keeps flowing, ``close`` ends the
-stream cleanly and ``abort`` with a reset. Its second half is what the
-relay's readiness-driven pumps need: the descriptor whose readiness to wait
-for, and a receive and a send that never wait (:class:`WouldBlock`). A
-:class:`SpliceableStream` can also hand out a descriptor that carries its
-bytes unchanged, so the relay may move them with ``os.splice``.
-
-Every method raises :class:`~tunnelgate.errors.TransportError` when the
-network fails, never ``OSError`` or ``ssl.SSLError``: implementations map
-them where they call the operating system, and nowhere else.
-
-This module defines the interface only: it must not import socket or ssl,
-nor config, channel, gateway, agent, relay or the protocol's framing.
+"""The stream interface: what gateway, agent, channel and relay see of a connection,
+in the manner of trio's streams, plus what the relay's readiness-driven pumps need.
+Every method raises TransportError, never ``OSError`` or ``ssl.SSLError``.
+Interface only: it must not import socket or ssl, nor tunnelgate beyond errors.
 """
 
 from __future__ import annotations
@@ -28,16 +14,14 @@ from tunnelgate.errors import TransportError
 
 
 class WouldBlock(Exception):
-    """A non-blocking receive found nothing to take now: wait until the
-    stream's descriptor is readable, then try again. Raised as a class, so
-    that the relay's read loops pay no Python-level constructor."""
+    """Nothing to take now: wait until readable. Raised as a class, so the
+    relay's read loops pay no Python-level constructor."""
 
     wants_write: ClassVar[bool] = False
 
 
 class WouldBlockOnWrite(WouldBlock):
-    """The stream must first write (TLS, mid key update): its descriptor
-    becomes writable soon, so retry shortly rather than wait for data."""
+    """The stream must write first (TLS): retry shortly rather than wait for data."""
 
     wants_write: ClassVar[bool] = True
 
@@ -45,107 +29,43 @@ class WouldBlockOnWrite(WouldBlock):
 class Stream(Protocol):
     """A connected byte stream between two peers."""
 
-    # --- what orchestration uses --------------------------------------------
-
-    async def receive_into(self, buffer: memoryview) -> int:
-        """Wait for bytes and put them into ``buffer``; 0 at the end of the stream."""
-        ...
-
-    async def send(self, data: bytes | memoryview) -> None:
-        """Send all of ``data``, waiting while the peer does not take it."""
-        ...
-
-    def send_eof(self) -> None:
-        """End this direction (a FIN); reading goes on. A second call does nothing."""
-        ...
-
-    def close(self) -> None:
-        """End the stream cleanly: the peer reads to its end, then sees EOF."""
-        ...
-
-    def abort(self) -> None:
-        """End the stream with a reset: the peer sees an error, never a clean end."""
-        ...
-
-    def is_quiet(self) -> bool:
-        """True if nothing at all arrived that was not read: no byte, no EOF, no reset."""
-        ...
-
-    def has_unread_bytes(self) -> bool:
-        """True if bytes from the peer wait to be read."""
-        ...
-
-    def pending_error(self) -> TransportError | None:
-        """The error the connection has (such as the peer's reset), if any."""
-        ...
+    async def receive_into(self, buffer: memoryview) -> int: ...  # 0 at the end of the stream
+    async def send(self, data: bytes | memoryview) -> None: ...  # all, waiting for room
+    def send_eof(self) -> None: ...  # a FIN; reading goes on; a second call does nothing
+    def close(self) -> None: ...  # the peer reads to the end, then sees EOF
+    def abort(self) -> None: ...  # a reset: the peer sees an error, never a clean end
+    def is_quiet(self) -> bool: ...  # nothing at all arrived unread: no byte, no EOF, no reset
+    def has_unread_bytes(self) -> bool: ...
+    def pending_error(self) -> TransportError | None: ...  # such as the peer's reset
+    async def wait_delivered(self) -> None: ...  # until the peer acknowledged all, or an error
+    def peer_address(self) -> str: ...  # host:port, or "" once the peer is gone
+    def local_address(self) -> str: ...
+    def peer_certificate(self) -> bytes | None: ...  # DER, as the peer sent it; None without TLS
+    def peer_certificate_names(self) -> frozenset[str]: ...  # if TLS verified it against a CA
 
     def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:
-        """A future done once the peer has ended its direction (FIN) or reset
-        the stream, watched while the block runs (never done where the
-        platform cannot tell without reading)."""
-        ...
+        """A future done once the peer sends FIN or RST inside the block (never without epoll)."""
 
-    async def wait_delivered(self) -> None:
-        """Until the peer has acknowledged every byte sent, or the stream failed."""
-        ...
-
-    def peer_address(self) -> str:
-        """``host:port`` of the peer, or "" once it is gone."""
-        ...
-
-    def local_address(self) -> str:
-        """``host:port`` of this end (the one the peer reached), or "" once gone."""
-        ...
-
-    def peer_certificate(self) -> bytes | None:
-        """The peer's certificate (DER) as it sent it; None without TLS or one."""
-        ...
-
-    def peer_certificate_names(self) -> frozenset[str]:
-        """The names of the peer's certificate if TLS verified it against a CA."""
-        ...
-
-    # --- what the relay's readiness-driven pumps use --------------------------
+    # What the relay's readiness-driven pumps use.
+    def fileno(self) -> int: ...  # the descriptor whose readiness to wait for
+    async def wait_readable(self) -> None: ...  # until a receive makes progress (or EOF, error)
+    async def wait_writable(self) -> None: ...  # until a send makes progress (or an error)
 
     @property
     def reads_all_ready(self) -> bool:
-        """True if one :meth:`try_receive_into` takes all that is ready (a
-        plain socket); False if bytes can stay inside the stream after it
-        with no readiness event to announce them (TLS hands out one record
-        per call and reads ahead), so a reader loops until WouldBlock."""
-        ...
-
-    def fileno(self) -> int:
-        """The descriptor whose readiness says when this stream can move bytes."""
-        ...
+        """False if bytes can stay inside after a :meth:`try_receive_into` with no
+        readiness event to announce them (TLS), so a reader loops until WouldBlock."""
 
     def try_receive_into(self, buffer: memoryview) -> int:
-        """Bytes taken into ``buffer`` without waiting; 0 at the end of the
-        stream. Raises WouldBlock if there are none yet (WouldBlockOnWrite
-        if the stream must write first)."""
-        ...
+        """Like receive_into, without waiting: raises WouldBlock (or WouldBlockOnWrite) if none."""
 
     def try_send(self, data: bytes | memoryview, more: bool = False) -> int:
-        """How many bytes of ``data`` the stream took without waiting (0 if
-        none). ``more``: more bytes follow at once, so they may go out
-        together (TCP's MSG_MORE). After 0 or a partial send, offer the
-        rest, unchanged, once the descriptor is writable (TLS requires it)."""
-        ...
-
-    async def wait_readable(self) -> None:
-        """Until a receive can make progress (bytes, EOF or an error)."""
-        ...
-
-    async def wait_writable(self) -> None:
-        """Until a send can make progress (room, or an error)."""
-        ...
+        """Bytes of ``data`` taken without waiting (maybe 0); ``more``: more
+        follow at once (MSG_MORE). Offer the rest unchanged once writable (TLS needs it)."""
 
 
 @runtime_checkable
 class SpliceableStream(Protocol):
-    """A stream whose bytes pass through a descriptor unchanged (plain TCP,
-    not TLS), so that the kernel can move them to and from a pipe."""
+    """A stream whose bytes pass unchanged through a descriptor (plain TCP, not TLS)."""
 
-    def fd_for_splice(self) -> int:
-        """The descriptor that carries this stream's bytes as they are."""
-        ...
+    def fd_for_splice(self) -> int: ...

@@ -1,14 +1,6 @@
-"""Plain TCP: :class:`SocketStream`, dialing (:func:`connect`) and listening
-(:func:`open_listener`, :class:`Listener`).
-
-This is the transport edge for sockets: ``OSError`` becomes
-:class:`~tunnelgate.errors.TransportError` here (:func:`transport_error`) and
-in the other modules of this package, nowhere else. Every socket gets the
-options of a relayed connection (no Nagle delay, keepalive) when it is dialed
-or accepted.
-
-It must not import gateway, agent, relay, channel, logs or the protocol's
-framing; from config only ``Address`` and ``format_address``.
+"""Plain TCP: :class:`SocketStream`, :func:`connect`, :func:`open_listener`; the
+transport edge for sockets (:func:`transport_error`). It must not import tunnelgate
+beyond errors, address and this package.
 """
 
 from __future__ import annotations
@@ -22,7 +14,8 @@ import os
 import socket
 import struct
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
 from tunnelgate.address import Address, format_address
@@ -36,7 +29,7 @@ ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE and the like
 KEEPALIVE_IDLE: Final = 30  # seconds
 KEEPALIVE_INTERVAL: Final = 10
 KEEPALIVE_COUNT: Final = 3
-DELIVERY_POLL_MIN: Final = 0.001  # seconds; see SocketStream.wait_delivered
+DELIVERY_POLL_MIN: Final = 0.001  # seconds; see TCPConnection.wait_delivered
 DELIVERY_POLL_MAX: Final = 0.05
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _LINGER_DEFAULT: Final = struct.pack("ii", 0, 0)
@@ -46,36 +39,26 @@ _Socket = TypeVar("_Socket", bound=socket.socket)
 
 
 def describe_os_error(exc: OSError) -> str:
-    """A short human text for a network error."""
     if exc.errno:
         return os.strerror(exc.errno).lower()  # asyncio's own strerror texts vary
-    if exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
+    return exc.strerror.lower() if exc.strerror else str(exc) or type(exc).__name__
 
 
 def transport_error(exc: OSError) -> TransportError:
-    """The project's error for a failed socket operation.
-
-    A write gets EPIPE rather than ECONNRESET when the peer reset a
-    connection whose other direction had ended: the same event, said once.
-    """
-    if exc.errno == errno.EPIPE:
+    if exc.errno == errno.EPIPE:  # what a write gets when the peer reset a half-closed connection
         exc = ConnectionResetError(errno.ECONNRESET, "connection reset")
     return TransportError(describe_os_error(exc))
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close ``sock`` with an RST, so the peer sees an abnormal end."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
 
 
 def _tune(sock: socket.socket) -> None:
-    """Options every relayed TCP socket gets: no Nagle delay, and keepalive
-    probes often enough to keep NAT mappings of idle connections alive and to
-    find dead peers in about a minute rather than the kernel's two hours."""
+    """No Nagle delay, and keepalive often enough to keep NAT mappings of idle
+    connections and to find dead peers in a minute, not the kernel's two hours."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -84,23 +67,20 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def _address(name: Any) -> str:
-    return format_address(name[0], name[1])
+def _address(get_name: Callable[[], Any]) -> str:
+    try:
+        host, port = get_name()[:2]
+    except OSError:
+        return ""
+    return format_address(host, port)
 
 
-class SocketStream:
-    """A connected TCP socket in non-blocking mode, which this stream owns.
-
-    The socket stays this stream's after :meth:`wrap_socket` (TLS): closing,
-    resetting and the kernel's view of the connection (FIN, errors, queues,
-    addresses) still go through here; only the bytes go through the wrapper.
-    Socket-level calls use ``socket.socket``'s own methods for that reason
-    (an ``ssl.SSLSocket`` overrides ``recv`` and ``shutdown``).
-    """
+class TCPConnection:
+    """The kernel's side of a TCP connection in non-blocking mode, which this object
+    owns: what :class:`SocketStream` and TLSStream share. It calls ``socket.socket``'s
+    own ``recv`` and ``shutdown``, which ``ssl.SSLSocket`` overrides."""
 
     __slots__ = ("_eof_sent", "_loop", "_resets", "_sock")
-
-    reads_all_ready: Final = True  # recv returns all that is ready
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -108,7 +88,92 @@ class SocketStream:
         self._eof_sent = False
         self._resets = False  # every close is an RST until close()
 
-    # --- the stream ---------------------------------------------------------
+    def send_eof(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_WR)
+            except OSError as exc:
+                raise transport_error(exc) from None
+
+    def close(self) -> None:
+        if self._resets:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)
+        self._sock.close()
+
+    def abort(self) -> None:
+        _reset(self._sock)
+
+    def reset_unless_closed_cleanly(self) -> None:
+        """Every close is an RST until :meth:`close`, even the kernel's when this process
+        dies: a cut response must not end with a FIN, as if it were whole."""
+        self._resets = True
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+    def is_quiet(self) -> bool:
+        try:  # the raw socket: under TLS any record (even close_notify) counts
+            socket.socket.recv(self._sock, 1, _PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # EOF (b"") or unexpected bytes
+
+    def has_unread_bytes(self) -> bool:
+        try:
+            return bool(socket.socket.recv(self._sock, 1, _PEEK))
+        except OSError:  # nothing yet, or gone
+            return False
+
+    def pending_error(self) -> TransportError | None:
+        try:  # SO_ERROR, cleared by reading it
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            return transport_error(exc)
+        return transport_error(OSError(code, os.strerror(code))) if code else None
+
+    def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:
+        return watch_hangup(self._sock.fileno())
+
+    async def wait_delivered(self) -> None:
+        # An RST discards unsent bytes the peer would have read over a direct connection.
+        # No event says "all acknowledged": poll the send queue; the caller bounds the wait.
+        delay = DELIVERY_POLL_MIN
+        while self._unacknowledged() and self.pending_error() is None:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, DELIVERY_POLL_MAX)
+
+    def _unacknowledged(self) -> int:
+        try:
+            answer = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, bytes(4))
+        except OSError:
+            return 0
+        return int(struct.unpack("i", answer)[0])
+
+    def peer_address(self) -> str:
+        return _address(self._sock.getpeername)
+
+    def local_address(self) -> str:
+        return _address(self._sock.getsockname)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    async def wait_readable(self) -> None:
+        await wait_readable(self._sock.fileno())
+
+    async def wait_writable(self) -> None:
+        await wait_writable(self._sock.fileno())
+
+
+class SocketStream(TCPConnection):
+    """A plain TCP stream on a connected socket."""
+
+    __slots__ = ()
+
+    reads_all_ready: Final = True  # recv returns all that is ready
 
     async def receive_into(self, buffer: memoryview) -> int:
         try:
@@ -122,118 +187,13 @@ class SocketStream:
         except OSError as exc:
             raise transport_error(exc) from None
 
-    def send_eof(self) -> None:
-        """Send a FIN. Under TLS this leaves the TLS session usable for
-        reading (``SSLSocket.shutdown`` would drop it)."""
-        if self._eof_sent:
-            return
-        self._eof_sent = True
-        try:
-            socket.socket.shutdown(self._sock, socket.SHUT_WR)
-        except OSError as exc:
-            raise transport_error(exc) from None
-
-    def close(self) -> None:
-        """Close with a FIN (undoing :meth:`reset_unless_closed_cleanly`)."""
-        if self._resets:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)
-        self._sock.close()
-
-    def abort(self) -> None:
-        _reset(self._sock)
-
-    def reset_unless_closed_cleanly(self) -> None:
-        """Make every close of the socket an RST until :meth:`close`, even the
-        kernel's own when this process dies (SIGKILL, a crash, a forced exit).
-
-        For the relayed client and service connections: without this, a killed
-        gateway or agent would end its clients' connections with a FIN, and a
-        response cut off in the middle would look complete.
-        """
-        self._resets = True
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-
-    def is_quiet(self) -> bool:
-        """Nothing arrived: the raw socket is peeked, so under TLS any record
-        (even close_notify) counts."""
-        try:
-            socket.socket.recv(self._sock, 1, _PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False  # EOF (b"") or unexpected bytes: either way not quiet
-
-    def has_unread_bytes(self) -> bool:
-        try:
-            return bool(socket.socket.recv(self._sock, 1, _PEEK))
-        except OSError:  # nothing yet, or gone
-            return False
-
-    def pending_error(self) -> TransportError | None:
-        """The socket's pending error (``SO_ERROR``, cleared by reading it)."""
-        try:
-            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            return transport_error(exc)
-        return transport_error(OSError(code, os.strerror(code))) if code else None
-
-    @contextlib.contextmanager
-    def watch_peer_close(self) -> Iterator[asyncio.Future[None]]:
-        with watch_hangup(self._sock.fileno()) as closed:
-            yield closed
-
-    async def wait_delivered(self) -> None:
-        """Until the peer has acknowledged every byte sent, or reset the connection.
-
-        For an abnormal end: an RST discards what the socket has not sent yet,
-        and the peer would have read those bytes over a direct connection. No
-        readiness event says "all acknowledged", so this polls the send queue,
-        with a delay that doubles from ``DELIVERY_POLL_MIN`` to
-        ``DELIVERY_POLL_MAX``; the caller bounds the wait. On loopback the
-        queue is usually empty at once.
-        """
-        delay = DELIVERY_POLL_MIN
-        while self._unacknowledged() and self.pending_error() is None:
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, DELIVERY_POLL_MAX)
-
-    def _unacknowledged(self) -> int:
-        """Bytes in the send queue: not sent yet, or not acknowledged."""
-        try:
-            answer = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, bytes(4))
-        except OSError:
-            return 0
-        count: int = struct.unpack("i", answer)[0]
-        return count
-
-    def peer_address(self) -> str:
-        try:
-            return _address(self._sock.getpeername())
-        except OSError:
-            return ""
-
-    def local_address(self) -> str:
-        try:
-            return _address(self._sock.getsockname())
-        except OSError:
-            return ""
-
     def peer_certificate(self) -> bytes | None:
         return None
 
     def peer_certificate_names(self) -> frozenset[str]:
         return frozenset()
 
-    # --- readiness, for the relay's pumps -----------------------------------
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def fd_for_splice(self) -> int:
-        return self._sock.fileno()
+    fd_for_splice = TCPConnection.fileno  # the bytes pass through it unchanged
 
     def try_receive_into(self, buffer: memoryview) -> int:
         try:
@@ -251,22 +211,11 @@ class SocketStream:
         except OSError as exc:
             raise transport_error(exc) from None
 
-    async def wait_readable(self) -> None:
-        await wait_readable(self._sock.fileno())
-
-    async def wait_writable(self) -> None:
-        await wait_writable(self._sock.fileno())
-
-    # --- for TLS ------------------------------------------------------------
-
     def wrap_socket(self, wrap: Callable[[socket.socket], _Socket]) -> _Socket:
-        """Hand the socket to ``wrap`` (TLS), which takes it over. This stream
-        goes on owning what ``wrap`` returns; the caller moves the bytes."""
+        """Hand the socket to ``wrap`` (TLS), which takes it over; closing and
+        resetting this stream still end the connection."""
         self._sock = wrapped = wrap(self._sock)
         return wrapped
-
-
-# --- opening connections ----------------------------------------------------
 
 
 async def connect(address: Address, timeout: float) -> SocketStream:
@@ -287,9 +236,7 @@ async def connect(address: Address, timeout: float) -> SocketStream:
                     sock.close()
                     error = exc
                     continue
-                except BaseException:
-                    # Cancelled, maybe after the kernel connected: the peer must
-                    # see a reset, not a clean connection with nothing in it.
+                except BaseException:  # cancelled, maybe connected: the peer must see a reset
                     _reset(sock)
                     raise
                 _tune(sock)
@@ -307,8 +254,7 @@ _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, 
 
 
 def _numeric_address(address: Address) -> list[_AddrInfo] | None:
-    """``getaddrinfo``'s answer for an IP literal, without the resolver's
-    thread (each new data channel and each service connection dials one)."""
+    """``getaddrinfo``'s answer for an IP literal, without the resolver's thread."""
     if "%" in address.host:  # an IPv6 scope needs the resolver
         return None
     try:
@@ -321,7 +267,7 @@ def _numeric_address(address: Address) -> list[_AddrInfo] | None:
 
 
 def open_listener(host: str, port: int) -> Listener:
-    """A bound, listening TCP socket. Raises TransportError ("cannot listen on …")."""
+    """A bound, listening TCP socket."""
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -347,8 +293,7 @@ class Listener:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        host, port = sock.getsockname()[:2]
-        self.address = Address(host, port)
+        self.address = Address(*sock.getsockname()[:2])
 
     def close(self) -> None:
         self._sock.close()
@@ -358,14 +303,9 @@ class Listener:
         handle: Callable[[SocketStream, str], None],
         on_error: Callable[[TransportError], None],
     ) -> None:
-        """Pass every connection accepted to ``handle`` until cancelled.
-
-        Accepting happens in a reader callback, never in an awaited
-        ``sock_accept``: a cancelled wait could otherwise accept a connection
-        and drop it unclosed. ``handle`` receives the connection's stream and
-        the peer's ``host:port``, and must not raise. On an error such as
-        EMFILE, ``on_error`` gets it and accepting pauses for ``ACCEPT_PAUSE``.
-        """
+        """Pass each connection (stream, peer) to ``handle`` (which must not raise) until
+        cancelled; on an error (EMFILE) tell ``on_error`` and pause. In a reader
+        callback: a cancelled ``sock_accept`` could accept and drop a connection."""
         loop = asyncio.get_running_loop()
         listener = self._sock
         fd = listener.fileno()
@@ -385,7 +325,7 @@ class Listener:
                     return
                 sock.setblocking(False)
                 _tune(sock)
-                handle(SocketStream(sock), _address(addr))
+                handle(SocketStream(sock), format_address(addr[0], addr[1]))
 
         loop.add_reader(fd, on_readable)
         try:

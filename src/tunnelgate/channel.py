@@ -1,5 +1,5 @@
 """A channel: the wire protocol's frames and messages on a stream, each checked by
-its :class:`~tunnelgate.protocol.Conversation`. A data channel lives in it until
+its :class:`~tunnelgate.protocol.session.Conversation`. A data channel lives in it until
 the relay takes over its stream and decoder. It sees a Stream only: it must not
 import socket or ssl, nor gateway, agent or relay.
 """

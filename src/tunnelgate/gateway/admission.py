@@ -1,15 +1,6 @@
-"""Who may come in, decided without I/O: agents on the control port and
-clients on service ports.
-
-* :class:`AuthFailures`: failed authentications per source address, and the
-  growing delay each costs;
-* :class:`Handshakes`: handshakes in progress, in all and per address, and
-  whether one more may start;
-* :class:`ClientGates`: the access rules (:mod:`tunnelgate.access`) a client
-  of a service must pass, and one throttled warning per rule that refuses.
-
-Time is passed in. Must not import asyncio, socket or ssl.
-"""
+"""Who may come in, decided without I/O: failed authentications, handshakes under way,
+and the access rules a client must pass. Time is passed in. Must not import asyncio,
+socket or ssl."""
 
 from __future__ import annotations
 
@@ -31,16 +22,8 @@ WARNING_INTERVAL: Final = 5.0  # a warning repeated under abuse is logged once p
 
 
 class AuthFailures:
-    """Failed authentications per source address, and the growing delay each costs.
-
-    A failure is answered after ``AUTH_DELAY_FIRST`` seconds, doubling with
-    each failure from the same address up to ``AUTH_DELAY_MAX``, so guessing
-    tokens one after another is slow; an address with ``AUTH_SUSPECT``
-    failures gets at most ``AUTH_SUSPECT_HANDSHAKES`` handshakes at once, so
-    guessing in parallel is too. A success does not clear the count (a
-    guesser behind the same NAT as a real agent gains nothing from it); time
-    does, after ``AUTH_FORGET``.
-    """
+    """Failed authentications per source address. A success does not clear the count (a
+    guesser behind a real agent's NAT would gain from it); time does, after AUTH_FORGET."""
 
     def __init__(self) -> None:
         self._by_host: dict[str, tuple[int, float]] = {}  # oldest first
@@ -69,13 +52,9 @@ class Handshakes:
 
     def refusal(self, host: str, now: float, max_handshakes: int) -> str | None:
         """Why one more handshake from ``host`` may not start now, or None."""
-        if (
-            self.by_host[host] >= AUTH_SUSPECT_HANDSHAKES
-            and self.failures.count(host, now) >= AUTH_SUSPECT
-        ):
-            return (
-                f"it failed to authenticate repeatedly and has {self.by_host[host]} handshakes open"
-            )
+        open_here = self.by_host[host]
+        if open_here >= AUTH_SUSPECT_HANDSHAKES and self.failures.count(host, now) >= AUTH_SUSPECT:
+            return f"it failed to authenticate repeatedly and has {open_here} handshakes open"
         if self.running >= max_handshakes:
             return f"{self.running} connections are in handshake (max_handshakes)"
         return None
@@ -97,33 +76,22 @@ def allowed_binds(config: GatewayConfig, policy: AgentPolicy) -> tuple[str, ...]
 
 
 class ClientGates:
-    """The access rules of every service, one :class:`~tunnelgate.access.Gate`
-    per rule: a rule's counters are shared by everything it covers
-    (``[access]`` by every service)."""
+    """One :class:`~tunnelgate.access.Gate` per rule, shared by everything the rule covers."""
 
     def __init__(self) -> None:
         self._gates: dict[str, Gate] = {}  # by the rule's place in the config
         self._warnings: dict[str, Throttle] = {}
 
     def gates_for(self, config: GatewayConfig, policy: AgentPolicy, service: str) -> list[Gate]:
-        """The access rules a client of ``service`` must pass, broadest first;
-        after a reload, a gate gets its new rule and keeps the counts of the
-        connections it admitted."""
-        rules = (
-            config.access,
-            config.service_access.get(service),
-            policy.access,
-            policy.service_access.get(service),
-        )
+        """A client's gates, broadest first; a reloaded rule keeps its gate's counts."""
+        agent_rules = (policy.access, policy.service_access.get(service))
         gates = []
-        for rule in rules:
-            if rule is None:
-                continue
-            gate = self._gates.get(rule.where)
-            if gate is None:
-                gate = self._gates[rule.where] = Gate(rule)
-            gate.rule = rule
-            gates.append(gate)
+        for rule in (config.access, config.service_access.get(service), *agent_rules):
+            if rule is not None:
+                if (gate := self._gates.get(rule.where)) is None:
+                    gate = self._gates[rule.where] = Gate(rule)
+                gate.rule = rule
+                gates.append(gate)
         return gates
 
     def warn_refused(
@@ -134,10 +102,11 @@ class ClientGates:
         client: str,
         refusal: Refusal,
     ) -> None:
-        """Log a refused client with the rule that refused it; under a flood,
-        once per ``WARNING_INTERVAL`` and rule, with a count of the others."""
-        key = str(refusal)
-        throttle = self._warnings.get(key)
-        if throttle is None:
-            throttle = self._warnings[key] = Throttle(WARNING_INTERVAL)
+        """Log a refused client, once per ``WARNING_INTERVAL`` and rule under a flood."""
+        throttle = self._warnings.setdefault(str(refusal), Throttle(WARNING_INTERVAL))
         throttle.warning(log, now, "refused client %s on service %s: %s", client, service, refusal)
+
+
+def host_of(address: str) -> str:
+    """The host of a ``host:port`` (IPv6 without its brackets)."""
+    return address.rpartition(":")[0].strip("[]")

@@ -1,11 +1,6 @@
-"""A session's pool of idle data channels, and the clients waiting for one.
-
-The agent keeps data channels open ahead of need; the gateway holds them
-here until a client comes. A client takes the newest one (the least likely to
-have gone stale), checked to be still open; when none is left it waits, the
-agent is asked for more (``PoolRequest``), and a client that leaves while it
-waits gives its place up at once.
-"""
+"""A session's idle data channels, opened ahead of need, and the clients waiting for one:
+a client takes the newest (the least likely to have gone stale), checked to be still
+open; when none is left it waits and the agent is asked for more. Must not import agent."""
 
 from __future__ import annotations
 
@@ -28,10 +23,8 @@ POOL_CHECK_TIMEOUT: Final = 1.0  # for the agent's Pong to that check
 
 @dataclass(eq=False)
 class _Pooled:
-    """An idle data channel, and when it was last known to reach the agent."""
-
     channel: Channel
-    alive_at: float = field(default_factory=time.monotonic)
+    alive_at: float = field(default_factory=time.monotonic)  # last known to reach the agent
 
 
 @dataclass(frozen=True)
@@ -61,12 +54,10 @@ class ChannelPool:
         """A new data channel: to the client waiting longest, else to the pool."""
         self.requested = max(0, self.requested - 1)
         while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
+            if not (waiter := self.waiters.popleft()).done():
                 waiter.set_result(channel)
                 return
-        # No client waits: whatever was asked for and is still on its way is moot
-        # (the clients it was for left or timed out); ask afresh when one waits.
+        # No client waits: what is still on its way was for clients that left; ask afresh.
         self.requested = 0
         if len(self.idle) >= max_size:
             self.log.debug("pool full (%d); closing an extra data channel", len(self.idle))
@@ -87,8 +78,7 @@ class ChannelPool:
         """Close every idle channel and turn every waiting client away."""
         self.abort_idle()
         while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
+            if not (waiter := self.waiters.popleft()).done():
                 waiter.cancel()
 
     async def take(
@@ -101,33 +91,17 @@ class ChannelPool:
         pending_timeout: float,
         refusals: Throttle,
     ) -> Channel | None:
-        """An open pooled data channel, or one the agent opens within
-        ``pending_timeout``; None (logged) if none comes, ``max_pending``
-        clients wait already, or the client leaves.
-
-        One closed or reset by the network is seen at once
-        (:meth:`Channel.is_idle_and_open`); one idle longer than
-        ``POOL_CHECK_AGE`` is first checked with a Ping, because a path that
-        went silent (a NAT mapping dropped without a word) looks open. If that
-        check fails, the older ones are no better: the pool is discarded and
-        the client waits for a fresh channel instead of failing.
-
-        A client that leaves while it waits gives up its place at once, so a
-        flood of abandoned connections (or a load balancer's health checks)
-        neither fills the queue nor costs the agent a channel each: one that
-        resets, or closes without having sent a byte. One that sent bytes and
-        then half-closed still wants its answer, and waits on.
-        """
+        """An open data channel, pooled or opened within ``pending_timeout``; None
+        (logged) if none comes, ``max_pending`` clients wait already, or the client left."""
         while self.idle:
             pooled = self.idle.pop()
             channel = pooled.channel
-            if not channel.is_idle_and_open():
+            if not channel.is_idle_and_open():  # closed or reset by the network
                 self.log.debug("discarding a stale pooled data channel")
                 channel.abort()
                 continue
-            if time.monotonic() - pooled.alive_at <= POOL_CHECK_AGE:
-                return channel
-            if await _answers_ping(channel):
+            # A path gone silent (a NAT mapping dropped) looks open: ping one idle long.
+            if time.monotonic() - pooled.alive_at <= POOL_CHECK_AGE or await _answers_ping(channel):
                 return channel
             channel.abort()
             self.log.debug(
@@ -135,6 +109,7 @@ class ChannelPool:
                 time.monotonic() - pooled.alive_at,
                 len(self.idle),
             )
+            # The older ones are no better: the client waits for a fresh one instead.
             discarded = 1 + len(self.idle)
             self.abort_idle()
             await self.control.send_message(PoolDiscarded(discarded))
@@ -151,8 +126,7 @@ class ChannelPool:
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         waited_from = time.monotonic()
         self.waiters.append(waiter)
-        missing = len(self.waiters) - self.requested
-        if missing > 0:
+        if (missing := len(self.waiters) - self.requested) > 0:
             self.requested += missing
             await self.control.send_message(PoolRequest(missing))
         try:
@@ -181,8 +155,8 @@ class ChannelPool:
 
 
 async def _unless_left(waiter: asyncio.Future[Channel], stream: Stream) -> Channel | None:
-    """The channel ``waiter`` gets, or None if the client leaves first: it
-    resets ``stream``, or closes it without having sent anything."""
+    """The channel ``waiter`` gets, or None if the client resets or closes without a byte
+    sent (a health check); one that sent bytes and half-closed still wants its answer."""
     with stream.watch_peer_close() as closed:
         either: set[asyncio.Future[Any]] = {waiter, closed}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -190,7 +164,7 @@ async def _unless_left(waiter: asyncio.Future[Channel], stream: Stream) -> Chann
             stream.pending_error() is not None or not stream.has_unread_bytes()
         ):
             return None
-    return await waiter  # got it, or a half-close after a request: it wants the answer
+    return await waiter
 
 
 async def _answers_ping(channel: Channel) -> bool:

@@ -1,23 +1,15 @@
-"""One authenticated agent on the gateway: a :class:`GatewaySession`.
-
-A session owns its control channel and everything the agent has on the
-gateway: its services (public listeners), its pool of idle data channels, and
-the task of every client connection it carries. It runs the control loop
-(registration, heartbeats, pool requests, goodbye), admits and serves
-clients, and drains. When it ends, all of it ends with it: listeners close,
-ports are free, pooled channels are aborted and clients see a reset.
-
-What the session shares with the rest of the gateway (the configuration, the
-public ports, the access rules, connection ids) it is handed when made; it
-knows nothing of the other sessions.
-"""
+"""One authenticated agent on the gateway, a :class:`GatewaySession`: its control loop,
+services, pool, clients and drain; when it ends, all of it ends. It knows nothing of
+other sessions. Must not import agent."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import ipaddress
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -28,26 +20,13 @@ from tunnelgate.address import Address
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.control import end_when_drained, receive_control
-from tunnelgate.errors import (
-    ConnectionClosed,
-    ProtocolError,
-    SessionOver,
-    TransportError,
-)
-from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds
+from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
+from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds, host_of
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
-from tunnelgate.protocol.wire import (
-    Bye,
-    PoolRelease,
-    Register,
-    Registered,
-    ServiceRequest,
-    ServiceResult,
-    Start,
-    Welcome,
-)
+from tunnelgate.protocol import wire
+from tunnelgate.protocol.session import Admitted
 from tunnelgate.relay import RelayResult, relay
 from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
 
@@ -62,25 +41,12 @@ class _Service:
     address: Address
     listener: Listener
     bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
-    gates: list[Gate] = field(default_factory=list)  # access rules a client must pass
+    gates: list[Gate]  # access rules a client must pass
     accepting: asyncio.Task[None] | None = None
 
     @functools.cached_property
-    def public(self) -> str:
-        """The address clients reach, if the listener's own says it (not a wildcard)."""
-        wildcard = ipaddress.ip_address(self.address.host).is_unspecified
-        return "" if wildcard else str(self.address)
-
-
-@dataclass
-class _Client:
-    """One client connection the session carries."""
-
-    conn: int
-    client: str
-    service: str
-    started: float = field(default_factory=time.monotonic)
-    result: RelayResult | None = None  # once relaying: its counts move while it runs
+    def public(self) -> str:  # the address clients reach, unless the listener's is a wildcard
+        return "" if ipaddress.ip_address(self.address.host).is_unspecified else str(self.address)
 
 
 @dataclass(frozen=True)
@@ -92,6 +58,26 @@ class ClientStatistics:
     relaying: bool
     up: int  # bytes from the client so far
     down: int  # bytes to the client so far
+
+
+@dataclass
+class _Client:
+    conn: int
+    client: str
+    service: str
+    gates: list[Gate]  # the ones it was admitted through, released when it ends
+    ip: Any
+    started: float = field(default_factory=time.monotonic)
+    result: RelayResult | None = None  # once relaying: its counts move while it runs
+
+    def statistics(self, now: float) -> ClientStatistics:
+        r, duration = self.result, now - self.started
+        up, down, relaying = (r.sent, r.received, True) if r is not None else (0, 0, False)
+        return ClientStatistics(self.conn, self.client, self.service, duration, relaying, up, down)
+
+    def release(self) -> None:
+        for gate in self.gates:
+            gate.release(self.ip)
 
 
 @dataclass(frozen=True)
@@ -113,101 +99,69 @@ class SessionStatistics:
     clients: tuple[ClientStatistics, ...]
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What the sessions of one gateway share."""
+
+    config: Callable[[], GatewayConfig]  # the gateway's, as reloaded
+    forget_name: Callable[[GatewaySession], None]  # the session drains or ends
+    ports: Ports = field(default_factory=Ports)
+    gates: ClientGates = field(default_factory=ClientGates)
+    conn_ids: Iterator[int] = field(default_factory=functools.partial(itertools.count, 1))
+
+
 class GatewaySession:
     """One agent's session: its control loop, services, clients, pool and drain."""
 
     def __init__(
-        self,
-        *,
-        agent: str,
-        peer: str,
-        policy: AgentPolicy,
-        key: bytes,
-        channel: Channel,
-        config: Callable[[], GatewayConfig],
-        ports: Ports,
-        gates: ClientGates,
-        conn_ids: Iterator[int],
-        session_id: str,
-        on_drain: Callable[[GatewaySession], None],
+        self, agent: str, peer: str, auth: Admitted[AgentPolicy], channel: Channel, shared: Shared
     ) -> None:
-        self.id = session_id
+        self.id = secrets.token_hex(4)
         self.agent = agent
         self.peer = peer
-        self.policy = policy
-        self.key = key  # the stored key its proof matched (b"": its certificate alone)
+        self.policy = auth.policy
+        self.key = auth.key  # the stored key its proof matched (b"": its certificate alone)
         self.channel = channel
-        self.log = ContextLogger(logger, session=session_id, agent=agent)
+        self.log = ContextLogger(logger, session=self.id, agent=agent)
         self.services: dict[str, _Service] = {}
         self.pool = ChannelPool(channel, self.log)
         self.clients: set[asyncio.Task[None]] = set()  # being served (wait_relays waits on it)
         self.goodbye: str | None = None  # why it is draining: no new clients, open ones finish
         self.told_bye = False  # the gateway said Bye to the agent
         self.started = time.monotonic()
-        self._config = config
-        self._ports = ports
-        self._gates = gates
-        self._conn_ids = conn_ids
-        self._on_drain = on_drain  # the agent's name is free again for a new session
+        self._shared = shared
+        self._config = shared.config
         self._by_task: dict[asyncio.Task[None], _Client] = {}
         self._refusals = Throttle(WARNING_INTERVAL)
         self._task: asyncio.Task[Any] | None = None
         self._group: asyncio.TaskGroup | None = None
 
     @property
-    def config(self) -> GatewayConfig:
-        return self._config()
-
-    @property
-    def running(self) -> bool:
-        """True once the session accepts data channels (its task group runs)."""
+    def running(self) -> bool:  # once its task group runs: it takes data channels
         return self._group is not None
 
     def statistics(self) -> SessionStatistics:
-        now = time.monotonic()
-        by_service: dict[str, int] = {}
-        clients = []
-        for record in self._by_task.values():
-            by_service[record.service] = by_service.get(record.service, 0) + 1
-            result = record.result
-            clients.append(
-                ClientStatistics(
-                    record.conn,
-                    record.client,
-                    record.service,
-                    now - record.started,
-                    result is not None,
-                    result.sent if result is not None else 0,
-                    result.received if result is not None else 0,
-                )
-            )
+        now, records = time.monotonic(), self._by_task.values()
+        services = tuple(
+            ServiceStatistics(s.name, s.address, sum(r.service == s.name for r in records))
+            for s in self.services.values()
+        )
+        clients = tuple(record.statistics(now) for record in records)
+        draining, pool = self.goodbye is not None, self.pool.statistics()
+        duration = now - self.started
         return SessionStatistics(
-            self.id,
-            self.agent,
-            self.peer,
-            now - self.started,
-            self.goodbye is not None,
-            tuple(
-                ServiceStatistics(s.name, s.address, by_service.get(s.name, 0))
-                for s in self.services.values()
-            ),
-            self.pool.statistics(),
-            tuple(clients),
+            self.id, self.agent, self.peer, duration, draining, services, pool, clients
         )
 
-    # --- life cycle ---------------------------------------------------------
-
-    async def run(self) -> tuple[str, int]:
-        """Welcome the agent and serve it until the session ends; return why
-        and the level to log it at. Raises CancelledError when killed."""
+    async def run(self) -> None:
+        """Serve the agent until the session ends, then free everything and log why."""
         self._task = asyncio.current_task()
-        config = self.config
-        welcome = Welcome(
-            self.id, config.heartbeat_interval, config.heartbeat_timeout, config.max_pool_size
-        )
         reason, level = "ended", logging.INFO
         try:
-            await self.channel.send_message(welcome)
+            c = self._config()
+            await self.channel.send_message(
+                wire.Welcome(self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size)
+            )
             self.log.info("session started from %s", self.peer)
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -218,26 +172,31 @@ class GatewaySession:
             reason, level = str(caught.exceptions[0]), logging.WARNING
         except* TimeoutError:
             reason, level = "no heartbeat within the deadline", logging.WARNING
-        return reason, level
+        finally:
+            self._shared.forget_name(self)
+            self.release()
+            self.channel.abort()
+            duration, names = time.monotonic() - self.started, ", ".join(self.services) or "none"
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self.log.log(
+                    level, "session ended after %.1f s: %s (services: %s)", duration, reason, names
+                )
+            else:
+                self.log.info("session closed after %.1f s (services: %s)", duration, names)
 
     async def kill(self) -> None:
-        """End the session now without waiting on its peer.
-
-        Only this process's own cleanup is awaited (sockets are aborted, not
-        drained), so a half-dead peer cannot delay it; afterwards its ports
-        are free for whoever takes over.
-        """
+        """End the session now: only this process's own cleanup is awaited (sockets are
+        aborted, not drained), so a half-dead peer cannot delay a takeover."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=KILL_TIMEOUT)
 
     async def drain(self, reason: str) -> None:
-        """Take no new clients: the listeners close and the ports are free
-        again at once; open client connections go on."""
+        """Take no new clients (listeners close, ports are free at once); open ones go on."""
         if self.goodbye is not None:
             return
         self.goodbye = reason
-        self._on_drain(self)
+        self._shared.forget_name(self)
         accepting = {s.accepting for s in self.services.values() if s.accepting is not None}
         for task in accepting:
             task.cancel()
@@ -247,35 +206,32 @@ class GatewaySession:
 
     def release(self) -> None:
         """Free the ports, close the listeners and the pool; safe to call twice."""
-        self._ports.release(self)
+        self._shared.ports.release(self)
         for service in self.services.values():
             service.listener.close()
         self.pool.discard()
 
     def add_data_channel(self, channel: Channel) -> None:
-        """A data channel the agent opened for this session."""
         if self.goodbye is not None:  # draining: the agent stops opening them too
             channel.abort()
             return
         channel.conversation.accept_data_channel()
-        self.pool.add(channel, self.config.max_pool_size)
-
-    # --- the control channel ------------------------------------------------
+        self.pool.add(channel, self._config().max_pool_size)
 
     async def _control_loop(self) -> str:
         """Serve the agent's control messages until it leaves; return why."""
         channel = self.channel
         while True:
-            timeout = self.config.heartbeat_timeout
+            timeout = self._config().heartbeat_timeout
             message = await receive_control(channel, timeout, lambda: self.goodbye, self.clients)
             if isinstance(message, str):
                 return message
-            if isinstance(message, Register):
+            if isinstance(message, wire.Register):
                 results = [self._expose(request) for request in message.services]
-                await channel.send_message(Registered(results))
-            elif isinstance(message, PoolRelease):
+                await channel.send_message(wire.Registered(results))
+            elif isinstance(message, wire.PoolRelease):
                 self.pool.release(message.count)
-            elif isinstance(message, Bye):
+            elif isinstance(message, wire.Bye):
                 reason = f"agent said goodbye: {message.reason}"
                 await self.drain(reason)
                 if not self.clients:
@@ -284,84 +240,69 @@ class GatewaySession:
                 assert self._group is not None
                 self._group.create_task(end_when_drained(self.clients, reason))
 
-    # --- services -----------------------------------------------------------
-
     def services_outside(self, policy: AgentPolicy) -> str | None:
-        """Why the services this session holds do not fit ``policy`` (after a
-        reload), or None."""
+        """Why this session's services do not fit ``policy`` (after a reload), or None."""
         if len(self.services) > policy.max_services:
             return f"it has {len(self.services)} services; its policy allows {policy.max_services}"
-        binds = allowed_binds(self.config, policy)
+        binds = allowed_binds(self._config(), policy)
         for service in self.services.values():
             if not policy.allows_port(service.address.port) or service.bind not in binds:
                 return f"its policy no longer allows service {service.name} on {service.address}"
         return None
 
-    def _expose(self, request: ServiceRequest) -> ServiceResult:
+    def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
         """Open the public listener for one service, if the policy allows it."""
-        config = self.config
-        policy = self.policy
+        config, policy, name, port = self._config(), self.policy, request.name, request.port
         bind = request.bind or config.default_bind
         binds = allowed_binds(config, policy)
 
-        def refuse(error: str) -> ServiceResult:
-            self.log.warning("service %s refused: %s", request.name, error)
-            return ServiceResult(request.name, False, error=error)
+        def refuse(error: str) -> wire.ServiceResult:
+            self.log.warning("service %s refused: %s", name, error)
+            return wire.ServiceResult(name, False, error=error)
 
         if self.goodbye is not None:
             return refuse("the session is ending")
-        if request.name in self.services:
-            return refuse(f"service name {request.name!r} used twice")
+        if name in self.services:
+            return refuse(f"service name {name!r} used twice")
         if len(self.services) >= policy.max_services:
             return refuse(f"this agent may expose at most {policy.max_services} services")
         if bind not in binds:
             return refuse(f"bind address {bind} is not allowed (allowed: {', '.join(binds)})")
-        if request.port and not policy.allows_port(request.port):
-            return refuse(f"port {request.port} is not allowed for this agent")
-        if request.port and self._ports.holder(bind, request.port) is not None:
-            return refuse(f"port {request.port} is held by another agent")
-        if request.port:
+        if not port:
+            listener = self._shared.ports.listen_on_free_port(bind, policy)
+            if listener is None:
+                return refuse("no free port among the ports allowed for this agent")
+        elif not policy.allows_port(port):
+            return refuse(f"port {port} is not allowed for this agent")
+        elif (bind, port) in self._shared.ports.holders:
+            return refuse(f"port {port} is held by another agent")
+        else:
             try:
-                listener = open_listener(bind, request.port)
+                listener = open_listener(bind, port)
             except TransportError as exc:
                 return refuse(str(exc))
-        else:
-            found = self._ports.listen_on_free_port(bind, policy)
-            if found is None:
-                return refuse("no free port among the ports allowed for this agent")
-            listener = found
         address = listener.address
-        service = _Service(
-            request.name,
-            address,
-            listener,
-            bind,
-            self._gates.gates_for(config, policy, request.name),
-        )
-        self.services[request.name] = service
-        self._ports.claim(bind, address.port, self)
+        gates = self._shared.gates.gates_for(config, policy, name)
+        self.services[name] = service = _Service(name, address, listener, bind, gates)
+        self._shared.ports.holders[(bind, address.port)] = self
         assert self._group is not None
-        service.accepting = self._group.create_task(self._accept_clients(service))
-        self.log.info("service %s exposed on %s", request.name, address)
-        return ServiceResult(request.name, True, bind=address.host, port=address.port)
+        service.accepting = self._group.create_task(self._accept_clients(service, self._group))
+        self.log.info("service %s exposed on %s", name, address)
+        return wire.ServiceResult(name, True, bind=address.host, port=address.port)
 
     def update_gates(self) -> None:
         """After a reload: every service's access rules as the config now says."""
         for service in self.services.values():
-            service.gates = self._gates.gates_for(self.config, self.policy, service.name)
+            service.gates = self._shared.gates.gates_for(self._config(), self.policy, service.name)
 
-    # --- clients ------------------------------------------------------------
-
-    async def _accept_clients(self, service: _Service) -> None:
-        group = self._group
-        assert group is not None
-
+    async def _accept_clients(self, service: _Service, group: asyncio.TaskGroup) -> None:
         def handle(stream: SocketStream, client: str) -> None:
-            limit = self.policy.max_connections or self.config.max_connections
+            now = time.monotonic()
+            limit = self.policy.max_connections or self._config().max_connections
             if len(self.clients) >= limit:
                 self._refusals.warning(
                     self.log,
-                    time.monotonic(),
+                    now,
                     "refusing client %s on service %s: the agent has %d open connections "
                     "(max_connections)",
                     client,
@@ -370,52 +311,36 @@ class GatewaySession:
                 )
                 stream.abort()
                 return
-            gates = service.gates  # the ones admitted through are the ones released
-            ip = client_ip(host_of(client)) if gates else None
+            gates, ip = service.gates, None  # the gates admitted through are the ones released
             if gates:
-                refusal = (
-                    admit(gates, ip, time.monotonic())
-                    if ip is not None
-                    else Refusal(gates[0].rule.where, "address not understood")
-                )
+                refusal: Refusal | None = Refusal(gates[0].rule.where, "address not understood")
+                if (ip := client_ip(host_of(client))) is not None:
+                    refusal = admit(gates, ip, now)
                 if refusal is not None:
-                    self._gates.warn_refused(
-                        self.log, time.monotonic(), service.name, client, refusal
-                    )
+                    self._shared.gates.warn_refused(self.log, now, service.name, client, refusal)
                     stream.abort()
                     return
             stream.reset_unless_closed_cleanly()
-            record = _Client(next(self._conn_ids), client, service.name)
+            record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip)
             task = spawn(group, stream, self._serve_client(service, stream, record))
-            if task is not None:
+            if task is None:
+                record.release()
+            else:
                 self.clients.add(task)
                 self._by_task[task] = record
                 task.add_done_callback(self._client_done)
-            if ip is not None:
-                if task is None:
-                    _release(gates, ip)
-                else:
-                    task.add_done_callback(lambda _: _release(gates, ip))
 
-        accept_errors = Throttle(WARNING_INTERVAL)
-
-        def on_error(exc: TransportError) -> None:
-            message = "accept failed on service %s: %s"
-            accept_errors.log(self.log, logging.ERROR, time.monotonic(), message, service.name, exc)
-
-        await service.listener.accept_forever(handle, on_error)
+        await accept(service.listener, handle, self.log, f"service {service.name}")
 
     def _client_done(self, task: asyncio.Task[None]) -> None:
         self.clients.discard(task)
-        self._by_task.pop(task, None)
+        self._by_task.pop(task).release()
 
     async def _serve_client(self, service: _Service, stream: SocketStream, record: _Client) -> None:
         """Root of one client connection's task."""
-        client = record.client
+        client, config = record.client, self._config()
         log = self.log.bind(conn=record.conn, service=service.name)
         channel: Channel | None = None
-        result: RelayResult | None = None  # once relaying; filled in even if cancelled
-        config = self.config
         try:
             channel = await self.pool.take(
                 stream,
@@ -428,39 +353,43 @@ class GatewaySession:
             if channel is None:
                 return  # logged by take
             server = service.public or stream.local_address()
-            await channel.send_message(Start(record.conn, service.name, client, server))
+            await channel.send_message(wire.Start(record.conn, service.name, client, server))
             log.debug("client %s started on a data channel", client)
-            result = record.result = RelayResult()
-            await relay(stream, channel, "client", result)
+            record.result = RelayResult()  # filled in even if cancelled
+            await relay(stream, channel, "client", record.result)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
         except Exception:
             log.exception("unexpected error relaying client %s", client)
         finally:
-            if result is None:  # never relayed: neither end may look clean
+            if (r := record.result) is not None:  # the relay closed both ends, however it ended
+                log_closed(log, client, r.sent, r.received, r.duration, r.how, normal=r.normal)
+            else:  # never relayed: neither end may look clean
                 stream.abort()
                 if channel is not None:
                     channel.abort()
-            else:  # the relay closed both ends, however it ended
-                log_closed(
-                    log,
-                    client,
-                    result.sent,
-                    result.received,
-                    result.duration,
-                    result.how,
-                    normal=result.normal,
-                )
+
+
+async def accept(
+    listener: Listener,
+    handle: Callable[[SocketStream, str], None],
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    where: str,
+) -> None:
+    """Pass every connection to ``handle`` until cancelled; errors logged, throttled."""
+    errors = Throttle(WARNING_INTERVAL)
+
+    def on_error(exc: TransportError) -> None:
+        errors.log(log, logging.ERROR, time.monotonic(), "accept failed on %s: %s", where, exc)
+
+    await listener.accept_forever(handle, on_error)
 
 
 def spawn(
     group: asyncio.TaskGroup, stream: Stream, coro: Coroutine[Any, Any, None]
 ) -> asyncio.Task[None] | None:
-    """Start a connection's task, or reset the connection if its owner is ending.
-
-    A task cancelled before its first step never runs its own cleanup, so the
-    connection is reset here then; a task cancelled later has reset it already.
-    """
+    """Start a connection's task, or reset the connection if its owner is ending (a task
+    cancelled before its first step never runs its own cleanup, so reset it then)."""
     try:
         task = group.create_task(coro)
     except RuntimeError:  # the task group is shutting down
@@ -469,13 +398,3 @@ def spawn(
         return None
     task.add_done_callback(lambda t: stream.abort() if t.cancelled() else None)
     return task
-
-
-def host_of(address: str) -> str:
-    """The host of a ``host:port`` (IPv6 without its brackets)."""
-    return address.rpartition(":")[0].strip("[]")
-
-
-def _release(gates: list[Gate], ip: Any) -> None:
-    for gate in gates:
-        gate.release(ip)

@@ -83,7 +83,7 @@ class Pool:
 
     async def take(
         self, client: socket.socket, *, max_pending: int = 8, pending_timeout: float = WAIT
-    ) -> Channel | None:
+    ) -> Channel | str:
         return await self.pool.take(
             SocketStream(client),
             "127.0.0.1:40000",
@@ -122,7 +122,7 @@ async def pool(sockets: list[socket.socket]) -> Pool:
 
 
 @contextlib.asynccontextmanager
-async def waiting(pool: Pool, client: socket.socket) -> AsyncIterator[asyncio.Task[Channel | None]]:
+async def waiting(pool: Pool, client: socket.socket) -> AsyncIterator[asyncio.Task[Channel | str]]:
     """A client waiting in ``take`` (its request for a channel sent); cancelled
     after the block if still waiting."""
     before = pool.pool.statistics().waiting
@@ -255,7 +255,7 @@ def has_bytes(sock: socket.socket) -> bool:
         return False
 
 
-async def cancel(task: asyncio.Task[Channel | None]) -> None:
+async def cancel(task: asyncio.Task[Channel | str]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -263,24 +263,24 @@ async def cancel(task: asyncio.Task[Channel | None]) -> None:
 
 async def test_pool_refuses_a_client_beyond_max_pending(pool: Pool) -> None:
     """With max_pending clients waiting already, the next one is refused at
-    once (None) with a warning, and asks the agent for nothing."""
+    once ("limit") with a warning, and asks the agent for nothing."""
     first, _ = pool.client()
     async with waiting(pool, first):
         assert await pool.requests(1) == [1]
         second, _ = pool.client()
         with recording("tunnelgate", logging.WARNING) as log:
-            assert await pool.take(second, max_pending=1) is None
+            assert await pool.take(second, max_pending=1) == "limit"
         assert log.find("refusing client 127.0.0.1:40000: 1 clients already wait")
         assert pool.pool.statistics().requested == 1
 
 
 async def test_pool_client_waits_no_longer_than_pending_timeout(pool: Pool) -> None:
-    """A client for which no channel comes gets None after pending_timeout,
+    """A client for which no channel comes gets "pool_timeout" after pending_timeout,
     with a warning, and leaves no place in the queue behind."""
     client, _ = pool.client()
     with recording("tunnelgate", logging.WARNING) as log:
         async with asyncio.timeout(5):
-            assert await pool.take(client, pending_timeout=0.05) is None
+            assert await pool.take(client, pending_timeout=0.05) == "pool_timeout"
     assert log.find("no data channel from the agent for client 127.0.0.1:40000 within 0.05 s")
     assert pool.pool.statistics().waiting == 0
 
@@ -290,14 +290,14 @@ async def test_pool_client_that_leaves_while_waiting_gives_its_place_up(
     pool: Pool, leaves: str, tunnel_log: LogRecorder
 ) -> None:
     """A waiting client that resets, or closes without a byte sent, is given
-    up at once (None, one closing line); the channel that comes then is pooled."""
+    up at once ("left", one closing line); the channel that comes then is pooled."""
     client, own = pool.client()
     async with waiting(pool, client) as taking:
         if leaves == "reset":
             own.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         own.close()
         async with asyncio.timeout(5):
-            assert await taking is None
+            assert await taking == "left"
     assert tunnel_log.find("closed client=127.0.0.1:40000 up=0 down=0")
     assert tunnel_log.find("end=left before a data channel came")
     assert pool.pool.statistics().waiting == 0

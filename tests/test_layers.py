@@ -13,10 +13,19 @@ import tunnelgate
 SRC = Path(tunnelgate.__file__).parent
 IO_AND_CLOCKS = {"asyncio", "socket", "ssl", "time", "selectors", "select", "uvloop"}
 
-PURE_CORE = {"errors", "address", "backoff", "credentials", "access", "proxy_protocol", "protocol"}
+PURE_CORE = {
+    "errors",
+    "address",
+    "backoff",
+    "credentials",
+    "access",
+    "proxy_protocol",
+    "protocol",
+    "stats",
+}
 TRANSPORTS = {"tls", "transport"}
 ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent"}
-EDGES = {"config", "logs", "cli", "demo", "__main__", "__init__"}
+EDGES = {"config", "logs", "admin", "cli", "demo", "__main__", "__init__"}
 EVERYTHING = PURE_CORE | TRANSPORTS | ORCHESTRATION | EDGES
 
 # What each module (or package) may import from tunnelgate, besides itself.
@@ -24,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "address": {"errors"},
     "backoff": set(),
+    "stats": set(),
     "credentials": set(),
     "access": {"errors", "address"},
     "proxy_protocol": {"errors", "address"},
@@ -35,8 +45,9 @@ ALLOWED: dict[str, set[str]] = {
     "control": {"errors", "protocol", "channel"},
     "logs": set(),
     "config": PURE_CORE,
-    "gateway": EVERYTHING - {"agent", "cli", "demo", "__main__", "__init__"},
-    "agent": EVERYTHING - {"gateway", "cli", "demo", "__main__", "__init__"},
+    "gateway": EVERYTHING - {"agent", "admin", "cli", "demo", "__main__", "__init__"},
+    "agent": EVERYTHING - {"gateway", "admin", "cli", "demo", "__main__", "__init__"},
+    "admin": EVERYTHING - {"cli", "demo", "__main__", "__init__"},
     "cli": EVERYTHING,
     "demo": EVERYTHING - {"cli", "__main__"},
     "__main__": {"cli"},

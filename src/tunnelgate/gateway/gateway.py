@@ -32,6 +32,13 @@ from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared
 from tunnelgate.logs import Throttle
 from tunnelgate.protocol.session import Admitted, Candidate, Side, auth_refusal_reason, authenticate
 from tunnelgate.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION, Bye, Challenge, Hello, Refused
+from tunnelgate.stats import (
+    AUTH_FAILURE_REASONS,
+    TLS_FAILURE_REASONS,
+    AgentRecordStatistics,
+    GatewayTotals,
+    tls_failure_reason,
+)
 from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
 
 logger = logging.getLogger(__package__)
@@ -47,6 +54,10 @@ class GatewayStatistics:
     tls: bool
     handshakes: int  # connections on the control port still in their handshake
     sessions: tuple[SessionStatistics, ...]
+    agents: tuple[AgentRecordStatistics, ...]  # every agent known, online or not
+    auth_failures: tuple[tuple[str, int], ...]  # (reason, count), AUTH_FAILURE_REASONS
+    tls_failures: tuple[tuple[str, int], ...]  # (reason, count), TLS_FAILURE_REASONS
+    started_at: float  # wall-clock seconds
 
 
 class Gateway:
@@ -57,6 +68,7 @@ class Gateway:
         self.config = config if config is not None else load_gateway_config(None, options)[0]
         self.address: Address | None = None
         self.fingerprint: str | None = None
+        self.started_at = time.time()
         self.cert_created = False
         self.stored_token: Path | None = None  # the state directory's token, if it is the one
         self._context: TLSContext | None = None
@@ -103,6 +115,7 @@ class Gateway:
             )
         self._listener = open_listener(config.listen.host, config.listen.port)
         self.address = self._listener.address
+        self._remember_agents()
         self._main = asyncio.create_task(self._run(self._listener), name="gateway")
         await self._ready.wait()
         logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
@@ -172,6 +185,7 @@ class Gateway:
                 self._context = tls.server_context(*self._identity, config.client_ca)
                 self._client_ca_pem = ca_pem
             self.config = config
+            self._remember_agents()
             kept = 0
             for session in list(self._sessions.values()):
                 if (reason := await self._still_allowed(session)) is None:
@@ -213,10 +227,46 @@ class Gateway:
             for name, session in self._sessions.items()
         }
 
+    async def disconnect(self, agent: str, reason: str) -> bool:
+        """End ``agent``'s session now (it may reconnect); False if it has none."""
+        if (session := self._sessions.get(agent)) is None:
+            return False
+        session.log.warning("disconnecting the agent: %s", reason)
+        await session.kill()
+        return True
+
+    def close_connection(self, conn: int) -> bool:
+        """Reset one client connection, by its id; False if none is open."""
+        return any(session.close_client(conn) for session in self._by_id.values())
+
+    @property
+    def totals(self) -> GatewayTotals:
+        return self._shared.totals
+
     def statistics(self) -> GatewayStatistics:
         sessions = tuple(session.statistics() for session in self._by_id.values())
-        tls_on, handshakes = self._context is not None, self._handshakes.running
-        return GatewayStatistics(self.address, tls_on, handshakes, sessions)
+        open_bytes: dict[tuple[str, str], tuple[int, int]] = {}
+        for s in sessions:
+            for c in s.clients:
+                up, down = open_bytes.get((s.agent, c.service), (0, 0))
+                open_bytes[(s.agent, c.service)] = (up + c.up, down + c.down)
+        now, totals = time.time(), self.totals
+        return GatewayStatistics(
+            self.address,
+            self._context is not None,
+            self._handshakes.running,
+            sessions,
+            tuple(record.statistics(now, open_bytes) for record in totals.agents.values()),
+            tuple((reason, totals.auth_failures[reason]) for reason in AUTH_FAILURE_REASONS),
+            tuple((reason, totals.tls_failures[reason]) for reason in TLS_FAILURE_REASONS),
+            self.started_at,
+        )
+
+    def _remember_agents(self) -> None:
+        """Agents named in the config are known (offline) before they first connect."""
+        for policy in self.config.agents:
+            if policy.name:
+                self.totals.agent(policy.name)
 
     async def _run(self, listener: Listener) -> None:
         async with asyncio.TaskGroup() as group:
@@ -256,7 +306,11 @@ class Gateway:
             self._handshakes.begin(host)
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
-                    channel = await self._secure(stream)
+                    try:
+                        channel = await self._secure(stream)
+                    except errors.TransportError as exc:
+                        self.totals.tls_failures[tls_failure_reason(str(exc))] += 1
+                        raise
                     hello, admitted = await self._handshake(channel, peer)
             finally:
                 self._handshakes.end(host)
@@ -278,10 +332,15 @@ class Gateway:
                 owned = True
         except TimeoutError:  # counts as a failure: else it could hold many handshakes open
             self._handshakes.failures.failed(host, time.monotonic())
+            failures = self.totals.auth_failures if channel else self.totals.tls_failures
+            failures["timeout"] += 1
             logger.warning("closing connection from %s: handshake timed out", peer)
         except errors.AuthenticationError:
             pass  # logged where it was found, with the agent's name
         except (errors.ProtocolError, errors.TransportError, errors.ConnectionClosed) as exc:
+            if isinstance(exc, errors.ProtocolError) and not owned:
+                kind = "version" if isinstance(exc, errors.VersionMismatchError) else "protocol"
+                self.totals.auth_failures[kind] += 1
             logger.warning("closing connection from %s: %s", peer, exc)
         except Exception:
             logger.exception("unexpected error on connection from %s", peer)
@@ -324,6 +383,7 @@ class Gateway:
         verdict = authenticate(hello, nonce, candidates, names)
         if isinstance(verdict, Admitted):
             return hello, verdict
+        self.totals.auth_failures[verdict.split()[0]] += 1  # "token" or "certificate"
         failures, delay = self._handshakes.failures.failed(host_of(peer), time.monotonic())
         delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
         self._auth_warnings.warning(

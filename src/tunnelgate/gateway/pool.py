@@ -90,9 +90,9 @@ class ChannelPool:
         max_pending: int,
         pending_timeout: float,
         refusals: Throttle,
-    ) -> Channel | None:
-        """An open data channel, pooled or opened within ``pending_timeout``; None
-        (logged) if none comes, ``max_pending`` clients wait already, or the client left."""
+    ) -> Channel | str:
+        """An open data channel, pooled or opened within ``pending_timeout``; else why not
+        (logged): "pool_timeout", "limit" (``max_pending`` clients wait) or "left"."""
         while self.idle:
             pooled = self.idle.pop()
             channel = pooled.channel
@@ -122,7 +122,7 @@ class ChannelPool:
                 client,
                 len(self.waiters),
             )
-            return None
+            return "limit"
         waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         waited_from = time.monotonic()
         self.waiters.append(waiter)
@@ -137,6 +137,7 @@ class ChannelPool:
                 log_closed(log, client, 0, 0, duration, end, normal=True)
                 if waiter.done() and not waiter.cancelled():  # came in the same instant
                     self.idle.append(_Pooled(waiter.result()))
+                return "left"
             return taken
         except TimeoutError:
             log.warning(
@@ -146,7 +147,7 @@ class ChannelPool:
                 pending_timeout,
                 len(self.waiters),
             )
-            return None
+            return "pool_timeout"
         finally:
             if not waiter.done():
                 waiter.cancel()

@@ -28,11 +28,13 @@ from tunnelgate.logs import ContextLogger, Throttle, log_closed
 from tunnelgate.protocol import wire
 from tunnelgate.protocol.session import Admitted
 from tunnelgate.relay import RelayResult, relay
+from tunnelgate.stats import GatewayTotals
 from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
 
 logger = logging.getLogger(__package__)
 
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
+AGENT_GOODBYE: Final = "agent said goodbye: "
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Shared:
     ports: Ports = field(default_factory=Ports)
     gates: ClientGates = field(default_factory=ClientGates)
     conn_ids: Iterator[int] = field(default_factory=functools.partial(itertools.count, 1))
+    totals: GatewayTotals = field(default_factory=GatewayTotals)
 
 
 class GatewaySession:
@@ -131,6 +134,7 @@ class GatewaySession:
         self.started = time.monotonic()
         self._shared = shared
         self._config = shared.config
+        self.record = shared.totals.agent(agent)  # its counts, across its sessions
         self._by_task: dict[asyncio.Task[None], _Client] = {}
         self._refusals = Throttle(WARNING_INTERVAL)
         self._task: asyncio.Task[Any] | None = None
@@ -156,23 +160,28 @@ class GatewaySession:
     async def run(self) -> None:
         """Serve the agent until the session ends, then free everything and log why."""
         self._task = asyncio.current_task()
-        reason, level = "ended", logging.INFO
+        reason, level, label, counted = "ended", logging.INFO, "closed", False
         try:
             c = self._config()
             await self.channel.send_message(
                 wire.Welcome(self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size)
             )
             self.log.info("session started from %s", self.peer)
+            self.record.connected(self.peer, time.time())
+            counted = True
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 raise SessionOver(await self._control_loop())
         except* SessionOver as caught:
             reason = str(caught.exceptions[0])
+            label = "goodbye" if reason.startswith(AGENT_GOODBYE) else "closed"
         except* (ProtocolError, TransportError, ConnectionClosed) as caught:
-            reason, level = str(caught.exceptions[0]), logging.WARNING
+            reason, level, label = str(caught.exceptions[0]), logging.WARNING, "error"
         except* TimeoutError:
-            reason, level = "no heartbeat within the deadline", logging.WARNING
+            reason, level, label = "no heartbeat within the deadline", logging.WARNING, "heartbeat"
         finally:
+            if counted:
+                self.record.disconnected(label, time.time())
             self._shared.forget_name(self)
             self.release()
             self.channel.abort()
@@ -232,7 +241,7 @@ class GatewaySession:
             elif isinstance(message, wire.PoolRelease):
                 self.pool.release(message.count)
             elif isinstance(message, wire.Bye):
-                reason = f"agent said goodbye: {message.reason}"
+                reason = f"{AGENT_GOODBYE}{message.reason}"
                 await self.drain(reason)
                 if not self.clients:
                     return reason
@@ -287,6 +296,7 @@ class GatewaySession:
         self._shared.ports.holders[(bind, address.port)] = self
         assert self._group is not None
         service.accepting = self._group.create_task(self._accept_clients(service, self._group))
+        self.record.service(name)  # counted from now on, at zero
         self.log.info("service %s exposed on %s", name, address)
         return wire.ServiceResult(name, True, bind=address.host, port=address.port)
 
@@ -309,6 +319,7 @@ class GatewaySession:
                     service.name,
                     len(self.clients),
                 )
+                self.record.service(service.name).failed("limit")
                 stream.abort()
                 return
             gates, ip = service.gates, None  # the gates admitted through are the ones released
@@ -318,6 +329,7 @@ class GatewaySession:
                     refusal = admit(gates, ip, now)
                 if refusal is not None:
                     self._shared.gates.warn_refused(self.log, now, service.name, client, refusal)
+                    self.record.service(service.name).failed("access_denied")
                     stream.abort()
                     return
             stream.reset_unless_closed_cleanly()
@@ -332,17 +344,32 @@ class GatewaySession:
 
         await accept(service.listener, handle, self.log, f"service {service.name}")
 
+    def close_client(self, conn: int) -> bool:
+        for task, record in self._by_task.items():
+            if record.conn == conn:
+                self.log.warning("closing client %s (conn %d) on request", record.client, conn)
+                task.cancel()
+                return True
+        return False
+
     def _client_done(self, task: asyncio.Task[None]) -> None:
         self.clients.discard(task)
-        self._by_task.pop(task).release()
+        record = self._by_task.pop(task)
+        record.release()
+        if (r := record.result) is not None:  # counted here, as it leaves the live records
+            totals = self.record.service(record.service)
+            totals.ended(r.sent, r.received, r.duration)
+            if r.received == 0 and r.how.startswith(f"aborted by peer: {wire.AGENT_REACH_FAILURE}"):
+                totals.failed("service_refused")
 
     async def _serve_client(self, service: _Service, stream: SocketStream, record: _Client) -> None:
         """Root of one client connection's task."""
         client, config = record.client, self._config()
         log = self.log.bind(conn=record.conn, service=service.name)
         channel: Channel | None = None
+        totals = self.record.service(service.name)
         try:
-            channel = await self.pool.take(
+            taken = await self.pool.take(
                 stream,
                 client,
                 log,
@@ -350,15 +377,23 @@ class GatewaySession:
                 pending_timeout=config.pending_timeout,
                 refusals=self._refusals,
             )
-            if channel is None:
-                return  # logged by take
+            if isinstance(taken, str):  # logged by take
+                if taken != "left":
+                    totals.failed(taken)
+                return
+            channel = taken
             server = service.public or stream.local_address()
             await channel.send_message(wire.Start(record.conn, service.name, client, server))
+            totals.started(time.monotonic() - record.started)
             log.debug("client %s started on a data channel", client)
             record.result = RelayResult()  # filled in even if cancelled
             await relay(stream, channel, "client", record.result)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
+        except asyncio.CancelledError:
+            if record.result is None:  # the session ended while the client waited
+                totals.failed("no_agent")
+            raise
         except Exception:
             log.exception("unexpected error relaying client %s", client)
         finally:

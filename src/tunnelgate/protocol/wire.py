@@ -59,6 +59,8 @@ WHOLE_FRAME_MAX: Final = HEADER_SIZE + MAX_DATA_SIZE  # the largest frame whole_
 MAX_ABORT_SIZE: Final = 1024
 NONCE_SIZE: Final = 32
 MAX_SERVICES: Final = 256  # in one Register, so per agent
+# How an agent's ABORT begins when it cannot reach the local service.
+AGENT_REACH_FAILURE: Final = "agent "
 
 _HEADER = struct.Struct(">I")
 _LENGTH_MASK: Final = 0xFFFFFF

@@ -1,0 +1,264 @@
+"""The admin HTTP server: health, metrics and the JSON API of one :class:`Site`.
+
+Routes (``/healthz`` and ``/readyz`` answer without credentials, for probes)::
+
+    GET  /healthz            200: the process and its event loop answer
+    GET  /readyz             200, or 503 with the reason it is not ready
+    GET  /metrics            Prometheus text exposition
+    GET  /api/v1/...         the site's views, as JSON
+    POST /api/v1/...         the site's actions (a JSON body; see below)
+
+Credentials: on a loopback address none are needed. Otherwise the listener
+refuses to start without a token; a request shows it as ``Authorization:
+Bearer TOKEN`` or as the password of HTTP basic auth (any user name, so a
+browser can log in to the dashboard). Tokens are compared in constant time; a
+failure is answered after ``FAILURE_DELAY`` and logged with the source
+address (never the credential), and at most ``MAX_DELAYED`` failures wait at
+once: beyond that, 429 at once.
+
+A POST must carry ``Content-Type: application/json`` and, if the browser sent
+an ``Origin``, one naming this server: a cross-site page can send neither
+without the server's consent, so actions cannot be forged from another site.
+Bodies are capped at ``MAX_BODY``.
+
+Orchestration at the edge of the process: it must not import gateway, agent,
+relay or transport; a site adapts a gateway or an agent to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tunnelgate.address import Address
+from tunnelgate.logs import Throttle
+
+logger = logging.getLogger(__package__)
+
+API: Final = "/api/v1"
+MAX_BODY: Final = 64 * 1024
+FAILURE_DELAY: Final = 1.0  # seconds before a wrong credential is answered
+MAX_DELAYED: Final = 32  # wrong credentials being delayed at once; more get 429
+WARNING_INTERVAL: Final = 10.0
+KEEPALIVE_TIMEOUT: Final = 15.0
+
+
+class NotFound(Exception):
+    """No such view or object (404)."""
+
+
+class BadRequest(Exception):
+    """The request cannot be served as it is (400), for the reason given."""
+
+
+class Site(Protocol):
+    """What a gateway or an agent shows on its admin listener."""
+
+    side: str  # "gateway" or "agent"
+
+    def ready(self) -> str | None:
+        """None when ready to serve, else why not."""
+
+    def collect(self) -> Iterable[Metric]:
+        """The metrics as they are now."""
+
+    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+        """The JSON-encodable view at ``/api/v1/<path>``; raises NotFound."""
+
+    async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
+        """Do the action at ``/api/v1/<path>``; raises NotFound or BadRequest."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _SiteCollector(Collector):
+    def __init__(self, site: Site) -> None:
+        self._site = site
+
+    def collect(self) -> Iterable[Metric]:
+        return self._site.collect()
+
+
+class AdminServer:
+    """Serves one site on ``address``; ``token`` None only on loopback."""
+
+    def __init__(
+        self,
+        site: Site,
+        address: Address,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if token is None and not is_loopback(address.host):
+            raise ValueError(f"an admin listener on {address} needs a token")
+        self.site = site
+        self._address = address
+        self._token = token.encode() if token is not None else None
+        self._ssl = ssl_context
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_SiteCollector(site))
+        self._runner: web.AppRunner | None = None
+        self._delayed = 0
+        self._failures = Throttle(WARNING_INTERVAL)
+        self.started = time.time()
+        self.address: Address | None = None  # as bound, once started
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        host = self.address.host
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if self._ssl else 'http'}://{shown}:{self.address.port}/"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get(API, self._info)
+        app.router.add_get(API + "/{path:.+}", self._view)
+        app.router.add_post(API + "/{path:.+}", self._act)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT
+        )
+        await self._runner.setup()
+        host = self._address.host or None
+        site = web.TCPSite(self._runner, host, self._address.port, ssl_context=self._ssl)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {self._address}: {exc.strerror}") from None
+        bound = self._runner.addresses[0]
+        self.address = Address(str(bound[0]), int(bound[1]))
+        logger.info("admin listening on %s", self.url)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- the guard: credentials and cross-site requests -----------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path not in ("/healthz", "/readyz") and not self._authorized(request):
+            return await self._refuse(request)
+        if request.method == "POST":
+            why = _cross_site(request)
+            if why is not None:
+                return _error(403, why)
+        try:
+            response: web.StreamResponse = await handler(request)
+        except NotFound as exc:
+            return _error(404, str(exc) or "not found")
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        return response
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        given = b""
+        if scheme.lower() == "bearer":
+            given = value.strip().encode()
+        elif scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except binascii.Error:
+                given = b""
+        return hmac.compare_digest(given, self._token)
+
+    async def _refuse(self, request: web.Request) -> web.StreamResponse:
+        peer = request.remote or "?"
+        self._failures.warning(
+            logger, time.monotonic(), "admin: refused %s %s from %s: wrong or no credentials",
+            request.method, request.path, peer,
+        )  # fmt: skip
+        if self._delayed >= MAX_DELAYED:
+            return _error(429, "too many failed attempts; try later")
+        self._delayed += 1
+        try:
+            await asyncio.sleep(FAILURE_DELAY)
+        finally:
+            self._delayed -= 1
+        response = _error(401, "credentials required")
+        response.headers["WWW-Authenticate"] = 'Basic realm="tunnelgate", charset="UTF-8"'
+        return response
+
+    # --- routes -----------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        reason = self.site.ready()
+        if reason is None:
+            return _json({"ready": True})
+        return _json({"ready": False, "reason": reason}, status=503)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _info(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.site.view((), request.query))
+
+    async def _view(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"].strip("/").split("/")
+        return _json(self.site.view(path, request.query))
+
+    async def _act(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"].strip("/").split("/")
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return _json(await self.site.act(path, body))
+
+
+def _cross_site(request: web.Request) -> str | None:
+    """Why a POST may come from another site's page, or None."""
+    if request.content_type != "application/json":
+        return "actions take Content-Type: application/json"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.partition("://")[2] != request.host:
+        return f"cross-site request from {origin[:100]!r} refused"
+    return None
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(value), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status=status)

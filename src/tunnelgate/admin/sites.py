@@ -1,0 +1,200 @@
+"""What the gateway and the agent show on the admin listener: JSON views of
+their ``statistics()``, their metrics, readiness, and the actions they take.
+
+JSON API (``/api/v1``), gateway::
+
+    GET  /api/v1                     the gateway: version, address, TLS, uptime
+    GET  /api/v1/agents              every agent known, online or not
+    GET  /api/v1/agents/NAME         one agent, with its sessions
+    GET  /api/v1/services            every service exposed now
+    GET  /api/v1/connections         every open client connection
+    POST /api/v1/agents/NAME/disconnect
+    POST /api/v1/connections/ID/close
+    POST /api/v1/reload              re-read the configuration (as SIGHUP does)
+
+Agent: ``/api/v1`` (the agent), ``/api/v1/sessions``, ``/api/v1/services``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+
+from tunnelgate import __version__
+from tunnelgate.admin.metrics import agent_metrics, gateway_metrics
+from tunnelgate.admin.server import BadRequest, NotFound
+from tunnelgate.agent.agent import Agent
+from tunnelgate.gateway.gateway import Gateway
+
+
+def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    return dict(pairs)
+
+
+class GatewaySite:
+    side = "gateway"
+
+    def __init__(self, gateway: Gateway, reload: Callable[[], Awaitable[str]] | None = None):
+        self.gateway = gateway
+        self._reload = reload
+
+    def ready(self) -> str | None:
+        if self.gateway.address is None:
+            return "the control port is not listening"
+        return None
+
+    def collect(self) -> Iterable[Metric]:
+        return gateway_metrics(self.gateway.statistics())
+
+    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+        stats = self.gateway.statistics()
+        match list(path):
+            case []:
+                return {
+                    "side": "gateway",
+                    "version": __version__,
+                    "address": str(stats.address),
+                    "tls": stats.tls,
+                    "fingerprint": self.gateway.fingerprint,
+                    "started_at": stats.started_at,
+                    "uptime": time.time() - stats.started_at,
+                    "agents_connected": len({s.agent for s in stats.sessions}),
+                    "handshakes": stats.handshakes,
+                    "auth_failures": _counts(stats.auth_failures),
+                    "tls_failures": _counts(stats.tls_failures),
+                }
+            case ["agents"]:
+                return [self._agent(stats, a.name) for a in stats.agents]
+            case ["agents", name]:
+                if not any(a.name == name for a in stats.agents):
+                    raise NotFound(f"no agent {name!r}")
+                return self._agent(stats, name, detail=True)
+            case ["services"]:
+                return [
+                    {
+                        "name": service.name,
+                        "agent": session.agent,
+                        "address": str(service.address),
+                        "connections": service.clients,
+                        "draining": session.draining,
+                    }
+                    for session in stats.sessions
+                    for service in session.services
+                ]
+            case ["connections"]:
+                return [
+                    {
+                        "id": c.conn,
+                        "agent": session.agent,
+                        "service": c.service,
+                        "client": c.client,
+                        "age": c.duration,
+                        "up": c.up,
+                        "down": c.down,
+                        "state": "relaying" if c.relaying else "waiting",
+                    }
+                    for session in stats.sessions
+                    for c in session.clients
+                ]
+        raise NotFound(f"no view /{'/'.join(path)}")
+
+    def _agent(self, stats: Any, name: str, detail: bool = False) -> dict[str, Any]:
+        record = next(a for a in stats.agents if a.name == name)
+        sessions = [s for s in stats.sessions if s.agent == name]
+        view: dict[str, Any] = {
+            "name": name,
+            "online": record.up,
+            "address": record.address,
+            "connected_at": record.connected_at or None,
+            "last_seen": record.last_seen or None,
+            "connects": record.connects,
+            "disconnects": _counts(record.disconnects),
+            "services": [s.name for session in sessions for s in session.services],
+            "connections": sum(len(session.clients) for session in sessions),
+            "up": sum(counts.up for _, counts in record.services),
+            "down": sum(counts.down for _, counts in record.services),
+        }
+        if detail:
+            view["sessions"] = [
+                {"id": s.id, "peer": s.peer, "age": s.duration, "draining": s.draining}
+                for s in sessions
+            ]
+            view["traffic"] = {
+                service: {
+                    "connections": counts.connections,
+                    "up": counts.up,
+                    "down": counts.down,
+                    "errors": _counts(counts.errors),
+                }
+                for service, counts in record.services
+            }
+        return view
+
+    async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
+        match list(path):
+            case ["agents", name, "disconnect"]:
+                if not await self.gateway.disconnect(name, "disconnected from the admin API"):
+                    raise NotFound(f"agent {name!r} is not connected")
+                return {"disconnected": name}
+            case ["connections", conn, "close"]:
+                if not conn.isdigit() or not self.gateway.close_connection(int(conn)):
+                    raise NotFound(f"no open connection {conn}")
+                return {"closed": int(conn)}
+            case ["reload"]:
+                if self._reload is None:
+                    raise BadRequest("this gateway has no configuration to reload")
+                return {"reloaded": await self._reload()}
+        raise NotFound(f"no action /{'/'.join(path)}")
+
+
+class AgentSite:
+    side = "agent"
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def ready(self) -> str | None:
+        if not self.agent.statistics().sessions:
+            return "no session with the gateway"
+        if not self.agent.services:
+            return "no service registered yet"
+        return None
+
+    def collect(self) -> Iterable[Metric]:
+        return agent_metrics(self.agent.statistics())
+
+    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+        stats = self.agent.statistics()
+        match list(path):
+            case []:
+                return {
+                    "side": "agent",
+                    "version": __version__,
+                    "name": stats.name,
+                    "gateway": str(self.agent.config.gateway),
+                    "sessions": len(stats.sessions),
+                }
+            case ["sessions"]:
+                return [
+                    {
+                        "id": s.id,
+                        "gateway": str(s.gateway),
+                        "age": s.duration,
+                        "services": [service.name for service in s.services],
+                        "pool": s.pool,
+                    }
+                    for s in stats.sessions
+                ]
+            case ["services"]:
+                return [
+                    {"name": s.name, "public": str(s.address), "local": str(s.local)}
+                    for session in stats.sessions
+                    for s in session.services
+                ]
+        raise NotFound(f"no view /{'/'.join(path)}")
+
+    async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
+        raise NotFound(f"no action /{'/'.join(path)}")

@@ -1,0 +1,192 @@
+"""Counts that outlive a connection, without I/O: the totals and histograms
+that the ``statistics()`` views add to the live state, for metrics.
+
+A :class:`ServiceTotals` belongs to one (agent, service) for the life of the
+process, across the agent's reconnects, so its counters only ever grow, as
+Prometheus expects of a counter. Must not import asyncio, socket or time, nor
+any tunnelgate module.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Final
+
+# Seconds. A new connection takes from well under a millisecond (a pooled
+# channel on loopback) to seconds (a data channel opened on demand, far away).
+SETUP_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DURATION_BUCKETS: Final = (0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
+
+# Why a client connection on a service port was not carried to the service.
+ERROR_REASONS: Final = ("access_denied", "limit", "no_agent", "pool_timeout", "service_refused")
+
+
+@dataclass(frozen=True)
+class HistogramCounts:
+    bounds: tuple[float, ...]  # upper bounds; the last bucket (+Inf) is implied
+    counts: tuple[int, ...]  # per bucket, not cumulative; one more than bounds
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class Histogram:
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def counts(self) -> HistogramCounts:
+        return HistogramCounts(self._bounds, tuple(self._counts), self._sum)
+
+
+@dataclass(frozen=True)
+class ServiceCounts:
+    """A service's totals at one moment; bytes include those of open connections."""
+
+    connections: int  # carried to the agent, ended or not
+    errors: tuple[tuple[str, int], ...]  # (reason, count) for each reason in ERROR_REASONS
+    up: int  # bytes from clients
+    down: int  # bytes to clients
+    setup: HistogramCounts  # seconds from accepting a client to relaying its bytes
+    duration: HistogramCounts  # seconds each ended connection lasted
+
+
+@dataclass(eq=False)
+class ServiceTotals:
+    connections: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    up: int = 0  # of ended connections; open ones are added by counts()
+    down: int = 0
+    setup: Histogram = field(default_factory=lambda: Histogram(SETUP_BUCKETS))
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+
+    def started(self, setup: float) -> None:
+        self.connections += 1
+        self.setup.observe(setup)
+
+    def ended(self, up: int, down: int, duration: float) -> None:
+        self.up += up
+        self.down += down
+        self.duration.observe(duration)
+
+    def failed(self, reason: str) -> None:
+        self.errors[reason] += 1
+
+    def counts(self, open_up: int = 0, open_down: int = 0) -> ServiceCounts:
+        return ServiceCounts(
+            self.connections,
+            tuple((reason, self.errors[reason]) for reason in ERROR_REASONS),
+            self.up + open_up,
+            self.down + open_down,
+            self.setup.counts(),
+            self.duration.counts(),
+        )
+
+
+# Why a session ended, as the gateway counts it.
+DISCONNECT_REASONS: Final = ("goodbye", "heartbeat", "error", "closed")
+MAX_OFFLINE_AGENTS: Final = 10_000  # remembered after their last session; the oldest go first
+
+
+@dataclass(frozen=True)
+class AgentRecordStatistics:
+    """What the gateway knows of one agent, online or not."""
+
+    name: str
+    up: bool
+    address: str  # the last session's peer address
+    connected_at: float  # wall-clock seconds of the last session's start; 0: never
+    last_seen: float  # wall-clock seconds: now while up, else when its last session ended
+    connects: int
+    disconnects: tuple[tuple[str, int], ...]  # (reason, count) for each DISCONNECT_REASONS
+    services: tuple[tuple[str, ServiceCounts], ...]  # every service it ever exposed
+
+
+@dataclass(eq=False)
+class AgentRecord:
+    name: str
+    sessions: int = 0  # running now (a reconnect briefly overlaps the old one)
+    address: str = ""
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+    connects: int = 0
+    disconnects: Counter[str] = field(default_factory=Counter)
+    services: dict[str, ServiceTotals] = field(default_factory=dict)
+
+    def connected(self, address: str, now: float) -> None:
+        self.sessions += 1
+        self.connects += 1
+        self.address, self.connected_at, self.last_seen = address, now, now
+
+    def disconnected(self, reason: str, now: float) -> None:
+        self.sessions -= 1
+        self.disconnects[reason] += 1
+        self.last_seen = now
+
+    def service(self, name: str) -> ServiceTotals:
+        totals = self.services.get(name)
+        if totals is None:
+            totals = self.services[name] = ServiceTotals()
+        return totals
+
+    def statistics(
+        self, now: float, open_bytes: dict[tuple[str, str], tuple[int, int]]
+    ) -> AgentRecordStatistics:
+        up = self.sessions > 0
+        return AgentRecordStatistics(
+            self.name,
+            up,
+            self.address,
+            self.connected_at,
+            now if up else self.last_seen,
+            self.connects,
+            tuple((reason, self.disconnects[reason]) for reason in DISCONNECT_REASONS),
+            tuple(
+                (name, totals.counts(*open_bytes.get((self.name, name), (0, 0))))
+                for name, totals in self.services.items()
+            ),
+        )
+
+
+@dataclass(eq=False)
+class GatewayTotals:
+    """Everything a gateway counts beyond its live state, for the life of the process."""
+
+    agents: dict[str, AgentRecord] = field(default_factory=dict)
+    auth_failures: Counter[str] = field(default_factory=Counter)  # by AUTH_FAILURE_REASONS
+    tls_failures: Counter[str] = field(default_factory=Counter)  # by TLS_FAILURE_REASONS
+
+    def agent(self, name: str) -> AgentRecord:
+        record = self.agents.get(name)
+        if record is None:
+            if len(self.agents) >= MAX_OFFLINE_AGENTS:
+                offline = [r for r in self.agents.values() if not r.sessions]
+                if offline:
+                    del self.agents[min(offline, key=lambda r: r.last_seen).name]
+            record = self.agents[name] = AgentRecord(name)
+        return record
+
+
+AUTH_FAILURE_REASONS: Final = ("token", "certificate", "version", "protocol", "timeout")
+TLS_FAILURE_REASONS: Final = ("certificate", "protocol", "closed", "timeout")
+
+
+def tls_failure_reason(message: str) -> str:
+    """The reason label of a failed TLS handshake, from its error's text."""
+    text = message.lower()
+    if "certificate" in text or "unknown ca" in text:
+        return "certificate"
+    if "reset" in text or "eof" in text or "closed" in text:
+        return "closed"
+    return "protocol"

@@ -1,0 +1,250 @@
+"""The admin listener on a real gateway and agent: health, metrics and the JSON
+API, asserted after real traffic through the tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from kit.clients import echo_roundtrip
+from kit.services import LocalServer
+from kit.tunnels import OpenAgent, OpenGateway, Tunnel
+from kit.waiting import wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from tunnelgate import Address
+from tunnelgate.admin.server import AdminServer, Site
+from tunnelgate.admin.sites import AgentSite, GatewaySite
+
+ADMIN_TOKEN = "admin-secret-for-the-tests-0123"
+
+Serve = Callable[..., Awaitable[AdminServer]]
+
+
+@pytest.fixture
+async def serve(stack: contextlib.AsyncExitStack) -> Serve:
+    """``await serve(site, token=None)``: an admin listener on loopback port 0."""
+
+    async def serve_(site: Site, token: str | None = None, host: str = "127.0.0.1") -> AdminServer:
+        server = AdminServer(site, Address(host, 0), token)
+        await server.start()
+        stack.push_async_callback(server.close)
+        return server
+
+    return serve_
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, status: int = 200) -> Any:
+    async with http.get(url) as response:
+        assert response.status == status, await response.text()
+        return await response.json()
+
+
+async def post(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:
+    kwargs.setdefault("json", {})
+    async with http.post(url, **kwargs) as response:
+        return response.status, await response.json()
+
+
+async def scrape(http: aiohttp.ClientSession, server: AdminServer) -> dict[tuple[str, str], float]:
+    """Every sample of /metrics, by (name, its labels written out sorted)."""
+    async with http.get(server.url + "metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+SERVICE = "agent=site-a,service=svc"
+
+
+async def test_health_and_readiness_need_no_credentials(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway), token=ADMIN_TOKEN)
+    assert await get_json(http, server.url + "healthz") == {"status": "ok"}
+    assert await get_json(http, server.url + "readyz") == {"ready": True}
+
+
+async def test_metrics_count_bytes_while_a_connection_is_open(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    serve: Serve,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
+    [(name, service)] = (await agent.wait_ready(10)).items()
+    labels = f"agent=site-a,service={name}"
+    up_labels = f"agent=site-a,direction=up,service={name}"
+    down_labels = f"agent=site-a,direction=down,service={name}"
+    server = await serve(GatewaySite(gateway))
+    metrics = await scrape(http, server)
+    assert metrics[("tunnelgate_agent_up", "agent=site-a")] == 1
+    assert metrics[("tunnelgate_service_up", labels)] == 1
+    assert metrics[("tunnelgate_service_connections_total", labels)] == 0
+
+    public = service.address
+    reader, writer = await asyncio.open_connection(public.host, public.port)
+    try:
+        for size, total in ((1000, 1000), (2000, 3000)):
+            writer.write(b"x" * size)
+            assert await reader.readexactly(size) == b"x" * size
+
+            async def counted(total: int = total) -> bool:
+                m = await scrape(http, server)
+                up = m[("tunnelgate_service_transmit_bytes_total", up_labels)]
+                down = m[("tunnelgate_service_transmit_bytes_total", down_labels)]
+                return up == down == total
+
+            await wait_async(counted, f"{total} bytes each way counted while open")
+        metrics = await scrape(http, server)
+        assert metrics[("tunnelgate_service_active_connections", labels)] == 1
+        connections = await get_json(http, server.url + "api/v1/connections")
+        assert [(c["service"], c["up"], c["down"]) for c in connections] == [(name, 3000, 3000)]
+    finally:
+        writer.close()
+    await wait_async(
+        lambda: _metric(http, server, "tunnelgate_service_active_connections", labels, 0),
+        "the connection counted as ended",
+    )
+    metrics = await scrape(http, server)
+    assert metrics[("tunnelgate_service_connections_total", labels)] == 1
+    assert metrics[("tunnelgate_service_connection_duration_seconds_count", labels)] == 1
+    assert metrics[("tunnelgate_service_transmit_bytes_total", up_labels)] == 3000
+
+
+async def _metric(
+    http: aiohttp.ClientSession, server: AdminServer, name: str, labels: str, value: float
+) -> bool:
+    return (await scrape(http, server)).get((name, labels)) == value
+
+
+async def wait_async(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
+    """Poll an async check until it is true; fail after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():  # noqa: ASYNC110 (polling a server over HTTP)
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+
+
+async def test_api_lists_agents_services_and_connections(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway))
+    info = await get_json(http, server.url + "api/v1")
+    assert info["side"] == "gateway" and info["agents_connected"] == 1
+    [agent] = await get_json(http, server.url + "api/v1/agents")
+    assert agent["name"] == "site-a" and agent["online"] is True
+    [service] = await get_json(http, server.url + "api/v1/services")
+    assert service["agent"] == "site-a"
+    assert service["address"].endswith(f":{echo_tunnel.address.port}")
+    await echo_roundtrip(echo_tunnel.address)
+    detail = await get_json(http, server.url + "api/v1/agents/site-a")
+    [traffic] = detail["traffic"].values()
+    assert traffic["connections"] == 1 and traffic["up"] == traffic["down"] > 0
+    assert (await get_json(http, server.url + "api/v1/agents/nobody", 404))["error"]
+    assert (await get_json(http, server.url + "api/v1/nothing", 404))["error"]
+
+
+async def test_close_a_connection_and_disconnect_an_agent(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway))
+    public = echo_tunnel.address
+    reader, writer = await asyncio.open_connection(public.host, public.port)
+    writer.write(b"hello")
+    assert await reader.readexactly(5) == b"hello"
+    [connection] = await get_json(http, server.url + "api/v1/connections")
+    status, body = await post(http, server.url + f"api/v1/connections/{connection['id']}/close")
+    assert (status, body) == (200, {"closed": connection["id"]})
+    with contextlib.suppress(ConnectionError):
+        assert await reader.read() == b""  # reset or closed: ended by the gateway
+    writer.close()
+    assert (await post(http, server.url + "api/v1/connections/999999/close"))[0] == 404
+
+    first = echo_tunnel.agent.session_id
+    status, body = await post(http, server.url + "api/v1/agents/site-a/disconnect")
+    assert (status, body) == (200, {"disconnected": "site-a"})
+    await wait_until(
+        lambda: echo_tunnel.agent.session_id not in (None, first), what="the agent back"
+    )
+    metrics = await scrape(http, server)
+    assert metrics[("tunnelgate_agent_disconnects_total", "agent=site-a,reason=closed")] == 1
+    assert metrics[("tunnelgate_agent_connects_total", "agent=site-a")] == 2
+
+
+async def test_actions_refuse_cross_site_requests(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway))
+    url = server.url + "api/v1/agents/site-a/disconnect"
+    form = await post(http, url, json=None, data={"a": "b"})
+    assert form[0] == 403 and "Content-Type" in form[1]["error"]
+    foreign = await post(http, url, headers={"Origin": "http://evil.example"})
+    assert foreign[0] == 403 and "cross-site" in foreign[1]["error"]
+    assert echo_tunnel.gateway.statistics().sessions  # still connected
+
+
+@pytest.mark.errors_logged_on_purpose
+async def test_credentials_bearer_or_basic_and_failures_delayed(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway), token=ADMIN_TOKEN)
+    url = server.url + "api/v1"
+    async with http.get(url) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic")
+    async with http.get(url, headers={"Authorization": "Bearer wrong"}) as response:
+        assert response.status == 401
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert (await get_json_with(http, url, bearer))["side"] == "gateway"
+    basic = base64.b64encode(f"anyone:{ADMIN_TOKEN}".encode()).decode()
+    assert (await get_json_with(http, url, {"Authorization": f"Basic {basic}"}))["side"]
+    async with http.get(server.url + "metrics", headers=bearer) as response:
+        assert response.status == 200
+
+
+async def get_json_with(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Any:
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+def test_a_listener_off_loopback_needs_a_token() -> None:
+    with pytest.raises(ValueError, match="needs a token"):
+        AdminServer(GatewaySite.__new__(GatewaySite), Address("0.0.0.0", 0))
+
+
+async def test_agent_side_ready_and_metrics(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(AgentSite(echo_tunnel.agent))
+    assert await get_json(http, server.url + "readyz") == {"ready": True}
+    metrics = await scrape(http, server)
+    gateway = f"gateway={echo_tunnel.gateway.address}"
+    assert metrics[("tunnelgate_agent_control_up", gateway)] == 1
+    [service] = await get_json(http, server.url + "api/v1/services")
+    assert service["public"].endswith(f":{echo_tunnel.address.port}")
+    await echo_tunnel.gateway.aclose()
+    body = await get_json(http, server.url + "readyz", 503)
+    assert body["ready"] is False and body["reason"]

@@ -1,11 +1,9 @@
 """The command line: ``tunnelgate gateway|agent|check-config|token|demo``.
 
-The flags of ``gateway`` and ``agent`` are a contract other tools rely on
-(see ``docs/ARCHITECTURE.md``); keep them stable. Exit codes: 0 after a clean
-stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token, wrong
-gateway certificate) or the gateway cannot listen, 2 for bad flags or
-configuration. This is the only
-module that configures logging and the only place errors become exit codes.
+The flags of ``gateway`` and ``agent`` are a contract other tools rely on: keep them stable.
+Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token
+or gateway certificate) or the gateway cannot listen, 2 for bad flags or configuration. The only
+module that configures logging, and the only place errors become exit codes.
 """
 
 from __future__ import annotations
@@ -117,16 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_fd_limit() -> None:
-    """Lift the soft limit on open files to the hard one: each relayed
-    connection holds two sockets on each side, and 1024 is a common default."""
+    """Lift the soft limit on open files to the hard one: each relayed connection holds two
+    sockets on each side, and 1024 is a common default."""
     try:
         import resource
     except ImportError:  # not a Unix
         return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
@@ -202,9 +199,7 @@ def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
 
 
 async def _gateway_main(
-    config: GatewayConfig,
-    stop: asyncio.Event,
-    reread: Callable[[], GatewayConfig],
+    config: GatewayConfig, stop: asyncio.Event, reread: Callable[[], GatewayConfig]
 ) -> None:
     async with Gateway(config) as gateway:
         _print_banner(gateway, gateway.stored_token)
@@ -233,16 +228,15 @@ async def _gateway_main(
 
 def _print_banner(gateway: Gateway, stored: Path | None) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
-    config = gateway.config
     assert gateway.address is not None
-    host = config.listen.host
+    host = gateway.config.listen.host
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
     target = format_address(host, gateway.address.port)
     lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
     command = f"tunnelgate agent --gateway {target}"
     if stored is not None:
-        token = config.agents[0].token.decode()
+        token = gateway.config.agents[0].token.decode()
         lines.append(f"token: {token}  (stored in {stored})")
         command = f"{TOKEN_ENV}={token} {command}"
     else:
@@ -279,8 +273,7 @@ def _name_arg(text: str) -> str:
 
 
 def _run_token(args: argparse.Namespace) -> int:
-    """A new token (or the given one, to hash it) and, with --name, the lines
-    for the gateway's config that hold only its hash."""
+    """A new token (or the given one) and, with --name, the gateway's config lines with its hash."""
     if args.token_file and not args.name:
         raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
     if args.name and (given := read_token(args.token_file)) is not None:
@@ -306,8 +299,7 @@ def _run_token(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
-        with path.open("rb") as fh:
-            is_agent = "gateway" in tomllib.load(fh)
+        is_agent = "gateway" in tomllib.loads(path.read_bytes().decode())
     except (OSError, tomllib.TOMLDecodeError):
         is_agent = False  # the loader reports the problem precisely
     if is_agent:

@@ -28,8 +28,6 @@ from tunnelgate.config import (
     AGENT,
     GATEWAY,
     TOKEN_ENV,
-    AgentConfig,
-    GatewayConfig,
     LogConfig,
     load_agent_config,
     load_gateway_config,
@@ -56,13 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gateway = commands.add_parser("gateway", help="run the public side")
-    _add_flags(gateway, GATEWAY)
-    gateway.set_defaults(run=_run_gateway)
-    agent = commands.add_parser("agent", help="run the private side")
-    _add_flags(agent, AGENT)
-    agent.set_defaults(run=_run_agent)
-
+    _add_flags(commands.add_parser("gateway", help="run the public side"), GATEWAY, _run_gateway)
+    _add_flags(commands.add_parser("agent", help="run the private side"), AGENT, _run_agent)
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
@@ -86,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_flags(parser: argparse.ArgumentParser, side: str) -> None:
+def _add_flags(
+    parser: argparse.ArgumentParser, side: str, run: Callable[[argparse.Namespace], int]
+) -> None:
     """``--config`` and a flag for each of the side's options that has one."""
+    parser.set_defaults(run=run)
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
     for o in options(side).values():
         if o.flag and o.kind is bool:  # --no-tls
@@ -188,54 +184,46 @@ def _run_gateway(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
-    return _run(lambda stop: _gateway_main(config, stop, lambda: _reread(args.config, flags)))
 
-
-def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
-    """The gateway's config as it reads now (on SIGHUP); the log level applies at once."""
-    config, log = load_gateway_config(path, flags)
-    logging.getLogger("tunnelgate").setLevel(log.level.upper())
-    return with_stored_token(config)[0]
-
-
-async def _gateway_main(
-    config: GatewayConfig, stop: asyncio.Event, reread: Callable[[], GatewayConfig]
-) -> None:
-    async with Gateway(config) as gateway:
-        _print_banner(gateway, gateway.stored_token)
-        reloads: set[asyncio.Task[None]] = set()
-
-        async def reload() -> None:
-            logger.info("SIGHUP received; reloading the configuration")
-            try:
-                await gateway.reload(reread())
-            except ConfigError as exc:
-                logger.error("configuration not reloaded; the running one stays: %s", exc)
-
-        def on_hangup() -> None:
-            task = asyncio.ensure_future(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    async def reload(gateway: Gateway) -> None:  # on SIGHUP; the log level applies at once
+        logger.info("SIGHUP received; reloading the configuration")
         try:
-            await _until_stopped(stop, gateway.serve_forever())
-        finally:
-            loop.remove_signal_handler(signal.SIGHUP)
-        await gateway.shutdown()
+            config, log = load_gateway_config(args.config, flags)
+            logging.getLogger("tunnelgate").setLevel(log.level.upper())
+            await gateway.reload(with_stored_token(config)[0])
+        except ConfigError as exc:
+            logger.error("configuration not reloaded; the running one stays: %s", exc)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with Gateway(config) as gateway:
+            _print_banner(gateway)
+            reloads: set[asyncio.Task[None]] = set()
+
+            def on_hangup() -> None:
+                task = asyncio.ensure_future(reload(gateway))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            try:
+                await _until_stopped(stop, gateway.serve_forever())
+            finally:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await gateway.shutdown()
+
+    return _run(main)
 
 
-def _print_banner(gateway: Gateway, stored: Path | None) -> None:
+def _print_banner(gateway: Gateway) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
     assert gateway.address is not None
     host = gateway.config.listen.host
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
-    target = format_address(host, gateway.address.port)
     lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
-    command = f"tunnelgate agent --gateway {target}"
-    if stored is not None:
+    command = f"tunnelgate agent --gateway {format_address(host, gateway.address.port)}"
+    if (stored := gateway.stored_token) is not None:
         token = gateway.config.agents[0].token.decode()
         lines.append(f"token: {token}  (stored in {stored})")
         command = f"{TOKEN_ENV}={token} {command}"
@@ -256,13 +244,13 @@ def _run_agent(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for key in options(AGENT)}
     config, log = load_agent_config(args.config, flags)
     _start_logging(args, log)
-    return _run(lambda stop: _agent_main(config, stop))
 
+    async def main(stop: asyncio.Event) -> None:
+        async with Agent(config) as agent:
+            await _until_stopped(stop, agent.run_until_stopped())
+            await agent.shutdown()
 
-async def _agent_main(config: AgentConfig, stop: asyncio.Event) -> None:
-    async with Agent(config) as agent:
-        await _until_stopped(stop, agent.run_until_stopped())
-        await agent.shutdown()
+    return _run(main)
 
 
 def _name_arg(text: str) -> str:

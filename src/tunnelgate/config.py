@@ -202,19 +202,11 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
-def _strings(value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise ValueError("expected a string or a list of strings")
-    return items
-
-
 def _read_token_file(path: str) -> bytes:
     try:
-        text = _path(path).read_text(encoding="utf-8").strip()
+        return check_token(_path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
-    return check_token(text)
 
 
 def check_token(text: str) -> bytes:
@@ -227,18 +219,10 @@ def check_token(text: str) -> bytes:
 
 def normalize_fingerprint(text: str) -> str:
     """``SHA256:<64 hex>`` from any common spelling (prefix, colons, case)."""
-    value = text.strip()
-    if value.lower().startswith("sha256:"):
-        value = value[7:]
-    value = value.replace(":", "").lower()
+    value = text.strip().lower().removeprefix("sha256:").replace(":", "")
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("expected SHA256: and 64 hex digits, as the gateway prints it")
     return "SHA256:" + value.upper()
-
-
-def default_agent_name() -> str:
-    """The host name, as a name (the agent's if its config gives none)."""
-    return to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent"
 
 
 def _proxy_protocol(value: Any) -> int:
@@ -321,7 +305,14 @@ def options(side: str) -> dict[str, Option]:
 
 def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
     """A reader of a string or a list of strings, each read by ``read``."""
-    return lambda value: tuple(read(item) for item in _strings(value))
+
+    def each(value: Any) -> tuple[T, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("expected a string or a list of strings")
+        return tuple(read(item) for item in items)
+
+    return each
 
 
 # The keys of an [[agents]] table on the gateway and of a [[services]] table on the agent.
@@ -575,7 +566,7 @@ def load_agent_config(
     given = {
         "token": token or b"",  # b"": certificates alone
         "services": _services(src, values),
-        "name": values["name"] or default_agent_name(),
+        "name": values["name"] or to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent",
         "reconnect_max": max(values["reconnect_max"], values["reconnect_min"]),
     }
     src.raise_problems()

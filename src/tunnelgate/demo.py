@@ -6,6 +6,7 @@ its fingerprint and exposes the service. It prints what to ``curl`` and runs unt
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import tempfile
 
@@ -51,8 +52,6 @@ async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 async def run() -> None:
     """Run the demo until cancelled."""
-    import secrets
-
     token = secrets.token_urlsafe(DEMO_TOKEN_BYTES)
     service = await asyncio.start_server(_http_service, "127.0.0.1", 0)
     service_port = service.sockets[0].getsockname()[1]

@@ -85,7 +85,7 @@ class Agent:
             return
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._closing = True
-        await self._say_bye()
+        await asyncio.gather(*(session.say_bye() for session in self._sessions))
         sessions = list(self._sessions)
         for session in sessions:
             session.stop_opening()
@@ -105,18 +105,14 @@ class Agent:
                 self._log.info("drained: every connection finished")
         await self.aclose()
 
-    async def _say_bye(self) -> None:
-        await asyncio.gather(*(session.say_bye() for session in self._sessions))
-
     async def aclose(self) -> None:
         """Stop at once: end the session (open connections are reset) and stop reconnecting."""
-        await self._say_bye()
+        await asyncio.gather(*(session.say_bye() for session in self._sessions))
         self._closing = True
         main, self._main = self._main, None
         if main is not None:
-            # A cancellation can be absorbed by a session's task group that is
-            # already unwinding an error; ``_closing`` stops the loop then, and
-            # cancelling again until the task is done covers the rest.
+            # A session's task group unwinding an error can absorb a cancellation: ``_closing``
+            # stops the loop then, and cancelling again until the task is done covers the rest.
             while not main.done():
                 main.cancel()
                 await asyncio.wait({main}, timeout=CLOSE_RETRY_INTERVAL)
@@ -153,8 +149,7 @@ class Agent:
             session = AgentSession(self._dialer, self._chosen_ports, self._ready.set)
             self._sessions.append(session)
             try:
-                reason = await session.run()
-                level = logging.INFO
+                reason, level = await session.run(), logging.INFO
             except AuthenticationError:
                 raise  # fatal: the caller reports it (the CLI logs it and exits 1)
             except TimeoutError:

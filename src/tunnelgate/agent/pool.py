@@ -135,13 +135,11 @@ class DataChannels:
             for _ in range(demand.to_open(time.monotonic())):
                 demand.opening += 1
                 self.group.create_task(self._channel())
-            surplus = demand.surplus(time.monotonic())
-            if surplus:
+            if surplus := demand.surplus(time.monotonic()):
                 demand.releasing += surplus
                 await self.control.send_message(PoolRelease(surplus))
+            above = demand.ready > demand.pool_size  # then look again as the rate decays
             try:
-                # Above pool_size, look again as the rate decays.
-                above = demand.ready > demand.pool_size
                 async with asyncio.timeout(DEMAND_WINDOW if above else None):
                     await self.changed.wait()
             except TimeoutError:

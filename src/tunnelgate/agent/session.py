@@ -144,6 +144,7 @@ class AgentSession:
         self.log = dialer.log
         self.id: str | None = None  # once welcomed
         self.services: dict[str, ExposedService] = {}
+        self.serving: set[asyncio.Task[None]] = set()  # tasks of the client connections carried
         self.started = time.monotonic()
         self._on_ready = on_ready
         self._chosen_ports = chosen_ports
@@ -159,11 +160,6 @@ class AgentSession:
         return SessionStatistics(
             self.id or "", self.config.gateway, duration, tuple(self.services.values()), pool
         )
-
-    @property
-    def serving(self) -> set[asyncio.Task[None]]:
-        """The tasks of the client connections this session carries."""
-        return self._channels.serving if self._channels is not None else set()
 
     async def run(self) -> str:
         """The session, from connect to its end; returns why it ended. Raises AuthenticationError
@@ -193,6 +189,7 @@ class AgentSession:
                     control=channel,
                     open_channel=lambda: self.dialer.open("data", welcome.session),
                     serve=self._serve,
+                    serving=self.serving,
                     log=self.log,
                 )
                 group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
@@ -236,8 +233,7 @@ class AgentSession:
             if isinstance(message, str):
                 return message
             if isinstance(message, Registered):
-                retry = self._registered(message)
-                if retry:
+                if retry := self._registered(message):
                     await channel.send_message(Register(retry))
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)

@@ -51,26 +51,21 @@ def format_address(host: str, port: int) -> str:
 def _split_colons(text: str) -> list[str]:
     """Split on ':' outside square brackets; bracketed parts keep their brackets."""
     parts: list[str] = []
-    current, depth = "", 0
+    current, inside = "", False
     for char in text:
-        if char == "[":
-            if depth or current:
-                raise ValueError(f"misplaced '[' in {text!r}")
-            depth = 1
-        elif char == "]":
-            if not depth:
-                raise ValueError(f"unbalanced ']' in {text!r}")
-            depth = 0
-            current = "[" + current + "]"
-        elif char == ":" and not depth:
+        if char == "[" and (inside or current):
+            raise ValueError(f"misplaced '[' in {text!r}")
+        if char == "]" and not inside:
+            raise ValueError(f"unbalanced ']' in {text!r}")
+        if char == ":" and not inside:
             parts.append(current)
             current = ""
         else:
+            inside = char == "[" or (inside and char != "]")
             current += char
-    if depth:
+    if inside:
         raise ValueError(f"unclosed '[' in {text!r}")
-    parts.append(current)
-    return parts
+    return [*parts, current]
 
 
 _HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")

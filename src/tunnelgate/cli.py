@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_fd_limit() -> None:
-    """Lift the soft limit on open files to the hard one: each relayed connection holds two
-    sockets on each side, and 1024 is a common default."""
+    """Lift the soft limit on open files (often 1024) to the hard one: relays hold many."""
     try:
         import resource
     except ImportError:  # not a Unix

@@ -64,8 +64,7 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class AgentPolicy:
     """What the gateway lets one agent (or, unnamed, every agent) do. Several ``tokens`` or
-    ``stored_keys`` (from ``token_hash``) let a token rotate without downtime; with neither,
-    the agent's certificate (``client_ca``) is its only credential."""
+    ``stored_keys`` let a token rotate; with neither, a certificate is the only credential."""
 
     name: str  # "" in single-token mode: any agent name
     tokens: tuple[bytes, ...] = field(repr=False)
@@ -87,8 +86,6 @@ class AgentPolicy:
 
 @dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
-    """Everything a gateway needs; :data:`OPTIONS` has each key's default."""
-
     listen: Address
     agents: tuple[AgentPolicy, ...]  # (): single-token mode, the token not read yet
     allow_ports: tuple[range, ...]  # every agent's, unless its [[agents]] table says
@@ -118,8 +115,6 @@ class GatewayConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    """Everything an agent needs; :data:`OPTIONS` has each key's default."""
-
     gateway: Address
     token: bytes = field(repr=False)
     services: tuple[ServiceConfig, ...]
@@ -145,9 +140,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Option:
-    """One setting, with its flag unless ``flag`` is "" (a key of the file only). A value must
-    be of ``kind`` (None: any); ``read`` checks and converts it (ValueError). A bool flag sets
-    False (``--no-tls``), a list flag repeats (``--expose``)."""
+    """One setting, and its flag unless ``flag`` is "". A value must be of ``kind`` (None: any);
+    ``read`` checks and converts it. A bool flag sets False, a list flag repeats."""
 
     key: str
     sides: tuple[str, ...]
@@ -416,7 +410,6 @@ class _Source:
 
 
 def _fields(cls: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """The values whose keys are fields of the dataclass ``cls``."""
     return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
 
 

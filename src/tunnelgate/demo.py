@@ -51,7 +51,6 @@ async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def run() -> None:
-    """Run the demo until cancelled."""
     token = secrets.token_urlsafe(DEMO_TOKEN_BYTES)
     service = await asyncio.start_server(_http_service, "127.0.0.1", 0)
     service_port = service.sockets[0].getsockname()[1]

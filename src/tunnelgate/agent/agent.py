@@ -20,7 +20,7 @@ from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, Sessi
 from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.control import wait_relays
-from tunnelgate.errors import AuthenticationError, ConnectionClosed, ProtocolError, TransportError
+from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
 
 logger = logging.getLogger(__package__)
@@ -44,8 +44,7 @@ class Agent:
         self.config = config
         self._log = ContextLogger(logger, agent=config.name)
         self._dialer = Dialer(config, self._log)
-        # Ports the gateway chose for services asking for any port (0): asked
-        # for again after a reconnect, so a service keeps its public address.
+        # Ports the gateway chose for services asking for any: asked for again after a reconnect.
         self._chosen_ports: dict[str, int] = {}
         self._sessions: list[AgentSession] = []  # the sessions up now
         self._main: asyncio.Task[None] | None = None
@@ -140,18 +139,15 @@ class Agent:
         return self.services
 
     async def run(self) -> None:
-        """Keep a session up until cancelled. Raises AuthenticationError when refused."""
+        """Keep a session up until cancelled; raise AuthenticationError (refused: fatal)."""
         config = self.config
         delays = backoff(config.reconnect_min, config.reconnect_max)
         next(delays)
         while True:
-            started = time.monotonic()
             session = AgentSession(self._dialer, self._chosen_ports, self._ready.set)
             self._sessions.append(session)
             try:
                 reason, level = await session.run(), logging.INFO
-            except AuthenticationError:
-                raise  # fatal: the caller reports it (the CLI logs it and exits 1)
             except TimeoutError:
                 reason, level = "no heartbeat reply within the deadline", logging.WARNING
             except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -162,7 +158,7 @@ class Agent:
                     self._ready.clear()
             if self._closing:
                 raise asyncio.CancelledError
-            delay, attempt = delays.send(time.monotonic() - started)
+            delay, attempt = delays.send(time.monotonic() - session.started)
             self._log.log(
                 level,
                 "%s; reconnecting to %s in %.1f s (attempt %d)",

@@ -57,8 +57,7 @@ class Demand:
         """Starts per second, decayed since the last one."""
         return self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
 
-    def started(self, now: float) -> None:
-        """Count one client for the demand estimate."""
+    def started(self, now: float) -> None:  # a client came
         self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
         self.rate_at = now
 
@@ -97,8 +96,7 @@ class Demand:
 
 @dataclass(kw_only=True, eq=False)
 class DataChannels:
-    """The tasks of a session's data channels: open up to the demand's target, wait in the
-    pool, serve the client a Start names."""
+    """The tasks of a session's data channels: open, wait in the pool, serve a Start's client."""
 
     demand: Demand
     group: asyncio.TaskGroup
@@ -128,8 +126,7 @@ class DataChannels:
         self.changed.set()
 
     async def run(self) -> None:
-        """Open channels up to the target at once; release the surplus once demand has stayed
-        below it for a while."""
+        """Open channels up to the target; release the surplus once demand stays below it."""
         demand = self.demand
         while not self.stopped:
             for _ in range(demand.to_open(time.monotonic())):

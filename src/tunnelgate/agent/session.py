@@ -52,8 +52,6 @@ BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 
 @dataclass(frozen=True)
 class ExposedService:
-    """A service as the gateway exposes it."""
-
     name: str
     address: Address  # the gateway's bind address and port
     local: Address
@@ -132,9 +130,8 @@ class Dialer:
 
 
 class AgentSession:
-    """One session with the dialer's gateway, from its control channel to its end.
-    ``chosen_ports`` (the agent's, see there) outlives it; ``on_ready`` is called once the
-    registration is answered."""
+    """One session with the dialer's gateway, from its control channel to its end; ``on_ready``
+    is called once the registration is answered, ``chosen_ports`` (the agent's) outlives it."""
 
     def __init__(
         self, dialer: Dialer, chosen_ports: dict[str, int], on_ready: Callable[[], None]
@@ -162,9 +159,8 @@ class AgentSession:
         )
 
     async def run(self) -> str:
-        """The session, from connect to its end; returns why it ended. Raises AuthenticationError
-        when refused, TimeoutError on a silent gateway, TransportError, ProtocolError or
-        ConnectionClosed."""
+        """Run the session to its end; return why it ended. Raises AuthenticationError (refused),
+        TimeoutError (silent gateway), TransportError, ProtocolError or ConnectionClosed."""
         config = self.config
         channel = await self.dialer.open("control")
         try:
@@ -248,8 +244,7 @@ class AgentSession:
                 pool.group.create_task(end_when_drained(pool.serving, goodbye))
 
     def _registered(self, message: Registered) -> list[ServiceRequest]:
-        """Record the gateway's answers; return the services to ask for again: those asking for
-        any port whose former one is taken now."""
+        """Record the gateway's answers; return the any-port services whose former port is taken."""
         retry = []
         for result in message.results:
             name = result.name

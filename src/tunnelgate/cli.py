@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, logs
+from tunnelgate import __version__, credentials, demo, logs
 from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
@@ -53,13 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     _add_flags(commands.add_parser("gateway", help="run the public side"), GATEWAY, _run_gateway)
     _add_flags(commands.add_parser("agent", help="run the private side"), AGENT, _run_agent)
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
-
     token = commands.add_parser(
         "token",
         help="print a new random token (with --name, also its hash for the gateway's config)",
@@ -73,9 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"hash this token instead of making a new one (or ${TOKEN_ENV})",
     )  # fmt: skip
     token.set_defaults(run=_run_token)
-
-    demo = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
-    demo.set_defaults(run=_run_demo)
+    demo_command = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
+    demo_command.set_defaults(run=_run_demo)
     return parser
 
 
@@ -102,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except ConfigError as exc:
-        # Logging is not set up yet (its settings are part of the bad config).
-        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
+        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)  # no logging yet: bad config
         return EXIT_CONFIG
     except (AuthenticationError, TransportError) as exc:
         logger.error("%s", exc)  # in the configured format, text or JSON
@@ -299,8 +295,6 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tunnelgate import demo
-
     logs.configure("info", "text")
     with contextlib.suppress(KeyboardInterrupt):
         return _run(lambda stop: _until_stopped(stop, demo.run()))

@@ -68,8 +68,7 @@ async def run() -> None:
                 expose=[f"{public}:127.0.0.1:{service_port}"],
             ) as agent,
         ):
-            services = await agent.wait_ready(10)
-            (exposed,) = services.values()
+            (exposed,) = (await agent.wait_ready(10)).values()
             print(
                 "\ntunnelgate demo is running (Ctrl-C to stop):\n"
                 f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)\n"

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except ConfigError as exc:
-        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)  # no logging yet: bad config
+        # Logging is not set up yet (its settings are part of the bad config).
+        print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (AuthenticationError, TransportError) as exc:
         logger.error("%s", exc)  # in the configured format, text or JSON

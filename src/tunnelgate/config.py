@@ -80,7 +80,8 @@ class AgentPolicy:
         return any(port in r for r in self.allow_ports)
 
     @property
-    def token(self) -> bytes:  # the first clear one (single-token mode has exactly one)
+    def token(self) -> bytes:
+        """The first clear token (single-token mode has exactly one)."""
         return self.tokens[0] if self.tokens else b""
 
 

@@ -44,7 +44,7 @@ class Agent:
         self.config = config
         self._log = ContextLogger(logger, agent=config.name)
         self._dialer = Dialer(config, self._log)
-        # Ports the gateway chose for services asking for any: asked for again after a reconnect.
+        # Ports the gateway picked for any-port services, asked again on reconnect: same address.
         self._chosen_ports: dict[str, int] = {}
         self._sessions: list[AgentSession] = []  # the sessions up now
         self._main: asyncio.Task[None] | None = None

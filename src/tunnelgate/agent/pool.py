@@ -57,7 +57,8 @@ class Demand:
         """Starts per second, decayed since the last one."""
         return self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
 
-    def started(self, now: float) -> None:  # a client came
+    def started(self, now: float) -> None:
+        """Count one client for the demand estimate."""
         self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
         self.rate_at = now
 
@@ -105,7 +106,7 @@ class DataChannels:
     serve: Callable[[Channel, Start], Awaitable[None]]
     log: ContextLogger
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    serving: set[asyncio.Task[None]] = field(default_factory=set)  # channels relaying a client
+    serving: set[asyncio.Task[None]]  # channels relaying a client (the session's set)
     stopped: bool = False  # draining: open no more channels
 
     def statistics(self) -> PoolStatistics:

@@ -72,8 +72,8 @@ class Dialer:
     def __init__(self, config: AgentConfig, log: ContextLogger) -> None:
         self.config = config
         self.log = log
-        trust = (config.ca, config.fingerprint, config.cert, config.key)
-        self._context = tls.client_context(*trust) if config.tls else None
+        tls_args = (config.ca, config.fingerprint, config.cert, config.key)
+        self._context = tls.client_context(*tls_args) if config.tls else None
         self._tls_session: TLSSession | None = None  # the control channel's, for data
         self._credential: credentials.Credential | None = None  # derived from the token once
 

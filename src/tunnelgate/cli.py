@@ -76,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_flags(
-    parser: argparse.ArgumentParser, side: str, run: Callable[[argparse.Namespace], int]
-) -> None:
+def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., int]) -> None:
     """``--config`` and a flag for each of the side's options that has one."""
     parser.set_defaults(run=run)
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")

@@ -344,9 +344,7 @@ class _Source:
     origin: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def load(
-        cls, path: Path | None, flags: Mapping[str, Any], known: Mapping[str, Option]
-    ) -> _Source:
+    def load(cls, path: Path | None, flags: Mapping[str, Any], known: dict[str, Option]) -> _Source:
         """A file's settings, then the flags given (not None) over them."""
         src = cls(known, [], str(path or "command line"))
         data: dict[str, Any] = {}

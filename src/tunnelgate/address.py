@@ -1,9 +1,7 @@
-"""Addresses, ports and names as users write them: ``HOST:PORT`` (IPv6 in
-brackets), ``--expose`` in ``ssh -R`` order, port ranges, and the one name
-alphabet that both the config and the wire protocol check. Pure functions
-raising ``ValueError`` that quotes the text. This module must not import
-asyncio, socket, ssl, time or any tunnelgate module: the pure core, the
-transports and the config all build on it.
+"""Addresses, ports and names as users write them: ``HOST:PORT`` (IPv6 in brackets),
+``--expose`` in ``ssh -R`` order, port ranges, and the one name alphabet of config and wire.
+Pure functions raising ``ValueError`` that quotes the text; the pure core, the transports and
+the config build on it, so it must not import asyncio, socket, ssl, time or any tunnelgate module.
 """
 
 from __future__ import annotations
@@ -13,11 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-# Names of agents and services, on the command line, in files and on the wire.
-# ':' is in because a service's default name is its local "host:port", and such
-# names have been exposed, logged and used as [services."host:port"] keys; '#'
-# for the "#2" that tells same-named services apart; '@', '/', '.' as users
-# write them. Nothing else: names go into log fields and config key paths.
+# Names of agents and services. ':' because a service's default name is its local "host:port"
+# (exposed, logged, used as [services."host:port"] keys); '#' for the "#2" that tells same-named
+# services apart; '@', '/', '.' as users write them. No more: names go into logs and key paths.
 NAME_CHARS: Final = "A-Za-z0-9_.:@#/-"  # a regex character class
 MAX_NAME_LENGTH: Final = 64
 NAME_PATTERN: Final = rf"\A[{NAME_CHARS}]{{1,{MAX_NAME_LENGTH}}}\Z"
@@ -55,27 +51,21 @@ def format_address(host: str, port: int) -> str:
 def _split_colons(text: str) -> list[str]:
     """Split on ':' outside square brackets; bracketed parts keep their brackets."""
     parts: list[str] = []
-    current = ""
-    depth = 0
+    current, inside = "", False
     for char in text:
-        if char == "[":
-            if depth or current:
-                raise ValueError(f"misplaced '[' in {text!r}")
-            depth = 1
-        elif char == "]":
-            if not depth:
-                raise ValueError(f"unbalanced ']' in {text!r}")
-            depth = 0
-            current = "[" + current + "]"
-        elif char == ":" and not depth:
+        if char == "[" and (inside or current):
+            raise ValueError(f"misplaced '[' in {text!r}")
+        if char == "]" and not inside:
+            raise ValueError(f"unbalanced ']' in {text!r}")
+        if char == ":" and not inside:
             parts.append(current)
             current = ""
         else:
+            inside = char == "[" or (inside and char != "]")
             current += char
-    if depth:
+    if inside:
         raise ValueError(f"unclosed '[' in {text!r}")
-    parts.append(current)
-    return parts
+    return [*parts, current]
 
 
 _HOST_RE: Final = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -85,18 +75,13 @@ _DIGITS: Final = re.compile(r"[0-9]{1,5}")
 def parse_host(part: str, text: str | None = None) -> str:
     """A host name, IPv4 or IPv6 address (bracketed or bare); errors quote ``text``."""
     text = part if text is None else text
-    if part.startswith("[") and part.endswith("]"):
-        host = part[1:-1]
+    bracketed = part.startswith("[") and part.endswith("]")
+    if bracketed or ":" in part:  # bare as in allow_bind = ["::1"]: normalised
         try:
-            ipaddress.IPv6Address(host)
+            address = ipaddress.IPv6Address(part[1:-1] if bracketed else part)
         except ValueError:
             raise ValueError(f"bad IPv6 address in {text!r}") from None
-        return host
-    if ":" in part:  # a bare IPv6 address, as in allow_bind = ["::1"]
-        try:
-            return str(ipaddress.IPv6Address(part))
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {text!r}") from None
+        return part[1:-1] if bracketed else str(address)
     if not _HOST_RE.fullmatch(part):
         raise ValueError(f"bad host {part!r} in {text!r}")
     return part
@@ -126,19 +111,13 @@ def parse_address(
 def parse_expose(text: str) -> tuple[str, int, Address]:
     """(bind, remote port, local address) of ``[BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT``."""
     parts = _split_colons(text.strip())
-    if len(parts) == 3:
-        bind = ""
-        remote, local_host, local_port = parts
-    elif len(parts) == 4:
-        bind = parse_host(parts[0], text)
-        remote, local_host, local_port = parts[1:]
-    else:
+    if len(parts) not in (3, 4):
         raise ValueError(f"expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, got {text!r}")
-    return (
-        bind,
-        _port(remote, text, allow_zero=True),
-        Address(parse_host(local_host, text), _port(local_port, text, allow_zero=False)),
-    )
+    bind = parse_host(parts[0], text) if len(parts) == 4 else ""
+    remote, local_host, local_port = parts[-3:]
+    port = _port(remote, text, allow_zero=True)
+    local = Address(parse_host(local_host, text), _port(local_port, text, allow_zero=False))
+    return bind, port, local
 
 
 def split_items(value: Any) -> list[Any]:

@@ -1,9 +1,7 @@
-"""The agent's reconnect backoff: "full jitter", a uniformly random wait below
-``min(maximum, minimum * 2**attempt)``, so agents cut off together do not all
-come back together; a session that lasted ``STABLE_SESSION`` starts the count
-again. A pure generator, fed with session durations, its random source
-injectable: tests need no clock. This module must not import asyncio, socket,
-ssl, time or any tunnelgate module.
+"""The agent's reconnect backoff, "full jitter": a random wait below ``min(maximum, minimum *
+2**attempt)``, so agents cut off together do not come back together; a session that lasted
+``STABLE_SESSION`` starts the count again. A pure generator fed with session durations (random
+source injectable): it must not import asyncio, socket, ssl, time or any tunnelgate module.
 """
 
 from __future__ import annotations

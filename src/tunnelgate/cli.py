@@ -1,11 +1,9 @@
 """The command line: ``tunnelgate gateway|agent|check-config|token|demo``.
 
-The flags of ``gateway`` and ``agent`` are a contract other tools rely on
-(see ``docs/ARCHITECTURE.md``); keep them stable. Exit codes: 0 after a clean
-stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token, wrong
-gateway certificate) or the gateway cannot listen, 2 for bad flags or
-configuration. This is the only
-module that configures logging and the only place errors become exit codes.
+The flags of ``gateway`` and ``agent`` are a contract other tools rely on: keep them stable.
+Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token
+or gateway certificate) or the gateway cannot listen, 2 for bad flags or configuration. The only
+module that configures logging, and the only place errors become exit codes.
 """
 
 from __future__ import annotations
@@ -23,15 +21,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, logs
+from tunnelgate import __version__, credentials, demo, logs
 from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
     AGENT,
     GATEWAY,
     TOKEN_ENV,
-    AgentConfig,
-    GatewayConfig,
     LogConfig,
     load_agent_config,
     load_gateway_config,
@@ -57,18 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunnelgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    gateway = commands.add_parser("gateway", help="run the public side")
-    _add_flags(gateway, GATEWAY)
-    gateway.set_defaults(run=_run_gateway)
-    agent = commands.add_parser("agent", help="run the private side")
-    _add_flags(agent, AGENT)
-    agent.set_defaults(run=_run_agent)
-
+    _add_flags(commands.add_parser("gateway", help="run the public side"), GATEWAY, _run_gateway)
+    _add_flags(commands.add_parser("agent", help="run the private side"), AGENT, _run_agent)
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
-
     token = commands.add_parser(
         "token",
         help="print a new random token (with --name, also its hash for the gateway's config)",
@@ -82,14 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"hash this token instead of making a new one (or ${TOKEN_ENV})",
     )  # fmt: skip
     token.set_defaults(run=_run_token)
-
-    demo = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
-    demo.set_defaults(run=_run_demo)
+    demo_command = commands.add_parser("demo", help="gateway, agent and a web service on loopback")
+    demo_command.set_defaults(run=_run_demo)
     return parser
 
 
-def _add_flags(parser: argparse.ArgumentParser, side: str) -> None:
+def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., int]) -> None:
     """``--config`` and a flag for each of the side's options that has one."""
+    parser.set_defaults(run=run)
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
     for o in options(side).values():
         if o.flag and o.kind is bool:  # --no-tls
@@ -117,16 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_fd_limit() -> None:
-    """Lift the soft limit on open files to the hard one: each relayed
-    connection holds two sockets on each side, and 1024 is a common default."""
+    """Lift the soft limit on open files (often 1024) to the hard one: relays hold many."""
     try:
         import resource
     except ImportError:  # not a Unix
         return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
@@ -191,58 +178,47 @@ def _run_gateway(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
-    return _run(lambda stop: _gateway_main(config, stop, lambda: _reread(args.config, flags)))
 
-
-def _reread(path: Path | None, flags: dict[str, Any]) -> GatewayConfig:
-    """The gateway's config as it reads now (on SIGHUP); the log level applies at once."""
-    config, log = load_gateway_config(path, flags)
-    logging.getLogger("tunnelgate").setLevel(log.level.upper())
-    return with_stored_token(config)[0]
-
-
-async def _gateway_main(
-    config: GatewayConfig,
-    stop: asyncio.Event,
-    reread: Callable[[], GatewayConfig],
-) -> None:
-    async with Gateway(config) as gateway:
-        _print_banner(gateway, gateway.stored_token)
-        reloads: set[asyncio.Task[None]] = set()
-
-        async def reload() -> None:
-            logger.info("SIGHUP received; reloading the configuration")
-            try:
-                await gateway.reload(reread())
-            except ConfigError as exc:
-                logger.error("configuration not reloaded; the running one stays: %s", exc)
-
-        def on_hangup() -> None:
-            task = asyncio.ensure_future(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    async def reload(gateway: Gateway) -> None:  # on SIGHUP; the log level applies at once
+        logger.info("SIGHUP received; reloading the configuration")
         try:
-            await _until_stopped(stop, gateway.serve_forever())
-        finally:
-            loop.remove_signal_handler(signal.SIGHUP)
-        await gateway.shutdown()
+            config, log = load_gateway_config(args.config, flags)
+            logging.getLogger("tunnelgate").setLevel(log.level.upper())
+            await gateway.reload(with_stored_token(config)[0])
+        except ConfigError as exc:
+            logger.error("configuration not reloaded; the running one stays: %s", exc)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with Gateway(config) as gateway:
+            _print_banner(gateway)
+            reloads: set[asyncio.Task[None]] = set()
+
+            def on_hangup() -> None:
+                task = asyncio.ensure_future(reload(gateway))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            try:
+                await _until_stopped(stop, gateway.serve_forever())
+            finally:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await gateway.shutdown()
+
+    return _run(main)
 
 
-def _print_banner(gateway: Gateway, stored: Path | None) -> None:
+def _print_banner(gateway: Gateway) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
-    config = gateway.config
     assert gateway.address is not None
-    host = config.listen.host
+    host = gateway.config.listen.host
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
-    target = format_address(host, gateway.address.port)
     lines = [f"tunnelgate gateway {__version__} listening on {gateway.address}"]
-    command = f"tunnelgate agent --gateway {target}"
-    if stored is not None:
-        token = config.agents[0].token.decode()
+    command = f"tunnelgate agent --gateway {format_address(host, gateway.address.port)}"
+    if (stored := gateway.stored_token) is not None:
+        token = gateway.config.agents[0].token.decode()
         lines.append(f"token: {token}  (stored in {stored})")
         command = f"{TOKEN_ENV}={token} {command}"
     else:
@@ -262,13 +238,13 @@ def _run_agent(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for key in options(AGENT)}
     config, log = load_agent_config(args.config, flags)
     _start_logging(args, log)
-    return _run(lambda stop: _agent_main(config, stop))
 
+    async def main(stop: asyncio.Event) -> None:
+        async with Agent(config) as agent:
+            await _until_stopped(stop, agent.run_until_stopped())
+            await agent.shutdown()
 
-async def _agent_main(config: AgentConfig, stop: asyncio.Event) -> None:
-    async with Agent(config) as agent:
-        await _until_stopped(stop, agent.run_until_stopped())
-        await agent.shutdown()
+    return _run(main)
 
 
 def _name_arg(text: str) -> str:
@@ -279,8 +255,7 @@ def _name_arg(text: str) -> str:
 
 
 def _run_token(args: argparse.Namespace) -> int:
-    """A new token (or the given one, to hash it) and, with --name, the lines
-    for the gateway's config that hold only its hash."""
+    """A new token (or the given one) and, with --name, the gateway's config lines with its hash."""
     if args.token_file and not args.name:
         raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
     if args.name and (given := read_token(args.token_file)) is not None:
@@ -306,8 +281,7 @@ def _run_token(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
-        with path.open("rb") as fh:
-            is_agent = "gateway" in tomllib.load(fh)
+        is_agent = "gateway" in tomllib.loads(path.read_bytes().decode())
     except (OSError, tomllib.TOMLDecodeError):
         is_agent = False  # the loader reports the problem precisely
     if is_agent:
@@ -320,8 +294,6 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tunnelgate import demo
-
     logs.configure("info", "text")
     with contextlib.suppress(KeyboardInterrupt):
         return _run(lambda stop: _until_stopped(stop, demo.run()))

@@ -1,18 +1,16 @@
 """Configuration: flags and TOML files, checked once into frozen values.
 
-Each setting is declared once, as an :class:`Option` in :data:`OPTIONS` (key,
-flag, type, reader, default, help, side): the CLI makes its flags from that
-table, and the loaders check keys and fill in defaults from it. Flags override
-the file. Every problem is collected, with the file (or "command line") and the
-key path, and raised together as one :class:`~tunnelgate.errors.ConfigError`;
-unknown keys are problems too. Inner code trusts what comes out of here. This
-module only reads (files, the environment, the host name): it must not write
-anything, nor import asyncio, ssl or networking (``socket`` only for the host name).
+Each setting is declared once, in :data:`OPTIONS`: the CLI makes its flags from it, the loaders
+check keys and fill in defaults from it; flags override the file. Every problem (unknown keys
+too) is collected with its file and key path into one :class:`~tunnelgate.errors.ConfigError`.
+This module only reads (files, the environment, the host name): it must not write anything,
+nor import asyncio, ssl or networking (``socket`` only for the host name).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import socket
@@ -52,9 +50,6 @@ _AG: Final = (AGENT,)
 T = TypeVar("T")
 
 
-# --- the values -------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ServiceConfig:
     """One service the agent exposes: ``bind:port`` on the gateway to ``local``."""
@@ -68,13 +63,8 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class AgentPolicy:
-    """What the gateway lets one agent (or, unnamed, every agent) do.
-
-    An agent proves one of ``tokens`` (kept in clear) or of ``stored_keys``
-    (from ``token_hash``: see :mod:`tunnelgate.credentials`); several at once
-    let a token be rotated without downtime. A policy with neither needs
-    ``client_ca``: the agent's certificate is then its only credential.
-    """
+    """What the gateway lets one agent (or, unnamed, every agent) do. Several ``tokens`` or
+    ``stored_keys`` let a token rotate; with neither, a certificate is the only credential."""
 
     name: str  # "" in single-token mode: any agent name
     tokens: tuple[bytes, ...] = field(repr=False)
@@ -97,8 +87,6 @@ class AgentPolicy:
 
 @dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
-    """Everything a gateway needs; :data:`OPTIONS` has each key's default."""
-
     listen: Address
     agents: tuple[AgentPolicy, ...]  # (): single-token mode, the token not read yet
     allow_ports: tuple[range, ...]  # every agent's, unless its [[agents]] table says
@@ -128,8 +116,6 @@ class GatewayConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    """Everything an agent needs; :data:`OPTIONS` has each key's default."""
-
     gateway: Address
     token: bytes = field(repr=False)
     services: tuple[ServiceConfig, ...]
@@ -153,18 +139,10 @@ class LogConfig:
     format: str
 
 
-# --- the options ------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Option:
-    """One setting, and its flag unless ``flag`` is "" (a key of the file only).
-
-    ``kind`` is the type a value must have (None: any, for ``read`` to judge);
-    an int or float flag converts its argument to it, a bool flag (``--no-tls``)
-    sets False, a list flag (``--expose``) repeats. ``read`` checks and converts
-    a value of that kind (ValueError); without it the loader takes it as it is.
-    """
+    """One setting, and its flag unless ``flag`` is "". A value must be of ``kind`` (None: any);
+    ``read`` checks and converts it. A bool flag sets False, a list flag repeats."""
 
     key: str
     sides: tuple[str, ...]
@@ -177,7 +155,6 @@ class Option:
     choices: tuple[str, ...] | None = None
 
     def value(self, raw: Any) -> Any:
-        """The setting's value from what a file or a flag gave; ValueError if unusable."""
         kind = self.kind
         if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
             raw = float(raw)
@@ -191,28 +168,22 @@ class Option:
         return value
 
 
-def _seconds(*, allow_zero: bool = False) -> Callable[[float], float]:
-    bounds = "[0, 3600]" if allow_zero else "(0, 3600]"
+def _within(low: int, high: int, what: str, *, open_low: bool = False) -> Callable[[Any], Any]:
+    bounds = f"{'(' if open_low else '['}{low}, {high}]"
 
-    def read(value: float) -> float:
-        if not (value >= 0 if allow_zero else value > 0) or value > 3600:
-            raise ValueError(f"expected seconds in {bounds}, got {value}")
+    def read(value: Any) -> Any:
+        if not (value > low if open_low else value >= low) or value > high:
+            raise ValueError(f"expected {what} in {bounds}, got {value}")
         return value
 
     return read
 
 
-def _integer(low: int, high: int) -> Callable[[int], int]:
-    def read(value: int) -> int:
-        if not low <= value <= high:
-            raise ValueError(f"expected an integer in [{low}, {high}], got {value}")
-        return value
-
-    return read
+_integer: Final = functools.partial(_within, what="an integer")
+_seconds: Final = _within(0, 3600, "seconds", open_low=True)
 
 
 def _path(value: Any) -> Path:
-    """A path from a setting, ``~`` and ``~user`` expanded."""
     try:
         return Path(str(value)).expanduser()
     except RuntimeError:  # ~user for a user this system does not know
@@ -226,20 +197,11 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
-def _strings(value: Any) -> list[str]:
-    """A string or a list of strings, as a list."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise ValueError("expected a string or a list of strings")
-    return items
-
-
 def _read_token_file(path: str) -> bytes:
     try:
-        text = _path(path).read_text(encoding="utf-8").strip()
+        return check_token(_path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc.strerror or exc}") from None
-    return check_token(text)
 
 
 def check_token(text: str) -> bytes:
@@ -252,28 +214,19 @@ def check_token(text: str) -> bytes:
 
 def normalize_fingerprint(text: str) -> str:
     """``SHA256:<64 hex>`` from any common spelling (prefix, colons, case)."""
-    value = text.strip()
-    if value.lower().startswith("sha256:"):
-        value = value[7:]
-    value = value.replace(":", "").lower()
+    value = text.strip().lower().removeprefix("sha256:").replace(":", "")
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("expected SHA256: and 64 hex digits, as the gateway prints it")
     return "SHA256:" + value.upper()
 
 
-def default_agent_name() -> str:
-    """The host name, as a name (the agent's when its config gives none)."""
-    return to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent"
-
-
 def _proxy_protocol(value: Any) -> int:
-    """The PROXY protocol version of a ``proxy_protocol`` setting (0: none)."""
     if isinstance(value, str) and value.lower() in PROXY_PROTOCOL_VERSIONS:
         return PROXY_PROTOCOL_VERSIONS[value.lower()]
     raise ValueError(f'expected "v1", "v2" or "none", got {value!r}')
 
 
-_SECONDS: Final = "SECONDS"
+_SECONDS: Final = "SECONDS"  # a metavar
 # Option(key, sides, default, kind, read, flag, metavar, help): one per setting.
 OPTIONS: Final = (
     Option("token", BOTH, flag="--token",
@@ -282,7 +235,7 @@ OPTIONS: Final = (
            help="read the token from FILE"),
     Option("tls", BOTH, True, bool, flag="--no-tls",
            help="plain TCP between agent and gateway (trusted networks, measuring)"),
-    Option("drain_timeout", BOTH, 10.0, float, _seconds(allow_zero=True), "--drain-timeout",
+    Option("drain_timeout", BOTH, 10.0, float, _within(0, 3600, "seconds"), "--drain-timeout",
            _SECONDS,
            "on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)"),
     Option("log_level", BOTH, "info", str, str.lower, "--log-level", choices=LOG_LEVELS),
@@ -303,10 +256,10 @@ OPTIONS: Final = (
            lambda v: tuple(parse_host(str(h)) for h in split_items(v))),
     Option("allow_ports", _GW, (range(1024, 65536),), None, parse_port_ranges, "--allow-ports",
            "RANGES", "e.g. 3920,8000-8100"),
-    Option("heartbeat_interval", _GW, 10.0, float, _seconds(), "--heartbeat-interval", _SECONDS),
-    Option("heartbeat_timeout", _GW, 25.0, float, _seconds(), "--heartbeat-timeout", _SECONDS),
-    Option("pending_timeout", _GW, 10.0, float, _seconds(), "--pending-timeout", _SECONDS),
-    Option("handshake_timeout", _GW, 10.0, float, _seconds(), "--handshake-timeout", _SECONDS),
+    Option("heartbeat_interval", _GW, 10.0, float, _seconds, "--heartbeat-interval", _SECONDS),
+    Option("heartbeat_timeout", _GW, 25.0, float, _seconds, "--heartbeat-timeout", _SECONDS),
+    Option("pending_timeout", _GW, 10.0, float, _seconds, "--pending-timeout", _SECONDS),
+    Option("handshake_timeout", _GW, 10.0, float, _seconds, "--handshake-timeout", _SECONDS),
     Option("max_pool_size", _GW, 64, int, _integer(1, 4096)),
     Option("max_connections", _GW, 16384, int, _integer(1, 1 << 20)),
     Option("max_pending_clients", _GW, 1024, int, _integer(1, 1 << 16)),
@@ -331,10 +284,10 @@ OPTIONS: Final = (
            help="this agent's name (default: the host name)"),
     Option("pool_size", _AG, 4, int, _integer(0, 256), "--pool-size", "N",
            "idle data channels to keep"),
-    Option("connect_timeout", _AG, 5.0, float, _seconds()),
-    Option("handshake_timeout", _AG, 10.0, float, _seconds()),
-    Option("reconnect_min", _AG, 0.5, float, _seconds()),
-    Option("reconnect_max", _AG, 30.0, float, _seconds(), "--reconnect-max", _SECONDS),
+    Option("connect_timeout", _AG, 5.0, float, _seconds),
+    Option("handshake_timeout", _AG, 10.0, float, _seconds),
+    Option("reconnect_min", _AG, 0.5, float, _seconds),
+    Option("reconnect_max", _AG, 30.0, float, _seconds, "--reconnect-max", _SECONDS),
     Option("proxy_protocol", _AG, 0, None, _proxy_protocol, "--proxy-protocol", "v1|v2",
            "send each service a PROXY protocol header with the client's real address"),
 )  # fmt: skip
@@ -347,7 +300,14 @@ def options(side: str) -> dict[str, Option]:
 
 def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
     """A reader of a string or a list of strings, each read by ``read``."""
-    return lambda value: tuple(read(item) for item in _strings(value))
+
+    def each(value: Any) -> tuple[T, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("expected a string or a list of strings")
+        return tuple(read(item) for item in items)
+
+    return each
 
 
 # The keys of an [[agents]] table on the gateway and of a [[services]] table on the agent.
@@ -372,38 +332,25 @@ _SERVICE_OPTIONS: Final = (
 )
 
 
-# --- reading ----------------------------------------------------------------
-
-
+@dataclass
 class _Source:
-    """Settings by key, each remembering where it came from (source and label),
-    and the problems found in them."""
+    """Settings by key, each with where it came from (source, label), and the problems in them."""
 
-    def __init__(
-        self,
-        known: Mapping[str, Option],
-        problems: list[ConfigProblem],
-        source: str,
-        prefix: str = "",
-    ) -> None:
-        self.known = known
-        self.problems = problems
-        self.source = source  # of problems about keys not given
-        self.prefix = prefix  # of their labels
-        self.values: dict[str, Any] = {}
-        self.origin: dict[str, tuple[str, str]] = {}
+    known: Mapping[str, Option]
+    problems: list[ConfigProblem]
+    source: str  # of problems about keys not given
+    prefix: str = ""  # of their labels
+    values: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def load(
-        cls, path: Path | None, flags: Mapping[str, Any], known: Mapping[str, Option]
-    ) -> _Source:
+    def load(cls, path: Path | None, flags: Mapping[str, Any], known: dict[str, Option]) -> _Source:
         """A file's settings, then the flags given (not None) over them."""
         src = cls(known, [], str(path or "command line"))
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                with path.open("rb") as fh:
-                    data = tomllib.load(fh)
+                data = tomllib.loads(path.read_bytes().decode())
             except OSError as exc:
                 src.problem(str(path), "-", f"cannot read: {exc.strerror or exc}")
             except tomllib.TOMLDecodeError as exc:
@@ -462,7 +409,6 @@ class _Source:
 
 
 def _fields(cls: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """The values whose keys are fields of the dataclass ``cls``."""
     return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
 
 
@@ -518,20 +464,15 @@ def _service_rules(src: _Source, tables: Any, where: str) -> dict[str, AccessRul
     if not isinstance(tables, dict):
         src.problem(src.source, where, "expected tables like [services.web]")
         return {}
-    rules = {}
-    for name, table in tables.items():
-        rule = _access_rule(src, table, f"{where}.{name}")
-        if rule is not None:
-            rules[name] = rule
-    return rules
+    rules = {name: _access_rule(src, table, f"{where}.{name}") for name, table in tables.items()}
+    return {name: rule for name, rule in rules.items() if rule is not None}
 
 
 def _agent_policy(
     src: _Source, index: int, table: Any, default_ports: tuple[range, ...], certified: bool
 ) -> list[AgentPolicy]:
     problems = len(src.problems)
-    policy = src.table("agents", index, table, _AGENT_POLICY_OPTIONS)
-    if policy is None:
+    if (policy := src.table("agents", index, table, _AGENT_POLICY_OPTIONS)) is None:
         return []
     values = policy.read()
     if "name" not in policy.values:
@@ -545,23 +486,16 @@ def _agent_policy(
     if values["name"] is None:
         return []
     label = f"agents[{values['name']}]"
-    access = _access_rule(src, values["access"], f"{label}.access")
-    service_access = _service_rules(src, values["services"], f"{label}.services")
+    given = {
+        "tokens": tokens,
+        "stored_keys": values["token_hash"],
+        "allow_ports": default_ports if values["allow_ports"] is None else values["allow_ports"],
+        "access": _access_rule(src, values["access"], f"{label}.access"),
+        "service_access": _service_rules(src, values["services"], f"{label}.services"),
+    }
     if len(src.problems) > problems:
         return []
-    return [
-        AgentPolicy(
-            values["name"],
-            tokens,
-            default_ports if values["allow_ports"] is None else values["allow_ports"],
-            stored_keys=values["token_hash"],
-            allow_bind=values["allow_bind"],
-            max_services=values["max_services"],
-            max_connections=values["max_connections"],
-            access=access,
-            service_access=service_access,
-        )
-    ]
+    return [AgentPolicy(**{**_fields(AgentPolicy, values), **given})]
 
 
 def _check_tls(src: _Source, *needing_tls: str) -> None:
@@ -574,31 +508,22 @@ def _check_tls(src: _Source, *needing_tls: str) -> None:
 
 
 def load_gateway_config(
-    path: Path | None = None,
-    flags: Mapping[str, Any] | None = None,
+    path: Path | None = None, flags: Mapping[str, Any] | None = None
 ) -> tuple[GatewayConfig, LogConfig]:
-    """Read the gateway's file and flags (reading only: nothing is written).
-
-    With no token given in any way and no ``[[agents]]``, ``agents`` is empty:
-    the CLI adds the token stored in the state directory (see ``cli``).
-    """
+    """Read the gateway's file and flags. With no token given in any way and no ``[[agents]]``,
+    ``agents`` is empty: the CLI adds the token stored in the state directory."""
     src = _Source.load(path, flags or {}, options(GATEWAY))
     values = src.read()
     _check_tls(src, "client_ca")
-    client_ca, ports = values["client_ca"], values["allow_ports"]
-    agents: list[AgentPolicy] = []
-    tables = values["agents"]
-    for index, table in enumerate(tables):
-        agents.extend(_agent_policy(src, index, table, ports, client_ca is not None))
-    names: list[str] = [
-        t["name"] for t in tables if isinstance(t, dict) and isinstance(t.get("name"), str)
-    ]
-    for name in sorted({n for n in names if names.count(n) > 1}):
+    tables, ports = values["agents"], values["allow_ports"]
+    certified = values["client_ca"] is not None
+    agents = [a for i, t in enumerate(tables) for a in _agent_policy(src, i, t, ports, certified)]
+    names = [t.get("name") for t in tables if isinstance(t, dict)]
+    for name in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
         src.fail("agents", f"agent {name!r} is listed more than once")
     if agents:
-        for name in ("token", "token_file"):
-            if name in src.values:
-                src.fail(name, "not used with [[agents]]: give each agent its own token there")
+        for key in [k for k in ("token", "token_file") if k in src.values]:
+            src.fail(key, "not used with [[agents]]: give each agent its own token there")
     elif (token := _token(src)) is not None:
         agents.append(AgentPolicy("", (token,), ports))
     if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
@@ -633,7 +558,7 @@ def load_agent_config(
     given = {
         "token": token or b"",  # b"": certificates alone
         "services": _services(src, values),
-        "name": values["name"] or default_agent_name(),
+        "name": values["name"] or to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent",
         "reconnect_max": max(values["reconnect_max"], values["reconnect_min"]),
     }
     src.raise_problems()
@@ -643,8 +568,7 @@ def load_agent_config(
 
 def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, ...]:
     services: list[ServiceConfig] = []
-    # The top-level setting (--proxy-protocol) covers every --expose service and
-    # is the default of [[services]] tables.
+    # --proxy-protocol covers every --expose service and is the default of [[services]] tables.
     proxy_default = values["proxy_protocol"]
     for spec in values["expose"]:
         try:
@@ -662,28 +586,24 @@ def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, .
             given.fail("local", "missing: the service's HOST:PORT")
         if len(src.problems) == problems:
             local, proxy = fields["local"], fields["proxy_protocol"]
-            name = fields["name"] or _derived_name(local)
             proxy = proxy_default if proxy is None else proxy
+            name = fields["name"] or _derived_name(local)
             services.append(ServiceConfig(name, fields["port"], local, fields["bind"], proxy))
     taken: set[str] = set()
-    unique = []
-    for service in services:
+    for index, service in enumerate(services):  # same names told apart: "web", "web#2", …
         name, count = service.name, 1
         while name in taken:
             count += 1
-            suffix = f"#{count}"
-            name = service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+            name = service.name[: MAX_NAME_LENGTH - len(f"#{count}")] + f"#{count}"
         taken.add(name)
-        unique.append(dataclasses.replace(service, name=name))
-    if len(unique) > MAX_SERVICES:
-        src.problem(
-            src.source, "services", f"{len(unique)} services; at most {MAX_SERVICES} per agent"
-        )
-    if not unique and not any(
+        services[index] = dataclasses.replace(service, name=name)
+    if (count := len(services)) > MAX_SERVICES:
+        src.problem(src.source, "services", f"{count} services; at most {MAX_SERVICES} per agent")
+    if not services and not any(
         p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
     ):
         src.problem("command line", "--expose", "missing: nothing to expose")
-    return tuple(unique)
+    return tuple(services)
 
 
 def _derived_name(local: Address) -> str:

@@ -1,13 +1,12 @@
-"""``tunnelgate demo``: the whole tunnel in one process, on loopback.
-
-A small HTTP service, a gateway with its self-signed TLS identity (kept in a
-temporary state directory), and an agent that pins the gateway's fingerprint
-and exposes the service. It prints what to ``curl`` and runs until stopped.
+"""``tunnelgate demo``: the whole tunnel in one process, on loopback: a small HTTP service, a
+gateway with its self-signed TLS identity (in a temporary state directory), and an agent that pins
+its fingerprint and exposes the service. It prints what to ``curl`` and runs until stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import tempfile
 
@@ -52,9 +51,6 @@ async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def run() -> None:
-    """Run the demo until cancelled."""
-    import secrets
-
     token = secrets.token_urlsafe(DEMO_TOKEN_BYTES)
     service = await asyncio.start_server(_http_service, "127.0.0.1", 0)
     service_port = service.sockets[0].getsockname()[1]
@@ -72,22 +68,13 @@ async def run() -> None:
                 expose=[f"{public}:127.0.0.1:{service_port}"],
             ) as agent,
         ):
-            services = await agent.wait_ready(10)
-            (exposed,) = services.values()
+            (exposed,) = (await agent.wait_ready(10)).values()
             print(
-                "\n".join(
-                    [
-                        "",
-                        "tunnelgate demo is running (Ctrl-C to stop):",
-                        f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)",
-                        f"  gateway  {gateway.address}  (TLS, {gateway.fingerprint})",
-                        f"  agent    exposes the service on the gateway at {exposed.address}",
-                        "",
-                        "Try it:",
-                        f"  curl http://{exposed.address}/",
-                        "",
-                    ]
-                ),
+                "\ntunnelgate demo is running (Ctrl-C to stop):\n"
+                f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)\n"
+                f"  gateway  {gateway.address}  (TLS, {gateway.fingerprint})\n"
+                f"  agent    exposes the service on the gateway at {exposed.address}\n"
+                f"\nTry it:\n  curl http://{exposed.address}/\n",
                 flush=True,
             )
             await agent.run_until_stopped()

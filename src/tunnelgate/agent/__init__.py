@@ -1,14 +1,6 @@
-"""The agent, the private side: one package, one concern per module.
-
-* :mod:`~tunnelgate.agent.agent`: :class:`Agent`, the life cycle and the
-  reconnect loop around its sessions, and :func:`expose`;
-* :mod:`~tunnelgate.agent.session`: :class:`AgentSession`, one connection to
-  one gateway (open, register, heartbeat, serve clients, drain), and the
-  :class:`Dialer` that opens and authenticates its channels;
-* :mod:`~tunnelgate.agent.pool`: how many data channels to keep open (pure),
-  and the tasks that open them and serve their clients.
-
-Nothing here imports :mod:`tunnelgate.gateway`.
+"""The agent, the private side: :mod:`~tunnelgate.agent.agent` (the life cycle and reconnect
+loop), :mod:`~tunnelgate.agent.session` (one connection to one gateway, and the :class:`Dialer`)
+and :mod:`~tunnelgate.agent.pool` (the data channels). Nothing here imports the gateway.
 """
 
 from tunnelgate.agent.agent import Agent, expose

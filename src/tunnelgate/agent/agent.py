@@ -1,11 +1,8 @@
 """The agent: the life cycle and the reconnect loop around its sessions.
 
-:meth:`Agent.run` keeps one :class:`~tunnelgate.agent.session.AgentSession`
-up per gateway: connect, run the session until it ends, wait a backoff with
-full jitter, repeat. An authentication or gateway verification failure ends
-the loop instead (it would fail the same way again). The agent holds its
-sessions in a list, so that more gateways are more entries in it; today it
-dials one.
+:meth:`Agent.run` keeps an :class:`~tunnelgate.agent.session.AgentSession` up: run it until it
+ends, wait a backoff with full jitter, repeat; an authentication failure ends the loop instead.
+The sessions are a list, so that more gateways are more entries in it; today it dials one.
 """
 
 from __future__ import annotations
@@ -23,12 +20,7 @@ from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, Sessi
 from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.control import wait_relays
-from tunnelgate.errors import (
-    AuthenticationError,
-    ConnectionClosed,
-    ProtocolError,
-    TransportError,
-)
+from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
 
 logger = logging.getLogger(__package__)
@@ -43,11 +35,8 @@ class AgentStatistics:
 
 
 class Agent:
-    """The private side. Use as ``async with Agent(...) as agent:``.
-
-    Pass an :class:`AgentConfig`, or the keys of the agent's TOML file as
-    keyword arguments (``Agent(gateway="gw:8080", token="…", expose=["0:localhost:80"])``).
-    """
+    """The private side: ``async with Agent(config) as agent:``, or with the keys of its TOML file
+    as keyword arguments: ``Agent(gateway="gw:8080", token="…", expose=["0:localhost:80"])``."""
 
     def __init__(self, config: AgentConfig | None = None, **options: Any) -> None:
         if config is None:
@@ -55,8 +44,7 @@ class Agent:
         self.config = config
         self._log = ContextLogger(logger, agent=config.name)
         self._dialer = Dialer(config, self._log)
-        # Ports the gateway chose for services asking for any port (0): asked
-        # for again after a reconnect, so a service keeps its public address.
+        # Ports the gateway picked for any-port services, asked again on reconnect: same address.
         self._chosen_ports: dict[str, int] = {}
         self._sessions: list[AgentSession] = []  # the sessions up now
         self._main: asyncio.Task[None] | None = None
@@ -90,28 +78,23 @@ class Agent:
         await self.aclose()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
-        """Stop gracefully: tell the gateway (it takes no new clients for this
-        agent and frees its ports), let open connections finish for up to
-        ``drain_timeout`` seconds (default: the config's ``drain_timeout``),
-        then close; connections still open at the deadline are reset."""
+        """Stop gracefully: tell the gateway, let open connections finish for up to
+        ``drain_timeout`` seconds (default: the config's), then reset those still open."""
         if self._main is None:
             return
-        if drain_timeout is None:
-            drain_timeout = self.config.drain_timeout
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._closing = True
-        await self._say_bye()
+        await asyncio.gather(*(session.say_bye() for session in self._sessions))
         sessions = list(self._sessions)
         for session in sessions:
             session.stop_opening()
-        open_connections = sum(len(session.serving) for session in sessions)
-        if open_connections and drain_timeout > 0:
+        serving = sum(len(session.serving) for session in sessions)
+        if serving and timeout > 0:
             self._log.info(
-                "draining: waiting up to %g s for %d connection(s) to finish",
-                drain_timeout,
-                open_connections,
+                "draining: waiting up to %g s for %d connection(s) to finish", timeout, serving
             )
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + drain_timeout
+            deadline = loop.time() + timeout
             left = 0
             for session in sessions:  # each set is live: a task leaves it when done
                 left += await wait_relays(session.serving, max(0.0, deadline - loop.time()))
@@ -121,18 +104,14 @@ class Agent:
                 self._log.info("drained: every connection finished")
         await self.aclose()
 
-    async def _say_bye(self) -> None:
-        await asyncio.gather(*(session.say_bye() for session in self._sessions))
-
     async def aclose(self) -> None:
         """Stop at once: end the session (open connections are reset) and stop reconnecting."""
-        await self._say_bye()
+        await asyncio.gather(*(session.say_bye() for session in self._sessions))
         self._closing = True
         main, self._main = self._main, None
         if main is not None:
-            # A cancellation can be absorbed by a session's task group that is
-            # already unwinding an error; ``_closing`` stops the loop then, and
-            # cancelling again until the task is done covers the rest.
+            # A session's task group unwinding an error can absorb a cancellation: ``_closing``
+            # stops the loop then, and cancelling again until the task is done covers the rest.
             while not main.done():
                 main.cancel()
                 await asyncio.wait({main}, timeout=CLOSE_RETRY_INTERVAL)
@@ -140,10 +119,8 @@ class Agent:
                 main.result()
 
     async def run_until_stopped(self) -> None:
-        """Wait while the agent runs; raise its fatal error if it gives up.
-
-        Cancelling this wait leaves the agent running, so that ``aclose()``
-        can still say goodbye to the gateway."""
+        """Wait while the agent runs; raise its fatal error if it gives up. Cancelling the wait
+        leaves the agent running, so that ``aclose()`` can still say goodbye to the gateway."""
         assert self._main is not None, "use 'async with Agent(...)' first"
         await asyncio.shield(self._main)
 
@@ -161,24 +138,16 @@ class Agent:
             raise ConnectionClosed("closed", "agent stopped")
         return self.services
 
-    # --- the reconnect loop -------------------------------------------------
-
     async def run(self) -> None:
-        """Keep a session up until cancelled. Raises AuthenticationError when refused."""
+        """Keep a session up until cancelled; raise AuthenticationError (refused: fatal)."""
         config = self.config
         delays = backoff(config.reconnect_min, config.reconnect_max)
         next(delays)
         while True:
-            started = time.monotonic()
-            session = AgentSession(
-                config, self._dialer, self._chosen_ports, self._log, on_ready=self._ready.set
-            )
+            session = AgentSession(self._dialer, self._chosen_ports, self._ready.set)
             self._sessions.append(session)
             try:
-                reason = await session.run()
-                level = logging.INFO
-            except AuthenticationError:
-                raise  # fatal: the caller reports it (the CLI logs it and exits 1)
+                reason, level = await session.run(), logging.INFO
             except TimeoutError:
                 reason, level = "no heartbeat reply within the deadline", logging.WARNING
             except (TransportError, ProtocolError, ConnectionClosed) as exc:
@@ -189,7 +158,7 @@ class Agent:
                     self._ready.clear()
             if self._closing:
                 raise asyncio.CancelledError
-            delay, attempt = delays.send(time.monotonic() - started)
+            delay, attempt = delays.send(time.monotonic() - session.started)
             self._log.log(
                 level,
                 "%s; reconnecting to %s in %.1f s (attempt %d)",
@@ -212,11 +181,8 @@ async def expose(
     timeout: float = 30.0,
     **options: Any,
 ) -> AsyncIterator[Address]:
-    """Expose ``local_host:local_port`` through a gateway; yield its public address.
-
-    ``options`` are further agent settings (``fingerprint``, ``ca``, ``tls``,
-    ``name``…), as in the agent's TOML file.
-    """
+    """Expose ``local_host:local_port`` through a gateway; yield its public address. ``options``
+    are further agent settings (``fingerprint``, ``ca``, ``name``…) as in its TOML file."""
     spec = f"{remote_port}:{format_address(local_host, local_port)}"
     async with Agent(gateway=gateway, token=token, expose=[spec], **options) as agent:
         services = await agent.wait_ready(timeout)

@@ -1,11 +1,8 @@
-"""The agent's pool of data channels: how many to keep open (a pure demand
-calculation, :class:`Demand`), and the tasks that open them, wait in the pool
-and serve the client each one is started for (:class:`DataChannels`).
-
-The target is ``pool_size`` idle channels, or more when clients arrive
-faster: the rate of Starts (averaged over ``DEMAND_WINDOW``) times the time a
-channel takes to open, times ``DEMAND_HEADROOM``, so a steady stream of new
-clients finds a channel ready. Channels the gateway asked for come on top.
+"""The agent's pool of data channels: how many to keep open (:class:`Demand`, pure), and the
+tasks that open them, wait in the pool and serve the client each is started for
+(:class:`DataChannels`). The target is ``pool_size`` idle channels, or more when clients come
+faster: the rate of Starts (over ``DEMAND_WINDOW``) times the time a channel takes to open, times
+``DEMAND_HEADROOM``; channels the gateway asked for come on top.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from tunnelgate.channel import Channel
@@ -87,51 +84,36 @@ class Demand:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
 
     def discarded(self, count: int) -> None:
-        """The gateway closed ``count`` pooled channels whose path went silent.
-        Which of ours they were cannot be told: count that many idle ones as
-        lost until channels end unused."""
+        """The gateway closed ``count`` pooled channels whose path went silent. Which of ours
+        cannot be told: count that many idle ones as lost until channels end unused."""
         self.lost = min(self.idle, self.lost + count)
 
     def settled(self) -> None:
-        """Demand stayed flat for a window: the gateway closes only channels
-        still idle on its side, so count afresh rather than wait for the rest;
-        channels it asked for are moot too (with idle ones pooled there, no
-        client waits)."""
+        """Demand stayed flat for a window: the gateway closes only channels still idle on its
+        side, so count afresh; channels it asked for are moot too (no client waits)."""
         self.releasing = 0
         self.extra = 0
 
 
+@dataclass(kw_only=True, eq=False)
 class DataChannels:
-    """The tasks of a session's data channels: open up to the demand's target,
-    wait in the pool, serve the client a Start names."""
+    """The tasks of a session's data channels: open, wait in the pool, serve a Start's client."""
 
-    def __init__(
-        self,
-        *,
-        demand: Demand,
-        group: asyncio.TaskGroup,
-        control: Channel,
-        open_channel: Callable[[], Awaitable[Channel]],
-        serve: Callable[[Channel, Start], Awaitable[None]],
-        log: ContextLogger,
-    ) -> None:
-        self.demand = demand
-        self.group = group
-        self.control = control
-        self.open_channel = open_channel
-        self.serve = serve
-        self.log = log
-        self.changed = asyncio.Event()
-        self.serving: set[asyncio.Task[None]] = set()  # channels relaying a client
-        self.stopped = False  # draining: open no more channels
+    demand: Demand
+    group: asyncio.TaskGroup
+    control: Channel
+    open_channel: Callable[[], Awaitable[Channel]]
+    serve: Callable[[Channel, Start], Awaitable[None]]
+    log: ContextLogger
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    serving: set[asyncio.Task[None]]  # channels relaying a client (the session's set)
+    stopped: bool = False  # draining: open no more channels
 
     def statistics(self) -> PoolStatistics:
-        demand = self.demand
-        target = demand.target(time.monotonic())
-        return PoolStatistics(demand.idle, demand.opening, len(self.serving), target)
+        demand, serving = self.demand, len(self.serving)
+        return PoolStatistics(demand.idle, demand.opening, serving, demand.target(time.monotonic()))
 
     def stop(self) -> None:
-        """Open no more data channels (the session is draining)."""
         self.stopped = True
         self.changed.set()
 
@@ -145,20 +127,17 @@ class DataChannels:
         self.changed.set()
 
     async def run(self) -> None:
-        """Open channels up to the target at once; release the surplus once
-        demand has stayed below it for a while."""
+        """Open channels up to the target; release the surplus once demand stays below it."""
         demand = self.demand
         while not self.stopped:
             for _ in range(demand.to_open(time.monotonic())):
                 demand.opening += 1
                 self.group.create_task(self._channel())
-            surplus = demand.surplus(time.monotonic())
-            if surplus:
+            if surplus := demand.surplus(time.monotonic()):
                 demand.releasing += surplus
                 await self.control.send_message(PoolRelease(surplus))
+            above = demand.ready > demand.pool_size  # then look again as the rate decays
             try:
-                # Above pool_size, look again as the rate decays.
-                above = demand.ready > demand.pool_size
                 async with asyncio.timeout(DEMAND_WINDOW if above else None):
                     await self.changed.wait()
             except TimeoutError:
@@ -174,24 +153,19 @@ class DataChannels:
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             self.log.warning("cannot open a data channel: %s", exc)
             await asyncio.sleep(OPEN_RETRY_DELAY)  # no retry storm against a failing gateway
-            demand.opening -= 1
-            self.changed.set()
             return
-        except BaseException:
+        finally:
             demand.opening -= 1
-            raise
-        demand.opening -= 1
+            self.changed.set()  # may have left a surplus to release, or a channel to open
         demand.opened(time.monotonic() - began)
-        self.changed.set()  # there may be a surplus to release now
         try:
             start = await self._wait_for_start(channel)
         finally:
             demand.idle -= 1
-            self.changed.set()
+            self.changed.set()  # the target may have grown (with a start), or a channel is gone
         if start is None:
             return
         demand.started(time.monotonic())
-        self.changed.set()  # the target may have grown
         task = asyncio.current_task()
         assert task is not None
         self.serving.add(task)
@@ -207,11 +181,8 @@ class DataChannels:
             self.serving.discard(task)
 
     async def _wait_for_start(self, channel: Channel) -> Start | None:
-        """The Start that puts a pooled channel to use; None if it ended unused.
-
-        A pooled channel the gateway closes unused is released only after a
-        pause, so that a gateway refusing channels meets no retry storm.
-        """
+        """The Start that puts a pooled channel to use; None if it ended unused. One the gateway
+        ends unexpectedly costs a pause: no retry storm against a gateway refusing channels."""
         demand = self.demand
         try:
             # The gateway checks a channel that has been idle a while with a Ping.
@@ -221,12 +192,11 @@ class DataChannels:
             channel.abort()
             if demand.releasing and isinstance(exc, ConnectionClosed):
                 demand.releasing -= 1  # closed as asked with PoolRelease (a clean close)
-                return None
-            if demand.lost:
+            elif demand.lost:
                 demand.lost -= 1  # one the gateway discarded: its path comes back with a reset
-                return None
-            self.log.debug("pooled data channel ended unused: %s", exc)
-            await asyncio.sleep(OPEN_RETRY_DELAY)
+            else:
+                self.log.debug("pooled data channel ended unused: %s", exc)
+                await asyncio.sleep(OPEN_RETRY_DELAY)
             return None
         except BaseException:
             channel.abort()

@@ -1,12 +1,8 @@
-"""One connection of the agent to one gateway: an :class:`AgentSession`.
-
-A session opens the control channel, registers the agent's services, sends
-heartbeats (and ends when the gateway's replies stop within the deadline),
-keeps the pool of data channels (:mod:`tunnelgate.agent.pool`), serves every
-client a Start names, and drains on goodbye. It ends for good: a reconnect is
-a new session. The :class:`Dialer` opens and authenticates channels to one
-gateway, control and data alike, and remembers what outlives a session (the
-derived credential, the TLS session that data channels resume).
+"""One connection of the agent to one gateway: an :class:`AgentSession` opens the control
+channel, registers the services, sends heartbeats (ending when replies stop), keeps the pool of
+data channels, serves each client a Start names, and drains on goodbye; a reconnect is a new
+session. The :class:`Dialer` opens and authenticates channels to one gateway and keeps what
+outlives a session (the derived credential, the TLS session that data channels resume).
 """
 
 from __future__ import annotations
@@ -49,22 +45,13 @@ from tunnelgate.protocol.wire import (
     Welcome,
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay
-from tunnelgate.transport import (
-    SocketStream,
-    Stream,
-    TLSContext,
-    TLSSession,
-    TLSStream,
-    connect,
-)
+from tunnelgate.transport import SocketStream, Stream, TLSSession, TLSStream, connect
 
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 
 
 @dataclass(frozen=True)
 class ExposedService:
-    """A service as the gateway exposes it."""
-
     name: str
     address: Address  # the gateway's bind address and port
     local: Address
@@ -85,11 +72,8 @@ class Dialer:
     def __init__(self, config: AgentConfig, log: ContextLogger) -> None:
         self.config = config
         self.log = log
-        self._context: TLSContext | None = (
-            tls.client_context(config.ca, config.fingerprint, config.cert, config.key)
-            if config.tls
-            else None
-        )
+        tls_args = (config.ca, config.fingerprint, config.cert, config.key)
+        self._context = tls.client_context(*tls_args) if config.tls else None
         self._tls_session: TLSSession | None = None  # the control channel's, for data
         self._credential: credentials.Credential | None = None  # derived from the token once
 
@@ -100,22 +84,16 @@ class Dialer:
         stream: Stream = tcp  # TLS goes on it; resetting either resets the connection
         try:
             async with asyncio.timeout(config.handshake_timeout):
-                if self._context is not None:
+                if (context := self._context) is not None:
                     hostname = None if config.fingerprint else config.gateway.host
                     resume = self._tls_session if role == "data" else None
                     tls_stream = stream = TLSStream(
-                        tcp,
-                        self._context,
-                        server_side=False,
-                        server_hostname=hostname,
-                        session=resume,
+                        tcp, context, server_side=False, server_hostname=hostname, session=resume
                     )
                     await tls_stream.handshake()
                     if resume is not None:
-                        reused = tls_stream.session_reused
-                        self.log.debug(
-                            "data channel: TLS session %s", "resumed" if reused else "new"
-                        )
+                        how = "resumed" if tls_stream.session_reused else "new"
+                        self.log.debug("data channel: TLS session %s", how)
                     if config.fingerprint:
                         tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
                 channel = Channel(stream, Side.AGENT)
@@ -152,29 +130,20 @@ class Dialer:
 
 
 class AgentSession:
-    """One session with one gateway, from its control channel to its end.
-
-    ``chosen_ports`` outlives the session: ports the gateway chose for
-    services asking for any port (0), asked for again after a reconnect so a
-    service keeps its public address.
-    """
+    """One session with the dialer's gateway, from its control channel to its end; ``on_ready``
+    is called once the registration is answered, ``chosen_ports`` (the agent's) outlives it."""
 
     def __init__(
-        self,
-        config: AgentConfig,
-        dialer: Dialer,
-        chosen_ports: dict[str, int],
-        log: ContextLogger,
-        *,
-        on_ready: Callable[[], None],
+        self, dialer: Dialer, chosen_ports: dict[str, int], on_ready: Callable[[], None]
     ) -> None:
-        self.config = config
+        self.config = config = dialer.config
         self.dialer = dialer
+        self.log = dialer.log
         self.id: str | None = None  # once welcomed
         self.services: dict[str, ExposedService] = {}
-        self._on_ready = on_ready  # called when the first registration was answered
+        self.serving: set[asyncio.Task[None]] = set()  # tasks of the client connections carried
         self.started = time.monotonic()
-        self.log = log
+        self._on_ready = on_ready
         self._chosen_ports = chosen_ports
         self._by_name = {s.name: s for s in config.services}
         self._control: Channel | None = None
@@ -183,24 +152,15 @@ class AgentSession:
         self._goodbye: str | None = None  # the gateway's Bye: open connections finish first
 
     def statistics(self) -> SessionStatistics:
-        channels = self._channels
+        pool = None if self._channels is None else self._channels.statistics()
+        duration = time.monotonic() - self.started
         return SessionStatistics(
-            self.id or "",
-            self.config.gateway,
-            time.monotonic() - self.started,
-            tuple(self.services.values()),
-            channels.statistics() if channels is not None else None,
+            self.id or "", self.config.gateway, duration, tuple(self.services.values()), pool
         )
 
-    @property
-    def serving(self) -> set[asyncio.Task[None]]:
-        """The tasks of the client connections this session carries."""
-        return self._channels.serving if self._channels is not None else set()
-
     async def run(self) -> str:
-        """The session, from connect to its end; returns why it ended.
-        Raises AuthenticationError when refused, TimeoutError on a silent
-        gateway, and TransportError, ProtocolError or ConnectionClosed."""
+        """Run the session to its end; return why it ended. Raises AuthenticationError (refused),
+        TimeoutError (silent gateway), TransportError, ProtocolError or ConnectionClosed."""
         config = self.config
         channel = await self.dialer.open("control")
         try:
@@ -213,14 +173,11 @@ class AgentSession:
             self.log = self.log.bind(session=welcome.session)
             self._control = channel
             self.log.info("connected to gateway %s", config.gateway)
-            await channel.send_message(
-                Register(
-                    [
-                        ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
-                        for s in config.services
-                    ]
-                )
-            )
+            requests = [
+                ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
+                for s in config.services
+            ]
+            await channel.send_message(Register(requests))
             async with asyncio.TaskGroup() as group:
                 channels = self._channels = DataChannels(
                     demand=Demand(config.pool_size, welcome.max_pool_size, time.monotonic()),
@@ -228,6 +185,7 @@ class AgentSession:
                     control=channel,
                     open_channel=lambda: self.dialer.open("data", welcome.session),
                     serve=self._serve,
+                    serving=self.serving,
                     log=self.log,
                 )
                 group.create_task(self._heartbeat(channel, welcome.heartbeat_interval))
@@ -244,8 +202,7 @@ class AgentSession:
         return reason
 
     async def say_bye(self) -> None:
-        """Tell the gateway this agent is going away (it takes no new clients
-        for it and frees its ports); within ``BYE_TIMEOUT``."""
+        """Tell the gateway the agent is going away (no new clients, ports freed)."""
         if self._control is not None and not self._said_bye:
             self._said_bye = True
             with contextlib.suppress(TransportError, TimeoutError):
@@ -253,12 +210,10 @@ class AgentSession:
                     await self._control.send_message(Bye("agent shutting down"))
 
     def stop_opening(self) -> None:
-        """Open no more data channels (draining)."""
         if self._channels is not None:
             self._channels.stop()
 
-    def _draining(self) -> str | None:
-        """Why the session drains (either side said goodbye), or None."""
+    def _draining(self) -> str | None:  # why, if either side said goodbye
         return self._goodbye or ("said goodbye" if self._said_bye else None)
 
     async def _heartbeat(self, channel: Channel, interval: float) -> None:
@@ -269,16 +224,12 @@ class AgentSession:
     async def _control_loop(self, channel: Channel, welcome: Welcome, pool: DataChannels) -> str:
         while True:
             message = await receive_control(
-                channel,
-                welcome.heartbeat_timeout,
-                self._draining,
-                pool.serving,
+                channel, welcome.heartbeat_timeout, self._draining, pool.serving
             )
             if isinstance(message, str):
                 return message
             if isinstance(message, Registered):
-                retry = self._registered(message)
-                if retry:
+                if retry := self._registered(message):
                     await channel.send_message(Register(retry))
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)
@@ -293,46 +244,38 @@ class AgentSession:
                 pool.group.create_task(end_when_drained(pool.serving, goodbye))
 
     def _registered(self, message: Registered) -> list[ServiceRequest]:
-        """Record the gateway's answers; return the services to ask for again.
-
-        A service that asked for any port and lost the one it had before (now
-        taken) is asked for again with any port.
-        """
+        """Record the gateway's answers; return the any-port services whose former port is taken."""
         retry = []
         for result in message.results:
-            service = self._by_name.get(result.name)
-            if service is None:
-                raise RemoteProtocolError(
-                    f"registration result for unknown service {result.name!r}"
-                )
-            if not result.ok and service.port == 0 and result.name in self._chosen_ports:
-                lost = self._chosen_ports.pop(result.name)
+            name = result.name
+            if (service := self._by_name.get(name)) is None:
+                raise RemoteProtocolError(f"registration result for unknown service {name!r}")
+            if not result.ok and service.port == 0 and name in self._chosen_ports:
+                lost = self._chosen_ports.pop(name)
                 self.log.warning(
                     "service %s cannot have its former port %d again (%s); asking for any port",
-                    result.name,
+                    name,
                     lost,
                     result.error,
                 )
-                retry.append(ServiceRequest(service.name, service.bind, 0))
+                retry.append(ServiceRequest(name, service.bind, 0))
             elif result.ok:
                 if service.port == 0:
-                    self._chosen_ports[result.name] = result.port
+                    self._chosen_ports[name] = result.port
                 address = Address(result.bind, result.port)
-                self.services[result.name] = ExposedService(result.name, address, service.local)
+                self.services[name] = ExposedService(name, address, service.local)
                 self.log.info(
                     "service %s exposed at gateway port %d (%s) -> %s",
-                    result.name,
+                    name,
                     result.port,
                     address,
                     service.local,
                 )
             else:
-                self.log.error("service %s not exposed: %s", result.name, result.error)
+                self.log.error("service %s not exposed: %s", name, result.error)
         if not retry:
             self._on_ready()
         return retry
-
-    # --- serving clients ----------------------------------------------------
 
     async def _serve(self, channel: Channel, start: Start) -> None:
         """Carry one client connection to its service. Root of the relay's task."""
@@ -348,27 +291,18 @@ class AgentSession:
             log.warning("client %s: %s", start.client, exc)
             await abort_channel(channel, f"agent {exc}")
             return
-        result = RelayResult()  # filled in even if the relay is cancelled
+        r = RelayResult()  # filled in even if the relay is cancelled
         try:
-            await relay(stream, channel, "service", result)
+            await relay(stream, channel, "service", r)
         finally:
-            log_closed(
-                log,
-                start.client,
-                result.received,
-                result.sent,
-                result.duration,
-                result.how,
-                normal=result.normal,
-            )
+            log_closed(log, start.client, r.received, r.sent, r.duration, r.how, normal=r.normal)
 
 
 async def reach(
     service: ServiceConfig, start: Start, timeout: float, log: ContextLogger
 ) -> SocketStream:
-    """The connection to ``service``, set to reset unless closed cleanly, with
-    its PROXY protocol header sent if it wants one: before any client byte,
-    and outside the relay's counts. TransportError (connection reset) if not."""
+    """The connection to ``service``, set to reset unless closed cleanly, with its PROXY protocol
+    header sent if it wants one (before any client byte, outside the relay's counts)."""
     stream = await connect(service.local, timeout)
     stream.reset_unless_closed_cleanly()
     if not service.proxy_protocol:

@@ -1,32 +1,18 @@
 """Agent credentials: tokens, their stored hashes, and the handshake proof.
 
-An agent proves it holds its token without sending it, and the gateway can
-check that proof without holding the token either: it may keep only a salted,
-slow hash of it (``token_hash`` in its config), and a stolen hash does not let
-anyone pass as the agent. The scheme is SCRAM's (RFC 5802), over scrypt:
+SCRAM (RFC 5802) over scrypt, salted with the agent's name (the gateway's
+Challenge comes before it knows who connects, so a random salt would cost a
+round trip)::
 
-.. code-block:: text
-
-    salted     = scrypt(token, salt = SALT_CONTEXT ‖ agent name)   slow, once per process
+    salted     = scrypt(token, salt = SALT_CONTEXT ‖ agent name)    slow, once per process
     client_key = HMAC-SHA256(salted, "client key")
-    stored_key = SHA-256(client_key)                               what the gateway keeps
+    stored_key = SHA-256(client_key)                                what the gateway may keep
     signature  = HMAC-SHA256(stored_key, AUTH_CONTEXT ‖ nonce ‖ role ‖ agent ‖ session)
-    proof      = client_key XOR signature                          sent in Hello
+    proof      = client_key XOR signature                           sent in Hello
 
-The gateway computes the signature from ``stored_key``, recovers
-``client_key = proof XOR signature`` and checks that its SHA-256 is
-``stored_key``. Only someone who knows ``client_key`` (so the token) can make
-a proof; ``stored_key`` alone cannot.
-
-The salt is the agent's name, as Kerberos salts keys with the principal's
-name: the gateway speaks first (its Challenge carries the nonce before it
-knows who connects), so a random salt could not reach the agent without one
-more round trip on every connection. A hash line is therefore bound to one
-agent name. The nonce, role, name and session id in the signed message keep
-a proof from being replayed on another connection, channel kind or session.
-
-Pure functions: no I/O, no clocks. :func:`derive` is deliberately slow
-(about 40 ms of CPU); callers cache it and run it off the event loop.
+The token never crosses the wire, and a stolen ``stored_key`` cannot make a
+proof (docs/SECURITY.md). Pure functions, no I/O or clock; :func:`derive` is
+deliberately slow (about 40 ms of CPU): callers cache it, off the event loop.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""Every exception tunnelgate raises on purpose.
-
-::
-
-    TunnelgateError
-    ├── ConfigError              bad flags or config file; every problem, each with its key
-    ├── ProtocolError            bytes that do not follow the wire protocol
-    │   ├── LocalProtocolError   we were about to break it (a bug here)
-    │   └── RemoteProtocolError  the peer broke it
-    ├── AuthenticationError      wrong token, refused session: fatal for an agent
-    │   └── PeerVerificationError  the gateway's certificate is not the one expected
-    ├── TransportError           the network failed (refused, reset, timed out): retryable
-    ├── ConnectionClosed         a connection ended; ``how`` says in which way
-    └── SessionOver              a session ends on purpose (goodbye, drained): not a failure
-
-Exceptions keep their data in attributes and build their text in ``__str__``.
-They are caught in three places only: at the transport edge (where ``OSError``
-and ``ssl.SSLError`` become :class:`TransportError`), at the root of each task
-(logged once, connection closed) and in ``cli.main`` (message and exit code).
-
-This module imports nothing from the rest of the package.
+"""Every exception tunnelgate raises on purpose, under :class:`TunnelgateError`
+(the tree is drawn in docs/ARCHITECTURE.md, "Errors"). Exceptions keep their
+data in attributes and build their text in ``__str__``. ``OSError`` and
+``ssl.SSLError`` become :class:`TransportError` at the transport edge and
+nowhere else. This module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Log lines with connection context, as text or JSON lines.
 
-Each module logs through the stdlib ``logging`` logger of its own name. Lines
-about a session or a connection go through a :class:`ContextLogger`, which
-adds fields such as ``session``, ``agent``, ``conn`` and ``service``; text
-output shows them as ``[session=ab12 conn=17]``, JSON output as keys. Only the
-CLI calls :func:`configure`; an embedding program keeps its own setup.
-
-Level policy: ERROR a bug or an unexpected failure; WARNING a peer
-misbehaving, an authentication failure, a timeout; INFO start and stop,
-listening, agent connected/disconnected, service exposed, reconnecting, one
-line per closed connection; DEBUG frames and state changes. No payload above
-DEBUG, and never a token at any level.
+A :class:`ContextLogger` adds fields (``session``, ``agent``, ``conn``,
+``service``) shown as ``[session=ab12 conn=17]`` in text and as keys in JSON.
+Only the CLI calls :func:`configure`. Levels: ERROR a bug or unexpected
+failure; WARNING a misbehaving peer, a refused authentication, a timeout; INFO
+life-cycle events and one line per closed connection; DEBUG frames. No
+payload above DEBUG, never a token. Imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -1,37 +1,12 @@
 """The wire protocol, sans I/O: bytes in, events out; messages in, bytes out.
 
-Everything that can arrive off the network is validated here, and anything
-malformed raises :class:`~tunnelgate.errors.RemoteProtocolError`. This module
-must not import asyncio, socket, ssl or time: clocks and I/O belong to callers.
-
-Frames
-------
-Every connection between agent and gateway is a sequence of frames::
-
-    +--------+------------------------+-----------------+
-    | kind:8 | length:24 (big-endian) | payload         |
-    +--------+------------------------+-----------------+
-
-``MESSAGE``  a msgpack-encoded :data:`Message` (at most ``MAX_MESSAGE_SIZE``)
-``DATA``     relayed bytes of one client connection (1 .. ``MAX_DATA_SIZE``)
-``END``      the sender will send no more relayed bytes (a half-close); empty
-``ABORT``    the connection ended abnormally; the payload is a UTF-8 reason
-
-A control channel carries only ``MESSAGE`` frames. A data channel carries the
-handshake messages, then (gateway to agent) one :class:`Start`, then in each
-direction ``DATA`` frames closed by ``END`` or ``ABORT``. Because the end of a
-stream is a frame of its own, a connection that simply stops (a killed agent,
-a cut network) is told apart from one that ended cleanly, over TLS and plain
-TCP alike.
-
-Handshake (one round trip after TLS)
-------------------------------------
-The gateway speaks first with a :class:`Challenge` carrying a fresh nonce. The
-agent answers with a :class:`Hello` whose ``proof`` shows that it holds its
-token (:mod:`tunnelgate.credentials`), so the token never crosses the wire.
-A control channel is then answered with :class:`Welcome` or :class:`Refused`;
-an accepted data channel waits silently in the gateway's pool until a
-:class:`Start` arrives.
+Frames are ``kind:8 | length:24 | payload``: MESSAGE (a msgpack-encoded,
+tagged :data:`Message`), DATA (relayed bytes), END (a half-close) and ABORT
+(an abnormal end, with a reason); docs/ARCHITECTURE.md ("The protocol") has
+the whole format and the handshake. Everything that can arrive off the
+network is validated here; anything malformed raises
+:class:`~tunnelgate.errors.RemoteProtocolError`. Must not import asyncio,
+socket, ssl or time: clocks and I/O belong to callers.
 """
 
 from __future__ import annotations

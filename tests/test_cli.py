@@ -409,6 +409,16 @@ def test_check_config_accepts_good_files(tmp_path: Path) -> None:
         assert f"ok ({kind} config" in result.stdout, result.stdout
 
 
+def test_check_config_says_a_file_is_not_utf8(tmp_path: Path) -> None:
+    """A file that is not UTF-8 gets the loader's message and exit 2, not a traceback."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('listen = "caf\xe9"\n'.encode("latin-1"))
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert f"{path}: " in result.stderr and "UTF-8" in result.stderr, result.stderr
+
+
 def test_check_config_writes_nothing(tmp_path: Path) -> None:
     """``check-config`` only reads: it creates no token or state directory."""
     state = tmp_path / "state"

@@ -43,6 +43,16 @@ class Address:
         return format_address(self.host, self.port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def format_address(host: str, port: int) -> str:
     """``host:port``, with IPv6 literals in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelgate import __version__, credentials, demo, logs
-from tunnelgate.address import format_address, parse_name
+from tunnelgate.address import Address, format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
     AGENT,
@@ -179,19 +179,27 @@ def _run_gateway(args: argparse.Namespace) -> int:
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
 
-    async def reload(gateway: Gateway) -> None:  # on SIGHUP; the log level applies at once
-        logger.info("SIGHUP received; reloading the configuration")
+    async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
+        logger.info("reloading the configuration")
         try:
             config, log = load_gateway_config(args.config, flags)
-            logging.getLogger("tunnelgate").setLevel(log.level.upper())
+            logging.getLogger("tunnelgate").setLevel(log.level.upper())  # at once
             await gateway.reload(with_stored_token(config)[0])
         except ConfigError as exc:
             logger.error("configuration not reloaded; the running one stays: %s", exc)
+            return f"not reloaded, the running configuration stays: {exc}"
+        return "reloaded"
 
     async def main(stop: asyncio.Event) -> None:
-        async with Gateway(config) as gateway:
-            _print_banner(gateway)
-            reloads: set[asyncio.Task[None]] = set()
+        async with Gateway(config) as gateway, contextlib.AsyncExitStack() as admin:
+            url = None
+            if config.admin is not None:
+                from tunnelgate.admin.sites import GatewaySite
+
+                site = GatewaySite(gateway, lambda: reload(gateway))
+                url = await _open_admin(admin, site, config.admin, config.admin_token)
+            _print_banner(gateway, url)
+            reloads: set[asyncio.Task[str]] = set()
 
             def on_hangup() -> None:
                 task = asyncio.ensure_future(reload(gateway))
@@ -209,7 +217,20 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return _run(main)
 
 
-def _print_banner(gateway: Gateway) -> None:
+async def _open_admin(
+    stack: contextlib.AsyncExitStack, site: Any, address: Address, token: bytes | None
+) -> str:
+    """Start the admin listener (closed with ``stack``); its URL. Imported only here:
+    a process without ``--admin`` never loads aiohttp or prometheus-client."""
+    from tunnelgate.admin.server import AdminServer
+
+    server = AdminServer(site, address, token.decode() if token is not None else None)
+    await server.start()
+    stack.push_async_callback(server.close)
+    return server.url
+
+
+def _print_banner(gateway: Gateway, admin: str | None) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
     assert gateway.address is not None
     host = gateway.config.listen.host
@@ -231,6 +252,8 @@ def _print_banner(gateway: Gateway) -> None:
         command += " --no-tls"
     command += " --expose 3920:localhost:80"
     lines += ["run an agent with:", f"  {command}"]
+    if admin is not None:
+        lines.append(f"admin: {admin}  (metrics at {admin}metrics, API at {admin}api/v1)")
     print("\n".join(lines), flush=True)
 
 
@@ -240,7 +263,11 @@ def _run_agent(args: argparse.Namespace) -> int:
     _start_logging(args, log)
 
     async def main(stop: asyncio.Event) -> None:
-        async with Agent(config) as agent:
+        async with Agent(config) as agent, contextlib.AsyncExitStack() as admin:
+            if config.admin is not None:
+                from tunnelgate.admin.sites import AgentSite
+
+                await _open_admin(admin, AgentSite(agent), config.admin, config.admin_token)
             await _until_stopped(stop, agent.run_until_stopped())
             await agent.shutdown()
 
@@ -282,8 +309,8 @@ def _run_check(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
         is_agent = "gateway" in tomllib.loads(path.read_bytes().decode())
-    except (OSError, tomllib.TOMLDecodeError):
-        is_agent = False  # the loader reports the problem precisely
+    except (OSError, ValueError):  # not TOML, not UTF-8: the loader says so precisely
+        is_agent = False
     if is_agent:
         agent_config, _ = load_agent_config(path)
         print(f"{path}: ok (agent config, {len(agent_config.services)} service(s))")

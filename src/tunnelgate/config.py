@@ -25,6 +25,7 @@ from tunnelgate.access import AccessRule, parse_access_rule
 from tunnelgate.address import (
     MAX_NAME_LENGTH,
     Address,
+    is_loopback,
     parse_address,
     parse_expose,
     parse_host,
@@ -37,6 +38,7 @@ from tunnelgate.errors import ConfigError, ConfigProblem
 from tunnelgate.protocol.wire import MAX_SERVICES
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
+ADMIN_TOKEN_ENV: Final = "TUNNELGATE_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH: Final = 16
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
@@ -108,6 +110,8 @@ class GatewayConfig:
     client_ca: Path | None  # agents must present a certificate signed by this CA
     access: AccessRule | None  # [access]: every service of every agent
     service_access: Mapping[str, AccessRule]  # [services.NAME]
+    admin: Address | None = None  # the admin listener's address; None: off
+    admin_token: bytes | None = field(default=None, repr=False)  # None: loopback, no credentials
 
     @property
     def default_bind(self) -> str:
@@ -131,6 +135,8 @@ class AgentConfig:
     reconnect_min: float
     reconnect_max: float
     drain_timeout: float
+    admin: Address | None = None
+    admin_token: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,11 @@ OPTIONS: Final = (
            "on SIGTERM/Ctrl-C, how long open connections may finish (default 10; 0: none)"),
     Option("log_level", BOTH, "info", str, str.lower, "--log-level", choices=LOG_LEVELS),
     Option("log_format", BOTH, "text", str, None, "--log-format", choices=LOG_FORMATS),
+    Option("admin", BOTH, None, None, lambda v: parse_address(str(v), allow_zero=True), "--admin",
+           "HOST:PORT",
+           "serve health, Prometheus metrics and the admin API here (off by default)"),
+    Option("admin_token_file", BOTH, None, None, _read_token_file, "--admin-token-file", "FILE",
+           f"the admin listener's token (or ${ADMIN_TOKEN_ENV}); needed off loopback"),
     # the gateway
     Option("listen", _GW, Address("0.0.0.0", 8080), None,
            lambda v: parse_address(str(v), allow_zero=True), "--listen", "HOST:PORT",
@@ -529,6 +540,7 @@ def load_gateway_config(
     if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
         src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
     given = {
+        "admin_token": _admin_token(src, values),
         "agents": tuple(agents),
         "access": _access_rule(src, values["access"], "access"),
         "service_access": _service_rules(src, values["services"], "services"),
@@ -556,6 +568,7 @@ def load_agent_config(
         )
     _check_tls(src, "ca", "fingerprint", "cert")
     given = {
+        "admin_token": _admin_token(src, values),
         "token": token or b"",  # b"": certificates alone
         "services": _services(src, values),
         "name": values["name"] or to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent",
@@ -564,6 +577,25 @@ def load_agent_config(
     src.raise_problems()
     config = AgentConfig(**{**_fields(AgentConfig, values), **given})
     return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def _admin_token(src: _Source, values: Mapping[str, Any]) -> bytes | None:
+    """The admin listener's token, from its file or the environment; a listener off
+    loopback without one is a problem (anyone who can reach it could act on the tunnel)."""
+    token: bytes | None = values["admin_token_file"]
+    if token is None and (env := os.environ.get(ADMIN_TOKEN_ENV)) is not None:
+        try:
+            token = check_token(env)
+        except ValueError as exc:
+            src.problem("environment", ADMIN_TOKEN_ENV, str(exc))
+    admin: Address | None = values["admin"]
+    if admin is not None and token is None and not is_loopback(admin.host):
+        src.fail(
+            "admin",
+            f"{admin} is reachable from other machines: give --admin-token-file or "
+            f"${ADMIN_TOKEN_ENV}, or listen on a loopback address",
+        )
+    return token
 
 
 def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, ...]:

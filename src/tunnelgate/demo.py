@@ -10,12 +10,14 @@ import secrets
 import socket
 import tempfile
 
+from tunnelgate.address import Address
 from tunnelgate.agent import Agent
 from tunnelgate.gateway import Gateway
 
 DEMO_TOKEN_BYTES = 24
 PREFERRED_CONTROL_PORT = 8080
 PREFERRED_SERVICE_PORT = 3920
+PREFERRED_ADMIN_PORT = 9090
 
 
 def _free(port: int) -> bool:
@@ -51,11 +53,15 @@ async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def run() -> None:
+    from tunnelgate.admin.server import AdminServer  # the demo shows it; others load it on demand
+    from tunnelgate.admin.sites import GatewaySite
+
     token = secrets.token_urlsafe(DEMO_TOKEN_BYTES)
     service = await asyncio.start_server(_http_service, "127.0.0.1", 0)
     service_port = service.sockets[0].getsockname()[1]
     control = PREFERRED_CONTROL_PORT if _free(PREFERRED_CONTROL_PORT) else 0
     public = PREFERRED_SERVICE_PORT if _free(PREFERRED_SERVICE_PORT) else 0
+    admin_port = PREFERRED_ADMIN_PORT if _free(PREFERRED_ADMIN_PORT) else 0
     with tempfile.TemporaryDirectory(prefix="tunnelgate-demo-") as state_dir:
         async with (
             service,
@@ -69,12 +75,19 @@ async def run() -> None:
             ) as agent,
         ):
             (exposed,) = (await agent.wait_ready(10)).values()
+            admin = AdminServer(GatewaySite(gateway), Address("127.0.0.1", admin_port))
+            await admin.start()
             print(
                 "\ntunnelgate demo is running (Ctrl-C to stop):\n"
                 f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)\n"
                 f"  gateway  {gateway.address}  (TLS, {gateway.fingerprint})\n"
                 f"  agent    exposes the service on the gateway at {exposed.address}\n"
-                f"\nTry it:\n  curl http://{exposed.address}/\n",
+                f"  admin    {admin.url}  (the gateway's health, metrics and API)\n"
+                f"\nTry it:\n  curl http://{exposed.address}/\n"
+                f"  curl {admin.url}metrics\n  curl {admin.url}api/v1/connections\n",
                 flush=True,
             )
-            await agent.run_until_stopped()
+            try:
+                await agent.run_until_stopped()
+            finally:
+                await admin.close()

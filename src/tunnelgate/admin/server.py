@@ -31,7 +31,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import ssl
@@ -45,7 +44,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tunnelgate.address import Address
+from tunnelgate.address import Address, is_loopback
+from tunnelgate.errors import TransportError
 from tunnelgate.logs import Throttle
 
 logger = logging.getLogger(__package__)
@@ -82,16 +82,6 @@ class Site(Protocol):
 
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
         """Do the action at ``/api/v1/<path>``; raises NotFound or BadRequest."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listener on ``host`` is reachable only from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _SiteCollector(Collector):
@@ -151,7 +141,8 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise OSError(exc.errno, f"cannot listen on {self._address}: {exc.strerror}") from None
+            why = exc.strerror or exc
+            raise TransportError(f"admin: cannot listen on {self._address}: {why}") from None
         bound = self._runner.addresses[0]
         self.address = Address(str(bound[0]), int(bound[1]))
         logger.info("admin listening on %s", self.url)

@@ -30,6 +30,7 @@ from tunnelgate.errors import (
 from tunnelgate.logs import ContextLogger, log_closed
 from tunnelgate.protocol.session import Side
 from tunnelgate.protocol.wire import (
+    AGENT_REACH_FAILURE,
     PROTOCOL_VERSION,
     Bye,
     Challenge,
@@ -289,7 +290,7 @@ class AgentSession:
             stream = await reach(service, start, self.config.connect_timeout, log)
         except TransportError as exc:
             log.warning("client %s: %s", start.client, exc)
-            await abort_channel(channel, f"agent {exc}")
+            await abort_channel(channel, f"{AGENT_REACH_FAILURE}{exc}")
             return
         r = RelayResult()  # filled in even if the relay is cancelled
         try:

@@ -1,0 +1,121 @@
+"""``--admin`` on the real command line, read with curl: health, metrics after
+real traffic, credentials, the reload action, and a refusal off loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kit.clients import echo_exchange
+from kit.processes import Launch, Proc, require_tool, start_gateway
+from kit.tokens import new_token
+from kit.waiting import DEADLINE
+
+ADMIN_URL = r"admin listening on (http://127\.0\.0\.1:\d+/)"
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """(HTTP status, body) of one curl request."""
+    result = subprocess.run(
+        [require_tool("curl"), "-s", "-o", "-", "-w", "\n%{http_code}", *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def admin_url(proc: Proc) -> str:
+    return proc.wait_line(ADMIN_URL).group(1)
+
+
+def sample(metrics: str, line_start: str) -> float:
+    """The value of the one sample whose line starts with ``line_start``."""
+    [value] = [
+        line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(line_start)
+    ]
+    return float(value)
+
+
+def test_gateway_and_agent_serve_health_and_metrics(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    token = new_token()
+    gateway = start_gateway(launch, tmp_path / "state", "--admin", "127.0.0.1:0", token=token)
+    gateway_admin = admin_url(gateway.proc)
+    banner = gateway.proc.wait_line(r"^admin: (http://\S+)", stdout=True).group(1)
+    assert banner == gateway_admin
+    agent = launch(
+        "agent", "--gateway", f"127.0.0.1:{gateway.port}",
+        "--fingerprint", str(gateway.fingerprint), "--expose", f"0:127.0.0.1:{echo_port}",
+        "--name", "site-a", "--admin", "127.0.0.1:0",
+        token=token,
+    )  # fmt: skip
+    public = int(agent.wait_line(r"exposed at gateway port (\d+)").group(1))
+    agent_admin = admin_url(agent)
+
+    assert curl(gateway_admin + "healthz") == (200, '{"status":"ok"}')
+    assert curl(agent_admin + "readyz") == (200, '{"ready":true}')
+    assert echo_exchange(public, b"x" * 5000) == (b"x" * 5000, "eof")
+    service = f'agent="site-a",service="127.0.0.1:{echo_port}"'
+    gateway.proc.wait_line(r"closed client=")
+    status, metrics = curl(gateway_admin + "metrics")
+    assert status == 200
+    assert sample(metrics, f"tunnelgate_service_connections_total{{{service}}}") == 1
+    up = 'tunnelgate_service_transmit_bytes_total{agent="site-a",direction="up",'
+    assert sample(metrics, up + f'service="127.0.0.1:{echo_port}"}}') == 5000
+    assert sample(metrics, 'tunnelgate_agent_up{agent="site-a"}') == 1
+    status, metrics = curl(agent_admin + "metrics")
+    assert status == 200
+    assert sample(metrics, f'tunnelgate_agent_control_up{{gateway="127.0.0.1:{gateway.port}"}}')
+
+    status, body = curl("-X", "POST", "-H", "Content-Type: application/json",
+                        gateway_admin + "api/v1/reload")  # fmt: skip
+    assert (status, json.loads(body)) == (200, {"reloaded": "reloaded"})
+
+
+def test_admin_token_is_required_when_given(launch: Launch, tmp_path: Path) -> None:
+    admin_token = new_token()
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(admin_token + "\n")
+    gateway = start_gateway(
+        launch, tmp_path / "state", "--admin", "127.0.0.1:0",
+        "--admin-token-file", str(token_file), token=new_token(),
+    )  # fmt: skip
+    url = admin_url(gateway.proc)
+    assert curl(url + "healthz")[0] == 200  # probes need no credentials
+    assert curl(url + "metrics")[0] == 401
+    assert curl("-H", f"Authorization: Bearer {admin_token}", url + "metrics")[0] == 200
+    assert curl("-u", f"me:{admin_token}", url + "api/v1")[0] == 200
+    gateway.proc.wait_line(r"admin: refused GET /metrics from 127\.0\.0\.1")
+    assert admin_token not in "\n".join(gateway.proc.stderr)
+
+
+def test_admin_off_loopback_without_a_token_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnelgate", "gateway", "--listen", "127.0.0.1:0",
+         "--state-dir", str(tmp_path), "--token", new_token(), "--admin", "0.0.0.0:0"],
+        capture_output=True, text=True, timeout=DEADLINE, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TUNNELGATE_")},
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert "admin" in result.stderr and "--admin-token-file" in result.stderr
+
+
+@pytest.mark.parametrize("side", ["gateway", "agent"])
+def test_without_admin_the_http_libraries_are_not_loaded(side: str) -> None:
+    code = (
+        "import sys, tunnelgate.cli; "
+        f"tunnelgate.cli._parser().parse_args(['{side}']); "
+        "print(sorted(m for m in ('aiohttp', 'prometheus_client') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE, check=True
+    )
+    assert result.stdout.strip() == "[]", result

@@ -13,13 +13,15 @@ import aiohttp
 import pytest
 from kit.clients import echo_roundtrip
 from kit.services import LocalServer
-from kit.tunnels import OpenAgent, OpenGateway, Tunnel
+from kit.tokens import OTHER_TOKEN
+from kit.tunnels import OpenAgent, OpenGateway, OpenTunnel, Tunnel
 from kit.waiting import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from tunnelgate import Address
 from tunnelgate.admin.server import AdminServer, Site
 from tunnelgate.admin.sites import AgentSite, GatewaySite
+from tunnelgate.errors import AuthenticationError
 
 ADMIN_TOKEN = "admin-secret-for-the-tests-0123"
 
@@ -248,3 +250,81 @@ async def test_agent_side_ready_and_metrics(
     await echo_tunnel.gateway.aclose()
     body = await get_json(http, server.url + "readyz", 503)
     assert body["ready"] is False and body["reason"]
+
+
+async def test_events_tell_agents_and_services_coming_and_going(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    serve: Serve,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await open_gateway()
+    server = await serve(GatewaySite(gateway))
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"])
+    [name] = await agent.wait_ready(10)
+    events = await get_json(http, server.url + "api/v1/events")
+    assert [(e["kind"], e["agent"], e["service"]) for e in events] == [
+        ("agent_up", "site-a", ""),
+        ("service_up", "site-a", name),
+    ]
+    last = events[-1]["id"]
+    await agent.shutdown()
+    await wait_async(
+        lambda: _has_event(http, server, last, "agent_down"), "the agent's goodbye as an event"
+    )
+    later = await get_json(http, server.url + f"api/v1/events?after={last}")
+    assert [(e["kind"], e["service"]) for e in later] == [
+        ("service_down", name),
+        ("agent_down", ""),
+    ]
+    assert "goodbye" in later[-1]["detail"]
+    assert (await get_json(http, server.url + "api/v1/events?after=x", 400))["error"]
+
+
+async def _has_event(
+    http: aiohttp.ClientSession, server: AdminServer, after: int, kind: str
+) -> bool:
+    events = await get_json(http, server.url + f"api/v1/events?after={after}")
+    return any(e["kind"] == kind for e in events)
+
+
+@pytest.mark.errors_logged_on_purpose("the refused agent logs its refusal")
+async def test_an_authentication_failure_is_counted_and_an_event(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    serve: Serve,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await open_gateway()
+    server = await serve(GatewaySite(gateway))
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], token=OTHER_TOKEN)
+    with pytest.raises(AuthenticationError):
+        await agent.wait_ready(10)
+    metrics = await scrape(http, server)
+    assert metrics[("tunnelgate_auth_failures_total", "reason=token")] == 1
+    [event] = await get_json(http, server.url + "api/v1/events")
+    assert (event["kind"], event["agent"]) == ("auth_failure", "site-a")
+    assert "token is wrong" in event["detail"] and OTHER_TOKEN not in event["detail"]
+    # A name that failed to authenticate is not an agent the gateway knows.
+    assert ("tunnelgate_agent_up", "agent=site-a") not in metrics
+
+
+async def test_heartbeat_round_trip_is_measured(
+    open_tunnel: OpenTunnel, echo_server: LocalServer, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    tunnel = await open_tunnel(
+        echo_server, gateway_options={"heartbeat_interval": 0.05, "heartbeat_timeout": 5}
+    )
+    server = await serve(GatewaySite(tunnel.gateway))
+
+    async def measured() -> bool:
+        rtt = (await scrape(http, server)).get(
+            ("tunnelgate_agent_heartbeat_rtt_seconds", "agent=site-a")
+        )
+        return rtt is not None and rtt > 0
+
+    await wait_async(measured, "a heartbeat round trip measured")
+    [agent] = await get_json(http, server.url + "api/v1/agents")
+    assert agent["heartbeat_rtt"] > 0

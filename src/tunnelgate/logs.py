@@ -62,17 +62,19 @@ class Throttle:
         now: float,
         msg: str,
         *args: object,
-    ) -> None:
-        """``log.log(level, msg, *args)`` if :meth:`admit` lets it, with the count appended."""
+    ) -> bool:
+        """``log.log(level, msg, *args)`` if :meth:`admit` lets it, with the count appended;
+        whether it did."""
         held_back = self.admit(now)
         if held_back is not None:
             more = f" (and {held_back} more times since the last report)" if held_back else ""
             log.log(level, msg + "%s", *args, more)
+        return held_back is not None
 
     def warning(
         self, log: logging.Logger | logging.LoggerAdapter[Any], now: float, msg: str, *args: object
-    ) -> None:
-        self.log(log, logging.WARNING, now, msg, *args)
+    ) -> bool:
+        return self.log(log, logging.WARNING, now, msg, *args)
 
 
 def log_closed(

@@ -10,7 +10,7 @@ any tunnelgate module.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -110,6 +110,7 @@ class AgentRecordStatistics:
     last_seen: float  # wall-clock seconds: now while up, else when its last session ended
     connects: int
     disconnects: tuple[tuple[str, int], ...]  # (reason, count) for each DISCONNECT_REASONS
+    heartbeat_rtt: float | None  # seconds, the last Ping the gateway sent it; None: none yet
     services: tuple[tuple[str, ServiceCounts], ...]  # every service it ever exposed
 
 
@@ -123,6 +124,7 @@ class AgentRecord:
     connects: int = 0
     disconnects: Counter[str] = field(default_factory=Counter)
     services: dict[str, ServiceTotals] = field(default_factory=dict)
+    heartbeat_rtt: float | None = None
 
     def connected(self, address: str, now: float) -> None:
         self.sessions += 1
@@ -152,11 +154,52 @@ class AgentRecord:
             now if up else self.last_seen,
             self.connects,
             tuple((reason, self.disconnects[reason]) for reason in DISCONNECT_REASONS),
+            self.heartbeat_rtt,
             tuple(
                 (name, totals.counts(*open_bytes.get((self.name, name), (0, 0))))
                 for name, totals in self.services.items()
             ),
         )
+
+
+# What the event log records; "service_down" for each service when its session ends.
+EVENT_KINDS: Final = (
+    "agent_up",
+    "agent_down",
+    "service_up",
+    "service_down",
+    "auth_failure",
+    "reload",
+)
+MAX_EVENTS: Final = 1000  # the most recent are kept
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int  # increasing from 1: a reader asks for those after the last it saw
+    time: float  # wall-clock seconds
+    kind: str  # one of EVENT_KINDS
+    agent: str = ""
+    service: str = ""
+    detail: str = ""
+
+
+class EventLog:
+    """The most recent events, in order; a bounded ring."""
+
+    def __init__(self, size: int = MAX_EVENTS) -> None:
+        self._events: deque[Event] = deque(maxlen=size)
+        self._next = 1
+
+    def add(
+        self, now: float, kind: str, agent: str = "", service: str = "", detail: str = ""
+    ) -> None:
+        self._events.append(Event(self._next, now, kind, agent, service, detail))
+        self._next += 1
+
+    def since(self, after: int = 0) -> tuple[Event, ...]:
+        """The events kept whose id is above ``after``, oldest first."""
+        return tuple(e for e in self._events if e.id > after)
 
 
 @dataclass(eq=False)
@@ -166,6 +209,7 @@ class GatewayTotals:
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     auth_failures: Counter[str] = field(default_factory=Counter)  # by AUTH_FAILURE_REASONS
     tls_failures: Counter[str] = field(default_factory=Counter)  # by TLS_FAILURE_REASONS
+    events: EventLog = field(default_factory=EventLog)
 
     def agent(self, name: str) -> AgentRecord:
         record = self.agents.get(name)

@@ -75,6 +75,9 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     disconnects = CounterMetricFamily(
         P + "agent_disconnects", "Sessions that ended, by reason", labels=[*a, "reason"]
     )
+    rtt = GaugeMetricFamily(
+        P + "agent_heartbeat_rtt_seconds", "Round trip of the last Ping to the agent", labels=a
+    )
     last_seen = GaugeMetricFamily(
         P + "agent_last_seen_timestamp_seconds", "When the agent was last connected", labels=a
     )
@@ -107,6 +110,8 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
             disconnects.add_metric([agent.name, reason], count)
         if agent.last_seen:
             last_seen.add_metric([agent.name], agent.last_seen)
+        if agent.up and agent.heartbeat_rtt is not None:
+            rtt.add_metric([agent.name], agent.heartbeat_rtt)
         for service, counts in agent.services:
             labels = [agent.name, service]
             connections_total.add_metric(labels, counts.connections)
@@ -116,7 +121,7 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
             transferred.add_metric([*labels, "down"], counts.down)
             setup.add_metric(labels, _buckets(counts.setup), counts.setup.sum)
             duration.add_metric(labels, _buckets(counts.duration), counts.duration.sum)
-    yield from (up, connects, disconnects, last_seen)
+    yield from (up, connects, disconnects, last_seen, rtt)
 
     service_up = GaugeMetricFamily(
         P + "service_up", "1 while the service is exposed on the gateway", labels=s

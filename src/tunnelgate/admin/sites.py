@@ -8,6 +8,8 @@ JSON API (``/api/v1``), gateway::
     GET  /api/v1/agents/NAME         one agent, with its sessions
     GET  /api/v1/services            every service exposed now
     GET  /api/v1/connections         every open client connection
+    GET  /api/v1/events?after=ID     the recent events (agent and service up and down,
+                                     authentication failures, reloads), oldest first
     POST /api/v1/agents/NAME/disconnect
     POST /api/v1/connections/ID/close
     POST /api/v1/reload              re-read the configuration (as SIGHUP does)
@@ -84,6 +86,11 @@ class GatewaySite:
                     for session in stats.sessions
                     for service in session.services
                 ]
+            case ["events"]:
+                after = query.get("after", "0")
+                if not after.isdigit():
+                    raise BadRequest("after= takes an event id")
+                return self.gateway.totals.events.since(int(after))
             case ["connections"]:
                 return [
                     {
@@ -111,6 +118,7 @@ class GatewaySite:
             "connected_at": record.connected_at or None,
             "last_seen": record.last_seen or None,
             "connects": record.connects,
+            "heartbeat_rtt": record.heartbeat_rtt,
             "disconnects": _counts(record.disconnects),
             "services": [s.name for session in sessions for s in session.services],
             "connections": sum(len(session.clients) for session in sessions),

@@ -194,11 +194,9 @@ class Gateway:
                 else:
                     session.log.warning("disconnecting the agent: %s", reason)
                     await session.kill()
-            logger.info(
-                "configuration reloaded: %d agent policies; %d session(s) kept",
-                len(config.agents),
-                kept,
-            )
+            summary = f"{len(config.agents)} agent policies; {kept} session(s) kept"
+            logger.info("configuration reloaded: %s", summary)
+            self.totals.events.add(time.time(), "reload", detail=summary)
 
     async def _still_allowed(self, session: GatewaySession) -> str | None:
         """Why ``session`` may not go on under the current config, or None (it gets the policy)."""
@@ -386,7 +384,7 @@ class Gateway:
         self.totals.auth_failures[verdict.split()[0]] += 1  # "token" or "certificate"
         failures, delay = self._handshakes.failures.failed(host_of(peer), time.monotonic())
         delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
-        self._auth_warnings.warning(
+        logged = self._auth_warnings.warning(
             logger,
             time.monotonic(),
             "authentication failed for agent %r from %s (%s channel): %s; failure %d "
@@ -398,6 +396,9 @@ class Gateway:
             failures,
             delay,
         )
+        if logged:  # the event log is throttled like the log, so a flood cannot fill it
+            detail = f"from {peer} ({hello.role} channel): {verdict}"
+            self.totals.events.add(time.time(), "auth_failure", hello.agent, detail=detail)
         await asyncio.sleep(delay)
         await channel.send_message(Refused("auth", auth_refusal_reason(hello, verdict)))
         raise errors.AuthenticationError("logged above")

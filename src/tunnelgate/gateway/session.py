@@ -135,6 +135,8 @@ class GatewaySession:
         self._shared = shared
         self._config = shared.config
         self.record = shared.totals.agent(agent)  # its counts, across its sessions
+        self._events = shared.totals.events
+        self._ping: tuple[int, float] | None = None  # the last Ping sent: seq, when
         self._by_task: dict[asyncio.Task[None], _Client] = {}
         self._refusals = Throttle(WARNING_INTERVAL)
         self._task: asyncio.Task[Any] | None = None
@@ -168,9 +170,11 @@ class GatewaySession:
             )
             self.log.info("session started from %s", self.peer)
             self.record.connected(self.peer, time.time())
+            self._events.add(time.time(), "agent_up", self.agent, detail=f"from {self.peer}")
             counted = True
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                group.create_task(self._ping_agent())
                 raise SessionOver(await self._control_loop())
         except* SessionOver as caught:
             reason = str(caught.exceptions[0])
@@ -181,7 +185,11 @@ class GatewaySession:
             reason, level, label = "no heartbeat within the deadline", logging.WARNING, "heartbeat"
         finally:
             if counted:
-                self.record.disconnected(label, time.time())
+                now = time.time()
+                self.record.disconnected(label, now)
+                for name in self.services:
+                    self._events.add(now, "service_down", self.agent, name, reason)
+                self._events.add(now, "agent_down", self.agent, detail=reason)
             self._shared.forget_name(self)
             self.release()
             self.channel.abort()
@@ -238,6 +246,9 @@ class GatewaySession:
             if isinstance(message, wire.Register):
                 results = [self._expose(request) for request in message.services]
                 await channel.send_message(wire.Registered(results))
+            elif isinstance(message, wire.Pong):
+                if self._ping is not None and self._ping[0] == message.seq:
+                    self.record.heartbeat_rtt = time.monotonic() - self._ping[1]
             elif isinstance(message, wire.PoolRelease):
                 self.pool.release(message.count)
             elif isinstance(message, wire.Bye):
@@ -248,6 +259,15 @@ class GatewaySession:
                 self.log.info("%s; %d client connection(s) finishing", reason, len(self.clients))
                 assert self._group is not None
                 self._group.create_task(end_when_drained(self.clients, reason))
+
+    async def _ping_agent(self) -> None:
+        """A Ping every heartbeat interval, whose Pong measures the agent's round trip."""
+        for seq in itertools.count(1):
+            await asyncio.sleep(self._config().heartbeat_interval)
+            if self.goodbye is not None:
+                return
+            self._ping = (seq, time.monotonic())
+            await self.channel.send_message(wire.Ping(seq))
 
     def services_outside(self, policy: AgentPolicy) -> str | None:
         """Why this session's services do not fit ``policy`` (after a reload), or None."""
@@ -297,6 +317,7 @@ class GatewaySession:
         assert self._group is not None
         service.accepting = self._group.create_task(self._accept_clients(service, self._group))
         self.record.service(name)  # counted from now on, at zero
+        self._events.add(time.time(), "service_up", self.agent, name, str(address))
         self.log.info("service %s exposed on %s", name, address)
         return wire.ServiceResult(name, True, bind=address.host, port=address.port)
 

@@ -17,12 +17,9 @@ import statistics
 import time
 
 import msgspec
-from prometheus_client import generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from tunnelgate.address import Address
-from tunnelgate.admin.metrics import gateway_metrics
+from tunnelgate.admin.metrics import exposition, gateway_metrics
 from tunnelgate.gateway.gateway import GatewayStatistics
 from tunnelgate.gateway.pool import PoolStatistics
 from tunnelgate.gateway.session import ClientStatistics, ServiceStatistics, SessionStatistics
@@ -75,14 +72,6 @@ def snapshot(services: int, connections: int) -> GatewayStatistics:
     )  # fmt: skip
 
 
-class _Fixed(Collector):
-    def __init__(self, stats: GatewayStatistics) -> None:
-        self.stats = stats
-
-    def collect(self) -> list[Metric]:
-        return list(gateway_metrics(self.stats))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=1000)
@@ -90,13 +79,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     stats = snapshot(args.services, args.connections)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(stats))
     scrapes, views = [], []
     size = 0
     for _ in range(args.rounds):
         started = time.perf_counter()
-        size = len(generate_latest(registry))
+        size = len(exposition(gateway_metrics(stats)))
         scrapes.append(time.perf_counter() - started)
         started = time.perf_counter()
         msgspec.json.encode([c for s in stats.sessions for c in s.clients])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,9 +17,14 @@ from kit.services import LocalServer
 from kit.tokens import OTHER_TOKEN
 from kit.tunnels import OpenAgent, OpenGateway, OpenTunnel, Tunnel
 from kit.waiting import wait_until
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from tunnelgate import Address
+from tunnelgate.admin.metrics import exposition, gateway_metrics
 from tunnelgate.admin.server import AdminServer, Site
 from tunnelgate.admin.sites import AgentSite, GatewaySite
 from tunnelgate.errors import AuthenticationError
@@ -328,3 +334,35 @@ async def test_heartbeat_round_trip_is_measured(
     await wait_async(measured, "a heartbeat round trip measured")
     [agent] = await get_json(http, server.url + "api/v1/agents")
     assert agent["heartbeat_rtt"] > 0
+
+
+def _parsed(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_exposition_says_what_prometheus_client_would(echo_tunnel: Tunnel) -> None:
+    """The fast writer's text parses to the same samples as generate_latest's, odd
+    label values and special numbers included."""
+    await echo_roundtrip(echo_tunnel.address)
+    stats = echo_tunnel.gateway.statistics()
+    odd = GaugeMetricFamily("odd", "help with \\ and\nnewline", labels=["v"])
+    odd.add_metric(['quote " backslash \\ newline \n end'], 1.5)
+    odd.add_metric(["inf"], math.inf)
+    odd.add_metric(["big"], 1.7966592674937894e09)
+
+    def families() -> list[Metric]:
+        return [*gateway_metrics(stats), odd]
+
+    class Fixed(Collector):
+        def collect(self) -> list[Metric]:
+            return families()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+    ours = exposition(families()).decode()
+    assert _parsed(ours) == _parsed(generate_latest(registry).decode())
+    assert len(_parsed(ours)) > 50

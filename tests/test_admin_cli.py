@@ -14,6 +14,7 @@ from kit.clients import echo_exchange
 from kit.processes import Launch, Proc, require_tool, start_gateway
 from kit.tokens import new_token
 from kit.waiting import DEADLINE
+from prometheus_client.parser import text_string_to_metric_families
 
 ADMIN_URL = r"admin listening on (http://127\.0\.0\.1:\d+/)"
 
@@ -35,10 +36,13 @@ def admin_url(proc: Proc) -> str:
     return proc.wait_line(ADMIN_URL).group(1)
 
 
-def sample(metrics: str, line_start: str) -> float:
-    """The value of the one sample whose line starts with ``line_start``."""
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of the one sample called ``name`` with exactly ``labels``."""
     [value] = [
-        line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(line_start)
+        s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == name and s.labels == labels
     ]
     return float(value)
 
@@ -63,17 +67,17 @@ def test_gateway_and_agent_serve_health_and_metrics(
     assert curl(gateway_admin + "healthz") == (200, '{"status":"ok"}')
     assert curl(agent_admin + "readyz") == (200, '{"ready":true}')
     assert echo_exchange(public, b"x" * 5000) == (b"x" * 5000, "eof")
-    service = f'agent="site-a",service="127.0.0.1:{echo_port}"'
+    service = {"agent": "site-a", "service": f"127.0.0.1:{echo_port}"}
     gateway.proc.wait_line(r"closed client=")
     status, metrics = curl(gateway_admin + "metrics")
     assert status == 200
-    assert sample(metrics, f"tunnelgate_service_connections_total{{{service}}}") == 1
-    up = 'tunnelgate_service_transmit_bytes_total{agent="site-a",direction="up",'
-    assert sample(metrics, up + f'service="127.0.0.1:{echo_port}"}}') == 5000
-    assert sample(metrics, 'tunnelgate_agent_up{agent="site-a"}') == 1
+    assert sample(metrics, "tunnelgate_service_connections_total", **service) == 1
+    up = sample(metrics, "tunnelgate_service_transmit_bytes_total", **service, direction="up")
+    assert up == 5000
+    assert sample(metrics, "tunnelgate_agent_up", agent="site-a") == 1
     status, metrics = curl(agent_admin + "metrics")
     assert status == 200
-    assert sample(metrics, f'tunnelgate_agent_control_up{{gateway="127.0.0.1:{gateway.port}"}}')
+    assert sample(metrics, "tunnelgate_agent_control_up", gateway=f"127.0.0.1:{gateway.port}")
 
     status, body = curl("-X", "POST", "-H", "Content-Type: application/json",
                         gateway_admin + "api/v1/reload")  # fmt: skip

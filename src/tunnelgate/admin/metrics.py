@@ -10,7 +10,10 @@ rate while it runs.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Iterator
+from typing import Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,6 +22,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from tunnelgate import __version__
 from tunnelgate.agent.agent import AgentStatistics
@@ -28,14 +32,66 @@ from tunnelgate.stats import HistogramCounts
 P = "tunnelgate_"
 
 
-def _buckets(counts: HistogramCounts) -> list[tuple[str, float]]:
-    """Cumulative (le, count) pairs, +Inf last, as the exposition wants them."""
-    total = 0
-    buckets: list[tuple[str, float]] = []
-    for bound, count in zip([*map(str, counts.bounds), "+Inf"], counts.counts, strict=True):
+_TYPES: Final = {"counter": "counter", "gauge": "gauge", "histogram": "histogram", "info": "gauge"}
+_SUFFIXES: Final = {"counter": "_total", "info": "_info"}
+
+
+def exposition(families: Iterable[Metric]) -> bytes:
+    """The text format (0.0.4) of ``families``, as prometheus-client's ``generate_latest``
+    writes it, but several times faster: that one checks and escapes every label name
+    of every sample, and a gateway of 1,000 services has some 36,000 samples
+    (bench/scrape.py). Label names here are fixed identifiers; values are escaped."""
+    lines: list[str] = []
+    add = lines.append
+    for family in families:
+        name = family.name + _SUFFIXES.get(family.type, "")
+        doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        add(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES.get(family.type, 'untyped')}\n")
+        for sample in family.samples:
+            if not (pairs := sample.labels):
+                add(f"{sample.name} {_number(sample.value)}\n")
+                continue
+            labels = ",".join([f'{k}="{v}"' for k, v in pairs.items()])
+            if labels.count('"') != 2 * len(pairs) or "\\" in labels or "\n" in labels:
+                labels = ",".join([f'{k}="{_escape(v)}"' for k, v in pairs.items()])
+            add(f"{sample.name}{{{labels}}} {_number(sample.value)}\n")
+    return "".join(lines).encode()
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+    return value
+
+
+def _number(value: float) -> str:
+    if type(value) is int:
+        return f"{value}.0"
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value)}.0"
+    return repr(float(value))
+
+
+def _observe(
+    family: HistogramMetricFamily, labels: dict[str, str], counts: HistogramCounts
+) -> None:
+    """Add one histogram's samples: cumulative buckets (+Inf last), count and sum. What
+    ``add_metric`` does, without rebuilding the label dict twice per bucket."""
+    name, add, total = family.name, family.samples.append, 0
+    for bound, count in zip(_bounds(counts.bounds), counts.counts, strict=True):
         total += count
-        buckets.append((bound, total))
-    return buckets
+        add(Sample(name + "_bucket", {**labels, "le": bound}, total))
+    add(Sample(name + "_count", labels, total))
+    add(Sample(name + "_sum", labels, counts.sum))
+
+
+@functools.cache
+def _bounds(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*map(str, bounds), "+Inf")
 
 
 def _info(side: str) -> Metric:
@@ -119,8 +175,9 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
                 errors.add_metric([*labels, reason], count)
             transferred.add_metric([*labels, "up"], counts.up)
             transferred.add_metric([*labels, "down"], counts.down)
-            setup.add_metric(labels, _buckets(counts.setup), counts.setup.sum)
-            duration.add_metric(labels, _buckets(counts.duration), counts.duration.sum)
+            pairs = {"agent": agent.name, "service": service}
+            _observe(setup, pairs, counts.setup)
+            _observe(duration, pairs, counts.duration)
     yield from (up, connects, disconnects, last_seen, rtt)
 
     service_up = GaugeMetricFamily(

@@ -40,11 +40,11 @@ from typing import Any, Final, Protocol
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from tunnelgate.address import Address, is_loopback
+from tunnelgate.admin.metrics import exposition
 from tunnelgate.errors import TransportError
 from tunnelgate.logs import Throttle
 
@@ -84,14 +84,6 @@ class Site(Protocol):
         """Do the action at ``/api/v1/<path>``; raises NotFound or BadRequest."""
 
 
-class _SiteCollector(Collector):
-    def __init__(self, site: Site) -> None:
-        self._site = site
-
-    def collect(self) -> Iterable[Metric]:
-        return self._site.collect()
-
-
 class AdminServer:
     """Serves one site on ``address``; ``token`` None only on loopback."""
 
@@ -108,8 +100,6 @@ class AdminServer:
         self._address = address
         self._token = token.encode() if token is not None else None
         self._ssl = ssl_context
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_SiteCollector(site))
         self._runner: web.AppRunner | None = None
         self._delayed = 0
         self._failures = Throttle(WARNING_INTERVAL)
@@ -213,7 +203,7 @@ class AdminServer:
         return _json({"ready": False, "reason": reason}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        body = generate_latest(self._registry)
+        body = exposition(self.site.collect())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _info(self, request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ import asyncio
 import secrets
 import socket
 import tempfile
+from pathlib import Path
 
 from tunnelgate.address import Address
 from tunnelgate.agent import Agent
@@ -53,6 +54,7 @@ async def _http_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def run() -> None:
+    from tunnelgate.admin.history import FILE_NAME
     from tunnelgate.admin.server import AdminServer  # the demo shows it; others load it on demand
     from tunnelgate.admin.sites import GatewaySite
 
@@ -75,7 +77,8 @@ async def run() -> None:
             ) as agent,
         ):
             (exposed,) = (await agent.wait_ready(10)).values()
-            admin = AdminServer(GatewaySite(gateway), Address("127.0.0.1", admin_port))
+            site = GatewaySite(gateway, history=Path(state_dir) / FILE_NAME)
+            admin = AdminServer(site, Address("127.0.0.1", admin_port))
             await admin.start()
             print(
                 "\ntunnelgate demo is running (Ctrl-C to stop):\n"

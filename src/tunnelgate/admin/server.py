@@ -83,6 +83,11 @@ class Site(Protocol):
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
         """Do the action at ``/api/v1/<path>``; raises NotFound or BadRequest."""
 
+    async def start(self) -> None:
+        """Start what the site runs beside the server (the history's recorder)."""
+
+    async def close(self) -> None: ...
+
 
 class AdminServer:
     """Serves one site on ``address``; ``token`` None only on loopback."""
@@ -121,6 +126,7 @@ class AdminServer:
         app.router.add_get(API, self._info)
         app.router.add_get(API + "/{path:.+}", self._view)
         app.router.add_post(API + "/{path:.+}", self._act)
+        await self.site.start()
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT
         )
@@ -131,6 +137,7 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            await self.site.close()
             why = exc.strerror or exc
             raise TransportError(f"admin: cannot listen on {self._address}: {why}") from None
         bound = self._runner.addresses[0]
@@ -141,6 +148,7 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            await self.site.close()
 
     # --- the guard: credentials and cross-site requests -----------------------
 

@@ -13,19 +13,26 @@ JSON API (``/api/v1``), gateway::
     POST /api/v1/agents/NAME/disconnect
     POST /api/v1/connections/ID/close
     POST /api/v1/reload              re-read the configuration (as SIGHUP does)
+    GET  /api/v1/services/NAME/traffic?range=1h|24h|30d[&agent=A]
+                                     connections and bytes per minute (per day for 30d),
+                                     kept across restarts in the state directory
+    GET  /api/v1/history/events      the events kept across restarts (most recent 1000)
 
 Agent: ``/api/v1`` (the agent), ``/api/v1/sessions``, ``/api/v1/services``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
 from tunnelgate import __version__
+from tunnelgate.admin.history import RANGES, History, Recorder
 from tunnelgate.admin.metrics import agent_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
@@ -39,9 +46,39 @@ def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
 class GatewaySite:
     side = "gateway"
 
-    def __init__(self, gateway: Gateway, reload: Callable[[], Awaitable[str]] | None = None):
+    def __init__(
+        self,
+        gateway: Gateway,
+        reload: Callable[[], Awaitable[str]] | None = None,
+        history: Path | None = None,
+    ) -> None:
+        """``history``: the database file for the traffic history; None: none kept."""
         self.gateway = gateway
         self._reload = reload
+        self.recorder = (
+            None
+            if history is None
+            else Recorder(History(history), self._traffic_totals, gateway.totals.events.since)
+        )
+        self._recording: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.recorder is not None:
+            self._recording = asyncio.create_task(self.recorder.run(), name="history")
+
+    async def close(self) -> None:
+        if self._recording is not None:
+            self._recording.cancel()
+            await asyncio.wait({self._recording})
+        if self.recorder is not None:
+            await self.recorder.close()
+
+    def _traffic_totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        return {
+            (agent.name, service): (counts.connections, counts.up, counts.down)
+            for agent in self.gateway.statistics().agents
+            for service, counts in agent.services
+        }
 
     def ready(self) -> str | None:
         if self.gateway.address is None:
@@ -86,6 +123,12 @@ class GatewaySite:
                     for session in stats.sessions
                     for service in session.services
                 ]
+            case ["services", name, "traffic"]:
+                return self._history_of(stats, name, query)
+            case ["history", "events"]:
+                if self.recorder is None:
+                    raise NotFound("this gateway keeps no history")
+                return self.recorder.history.events()
             case ["events"]:
                 after = query.get("after", "0")
                 if not after.isdigit():
@@ -107,6 +150,19 @@ class GatewaySite:
                     for c in session.clients
                 ]
         raise NotFound(f"no view /{'/'.join(path)}")
+
+    def _history_of(self, stats: Any, name: str, query: Mapping[str, str]) -> object:
+        if self.recorder is None:
+            raise NotFound("this gateway keeps no history")
+        span = query.get("range", "1h")
+        if span not in RANGES:
+            raise BadRequest(f"range= takes one of {', '.join(RANGES)}")
+        agents = {a.name for a in stats.agents if any(s == name for s, _ in a.services)}
+        agent = query.get("agent") or (agents.pop() if len(agents) == 1 else "")
+        if not agent:
+            raise BadRequest(f"service {name!r} is known on several agents: add agent=")
+        points = self.recorder.history.traffic(agent, name, span, time.time())
+        return {"agent": agent, "service": name, "range": span, "points": points}
 
     def _agent(self, stats: Any, name: str, detail: bool = False) -> dict[str, Any]:
         record = next(a for a in stats.agents if a.name == name)
@@ -173,6 +229,12 @@ class AgentSite:
 
     def collect(self) -> Iterable[Metric]:
         return agent_metrics(self.agent.statistics())
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         stats = self.agent.statistics()

@@ -5,6 +5,8 @@ Routes (``/healthz`` and ``/readyz`` answer without credentials, for probes)::
     GET  /healthz            200: the process and its event loop answer
     GET  /readyz             200, or 503 with the reason it is not ready
     GET  /metrics            Prometheus text exposition
+    GET  /                   the dashboard (a static page, on the gateway)
+    GET  /api/v1/stream      the dashboard's view, as Server-Sent Events, once a second
     GET  /api/v1/...         the site's views, as JSON
     POST /api/v1/...         the site's actions (a JSON body; see below)
 
@@ -30,12 +32,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
 import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -56,6 +60,10 @@ FAILURE_DELAY: Final = 1.0  # seconds before a wrong credential is answered
 MAX_DELAYED: Final = 32  # wrong credentials being delayed at once; more get 429
 WARNING_INTERVAL: Final = 10.0
 KEEPALIVE_TIMEOUT: Final = 15.0
+STATIC: Final = Path(__file__).parent / "static"
+STREAM_INTERVAL: Final = 1.0  # seconds between two dashboard updates
+STREAM_WRITE_TIMEOUT: Final = 10.0  # a client that takes no update for this long is dropped
+MAX_STREAMS: Final = 64
 
 
 class NotFound(Exception):
@@ -110,6 +118,9 @@ class AdminServer:
         self._failures = Throttle(WARNING_INTERVAL)
         self.started = time.time()
         self.address: Address | None = None  # as bound, once started
+        self._streams = 0
+        self._closing = asyncio.Event()
+        self._dashboard: tuple[float, bytes] = (0.0, b"")  # one view a tick for every stream
 
     @property
     def url(self) -> str:
@@ -123,7 +134,10 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._index)
+        app.router.add_static("/static/", STATIC)
         app.router.add_get(API, self._info)
+        app.router.add_get(API + "/stream", self._stream)
         app.router.add_get(API + "/{path:.+}", self._view)
         app.router.add_post(API + "/{path:.+}", self._act)
         await self.site.start()
@@ -145,6 +159,7 @@ class AdminServer:
         logger.info("admin listening on %s", self.url)
 
     async def close(self) -> None:
+        self._closing.set()  # the streams end
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -213,6 +228,42 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         body = exposition(self.site.collect())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        if self.site.side != "gateway":
+            raise web.HTTPFound(API)
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """The dashboard's view every STREAM_INTERVAL. A client that reads slowly gets the
+        latest view when it can take one (nothing queues up); one that stops reading is
+        dropped after STREAM_WRITE_TIMEOUT. Either way the others never wait for it."""
+        self._dashboard_view()  # NotFound (404) on a site without a dashboard
+        if self._streams >= MAX_STREAMS:
+            return _error(503, f"at most {MAX_STREAMS} live dashboards at once; reload later")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        self._streams += 1
+        try:
+            while not self._closing.is_set():
+                async with asyncio.timeout(STREAM_WRITE_TIMEOUT):
+                    await response.write(b"data: " + self._dashboard_view() + b"\n\n")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), STREAM_INTERVAL)
+        except (TimeoutError, ConnectionError):
+            pass  # a slow or gone client: dropped
+        finally:
+            self._streams -= 1
+        return response
+
+    def _dashboard_view(self) -> bytes:
+        at, view = self._dashboard
+        if time.monotonic() - at >= STREAM_INTERVAL / 2:
+            view = msgspec.json.encode(self.site.view(("dashboard",), {}))
+            self._dashboard = (time.monotonic(), view)
+        return view
 
     async def _info(self, request: web.Request) -> web.StreamResponse:
         return _json(self.site.view((), request.query))

@@ -43,6 +43,10 @@ def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
     return dict(pairs)
 
 
+DASHBOARD_CONNECTIONS = 500  # the longest-running; the API lists them all
+DASHBOARD_EVENTS = 200
+
+
 class GatewaySite:
     side = "gateway"
 
@@ -91,6 +95,8 @@ class GatewaySite:
     def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         stats = self.gateway.statistics()
         match list(path):
+            case ["dashboard"]:
+                return self._dashboard(stats)
             case []:
                 return {
                     "side": "gateway",
@@ -150,6 +156,56 @@ class GatewaySite:
                     for c in session.clients
                 ]
         raise NotFound(f"no view /{'/'.join(path)}")
+
+    def _dashboard(self, stats: Any) -> dict[str, Any]:
+        """Everything the dashboard shows, in one view (it is streamed once a second)."""
+        live = {
+            (session.agent, service.name): (session, service)
+            for session in stats.sessions
+            for service in session.services
+        }
+        services = []
+        for agent in stats.agents:
+            for name, counts in agent.services:
+                session, service = live.get((agent.name, name), (None, None))
+                services.append(
+                    {
+                        "name": name,
+                        "agent": agent.name,
+                        "up": service is not None and not session.draining,
+                        "address": str(service.address) if service is not None else "",
+                        "connections": service.clients if service is not None else 0,
+                        "connections_total": counts.connections,
+                        "errors_total": sum(n for _, n in counts.errors),
+                        "bytes_up": counts.up,
+                        "bytes_down": counts.down,
+                    }
+                )
+        clients = sorted(
+            ((session.agent, c) for session in stats.sessions for c in session.clients),
+            key=lambda pair: -pair[1].duration,
+        )
+        return {
+            "time": time.time(),
+            "info": self.view((), {}),
+            "agents": [self._agent(stats, a.name) for a in stats.agents],
+            "services": services,
+            "connections": [
+                {
+                    "id": c.conn,
+                    "agent": agent,
+                    "service": c.service,
+                    "client": c.client,
+                    "age": c.duration,
+                    "up": c.up,
+                    "down": c.down,
+                }
+                for agent, c in clients[:DASHBOARD_CONNECTIONS]
+            ],
+            "connections_total": len(clients),
+            "events": self.gateway.totals.events.since()[-DASHBOARD_EVENTS:],
+            "history": self.recorder is not None,
+        }
 
     def _history_of(self, stats: Any, name: str, query: Mapping[str, str]) -> object:
         if self.recorder is None:

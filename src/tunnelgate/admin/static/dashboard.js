@@ -1,0 +1,316 @@
+// tunnelgate's dashboard: one view of the gateway (/api/v1/dashboard) each second,
+// by Server-Sent Events (/api/v1/stream), or by polling when a proxy keeps the
+// stream from arriving. Rates are the difference of two views. No library, no build.
+"use strict";
+
+const API = "/api/v1";
+const HISTORY_POINTS = 300; // seconds of live chart
+const POLL_INTERVAL = 2000;
+const state = { view: null, previous: null, rates: new Map(), live: [], errors: [], selected: null, range: "1h", stream: null, polling: null };
+
+const $ = (id) => document.getElementById(id);
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(Math.round(n))) + " " + units[i];
+}
+
+function age(seconds) {
+  if (seconds < 60) return Math.floor(seconds) + "s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + "m" + String(Math.floor(seconds % 60)).padStart(2, "0") + "s";
+  if (seconds < 86400) return Math.floor(seconds / 3600) + "h" + String(Math.floor((seconds % 3600) / 60)).padStart(2, "0") + "m";
+  return Math.floor(seconds / 86400) + "d" + Math.floor((seconds % 86400) / 3600) + "h";
+}
+
+function when(unix) {
+  return unix ? new Date(unix * 1000).toLocaleString() : "never";
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function button(row, label, action) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.className = "danger";
+  b.addEventListener("click", (event) => { event.stopPropagation(); action(b); });
+  row.insertCell().appendChild(b);
+}
+
+async function post(path) {
+  // Same-origin JSON: a cross-site page cannot send it (the server refuses it otherwise).
+  const response = await fetch(API + path, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function filterRows(table) {
+  const input = document.querySelector(`.filter[data-table="${table.id}"]`);
+  const needle = input ? input.value.trim().toLowerCase() : "";
+  for (const row of table.tBodies[0].rows) {
+    row.hidden = needle !== "" && !row.textContent.toLowerCase().includes(needle);
+  }
+}
+
+// --- receiving views ------------------------------------------------------------------
+
+function receive(view) {
+  state.previous = state.view;
+  state.view = view;
+  measure();
+  render();
+}
+
+function measure() {
+  const now = state.view, before = state.previous;
+  let up = 0, down = 0, errors = 0;
+  const rates = new Map();
+  if (before) {
+    const seconds = Math.max(0.001, now.time - before.time);
+    const old = new Map(before.services.map((s) => [s.agent + "/" + s.name, s]));
+    for (const s of now.services) {
+      const o = old.get(s.agent + "/" + s.name);
+      if (!o) continue;
+      const r = { up: Math.max(0, s.bytes_up - o.bytes_up) / seconds, down: Math.max(0, s.bytes_down - o.bytes_down) / seconds };
+      rates.set(s.agent + "/" + s.name, r);
+      up += r.up; down += r.down;
+      errors += Math.max(0, s.errors_total - o.errors_total);
+    }
+    state.live.push({ t: now.time, up, down });
+    while (state.live.length > HISTORY_POINTS) state.live.shift();
+    state.errors.push({ t: now.time, n: errors });
+    while (state.errors.length && state.errors[0].t < now.time - 300) state.errors.shift();
+  }
+  state.rates = rates;
+  state.now = { up, down };
+}
+
+function render() {
+  const v = state.view;
+  $("version").textContent = `${v.info.version} · ${v.info.address} · ${v.info.tls ? "TLS" : "no TLS"} · up ${age(v.info.uptime)}`;
+  const online = v.agents.filter((a) => a.online).length;
+  $("agents-online").textContent = `${online} / ${v.agents.length}`;
+  $("services-up").textContent = `${v.services.filter((s) => s.up).length} / ${v.services.length}`;
+  $("open-connections").textContent = String(v.connections_total);
+  $("rate-now").textContent = state.now ? `${bytes(state.now.up)}/s / ${bytes(state.now.down)}/s` : "–";
+  $("recent-errors").textContent = String(state.errors.reduce((sum, e) => sum + e.n, 0));
+  renderEvents($("recent-events"), v.events.slice(-10).reverse(), "");
+  renderEvents($("event-log"), v.events.slice().reverse(), $("events-filter").value.trim().toLowerCase());
+  renderAgents(v);
+  renderServices(v);
+  renderConnections(v);
+  drawLive();
+}
+
+function renderEvents(list, events, needle) {
+  list.replaceChildren();
+  for (const e of events) {
+    const text = `${e.agent}${e.service ? " / " + e.service : ""} ${e.detail}`;
+    if (needle && !(e.kind + " " + text).toLowerCase().includes(needle)) continue;
+    const li = document.createElement("li");
+    const kind = document.createElement("span");
+    kind.className = "kind " + (e.kind.endsWith("_down") || e.kind === "auth_failure" ? "bad" : "ok");
+    kind.textContent = e.kind.replace("_", " ");
+    const time = document.createElement("span");
+    time.className = "muted";
+    time.textContent = new Date(e.time * 1000).toLocaleTimeString() + " ";
+    li.append(time, kind, " " + text);
+    list.appendChild(li);
+  }
+}
+
+function renderAgents(v) {
+  const table = $("agents-table"), body = table.tBodies[0];
+  body.replaceChildren();
+  for (const a of v.agents) {
+    const row = body.insertRow();
+    row.dataset.agent = a.name;
+    cell(row, a.name);
+    cell(row, a.online ? "online" : "offline", a.online ? "ok" : "bad");
+    cell(row, a.address || "–");
+    cell(row, a.online ? "now" : when(a.last_seen));
+    cell(row, a.heartbeat_rtt == null ? "–" : (a.heartbeat_rtt * 1000).toFixed(1) + " ms", "num");
+    cell(row, String(a.services.length), "num");
+    cell(row, String(a.connections), "num");
+    cell(row, `${bytes(a.up)} / ${bytes(a.down)}`, "num");
+    if (a.online) {
+      button(row, "Disconnect", async (b) => {
+        if (!confirm(`Disconnect agent ${a.name}? It will reconnect.`)) return;
+        b.disabled = true;
+        try { await post(`/agents/${encodeURIComponent(a.name)}/disconnect`); } catch (error) { alert(error.message); }
+      });
+    } else {
+      row.insertCell();
+    }
+  }
+  filterRows(table);
+}
+
+function renderServices(v) {
+  const table = $("services-table"), body = table.tBodies[0];
+  body.replaceChildren();
+  for (const s of v.services) {
+    const key = s.agent + "/" + s.name;
+    const row = body.insertRow();
+    row.className = "clickable" + (state.selected === key ? " selected" : "");
+    row.dataset.service = key;
+    row.addEventListener("click", () => selectService(s));
+    const rate = state.rates.get(key);
+    cell(row, s.name);
+    cell(row, s.agent);
+    cell(row, s.address || "–");
+    cell(row, s.up ? "up" : "down", s.up ? "ok" : "bad");
+    cell(row, String(s.connections), "num");
+    cell(row, rate ? `${bytes(rate.up + rate.down)}/s` : "–", "num");
+    cell(row, `${bytes(s.bytes_up)} / ${bytes(s.bytes_down)}`, "num");
+    cell(row, String(s.errors_total), "num");
+  }
+  filterRows(table);
+}
+
+function renderConnections(v) {
+  const table = $("connections-table"), body = table.tBodies[0];
+  body.replaceChildren();
+  for (const c of v.connections) {
+    const row = body.insertRow();
+    row.dataset.conn = String(c.id);
+    cell(row, c.client);
+    cell(row, c.service);
+    cell(row, c.agent);
+    cell(row, age(c.age), "num");
+    cell(row, bytes(c.up), "num");
+    cell(row, bytes(c.down), "num");
+    button(row, "Close", async (b) => {
+      b.disabled = true;
+      try { await post(`/connections/${c.id}/close`); } catch (error) { alert(error.message); }
+    });
+  }
+  const shown = v.connections.length;
+  $("connections-note").textContent = shown < v.connections_total
+    ? `the ${shown} longest-running of ${v.connections_total} (all of them: ${API}/connections)` : "";
+  filterRows(table);
+}
+
+// --- charts ------------------------------------------------------------------------------
+
+function chart(canvas, series, labels) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth, height = canvas.clientHeight;
+  canvas.width = width * ratio;
+  canvas.height = height * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio);
+  g.clearRect(0, 0, width, height);
+  const max = Math.max(1, ...series.flatMap((s) => s.values));
+  g.fillStyle = "#6b7385";
+  g.font = "11px system-ui, sans-serif";
+  g.fillText(labels.top(max), 6, 12);
+  const colors = ["#2f5fd0", "#1a7f37"];
+  series.forEach((s, i) => {
+    const n = s.values.length;
+    if (n < 2) return;
+    g.strokeStyle = colors[i % colors.length];
+    g.lineWidth = 1.5;
+    g.beginPath();
+    s.values.forEach((value, x) => {
+      const px = (x / (n - 1)) * (width - 8) + 4;
+      const py = height - 6 - (value / max) * (height - 24);
+      if (x === 0) g.moveTo(px, py); else g.lineTo(px, py);
+    });
+    g.stroke();
+    g.fillStyle = colors[i % colors.length];
+    g.fillText(s.name, width - 60 - i * 60, 12);
+  });
+}
+
+function drawLive() {
+  if ($("overview").hidden) return;
+  chart($("live-chart"), [
+    { name: "up", values: state.live.map((p) => p.up) },
+    { name: "down", values: state.live.map((p) => p.down) },
+  ], { top: (max) => `${bytes(max)}/s` });
+}
+
+async function selectService(s) {
+  state.selected = s.agent + "/" + s.name;
+  $("traffic").hidden = false;
+  $("traffic-title").textContent = `${s.name} on ${s.agent}`;
+  for (const b of document.querySelectorAll(".ranges button")) b.classList.toggle("active", b.dataset.range === state.range);
+  const note = $("traffic-note");
+  if (!state.view.history) { note.textContent = "this gateway keeps no history"; return; }
+  const url = `${API}/services/${encodeURIComponent(s.name)}/traffic?range=${state.range}&agent=${encodeURIComponent(s.agent)}`;
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) { note.textContent = body.error; return; }
+  note.textContent = body.points.length ? `${body.points.length} points, written each minute` : "no traffic recorded yet (written each minute)";
+  chart($("traffic-chart"), [
+    { name: "up", values: body.points.map((p) => p.up) },
+    { name: "down", values: body.points.map((p) => p.down) },
+  ], { top: (max) => bytes(max) + (state.range === "30d" ? "/day" : "/min") });
+  renderServices(state.view);
+}
+
+// --- navigation and updates --------------------------------------------------------------
+
+function show() {
+  const name = (location.hash || "#overview").slice(1);
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== name;
+  for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.view === name);
+  if (state.view) drawLive();
+}
+
+function setLink(text, className) {
+  const link = $("link");
+  link.textContent = text;
+  link.className = "pill " + className;
+}
+
+function poll() {
+  if (state.polling) return;
+  setLink("polling", "live");
+  const tick = async () => {
+    try {
+      const response = await fetch(API + "/dashboard");
+      if (!response.ok) throw new Error(response.statusText);
+      receive(await response.json());
+      setLink("polling", "live");
+    } catch (error) {
+      setLink("unreachable", "down");
+    }
+  };
+  tick();
+  state.polling = setInterval(tick, POLL_INTERVAL);
+}
+
+function connect() {
+  if (!window.EventSource) { poll(); return; }
+  let failures = 0;
+  const stream = new EventSource(API + "/stream");
+  state.stream = stream;
+  stream.onmessage = (message) => { failures = 0; setLink("live", "live"); receive(JSON.parse(message.data)); };
+  stream.onerror = () => {
+    failures += 1;
+    if (failures >= 3) { stream.close(); poll(); } else { setLink("reconnecting", "down"); }
+  };
+}
+
+window.addEventListener("hashchange", show);
+window.addEventListener("resize", () => state.view && drawLive());
+for (const input of document.querySelectorAll(".filter[data-table]")) input.addEventListener("input", () => filterRows($(input.dataset.table)));
+$("events-filter").addEventListener("input", () => state.view && render());
+for (const b of document.querySelectorAll(".ranges button")) {
+  b.addEventListener("click", () => {
+    state.range = b.dataset.range;
+    const s = state.view.services.find((x) => x.agent + "/" + x.name === state.selected);
+    if (s) selectService(s);
+  });
+}
+show();
+connect();

@@ -97,7 +97,12 @@ class PeerVerificationError(AuthenticationError):
 
 
 class TransportError(_Reasoned):
-    """The network failed under a connection. Reconnecting may help."""
+    """The network failed under a connection. Reconnecting may help. ``errno`` is the
+    system's error number when one is known (``ETIMEDOUT`` for a connect that timed out)."""
+
+    def __init__(self, reason: str, errno: int | None = None) -> None:
+        super().__init__(reason)
+        self.errno = errno
 
 
 class ConnectionClosed(TunnelgateError):

@@ -3,8 +3,9 @@ that the ``statistics()`` views add to the live state, for metrics.
 
 A :class:`ServiceTotals` belongs to one (agent, service) for the life of the
 process, across the agent's reconnects, so its counters only ever grow, as
-Prometheus expects of a counter. Must not import asyncio, socket or time, nor
-any tunnelgate module.
+Prometheus expects of a counter. The agent's counts (:class:`AgentTotals`: per
+gateway and per local service) follow the gateway's, at the end. Must not
+import asyncio, socket or time, nor any tunnelgate module.
 """
 
 from __future__ import annotations
@@ -235,3 +236,146 @@ def tls_failure_reason(message: str) -> str:
     if "reset" in text or "eof" in text or "closed" in text:
         return "closed"
     return "protocol"
+
+
+# --- the agent ------------------------------------------------------------------
+#
+# What an agent counts beyond its live state, for the life of the process: per
+# gateway (its sessions, why they ended, the heartbeat's round trip) and per
+# service (the connections carried to it). Nothing above is shared with it.
+
+# Why the agent dials its gateway again, from how the last attempt ended: the
+# gateway said goodbye; the control channel ended without one (EOF, reset); no
+# reply within the heartbeat deadline; the gateway refused the connection or the
+# session (not an authentication failure: that one ends the agent); it could not
+# be reached (no route, no address, connect timed out); anything else before or
+# during the session (TLS, handshake, protocol).
+RECONNECT_REASONS: Final = ("goodbye", "closed", "heartbeat", "refused", "unreachable", "error")
+# Why the agent could not reach a local service for a client.
+DIAL_ERROR_REASONS: Final = ("refused", "timeout", "unreachable", "other")
+
+# Seconds. A heartbeat's round trip: under a millisecond on loopback, seconds
+# over a congested or distant path.
+HEARTBEAT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Seconds to connect to a local service (its PROXY header sent): tens of
+# microseconds on the same host, more across a network.
+DIAL_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class GatewayRecordStatistics:
+    """What the agent knows of one gateway it dials."""
+
+    gateway: str  # the configured address
+    up: bool  # a session is up on the control channel
+    sessions: int  # sessions started (welcomed by the gateway)
+    reconnects: tuple[tuple[str, int], ...]  # (reason, count) for each RECONNECT_REASONS
+    rtt: float | None  # seconds, the last heartbeat's round trip in this session; None: none yet
+    heartbeat: HistogramCounts  # every heartbeat's round trip
+    connected_at: float  # wall-clock seconds of the last session's start; 0: never
+    last_seen: float  # wall-clock seconds: now while up, else when its last session ended
+
+
+@dataclass(eq=False)
+class GatewayRecord:
+    gateway: str
+    up: bool = False
+    sessions: int = 0
+    rtt: float | None = None
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+    reconnects: Counter[str] = field(default_factory=Counter)
+    heartbeat: Histogram = field(default_factory=lambda: Histogram(HEARTBEAT_BUCKETS))
+
+    def connected(self, now: float) -> None:
+        self.up = True
+        self.sessions += 1
+        self.connected_at = self.last_seen = now
+
+    def disconnected(self, now: float) -> None:
+        self.up = False
+        self.rtt = None
+        self.last_seen = now
+
+    def reconnecting(self, reason: str) -> None:
+        self.reconnects[reason] += 1
+
+    def answered(self, rtt: float) -> None:
+        """A heartbeat came back after ``rtt`` seconds."""
+        self.rtt = rtt
+        self.heartbeat.observe(rtt)
+
+    def statistics(self, now: float) -> GatewayRecordStatistics:
+        return GatewayRecordStatistics(
+            self.gateway,
+            self.up,
+            self.sessions,
+            tuple((reason, self.reconnects[reason]) for reason in RECONNECT_REASONS),
+            self.rtt,
+            self.heartbeat.counts(),
+            self.connected_at,
+            now if self.up else self.last_seen,
+        )
+
+
+@dataclass(frozen=True)
+class AgentServiceCounts:
+    """A local service's totals at one moment; bytes include those of open connections."""
+
+    connections: int  # carried to the service, ended or not
+    active: int  # open now, dialing or relaying
+    dial_errors: tuple[tuple[str, int], ...]  # (reason, count) for each DIAL_ERROR_REASONS
+    up: int  # bytes from clients, toward the service
+    down: int  # bytes to clients
+    dial: HistogramCounts  # seconds to connect to the service, its PROXY header sent
+
+
+@dataclass(eq=False)
+class AgentServiceTotals:
+    connections: int = 0
+    dial_errors: Counter[str] = field(default_factory=Counter)
+    up: int = 0  # of ended connections; open ones are added by counts()
+    down: int = 0
+    dial: Histogram = field(default_factory=lambda: Histogram(DIAL_BUCKETS))
+
+    def started(self, dial: float) -> None:
+        self.connections += 1
+        self.dial.observe(dial)
+
+    def failed(self, reason: str) -> None:
+        self.dial_errors[reason] += 1
+
+    def ended(self, up: int, down: int) -> None:
+        self.up += up
+        self.down += down
+
+    def counts(self, active: int = 0, open_up: int = 0, open_down: int = 0) -> AgentServiceCounts:
+        return AgentServiceCounts(
+            self.connections,
+            active,
+            tuple((reason, self.dial_errors[reason]) for reason in DIAL_ERROR_REASONS),
+            self.up + open_up,
+            self.down + open_down,
+            self.dial.counts(),
+        )
+
+
+@dataclass(eq=False)
+class AgentTotals:
+    """Everything an agent counts beyond its live state, for the life of the process; its
+    gateways and services are configured, so neither table grows past the configuration."""
+
+    gateways: dict[str, GatewayRecord] = field(default_factory=dict)
+    services: dict[str, AgentServiceTotals] = field(default_factory=dict)
+
+    def gateway(self, address: str) -> GatewayRecord:
+        record = self.gateways.get(address)
+        if record is None:
+            record = self.gateways[address] = GatewayRecord(address)
+        return record
+
+    def service(self, name: str) -> AgentServiceTotals:
+        totals = self.services.get(name)
+        if totals is None:
+            totals = self.services[name] = AgentServiceTotals()
+        return totals

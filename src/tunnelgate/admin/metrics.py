@@ -205,15 +205,89 @@ def agent_metrics(stats: AgentStatistics) -> Iterable[Metric]:
     control = GaugeMetricFamily(
         P + "agent_control_up", "1 while the control channel to the gateway is up", labels=g
     )
+    sessions = CounterMetricFamily(P + "agent_sessions", "Sessions the gateway welcomed", labels=g)
+    reconnects = CounterMetricFamily(
+        P + "agent_reconnects",
+        "Times the agent dialed the gateway again, by how the last attempt ended",
+        labels=[*g, "reason"],
+    )
+    connected = GaugeMetricFamily(
+        P + "agent_gateway_connected_timestamp_seconds",
+        "When the last session with the gateway started",
+        labels=g,
+    )
+    last_seen = GaugeMetricFamily(
+        P + "agent_gateway_last_seen_timestamp_seconds",
+        "When the gateway was last connected",
+        labels=g,
+    )
+    rtt = GaugeMetricFamily(
+        P + "agent_heartbeat_rtt_seconds", "The last heartbeat's round trip", labels=g
+    )
+    rtts = HistogramMetricFamily(
+        P + "agent_heartbeat_round_trip_seconds", "Every heartbeat's round trip", labels=g
+    )
+    for record in stats.gateways:
+        labels = [record.gateway]
+        control.add_metric(labels, 1 if record.up else 0)
+        sessions.add_metric(labels, record.sessions)
+        for reason, count in record.reconnects:
+            reconnects.add_metric([*labels, reason], count)
+        if record.connected_at:
+            connected.add_metric(labels, record.connected_at)
+            last_seen.add_metric(labels, record.last_seen)
+        if record.rtt is not None:
+            rtt.add_metric(labels, record.rtt)
+        rtts.add_metric(labels, _buckets(record.heartbeat), record.heartbeat.sum)
+    yield from (control, sessions, reconnects, connected, last_seen, rtt, rtts)
+
     services = GaugeMetricFamily(
         P + "agent_services_exposed", "Services the gateway exposes for this agent", labels=g
     )
     serving = GaugeMetricFamily(
         P + "agent_active_connections", "Client connections carried now", labels=g
     )
+    exposed = {record.gateway: 0 for record in stats.gateways}
+    carried = dict(exposed)
     for session in stats.sessions:
         gateway = str(session.gateway)
-        control.add_metric([gateway], 1)
-        services.add_metric([gateway], len(session.services))
-        serving.add_metric([gateway], session.pool.serving if session.pool else 0)
-    yield from (control, services, serving)
+        exposed[gateway] = exposed.get(gateway, 0) + len(session.services)
+        carried[gateway] = carried.get(gateway, 0) + len(session.connections)
+    for gateway, count in exposed.items():
+        services.add_metric([gateway], count)
+        serving.add_metric([gateway], carried[gateway])
+    yield from (services, serving)
+
+    s = ["service"]
+    connections = CounterMetricFamily(
+        P + "agent_service_connections", "Client connections carried to the service", labels=s
+    )
+    active = GaugeMetricFamily(
+        P + "agent_service_active_connections",
+        "Client connections to the service open now (dialing or relaying)",
+        labels=s,
+    )
+    dial = HistogramMetricFamily(
+        P + "agent_service_dial_seconds",
+        "Time to connect to the service, PROXY protocol header included",
+        labels=s,
+    )
+    dial_errors = CounterMetricFamily(
+        P + "agent_service_dial_errors",
+        "Client connections the service could not be reached for, by reason",
+        labels=[*s, "reason"],
+    )
+    transferred = CounterMetricFamily(
+        P + "agent_service_transmit_bytes",
+        "Bytes relayed: up from clients to the service, down to clients",
+        labels=[*s, "direction"],
+    )
+    for name, counts in stats.services:
+        connections.add_metric([name], counts.connections)
+        active.add_metric([name], counts.active)
+        dial.add_metric([name], _buckets(counts.dial), counts.dial.sum)
+        for reason, count in counts.dial_errors:
+            dial_errors.add_metric([name, reason], count)
+        transferred.add_metric([name, "up"], counts.up)
+        transferred.add_metric([name, "down"], counts.down)
+    yield from (connections, active, dial, dial_errors, transferred)

@@ -18,7 +18,14 @@ JSON API (``/api/v1``), gateway::
                                      kept across restarts in the state directory
     GET  /api/v1/history/events      the events kept across restarts (most recent 1000)
 
-Agent: ``/api/v1`` (the agent), ``/api/v1/sessions``, ``/api/v1/services``.
+Agent::
+
+    GET  /api/v1                     the agent: its gateways (up, sessions, reconnects,
+                                     heartbeat round trip) and its traffic in total
+    GET  /api/v1/sessions            its sessions: pool, connected since, heartbeat round trip
+    GET  /api/v1/services            the services exposed now, with their traffic
+    GET  /api/v1/connections         every open client connection
+    POST /api/v1/connections/ID/close
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from tunnelgate.admin.metrics import agent_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
 from tunnelgate.gateway.gateway import Gateway
+from tunnelgate.stats import DIAL_ERROR_REASONS, AgentServiceCounts
 
 
 def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -294,14 +302,36 @@ class AgentSite:
 
     def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         stats = self.agent.statistics()
+        traffic = dict(stats.services)
         match list(path):
             case []:
+                counts = traffic.values()
                 return {
                     "side": "agent",
                     "version": __version__,
                     "name": stats.name,
                     "gateway": str(self.agent.config.gateway),
                     "sessions": len(stats.sessions),
+                    "gateways": [
+                        {
+                            "gateway": g.gateway,
+                            "up": g.up,
+                            "sessions": g.sessions,
+                            "reconnects": _counts(g.reconnects),
+                            "rtt": g.rtt,
+                            "connected_at": g.connected_at or None,
+                            "last_seen": g.last_seen or None,
+                        }
+                        for g in stats.gateways
+                    ],
+                    "connections": sum(c.active for c in counts),
+                    "connections_total": sum(c.connections for c in counts),
+                    "up": sum(c.up for c in counts),
+                    "down": sum(c.down for c in counts),
+                    "dial_errors": {
+                        reason: sum(dict(c.dial_errors)[reason] for c in counts)
+                        for reason in DIAL_ERROR_REASONS
+                    },
                 }
             case ["sessions"]:
                 return [
@@ -309,18 +339,56 @@ class AgentSite:
                         "id": s.id,
                         "gateway": str(s.gateway),
                         "age": s.duration,
+                        "connected_at": s.connected_at or None,
+                        "rtt": s.rtt,
                         "services": [service.name for service in s.services],
+                        "connections": len(s.connections),
                         "pool": s.pool,
                     }
                     for s in stats.sessions
                 ]
             case ["services"]:
                 return [
-                    {"name": s.name, "public": str(s.address), "local": str(s.local)}
+                    {
+                        "name": s.name,
+                        "public": str(s.address),
+                        "local": str(s.local),
+                        **_service_traffic(traffic[s.name]),
+                    }
                     for session in stats.sessions
                     for s in session.services
+                ]
+            case ["connections"]:
+                return [
+                    {
+                        "id": c.conn,
+                        "gateway": str(session.gateway),
+                        "service": c.service,
+                        "client": c.client,
+                        "age": c.duration,
+                        "up": c.up,
+                        "down": c.down,
+                        "state": "relaying" if c.relaying else "dialing",
+                    }
+                    for session in stats.sessions
+                    for c in session.connections
                 ]
         raise NotFound(f"no view /{'/'.join(path)}")
 
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
+        match list(path):
+            case ["connections", conn, "close"]:
+                if not conn.isdigit() or not self.agent.close_connection(int(conn)):
+                    raise NotFound(f"no open connection {conn}")
+                return {"closed": int(conn)}
         raise NotFound(f"no action /{'/'.join(path)}")
+
+
+def _service_traffic(counts: AgentServiceCounts) -> dict[str, Any]:
+    return {
+        "connections": counts.active,
+        "connections_total": counts.connections,
+        "up": counts.up,
+        "down": counts.down,
+        "dial_errors": _counts(counts.dial_errors),
+    }

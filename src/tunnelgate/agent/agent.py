@@ -2,7 +2,9 @@
 
 :meth:`Agent.run` keeps an :class:`~tunnelgate.agent.session.AgentSession` up: run it until it
 ends, wait a backoff with full jitter, repeat; an authentication failure ends the loop instead.
-The sessions are a list, so that more gateways are more entries in it; today it dials one.
+The sessions are a list, so that more gateways are more entries in it; today it dials one. The
+agent keeps the counts that outlive its sessions (:class:`~tunnelgate.stats.AgentTotals`), and
+counts each reconnect by the reason its last attempt ended.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from tunnelgate.address import Address, format_address
-from tunnelgate.agent.session import AgentSession, Dialer, ExposedService, SessionStatistics
+from tunnelgate.agent.session import (
+    AgentSession,
+    Dialer,
+    ExposedService,
+    SessionStatistics,
+    dial_error_reason,
+)
 from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.control import wait_relays
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
+from tunnelgate.stats import AgentServiceCounts, AgentTotals, GatewayRecordStatistics
 
 logger = logging.getLogger(__package__)
 
@@ -32,6 +41,9 @@ CLOSE_RETRY_INTERVAL: Final = 0.1
 class AgentStatistics:
     name: str
     sessions: tuple[SessionStatistics, ...]  # the sessions up now
+    gateways: tuple[GatewayRecordStatistics, ...]  # every gateway it dials, up or not
+    # Every configured service, by name; bytes include those of open connections.
+    services: tuple[tuple[str, AgentServiceCounts], ...]
 
 
 class Agent:
@@ -47,6 +59,10 @@ class Agent:
         # Ports the gateway picked for any-port services, asked again on reconnect: same address.
         self._chosen_ports: dict[str, int] = {}
         self._sessions: list[AgentSession] = []  # the sessions up now
+        self._totals = AgentTotals()
+        self._totals.gateway(str(config.gateway))  # shown before the first session
+        for service in config.services:
+            self._totals.service(service.name)
         self._main: asyncio.Task[None] | None = None
         self._closing = False
         self._ready = asyncio.Event()
@@ -62,8 +78,28 @@ class Agent:
         return next((s.id for s in self._sessions if s.id is not None), None)
 
     def statistics(self) -> AgentStatistics:
-        """A snapshot of the agent's sessions, their services and pools."""
-        return AgentStatistics(self.config.name, tuple(s.statistics() for s in self._sessions))
+        """A snapshot of the agent's sessions (their services, pools and connections) and of its
+        counts per gateway and per service."""
+        sessions = tuple(s.statistics() for s in self._sessions)
+        live: dict[str, tuple[int, int, int]] = {}  # service → open connections, bytes up, down
+        for session in sessions:
+            for c in session.connections:
+                active, up, down = live.get(c.service, (0, 0, 0))
+                live[c.service] = (active + 1, up + c.up, down + c.down)
+        now, totals = time.time(), self._totals
+        return AgentStatistics(
+            self.config.name,
+            sessions,
+            tuple(record.statistics(now) for record in totals.gateways.values()),
+            tuple(
+                (name, service.counts(*live.get(name, (0, 0, 0))))
+                for name, service in totals.services.items()
+            ),
+        )
+
+    def close_connection(self, conn: int) -> bool:
+        """Reset one client connection, by its id (the gateway's); False if none is open."""
+        return any(session.close_connection(conn) for session in self._sessions)
 
     async def __aenter__(self) -> Agent:
         if not self.config.tls:
@@ -144,20 +180,24 @@ class Agent:
         delays = backoff(config.reconnect_min, config.reconnect_max)
         next(delays)
         while True:
-            session = AgentSession(self._dialer, self._chosen_ports, self._ready.set)
+            session = AgentSession(self._dialer, self._chosen_ports, self._ready.set, self._totals)
             self._sessions.append(session)
             try:
                 reason, level = await session.run(), logging.INFO
-            except TimeoutError:
-                reason, level = "no heartbeat reply within the deadline", logging.WARNING
-            except (TransportError, ProtocolError, ConnectionClosed) as exc:
+                counted = "goodbye"
+            except (TimeoutError, TransportError, ProtocolError, ConnectionClosed) as exc:
                 reason, level = str(exc), logging.WARNING
+                if isinstance(exc, TimeoutError):
+                    silent = "no heartbeat reply" if session.id else "no welcome from the gateway"
+                    reason = f"{silent} within the deadline"
+                counted = reconnect_reason(exc, session.id is not None)
             finally:
                 self._sessions.remove(session)
                 if not self._sessions:
                     self._ready.clear()
             if self._closing:
                 raise asyncio.CancelledError
+            session.record.reconnecting(counted)
             delay, attempt = delays.send(time.monotonic() - session.started)
             self._log.log(
                 level,
@@ -168,6 +208,26 @@ class Agent:
                 attempt,
             )
             await asyncio.sleep(delay)
+
+
+def reconnect_reason(exc: Exception, welcomed: bool) -> str:
+    """Why a session ended with ``exc``, as one of :data:`~tunnelgate.stats.RECONNECT_REASONS`;
+    ``welcomed``: it got past the handshake. A TimeoutError is a silent gateway."""
+    if isinstance(exc, TimeoutError):
+        return "heartbeat" if welcomed else "error"
+    if isinstance(exc, ProtocolError):
+        return "error"
+    if welcomed:  # the control channel ended under the session (EOF, reset)
+        return "closed"
+    if isinstance(exc, ConnectionClosed):  # the gateway refused the session, or hung up on it
+        return "refused"
+    if isinstance(exc, TransportError):
+        match dial_error_reason(exc):
+            case "refused":
+                return "refused"
+            case "timeout" | "unreachable":
+                return "unreachable"
+    return "error"
 
 
 @contextlib.asynccontextmanager

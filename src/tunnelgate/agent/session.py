@@ -2,16 +2,19 @@
 channel, registers the services, sends heartbeats (ending when replies stop), keeps the pool of
 data channels, serves each client a Start names, and drains on goodbye; a reconnect is a new
 session. The :class:`Dialer` opens and authenticates channels to one gateway and keeps what
-outlives a session (the derived credential, the TLS session that data channels resume).
+outlives a session (the derived credential, the TLS session that data channels resume). A session
+counts into the agent's :class:`~tunnelgate.stats.AgentTotals` as connections start and end (its
+gateway's record, each service's totals), and times its heartbeats' round trips.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from tunnelgate import credentials, proxy_protocol, tls
@@ -36,6 +39,7 @@ from tunnelgate.protocol.wire import (
     Challenge,
     Hello,
     Ping,
+    Pong,
     PoolDiscarded,
     PoolRequest,
     Refused,
@@ -46,9 +50,16 @@ from tunnelgate.protocol.wire import (
     Welcome,
 )
 from tunnelgate.relay import RelayResult, abort_channel, relay
+from tunnelgate.stats import AgentTotals
 from tunnelgate.transport import SocketStream, Stream, TLSSession, TLSStream, connect
 
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
+MAX_PINGS_AWAITED: Final = 16  # heartbeats whose Pong may still come, for the round trip
+CLOSED_ON_REQUEST: Final = "reset: closed on request"
+# Errors of a connect that mean no route to the host, for the "unreachable" reason.
+UNREACHABLE: Final = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,44 @@ class ExposedService:
 
 
 @dataclass(frozen=True)
+class ConnectionStatistics:
+    conn: int  # the gateway's id for it
+    client: str
+    service: str
+    duration: float
+    relaying: bool  # False while the service is being dialed
+    up: int  # bytes from the client so far
+    down: int  # bytes to the client so far
+
+
+@dataclass(eq=False)
+class _Connection:
+    conn: int
+    client: str
+    service: str
+    started: float = field(default_factory=time.monotonic)
+    result: RelayResult | None = None  # once relaying: its counts move while it runs
+    closing: bool = False  # reset on request
+
+    def statistics(self, now: float) -> ConnectionStatistics:
+        r, duration = self.result, now - self.started
+        # The agent's local stream is the service: what it received came from the client.
+        up, down, relaying = (r.received, r.sent, True) if r is not None else (0, 0, False)
+        return ConnectionStatistics(
+            self.conn, self.client, self.service, duration, relaying, up, down
+        )
+
+
+@dataclass(frozen=True)
 class SessionStatistics:
     id: str
     gateway: Address
     duration: float
     services: tuple[ExposedService, ...]
     pool: PoolStatistics | None  # None until the session runs
+    connected_at: float  # wall-clock seconds when the gateway welcomed it; 0: not yet
+    rtt: float | None  # seconds, the last heartbeat's round trip; None: none yet
+    connections: tuple[ConnectionStatistics, ...]  # the client connections open now
 
 
 class Dialer:
@@ -135,7 +178,11 @@ class AgentSession:
     is called once the registration is answered, ``chosen_ports`` (the agent's) outlives it."""
 
     def __init__(
-        self, dialer: Dialer, chosen_ports: dict[str, int], on_ready: Callable[[], None]
+        self,
+        dialer: Dialer,
+        chosen_ports: dict[str, int],
+        on_ready: Callable[[], None],
+        totals: AgentTotals,
     ) -> None:
         self.config = config = dialer.config
         self.dialer = dialer
@@ -144,6 +191,12 @@ class AgentSession:
         self.services: dict[str, ExposedService] = {}
         self.serving: set[asyncio.Task[None]] = set()  # tasks of the client connections carried
         self.started = time.monotonic()
+        self.connected_at = 0.0  # wall clock, once welcomed
+        self.rtt: float | None = None
+        self._totals = totals  # the agent's, across its sessions
+        self.record = totals.gateway(str(config.gateway))
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._pings: dict[int, float] = {}  # seq → when sent, until its Pong
         self._on_ready = on_ready
         self._chosen_ports = chosen_ports
         self._by_name = {s.name: s for s in config.services}
@@ -154,10 +207,27 @@ class AgentSession:
 
     def statistics(self) -> SessionStatistics:
         pool = None if self._channels is None else self._channels.statistics()
-        duration = time.monotonic() - self.started
+        now = time.monotonic()
         return SessionStatistics(
-            self.id or "", self.config.gateway, duration, tuple(self.services.values()), pool
+            self.id or "",
+            self.config.gateway,
+            now - self.started,
+            tuple(self.services.values()),
+            pool,
+            self.connected_at,
+            self.rtt,
+            tuple(c.statistics(now) for c in self._connections.values()),
         )
+
+    def close_connection(self, conn: int) -> bool:
+        """Reset one client connection, by its id; False if this session has none such."""
+        for task, record in self._connections.items():
+            if record.conn == conn:
+                self.log.warning("closing client %s (conn %d) on request", record.client, conn)
+                record.closing = True
+                task.cancel()
+                return True
+        return False
 
     async def run(self) -> str:
         """Run the session to its end; return why it ended. Raises AuthenticationError (refused),
@@ -171,6 +241,8 @@ class AgentSession:
                 raise refusal(welcome)
             assert isinstance(welcome, Welcome)
             self.id = welcome.session
+            self.connected_at = time.time()
+            self.record.connected(self.connected_at)
             self.log = self.log.bind(session=welcome.session)
             self._control = channel
             self.log.info("connected to gateway %s", config.gateway)
@@ -200,6 +272,8 @@ class AgentSession:
         finally:
             self._control = None
             channel.abort()
+            if self.id is not None:
+                self.record.disconnected(time.time())
         return reason
 
     async def say_bye(self) -> None:
@@ -220,7 +294,15 @@ class AgentSession:
     async def _heartbeat(self, channel: Channel, interval: float) -> None:
         for seq in range(2**62):
             await asyncio.sleep(interval)
+            self._pings[seq] = time.monotonic()
+            self._pings.pop(seq - MAX_PINGS_AWAITED, None)  # its Pong is not coming
             await channel.send_message(Ping(seq))
+
+    def _answered(self, pong: Pong) -> None:
+        sent = self._pings.pop(pong.seq, None)
+        if sent is not None:
+            self.rtt = time.monotonic() - sent
+            self.record.answered(self.rtt)
 
     async def _control_loop(self, channel: Channel, welcome: Welcome, pool: DataChannels) -> str:
         while True:
@@ -232,6 +314,8 @@ class AgentSession:
             if isinstance(message, Registered):
                 if retry := self._registered(message):
                     await channel.send_message(Register(retry))
+            elif isinstance(message, Pong):
+                self._answered(message)
             elif isinstance(message, PoolRequest):
                 pool.request(message.count)
             elif isinstance(message, PoolDiscarded):
@@ -286,17 +370,32 @@ class AgentSession:
             log.warning("gateway started unknown service %r", start.service)
             await abort_channel(channel, f"unknown service {start.service!r}")
             return
+        task = asyncio.current_task()
+        assert task is not None
+        record = self._connections[task] = _Connection(start.conn, start.client, service.name)
+        totals = self._totals.service(service.name)
         try:
-            stream = await reach(service, start, self.config.connect_timeout, log)
-        except TransportError as exc:
-            log.warning("client %s: %s", start.client, exc)
-            await abort_channel(channel, f"{AGENT_REACH_FAILURE}{exc}")
-            return
-        r = RelayResult()  # filled in even if the relay is cancelled
-        try:
-            await relay(stream, channel, "service", r)
-        finally:
-            log_closed(log, start.client, r.received, r.sent, r.duration, r.how, normal=r.normal)
+            try:
+                stream = await reach(service, start, self.config.connect_timeout, log)
+            except TransportError as exc:
+                totals.failed(dial_error_reason(exc))
+                log.warning("client %s: %s", start.client, exc)
+                await abort_channel(channel, f"{AGENT_REACH_FAILURE}{exc}")
+                return
+            totals.started(time.monotonic() - record.started)
+            r = record.result = RelayResult()  # filled in even if the relay is cancelled
+            try:
+                await relay(stream, channel, "service", r)
+            finally:
+                if record.closing:
+                    r.how = CLOSED_ON_REQUEST
+                log_closed(
+                    log, start.client, r.received, r.sent, r.duration, r.how, normal=r.normal
+                )
+        finally:  # its bytes move from the open connections to the totals in one step
+            del self._connections[task]
+            if (result := record.result) is not None:
+                totals.ended(result.received, result.sent)
 
 
 async def reach(
@@ -315,8 +414,9 @@ async def reach(
     except (TransportError, TimeoutError) as exc:
         stream.abort()
         why = str(exc) or f"timed out after {timeout:g} s"
+        code = exc.errno if isinstance(exc, TransportError) else errno.ETIMEDOUT
         raise TransportError(
-            f"cannot send the PROXY protocol header to {service.local}: {why}"
+            f"cannot send the PROXY protocol header to {service.local}: {why}", code
         ) from None
     except BaseException:
         stream.abort()
@@ -329,6 +429,15 @@ async def reach(
         start.server or "?",
     )
     return stream
+
+
+def dial_error_reason(exc: TransportError) -> str:
+    """Why a connect failed, as one of :data:`~tunnelgate.stats.DIAL_ERROR_REASONS`."""
+    if exc.errno == errno.ECONNREFUSED:
+        return "refused"
+    if exc.errno == errno.ETIMEDOUT:
+        return "timeout"
+    return "unreachable" if exc.errno in UNREACHABLE else "other"
 
 
 def refusal(message: Refused) -> Exception:

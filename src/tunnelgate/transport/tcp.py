@@ -47,7 +47,7 @@ def describe_os_error(exc: OSError) -> str:
 def transport_error(exc: OSError) -> TransportError:
     if exc.errno == errno.EPIPE:  # what a write gets when the peer reset a half-closed connection
         exc = ConnectionResetError(errno.ECONNRESET, "connection reset")
-    return TransportError(describe_os_error(exc))
+    return TransportError(describe_os_error(exc), exc.errno)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -244,10 +244,14 @@ async def connect(address: Address, timeout: float) -> SocketStream:
             raise error or OSError(errno.EHOSTUNREACH, "no address found")
     except TimeoutError:
         raise TransportError(
-            f"cannot connect to {address}: timed out after {timeout:g} s"
+            f"cannot connect to {address}: timed out after {timeout:g} s", errno.ETIMEDOUT
         ) from None
+    except socket.gaierror as exc:  # the name does not resolve: no host to reach
+        why = (exc.strerror or str(exc)).lower()
+        raise TransportError(f"cannot connect to {address}: {why}", errno.EHOSTUNREACH) from None
     except OSError as exc:
-        raise TransportError(f"cannot connect to {address}: {describe_os_error(exc)}") from None
+        why = describe_os_error(exc)
+        raise TransportError(f"cannot connect to {address}: {why}", exc.errno) from None
 
 
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]

@@ -238,7 +238,7 @@ def agent_metrics(stats: AgentStatistics) -> Iterable[Metric]:
             last_seen.add_metric(labels, record.last_seen)
         if record.rtt is not None:
             rtt.add_metric(labels, record.rtt)
-        rtts.add_metric(labels, _buckets(record.heartbeat), record.heartbeat.sum)
+        _observe(rtts, {"gateway": record.gateway}, record.heartbeat)
     yield from (control, sessions, reconnects, connected, last_seen, rtt, rtts)
 
     services = GaugeMetricFamily(
@@ -285,7 +285,7 @@ def agent_metrics(stats: AgentStatistics) -> Iterable[Metric]:
     for name, counts in stats.services:
         connections.add_metric([name], counts.connections)
         active.add_metric([name], counts.active)
-        dial.add_metric([name], _buckets(counts.dial), counts.dial.sum)
+        _observe(dial, {"service": name}, counts.dial)
         for reason, count in counts.dial_errors:
             dial_errors.add_metric([name, reason], count)
         transferred.add_metric([name, "up"], counts.up)

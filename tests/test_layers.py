@@ -25,9 +25,9 @@ PURE_CORE = {
 }
 TRANSPORTS = {"tls", "transport"}
 ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent"}
-EDGES = {"config", "logs", "status", "admin", "cli", "demo", "__main__", "__init__"}
+EDGES = {"config", "logs", "systemd", "status", "admin", "cli", "demo", "__main__", "__init__"}
 EVERYTHING = PURE_CORE | TRANSPORTS | ORCHESTRATION | EDGES
-COMMAND_ONLY = {"cli", "demo", "status", "__main__", "__init__"}  # wired by the CLI
+COMMAND_ONLY = {"cli", "demo", "systemd", "status", "__main__", "__init__"}  # wired by the CLI
 
 # What each module (or package) may import from tunnelgate, besides itself.
 ALLOWED: dict[str, set[str]] = {
@@ -45,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "relay": {"errors", "protocol", "transport", "channel"},
     "control": {"errors", "protocol", "channel"},
     "logs": set(),
+    "systemd": {"logs"},
     "status": {"errors"},
     "config": PURE_CORE,
     "gateway": EVERYTHING - {"agent", "admin"} - COMMAND_ONLY,

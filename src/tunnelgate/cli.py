@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, demo, logs
+from tunnelgate import __version__, credentials, demo, logs, systemd
 from tunnelgate.address import Address, format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
@@ -219,7 +219,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
         return "reloaded"
 
     async def main(stop: asyncio.Event) -> None:
-        async with Gateway(config) as gateway, contextlib.AsyncExitStack() as admin:
+        async with (
+            systemd.Notifier.from_environment() as notifier,
+            Gateway(config) as gateway,
+            contextlib.AsyncExitStack() as admin,
+        ):
             url = None
             if config.admin is not None:
                 from tunnelgate.admin.sites import GatewaySite
@@ -227,6 +231,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 site = GatewaySite(gateway, lambda: reload(gateway))
                 url = await _open_admin(admin, site, config.admin, config.admin_token)
             _print_banner(gateway, url)
+            notifier.ready(f"listening on {gateway.address}")
             reloads: set[asyncio.Task[str]] = set()
 
             def on_hangup() -> None:
@@ -240,6 +245,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 await _until_stopped(stop, gateway.serve_forever())
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
+            notifier.stopping("stopping: draining open connections")
             await gateway.shutdown()
 
     return _run(main)
@@ -291,12 +297,23 @@ def _run_agent(args: argparse.Namespace) -> int:
     _start_logging(args, log)
 
     async def main(stop: asyncio.Event) -> None:
-        async with Agent(config) as agent, contextlib.AsyncExitStack() as admin:
+        async with (
+            systemd.Notifier.from_environment() as notifier,
+            Agent(config) as agent,
+            contextlib.AsyncExitStack() as admin,
+        ):
             if config.admin is not None:
                 from tunnelgate.admin.sites import AgentSite
 
                 await _open_admin(admin, AgentSite(agent), config.admin, config.admin_token)
+
+            async def registered() -> str:  # the first time only: READY=1 is sent once
+                services = await agent.wait_ready()
+                return f"{len(services)} service(s) exposed through {config.gateway}"
+
+            notifier.ready_after(registered)
             await _until_stopped(stop, agent.run_until_stopped())
+            notifier.stopping("stopping: draining open connections")
             await agent.shutdown()
 
     return _run(main)

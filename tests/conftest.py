@@ -273,21 +273,38 @@ def echo_port() -> Iterator[int]:
         yield port
 
 
+# The test's own credentials, and systemd's when pytest runs under it, stay out of the
+# programs a test starts.
+NOT_PASSED_ON = (
+    TOKEN_ENV,
+    "TUNNELGATE_ADMIN_TOKEN",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+
+
 @pytest.fixture
 def launch_command(tmp_path: Path) -> Iterator[Launch]:
-    """Start ``PROGRAM ARGS...`` (``token=`` goes in the environment, ``cwd=`` is where);
-    all killed at the end, last started first."""
+    """Start ``PROGRAM ARGS...`` (``token=`` goes in the environment, ``env=`` adds more to
+    it, ``cwd=`` is where); all killed at the end, last started first."""
     procs: list[Proc] = []
     base_env = dict(os.environ)
-    base_env.pop(TOKEN_ENV, None)
+    for name in NOT_PASSED_ON:
+        base_env.pop(name, None)
     base_env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")  # never the user's own
     base_env["PYTHONUNBUFFERED"] = "1"
 
-    def start(*argv: str, token: str | None = None, cwd: Path | None = None) -> Proc:
-        env = dict(base_env)
+    def start(
+        *argv: str,
+        token: str | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        full_env = {**base_env, **(env or {})}
         if token is not None:
-            env[TOKEN_ENV] = token
-        proc = Proc(list(argv), env, cwd)
+            full_env[TOKEN_ENV] = token
+        proc = Proc(list(argv), full_env, cwd)
         procs.append(proc)
         return proc
 
@@ -325,7 +342,12 @@ def redis_port(launch_command: Launch, tmp_path: Path) -> int:
 def launch(launch_command: Launch) -> Launch:
     """Start ``tunnelgate ARGS...``, as :func:`launch_command` does."""
 
-    def start(*args: str, token: str | None = None, cwd: Path | None = None) -> Proc:
-        return launch_command(*TUNNELGATE, *args, token=token, cwd=cwd)
+    def start(
+        *args: str,
+        token: str | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        return launch_command(*TUNNELGATE, *args, token=token, cwd=cwd, env=env)
 
     return start

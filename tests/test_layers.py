@@ -25,8 +25,9 @@ PURE_CORE = {
 }
 TRANSPORTS = {"tls", "transport"}
 ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent"}
-EDGES = {"config", "logs", "admin", "cli", "demo", "__main__", "__init__"}
+EDGES = {"config", "logs", "systemd", "status", "admin", "cli", "demo", "__main__", "__init__"}
 EVERYTHING = PURE_CORE | TRANSPORTS | ORCHESTRATION | EDGES
+COMMAND_ONLY = {"cli", "demo", "systemd", "status", "__main__", "__init__"}  # wired by the CLI
 
 # What each module (or package) may import from tunnelgate, besides itself.
 ALLOWED: dict[str, set[str]] = {
@@ -44,12 +45,14 @@ ALLOWED: dict[str, set[str]] = {
     "relay": {"errors", "protocol", "transport", "channel"},
     "control": {"errors", "protocol", "channel"},
     "logs": set(),
+    "systemd": {"logs"},
+    "status": {"errors"},
     "config": PURE_CORE,
-    "gateway": EVERYTHING - {"agent", "admin", "cli", "demo", "__main__", "__init__"},
-    "agent": EVERYTHING - {"gateway", "admin", "cli", "demo", "__main__", "__init__"},
-    "admin": EVERYTHING - {"cli", "demo", "__main__", "__init__"},
+    "gateway": EVERYTHING - {"agent", "admin"} - COMMAND_ONLY,
+    "agent": EVERYTHING - {"gateway", "admin"} - COMMAND_ONLY,
+    "admin": EVERYTHING - COMMAND_ONLY,
     "cli": EVERYTHING,
-    "demo": EVERYTHING - {"cli", "__main__"},
+    "demo": EVERYTHING - COMMAND_ONLY | {"__init__"},
     "__main__": {"cli"},
     "__init__": {"address", "agent", "gateway"},
 }

@@ -1,9 +1,10 @@
-"""The command line: ``tunnelgate gateway|agent|check-config|token|demo``.
+"""The command line: ``tunnelgate gateway|agent|status|check-config|token|demo``.
 
 The flags of ``gateway`` and ``agent`` are a contract other tools rely on: keep them stable.
 Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token
-or gateway certificate) or the gateway cannot listen, 2 for bad flags or configuration. The only
-module that configures logging, and the only place errors become exit codes.
+or gateway certificate) or the gateway cannot listen, or ``status`` cannot read the admin API,
+2 for bad flags or configuration. The only module that configures logging, and the only place
+errors become exit codes.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import os
 import signal
 import socket
 import sys
+import time
 import tomllib
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, demo, logs
+from tunnelgate import __version__, credentials, demo, logs, systemd
 from tunnelgate.address import Address, format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
+    ADMIN_TOKEN_ENV,
     AGENT,
     GATEWAY,
     TOKEN_ENV,
@@ -32,9 +35,16 @@ from tunnelgate.config import (
     load_agent_config,
     load_gateway_config,
     options,
+    read_admin_token,
     read_token,
 )
-from tunnelgate.errors import AuthenticationError, ConfigError, ConfigProblem, TransportError
+from tunnelgate.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConfigProblem,
+    RemoteProtocolError,
+    TransportError,
+)
 from tunnelgate.gateway.gateway import Gateway, with_stored_token
 
 logger = logging.getLogger(__name__)
@@ -43,6 +53,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9090/"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_flags(commands.add_parser("gateway", help="run the public side"), GATEWAY, _run_gateway)
     _add_flags(commands.add_parser("agent", help="run the private side"), AGENT, _run_agent)
+    status = commands.add_parser(
+        "status",
+        help="show a running gateway's agents, services and connections, or an agent's "
+        "sessions and services, from its admin listener",
+    )
+    status.add_argument(
+        "--admin", metavar="URL", default=DEFAULT_ADMIN_URL,
+        help=f"the admin listener (default {DEFAULT_ADMIN_URL})",
+    )  # fmt: skip
+    status.add_argument(
+        "--admin-token-file", metavar="FILE",
+        help=f"the admin listener's token (or ${ADMIN_TOKEN_ENV})",
+    )  # fmt: skip
+    status.set_defaults(run=_run_status)
     check = commands.add_parser("check-config", help="validate a gateway or agent TOML file")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
@@ -100,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         # Logging is not set up yet (its settings are part of the bad config).
         print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (AuthenticationError, TransportError) as exc:
-        logger.error("%s", exc)  # in the configured format, text or JSON
+    except (AuthenticationError, TransportError, RemoteProtocolError) as exc:
+        if args.command in (GATEWAY, AGENT):
+            logger.error("%s", exc)  # in the configured format, text or JSON
+        else:
+            print(f"tunnelgate {args.command}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
 
 
@@ -191,7 +219,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
         return "reloaded"
 
     async def main(stop: asyncio.Event) -> None:
-        async with Gateway(config) as gateway, contextlib.AsyncExitStack() as admin:
+        async with (
+            systemd.Notifier.from_environment() as notifier,
+            Gateway(config) as gateway,
+            contextlib.AsyncExitStack() as admin,
+        ):
             url = None
             if config.admin is not None:
                 from tunnelgate.admin.sites import GatewaySite
@@ -199,6 +231,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 site = GatewaySite(gateway, lambda: reload(gateway))
                 url = await _open_admin(admin, site, config.admin, config.admin_token)
             _print_banner(gateway, url)
+            notifier.ready(f"listening on {gateway.address}")
             reloads: set[asyncio.Task[str]] = set()
 
             def on_hangup() -> None:
@@ -212,6 +245,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 await _until_stopped(stop, gateway.serve_forever())
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
+            notifier.stopping("stopping: draining open connections")
             await gateway.shutdown()
 
     return _run(main)
@@ -263,12 +297,23 @@ def _run_agent(args: argparse.Namespace) -> int:
     _start_logging(args, log)
 
     async def main(stop: asyncio.Event) -> None:
-        async with Agent(config) as agent, contextlib.AsyncExitStack() as admin:
+        async with (
+            systemd.Notifier.from_environment() as notifier,
+            Agent(config) as agent,
+            contextlib.AsyncExitStack() as admin,
+        ):
             if config.admin is not None:
                 from tunnelgate.admin.sites import AgentSite
 
                 await _open_admin(admin, AgentSite(agent), config.admin, config.admin_token)
+
+            async def registered() -> str:  # the first time only: READY=1 is sent once
+                services = await agent.wait_ready()
+                return f"{len(services)} service(s) exposed through {config.gateway}"
+
+            notifier.ready_after(registered)
             await _until_stopped(stop, agent.run_until_stopped())
+            notifier.stopping("stopping: draining open connections")
             await agent.shutdown()
 
     return _run(main)
@@ -302,6 +347,21 @@ def _run_token(args: argparse.Namespace) -> int:
     print("[[agents]]")
     print(f'name = "{args.name}"')
     print(f'token_hash = "{credentials.hash_line(stored_key)}"')
+    return EXIT_OK
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    """The tables of a running side, read from its admin API. Imported only here: the
+    gateway and the agent never load the HTTP client."""
+    from tunnelgate import status
+
+    try:
+        base = status.admin_url(args.admin)
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem("command line", "--admin", str(exc))]) from None
+    token = read_admin_token(args.admin_token_file)
+    info, views = status.read_views(base, token.decode() if token is not None else None)
+    print(status.render(info, views, time.time()))
     return EXIT_OK
 
 

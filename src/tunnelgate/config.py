@@ -431,6 +431,19 @@ def read_token(token_file: str | None) -> bytes | None:
     return token
 
 
+def read_admin_token(token_file: str | None) -> bytes | None:
+    """The admin listener's token in ``token_file``, else ``$TUNNELGATE_ADMIN_TOKEN``, else
+    None (for a client of the admin API); ConfigError if bad."""
+    src = _Source.load(None, {"admin_token_file": token_file}, options(AGENT))
+    values = {
+        "admin": None,
+        "admin_token_file": src.parse("admin_token_file", _read_token_file, None),
+    }
+    token = _admin_token(src, values)
+    src.raise_problems()
+    return token
+
+
 def _token(src: _Source) -> bytes | None:
     """The token from --token, --token-file, the environment, or the file, in that
     order; None if there is none, b"" if the one found is unusable (a problem)."""

@@ -32,6 +32,7 @@ from tunnelgate.config import (
     GATEWAY,
     TOKEN_ENV,
     LogConfig,
+    default_state_dir,
     load_agent_config,
     load_gateway_config,
     options,
@@ -226,9 +227,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
         ):
             url = None
             if config.admin is not None:
+                from tunnelgate.admin.history import FILE_NAME
                 from tunnelgate.admin.sites import GatewaySite
 
-                site = GatewaySite(gateway, lambda: reload(gateway))
+                history = (config.state_dir or default_state_dir()) / FILE_NAME
+                site = GatewaySite(gateway, lambda: reload(gateway), history)
                 url = await _open_admin(admin, site, config.admin, config.admin_token)
             _print_banner(gateway, url)
             notifier.ready(f"listening on {gateway.address}")
@@ -287,7 +290,7 @@ def _print_banner(gateway: Gateway, admin: str | None) -> None:
     command += " --expose 3920:localhost:80"
     lines += ["run an agent with:", f"  {command}"]
     if admin is not None:
-        lines.append(f"admin: {admin}  (metrics at {admin}metrics, API at {admin}api/v1)")
+        lines.append(f"admin: {admin}  (dashboard; metrics at {admin}metrics)")
     print("\n".join(lines), flush=True)
 
 

@@ -85,7 +85,7 @@ async def run() -> None:
                 f"  service  127.0.0.1:{service_port}  (built-in HTTP, private side)\n"
                 f"  gateway  {gateway.address}  (TLS, {gateway.fingerprint})\n"
                 f"  agent    exposes the service on the gateway at {exposed.address}\n"
-                f"  admin    {admin.url}  (the gateway's health, metrics and API)\n"
+                f"  admin    {admin.url}  (the dashboard; metrics and API there too)\n"
                 f"\nTry it:\n  curl http://{exposed.address}/\n"
                 f"  curl {admin.url}metrics\n  curl {admin.url}api/v1/connections\n",
                 flush=True,

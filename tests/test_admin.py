@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,7 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from tunnelgate import Address
 from tunnelgate.admin.metrics import exposition, gateway_metrics
-from tunnelgate.admin.server import AdminServer, Site
+from tunnelgate.admin.server import AdminServer, Limits, Site
 from tunnelgate.admin.sites import AgentSite, GatewaySite
 from tunnelgate.errors import AuthenticationError
 
@@ -366,3 +367,71 @@ async def test_exposition_says_what_prometheus_client_would(echo_tunnel: Tunnel)
     ours = exposition(families()).decode()
     assert _parsed(ours) == _parsed(generate_latest(registry).decode())
     assert len(_parsed(ours)) > 50
+
+
+# --- hostile or slow clients on the admin port ---------------------------------------
+
+
+async def test_a_request_head_that_never_ends_gets_408_and_others_are_served(
+    echo_tunnel: Tunnel, stack: contextlib.AsyncExitStack, http: aiohttp.ClientSession
+) -> None:
+    server = AdminServer(
+        GatewaySite(echo_tunnel.gateway), Address("127.0.0.1", 0), limits=Limits(head_timeout=0.3)
+    )
+    await server.start()
+    stack.push_async_callback(server.close)
+    assert server.address is not None
+    reader, writer = await asyncio.open_connection(server.address.host, server.address.port)
+    writer.write(b"GET /api/v1 HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+    assert await get_json(http, server.url + "healthz") == {"status": "ok"}
+    await echo_roundtrip(echo_tunnel.address)  # the tunnel does not notice
+    async with asyncio.timeout(30):
+        answer = await reader.read()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
+async def test_bad_bodies_get_a_clear_4xx(
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(GatewaySite(echo_tunnel.gateway))
+    url = server.url + "api/v1/reload"
+    status, body = await post(http, url, json=None, data=b"{not json",
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and "not JSON" in body["error"]
+    status, body = await post(http, url, json=None, data=b"[1, 2]",
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and "JSON object" in body["error"]
+    async with http.post(
+        url,
+        data=io.BytesIO(b"{" + b" " * (1 << 20) + b"}"),
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 413
+    assert echo_tunnel.gateway.statistics().sessions  # nothing else noticed
+
+
+async def test_a_dashboard_that_stops_reading_is_dropped(
+    open_gateway: OpenGateway,
+    open_agent: OpenAgent,
+    echo_server: LocalServer,
+    stack: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await open_gateway()
+    agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"] * 100)
+    await agent.wait_ready(10)
+    limits = Limits(stream_interval=0.001, stream_write_timeout=0.5)
+    server = AdminServer(GatewaySite(gateway), Address("127.0.0.1", 0), limits=limits)
+    await server.start()
+    stack.push_async_callback(server.close)
+    assert server.address is not None
+    _, writer = await asyncio.open_connection(server.address.host, server.address.port)
+    writer.write(b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")  # then never reads
+    await wait_until(lambda: server.streams == 1, what="the stream open")
+    async with http.get(server.url + "api/v1/stream") as live:  # a reader, meanwhile
+        first = await live.content.readuntil(b"\n\n")
+        assert first.startswith(b"data: {")
+        await wait_until(lambda: server.streams == 1, timeout=60, what="the stalled stream dropped")
+        assert (await live.content.readuntil(b"\n\n")).startswith(b"data: {")
+    writer.close()

@@ -39,8 +39,9 @@ import logging
 import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import msgspec
 from aiohttp import web
@@ -64,6 +65,24 @@ STATIC: Final = Path(__file__).parent / "static"
 STREAM_INTERVAL: Final = 1.0  # seconds between two dashboard updates
 STREAM_WRITE_TIMEOUT: Final = 10.0  # a client that takes no update for this long is dropped
 MAX_STREAMS: Final = 64
+HEAD_TIMEOUT: Final = 10.0  # for a request's line and headers, from its first byte
+BODY_TIMEOUT: Final = 10.0
+MAX_CONNECTIONS: Final = 256
+_CLOSING: Final = b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_TIMED_OUT: Final = b"HTTP/1.1 408 Request Timeout" + _CLOSING
+_TOO_MANY: Final = b"HTTP/1.1 503 Service Unavailable" + _CLOSING
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long and how many, against slow or hostile clients (tests make them short)."""
+
+    head_timeout: float = HEAD_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    stream_interval: float = STREAM_INTERVAL
+    stream_write_timeout: float = STREAM_WRITE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_streams: int = MAX_STREAMS
 
 
 class NotFound(Exception):
@@ -106,6 +125,8 @@ class AdminServer:
         address: Address,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        limits: Limits | None = None,
     ) -> None:
         if token is None and not is_loopback(address.host):
             raise ValueError(f"an admin listener on {address} needs a token")
@@ -113,6 +134,7 @@ class AdminServer:
         self._address = address
         self._token = token.encode() if token is not None else None
         self._ssl = ssl_context
+        self.limits = limits or Limits()
         self._runner: web.AppRunner | None = None
         self._delayed = 0
         self._failures = Throttle(WARNING_INTERVAL)
@@ -121,6 +143,11 @@ class AdminServer:
         self._streams = 0
         self._closing = asyncio.Event()
         self._dashboard: tuple[float, bytes] = (0.0, b"")  # one view a tick for every stream
+
+    @property
+    def streams(self) -> int:
+        """Dashboards streaming now."""
+        return self._streams
 
     @property
     def url(self) -> str:
@@ -146,7 +173,8 @@ class AdminServer:
         )
         await self._runner.setup()
         host = self._address.host or None
-        site = web.TCPSite(self._runner, host, self._address.port, ssl_context=self._ssl)
+        site = _GuardedSite(self._runner, host, self._address.port, ssl_context=self._ssl)
+        site.limits = self.limits
         try:
             await site.start()
         except OSError as exc:
@@ -169,6 +197,8 @@ class AdminServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if (guard := _Guard.of.get(request.transport)) is not None:
+            guard.waiting_since = None  # its head arrived in time
         if request.path not in ("/healthz", "/readyz") and not self._authorized(request):
             return await self._refuse(request)
         if request.method == "POST":
@@ -239,8 +269,9 @@ class AdminServer:
         latest view when it can take one (nothing queues up); one that stops reading is
         dropped after STREAM_WRITE_TIMEOUT. Either way the others never wait for it."""
         self._dashboard_view()  # NotFound (404) on a site without a dashboard
-        if self._streams >= MAX_STREAMS:
-            return _error(503, f"at most {MAX_STREAMS} live dashboards at once; reload later")
+        limits = self.limits
+        if self._streams >= limits.max_streams:
+            return _error(503, f"at most {limits.max_streams} live dashboards at once")
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -248,10 +279,10 @@ class AdminServer:
         self._streams += 1
         try:
             while not self._closing.is_set():
-                async with asyncio.timeout(STREAM_WRITE_TIMEOUT):
+                async with asyncio.timeout(limits.stream_write_timeout):
                     await response.write(b"data: " + self._dashboard_view() + b"\n\n")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), STREAM_INTERVAL)
+                    await asyncio.wait_for(self._closing.wait(), limits.stream_interval)
         except (TimeoutError, ConnectionError):
             pass  # a slow or gone client: dropped
         finally:
@@ -260,7 +291,7 @@ class AdminServer:
 
     def _dashboard_view(self) -> bytes:
         at, view = self._dashboard
-        if time.monotonic() - at >= STREAM_INTERVAL / 2:
+        if time.monotonic() - at >= self.limits.stream_interval / 2:
             view = msgspec.json.encode(self.site.view(("dashboard",), {}))
             self._dashboard = (time.monotonic(), view)
         return view
@@ -274,7 +305,11 @@ class AdminServer:
 
     async def _act(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"].strip("/").split("/")
-        raw = await request.read()
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {self.limits.body_timeout:g} s")
         try:
             body = json.loads(raw) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:
@@ -282,6 +317,90 @@ class AdminServer:
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return _json(await self.site.act(path, body))
+
+
+class _Guard(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection: a request whose line and headers
+    take longer than HEAD_TIMEOUT from their first byte (a slowloris) gets 408 and the
+    connection closes; beyond MAX_CONNECTIONS a new connection gets 503. aiohttp has no
+    such deadline of its own."""
+
+    of: ClassVar[dict[Any, _Guard]] = {}  # by transport, for the middleware
+
+    def __init__(self, inner: asyncio.Protocol, site: _GuardedSite) -> None:
+        self.inner = inner
+        self.site = site
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport
+        self.waiting_since: float | None = None  # a request head under way, since
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if len(self.site.guards) >= self.site.limits.max_connections:
+            self.transport.write(_TOO_MANY)
+            transport.close()
+            return
+        self.site.guards.add(self)
+        _Guard.of[transport] = self
+        self.waiting_since = time.monotonic()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.site.guards:
+            self.site.guards.discard(self)
+            _Guard.of.pop(self.transport, None)
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def expire(self, now: float, timeout: float) -> None:
+        if self.waiting_since is not None and now - self.waiting_since > timeout:
+            self.transport.write(_TIMED_OUT)
+            self.transport.close()
+
+
+class _GuardedSite(web.TCPSite):
+    """aiohttp's TCP site, its connections wrapped in a :class:`_Guard`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guards: set[_Guard] = set()
+        self.limits = Limits()
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; the listening is done here
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Guard(server(), self), self._host, self._port, ssl=self._ssl_context
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+        self._sweep()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for guard in list(self.guards):
+            guard.expire(now, self.limits.head_timeout)
+        interval = min(1.0, self.limits.head_timeout / 4)
+        self._sweeping = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    async def stop(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+        await super().stop()
 
 
 def _cross_site(request: web.Request) -> str | None:

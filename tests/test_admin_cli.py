@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ from kit.processes import Launch, Proc, require_tool, start_gateway
 from kit.tokens import new_token
 from kit.waiting import DEADLINE
 from prometheus_client.parser import text_string_to_metric_families
+
+from tunnelgate.tls import fingerprint_of
 
 ADMIN_URL = r"admin listening on (http://127\.0\.0\.1:\d+/)"
 
@@ -123,3 +127,43 @@ def test_without_admin_the_http_libraries_are_not_loaded(side: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE, check=True
     )
     assert result.stdout.strip() == "[]", result
+
+
+def test_admin_over_https_with_the_gateways_own_certificate(launch: Launch, tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('admin = "127.0.0.1:0"\nadmin_tls = true\n')
+    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=new_token())
+    url = gateway.proc.wait_line(r"admin listening on (https://127\.0\.0\.1:\d+/)").group(1)
+    assert curl("-k", url + "healthz") == (200, '{"status":"ok"}')
+    host, port = url.removeprefix("https://").rstrip("/").split(":")
+    der = ssl_certificate(host, int(port))
+    assert fingerprint_of(der) == gateway.fingerprint  # the control port's own identity
+    with pytest.raises(subprocess.CalledProcessError):  # no plain HTTP on it
+        curl(url.replace("https://", "http://") + "healthz")
+
+
+def ssl_certificate(host: str, port: int) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, port), timeout=DEADLINE) as raw,
+        context.wrap_socket(raw) as wrapped,
+    ):
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_an_agents_admin_tls_needs_a_certificate(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'gateway = "127.0.0.1:1"\ntoken = "0123456789abcdef0123"\n'
+        'expose = ["0:127.0.0.1:2"]\nadmin = "127.0.0.1:0"\nadmin_tls = true\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnelgate", "agent", "--config", str(config)],
+        capture_output=True, text=True, timeout=DEADLINE, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert "admin_tls" in result.stderr and "admin_cert" in result.stderr

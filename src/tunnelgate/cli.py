@@ -23,14 +23,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, demo, logs, systemd
-from tunnelgate.address import Address, format_address, parse_name
+from tunnelgate import __version__, credentials, demo, logs, systemd, tls
+from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
     ADMIN_TOKEN_ENV,
     AGENT,
     GATEWAY,
     TOKEN_ENV,
+    AgentConfig,
+    GatewayConfig,
     LogConfig,
     default_state_dir,
     load_agent_config,
@@ -232,7 +234,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
                 history = (config.state_dir or default_state_dir()) / FILE_NAME
                 site = GatewaySite(gateway, lambda: reload(gateway), history)
-                url = await _open_admin(admin, site, config.admin, config.admin_token)
+                url = await _open_admin(admin, site, config, gateway.identity)
             _print_banner(gateway, url)
             notifier.ready(f"listening on {gateway.address}")
             reloads: set[asyncio.Task[str]] = set()
@@ -255,13 +257,22 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 async def _open_admin(
-    stack: contextlib.AsyncExitStack, site: Any, address: Address, token: bytes | None
+    stack: contextlib.AsyncExitStack,
+    site: Any,
+    config: GatewayConfig | AgentConfig,
+    identity: tuple[Path, Path] | None = None,
 ) -> str:
     """Start the admin listener (closed with ``stack``); its URL. Imported only here:
-    a process without ``--admin`` never loads aiohttp or prometheus-client."""
+    a process without ``--admin`` never loads aiohttp or prometheus-client. HTTPS with
+    ``admin_cert``, else with ``identity`` (the gateway's own) if ``admin_tls``."""
     from tunnelgate.admin.server import AdminServer
 
-    server = AdminServer(site, address, token.decode() if token is not None else None)
+    assert config.admin is not None
+    if config.admin_cert is not None and config.admin_key is not None:
+        identity = (config.admin_cert, config.admin_key)
+    context = tls.admin_context(*identity) if config.admin_tls and identity else None
+    token = config.admin_token.decode() if config.admin_token is not None else None
+    server = AdminServer(site, config.admin, token, context)
     await server.start()
     stack.push_async_callback(server.close)
     return server.url
@@ -308,7 +319,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             if config.admin is not None:
                 from tunnelgate.admin.sites import AgentSite
 
-                await _open_admin(admin, AgentSite(agent), config.admin, config.admin_token)
+                await _open_admin(admin, AgentSite(agent), config)
 
             async def registered() -> str:  # the first time only: READY=1 is sent once
                 services = await agent.wait_ready()

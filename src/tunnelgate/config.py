@@ -112,6 +112,9 @@ class GatewayConfig:
     service_access: Mapping[str, AccessRule]  # [services.NAME]
     admin: Address | None = None  # the admin listener's address; None: off
     admin_token: bytes | None = field(default=None, repr=False)  # None: loopback, no credentials
+    admin_tls: bool = False  # HTTPS: admin_cert, else the gateway's own certificate
+    admin_cert: Path | None = None
+    admin_key: Path | None = None
 
     @property
     def default_bind(self) -> str:
@@ -137,6 +140,9 @@ class AgentConfig:
     drain_timeout: float
     admin: Address | None = None
     admin_token: bytes | None = field(default=None, repr=False)
+    admin_tls: bool = False  # HTTPS with admin_cert (an agent has no certificate to lend)
+    admin_cert: Path | None = None
+    admin_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,11 @@ OPTIONS: Final = (
            "serve health, Prometheus metrics and the admin API here (off by default)"),
     Option("admin_token_file", BOTH, None, None, _read_token_file, "--admin-token-file", "FILE",
            f"the admin listener's token (or ${ADMIN_TOKEN_ENV}); needed off loopback"),
+    Option("admin_tls", BOTH, False, bool),  # the gateway's own certificate unless admin_cert
+    Option("admin_cert", BOTH, None, None, _existing_file, "--admin-cert", "FILE",
+           "serve the admin listener over HTTPS with this certificate (PEM)"),
+    Option("admin_key", BOTH, None, None, _existing_file, "--admin-key", "FILE",
+           "the private key of --admin-cert (PEM)"),
     # the gateway
     Option("listen", _GW, Address("0.0.0.0", 8080), None,
            lambda v: parse_address(str(v), allow_zero=True), "--listen", "HOST:PORT",
@@ -437,9 +448,10 @@ def read_admin_token(token_file: str | None) -> bytes | None:
     src = _Source.load(None, {"admin_token_file": token_file}, options(AGENT))
     values = {
         "admin": None,
+        "admin_tls": False,
         "admin_token_file": src.parse("admin_token_file", _read_token_file, None),
     }
-    token = _admin_token(src, values)
+    token = _admin_token(src, values, own_certificate=False)
     src.raise_problems()
     return token
 
@@ -553,7 +565,7 @@ def load_gateway_config(
     if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
         src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
     given = {
-        "admin_token": _admin_token(src, values),
+        "admin_token": _admin_token(src, values, own_certificate=True),
         "agents": tuple(agents),
         "access": _access_rule(src, values["access"], "access"),
         "service_access": _service_rules(src, values["services"], "services"),
@@ -581,7 +593,7 @@ def load_agent_config(
         )
     _check_tls(src, "ca", "fingerprint", "cert")
     given = {
-        "admin_token": _admin_token(src, values),
+        "admin_token": _admin_token(src, values, own_certificate=False),
         "token": token or b"",  # b"": certificates alone
         "services": _services(src, values),
         "name": values["name"] or to_name(socket.gethostname())[:MAX_NAME_LENGTH] or "agent",
@@ -592,9 +604,10 @@ def load_agent_config(
     return config, LogConfig(values["log_level"], values["log_format"])
 
 
-def _admin_token(src: _Source, values: Mapping[str, Any]) -> bytes | None:
+def _admin_token(src: _Source, values: dict[str, Any], *, own_certificate: bool) -> bytes | None:
     """The admin listener's token, from its file or the environment; a listener off
-    loopback without one is a problem (anyone who can reach it could act on the tunnel)."""
+    loopback without one is a problem (anyone who can reach it could act on the tunnel).
+    Its TLS settings are checked here too: a certificate means HTTPS."""
     token: bytes | None = values["admin_token_file"]
     if token is None and (env := os.environ.get(ADMIN_TOKEN_ENV)) is not None:
         try:
@@ -602,6 +615,12 @@ def _admin_token(src: _Source, values: Mapping[str, Any]) -> bytes | None:
         except ValueError as exc:
             src.problem("environment", ADMIN_TOKEN_ENV, str(exc))
     admin: Address | None = values["admin"]
+    if ("admin_cert" in src.values) != ("admin_key" in src.values):
+        src.fail("admin_cert", "admin_cert and admin_key must be given together")
+    if "admin_cert" in src.values:
+        values["admin_tls"] = True
+    elif values["admin_tls"] and not own_certificate:
+        src.fail("admin_tls", "an agent has no certificate to lend: give admin_cert, admin_key")
     if admin is not None and token is None and not is_loopback(admin.host):
         src.fail(
             "admin",

@@ -119,6 +119,14 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     return context
 
 
+def admin_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The admin listener's HTTPS context: TLS 1.2 or later, for browsers and scrapers."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_identity(context, cert, key)
+    return context
+
+
 def client_context(
     ca: Path | None,
     fingerprint: str,

@@ -225,6 +225,11 @@ class Gateway:
             for name, session in self._sessions.items()
         }
 
+    @property
+    def identity(self) -> tuple[Path, Path] | None:
+        """The certificate and key files of the control port's TLS, once started."""
+        return self._identity
+
     async def disconnect(self, agent: str, reason: str) -> bool:
         """End ``agent``'s session now (it may reconnect); False if it has none."""
         if (session := self._sessions.get(agent)) is None:

@@ -10,8 +10,13 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +24,9 @@ from aiohttp import web
 from kit.clients import echo_roundtrip
 from kit.logs import LogRecorder
 from kit.ports import refusing_port
+from kit.processes import Launch, start_gateway
 from kit.services import LocalServer
-from kit.tokens import TOKEN
+from kit.tokens import TOKEN, new_token
 from kit.tunnels import OpenAgent, OpenGateway
 from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST, wait_until
 
@@ -301,6 +307,72 @@ async def test_alerts_follow_a_reload(
     await wait_read_up(alerts)
     await leaving.aclose()
     await wait_until(lambda: receiver.events() == ["agent_offline"], DEADLINE, "agent_offline")
+
+
+# --- the command line ---------------------------------------------------------------
+
+
+@pytest.fixture
+def threaded_receiver() -> Iterator[tuple[str, list[Received]]]:
+    """A webhook on loopback in a thread, for a gateway in a subprocess: its URL and the
+    requests it received (answered 204)."""
+    received: list[Received] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(Received(dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hook) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def test_cli_gateway_sends_alerts_without_admin(
+    launch: Launch,
+    echo_port: int,
+    tmp_path: Path,
+    threaded_receiver: tuple[str, list[Received]],
+) -> None:
+    """`tunnelgate gateway` with [[alerts]] and no --admin reports a killed agent, signed,
+    and still stops cleanly."""
+    url, received = threaded_receiver
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[[alerts]]\nurl = "{url}"\ngrace = 0\nevents = ["agent_offline"]\nsecret = "{SECRET}"\n',
+        encoding="utf-8",
+    )
+    token = new_token()
+    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
+                            tls=False)  # fmt: skip
+    gateway.proc.wait_line(r"alerts: sending agent_offline to http://127\.0\.0\.1:\d+$")
+    agent = launch(
+        "agent", "--gateway", f"127.0.0.1:{gateway.port}", "--no-tls",
+        "--expose", f"0:127.0.0.1:{echo_port}", "--name", "site-a",
+        token=token,
+    )  # fmt: skip
+    agent.wait_line(r"exposed at gateway port (\d+)")
+    agent.stop()  # SIGKILL
+    deadline = time.monotonic() + DEADLINE
+    while not received:
+        assert time.monotonic() < deadline, gateway.proc.describe()
+        time.sleep(0.05)  # polling interval under a deadline
+    [alert] = received
+    assert alert.payload["event"] == "agent_offline" and alert.payload["agent"] == "site-a"
+    assert signed(alert)
+    gateway.proc.signal(signal.SIGTERM)
+    assert gateway.proc.wait_exit() == 0
+    assert not gateway.proc.lines_matching(r"admin listening")
 
 
 # --- the grace rule, time passed in -------------------------------------------------

@@ -213,27 +213,31 @@ def _run_gateway(args: argparse.Namespace) -> int:
     async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
         logger.info("reloading the configuration")
         try:
-            config, log = load_gateway_config(args.config, flags)
+            fresh, log = load_gateway_config(args.config, flags)
             logging.getLogger("tunnelgate").setLevel(log.level.upper())  # at once
-            await gateway.reload(with_stored_token(config)[0])
+            await gateway.reload(with_stored_token(fresh)[0])
         except ConfigError as exc:
             logger.error("configuration not reloaded; the running one stays: %s", exc)
             return f"not reloaded, the running configuration stays: {exc}"
+        if fresh.alerts and not config.alerts:  # running alerts follow gateway.config
+            logger.warning("reload: [[alerts]] added; restart the gateway to send them")
         return "reloaded"
 
     async def main(stop: asyncio.Event) -> None:
         async with (
             systemd.Notifier.from_environment() as notifier,
             Gateway(config) as gateway,
+            contextlib.AsyncExitStack() as alerts,
             contextlib.AsyncExitStack() as admin,
         ):
+            sender = await _open_alerts(alerts, gateway) if config.alerts else None
             url = None
             if config.admin is not None:
                 from tunnelgate.admin.history import FILE_NAME
                 from tunnelgate.admin.sites import GatewaySite
 
                 history = (config.state_dir or default_state_dir()) / FILE_NAME
-                site = GatewaySite(gateway, lambda: reload(gateway), history)
+                site = GatewaySite(gateway, lambda: reload(gateway), history, sender)
                 url = await _open_admin(admin, site, config, gateway.identity)
             _print_banner(gateway, url)
             notifier.ready(f"listening on {gateway.address}")
@@ -251,6 +255,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
             notifier.stopping("stopping: draining open connections")
+            await alerts.aclose()  # agents leaving a stopping gateway are not news
             await gateway.shutdown()
 
     return _run(main)
@@ -276,6 +281,14 @@ async def _open_admin(
     await server.start()
     stack.push_async_callback(server.close)
     return server.url
+
+
+async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: Gateway) -> Any:
+    """Start sending the gateway's ``[[alerts]]`` (stopped with ``stack``). Imported only
+    here: a gateway without them never loads the module, with or without ``--admin``."""
+    from tunnelgate.admin.alerts import Alerts
+
+    return await stack.enter_async_context(Alerts(gateway))
 
 
 def _print_banner(gateway: Gateway, admin: str | None) -> None:

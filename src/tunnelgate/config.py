@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 from tunnelgate import credentials
 from tunnelgate.access import AccessRule, parse_access_rule
@@ -87,6 +88,32 @@ class AgentPolicy:
         return self.tokens[0] if self.tokens else b""
 
 
+# What an [[alerts]] webhook may be told: agents and services that went away for longer
+# than the grace period, and their return.
+ALERT_EVENTS: Final = ("agent_offline", "agent_online", "service_down", "service_up")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertConfig:
+    """One webhook (``[[alerts]]``): the gateway POSTs JSON there when an agent or a service
+    stays down longer than ``grace`` seconds, and again when it comes back."""
+
+    url: str = field(repr=False)  # its path or query may hold the receiver's own secret
+    events: tuple[str, ...] = ALERT_EVENTS
+    grace: float = 30.0
+    secret: bytes | None = field(default=None, repr=False)  # None: requests are not signed
+    timeout: float = 5.0  # per attempt
+    retries: int = 3  # attempts after the first
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port``: the URL as log lines show it, without path or credentials."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
     listen: Address
@@ -115,6 +142,7 @@ class GatewayConfig:
     admin_tls: bool = False  # HTTPS: admin_cert, else the gateway's own certificate
     admin_cert: Path | None = None
     admin_key: Path | None = None
+    alerts: tuple[AlertConfig, ...] = ()  # [[alerts]] webhooks
 
     @property
     def default_bind(self) -> str:
@@ -289,6 +317,7 @@ OPTIONS: Final = (
     Option("agents", _GW, (), list),  # [[agents]] tables
     Option("access", _GW),  # [access]
     Option("services", _GW),  # [services.NAME] tables
+    Option("alerts", _GW, (), list),  # [[alerts]] tables
     # the agent
     Option("gateway", _AG, None, None, lambda v: parse_address(str(v)), "--gateway", "HOST:PORT",
            "the gateway's control port"),
@@ -351,6 +380,58 @@ _SERVICE_OPTIONS: Final = (
     Option("name", (), None, None, parse_name),  # None: from local
     Option("bind", (), "", None, lambda v: parse_host(str(v))),
     Option("proxy_protocol", (), None, None, _proxy_protocol),  # None: the top-level one
+)
+
+MIN_SECRET_LENGTH: Final = MIN_TOKEN_LENGTH
+
+
+def _webhook_url(value: Any) -> str:
+    """An http:// or https:// URL with a host; never repeated in the message (its path or
+    query may hold the receiver's secret)."""
+    expected = "expected an http:// or https:// URL with a host"
+    if not isinstance(value, str):
+        raise ValueError(f"{expected}, got {type(value).__name__}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{expected}, without spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    return value
+
+
+def _alert_event(name: str) -> str:
+    if name not in ALERT_EVENTS:
+        raise ValueError(f"unknown event {name!r}: expected some of {', '.join(ALERT_EVENTS)}")
+    return name
+
+
+def _secret(value: Any) -> bytes:
+    text = str(value).strip()
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(f"secret too short (at least {MIN_SECRET_LENGTH} characters)")
+    return text.encode()
+
+
+def _read_secret_file(path: Any) -> bytes:
+    try:
+        return _secret(_path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path!r}: {exc.strerror or exc}") from None
+
+
+# The keys of an [[alerts]] table on the gateway.
+_ALERT_OPTIONS: Final = (
+    Option("url", (), None, None, _webhook_url),
+    Option("events", (), ALERT_EVENTS, None, _each(_alert_event)),
+    Option("grace", (), 30.0, float, _within(0, 86400, "seconds")),
+    Option("secret", (), None, str, _secret),
+    Option("secret_file", (), None, None, _read_secret_file),
+    Option("timeout", (), 5.0, float, _seconds),
+    Option("retries", (), 3, int, _integer(0, 10)),
 )
 
 
@@ -534,6 +615,35 @@ def _agent_policy(
     return [AgentPolicy(**{**_fields(AgentPolicy, values), **given})]
 
 
+def _alerts(src: _Source, tables: list[Any]) -> tuple[AlertConfig, ...]:
+    alerts: list[AlertConfig] = []
+    for index, table in enumerate(tables):
+        problems = len(src.problems)
+        if (given := src.table("alerts", index, table, _ALERT_OPTIONS)) is None:
+            continue
+        values = given.read()
+        if "url" not in given.values:
+            given.fail("url", "missing: the webhook's http:// or https:// URL")
+        elif any(a.url == values["url"] for a in alerts):
+            given.fail("url", "this URL is already in another [[alerts]] table")
+        if "secret" in given.values and "secret_file" in given.values:
+            given.fail("secret_file", "give secret or secret_file, not both")
+        if "events" in given.values and not values["events"]:
+            given.fail("events", f"expected at least one of {', '.join(ALERT_EVENTS)}")
+        if len(src.problems) == problems:
+            alerts.append(
+                AlertConfig(
+                    url=values["url"],
+                    events=tuple(dict.fromkeys(values["events"])),
+                    grace=values["grace"],
+                    secret=values["secret"] or values["secret_file"],
+                    timeout=values["timeout"],
+                    retries=values["retries"],
+                )
+            )
+    return tuple(alerts)
+
+
 def _check_tls(src: _Source, *needing_tls: str) -> None:
     """A certificate comes with its key, and TLS settings never with --no-tls."""
     if ("cert" in src.values) != ("key" in src.values):
@@ -569,6 +679,7 @@ def load_gateway_config(
         "agents": tuple(agents),
         "access": _access_rule(src, values["access"], "access"),
         "service_access": _service_rules(src, values["services"], "services"),
+        "alerts": _alerts(src, values["alerts"]),
     }
     src.raise_problems()
     config = GatewayConfig(**{**_fields(GatewayConfig, values), **given})

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from tunnelgate import __version__
+from tunnelgate.admin.alerts import AlertStatistics
 from tunnelgate.agent.agent import AgentStatistics
 from tunnelgate.gateway.gateway import GatewayStatistics
 from tunnelgate.stats import HistogramCounts
@@ -197,6 +198,18 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
             service_up.add_metric([session.agent, exposed.name], 1)
             active.add_metric([session.agent, exposed.name], exposed.clients)
     yield from (service_up, active, connections_total, errors, transferred, setup, duration, idle)
+
+
+def alert_metrics(stats: AlertStatistics) -> Iterator[Metric]:
+    """The gateway's ``[[alerts]]``: how each alert ended."""
+    sent = CounterMetricFamily(
+        P + "alerts_sent",
+        "Alerts to webhooks, by result (ok; failed after every retry; dropped, queue full)",
+        labels=["result"],
+    )
+    for result, count in (("ok", stats.ok), ("failed", stats.failed), ("dropped", stats.dropped)):
+        sent.add_metric([result], count)
+    yield sent
 
 
 def agent_metrics(stats: AgentStatistics) -> Iterable[Metric]:

@@ -39,8 +39,9 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from tunnelgate import __version__
+from tunnelgate.admin.alerts import Alerts
 from tunnelgate.admin.history import RANGES, History, Recorder
-from tunnelgate.admin.metrics import agent_metrics, gateway_metrics
+from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
 from tunnelgate.gateway.gateway import Gateway
@@ -63,9 +64,12 @@ class GatewaySite:
         gateway: Gateway,
         reload: Callable[[], Awaitable[str]] | None = None,
         history: Path | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
-        """``history``: the database file for the traffic history; None: none kept."""
+        """``history``: the database file for the traffic history; None: none kept.
+        ``alerts``: the gateway's webhooks, counted in the metrics; None: none sent."""
         self.gateway = gateway
+        self.alerts = alerts
         self._reload = reload
         self.recorder = (
             None
@@ -98,7 +102,9 @@ class GatewaySite:
         return None
 
     def collect(self) -> Iterable[Metric]:
-        return gateway_metrics(self.gateway.statistics())
+        yield from gateway_metrics(self.gateway.statistics())
+        if self.alerts is not None:
+            yield from alert_metrics(self.alerts.statistics())
 
     def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         stats = self.gateway.statistics()

@@ -8,12 +8,15 @@ both in one tunnel (one agent, one ssh session).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +107,15 @@ class Tunnelgate(Candidate):
 
     rss_note = "gateway + agent"
 
-    def __init__(self, tls: bool) -> None:
+    def __init__(self, tls: bool, admin: bool = False) -> None:
         self.tls = tls
-        self.key = "tg-tls" if tls else "tg-notls"
-        self.label = "tunnelgate TLS" if tls else "tunnelgate --no-tls"
+        self.admin = admin  # the admin listener on both sides, the gateway's scraped each second
+        self.key = ("tg-tls" if tls else "tg-notls") + ("-admin" if admin else "")
+        self.label = ("tunnelgate TLS" if tls else "tunnelgate --no-tls") + (
+            " + admin, scraped" if admin else ""
+        )
         self.procs: list[Proc] = []
+        self.scraping = threading.Event()
 
     def missing(self) -> str | None:
         if not TUNNELGATE.exists():
@@ -118,9 +125,10 @@ class Tunnelgate(Candidate):
     def start(self, workdir: Path, echo_port: int, iperf_port: int) -> Public:
         env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
         plain = [] if self.tls else ["--no-tls"]
+        admin = ["--admin", "127.0.0.1:0"] if self.admin else []
         gateway = Proc(
             "gateway",
-            [str(TUNNELGATE), "gateway", "--listen", "127.0.0.1:0", *plain,
+            [str(TUNNELGATE), "gateway", "--listen", "127.0.0.1:0", *plain, *admin,
              "--state-dir", str(workdir / "state"), "--log-level", "warning"],
             workdir, env,
         )  # fmt: skip
@@ -147,14 +155,27 @@ class Tunnelgate(Candidate):
         agent = Proc(
             "agent",
             [str(TUNNELGATE), "agent", "--gateway", f"127.0.0.1:{found.group(1)}", *trust,
-             "--name", "bench", "--log-level", "warning",
+             "--name", "bench", "--log-level", "warning", *admin,
              "--expose", f"{public.echo}:127.0.0.1:{echo_port}",
              "--expose", f"{public.iperf}:127.0.0.1:{iperf_port}"],
             workdir, env,
         )  # fmt: skip
         self.procs.append(agent)
         wait_echo(public.echo, READY_TIMEOUT, self.gone)
+        if self.admin:
+            url = re.search(r"admin: (http://\S+)", gateway.stdout())
+            if not url:
+                raise BenchError(f"no admin address in the gateway's banner:\n{banner}")
+            scraper = threading.Thread(target=self._scrape, args=(url.group(1) + "metrics",))
+            scraper.daemon = True
+            scraper.start()
         return public
+
+    def _scrape(self, url: str) -> None:
+        """What Prometheus does: GET /metrics once a second, while the candidate runs."""
+        while not self.scraping.wait(1.0):
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as answer:
+                answer.read()
 
     def processes(self) -> list[int]:
         return [p.pid for p in self.procs if p.alive()]
@@ -166,6 +187,7 @@ class Tunnelgate(Candidate):
         return None
 
     def stop(self) -> None:
+        self.scraping.set()
         for proc in reversed(self.procs):  # the agent first: it says goodbye
             proc.stop()
 
@@ -302,5 +324,6 @@ CANDIDATES: dict[str, Callable[[], Candidate]] = {
     "direct": Direct,
     "tg-notls": lambda: Tunnelgate(tls=False),
     "tg-tls": lambda: Tunnelgate(tls=True),
+    "tg-tls-admin": lambda: Tunnelgate(tls=True, admin=True),
     "ssh": SshR,
 }

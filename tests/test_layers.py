@@ -24,10 +24,11 @@ PURE_CORE = {
     "stats",
 }
 TRANSPORTS = {"tls", "transport"}
-ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent"}
+ORCHESTRATION = {"channel", "relay", "control", "gateway", "agent", "doctor"}
 EDGES = {"config", "logs", "systemd", "status", "admin", "cli", "demo", "__main__", "__init__"}
 EVERYTHING = PURE_CORE | TRANSPORTS | ORCHESTRATION | EDGES
-COMMAND_ONLY = {"cli", "demo", "systemd", "status", "__main__", "__init__"}  # wired by the CLI
+# Wired by the CLI only.
+COMMAND_ONLY = {"cli", "demo", "doctor", "systemd", "status", "__main__", "__init__"}
 
 # What each module (or package) may import from tunnelgate, besides itself.
 ALLOWED: dict[str, set[str]] = {
@@ -50,6 +51,9 @@ ALLOWED: dict[str, set[str]] = {
     "config": PURE_CORE,
     "gateway": EVERYTHING - {"agent", "admin"} - COMMAND_ONLY,
     "agent": EVERYTHING - {"gateway", "admin"} - COMMAND_ONLY,
+    # The agent's side checked end to end: it dials like an agent and never reaches into
+    # the gateway (whose probe it measures against over the wire only).
+    "doctor": EVERYTHING - {"gateway", "admin"} - COMMAND_ONLY,
     "admin": EVERYTHING - COMMAND_ONLY,
     "cli": EVERYTHING,
     "demo": EVERYTHING - COMMAND_ONLY | {"__init__"},

@@ -31,7 +31,7 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
     p.Hello: st.builds(
         p.Hello,
         version,
-        st.sampled_from(["control", "data"]),
+        st.sampled_from(["control", "data", "probe"]),
         names,
         st.binary(max_size=64),
         st.text(max_size=32),
@@ -60,6 +60,12 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
     p.PoolRelease: st.builds(p.PoolRelease, st.integers(1, 1024)),
     p.PoolDiscarded: st.builds(p.PoolDiscarded, st.integers(1, 4096)),
     p.Start: st.builds(p.Start, u63, names, st.text(max_size=64)),
+    p.Measure: st.builds(
+        p.Measure,
+        st.sampled_from(["sink", "source"]),
+        st.floats(0, p.MAX_MEASURE_SECONDS, exclude_min=True),
+    ),
+    p.Measured: st.builds(p.Measured, u63, st.floats(0, 3600)),
     p.Bye: st.builds(p.Bye, st.text(max_size=512)),
 }
 messages = st.one_of(*STRATEGIES.values())
@@ -248,6 +254,8 @@ EXAMPLES: dict[type, p.Message] = {
     p.PoolRelease: p.PoolRelease(2),
     p.PoolDiscarded: p.PoolDiscarded(4),
     p.Start: p.Start(1, "web", "203.0.113.9:4711"),
+    p.Measure: p.Measure("sink", 2.0),
+    p.Measured: p.Measured(1 << 30, 2.0),
     p.Bye: p.Bye("shutdown"),
 }
 

@@ -30,11 +30,16 @@ EXAMPLES: list[p.Event] = [
     p.PoolDiscarded(4),
     p.Start(1, "web", "203.0.113.9:4711"),
     p.Bye("shutdown"),
+    p.Hello(p.PROTOCOL_VERSION, "probe", "site-a", bytes(32)),
+    p.Measure("sink", 2.0),
+    p.Measure("source", 2.0),
+    p.Measured(1024, 2.0),
     p.Data(memoryview(b"x")),
     p.End(),
     p.Abort("gone"),
 ]
 LABELS = [s.label(event) for event in EXAMPLES]
+MESSAGES: list[p.Message] = [e for e in EXAMPLES if not isinstance(e, p.Data | p.End | p.Abort)]
 EVERY_STATE = list(itertools.product(s.Side, s.State))
 
 
@@ -63,7 +68,7 @@ def test_receive_follows_the_table(side: s.Side, state: s.State, event: p.Event)
 
 
 @pytest.mark.parametrize(("side", "state"), EVERY_STATE, ids=lambda v: str(v.value))
-@pytest.mark.parametrize("event", EXAMPLES[:14], ids=LABELS[:14])
+@pytest.mark.parametrize("event", MESSAGES, ids=[s.label(m) for m in MESSAGES])
 def test_send_follows_the_table(side: s.Side, state: s.State, event: p.Message) -> None:
     """This side may send a message exactly where the table lists it; anything
     else is a bug here (LocalProtocolError), caught before it is sent."""
@@ -125,6 +130,52 @@ def test_only_an_authenticating_gateway_pools_a_data_channel() -> None:
         s.Conversation(s.Side.GATEWAY, s.State.AWAIT_HELLO).accept_data_channel()
     with pytest.raises(LocalProtocolError, match="cannot pool"):
         s.Conversation(s.Side.AGENT, s.State.AUTHENTICATING).accept_data_channel()
+
+
+def test_a_probe_is_accepted_pinged_measured_both_ways_and_ended() -> None:
+    """A probe channel: Hello, accepted unanswered, Pings answered, a sink (the agent's
+    DATA then END) and a source (the gateway's) each answered by Measured, then Bye."""
+    agent, gateway = s.Conversation(s.Side.AGENT), s.Conversation(s.Side.GATEWAY)
+    walk(agent, gateway, EXAMPLES[0])  # type: ignore[arg-type]
+    walk(agent, gateway, p.Hello(p.PROTOCOL_VERSION, "probe", "site-a", bytes(32)))
+    assert agent.state is s.State.PROBE and gateway.state is s.State.AUTHENTICATING
+    gateway.accept_probe()
+    walk(agent, gateway, p.Ping(0))
+    walk(agent, gateway, p.Pong(0))
+    walk(agent, gateway, p.Measure("sink", 1.0))
+    assert agent.state is gateway.state is s.State.SINKING
+    for frame in (p.Data(memoryview(b"x")), p.End()):  # sent outside the conversation
+        gateway.receive(frame)
+    walk(agent, gateway, p.Measured(1, 1.0))
+    walk(agent, gateway, p.Measure("source", 1.0))
+    assert agent.state is gateway.state is s.State.SOURCING
+    for frame in (p.Data(memoryview(b"x")), p.End()):
+        agent.receive(frame)
+    walk(agent, gateway, p.Measured(1, 1.0))
+    assert agent.state is gateway.state is s.State.PROBE
+    walk(agent, gateway, p.Bye("done"))
+    assert agent.state is gateway.state is s.State.CLOSED
+
+
+def test_a_probe_is_refused_and_never_reaches_a_session() -> None:
+    """A wrong token: the agent, probing already, receives Refused and may send nothing
+    more; a probe cannot Register, be Started, or pool, and measures one way at a time."""
+    agent = s.Conversation(s.Side.AGENT, s.State.PROBE)
+    agent.receive(p.Refused("auth", "bad token"))
+    assert agent.state is s.State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        agent.send(p.Ping(1))
+    gateway = s.Conversation(s.Side.GATEWAY, s.State.PROBE)
+    for message in (p.Register([]), p.PoolRelease(1), p.Data(memoryview(b"x"))):
+        with pytest.raises(RemoteProtocolError):
+            gateway.receive(message)
+    with pytest.raises(LocalProtocolError):
+        gateway.send(p.Start(1, "web", "203.0.113.9:4711"))
+    sinking = s.Conversation(s.Side.GATEWAY, s.State.SINKING)
+    with pytest.raises(RemoteProtocolError):
+        sinking.receive(p.Measure("source", 1.0))
+    with pytest.raises(LocalProtocolError, match="cannot accept a probe"):
+        s.Conversation(s.Side.GATEWAY, s.State.AWAIT_HELLO).accept_probe()
 
 
 def hello_with(token: bytes, agent: str = "site-a", role: str = "control") -> p.Hello:

@@ -1,10 +1,10 @@
-"""The command line: ``tunnelgate gateway|agent|status|check-config|token|demo``.
+"""The command line: ``tunnelgate gateway|agent|doctor|status|check-config|token|demo``.
 
 The flags of ``gateway`` and ``agent`` are a contract other tools rely on: keep them stable.
 Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C), 1 when the agent is refused (wrong token
 or gateway certificate) or the gateway cannot listen, or ``status`` cannot read the admin API,
-2 for bad flags or configuration. The only module that configures logging, and the only place
-errors become exit codes.
+or a ``doctor`` check failed, 2 for bad flags or configuration. The only module that
+configures logging, and the only place errors become exit codes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from tunnelgate import __version__, credentials, demo, logs, systemd, tls
+from tunnelgate import __version__, credentials, demo, doctor, logs, systemd, tls
 from tunnelgate.address import format_address, parse_name
 from tunnelgate.agent import Agent
 from tunnelgate.config import (
@@ -49,6 +49,7 @@ from tunnelgate.errors import (
     TransportError,
 )
 from tunnelgate.gateway.gateway import Gateway, with_stored_token
+from tunnelgate.protocol.wire import MAX_MEASURE_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_flags(commands.add_parser("gateway", help="run the public side"), GATEWAY, _run_gateway)
     _add_flags(commands.add_parser("agent", help="run the private side"), AGENT, _run_agent)
+    doctor_command = commands.add_parser(
+        "doctor",
+        help="check an agent's configuration end to end (the agent's flags or --config): "
+        "gateway, TLS, token, local services, then the tunnel's round trip and throughput",
+    )
+    _add_flags(doctor_command, AGENT, _run_doctor)
+    doctor_command.add_argument(
+        "--seconds", type=float, metavar="N", default=doctor.DEFAULT_SECONDS,
+        help=f"measure the throughput for N seconds each way (default {doctor.DEFAULT_SECONDS:g},"
+        f" at most {MAX_MEASURE_SECONDS:g})",
+    )  # fmt: skip
     status = commands.add_parser(
         "status",
         help="show a running gateway's agents, services and connections, or an agent's "
@@ -344,6 +356,31 @@ def _run_agent(args: argparse.Namespace) -> int:
             await agent.shutdown()
 
     return _run(main)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    """The agent's checks, one line each; exit 0 if none failed, 1 otherwise."""
+    flags = {key: getattr(args, key, None) for key in options(AGENT)}
+    config, log = load_agent_config(args.config, flags)
+    if not 0 < args.seconds <= MAX_MEASURE_SECONDS:
+        problem = f"must be more than 0 and at most {MAX_MEASURE_SECONDS:g}"
+        raise ConfigError([ConfigProblem("command line", "--seconds", problem)])
+    _start_logging(args, log)
+    passed: list[bool] = []
+
+    def report(check: doctor.Check) -> None:
+        print(check, flush=True)
+
+    async def main(stop: asyncio.Event) -> None:
+        async def checks() -> None:
+            passed.append(await doctor.run(config, args.seconds, report))
+
+        await _until_stopped(stop, checks())
+
+    _run(main)
+    if not passed:
+        print("interrupted", file=sys.stderr)
+    return EXIT_OK if passed and passed[0] else EXIT_REFUSED
 
 
 def _name_arg(text: str) -> str:

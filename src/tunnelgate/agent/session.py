@@ -128,39 +128,55 @@ class Dialer:
         stream: Stream = tcp  # TLS goes on it; resetting either resets the connection
         try:
             async with asyncio.timeout(config.handshake_timeout):
-                if (context := self._context) is not None:
-                    hostname = None if config.fingerprint else config.gateway.host
-                    resume = self._tls_session if role == "data" else None
-                    tls_stream = stream = TLSStream(
-                        tcp, context, server_side=False, server_hostname=hostname, session=resume
-                    )
-                    await tls_stream.handshake()
-                    if resume is not None:
-                        how = "resumed" if tls_stream.session_reused else "new"
-                        self.log.debug("data channel: TLS session %s", how)
-                    if config.fingerprint:
-                        tls.check_fingerprint(tls_stream.peer_certificate(), config.fingerprint)
+                stream = await self.secure(tcp, role)
                 channel = Channel(stream, Side.AGENT)
-                challenge = await channel.receive()
-                if role == "control" and isinstance(stream, TLSStream):
-                    # The ticket came before the Challenge: data channels resume it.
-                    self._tls_session = stream.session
-                if isinstance(challenge, Refused):
-                    raise refusal(challenge)
-                assert isinstance(challenge, Challenge)
-                proof = await self._proof(challenge.nonce, role, session)
-                hello = Hello(PROTOCOL_VERSION, role, config.name, proof, session)  # type: ignore[arg-type]
-                await channel.send_message(hello)
+                await self.introduce(channel, role, session)
                 return channel
         except TimeoutError:
             stream.abort()
-            hint = " (does the gateway use TLS? this agent runs with --no-tls)"
-            raise TransportError(
-                f"handshake with {config.gateway} timed out" + ("" if config.tls else hint)
-            ) from None
+            raise TransportError(self.timed_out()) from None
         except BaseException:
             stream.abort()
             raise
+
+    def timed_out(self) -> str:
+        """What a handshake that timed out says, with a hint if TLS may be the cause."""
+        hint = " (does the gateway use TLS? this agent runs with --no-tls)"
+        return f"handshake with {self.config.gateway} timed out" + ("" if self.config.tls else hint)
+
+    async def secure(self, tcp: SocketStream, role: str) -> Stream:
+        """``tcp`` with TLS on it and the gateway's certificate checked (``tcp`` itself
+        with --no-tls). Raises PeerVerificationError, TransportError; the caller resets
+        the connection on any error, and bounds the time."""
+        config = self.config
+        if (context := self._context) is None:
+            return tcp
+        hostname = None if config.fingerprint else config.gateway.host
+        resume = self._tls_session if role == "data" else None
+        stream = TLSStream(
+            tcp, context, server_side=False, server_hostname=hostname, session=resume
+        )
+        await stream.handshake()
+        if resume is not None:
+            self.log.debug(
+                "data channel: TLS session %s", "resumed" if stream.session_reused else "new"
+            )
+        if config.fingerprint:
+            tls.check_fingerprint(stream.peer_certificate(), config.fingerprint)
+        return stream
+
+    async def introduce(self, channel: Channel, role: str, session: str = "") -> None:
+        """Receive the gateway's Challenge and send the Hello with the token's proof."""
+        challenge = await channel.receive()
+        if role == "control" and isinstance(channel.stream, TLSStream):
+            # The ticket came before the Challenge: data channels resume it.
+            self._tls_session = channel.stream.session
+        if isinstance(challenge, Refused):
+            raise refusal(challenge)
+        assert isinstance(challenge, Challenge)
+        proof = await self._proof(challenge.nonce, role, session)
+        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session)  # type: ignore[arg-type]
+        await channel.send_message(hello)
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
         """The Hello's proof; empty without a token (a certificate-only agent)."""

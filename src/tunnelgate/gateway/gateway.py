@@ -28,8 +28,9 @@ from tunnelgate.config import (
 )
 from tunnelgate.control import wait_relays
 from tunnelgate.gateway.admission import WARNING_INTERVAL, AuthFailures, Handshakes, host_of
+from tunnelgate.gateway.probe import serve_probe
 from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared, accept, spawn
-from tunnelgate.logs import Throttle
+from tunnelgate.logs import ContextLogger, Throttle
 from tunnelgate.protocol.session import Admitted, Candidate, Side, auth_refusal_reason, authenticate
 from tunnelgate.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION, Bye, Challenge, Hello, Refused
 from tunnelgate.stats import (
@@ -79,6 +80,7 @@ class Gateway:
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: dict[str, GatewaySession] = {}  # by agent name, not draining
         self._by_id: dict[str, GatewaySession] = {}  # every running session
+        self._probing: set[str] = set()  # agents with a probe channel open (one each)
         self._shared = Shared(lambda: self.config, self._forget_name)
         self._stopping = False
         self._handshakes = Handshakes(AuthFailures())
@@ -317,8 +319,11 @@ class Gateway:
                     hello, admitted = await self._handshake(channel, peer)
             finally:
                 self._handshakes.end(host)
-            if hello.role == "control" and self._stopping:  # the control port closed meanwhile
+            if hello.role != "data" and self._stopping:  # the control port closed meanwhile
                 await channel.send_message(Refused("shutdown", "the gateway is shutting down"))
+            elif hello.role == "probe":
+                owned = True
+                await self._probe(channel, hello.agent, peer)
             elif hello.role == "control":
                 owned = True
                 session = GatewaySession(hello.agent, peer, admitted, channel, self._shared)
@@ -350,6 +355,18 @@ class Gateway:
         finally:
             if not owned:
                 (channel or stream).abort()
+
+    async def _probe(self, channel: Channel, agent: str, peer: str) -> None:
+        """A probe channel (``tunnelgate doctor``): no session is made or replaced."""
+        if agent in self._probing:
+            await channel.send_message(Refused("busy", "a probe for this agent is running"))
+            channel.close()
+            return
+        self._probing.add(agent)
+        try:
+            await serve_probe(channel, peer, ContextLogger(logger, agent=agent))
+        finally:
+            self._probing.discard(agent)
 
     async def _add_data_channel(self, channel: Channel, hello: Hello) -> None:
         session = self._by_id.get(hello.session)

@@ -20,8 +20,18 @@ The life of a channel::
                REGISTER_DUE ── Register ▶
                REGISTERING ◀─ Registered ─
                CONTROL
-      data:    POOLED      (silent)        accept() → POOLED
+      data:    POOLED      (silent)        accept_data_channel() → POOLED
                STARTED     ◀── Start ───   → STARTED       (then frames: the relay's)
+      probe:   PROBE       (silent)        accept_probe() → PROBE   (or Refused → CLOSED)
+               PROBE       ── Ping ──────▶ ◀── Pong ──     (the first Pong: token accepted)
+               SINKING     ── Measure(sink) ▶ SINKING, DATA… END ▶, ◀ Measured → PROBE
+               SOURCING    ── Measure(source) ▶ SOURCING, ◀ DATA… END, ◀ Measured → PROBE
+               CLOSED      ── Bye ───────▶ → CLOSED
+
+A probe channel is `tunnelgate doctor`'s: authenticated like a control channel, it
+joins no session (so a running agent of the same name is left alone), and it carries
+round trips and throughput measurements. Gateways older than it close the connection
+at its Hello, which the doctor reports as a gateway without the measurement.
 
 The handshake's decisions are functions here too: :func:`authenticate` (which
 policy and stored key an agent's proof matches) and :func:`auth_refusal`
@@ -44,7 +54,7 @@ from typing import Final, Generic, TypeVar
 
 from tunnelgate import credentials
 from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
-from tunnelgate.protocol.wire import Event, Hello, Message
+from tunnelgate.protocol.wire import Event, Hello, Measure, Message
 
 
 class Side(enum.Enum):
@@ -64,7 +74,10 @@ class State(enum.Enum):
     CONTROL = "control"  # both: the session runs
     POOLED = "pooled"  # both: an idle data channel
     STARTED = "started"  # both: a data channel carries a client; only relay frames now
-    CLOSED = "closed"  # refused: nothing more may pass
+    PROBE = "probing"  # both: a probe channel, between measurements
+    SINKING = "measuring to the gateway"  # both: the agent sends DATA frames, then END
+    SOURCING = "measuring from the gateway"  # both: the gateway sends DATA frames, then END
+    CLOSED = "closed"  # refused or said goodbye: nothing more may pass
 
 
 _A, _G = Side.AGENT, Side.GATEWAY
@@ -97,22 +110,53 @@ RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
         "bye": _S.CLOSED,
         "refused": _S.CLOSED,
     },
-    (_G, _S.AWAIT_HELLO): _stay(_S.AUTHENTICATING, "hello/control", "hello/data"),
+    # A probe: the gateway answers after checking the proof, Refused or Pong.
+    (_A, _S.PROBE): {"pong": _S.PROBE, "refused": _S.CLOSED},
+    (_A, _S.SINKING): {"measured": _S.PROBE, "abort": _S.CLOSED},
+    (_A, _S.SOURCING): {
+        **_stay(_S.SOURCING, "data", "end"),
+        "measured": _S.PROBE,
+        "abort": _S.CLOSED,
+    },
+    (_G, _S.AWAIT_HELLO): _stay(_S.AUTHENTICATING, "hello/control", "hello/data", "hello/probe"),
     (_G, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_G, _S.POOLED): {"pong": _S.POOLED},
+    (_G, _S.PROBE): {
+        "ping": _S.PROBE,
+        "measure/sink": _S.SINKING,
+        "measure/source": _S.SOURCING,
+        "bye": _S.CLOSED,
+    },
+    (_G, _S.SINKING): _stay(_S.SINKING, "data", "end"),
 }
 
 SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
-    (_A, _S.HELLO_DUE): {"hello/control": _S.AWAIT_WELCOME, "hello/data": _S.POOLED},
+    (_A, _S.HELLO_DUE): {
+        "hello/control": _S.AWAIT_WELCOME,
+        "hello/data": _S.POOLED,
+        "hello/probe": _S.PROBE,
+    },
     (_A, _S.REGISTER_DUE): {"register": _S.REGISTERING, "bye": _S.REGISTER_DUE},
     (_A, _S.REGISTERING): _stay(_S.REGISTERING, "ping", "pong", "pool_release", "bye"),
     (_A, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_A, _S.POOLED): {"pong": _S.POOLED},
+    # The agent may send its first Ping right behind its Hello: the Pong says it was accepted.
+    (_A, _S.PROBE): {
+        "ping": _S.PROBE,
+        "measure/sink": _S.SINKING,
+        "measure/source": _S.SOURCING,
+        "bye": _S.CLOSED,
+    },
     (_G, _S.NEW): {"challenge": _S.AWAIT_HELLO},
     (_G, _S.AWAIT_HELLO): {"refused": _S.CLOSED},  # a protocol version it does not speak
     (_G, _S.AUTHENTICATING): {"welcome": _S.CONTROL, "refused": _S.CLOSED},
     (_G, _S.CONTROL): _stay(_S.CONTROL, *_GATEWAY_CONTROL),
     (_G, _S.POOLED): {"ping": _S.POOLED, "start": _S.STARTED},
+    (_G, _S.PROBE): {"pong": _S.PROBE},
+    # After the END of the agent's DATA, or of its own (frames sent outside the conversation,
+    # as the relay's are): the count.
+    (_G, _S.SINKING): {"measured": _S.PROBE},
+    (_G, _S.SOURCING): {"measured": _S.PROBE},
 }
 
 _INITIAL: Final = {Side.AGENT: State.AWAIT_CHALLENGE, Side.GATEWAY: State.NEW}
@@ -120,9 +164,11 @@ _INITIAL: Final = {Side.AGENT: State.AWAIT_CHALLENGE, Side.GATEWAY: State.NEW}
 
 def label(event: Event) -> str:
     """How the tables name ``event``: a message's tag (a Hello's with its
-    role), or the kind of a relay frame."""
+    role, a Measure's with its mode), or the kind of a relay frame."""
     if isinstance(event, Hello):
         return f"hello/{event.role}"
+    if isinstance(event, Measure):
+        return f"measure/{event.mode}"
     config = getattr(type(event), "__struct_config__", None)
     return str(config.tag) if config is not None else type(event).__name__.lower()
 
@@ -136,15 +182,16 @@ class Conversation:
         self.side = side
         self.state = _INITIAL[side] if state is None else state
 
-    def receive(self, event: Event) -> Message:
+    def receive(self, event: Event) -> Event:
         """``event`` if it may arrive now (and move to the state it leads to);
-        raises RemoteProtocolError otherwise."""
+        raises RemoteProtocolError otherwise. Only a probe's measuring states list
+        relay frames: everywhere else the result is a message."""
         name = label(event)
         after = RECEIVE.get((self.side, self.state), {}).get(name)
         if after is None:
             raise RemoteProtocolError(f"unexpected {name} frame while {self.state.value}")
         self.state = after
-        return event  # type: ignore[return-value]  # only messages are in the tables
+        return event
 
     def send(self, message: Message) -> Message:
         """``message`` if this side may send it now (and move on); raises
@@ -158,9 +205,16 @@ class Conversation:
 
     def accept_data_channel(self) -> None:
         """Gateway: an authenticated data channel joins the pool, unanswered."""
+        self._accept(State.POOLED, "pool a data channel")
+
+    def accept_probe(self) -> None:
+        """Gateway: an authenticated probe channel, unanswered until its first Ping."""
+        self._accept(State.PROBE, "accept a probe")
+
+    def _accept(self, state: State, what: str) -> None:
         if self.side is not Side.GATEWAY or self.state is not State.AUTHENTICATING:
-            raise LocalProtocolError(f"cannot pool a data channel while {self.state.value}")
-        self.state = State.POOLED
+            raise LocalProtocolError(f"cannot {what} while {self.state.value}")
+        self.state = state
 
 
 # --- the handshake's decisions -------------------------------------------------

@@ -34,6 +34,7 @@ WHOLE_FRAME_MAX: Final = HEADER_SIZE + MAX_DATA_SIZE  # the largest frame whole_
 MAX_ABORT_SIZE: Final = 1024
 NONCE_SIZE: Final = 32
 MAX_SERVICES: Final = 256  # in one Register, so per agent
+MAX_MEASURE_SECONDS: Final = 10.0  # one throughput measurement on a probe channel, at most
 # How an agent's ABORT begins when it cannot reach the local service.
 AGENT_REACH_FAILURE: Final = "agent "
 
@@ -57,7 +58,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     """Agent to gateway: who it is, what the connection is for, and the proof."""
 
     version: int
-    role: Literal["control", "data"]
+    # "probe": `tunnelgate doctor`'s channel, authenticated like a control channel but
+    # joining no session (gateways before it close the connection on this Hello).
+    role: Literal["control", "data", "probe"]
     agent: Name
     proof: Annotated[bytes, msgspec.Meta(max_length=64)]
     session: Annotated[str, msgspec.Meta(max_length=32)] = ""
@@ -153,6 +156,23 @@ class Start(msgspec.Struct, tag="start", frozen=True):
     server: Annotated[str, msgspec.Meta(max_length=64)] = ""  # the public "host:port" it reached
 
 
+class Measure(msgspec.Struct, tag="measure", frozen=True):
+    """Agent to gateway on a probe channel: measure throughput for ``seconds``. "sink": the
+    agent sends DATA frames, then END; "source": the gateway sends them, then END. Either
+    way the gateway answers with :class:`Measured`."""
+
+    mode: Literal["sink", "source"]
+    seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_MEASURE_SECONDS)]
+
+
+class Measured(msgspec.Struct, tag="measured", frozen=True):
+    """Gateway to agent on a probe channel: the relayed bytes it received (sink) or sent
+    (source) in one measurement, and over how long."""
+
+    size: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # bytes
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
 class Bye(msgspec.Struct, tag="bye", frozen=True):
     """Either way: the session is ending on purpose (shutdown, replaced)."""
 
@@ -172,6 +192,8 @@ Message = (
     | PoolRelease
     | PoolDiscarded
     | Start
+    | Measure
+    | Measured
     | Bye
 )
 

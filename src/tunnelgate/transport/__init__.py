@@ -8,7 +8,7 @@ tunnelgate beyond errors, address and tls.
 from tunnelgate.transport.pipe import SPLICE_AVAILABLE, Pipe
 from tunnelgate.transport.poller import epoll_descriptors, poller
 from tunnelgate.transport.stream import SpliceableStream, Stream, WouldBlock
-from tunnelgate.transport.tcp import Listener, SocketStream, connect, open_listener
+from tunnelgate.transport.tcp import Listener, SocketStream, connect, open_listener, resolve
 from tunnelgate.transport.tls_stream import WANT_RETRY, TLSContext, TLSSession, TLSStream
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "epoll_descriptors",
     "open_listener",
     "poller",
+    "resolve",
 ]

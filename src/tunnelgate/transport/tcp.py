@@ -254,6 +254,27 @@ async def connect(address: Address, timeout: float) -> SocketStream:
         raise TransportError(f"cannot connect to {address}: {why}", exc.errno) from None
 
 
+async def resolve(address: Address, timeout: float) -> list[str]:
+    """The IP addresses ``address``'s host name resolves to, in the order a connect
+    tries them, without repeats (an IP literal: itself)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = _numeric_address(address) or await loop.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM
+            )
+    except TimeoutError:
+        why = f"timed out after {timeout:g} s"
+        raise TransportError(f"cannot resolve {address.host}: {why}", errno.ETIMEDOUT) from None
+    except socket.gaierror as exc:
+        why = (exc.strerror or str(exc)).lower()
+        raise TransportError(f"cannot resolve {address.host}: {why}", errno.EHOSTUNREACH) from None
+    except OSError as exc:
+        why = describe_os_error(exc)
+        raise TransportError(f"cannot resolve {address.host}: {why}", exc.errno) from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 

@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+import tunnelgate
 from tunnelgate import Address
 from tunnelgate.admin.metrics import exposition, gateway_metrics
 from tunnelgate.admin.server import AdminServer, Limits, Site
@@ -157,13 +158,16 @@ async def wait_async(check: Callable[[], Awaitable[bool]], what: str, timeout: f
 
 
 async def test_api_lists_agents_services_and_connections(
-    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession
+    echo_tunnel: Tunnel, serve: Serve, http: aiohttp.ClientSession, mode: str
 ) -> None:
     server = await serve(GatewaySite(echo_tunnel.gateway))
     info = await get_json(http, server.url + "api/v1")
     assert info["side"] == "gateway" and info["agents_connected"] == 1
     [agent] = await get_json(http, server.url + "api/v1/agents")
     assert agent["name"] == "site-a" and agent["online"] is True
+    assert agent["version"] == f"tunnelgate {tunnelgate.__version__}"
+    assert agent["tls"] == ("TLSv1.3" if mode == "tls" else "")
+    assert agent["certificate"] == ""  # no mutual TLS here
     [service] = await get_json(http, server.url + "api/v1/services")
     assert service["agent"] == "site-a"
     assert service["address"].endswith(f":{echo_tunnel.address.port}")

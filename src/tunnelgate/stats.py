@@ -113,6 +113,9 @@ class AgentRecordStatistics:
     connects: int
     disconnects: tuple[tuple[str, int], ...]  # (reason, count) for each DISCONNECT_REASONS
     heartbeat_rtt: float | None  # seconds, the last Ping the gateway sent it; None: none yet
+    software: str
+    tls: str
+    certificate: str
     services: tuple[tuple[str, ServiceCounts], ...]  # every service it ever exposed
 
 
@@ -127,11 +130,17 @@ class AgentRecord:
     disconnects: Counter[str] = field(default_factory=Counter)
     services: dict[str, ServiceTotals] = field(default_factory=dict)
     heartbeat_rtt: float | None = None
+    software: str = ""  # what its last session said it runs
+    tls: str = ""  # its last control channel's TLS version
+    certificate: str = ""  # the fingerprint of the certificate it presented (mutual TLS)
 
-    def connected(self, address: str, now: float) -> None:
+    def connected(
+        self, address: str, now: float, software: str = "", tls: str = "", certificate: str = ""
+    ) -> None:
         self.sessions += 1
         self.connects += 1
         self.address, self.connected_at, self.last_seen = address, now, now
+        self.software, self.tls, self.certificate = software, tls, certificate
 
     def disconnected(self, reason: str, now: float) -> None:
         self.sessions -= 1
@@ -157,6 +166,9 @@ class AgentRecord:
             self.connects,
             tuple((reason, self.disconnects[reason]) for reason in DISCONNECT_REASONS),
             self.heartbeat_rtt,
+            self.software,
+            self.tls,
+            self.certificate,
             tuple(
                 (name, totals.counts(*open_bytes.get((self.name, name), (0, 0))))
                 for name, totals in self.services.items()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from tunnelgate import credentials, proxy_protocol, tls
+from tunnelgate import __version__, credentials, proxy_protocol, tls
 from tunnelgate.address import Address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
 from tunnelgate.channel import Channel
@@ -54,6 +54,7 @@ from tunnelgate.stats import AgentTotals
 from tunnelgate.transport import SocketStream, Stream, TLSSession, TLSStream, connect
 
 BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
+SOFTWARE: Final = f"tunnelgate {__version__}"  # said in every Hello
 MAX_PINGS_AWAITED: Final = 16  # heartbeats whose Pong may still come, for the round trip
 CLOSED_ON_REQUEST: Final = "reset: closed on request"
 # Errors of a connect that mean no route to the host, for the "unreachable" reason.
@@ -175,7 +176,7 @@ class Dialer:
             raise refusal(challenge)
         assert isinstance(challenge, Challenge)
         proof = await self._proof(challenge.nonce, role, session)
-        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session)  # type: ignore[arg-type]
+        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session, SOFTWARE)  # type: ignore[arg-type]
         await channel.send_message(hello)
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:

@@ -326,7 +326,9 @@ class Gateway:
                 await self._probe(channel, hello.agent, peer)
             elif hello.role == "control":
                 owned = True
-                session = GatewaySession(hello.agent, peer, admitted, channel, self._shared)
+                session = GatewaySession(
+                    hello.agent, peer, admitted, channel, self._shared, hello.software
+                )
                 if (old := self._sessions.get(hello.agent)) is not None:
                     session.log.info("agent reconnected; replacing its session %s at once", old.id)
                     await old.kill()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from tunnelgate import tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.address import Address
 from tunnelgate.channel import Channel
@@ -117,9 +118,16 @@ class GatewaySession:
     """One agent's session: its control loop, services, clients, pool and drain."""
 
     def __init__(
-        self, agent: str, peer: str, auth: Admitted[AgentPolicy], channel: Channel, shared: Shared
+        self,
+        agent: str,
+        peer: str,
+        auth: Admitted[AgentPolicy],
+        channel: Channel,
+        shared: Shared,
+        software: str = "",  # as its Hello says
     ) -> None:
         self.id = secrets.token_hex(4)
+        self.software = software
         self.agent = agent
         self.peer = peer
         self.policy = auth.policy
@@ -169,7 +177,12 @@ class GatewaySession:
                 wire.Welcome(self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size)
             )
             self.log.info("session started from %s", self.peer)
-            self.record.connected(self.peer, time.time())
+            stream = self.channel.stream
+            der = stream.peer_certificate() if self._config().client_ca else None
+            certificate = tls.fingerprint_of(der) if der else ""
+            self.record.connected(
+                self.peer, time.time(), self.software, stream.tls_version(), certificate
+            )
             self._events.add(time.time(), "agent_up", self.agent, detail=f"from {self.peer}")
             counted = True
             async with asyncio.TaskGroup() as group:

@@ -64,6 +64,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     agent: Name
     proof: Annotated[bytes, msgspec.Meta(max_length=64)]
     session: Annotated[str, msgspec.Meta(max_length=32)] = ""
+    # What the agent runs ("tunnelgate 0.1.0"), for the gateway's admin API; not proven,
+    # and ignored by gateways before it (msgspec skips fields it does not know).
+    software: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):

@@ -41,6 +41,7 @@ class Stream(Protocol):
     def peer_address(self) -> str: ...  # host:port, or "" once the peer is gone
     def local_address(self) -> str: ...
     def peer_certificate(self) -> bytes | None: ...  # DER, as the peer sent it; None without TLS
+    def tls_version(self) -> str: ...  # "TLSv1.3", or "" without TLS
     def peer_certificate_names(self) -> frozenset[str]: ...  # if TLS verified it against a CA
 
     def watch_peer_close(self) -> AbstractContextManager[asyncio.Future[None]]:

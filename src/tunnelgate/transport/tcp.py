@@ -190,6 +190,9 @@ class SocketStream(TCPConnection):
     def peer_certificate(self) -> bytes | None:
         return None
 
+    def tls_version(self) -> str:
+        return ""
+
     def peer_certificate_names(self) -> frozenset[str]:
         return frozenset()
 

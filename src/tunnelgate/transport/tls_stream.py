@@ -161,6 +161,9 @@ class TLSStream(TCPConnection):
     def peer_certificate(self) -> bytes | None:
         return self._ssl.getpeercert(binary_form=True)
 
+    def tls_version(self) -> str:
+        return self._ssl.version() or ""
+
     def peer_certificate_names(self) -> frozenset[str]:
         verified = self._ssl.getpeercert()  # empty unless verified against a CA
         return frozenset(tls.certificate_names(verified)) if verified else frozenset()

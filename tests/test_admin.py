@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from kit.clients import echo_roundtrip
-from kit.services import LocalServer
+from kit.services import LocalServer, banner_handler
 from kit.tokens import OTHER_TOKEN
-from kit.tunnels import OpenAgent, OpenGateway, OpenTunnel, Tunnel
+from kit.tunnels import OpenAgent, OpenGateway, OpenTunnel, StartServer, Tunnel
 from kit.waiting import wait_until
 from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -439,3 +439,52 @@ async def test_a_dashboard_that_stops_reading_is_dropped(
         await wait_until(lambda: server.streams == 1, timeout=60, what="the stalled stream dropped")
         assert (await live.content.readuntil(b"\n\n")).startswith(b"data: {")
     writer.close()
+
+
+DOWNLOAD = 48 << 20
+
+
+async def test_a_long_download_shows_its_bytes_while_it_runs(
+    open_tunnel: OpenTunnel,
+    start_server: StartServer,
+    serve: Serve,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Big reads go the splice path (plain TCP) or the copy path (TLS): either way the
+    byte counter moves while the connection is open, not only when it ends."""
+    service = await start_server(banner_handler(b"x" * DOWNLOAD))
+    tunnel = await open_tunnel(service)
+    server = await serve(GatewaySite(tunnel.gateway))
+    [name] = tunnel.services
+    down = ("tunnelgate_service_transmit_bytes_total",
+            f"agent=site-a,direction=down,service={name}")  # fmt: skip
+    reader, writer = await asyncio.open_connection(tunnel.address.host, tunnel.address.port)
+    try:
+        await reader.readexactly(8 << 20)  # then stop reading: the transfer stalls, open
+        moved = await wait_async_value(
+            lambda: _value(http, server, down), lambda v: v >= 8 << 20, "8 MiB counted"
+        )
+        assert moved < DOWNLOAD, "counted as if it had ended"
+        rest = DOWNLOAD - (8 << 20)
+        assert len(await reader.readexactly(rest)) == rest
+    finally:
+        writer.close()
+    await wait_async_value(
+        lambda: _value(http, server, down), lambda v: v == DOWNLOAD, "all of it counted"
+    )
+
+
+async def _value(http: aiohttp.ClientSession, server: AdminServer, key: tuple[str, str]) -> float:
+    return (await scrape(http, server)).get(key, 0.0)
+
+
+async def wait_async_value(
+    get: Callable[[], Awaitable[float]], ok: Callable[[float], bool], what: str
+) -> float:
+    try:
+        async with asyncio.timeout(30):
+            while not ok(value := await get()):  # noqa: ASYNC110 (polling a server over HTTP)
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+    return value

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import hypothesis
 import pytest
 from faultkit import FaultProxy
@@ -351,3 +352,10 @@ def launch(launch_command: Launch) -> Launch:
         return launch_command(*TUNNELGATE, *args, token=token, cwd=cwd, env=env)
 
     return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for admin listeners, closed after the test."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session

@@ -8,11 +8,12 @@ import base64
 import contextlib
 import io
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from kit.admin import get_json, post, scrape, wait_async
 from kit.clients import echo_roundtrip
 from kit.services import LocalServer, banner_handler
 from kit.tokens import OTHER_TOKEN
@@ -47,38 +48,6 @@ async def serve(stack: contextlib.AsyncExitStack) -> Serve:
         return server
 
     return serve_
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def get_json(http: aiohttp.ClientSession, url: str, status: int = 200) -> Any:
-    async with http.get(url) as response:
-        assert response.status == status, await response.text()
-        return await response.json()
-
-
-async def post(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:
-    kwargs.setdefault("json", {})
-    async with http.post(url, **kwargs) as response:
-        return response.status, await response.json()
-
-
-async def scrape(http: aiohttp.ClientSession, server: AdminServer) -> dict[tuple[str, str], float]:
-    """Every sample of /metrics, by (name, its labels written out sorted)."""
-    async with http.get(server.url + "metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[(sample.name, labels)] = sample.value
-    return samples
 
 
 SERVICE = "agent=site-a,service=svc"
@@ -145,16 +114,6 @@ async def _metric(
     http: aiohttp.ClientSession, server: AdminServer, name: str, labels: str, value: float
 ) -> bool:
     return (await scrape(http, server)).get((name, labels)) == value
-
-
-async def wait_async(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
-    """Poll an async check until it is true; fail after ``timeout``."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await check():  # noqa: ASYNC110 (polling a server over HTTP)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
 
 async def test_api_lists_agents_services_and_connections(

@@ -5,20 +5,18 @@ real traffic through the tunnel; and the pure parts those counts rest on."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
+from kit.admin import Metrics, get_json, labels, post, scrape, wait_metrics
 from kit.clients import connect, read_to_end
 from kit.ports import refusing_port
 from kit.services import LocalServer
 from kit.tunnels import OpenAgent, OpenGateway, gateway_defaults
-from prometheus_client.parser import text_string_to_metric_families
 
 from tunnelgate import Address, Agent, Gateway
 from tunnelgate.admin.server import AdminServer
@@ -37,10 +35,7 @@ from tunnelgate.stats import (
     GatewayRecord,
 )
 
-Metrics = dict[tuple[str, str], float]
-
-
-# --- helpers, as in test_admin.py ------------------------------------------------
+# --- the agent's admin listener -------------------------------------------------
 
 
 @pytest.fixture
@@ -57,57 +52,6 @@ async def serve(stack: contextlib.AsyncExitStack) -> Callable[[Agent], Awaitable
 
 
 Serve = Callable[[Agent], Awaitable[AdminServer]]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def get_json(http: aiohttp.ClientSession, url: str, status: int = 200) -> Any:
-    async with http.get(url) as response:
-        assert response.status == status, await response.text()
-        return await response.json()
-
-
-async def post(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.post(url, json={}) as response:
-        return response.status, await response.json()
-
-
-async def scrape(http: aiohttp.ClientSession, server: AdminServer) -> Metrics:
-    """Every sample of /metrics, by (name, its labels written out sorted)."""
-    async with http.get(server.url + "metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[(sample.name, labels)] = sample.value
-    return samples
-
-
-async def wait_metrics(
-    http: aiohttp.ClientSession,
-    server: AdminServer,
-    check: Callable[[Metrics], bool],
-    what: str,
-    timeout: float = 10,
-) -> Metrics:
-    """Scrape until ``check`` holds; the metrics that passed. Fail after ``timeout``."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not check(metrics := await scrape(http, server)):  # noqa: ASYNC110 (polling HTTP)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
-    return metrics
-
-
-def labels(**values: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(values.items()))
 
 
 # --- through a real tunnel ---------------------------------------------------------

@@ -7,12 +7,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
+from kit.admin import get_json
 from kit.clients import echo_roundtrip
 from kit.logs import recording
 from kit.services import LocalServer
@@ -22,18 +21,6 @@ from tunnelgate import Address
 from tunnelgate.admin.history import History
 from tunnelgate.admin.server import AdminServer
 from tunnelgate.admin.sites import GatewaySite
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def get_json(http: aiohttp.ClientSession, url: str, status: int = 200) -> Any:
-    async with http.get(url) as response:
-        assert response.status == status, await response.text()
-        return await response.json()
 
 
 async def serve(stack: contextlib.AsyncExitStack, site: GatewaySite) -> AdminServer:

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kit.admin import get_json, post, scrape, wait_async
+from kit.admin import get_json, post, scrape, wait_async, wait_metrics
 from kit.clients import echo_roundtrip
 from kit.services import LocalServer, banner_handler
 from kit.tokens import OTHER_TOKEN
@@ -100,20 +100,13 @@ async def test_metrics_count_bytes_while_a_connection_is_open(
         assert [(c["service"], c["up"], c["down"]) for c in connections] == [(name, 3000, 3000)]
     finally:
         writer.close()
-    await wait_async(
-        lambda: _metric(http, server, "tunnelgate_service_active_connections", labels, 0),
-        "the connection counted as ended",
+    active = ("tunnelgate_service_active_connections", labels)
+    metrics = await wait_metrics(
+        http, server, lambda m: m.get(active) == 0, "the connection counted as ended"
     )
-    metrics = await scrape(http, server)
     assert metrics[("tunnelgate_service_connections_total", labels)] == 1
     assert metrics[("tunnelgate_service_connection_duration_seconds_count", labels)] == 1
     assert metrics[("tunnelgate_service_transmit_bytes_total", up_labels)] == 3000
-
-
-async def _metric(
-    http: aiohttp.ClientSession, server: AdminServer, name: str, labels: str, value: float
-) -> bool:
-    return (await scrape(http, server)).get((name, labels)) == value
 
 
 async def test_api_lists_agents_services_and_connections(
@@ -420,30 +413,14 @@ async def test_a_long_download_shows_its_bytes_while_it_runs(
     reader, writer = await asyncio.open_connection(tunnel.address.host, tunnel.address.port)
     try:
         await reader.readexactly(8 << 20)  # then stop reading: the transfer stalls, open
-        moved = await wait_async_value(
-            lambda: _value(http, server, down), lambda v: v >= 8 << 20, "8 MiB counted"
+        metrics = await wait_metrics(
+            http, server, lambda m: m.get(down, 0) >= 8 << 20, "8 MiB counted", timeout=30
         )
-        assert moved < DOWNLOAD, "counted as if it had ended"
+        assert metrics[down] < DOWNLOAD, "counted as if it had ended"
         rest = DOWNLOAD - (8 << 20)
         assert len(await reader.readexactly(rest)) == rest
     finally:
         writer.close()
-    await wait_async_value(
-        lambda: _value(http, server, down), lambda v: v == DOWNLOAD, "all of it counted"
+    await wait_metrics(
+        http, server, lambda m: m.get(down) == DOWNLOAD, "all of it counted", timeout=30
     )
-
-
-async def _value(http: aiohttp.ClientSession, server: AdminServer, key: tuple[str, str]) -> float:
-    return (await scrape(http, server)).get(key, 0.0)
-
-
-async def wait_async_value(
-    get: Callable[[], Awaitable[float]], ok: Callable[[float], bool], what: str
-) -> float:
-    try:
-        async with asyncio.timeout(30):
-            while not ok(value := await get()):  # noqa: ASYNC110 (polling a server over HTTP)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-    return value

@@ -44,8 +44,9 @@ from tunnelgate.admin.history import RANGES, History, Recorder
 from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
-from tunnelgate.gateway.gateway import Gateway
-from tunnelgate.stats import DIAL_ERROR_REASONS, AgentServiceCounts
+from tunnelgate.gateway.gateway import Gateway, GatewayStatistics
+from tunnelgate.gateway.session import SessionStatistics
+from tunnelgate.stats import DIAL_ERROR_REASONS, AgentRecordStatistics, AgentServiceCounts
 
 
 def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -112,25 +113,15 @@ class GatewaySite:
             case ["dashboard"]:
                 return self._dashboard(stats)
             case []:
-                return {
-                    "side": "gateway",
-                    "version": __version__,
-                    "address": str(stats.address),
-                    "tls": stats.tls,
-                    "fingerprint": self.gateway.fingerprint,
-                    "started_at": stats.started_at,
-                    "uptime": time.time() - stats.started_at,
-                    "agents_connected": len({s.agent for s in stats.sessions}),
-                    "handshakes": stats.handshakes,
-                    "auth_failures": _counts(stats.auth_failures),
-                    "tls_failures": _counts(stats.tls_failures),
-                }
+                return self._info(stats)
             case ["agents"]:
-                return [self._agent(stats, a.name) for a in stats.agents]
+                return self._agents(stats)
             case ["agents", name]:
-                if not any(a.name == name for a in stats.agents):
+                record = next((a for a in stats.agents if a.name == name), None)
+                if record is None:
                     raise NotFound(f"no agent {name!r}")
-                return self._agent(stats, name, detail=True)
+                sessions = [s for s in stats.sessions if s.agent == name]
+                return _agent(record, sessions, detail=True)
             case ["services"]:
                 return [
                     {
@@ -156,37 +147,49 @@ class GatewaySite:
                 return self.gateway.totals.events.since(int(after))
             case ["connections"]:
                 return [
-                    {
-                        "id": c.conn,
-                        "agent": session.agent,
-                        "service": c.service,
-                        "client": c.client,
-                        "age": c.duration,
-                        "up": c.up,
-                        "down": c.down,
-                        "state": "relaying" if c.relaying else "waiting",
-                    }
+                    _connection(c, "waiting", agent=session.agent)
                     for session in stats.sessions
                     for c in session.clients
                 ]
         raise NotFound(f"no view /{'/'.join(path)}")
 
-    def _dashboard(self, stats: Any) -> dict[str, Any]:
+    def _info(self, stats: GatewayStatistics) -> dict[str, Any]:
+        return {
+            "side": "gateway",
+            "version": __version__,
+            "address": str(stats.address),
+            "tls": stats.tls,
+            "fingerprint": self.gateway.fingerprint,
+            "started_at": stats.started_at,
+            "uptime": time.time() - stats.started_at,
+            "agents_connected": len({s.agent for s in stats.sessions}),
+            "handshakes": stats.handshakes,
+            "auth_failures": _counts(stats.auth_failures),
+            "tls_failures": _counts(stats.tls_failures),
+        }
+
+    def _agents(self, stats: GatewayStatistics) -> list[dict[str, Any]]:
+        by_agent: dict[str, list[SessionStatistics]] = {}
+        for session in stats.sessions:
+            by_agent.setdefault(session.agent, []).append(session)
+        return [_agent(record, by_agent.get(record.name, [])) for record in stats.agents]
+
+    def _dashboard(self, stats: GatewayStatistics) -> dict[str, Any]:
         """Everything the dashboard shows, in one view (it is streamed once a second)."""
-        live = {
-            (session.agent, service.name): (session, service)
+        live = {  # the services exposed now, and whether their session drains
+            (session.agent, service.name): (service, session.draining)
             for session in stats.sessions
             for service in session.services
         }
         services = []
         for agent in stats.agents:
             for name, counts in agent.services:
-                session, service = live.get((agent.name, name), (None, None))
+                service, draining = live.get((agent.name, name), (None, True))
                 services.append(
                     {
                         "name": name,
                         "agent": agent.name,
-                        "up": service is not None and not session.draining,
+                        "up": service is not None and not draining,
                         "address": str(service.address) if service is not None else "",
                         "connections": service.clients if service is not None else 0,
                         "connections_total": counts.connections,
@@ -201,19 +204,11 @@ class GatewaySite:
         )
         return {
             "time": time.time(),
-            "info": self.view((), {}),
-            "agents": [self._agent(stats, a.name) for a in stats.agents],
+            "info": self._info(stats),
+            "agents": self._agents(stats),
             "services": services,
             "connections": [
-                {
-                    "id": c.conn,
-                    "agent": agent,
-                    "service": c.service,
-                    "client": c.client,
-                    "age": c.duration,
-                    "up": c.up,
-                    "down": c.down,
-                }
+                _connection(c, "waiting", agent=agent)
                 for agent, c in clients[:DASHBOARD_CONNECTIONS]
             ],
             "connections_total": len(clients),
@@ -221,7 +216,7 @@ class GatewaySite:
             "history": self.recorder is not None,
         }
 
-    def _history_of(self, stats: Any, name: str, query: Mapping[str, str]) -> object:
+    def _history_of(self, stats: GatewayStatistics, name: str, query: Mapping[str, str]) -> object:
         if self.recorder is None:
             raise NotFound("this gateway keeps no history")
         span = query.get("range", "1h")
@@ -233,42 +228,6 @@ class GatewaySite:
             raise BadRequest(f"service {name!r} is known on several agents: add agent=")
         points = self.recorder.history.traffic(agent, name, span, time.time())
         return {"agent": agent, "service": name, "range": span, "points": points}
-
-    def _agent(self, stats: Any, name: str, detail: bool = False) -> dict[str, Any]:
-        record = next(a for a in stats.agents if a.name == name)
-        sessions = [s for s in stats.sessions if s.agent == name]
-        view: dict[str, Any] = {
-            "name": name,
-            "online": record.up,
-            "address": record.address,
-            "connected_at": record.connected_at or None,
-            "last_seen": record.last_seen or None,
-            "connects": record.connects,
-            "heartbeat_rtt": record.heartbeat_rtt,
-            "version": record.software,
-            "tls": record.tls,
-            "certificate": record.certificate,
-            "disconnects": _counts(record.disconnects),
-            "services": [s.name for session in sessions for s in session.services],
-            "connections": sum(len(session.clients) for session in sessions),
-            "up": sum(counts.up for _, counts in record.services),
-            "down": sum(counts.down for _, counts in record.services),
-        }
-        if detail:
-            view["sessions"] = [
-                {"id": s.id, "peer": s.peer, "age": s.duration, "draining": s.draining}
-                for s in sessions
-            ]
-            view["traffic"] = {
-                service: {
-                    "connections": counts.connections,
-                    "up": counts.up,
-                    "down": counts.down,
-                    "errors": _counts(counts.errors),
-                }
-                for service, counts in record.services
-            }
-        return view
 
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
         match list(path):
@@ -285,6 +244,58 @@ class GatewaySite:
                     raise BadRequest("this gateway has no configuration to reload")
                 return {"reloaded": await self._reload()}
         raise NotFound(f"no action /{'/'.join(path)}")
+
+
+def _agent(
+    record: AgentRecordStatistics, sessions: list[SessionStatistics], detail: bool = False
+) -> dict[str, Any]:
+    """One agent the gateway knows, with its sessions running now."""
+    view: dict[str, Any] = {
+        "name": record.name,
+        "online": record.up,
+        "address": record.address,
+        "connected_at": record.connected_at or None,
+        "last_seen": record.last_seen or None,
+        "connects": record.connects,
+        "heartbeat_rtt": record.heartbeat_rtt,
+        "version": record.software,
+        "tls": record.tls,
+        "certificate": record.certificate,
+        "disconnects": _counts(record.disconnects),
+        "services": [s.name for session in sessions for s in session.services],
+        "connections": sum(len(session.clients) for session in sessions),
+        "up": sum(counts.up for _, counts in record.services),
+        "down": sum(counts.down for _, counts in record.services),
+    }
+    if detail:
+        view["sessions"] = [
+            {"id": s.id, "peer": s.peer, "age": s.duration, "draining": s.draining}
+            for s in sessions
+        ]
+        view["traffic"] = {
+            service: {
+                "connections": counts.connections,
+                "up": counts.up,
+                "down": counts.down,
+                "errors": _counts(counts.errors),
+            }
+            for service, counts in record.services
+        }
+    return view
+
+
+def _connection(c: Any, waiting: str, **where: str) -> dict[str, Any]:
+    """One open connection (gateway or agent side); ``waiting``: its state before relaying."""
+    return {
+        "id": c.conn,
+        **where,
+        "service": c.service,
+        "client": c.client,
+        "age": c.duration,
+        "up": c.up,
+        "down": c.down,
+        "state": "relaying" if c.relaying else waiting,
+    }
 
 
 class AgentSite:
@@ -369,16 +380,7 @@ class AgentSite:
                 ]
             case ["connections"]:
                 return [
-                    {
-                        "id": c.conn,
-                        "gateway": str(session.gateway),
-                        "service": c.service,
-                        "client": c.client,
-                        "age": c.duration,
-                        "up": c.up,
-                        "down": c.down,
-                        "state": "relaying" if c.relaying else "dialing",
-                    }
+                    _connection(c, "dialing", gateway=str(session.gateway))
                     for session in stats.sessions
                     for c in session.connections
                 ]

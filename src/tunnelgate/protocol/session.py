@@ -93,6 +93,13 @@ def _stay(state: State, *names: str) -> dict[str, State]:
 # receives there, and the other way round.
 _AGENT_CONTROL = ("register", "ping", "pong", "pool_release", "bye")
 _GATEWAY_CONTROL = ("registered", "ping", "pong", "pool_request", "pool_discarded", "bye")
+# What the agent sends on a probe channel (`tunnelgate doctor`), the gateway receives.
+_AGENT_PROBE: Final = {
+    "ping": State.PROBE,
+    "measure/sink": State.SINKING,
+    "measure/source": State.SOURCING,
+    "bye": State.CLOSED,
+}
 
 # Messages are named by their tag; a Hello by its tag and role.
 RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
@@ -121,12 +128,7 @@ RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_G, _S.AWAIT_HELLO): _stay(_S.AUTHENTICATING, "hello/control", "hello/data", "hello/probe"),
     (_G, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_G, _S.POOLED): {"pong": _S.POOLED},
-    (_G, _S.PROBE): {
-        "ping": _S.PROBE,
-        "measure/sink": _S.SINKING,
-        "measure/source": _S.SOURCING,
-        "bye": _S.CLOSED,
-    },
+    (_G, _S.PROBE): _AGENT_PROBE,
     (_G, _S.SINKING): _stay(_S.SINKING, "data", "end"),
 }
 
@@ -141,12 +143,7 @@ SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_A, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_A, _S.POOLED): {"pong": _S.POOLED},
     # The agent may send its first Ping right behind its Hello: the Pong says it was accepted.
-    (_A, _S.PROBE): {
-        "ping": _S.PROBE,
-        "measure/sink": _S.SINKING,
-        "measure/source": _S.SOURCING,
-        "bye": _S.CLOSED,
-    },
+    (_A, _S.PROBE): _AGENT_PROBE,
     (_G, _S.NEW): {"challenge": _S.AWAIT_HELLO},
     (_G, _S.AWAIT_HELLO): {"refused": _S.CLOSED},  # a protocol version it does not speak
     (_G, _S.AUTHENTICATING): {"welcome": _S.CONTROL, "refused": _S.CLOSED},

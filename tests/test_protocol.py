@@ -60,6 +60,7 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
     p.PoolRelease: st.builds(p.PoolRelease, st.integers(1, 1024)),
     p.PoolDiscarded: st.builds(p.PoolDiscarded, st.integers(1, 4096)),
     p.Start: st.builds(p.Start, u63, names, st.text(max_size=64)),
+    p.Finished: st.builds(p.Finished, u63),
     p.Measure: st.builds(
         p.Measure,
         st.sampled_from(["sink", "source"]),
@@ -254,6 +255,7 @@ EXAMPLES: dict[type, p.Message] = {
     p.PoolRelease: p.PoolRelease(2),
     p.PoolDiscarded: p.PoolDiscarded(4),
     p.Start: p.Start(1, "web", "203.0.113.9:4711"),
+    p.Finished: p.Finished(1),
     p.Measure: p.Measure("sink", 2.0),
     p.Measured: p.Measured(1 << 30, 2.0),
     p.Bye: p.Bye("shutdown"),

@@ -29,6 +29,7 @@ EXAMPLES: list[p.Event] = [
     p.PoolRelease(2),
     p.PoolDiscarded(4),
     p.Start(1, "web", "203.0.113.9:4711"),
+    p.Finished(0),
     p.Bye("shutdown"),
     p.Hello(p.PROTOCOL_VERSION, "probe", "site-a", bytes(32)),
     p.Measure("sink", 2.0),
@@ -56,6 +57,7 @@ def test_receive_follows_the_table(side: s.Side, state: s.State, event: p.Event)
     state where the table says; anything else is the peer's protocol error
     and leaves the state as it was."""
     conversation = s.Conversation(side, state)
+    conversation.conn = 0  # a data channel that carried conn 0: Finished(0) names it
     allowed = s.RECEIVE.get((side, state), {})
     name = s.label(event)
     if name in allowed:
@@ -73,6 +75,7 @@ def test_send_follows_the_table(side: s.Side, state: s.State, event: p.Message) 
     """This side may send a message exactly where the table lists it; anything
     else is a bug here (LocalProtocolError), caught before it is sent."""
     conversation = s.Conversation(side, state)
+    conversation.conn = 0  # a data channel that carried conn 0: Finished(0) names it
     allowed = s.SEND.get((side, state), {})
     name = s.label(event)
     if name in allowed:
@@ -122,6 +125,78 @@ def test_a_data_channel_is_pooled_checked_then_started() -> None:
         agent.receive(p.Ping(2))
     with pytest.raises(LocalProtocolError):
         gateway.send(p.Ping(2))
+
+
+def started(conn: int = 1) -> tuple[s.Conversation, s.Conversation]:
+    """Both sides of a data channel carrying ``conn``."""
+    agent, gateway = s.Conversation(s.Side.AGENT), s.Conversation(s.Side.GATEWAY)
+    walk(agent, gateway, EXAMPLES[0])  # type: ignore[arg-type]
+    walk(agent, gateway, EXAMPLES[2])  # type: ignore[arg-type]
+    gateway.accept_data_channel()
+    walk(agent, gateway, p.Start(conn, "web", "203.0.113.9:4711"))
+    return agent, gateway
+
+
+@pytest.mark.parametrize("first", [s.Side.AGENT, s.Side.GATEWAY], ids=lambda v: v.value)
+def test_a_data_channel_finished_both_ways_is_pooled_and_started_again(first: s.Side) -> None:
+    """After a clean end each side sends Finished for the connection, in either order; once
+    a side has sent its own and received the peer's, the channel is pooled and takes the
+    next Start, and then the next connection's Finished."""
+    agent, gateway = started(7)
+    one, other = (agent, gateway) if first is s.Side.AGENT else (gateway, agent)
+    other.receive(one.send(p.Finished(7)))
+    assert one.state is s.State.FINISHING and other.state is s.State.PEER_FINISHED
+    one.receive(other.send(p.Finished(7)))
+    assert agent.state is gateway.state is s.State.POOLED
+    walk(agent, gateway, p.Ping(3))  # the idle check, as for a new channel
+    walk(agent, gateway, p.Pong(3))
+    walk(agent, gateway, p.Start(8, "web", "203.0.113.9:4712"))
+    assert agent.state is gateway.state is s.State.STARTED and agent.conn == gateway.conn == 8
+    walk(agent, gateway, p.Finished(8))
+    walk(agent, gateway, p.Finished(8))
+    assert agent.state is gateway.state is s.State.POOLED
+
+
+def test_no_start_can_overtake_the_peers_finished() -> None:
+    """Reuse is safe by construction: the gateway cannot send the next Start before it has
+    the agent's Finished for the last connection (after which the agent sends nothing more
+    for it), and an agent that gets a Start before the gateway's Finished rejects it."""
+    agent, gateway = started(1)
+    gateway.send(p.Finished(1))
+    with pytest.raises(LocalProtocolError, match="cannot send start while finishing"):
+        gateway.send(p.Start(2, "web", "203.0.113.9:4712"))
+    with pytest.raises(RemoteProtocolError, match="unexpected start frame while started"):
+        agent.receive(p.Start(2, "web", "203.0.113.9:4712"))
+    agent, gateway = started(1)
+    agent.send(p.Finished(1))
+    with pytest.raises(RemoteProtocolError, match="unexpected start frame while finishing"):
+        agent.receive(p.Start(2, "web", "203.0.113.9:4712"))
+
+
+def test_a_finished_must_name_the_connection_the_channel_carries() -> None:
+    """A Finished for another connection (a stale or forged one) is the peer's protocol
+    error, and this side cannot send one by mistake; the state does not move."""
+    agent, gateway = started(5)
+    with pytest.raises(RemoteProtocolError, match="finished for conn 4 while carrying conn 5"):
+        gateway.receive(p.Finished(4))
+    assert gateway.state is s.State.STARTED
+    with pytest.raises(LocalProtocolError, match="finished for conn 6 while carrying conn 5"):
+        agent.send(p.Finished(6))
+    assert agent.state is s.State.STARTED
+
+
+def test_a_channel_never_carries_an_old_connection_again() -> None:
+    """Connection ids only grow on a channel: a Start naming the one it carried (a replay)
+    or an older one is refused."""
+    agent, gateway = started(5)
+    walk(agent, gateway, p.Finished(5))
+    walk(agent, gateway, p.Finished(5))
+    for conn in (5, 3):
+        with pytest.raises(RemoteProtocolError, match=f"start of conn {conn} after conn 5"):
+            agent.receive(p.Start(conn, "web", "203.0.113.9:4712"))
+        with pytest.raises(LocalProtocolError, match=f"start of conn {conn} after conn 5"):
+            gateway.send(p.Start(conn, "web", "203.0.113.9:4712"))
+    assert agent.state is gateway.state is s.State.POOLED
 
 
 def test_only_an_authenticating_gateway_pools_a_data_channel() -> None:

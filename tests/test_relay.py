@@ -20,15 +20,18 @@ import pytest
 from kit.waiting import wait_until
 
 from tunnelgate.channel import Channel
-from tunnelgate.protocol.session import Side
+from tunnelgate.errors import RemoteProtocolError
+from tunnelgate.protocol.session import Side, State
 from tunnelgate.protocol.wire import (
     END_FRAME,
     HEADER_SIZE,
     Abort,
     Data,
     End,
+    Finished,
     FrameDecoder,
     encode_abort,
+    encode_message,
     pack_data_header,
 )
 from tunnelgate.relay import CHUNK_SIZE, PIPE_SIZE, RelayResult, relay
@@ -37,6 +40,7 @@ from tunnelgate.transport import SPLICE_AVAILABLE, SocketStream
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_unexpected_errors")]
 
 READ_SIZE = 1 << 16
+CONN = 41  # the connection the channel carries (its Start's)
 QUIET = 0.3  # a writer that made no progress for this long is stalled
 SMALL_BUFFER = 64 * 1024  # socket buffers of the backpressure tests: a stall comes soon
 
@@ -133,6 +137,7 @@ class Relayed:
     result: RelayResult
     task: asyncio.Task[RelayResult]
     sockets: tuple[socket.socket, ...]  # all four ends, the relay's two included
+    channel: Channel
 
     async def finished(self) -> RelayResult:
         async with asyncio.timeout(10):
@@ -155,15 +160,20 @@ def start_relay(path: str) -> Callable[..., contextlib.AbstractAsyncContextManag
     every socket is closed and the relay's task is done."""
 
     @contextlib.asynccontextmanager
-    async def start(buffer_size: int | None = None) -> AsyncIterator[Relayed]:
+    async def start(
+        buffer_size: int | None = None, keep_channel: bool = False
+    ) -> AsyncIterator[Relayed]:
         client, local = tcp_pair(buffer_size)
         far_sock, near = tcp_pair(buffer_size)
         channel = Channel(SocketStream(near), Side.GATEWAY)
+        channel.conversation.state, channel.conversation.conn = State.STARTED, CONN
         result = RelayResult()
-        task = asyncio.create_task(relay(SocketStream(local), channel, "client", result))
+        task = asyncio.create_task(
+            relay(SocketStream(local), channel, "client", result, keep_channel=keep_channel)
+        )
         try:
             sockets = (client, local, near, far_sock)
-            yield Relayed(client, FarEnd(far_sock), result, task, sockets)
+            yield Relayed(client, FarEnd(far_sock), result, task, sockets, channel)
             assert result.path == path
         finally:
             task.cancel()
@@ -397,6 +407,73 @@ async def test_relay_data_after_end_is_a_protocol_error_on_both_sides(
     expected = "protocol error: unexpected data after end of stream"
     assert relayed.far.events == [f"abort: {expected}"]
     assert result.how == expected
+
+
+# --- a channel kept for the next connection -----------------------------------------
+
+
+async def end_both_ways(relayed: Relayed, behind_end: bytes = b"") -> RelayResult:
+    """The client's request and half-close, the far end's answer, END and ``behind_end``
+    in one write (so the relay reads them together), to the relay's end."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(relayed.client, b"request")
+    relayed.client.shutdown(socket.SHUT_WR)
+    assert await relayed.far.read_until(lambda: relayed.far.events) is None
+    assert (relayed.far.data, relayed.far.events) == (b"request", ["end"])
+    await relayed.far.send(data_frame(b"answer") + END_FRAME + behind_end)
+    received = bytearray()
+    assert await read_local(relayed.client, received) == "eof"
+    assert received == b"answer"
+    return await relayed.finished()
+
+
+async def test_relay_keeps_a_cleanly_ended_channel_with_what_came_behind_the_end(
+    start_relay: StartRelay,
+) -> None:
+    """With keep_channel, a relay that ended cleanly leaves the channel open, with the
+    peer's Finished that arrived in the same read as its END; the end handshake then
+    pools it, and the peer gets this side's Finished, not an EOF."""
+    async with start_relay(keep_channel=True) as relayed, asyncio.timeout(10):
+        result = await end_both_ways(relayed, encode_message(Finished(CONN)))
+        assert (result.how, result.channel_kept) == ("normal", True)
+        await relayed.channel.finish(CONN)
+        assert relayed.channel.conversation.state is State.POOLED
+        assert await relayed.far.read_until(lambda: len(relayed.far.events) > 1) is None
+        assert relayed.far.events == ["end", repr(Finished(CONN))]
+        assert relayed.channel.is_idle_and_open()
+
+
+async def test_relay_closes_the_channel_after_an_abnormal_end_even_to_keep_it(
+    start_relay: StartRelay,
+) -> None:
+    """An ABORT ends the relay abnormally: the channel is not kept, whatever was asked."""
+    async with start_relay(keep_channel=True) as relayed, asyncio.timeout(10):
+        await relayed.far.send(encode_abort("the service reset its connection"))
+        result = await relayed.finished()
+        assert await relayed.far.read_until() in ("eof", "reset")
+    assert result.how == "aborted by peer: the service reset its connection"
+    assert not result.channel_kept
+
+
+@pytest.mark.parametrize(
+    "late",
+    [data_frame(b"a late byte"), END_FRAME, encode_message(Finished(CONN - 1))],
+    ids=["data", "end", "stale-finished"],
+)
+async def test_anything_but_the_peers_finished_after_a_clean_end_ends_the_channel(
+    start_relay: StartRelay, late: bytes
+) -> None:
+    """After the relay's clean end the next frame must be the peer's Finished for this
+    connection: a late DATA frame, a second END or another connection's Finished is the
+    peer's protocol error, so the channel is not pooled and no byte of this connection
+    can reach the next."""
+    async with start_relay(keep_channel=True) as relayed, asyncio.timeout(10):
+        result = await end_both_ways(relayed)
+        assert result.channel_kept
+        await relayed.far.send(late)
+        with pytest.raises(RemoteProtocolError):
+            await relayed.channel.finish(CONN)
+        assert relayed.channel.conversation.state is not State.POOLED
 
 
 async def test_relay_cancelled_resets_both_ends(start_relay: StartRelay) -> None:

@@ -767,8 +767,11 @@ async def test_latency_and_throttle_on_data_channels_transfers_intact(
         )
     for transfer in together:
         assert transfer.complete, transfer.describe()
+    # Five transfers, on as many data channels or fewer (a channel carries the next client
+    # after a clean end): every byte of them went through the slowed channels.
     slowed = [c for c in proxy.connections if c.kind == "data" and c.up_bytes > 1 << 20]
-    assert len(slowed) == 5 and all(c.faults == {"delay", "throttle"} for c in slowed)
+    assert all(c.faults == {"delay", "throttle"} for c in slowed)
+    assert sum(c.up_bytes for c in slowed) >= 7 << 20
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])

@@ -11,8 +11,8 @@ from collections import deque
 from typing import Final
 
 from tunnelgate.errors import ConnectionClosed
-from tunnelgate.protocol.session import Conversation, Side
-from tunnelgate.protocol.wire import Event, FrameDecoder, Message, encode_message
+from tunnelgate.protocol.session import Conversation, Side, State
+from tunnelgate.protocol.wire import Event, Finished, FrameDecoder, Message, encode_message
 from tunnelgate.transport import Stream
 
 CHANNEL_READ_SIZE: Final = 16 * 1024
@@ -48,6 +48,19 @@ class Channel:
         """The events decoded ahead of need, for a relay taking over the channel."""
         events, self._pending = list(self._pending), deque()
         return events
+
+    def give_back(self, events: list[Event]) -> None:
+        """Events a relay that ended cleanly decoded behind its END (the peer's Finished)."""
+        self._pending.extendleft(reversed(events))
+
+    async def finish(self, conn: int) -> None:
+        """The end handshake after ``conn``'s relay ended cleanly: Finished each way, after which
+        the channel is pooled again. Raises RemoteProtocolError if the peer sends anything else
+        (its relay failed after all: an ABORT), TransportError or ConnectionClosed; the caller
+        bounds the wait."""
+        await self.send_message(Finished(conn))
+        if self.conversation.state is not State.POOLED:
+            await self.receive()  # the conversation lets only the peer's Finished(conn) through
 
     async def send_message(self, message: Message) -> None:
         async with self._send_lock:  # the conversation's order is the order on the wire

@@ -130,6 +130,7 @@ class GatewayConfig:
     handshake_timeout: float
     pending_timeout: float
     max_pool_size: int
+    reuse_data_channels: bool  # a data channel carries the next client after a clean end
     drain_timeout: float
     max_connections: int  # client connections per session
     max_pending_clients: int  # per session, awaiting a channel
@@ -311,6 +312,8 @@ OPTIONS: Final = (
     Option("pending_timeout", _GW, 10.0, float, _seconds, "--pending-timeout", _SECONDS),
     Option("handshake_timeout", _GW, 10.0, float, _seconds, "--handshake-timeout", _SECONDS),
     Option("max_pool_size", _GW, 64, int, _integer(1, 4096)),
+    Option("reuse_data_channels", _GW, True, bool, flag="--no-channel-reuse",
+           help="a new data channel for every client (no reuse after a clean end)"),
     Option("max_connections", _GW, 16384, int, _integer(1, 1 << 20)),
     Option("max_pending_clients", _GW, 1024, int, _integer(1, 1 << 16)),
     Option("max_handshakes", _GW, 1024, int, _integer(1, 1 << 16)),

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeGuard
 
@@ -66,6 +66,7 @@ class RelayResult:
     how: str = "normal"
     duration: float = 0.0
     path: str = "copy"  # "splice" or "copy"
+    channel_kept: bool = False  # ended cleanly and the channel left open for its end handshake
 
     @property
     def normal(self) -> bool:
@@ -73,19 +74,29 @@ class RelayResult:
 
 
 async def relay(
-    local: Stream, channel: Channel, local_role: str, result: RelayResult | None = None
+    local: Stream,
+    channel: Channel,
+    local_role: str,
+    result: RelayResult | None = None,
+    *,
+    keep_channel: bool = False,
 ) -> RelayResult:
-    """Pump bytes both ways until both directions ended; close both streams.
-    ``local_role`` ("client" or "service") names the local peer in reasons.
-    Cancelled (its session ended), it resets both ends at once; a ``result``
-    passed in then holds the counts so far, for the caller's log."""
+    """Pump bytes both ways until both directions ended; close both streams, except, with
+    ``keep_channel``, a channel that ended cleanly: then ``result.channel_kept`` and the
+    caller finishes or closes it. ``local_role`` ("client" or "service") names the local
+    peer in reasons. Cancelled (its session ended), it resets both ends at once; a
+    ``result`` passed in then holds the counts so far, for the caller's log."""
     started = time.monotonic()
     state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
     try:
         await state.finished
         if state.failure is None:
             local.close()
-            channel.close()
+            if keep_channel and state.leftover is not None:
+                channel.give_back(state.leftover)
+                state.result.channel_kept = True
+            else:
+                channel.close()
         else:
             state.result.how = state.failure
             async with asyncio.TaskGroup() as group:
@@ -201,6 +212,9 @@ class _Relay:
         self.local_error: TransportError | None = None
         self.channel_error: TransportError | None = None
         self._give_up: asyncio.TimerHandle | None = None
+        # What was decoded behind the peer's END when the relay ended (its Finished); None if
+        # what followed was malformed: the channel cannot be reused then.
+        self.leftover: list[Event] | None = []
         self.outbound: _CopyOut
         self.inbound: _Inbound
         splice = SPLICE_AVAILABLE and os.environ.get("TUNNELGATE_NO_SPLICE", "") in ("", "0")
@@ -238,6 +252,13 @@ class _Relay:
         if exc is None:
             return  # both directions shut cleanly: the other pump finishes by itself
         (self.local_failed if pump.src is self.local else self.channel_failed)(exc)
+
+    def left_over(self, first: Event, rest: Iterator[Event]) -> None:
+        """The relay ended with ``first`` and ``rest`` decoded and not relayed."""
+        try:
+            self.leftover = [first, *rest]
+        except ProtocolError:
+            self.leftover = None
 
     def stop_watching(self) -> None:
         if self._watched is not None:
@@ -568,9 +589,11 @@ class _Inbound(_Pump):
     def deliver(self, events: Iterable[Event]) -> bool:
         """Hand events to the local stream; False if it blocked or it ended."""
         backlog = self.backlog
+        pending = iter(events)
         try:
-            for event in events:
+            for event in pending:
                 if self.stopped:
+                    self.relay.left_over(event, pending)
                     return False
                 if backlog:
                     backlog.append(bytes(event.view) if isinstance(event, Data) else event)
@@ -645,6 +668,9 @@ class _Inbound(_Pump):
                 backlog.popleft()
                 self.handle(item)
                 if self.stopped:
+                    if backlog:  # behind the END that ended the relay (the peer's Finished)
+                        rest = (Data(memoryview(i)) if isinstance(i, bytes) else i for i in backlog)
+                        self.relay.left_over(next(rest), rest)
                     return False
         return True
 

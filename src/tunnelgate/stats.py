@@ -117,6 +117,8 @@ class AgentRecordStatistics:
     tls: str
     certificate: str
     services: tuple[tuple[str, ServiceCounts], ...]  # every service it ever exposed
+    data_channels: int = 0  # opened by the agent and pooled
+    channel_reuses: int = 0  # a data channel pooled again after a clean end
 
 
 @dataclass(eq=False)
@@ -133,6 +135,8 @@ class AgentRecord:
     software: str = ""  # what its last session said it runs
     tls: str = ""  # its last control channel's TLS version
     certificate: str = ""  # the fingerprint of the certificate it presented (mutual TLS)
+    data_channels: int = 0
+    channel_reuses: int = 0
 
     def connected(
         self, address: str, now: float, software: str = "", tls: str = "", certificate: str = ""
@@ -173,6 +177,8 @@ class AgentRecord:
                 (name, totals.counts(*open_bytes.get((self.name, name), (0, 0))))
                 for name, totals in self.services.items()
             ),
+            self.data_channels,
+            self.channel_reuses,
         )
 
 

@@ -138,6 +138,14 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     last_seen = GaugeMetricFamily(
         P + "agent_last_seen_timestamp_seconds", "When the agent was last connected", labels=a
     )
+    channels = CounterMetricFamily(
+        P + "agent_data_channels", "Data channels the agent opened to the gateway", labels=a
+    )
+    reuses = CounterMetricFamily(
+        P + "agent_data_channel_reuses",
+        "Data channels pooled again after carrying a client to a clean end",
+        labels=a,
+    )
     s = ["agent", "service"]
     connections_total = CounterMetricFamily(
         P + "service_connections", "Client connections carried to the service", labels=s
@@ -163,6 +171,8 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     for agent in stats.agents:
         up.add_metric([agent.name], 1 if agent.up else 0)
         connects.add_metric([agent.name], agent.connects)
+        channels.add_metric([agent.name], agent.data_channels)
+        reuses.add_metric([agent.name], agent.channel_reuses)
         for reason, count in agent.disconnects:
             disconnects.add_metric([agent.name, reason], count)
         if agent.last_seen:
@@ -179,7 +189,7 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
             pairs = {"agent": agent.name, "service": service}
             _observe(setup, pairs, counts.setup)
             _observe(duration, pairs, counts.duration)
-    yield from (up, connects, disconnects, last_seen, rtt)
+    yield from (up, connects, disconnects, last_seen, rtt, channels, reuses)
 
     service_up = GaugeMetricFamily(
         P + "service_up", "1 while the service is exposed on the gateway", labels=s

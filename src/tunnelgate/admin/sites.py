@@ -262,6 +262,7 @@ def _agent(
         "tls": record.tls,
         "certificate": record.certificate,
         "disconnects": _counts(record.disconnects),
+        "data_channels": {"opened": record.data_channels, "reused": record.channel_reuses},
         "services": [s.name for session in sessions for s in session.services],
         "connections": sum(len(session.clients) for session in sessions),
         "up": sum(counts.up for _, counts in record.services),

@@ -20,6 +20,7 @@ from tunnelgate.logs import ContextLogger
 from tunnelgate.protocol.wire import Ping, Pong, PoolRelease, Refused, Start
 
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
+FINISH_TIMEOUT: Final = 10.0  # for the gateway's Finished after a clean end (its client's too)
 MAX_EXTRA_CHANNELS: Final = 1024
 DEMAND_WINDOW: Final = 1.0  # seconds over which the rate of new clients is averaged
 DEMAND_HEADROOM: Final = 2.0  # idle channels kept per channel in use while one opens
@@ -103,8 +104,10 @@ class DataChannels:
     group: asyncio.TaskGroup
     control: Channel
     open_channel: Callable[[], Awaitable[Channel]]
-    serve: Callable[[Channel, Start], Awaitable[None]]
+    # Carry a Start's client; True if the channel ended cleanly and awaits its end handshake.
+    serve: Callable[[Channel, Start, bool], Awaitable[bool]]
     log: ContextLogger
+    reuse: bool = False  # the gateway takes data channels back after a clean end
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     serving: set[asyncio.Task[None]]  # channels relaying a client (the session's set)
     stopped: bool = False  # draining: open no more channels
@@ -145,7 +148,8 @@ class DataChannels:
             self.changed.clear()
 
     async def _channel(self) -> None:
-        """Root of one data channel's task: open, wait in the pool, serve one client."""
+        """Root of one data channel's task: open, wait in the pool, serve a client; again
+        after each clean end when the gateway reuses channels."""
         demand = self.demand
         began = time.monotonic()
         try:
@@ -158,27 +162,52 @@ class DataChannels:
             demand.opening -= 1
             self.changed.set()  # may have left a surplus to release, or a channel to open
         demand.opened(time.monotonic() - began)
+        while await self._serve_one(channel):
+            if self.stopped:  # draining: the gateway takes no client on it now
+                channel.close()
+                return
+            demand.idle += 1
+            self.changed.set()
+
+    async def _serve_one(self, channel: Channel) -> bool:
+        """Wait in the pool for a Start and serve its client; True if the channel is pooled
+        again (Finished each way), else it is closed."""
+        demand = self.demand
         try:
             start = await self._wait_for_start(channel)
         finally:
             demand.idle -= 1
             self.changed.set()  # the target may have grown (with a start), or a channel is gone
         if start is None:
-            return
+            return False
         demand.started(time.monotonic())
         task = asyncio.current_task()
         assert task is not None
         self.serving.add(task)
         try:
-            await self.serve(channel, start)
+            if not await self.serve(channel, start, self.reuse):
+                return False
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             self.log.warning("conn %d: %s", start.conn, exc)
             channel.abort()
+            return False
         except Exception:
             self.log.exception("unexpected error serving conn %d", start.conn)
             channel.abort()
+            return False
         finally:
             self.serving.discard(task)
+        try:
+            async with asyncio.timeout(FINISH_TIMEOUT):
+                await channel.finish(start.conn)
+        except (TransportError, ProtocolError, ConnectionClosed, TimeoutError) as exc:
+            self.log.debug("conn %d: data channel not reused: %s", start.conn, exc)
+            channel.close()
+            return False
+        except BaseException:
+            channel.abort()
+            raise
+        return True
 
     async def _wait_for_start(self, channel: Channel) -> Start | None:
         """The Start that puts a pooled channel to use; None if it ended unused. One the gateway

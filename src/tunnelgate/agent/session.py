@@ -176,7 +176,8 @@ class Dialer:
             raise refusal(challenge)
         assert isinstance(challenge, Challenge)
         proof = await self._proof(challenge.nonce, role, session)
-        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session, SOFTWARE)  # type: ignore[arg-type]
+        reuse = role == "control"  # this agent takes data channels back after a clean end
+        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session, SOFTWARE, reuse)  # type: ignore[arg-type]
         await channel.send_message(hello)
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
@@ -275,6 +276,7 @@ class AgentSession:
                     control=channel,
                     open_channel=lambda: self.dialer.open("data", welcome.session),
                     serve=self._serve,
+                    reuse=welcome.reuse,
                     serving=self.serving,
                     log=self.log,
                 )
@@ -379,14 +381,15 @@ class AgentSession:
             self._on_ready()
         return retry
 
-    async def _serve(self, channel: Channel, start: Start) -> None:
-        """Carry one client connection to its service. Root of the relay's task."""
+    async def _serve(self, channel: Channel, start: Start, reuse: bool) -> bool:
+        """Carry one client connection to its service; True if it ended cleanly and ``reuse``
+        kept the channel open for its end handshake."""
         log = self.log.bind(conn=start.conn, service=start.service)
         service = self._by_name.get(start.service)
         if service is None:
             log.warning("gateway started unknown service %r", start.service)
             await abort_channel(channel, f"unknown service {start.service!r}")
-            return
+            return False
         task = asyncio.current_task()
         assert task is not None
         record = self._connections[task] = _Connection(start.conn, start.client, service.name)
@@ -398,11 +401,11 @@ class AgentSession:
                 totals.failed(dial_error_reason(exc))
                 log.warning("client %s: %s", start.client, exc)
                 await abort_channel(channel, f"{AGENT_REACH_FAILURE}{exc}")
-                return
+                return False
             totals.started(time.monotonic() - record.started)
             r = record.result = RelayResult()  # filled in even if the relay is cancelled
             try:
-                await relay(stream, channel, "service", r)
+                await relay(stream, channel, "service", r, keep_channel=reuse)
             finally:
                 if record.closing:
                     r.how = CLOSED_ON_REQUEST
@@ -413,6 +416,7 @@ class AgentSession:
             del self._connections[task]
             if (result := record.result) is not None:
                 totals.ended(result.received, result.sent)
+        return record.result is not None and record.result.channel_kept
 
 
 async def reach(

@@ -327,7 +327,7 @@ class Gateway:
             elif hello.role == "control":
                 owned = True
                 session = GatewaySession(
-                    hello.agent, peer, admitted, channel, self._shared, hello.software
+                    hello.agent, peer, admitted, channel, self._shared, hello.software, hello.reuse
                 )
                 if (old := self._sessions.get(hello.agent)) is not None:
                     session.log.info("agent reconnected; replacing its session %s at once", old.id)

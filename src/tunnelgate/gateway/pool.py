@@ -44,24 +44,30 @@ class ChannelPool:
         self.idle: deque[_Pooled] = deque()
         self.waiters: deque[asyncio.Future[Channel]] = deque()
         self.requested = 0
+        self.closed = False  # the session ended: no channel joins any more
 
     def statistics(self) -> PoolStatistics:
         now = time.monotonic()
         idle_for = tuple(now - pooled.alive_at for pooled in self.idle)
         return PoolStatistics(len(self.idle), len(self.waiters), self.requested, idle_for)
 
-    def add(self, channel: Channel, max_size: int) -> None:
-        """A new data channel: to the client waiting longest, else to the pool."""
-        self.requested = max(0, self.requested - 1)
+    def add(self, channel: Channel, max_size: int, *, reused: bool = False) -> None:
+        """A data channel, new or ``reused`` (it finished with a client, Finished each way):
+        to the client waiting longest, else to the pool; closed if it is closed or full."""
+        if self.closed:
+            _turn_away(channel, reused)
+            return
+        if not reused:
+            self.requested = max(0, self.requested - 1)
         while self.waiters:
             if not (waiter := self.waiters.popleft()).done():
                 waiter.set_result(channel)
                 return
-        # No client waits: what is still on its way was for clients that left; ask afresh.
-        self.requested = 0
+        if not reused:  # no client waits: what is still on its way was for clients that left
+            self.requested = 0
         if len(self.idle) >= max_size:
             self.log.debug("pool full (%d); closing an extra data channel", len(self.idle))
-            channel.abort()
+            _turn_away(channel, reused)
             return
         self.idle.append(_Pooled(channel))
 
@@ -76,6 +82,7 @@ class ChannelPool:
 
     def discard(self) -> None:
         """Close every idle channel and turn every waiting client away."""
+        self.closed = True
         self.abort_idle()
         while self.waiters:
             if not (waiter := self.waiters.popleft()).done():
@@ -153,6 +160,15 @@ class ChannelPool:
                 waiter.cancel()
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
+
+
+def _turn_away(channel: Channel, reused: bool) -> None:
+    """Close a channel the pool does not take: a reused one gently (the agent may still be
+    finishing its last connection's end), a new one at once."""
+    if reused:
+        channel.close()
+    else:
+        channel.abort()
 
 
 async def _unless_left(waiter: asyncio.Future[Channel], stream: Stream) -> Channel | None:

@@ -35,6 +35,9 @@ from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
 logger = logging.getLogger(__package__)
 
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
+# For the agent's Finished after a clean end: it comes once the agent's service has taken
+# the last bytes, so it may take a while; the channel waits outside the pool meanwhile.
+FINISH_TIMEOUT: Final = 10.0
 AGENT_GOODBYE: Final = "agent said goodbye: "
 
 
@@ -125,9 +128,11 @@ class GatewaySession:
         channel: Channel,
         shared: Shared,
         software: str = "",  # as its Hello says
+        reuse: bool = False,  # its Hello says it takes data channels back after a clean end
     ) -> None:
         self.id = secrets.token_hex(4)
         self.software = software
+        self.reuse = reuse and shared.config().reuse_data_channels
         self.agent = agent
         self.peer = peer
         self.policy = auth.policy
@@ -174,7 +179,9 @@ class GatewaySession:
         try:
             c = self._config()
             await self.channel.send_message(
-                wire.Welcome(self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size)
+                wire.Welcome(
+                    self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size, self.reuse
+                )
             )
             self.log.info("session started from %s", self.peer)
             stream = self.channel.stream
@@ -246,6 +253,7 @@ class GatewaySession:
             channel.abort()
             return
         channel.conversation.accept_data_channel()
+        self.record.data_channels += 1
         self.pool.add(channel, self._config().max_pool_size)
 
     async def _control_loop(self) -> str:
@@ -421,7 +429,7 @@ class GatewaySession:
             totals.started(time.monotonic() - record.started)
             log.debug("client %s started on a data channel", client)
             record.result = RelayResult()  # filled in even if cancelled
-            await relay(stream, channel, "client", record.result)
+            await relay(stream, channel, "client", record.result, keep_channel=self.reuse)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
         except asyncio.CancelledError:
@@ -437,6 +445,27 @@ class GatewaySession:
                 stream.abort()
                 if channel is not None:
                     channel.abort()
+        if record.result is not None and record.result.channel_kept:
+            assert channel is not None
+            await self._reuse(channel, record.conn, log)
+
+    async def _reuse(self, channel: Channel, conn: int, log: ContextLogger) -> None:
+        """After a clean end, the end handshake; then the channel waits for the next client."""
+        try:
+            async with asyncio.timeout(FINISH_TIMEOUT):
+                await channel.finish(conn)
+        except (TransportError, ProtocolError, ConnectionClosed, TimeoutError) as exc:
+            log.debug("data channel not reused: %s", exc or "no Finished in time")
+            channel.close()  # gently: the agent may still be handing its service the last bytes
+            return
+        except BaseException:
+            channel.abort()
+            raise
+        if self.goodbye is None:
+            self.record.channel_reuses += 1
+            self.pool.add(channel, self._config().max_pool_size, reused=True)
+        else:
+            channel.close()
 
 
 async def accept(

@@ -22,6 +22,9 @@ The life of a channel::
                CONTROL
       data:    POOLED      (silent)        accept_data_channel() → POOLED
                STARTED     ◀── Start ───   → STARTED       (then frames: the relay's)
+               (reuse: the relay ended cleanly, END each way)
+               FINISHING   ── Finished ──▶ ◀── Finished ── FINISHING   (either order)
+               POOLED      (both seen: silent again, until the next Start)
       probe:   PROBE       (silent)        accept_probe() → PROBE   (or Refused → CLOSED)
                PROBE       ── Ping ──────▶ ◀── Pong ──     (the first Pong: token accepted)
                SINKING     ── Measure(sink) ▶ SINKING, DATA… END ▶, ◀ Measured → PROBE
@@ -53,8 +56,8 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from tunnelgate import credentials
-from tunnelgate.errors import LocalProtocolError, RemoteProtocolError
-from tunnelgate.protocol.wire import Event, Hello, Measure, Message
+from tunnelgate.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tunnelgate.protocol.wire import Event, Finished, Hello, Measure, Message, Start
 
 
 class Side(enum.Enum):
@@ -74,6 +77,8 @@ class State(enum.Enum):
     CONTROL = "control"  # both: the session runs
     POOLED = "pooled"  # both: an idle data channel
     STARTED = "started"  # both: a data channel carries a client; only relay frames now
+    FINISHING = "finishing"  # both: sent Finished for the relayed connection, awaiting the peer's
+    PEER_FINISHED = "finished by the peer"  # both: received the peer's Finished, ours is due
     PROBE = "probing"  # both: a probe channel, between measurements
     SINKING = "measuring to the gateway"  # both: the agent sends DATA frames, then END
     SOURCING = "measuring from the gateway"  # both: the gateway sends DATA frames, then END
@@ -118,6 +123,8 @@ RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
         "refused": _S.CLOSED,
     },
     # A probe: the gateway answers after checking the proof, Refused or Pong.
+    (_A, _S.STARTED): {"finished": _S.PEER_FINISHED},
+    (_A, _S.FINISHING): {"finished": _S.POOLED},
     (_A, _S.PROBE): {"pong": _S.PROBE, "refused": _S.CLOSED},
     (_A, _S.SINKING): {"measured": _S.PROBE, "abort": _S.CLOSED},
     (_A, _S.SOURCING): {
@@ -128,6 +135,8 @@ RECEIVE: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_G, _S.AWAIT_HELLO): _stay(_S.AUTHENTICATING, "hello/control", "hello/data", "hello/probe"),
     (_G, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_G, _S.POOLED): {"pong": _S.POOLED},
+    (_G, _S.STARTED): {"finished": _S.PEER_FINISHED},
+    (_G, _S.FINISHING): {"finished": _S.POOLED},
     (_G, _S.PROBE): _AGENT_PROBE,
     (_G, _S.SINKING): _stay(_S.SINKING, "data", "end"),
 }
@@ -142,6 +151,8 @@ SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_A, _S.REGISTERING): _stay(_S.REGISTERING, "ping", "pong", "pool_release", "bye"),
     (_A, _S.CONTROL): _stay(_S.CONTROL, *_AGENT_CONTROL),
     (_A, _S.POOLED): {"pong": _S.POOLED},
+    (_A, _S.STARTED): {"finished": _S.FINISHING},
+    (_A, _S.PEER_FINISHED): {"finished": _S.POOLED},
     # The agent may send its first Ping right behind its Hello: the Pong says it was accepted.
     (_A, _S.PROBE): _AGENT_PROBE,
     (_G, _S.NEW): {"challenge": _S.AWAIT_HELLO},
@@ -149,6 +160,8 @@ SEND: Final[dict[tuple[Side, State], dict[str, State]]] = {
     (_G, _S.AUTHENTICATING): {"welcome": _S.CONTROL, "refused": _S.CLOSED},
     (_G, _S.CONTROL): _stay(_S.CONTROL, *_GATEWAY_CONTROL),
     (_G, _S.POOLED): {"ping": _S.POOLED, "start": _S.STARTED},
+    (_G, _S.STARTED): {"finished": _S.FINISHING},
+    (_G, _S.PEER_FINISHED): {"finished": _S.POOLED},
     (_G, _S.PROBE): {"pong": _S.PROBE},
     # After the END of the agent's DATA, or of its own (frames sent outside the conversation,
     # as the relay's are): the count.
@@ -171,13 +184,15 @@ def label(event: Event) -> str:
 
 
 class Conversation:
-    """The state of one channel on one side; see the module's tables."""
+    """The state of one channel on one side; see the module's tables. On a data channel it
+    also holds the connection its last Start named: a Finished must name the same one."""
 
-    __slots__ = ("side", "state")
+    __slots__ = ("conn", "side", "state")
 
     def __init__(self, side: Side, state: State | None = None) -> None:
         self.side = side
         self.state = _INITIAL[side] if state is None else state
+        self.conn: int | None = None  # the connection started on this data channel
 
     def receive(self, event: Event) -> Event:
         """``event`` if it may arrive now (and move to the state it leads to);
@@ -187,6 +202,8 @@ class Conversation:
         after = RECEIVE.get((self.side, self.state), {}).get(name)
         if after is None:
             raise RemoteProtocolError(f"unexpected {name} frame while {self.state.value}")
+        if isinstance(event, Start | Finished):
+            self._check_conn(event, RemoteProtocolError)
         self.state = after
         return event
 
@@ -197,8 +214,19 @@ class Conversation:
         after = SEND.get((self.side, self.state), {}).get(name)
         if after is None:
             raise LocalProtocolError(f"cannot send {name} while {self.state.value}")
+        if isinstance(message, Start | Finished):
+            self._check_conn(message, LocalProtocolError)
         self.state = after
         return message
+
+    def _check_conn(self, message: Start | Finished, error: type[ProtocolError]) -> None:
+        """A Start names the channel's connection, anew each time; a Finished that one."""
+        if isinstance(message, Start):
+            if self.conn is not None and message.conn <= self.conn:
+                raise error(f"start of conn {message.conn} after conn {self.conn}")
+            self.conn = message.conn
+        elif message.conn != self.conn:
+            raise error(f"finished for conn {message.conn} while carrying conn {self.conn}")
 
     def accept_data_channel(self) -> None:
         """Gateway: an authenticated data channel joins the pool, unanswered."""

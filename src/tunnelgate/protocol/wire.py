@@ -67,6 +67,8 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     # What the agent runs ("tunnelgate 0.1.0"), for the gateway's admin API; not proven,
     # and ignored by gateways before it (msgspec skips fields it does not know).
     software: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    # Control channel: the agent takes its data channels back after a clean end (Finished).
+    reuse: bool = False
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
@@ -76,6 +78,9 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     heartbeat_interval: Seconds
     heartbeat_timeout: Seconds
     max_pool_size: Annotated[int, msgspec.Meta(ge=1, le=65536)]
+    # Data channels of this session go back to the pool after a clean end: the agent said it
+    # can (Hello.reuse) and the gateway allows it.
+    reuse: bool = False
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
@@ -159,6 +164,15 @@ class Start(msgspec.Struct, tag="start", frozen=True):
     server: Annotated[str, msgspec.Meta(max_length=64)] = ""  # the public "host:port" it reached
 
 
+class Finished(msgspec.Struct, tag="finished", frozen=True):
+    """Either way on a started data channel, after the relay of ``conn`` ended cleanly (END
+    each way, nothing pending): this side sends nothing more for it. Once a side has sent its
+    own and received the peer's, the channel is pooled again for the next Start, so no byte
+    of one connection can reach the next (docs/ARCHITECTURE.md, "Data channel reuse")."""
+
+    conn: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
 class Measure(msgspec.Struct, tag="measure", frozen=True):
     """Agent to gateway on a probe channel: measure throughput for ``seconds``. "sink": the
     agent sends DATA frames, then END; "source": the gateway sends them, then END. Either
@@ -195,6 +209,7 @@ Message = (
     | PoolRelease
     | PoolDiscarded
     | Start
+    | Finished
     | Measure
     | Measured
     | Bye

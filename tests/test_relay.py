@@ -443,6 +443,28 @@ async def test_relay_keeps_a_cleanly_ended_channel_with_what_came_behind_the_end
         assert relayed.channel.is_idle_and_open()
 
 
+async def test_the_end_that_ends_a_kept_relay_carries_this_sides_finished(
+    start_relay: StartRelay,
+) -> None:
+    """When the local peer's half-close is the relay's last step (the far end ended first),
+    this side's Finished rides in the same write as its END; the end handshake then only
+    waits for the peer's."""
+    loop = asyncio.get_running_loop()
+    async with start_relay(keep_channel=True) as relayed, asyncio.timeout(10):
+        await relayed.far.send(data_frame(b"answer") + END_FRAME)
+        received = bytearray()
+        assert await read_local(relayed.client, received) == "eof"
+        await loop.sock_sendall(relayed.client, b"thanks")
+        relayed.client.shutdown(socket.SHUT_WR)
+        result = await relayed.finished()
+        assert result.channel_kept and relayed.channel.conversation.state is State.FINISHING
+        assert await relayed.far.read_until(lambda: len(relayed.far.events) > 1) is None
+        assert (relayed.far.data, relayed.far.events) == (b"thanks", ["end", repr(Finished(CONN))])
+        await relayed.far.send(encode_message(Finished(CONN)))
+        await relayed.channel.finish(CONN)
+        assert relayed.channel.conversation.state is State.POOLED
+
+
 async def test_relay_closes_the_channel_after_an_abnormal_end_even_to_keep_it(
     start_relay: StartRelay,
 ) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from tunnelgate.transport import (
     connect,
     open_listener,
 )
+from tunnelgate.transport.tcp import KEEPALIVE_IDLE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -418,9 +420,37 @@ async def test_listener_hands_out_streams_of_accepted_connections() -> None:
         assert stream.local_address() == str(listener.address)
         with socket.socket(fileno=os.dup(stream.fileno())) as view:
             assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert view.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
         await client.send(b"hello")
         assert await read_exactly(stream, 5) == b"hello"
         stream.close()
+        client.close()
+    finally:
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        listener.close()
+
+
+async def test_a_listener_that_resets_accepted_connections_arms_each_one() -> None:
+    """After reset_accepted, each accepted connection starts armed to reset (SO_LINGER 0,
+    inherited from the listener: no call per connection), and still ends with a FIN when
+    closed on purpose."""
+    listener = open_listener("127.0.0.1", 0)
+    listener.reset_accepted()
+    accepted: asyncio.Queue[SocketStream] = asyncio.Queue()
+    accepting = asyncio.create_task(
+        listener.accept_forever(lambda s, _: accepted.put_nowait(s), lambda exc: None)
+    )
+    try:
+        client = await connect(listener.address, timeout=5)
+        stream = await asyncio.wait_for(accepted.get(), 5)
+        with socket.socket(fileno=os.dup(stream.fileno())) as view:
+            linger = struct.unpack("ii", view.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+        assert linger == (1, 0)
+        stream.reset_unless_closed_cleanly()  # already: nothing changes
+        stream.close()
+        assert await read_all(client) == b""
         client.close()
     finally:
         accepting.cancel()

@@ -58,7 +58,8 @@ class Channel:
         the channel is pooled again. Raises RemoteProtocolError if the peer sends anything else
         (its relay failed after all: an ABORT), TransportError or ConnectionClosed; the caller
         bounds the wait."""
-        await self.send_message(Finished(conn))
+        if self.conversation.state is not State.FINISHING:  # the relay's END may have carried it
+            await self.send_message(Finished(conn))
         if self.conversation.state is not State.POOLED:
             await self.receive()  # the conversation lets only the peer's Finished(conn) through
 

@@ -32,7 +32,9 @@ from tunnelgate.protocol.wire import (
     Data,
     End,
     Event,
+    Finished,
     encode_abort,
+    encode_message,
     pack_data_header,
 )
 from tunnelgate.transport import (
@@ -87,7 +89,8 @@ async def relay(
     peer in reasons. Cancelled (its session ended), it resets both ends at once; a
     ``result`` passed in then holds the counts so far, for the caller's log."""
     started = time.monotonic()
-    state = _Relay(local, channel, local_role, result if result is not None else RelayResult())
+    result = result if result is not None else RelayResult()
+    state = _Relay(local, channel, local_role, result, keep_channel)
     try:
         await state.finished
         if state.failure is None:
@@ -193,9 +196,15 @@ class _Relay:
     """One relayed connection: its two pumps and how it ended."""
 
     def __init__(
-        self, local: Stream, channel: Channel, local_role: str, result: RelayResult
+        self,
+        local: Stream,
+        channel: Channel,
+        local_role: str,
+        result: RelayResult,
+        keep_channel: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.keep_channel = keep_channel
         self.poller = poller(self.loop)
         self.local = local
         self.channel = channel
@@ -259,6 +268,15 @@ class _Relay:
             self.leftover = [first, *rest]
         except ProtocolError:
             self.leftover = None
+
+    def end_frame(self) -> bytes:
+        """END for the outbound direction; when the relay ends cleanly with it (the inbound
+        one has ended) and the channel is kept, this side's Finished rides behind it."""
+        if not self.keep_channel or self._running != 1 or not self.inbound.ended:
+            return END_FRAME
+        conn = self.channel.conversation.conn
+        assert conn is not None
+        return END_FRAME + encode_message(self.channel.conversation.send(Finished(conn)))
 
     def stop_watching(self) -> None:
         if self._watched is not None:
@@ -449,7 +467,7 @@ class _CopyOut(_Pump):
             return -1
         if n == 0:
             if self.local_ended():
-                self.send(memoryview(END_FRAME), 0)
+                self.send(memoryview(self.relay.end_frame()), 0)
         else:
             pack_data_header(_scratch.buffer, n)
             self.send(_scratch.view[: HEADER_SIZE + n], n)
@@ -520,11 +538,10 @@ class _SpliceOut(_CopyOut):
         self.bulk = n >= SMALL_READ
         if n == 0:
             self.release_pipe()
-            if not self.local_ended():
-                return
-            self.header[:] = END_FRAME
-        else:
-            pack_data_header(self.header, n)
+            if self.local_ended():
+                self.send(memoryview(self.relay.end_frame()), 0)
+            return
+        pack_data_header(self.header, n)
         self.head = memoryview(self.header)
         self.payload = n
         self.flush()

@@ -331,6 +331,7 @@ class GatewaySession:
                 listener = open_listener(bind, port)
             except TransportError as exc:
                 return refuse(str(exc))
+        listener.reset_accepted()  # a client's connection resets unless it ends cleanly
         address = listener.address
         gates = self._shared.gates.gates_for(config, policy, name)
         self.services[name] = service = _Service(name, address, listener, bind, gates)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import socket
@@ -82,11 +83,11 @@ class TCPConnection:
 
     __slots__ = ("_eof_sent", "_loop", "_resets", "_sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, resets: bool = False) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._eof_sent = False
-        self._resets = False  # every close is an RST until close()
+        self._resets = resets  # every close is an RST until close() (SO_LINGER 0 is set)
 
     def send_eof(self) -> None:
         if not self._eof_sent:
@@ -108,6 +109,8 @@ class TCPConnection:
     def reset_unless_closed_cleanly(self) -> None:
         """Every close is an RST until :meth:`close`, even the kernel's when this process
         dies: a cut response must not end with a FIN, as if it were whole."""
+        if self._resets:  # already (accepted from a listener that resets what it accepts)
+            return
         self._resets = True
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -281,17 +284,23 @@ async def resolve(address: Address, timeout: float) -> list[str]:
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 
-def _numeric_address(address: Address) -> list[_AddrInfo] | None:
-    """``getaddrinfo``'s answer for an IP literal, without the resolver's thread."""
-    if "%" in address.host:  # an IPv6 scope needs the resolver
-        return None
+def _numeric_address(address: Address) -> tuple[_AddrInfo, ...]:
+    """``getaddrinfo``'s answer for an IP literal, without the resolver's thread; () for
+    a name."""
+    return _numeric(address.host, address.port)
+
+
+@functools.lru_cache(maxsize=1024)  # an agent dials the same few services again and again
+def _numeric(host: str, port: int) -> tuple[_AddrInfo, ...]:
+    if "%" in host:  # an IPv6 scope needs the resolver
+        return ()
     try:
-        ip = ipaddress.ip_address(address.host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return None
+        return ()
     if ip.version == 4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (str(ip), address.port))]
-    return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), address.port, 0, 0))]
+        return ((socket.AF_INET, socket.SOCK_STREAM, 0, "", (str(ip), port)),)
+    return ((socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), port, 0, 0)),)
 
 
 def open_listener(host: str, port: int) -> Listener:
@@ -304,6 +313,7 @@ def open_listener(host: str, port: int) -> Listener:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _tune(sock)  # accepted connections inherit the options: no syscalls per client
             sock.bind(sockaddr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
@@ -322,9 +332,18 @@ class Listener:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self.address = Address(*sock.getsockname()[:2])
+        self._resets = False
 
     def close(self) -> None:
         self._sock.close()
+
+    def reset_accepted(self) -> None:
+        """Every connection accepted from now on starts as after
+        :meth:`TCPConnection.reset_unless_closed_cleanly`: the listener's SO_LINGER is
+        inherited, which saves a system call per client."""
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self._resets = True
 
     async def accept_forever(
         self,
@@ -352,8 +371,7 @@ class Listener:
                     resume = loop.call_later(ACCEPT_PAUSE, loop.add_reader, fd, on_readable)
                     return
                 sock.setblocking(False)
-                _tune(sock)
-                handle(SocketStream(sock), format_address(addr[0], addr[1]))
+                handle(SocketStream(sock, resets=self._resets), format_address(addr[0], addr[1]))
 
         loop.add_reader(fd, on_readable)
         try:

@@ -529,7 +529,7 @@ async def test_reload_keeps_tls_sessions_resuming(
 ) -> None:
     """A reload that does not touch client_ca keeps the TLS context, so the
     agent's new data channels still resume its session."""
-    gateway = await open_gateway()
+    gateway = await open_gateway(reuse_data_channels=False)  # a new channel for every client
     agent = await open_agent(gateway, expose=[f"0:{echo_server.local}"], pool_size=1)
     (service,) = (await agent.wait_ready(10)).values()
     await gateway.reload(gateway.config)

@@ -36,6 +36,9 @@ class Poller:
         self.writers: dict[int, Callable[[], None]] = {}
         self.hangups: dict[int, Callable[[], None]] = {}  # peer sent FIN or RST
         self.errors: dict[int, Callable[[], None]] = {}  # an error or a full hang-up only
+        # In the set, as far as we know: a hint that saves the failing call of a guess (a
+        # closed descriptor leaves the set by itself, and its number comes back).
+        self.registered: set[int] = set()
         self.epoll = select.epoll()
         loop.add_reader(self.epoll.fileno(), self.dispatch)
         weakref.finalize(self, self.epoll.close)
@@ -81,11 +84,19 @@ class Poller:
         )
         try:
             if mask or fd in self.errors:  # epoll reports errors on any registration
-                try:
-                    self.epoll.modify(fd, mask)
-                except FileNotFoundError:
-                    self.epoll.register(fd, mask)
+                if fd in self.registered:
+                    try:
+                        self.epoll.modify(fd, mask)
+                    except FileNotFoundError:  # closed and its number reused meanwhile
+                        self.epoll.register(fd, mask)
+                else:
+                    self.registered.add(fd)
+                    try:
+                        self.epoll.register(fd, mask)
+                    except FileExistsError:
+                        self.epoll.modify(fd, mask)
             else:
+                self.registered.discard(fd)
                 self.epoll.unregister(fd)
         except OSError:
             pass  # unregistering a descriptor the kernel dropped already

@@ -57,11 +57,14 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, keepalive: bool = True) -> None:
     """No Nagle delay, and keepalive often enough to keep NAT mappings of idle
-    connections and to find dead peers in a minute, not the kernel's two hours."""
+    connections and to find dead peers in a minute, not the kernel's two hours (not
+    on loopback, where the kernel itself resets a dead peer's connections)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not keepalive:
+            return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
@@ -178,17 +181,31 @@ class SocketStream(TCPConnection):
 
     reads_all_ready: Final = True  # recv returns all that is ready
 
+    # Not the loop's sock_recv_into and sock_sendall: uvloop's register and drop a watcher
+    # around every call (some ten system calls where two or four do), and drop one
+    # silently when its socket reports an error. The bytes are usually there already.
+
     async def receive_into(self, buffer: memoryview) -> int:
-        try:
-            return await self._loop.sock_recv_into(self._sock, buffer)
-        except OSError as exc:
-            raise transport_error(exc) from None
+        while True:
+            try:
+                return self._sock.recv_into(buffer)
+            except BlockingIOError:
+                await self.wait_readable()
+            except OSError as exc:
+                raise transport_error(exc) from None
 
     async def send(self, data: bytes | memoryview) -> None:
-        try:
-            await self._loop.sock_sendall(self._sock, data)
-        except OSError as exc:
-            raise transport_error(exc) from None
+        view = memoryview(data)
+        while True:
+            try:
+                view = view[self._sock.send(view) :]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise transport_error(exc) from None
+            if not view:
+                return
+            await self.wait_writable()
 
     def peer_certificate(self) -> bytes | None:
         return None
@@ -237,7 +254,7 @@ async def connect(address: Address, timeout: float) -> SocketStream:
                 sock = socket.socket(family, kind, proto)
                 sock.setblocking(False)
                 try:
-                    await loop.sock_connect(sock, sockaddr)
+                    await _connect(sock, sockaddr)
                 except OSError as exc:
                     sock.close()
                     error = exc
@@ -245,7 +262,7 @@ async def connect(address: Address, timeout: float) -> SocketStream:
                 except BaseException:  # cancelled, maybe connected: the peer must see a reset
                     _reset(sock)
                     raise
-                _tune(sock)
+                _tune(sock, keepalive=not _is_loopback(sockaddr[0]))
                 return SocketStream(sock)
             raise error or OSError(errno.EHOSTUNREACH, "no address found")
     except TimeoutError:
@@ -258,6 +275,25 @@ async def connect(address: Address, timeout: float) -> SocketStream:
     except OSError as exc:
         why = describe_os_error(exc)
         raise TransportError(f"cannot connect to {address}: {why}", exc.errno) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+async def _connect(sock: socket.socket, sockaddr: tuple[Any, ...]) -> None:
+    """Connect a non-blocking socket: the loop's ``sock_connect`` without its resolving
+    and bookkeeping, which cost more than the connect itself on loopback."""
+    code = sock.connect_ex(sockaddr)
+    if code == errno.EINPROGRESS:
+        await wait_writable(sock.fileno())
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
 
 
 async def resolve(address: Address, timeout: float) -> list[str]:

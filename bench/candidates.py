@@ -61,6 +61,15 @@ class EchoService:
         self.proc.stop()
 
 
+def tunnelgate_env() -> dict[str, str]:
+    """The environment of tunnelgate's processes: the bench's, with the token, and with
+    bytecode caches on as where tunnelgate is installed (PYTHONDONTWRITEBYTECODE would
+    make every start compile each module again, which costs time and memory)."""
+    env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 class Candidate:
     key = ""
     label = ""
@@ -134,7 +143,7 @@ class Tunnelgate(Candidate):
         return None
 
     def start(self, workdir: Path, echo_port: int, iperf_port: int) -> Public:
-        env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
+        env = tunnelgate_env()
         plain = [] if self.tls else ["--no-tls"]
         admin = ["--admin", "127.0.0.1:0"] if self.admin else []
         gateway = Proc(
@@ -197,7 +206,7 @@ class Tunnelgate(Candidate):
     def startup(self, workdir: Path, runs: int) -> dict[str, Any]:
         """``tunnelgate --version``, and a gateway of this candidate's kind (TLS or not)
         until its control port accepts."""
-        env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
+        env = tunnelgate_env()
         plain = [] if self.tls else ["--no-tls"]
         state = workdir / "startup-state"
 

@@ -5,11 +5,19 @@ are asked for. Each case runs in a fresh interpreter, the way the command starts
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+from kit.clients import echo_exchange
+from kit.processes import GatewayProc, Launch, Proc, start_gateway
+from kit.tokens import new_token
 from kit.waiting import DEADLINE
+
+from tunnelgate import tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,3 +108,50 @@ def test_a_side_loads_neither_the_other_nor_the_optional_parts(side: str, other:
     assert side in modules
     unwanted = among(modules, OPTIONAL | {other})
     assert not unwanted, sorted(unwanted)
+
+
+def start_agent(
+    launch: Launch, gateway: GatewayProc, token: str, name: str, service: int, **options: Any
+) -> tuple[Proc, int]:
+    """An agent named ``name`` exposing ``service``; it and the service's public port."""
+    trust = ["--fingerprint", gateway.fingerprint] if gateway.fingerprint else ["--no-tls"]
+    proc = launch(
+        "agent", "--gateway", f"127.0.0.1:{gateway.port}", *trust, "--name", name,
+        "--expose", f"0:127.0.0.1:{service}", token=token, **options,
+    )  # fmt: skip
+    return proc, int(proc.wait_line(r"exposed at gateway port (\d+)").group(1))
+
+
+def test_running_gateway_and_agent_load_only_their_own_side(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """A gateway and its agent, connected and relaying a client, have loaded neither the
+    other side nor the optional parts."""
+    tls.ensure_self_signed(tmp_path / "state", [])  # a restart: its first start made it
+    token, importtime = new_token(), {"PYTHONPROFILEIMPORTTIME": "1"}
+    gateway = start_gateway(launch, tmp_path / "state", token=token, env=importtime)
+    agent, port = start_agent(launch, gateway, token, "site-a", echo_port, env=importtime)
+    assert echo_exchange(port, b"footprint") == (b"footprint", "eof")
+    for proc in (agent, gateway.proc):
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0, proc.describe()
+    for proc, side, other in (
+        (gateway.proc, "tunnelgate.gateway", "tunnelgate.agent"),
+        (agent, "tunnelgate.agent", "tunnelgate.gateway"),
+    ):
+        modules = imported(proc.stderr)
+        assert side in modules, proc.describe()
+        unwanted = among(modules, OPTIONAL | {other})
+        assert not unwanted, f"{side}: {sorted(unwanted)}"
+
+
+def test_first_start_makes_the_certificate_without_loading_cryptography(
+    launch: Launch, tmp_path: Path
+) -> None:
+    """A gateway's first start makes its certificate in a child process: the gateway
+    itself, which may then run for months, never maps cryptography's library."""
+    gateway = start_gateway(launch, tmp_path / "state", token=new_token())
+    assert (tmp_path / "state" / tls.CERT_FILE).exists()
+    assert gateway.fingerprint == tls.certificate_fingerprint(tmp_path / "state" / tls.CERT_FILE)
+    maps = Path(f"/proc/{gateway.pid}/maps").read_text()
+    assert "/cryptography/" not in maps

@@ -228,11 +228,13 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from tunnelgate import systemd
     from tunnelgate.config import GATEWAY, default_state_dir, load_gateway_config, options
     from tunnelgate.errors import ConfigError
-    from tunnelgate.gateway.gateway import Gateway, with_stored_token
+    from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
 
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
+    if (own := self_signed_identity(config)) is not None:
+        _make_identity_apart(*own)
 
     async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
         logger.info("reloading the configuration")
@@ -283,6 +285,28 @@ def _run_gateway(args: argparse.Namespace) -> int:
             await gateway.shutdown()
 
     return _run(main)
+
+
+def _make_identity_apart(state_dir: Path, hostnames: list[str]) -> None:
+    """On a first start, make the gateway's self-signed identity in a child process: the
+    cryptography package it takes (about 9 MiB) then never loads into the gateway, which
+    may run for months. Without fork, or if the child fails, the gateway makes it itself
+    (and reports what went wrong). The process has one thread here: no event loop yet."""
+    from tunnelgate import tls
+
+    if (state_dir / tls.CERT_FILE).exists() and (state_dir / tls.KEY_FILE).exists():
+        return
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: make it and leave, running nothing of the parent's
+        made = False
+        try:
+            tls.ensure_self_signed(state_dir, hostnames)
+            made = True
+        finally:
+            os._exit(0 if made else 1)
+    os.waitpid(pid, 0)
 
 
 async def _open_admin(

@@ -1,7 +1,8 @@
 """What a tunnelgate process loads: ``tunnelgate --version`` next to nothing, a gateway
 or an agent only its own side, and neither the optional parts (the admin listener and
 its packages, the doctor, the status client, the demo, certificate making) unless they
-are asked for. Each case runs in a fresh interpreter, the way the command starts."""
+are asked for; and what a running gateway keeps. Each case runs in a fresh interpreter,
+the way the command starts."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from typing import Any
 
 import pytest
 from kit.clients import echo_exchange
-from kit.processes import GatewayProc, Launch, Proc, start_gateway
+from kit.processes import GatewayProc, Launch, Proc, rss_kib, start_gateway
 from kit.tokens import new_token
 from kit.waiting import DEADLINE
 
-from tunnelgate import tls
+from tunnelgate import credentials, tls
 
 pytestmark = pytest.mark.timeout(60)
 
+SCRYPT_KIB = 128 * credentials.SCRYPT_R * credentials.SCRYPT_N // 1024  # one derivation's memory
 # What no gateway or agent needs at rest (``--admin``, ``[[alerts]]``, ``tunnelgate
 # doctor``, ``status``, ``demo`` and a first start's certificate load them).
 OPTIONAL = {
@@ -155,3 +157,18 @@ def test_first_start_makes_the_certificate_without_loading_cryptography(
     assert gateway.fingerprint == tls.certificate_fingerprint(tmp_path / "state" / tls.CERT_FILE)
     maps = Path(f"/proc/{gateway.pid}/maps").read_text()
     assert "/cryptography/" not in maps
+
+
+def test_gateway_keeps_nothing_of_deriving_each_agents_key(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """A clear token's key is derived per agent name with scrypt (16 MiB of memory) when
+    that agent first connects; none of those 16 MiB stay resident in the gateway."""
+    token = new_token()
+    gateway = start_gateway(launch, tmp_path / "state", token=token, tls=False)
+    start_agent(launch, gateway, token, "site-1", echo_port)
+    first = rss_kib(gateway.pid)
+    for name in ("site-2", "site-3"):
+        start_agent(launch, gateway, token, name, echo_port)
+    growth = rss_kib(gateway.pid) - first
+    assert growth < SCRYPT_KIB // 2, f"the gateway grew by {growth} KiB for two more agents"

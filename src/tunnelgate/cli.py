@@ -37,6 +37,8 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090/"
 
 
@@ -156,6 +158,20 @@ def _raise_fd_limit() -> None:
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
+def _unmap_large_blocks() -> None:
+    """Keep glibc's threshold for serving an allocation with its own mapping at its
+    initial 128 KiB. By default it rises to the largest block freed so far: after the
+    first token derivation (scrypt, 16 MiB), every later one would be carved from a
+    heap and stay resident once freed, 16 MiB per thread that derived one."""
+    import ctypes  # only here, and in tls: a process without TLS needs it for this alone
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc (musl's mallopt accepts and ignores it)
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     """Run ``main(stop)`` until it returns. The first SIGTERM/SIGINT sets ``stop``
     (``main`` then drains and returns: exit 0); a second one exits at once."""
@@ -163,6 +179,7 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     import signal
 
     _raise_fd_limit()
+    _unmap_large_blocks()
 
     async def guarded() -> int:
         loop = asyncio.get_running_loop()

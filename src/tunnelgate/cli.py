@@ -7,7 +7,7 @@ or a ``doctor`` check failed, 2 for bad flags or configuration. The only module 
 configures logging, and the only place errors become exit codes.
 
 Each command imports what it runs inside its own function: ``--version`` is answered
-before anything else loads, a gateway never loads the agent, nor an agent the gateway,
+before the parser is built, a gateway never loads the agent, nor an agent the gateway,
 and neither loads the admin listener, the doctor or the status client unless asked to.
 """
 
@@ -163,7 +163,7 @@ def _unmap_large_blocks() -> None:
     initial 128 KiB. By default it rises to the largest block freed so far: after the
     first token derivation (scrypt, 16 MiB), every later one would be carved from a
     heap and stay resident once freed, 16 MiB per thread that derived one."""
-    import ctypes  # only here, and in tls: a process without TLS needs it for this alone
+    import ctypes  # here: the short commands never need it
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -390,7 +390,6 @@ def _print_banner(gateway: Gateway, admin: str | None) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-
     from tunnelgate import systemd
     from tunnelgate.agent import Agent
     from tunnelgate.config import AGENT, load_agent_config, options
@@ -424,7 +423,6 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 def _run_doctor(args: argparse.Namespace) -> int:
     """The agent's checks, one line each; exit 0 if none failed, 1 otherwise."""
-
     from tunnelgate import doctor
     from tunnelgate.config import AGENT, load_agent_config, options
     from tunnelgate.errors import ConfigError, ConfigProblem

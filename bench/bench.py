@@ -12,7 +12,8 @@ and stops it. Rounds alternate the order (A B C D, then D C B A, …) so that
 drift of the machine falls on every candidate alike. For one candidate:
 
     start the echo service and the candidate; wait for an echo through the tunnel
-        RSS at rest            the tunnel's processes, once the reading is stable
+        RSS at rest            the tunnel's processes, once the reading is stable; each side too
+        start-up               tunnelgate --version, and a gateway until its control port accepts
         throughput             iperf3 1 and 8 streams, each direction (fresh iperf3 -s -1 each)
         round trips            2,000 sequential 64-byte echoes, free-running
         round trips, pinned    the same with client, echo service and tunnel on one CPU
@@ -56,9 +57,10 @@ from candidates import CANDIDATES, REPO, Candidate, EchoService, Public
 from system import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SESSIONS = (("throughput", "rtt", "pinned", "connrate"), ("idle",))  # a fresh start each
+SESSIONS = (("startup", "throughput", "rtt", "pinned", "connrate"), ("idle",))  # a fresh start each
 MEASUREMENTS = tuple(name for session in SESSIONS for name in session)
 FIGURES_OF = {  # which figures each measurement yields (to say why one is missing)
+    "startup": ["start_version", "start_gateway_first", "start_gateway"],
     "idle": ["idle_held", "idle_echoing", "rss_loaded", "rss_per_conn"],
     "throughput": ["up1", "down1", "up8", "down8"],
     "rtt": ["rtt_p50", "rtt_p99"],
@@ -67,8 +69,14 @@ FIGURES_OF = {  # which figures each measurement yields (to say why one is missi
 }
 LABELS = {key: factory().label for key, factory in CANDIDATES.items()}
 CONN_WORKERS = 32
-QUICK = {"rounds": 1, "duration": 2.0, "idle": 1000, "round_trips": 500, "conn_seconds": 1.0}
-FULL = {"rounds": 3, "duration": 5.0, "idle": 10_000, "round_trips": 2000, "conn_seconds": 3.0}
+QUICK = {
+    "rounds": 1, "duration": 2.0, "idle": 1000, "round_trips": 500, "conn_seconds": 1.0,
+    "startup_runs": 5,
+}  # fmt: skip
+FULL = {
+    "rounds": 3, "duration": 5.0, "idle": 10_000, "round_trips": 2000, "conn_seconds": 3.0,
+    "startup_runs": 10,
+}  # fmt: skip
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,12 +98,17 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--conn-seconds", type=float, metavar="SECONDS", help="seconds of connection rate (3)"
     )
     parser.add_argument(
+        "--startup-runs", type=int, metavar="N",
+        help="starts timed per command: tunnelgate --version, a gateway (10)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", metavar="LIST", help="comma-separated candidates to run (default: all)"
     )
     parser.add_argument("--skip", metavar="LIST", help="comma-separated measurements to skip")
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke run: 1 round, 2 s iperf3, 1000 idle, 500 round trips, 1 s connection rate",
+        help="smoke run: 1 round, 2 s iperf3, 1000 idle, 500 round trips, 1 s connection rate,"
+        " 5 starts",
     )  # fmt: skip
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", metavar="PATH",
@@ -113,8 +126,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     args.only = _names(args.only, list(CANDIDATES), "candidate", parser, list(CANDIDATES))
     args.skip = _names(args.skip, [], "measurement", parser, list(MEASUREMENTS))
-    if args.rounds < 1 or args.idle < 1 or args.round_trips < 1:
-        parser.error("--rounds, --idle and --round-trips must be at least 1")
+    if min(args.rounds, args.idle, args.round_trips, args.startup_runs) < 1:
+        parser.error("--rounds, --idle, --round-trips and --startup-runs must be at least 1")
     return args
 
 
@@ -220,6 +233,7 @@ class CandidateRun:
             "pinned": lambda: self._round_trips(public, echo, pinned=True),
             "connrate": lambda: self._connection_rate(public),
             "idle": lambda: self._idle(public),
+            "startup": lambda: self._startup(echo.proc.stderr_path.parent),
         }
         for name in measurements:
             gone = self.candidate.gone()
@@ -228,6 +242,9 @@ class CandidateRun:
                 continue
             if name == "throughput" and not IPERF3:
                 self._missing(name, "skipped: iperf3 not installed (apt-get install iperf3)")
+                continue
+            if name == "startup" and self.key not in TUNNELGATES:
+                self._missing(name, "tunnelgate only")
                 continue
             try:
                 steps[name]()
@@ -257,14 +274,21 @@ class CandidateRun:
         pids = self.candidate.rss_processes()
         if not pids:
             self.rss_rest_kib = None
-            for figure in ("rss_rest", "rss_loaded", "rss_per_conn"):
+            for figure in ("rss_rest", "rss_gateway", "rss_agent", "rss_loaded", "rss_per_conn"):
                 self.record["why_missing"][figure] = self.candidate.rss_note
             self.say(f"{self._up(index)} in {start['seconds']:.2f} s")
             return
         self.rss_rest_kib = start["rss_rest_kib"] = system.settle_rss(pids)
         self.figures.setdefault("rss_rest", self.rss_rest_kib / 1024)
-        rest = self.rss_rest_kib / 1024
-        self.say(f"{self._up(index)} in {start['seconds']:.2f} s, RSS at rest {rest:.1f} MiB")
+        line = f"{self._up(index)} in {start['seconds']:.2f} s, RSS at rest"
+        line += f" {self.rss_rest_kib / 1024:.1f} MiB"
+        sides = {side: system.settle_rss(p) for side, p in self.candidate.rss_sides().items()}
+        start["rss_rest_sides_kib"] = sides
+        for side, kib in sides.items():
+            self.figures.setdefault(f"rss_{side}", kib / 1024)
+        if sides:
+            line += " (" + ", ".join(f"{s} {kib / 1024:.1f}" for s, kib in sides.items()) + ")"
+        self.say(line)
 
     @staticmethod
     def _up(index: int) -> str:
@@ -289,6 +313,20 @@ class CandidateRun:
         for kind in ("open_errors", "echo_errors"):
             if result[kind]:
                 self.say(f"  idle {kind.replace('_', ' ')}: {result[kind]}")
+
+    def _startup(self, logdir: Path) -> None:
+        result = self.candidate.startup(logdir, self.args.startup_runs)
+        assert result is not None  # a tunnelgate candidate
+        self.raw["startup"] = result
+        self.figures["start_version"] = result["version_p50_ms"]
+        self.figures["start_gateway_first"] = result["gateway_first_ms"]
+        self.figures["start_gateway"] = result["gateway_p50_ms"]
+        self.say(
+            f"start-up, median of {self.args.startup_runs}: tunnelgate --version"
+            f" {result['version_p50_ms']:.0f} ms, a gateway until it accepts"
+            f" {result['gateway_p50_ms']:.0f} ms (its first start"
+            f" {result['gateway_first_ms']:.0f} ms)"
+        )
 
     def _throughput(self, public: Public, iperf_port: int, logdir: Path) -> None:
         assert IPERF3
@@ -379,6 +417,7 @@ class CandidateRun:
 # -- the whole run -----------------------------------------------------------------------------
 
 IPERF3 = system.which("iperf3")
+TUNNELGATES = tuple(key for key in CANDIDATES if key.startswith("tg-"))
 ALL_CPUS = os.sched_getaffinity(0)
 PIN_CPU = min(ALL_CPUS)
 
@@ -437,6 +476,7 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
         "options": {
             "rounds": args.rounds, "iperf3_seconds": args.duration, "idle": args.idle,
             "round_trips": args.round_trips, "connection_rate_seconds": args.conn_seconds,
+            "startup_runs": args.startup_runs,
             "connection_rate_workers": CONN_WORKERS, "candidates": args.only, "skip": args.skip,
             "pin_cpu": PIN_CPU,
         },
@@ -466,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{args.rounds} round(s) of {', '.join(args.only)}; iperf3 {args.duration:g} s, "
-        f"{args.idle} idle, {args.round_trips} round trips, {args.conn_seconds:g} s connection rate"
+        f"{args.idle} idle, {args.round_trips} round trips, {args.conn_seconds:g} s connection"
+        f" rate, {args.startup_runs} starts"
     )
     print(f"tunnelgate: {meta['tunnelgate']}")
     for note in meta["notes"]:

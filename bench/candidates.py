@@ -20,8 +20,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from measure import wait_echo
+import measure
 from system import (
     BenchError,
     Proc,
@@ -60,6 +61,15 @@ class EchoService:
         self.proc.stop()
 
 
+def tunnelgate_env() -> dict[str, str]:
+    """The environment of tunnelgate's processes: the bench's, with the token, and with
+    bytecode caches on as where tunnelgate is installed (PYTHONDONTWRITEBYTECODE would
+    make every start compile each module again, which costs time and memory)."""
+    env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 class Candidate:
     key = ""
     label = ""
@@ -79,6 +89,16 @@ class Candidate:
     def rss_processes(self) -> list[int]:
         """The processes whose RSS the figures add up."""
         return self.processes()
+
+    def rss_sides(self) -> dict[str, list[int]]:
+        """The same processes by side, "gateway" (public) and "agent" (private); empty if
+        the candidate has no sides."""
+        return {}
+
+    def startup(self, workdir: Path, runs: int) -> dict[str, Any] | None:
+        """Start-up times (``measure.startup``), or None if the candidate has no command
+        of its own to time."""
+        return None
 
     def gone(self) -> str | None:
         """None while the candidate runs; otherwise which process died and its last log."""
@@ -123,7 +143,7 @@ class Tunnelgate(Candidate):
         return None
 
     def start(self, workdir: Path, echo_port: int, iperf_port: int) -> Public:
-        env = {**os.environ, "TUNNELGATE_TOKEN": TOKEN}
+        env = tunnelgate_env()
         plain = [] if self.tls else ["--no-tls"]
         admin = ["--admin", "127.0.0.1:0"] if self.admin else []
         gateway = Proc(
@@ -161,7 +181,7 @@ class Tunnelgate(Candidate):
             workdir, env,
         )  # fmt: skip
         self.procs.append(agent)
-        wait_echo(public.echo, READY_TIMEOUT, self.gone)
+        measure.wait_echo(public.echo, READY_TIMEOUT, self.gone)
         if self.admin:
             url = re.search(r"admin: (http://\S+)", gateway.stdout())
             if not url:
@@ -179,6 +199,22 @@ class Tunnelgate(Candidate):
 
     def processes(self) -> list[int]:
         return [p.pid for p in self.procs if p.alive()]
+
+    def rss_sides(self) -> dict[str, list[int]]:
+        return {p.name: [p.pid] for p in self.procs if p.alive()}
+
+    def startup(self, workdir: Path, runs: int) -> dict[str, Any]:
+        """``tunnelgate --version``, and a gateway of this candidate's kind (TLS or not)
+        until its control port accepts."""
+        env = tunnelgate_env()
+        plain = [] if self.tls else ["--no-tls"]
+        state = workdir / "startup-state"
+
+        def gateway(port: int) -> list[str]:
+            return [str(TUNNELGATE), "gateway", "--listen", f"127.0.0.1:{port}", *plain,
+                    "--state-dir", str(state), "--log-level", "warning"]  # fmt: skip
+
+        return measure.startup([str(TUNNELGATE), "--version"], gateway, env, runs, workdir)
 
     def gone(self) -> str | None:
         for proc in self.procs:
@@ -282,7 +318,7 @@ LogLevel ERROR
              f"{getpass.getuser()}@127.0.0.1"],
             workdir,
         )  # fmt: skip
-        wait_echo(public.echo, READY_TIMEOUT, self.gone)
+        measure.wait_echo(public.echo, READY_TIMEOUT, self.gone)
         return public
 
     def _session(self) -> list[int]:
@@ -295,6 +331,12 @@ LogLevel ERROR
     def rss_processes(self) -> list[int]:
         pids = [self.ssh.pid] if self.ssh is not None and self.ssh.alive() else []
         return pids + self._session()
+
+    def rss_sides(self) -> dict[str, list[int]]:
+        """sshd's session processes hold the public ports (the gateway's side); the ssh
+        client reaches the services (the agent's)."""
+        client = [self.ssh.pid] if self.ssh is not None and self.ssh.alive() else []
+        return {"gateway": self._session(), "agent": client}
 
     def gone(self) -> str | None:
         for proc in (self.sshd, self.ssh):

@@ -1,4 +1,5 @@
-"""The clients of the bench: iperf3 runs, round trips, connection rate, idle connections.
+"""The clients of the bench: iperf3 runs, round trips, connection rate, idle connections;
+and the start-up of the ``tunnelgate`` command.
 
 Each measurement is a plain function that takes the public address of a
 candidate and returns a dict of figures (JSON-ready). The Python clients run
@@ -14,6 +15,7 @@ import asyncio
 import json
 import math
 import socket
+import statistics
 import subprocess
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import uvloop
-from system import BenchError, Proc, Settle, listening, wait_until
+from system import BenchError, Proc, Settle, free_port, listening, wait_until
 
 HOST = "127.0.0.1"
 
@@ -389,3 +391,57 @@ def idle_connections(
     """
     result: dict[str, Any] = run(_idle(port, count, rss, concurrency, timeout))
     return result
+
+
+# -- start-up --------------------------------------------------------------------------------
+
+
+def startup(
+    version: list[str],
+    gateway: Callable[[int], list[str]],
+    env: dict[str, str],
+    runs: int,
+    logdir: Path,
+) -> dict[str, Any]:
+    """Wall times in ms: ``version`` (a command that prints and exits) ``runs`` times,
+    then a gateway (``gateway(port)``, its argv) from spawn until its control port
+    accepts a connection: a first start, which makes its token and certificate in a
+    fresh state directory, then ``runs`` starts that find them there. Each gateway
+    is stopped as soon as it accepted."""
+    version_ms = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        done = subprocess.run(version, capture_output=True, env=env, timeout=30, check=False)
+        version_ms.append((time.perf_counter() - began) * 1000)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(version)} exited with {done.returncode}")
+    gateway_ms = [_until_accepting(gateway, env, logdir) for _ in range(runs + 1)]
+    return {
+        "version_ms": version_ms,
+        "version_p50_ms": statistics.median(version_ms),
+        "gateway_first_ms": gateway_ms[0],
+        "gateway_ms": gateway_ms[1:],
+        "gateway_p50_ms": statistics.median(gateway_ms[1:]),
+    }
+
+
+def _until_accepting(
+    gateway: Callable[[int], list[str]], env: dict[str, str], logdir: Path
+) -> float:
+    port = free_port()
+    began = time.perf_counter()
+    proc = Proc(f"startup-gateway-{port}", gateway(port), logdir, env)
+    try:
+        deadline = began + 30
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=5).close()
+                return (time.perf_counter() - began) * 1000
+            except ConnectionRefusedError:
+                if not proc.alive():
+                    raise BenchError(proc.died()) from None
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"the gateway did not listen on port {port} in 30 s") from None
+                time.sleep(0.001)
+    finally:
+        proc.stop()

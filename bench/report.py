@@ -41,8 +41,13 @@ FIGURES = [
     Figure("idle_held", "idle connections held", "count", True, ratios=False),
     Figure("idle_echoing", "idle connections echoing afterwards", "count", True, ratios=False),
     Figure("rss_rest", "RSS at rest", "MiB", False, tunnels_only=True),
+    Figure("rss_gateway", "RSS at rest, gateway side", "MiB", False, tunnels_only=True),
+    Figure("rss_agent", "RSS at rest, agent side", "MiB", False, tunnels_only=True),
     Figure("rss_loaded", "RSS with the idle connections", "MiB", False, tunnels_only=True),
     Figure("rss_per_conn", "RSS per idle connection", "KiB", False, tunnels_only=True),
+    Figure("start_version", "`tunnelgate --version`", "ms", False, False, True),
+    Figure("start_gateway", "gateway start until it accepts", "ms", False, False, True),
+    Figure("start_gateway_first", "the same, first start (new state)", "ms", False, False, True),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 
@@ -190,11 +195,15 @@ TARGETS = [
     Target("tg-notls", "conn_s", ">=", 4.0, "ssh"),
     Target("tg-notls", "conn_errors", "<=", 0, None),
     Target("tg-notls", "rss_per_conn", "<=", 24, None),
+    Target("tg-notls", "rss_gateway", "<=", 20, None),
+    Target("tg-notls", "rss_agent", "<=", 20, None),
     *(Target("tg-tls", f, ">=", 1.0, "ssh") for f in ("up1", "down1")),
     *(Target("tg-tls", f, ">=", 1.3, "ssh") for f in ("up8", "down8")),
     Target("tg-tls", "pin_p50", "<=", 1.2, "ssh"),
     Target("tg-tls", "conn_s", ">=", 2.0, "ssh"),
-    Target("tg-tls", "rss_per_conn", "<=", 48, None),
+    Target("tg-tls", "rss_per_conn", "<=", 32, None),
+    Target("tg-tls", "rss_gateway", "<=", 20, None),
+    Target("tg-tls", "rss_agent", "<=", 20, None),
 ]
 IDLE_TARGET = 10_000  # "10,000 idle connections held and all echoing" (tunnelgate --no-tls)
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import pytest
 from kit.clients import client_hello, echo_exchange, read_until_end
-from kit.processes import GatewayProc, Launch, Proc, start_gateway
+from kit.processes import GatewayProc, Launch, Proc, rss_kib, start_gateway
 from kit.services import EchoHandler
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST
@@ -203,14 +203,6 @@ def accept_queue(port: int) -> int:
 def remote_ports(pid: int) -> set[int]:
     """The peers' ports of the connected TCP sockets of ``pid``."""
     return {remote for _, remote, _ in tcp_sockets(pid) if remote}
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -40,7 +40,11 @@ def identity(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def load(cert: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(cert.read_bytes())
+    return load_pem(cert.read_bytes())
+
+
+def load_pem(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
 
 
 # --- the self-signed identity --------------------------------------------------------
@@ -85,6 +89,37 @@ def test_tls_fingerprint_is_the_sha256_of_the_certificate(identity: tuple[Path, 
     assert fingerprint == "SHA256:" + hashlib.sha256(der).hexdigest().upper()
     assert re.fullmatch(FINGERPRINT_RE, fingerprint)
     assert tls.certificate_fingerprint(identity[0]) == fingerprint
+
+
+def test_tls_fingerprint_is_of_the_first_certificate_of_a_file(tmp_path: Path) -> None:
+    """The fingerprint of a PEM file is its first certificate's, the one a server presents
+    from it: after a key, before the rest of the chain, labelled "X509 CERTIFICATE" or not."""
+    issued = trustme.CA().issue_cert("gateway.example")
+    leaf = load_pem(issued.cert_chain_pems[0].bytes())
+    expected = tls.fingerprint_of(leaf.public_bytes(serialization.Encoding.DER))
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(issued.private_key_and_cert_chain_pem.bytes())
+    assert tls.certificate_fingerprint(combined) == expected
+    labelled = tmp_path / "labelled.pem"
+    labelled.write_bytes(
+        issued.cert_chain_pems[0].bytes().replace(b"CERTIFICATE", b"X509 CERTIFICATE")
+    )
+    assert tls.certificate_fingerprint(labelled) == expected
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"],
+    ids=["no-certificate", "not-base64"],
+)
+def test_tls_fingerprint_of_a_file_without_a_certificate_names_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    """A file without a readable certificate is a configuration error naming it."""
+    path = tmp_path / "gateway.crt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"gateway\.crt: cert: cannot read the certificate"):
+        tls.certificate_fingerprint(path)
 
 
 def test_tls_check_fingerprint_accepts_only_the_pinned_certificate(

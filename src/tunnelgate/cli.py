@@ -5,51 +5,31 @@ Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C), 1 when the agent is refuse
 or gateway certificate) or the gateway cannot listen, or ``status`` cannot read the admin API,
 or a ``doctor`` check failed, 2 for bad flags or configuration. The only module that
 configures logging, and the only place errors become exit codes.
+
+Each command imports what it runs inside its own function: ``--version`` is answered
+before the parser is built, a gateway never loads the agent, nor an agent the gateway,
+and neither loads the admin listener, the doctor or the status client unless asked to.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
-import signal
-import socket
 import sys
-import time
-import tomllib
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
-from tunnelgate import __version__, credentials, demo, doctor, logs, systemd, tls
-from tunnelgate.address import format_address, parse_name
-from tunnelgate.agent import Agent
-from tunnelgate.config import (
-    ADMIN_TOKEN_ENV,
-    AGENT,
-    GATEWAY,
-    TOKEN_ENV,
-    AgentConfig,
-    GatewayConfig,
-    LogConfig,
-    default_state_dir,
-    load_agent_config,
-    load_gateway_config,
-    options,
-    read_admin_token,
-    read_token,
-)
-from tunnelgate.errors import (
-    AuthenticationError,
-    ConfigError,
-    ConfigProblem,
-    RemoteProtocolError,
-    TransportError,
-)
-from tunnelgate.gateway.gateway import Gateway, with_stored_token
-from tunnelgate.protocol.wire import MAX_MEASURE_SECONDS
+from tunnelgate import __version__
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Awaitable, Callable, Coroutine
+    from typing import Any
+
+    from tunnelgate.config import AgentConfig, GatewayConfig, LogConfig
+    from tunnelgate.gateway.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +37,15 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090/"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tunnelgate.config import ADMIN_TOKEN_ENV, AGENT, DOCTOR_SECONDS, GATEWAY, TOKEN_ENV
+    from tunnelgate.protocol.wire import MAX_MEASURE_SECONDS
+
     parser = argparse.ArgumentParser(
         prog="tunnelgate",
         description="A reverse TCP tunnel: expose services in a private network "
@@ -77,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_flags(doctor_command, AGENT, _run_doctor)
     doctor_command.add_argument(
-        "--seconds", type=float, metavar="N", default=doctor.DEFAULT_SECONDS,
-        help=f"measure the throughput for N seconds each way (default {doctor.DEFAULT_SECONDS:g},"
+        "--seconds", type=float, metavar="N", default=DOCTOR_SECONDS,
+        help=f"measure the throughput for N seconds each way (default {DOCTOR_SECONDS:g},"
         f" at most {MAX_MEASURE_SECONDS:g})",
     )  # fmt: skip
     status = commands.add_parser(
@@ -118,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., int]) -> None:
     """``--config`` and a flag for each of the side's options that has one."""
+    from tunnelgate.config import options
+
     parser.set_defaults(run=run)
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
     for o in options(side).values():
@@ -133,6 +120,17 @@ def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., in
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunnelgate`` command; returns the exit code."""
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"tunnelgate {__version__}")  # without the parser, which loads every command
+        return EXIT_OK
+    from tunnelgate.config import AGENT, GATEWAY
+    from tunnelgate.errors import (
+        AuthenticationError,
+        ConfigError,
+        RemoteProtocolError,
+        TransportError,
+    )
+
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
@@ -160,10 +158,28 @@ def _raise_fd_limit() -> None:
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
+def _unmap_large_blocks() -> None:
+    """Keep glibc's threshold for serving an allocation with its own mapping at its
+    initial 128 KiB. By default it rises to the largest block freed so far: after the
+    first token derivation (scrypt, 16 MiB), every later one would be carved from a
+    heap and stay resident once freed, 16 MiB per thread that derived one."""
+    import ctypes  # here: the short commands never need it
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc (musl's mallopt accepts and ignores it)
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     """Run ``main(stop)`` until it returns. The first SIGTERM/SIGINT sets ``stop``
     (``main`` then drains and returns: exit 0); a second one exits at once."""
+    import asyncio
+    import signal
+
     _raise_fd_limit()
+    _unmap_large_blocks()
 
     async def guarded() -> int:
         loop = asyncio.get_running_loop()
@@ -192,6 +208,9 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
 
 
 def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
+    from tunnelgate import logs
+    from tunnelgate.config import TOKEN_ENV
+
     logs.configure(log.level, log.format)
     if args.token:
         logger.warning(
@@ -203,6 +222,8 @@ def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
 
 async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
     """Wait until ``work`` ends (its error propagates) or ``stop`` is set."""
+    import asyncio
+
     working = asyncio.ensure_future(work)
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -218,9 +239,19 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from tunnelgate import systemd
+    from tunnelgate.config import GATEWAY, default_state_dir, load_gateway_config, options
+    from tunnelgate.errors import ConfigError
+    from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
+
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
     _start_logging(args, log)
+    if (own := self_signed_identity(config)) is not None:
+        _make_identity_apart(*own)
 
     async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
         logger.info("reloading the configuration")
@@ -273,6 +304,28 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+def _make_identity_apart(state_dir: Path, hostnames: list[str]) -> None:
+    """On a first start, make the gateway's self-signed identity in a child process: the
+    cryptography package it takes (about 9 MiB) then never loads into the gateway, which
+    may run for months. Without fork, or if the child fails, the gateway makes it itself
+    (and reports what went wrong). The process has one thread here: no event loop yet."""
+    from tunnelgate import tls
+
+    if (state_dir / tls.CERT_FILE).exists() and (state_dir / tls.KEY_FILE).exists():
+        return
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: make it and leave, running nothing of the parent's
+        made = False
+        try:
+            tls.ensure_self_signed(state_dir, hostnames)
+            made = True
+        finally:
+            os._exit(0 if made else 1)
+    os.waitpid(pid, 0)
+
+
 async def _open_admin(
     stack: contextlib.AsyncExitStack,
     site: Any,
@@ -282,6 +335,7 @@ async def _open_admin(
     """Start the admin listener (closed with ``stack``); its URL. Imported only here:
     a process without ``--admin`` never loads aiohttp or prometheus-client. HTTPS with
     ``admin_cert``, else with ``identity`` (the gateway's own) if ``admin_tls``."""
+    from tunnelgate import tls
     from tunnelgate.admin.server import AdminServer
 
     assert config.admin is not None
@@ -305,6 +359,11 @@ async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: Gateway) -> An
 
 def _print_banner(gateway: Gateway, admin: str | None) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
+    import socket
+
+    from tunnelgate.address import format_address
+    from tunnelgate.config import TOKEN_ENV
+
     assert gateway.address is not None
     host = gateway.config.listen.host
     if host in ("0.0.0.0", "::", ""):
@@ -331,6 +390,10 @@ def _print_banner(gateway: Gateway, admin: str | None) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
+    from tunnelgate import systemd
+    from tunnelgate.agent import Agent
+    from tunnelgate.config import AGENT, load_agent_config, options
+
     flags = {key: getattr(args, key, None) for key in options(AGENT)}
     config, log = load_agent_config(args.config, flags)
     _start_logging(args, log)
@@ -360,6 +423,11 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 def _run_doctor(args: argparse.Namespace) -> int:
     """The agent's checks, one line each; exit 0 if none failed, 1 otherwise."""
+    from tunnelgate import doctor
+    from tunnelgate.config import AGENT, load_agent_config, options
+    from tunnelgate.errors import ConfigError, ConfigProblem
+    from tunnelgate.protocol.wire import MAX_MEASURE_SECONDS
+
     flags = {key: getattr(args, key, None) for key in options(AGENT)}
     config, log = load_agent_config(args.config, flags)
     if not 0 < args.seconds <= MAX_MEASURE_SECONDS:
@@ -384,6 +452,8 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 
 def _name_arg(text: str) -> str:
+    from tunnelgate.address import parse_name
+
     try:
         return parse_name(text)
     except ValueError as exc:
@@ -392,6 +462,10 @@ def _name_arg(text: str) -> str:
 
 def _run_token(args: argparse.Namespace) -> int:
     """A new token (or the given one) and, with --name, the gateway's config lines with its hash."""
+    from tunnelgate import credentials
+    from tunnelgate.config import read_token
+    from tunnelgate.errors import ConfigError, ConfigProblem
+
     if args.token_file and not args.name:
         raise ConfigError([ConfigProblem("command line", "--name", "needed to hash a token")])
     if args.name and (given := read_token(args.token_file)) is not None:
@@ -417,7 +491,11 @@ def _run_token(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     """The tables of a running side, read from its admin API. Imported only here: the
     gateway and the agent never load the HTTP client."""
+    import time
+
     from tunnelgate import status
+    from tunnelgate.config import read_admin_token
+    from tunnelgate.errors import ConfigError, ConfigProblem
 
     try:
         base = status.admin_url(args.admin)
@@ -430,6 +508,10 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from tunnelgate.config import load_agent_config, load_gateway_config
+
     path: Path = args.file
     try:
         is_agent = "gateway" in tomllib.loads(path.read_bytes().decode())
@@ -445,6 +527,8 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from tunnelgate import demo, logs
+
     logs.configure("info", "text")
     with contextlib.suppress(KeyboardInterrupt):
         return _run(lambda stop: _until_stopped(stop, demo.run()))

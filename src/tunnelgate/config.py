@@ -44,6 +44,7 @@ MIN_TOKEN_LENGTH: Final = 16
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
+DOCTOR_SECONDS: Final = 2.0  # tunnelgate doctor: the throughput measured this long each way
 GATEWAY: Final = "gateway"
 AGENT: Final = "agent"
 BOTH: Final = (GATEWAY, AGENT)

@@ -34,7 +34,7 @@ from typing import Final, Literal, TypeVar
 from tunnelgate.address import Address
 from tunnelgate.agent.session import Dialer
 from tunnelgate.channel import Channel
-from tunnelgate.config import AgentConfig, ServiceConfig
+from tunnelgate.config import DOCTOR_SECONDS, AgentConfig, ServiceConfig
 from tunnelgate.errors import (
     AuthenticationError,
     CertificateRefusedError,
@@ -50,7 +50,6 @@ from tunnelgate.transport import SocketStream, Stream, connect, resolve
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SECONDS: Final = 2.0  # each way, for the throughput
 TIMED_PINGS: Final = 5  # round trips measured (after the first, which waits for the proof)
 SINK_CHUNK_SIZE: Final = 64 * 1024  # payload of each DATA frame sent to the gateway
 BYE_TIMEOUT: Final = 0.5
@@ -375,7 +374,7 @@ class Doctor:
 
 
 async def run(
-    config: AgentConfig, seconds: float = DEFAULT_SECONDS, report: Callable[[Check], None] = print
+    config: AgentConfig, seconds: float = DOCTOR_SECONDS, report: Callable[[Check], None] = print
 ) -> bool:
     """Check ``config`` end to end, reporting each check as it ends; True if none failed."""
     return await Doctor(config, seconds, report).run()

@@ -5,31 +5,32 @@ key and a self-signed certificate in its state directory; agents pin its
 SHA-256 fingerprint (``--fingerprint``), trust a CA (``--ca``), or fall back
 to the system trust store for a real certificate. Only TLS 1.3 is spoken.
 This module builds ``ssl.SSLContext`` objects; it opens no connection.
+cryptography is imported only to make a certificate: a running gateway or agent
+never loads it.
 """
 
 from __future__ import annotations
 
 import _ssl
-import ctypes
+import base64
 import datetime
 import hashlib
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tunnelgate.errors import ConfigError, ConfigProblem, PeerVerificationError
 
 CERT_FILE: Final = "gateway.crt"
 KEY_FILE: Final = "gateway.key"
 CERT_VALIDITY: Final = datetime.timedelta(days=3650)
+_PEM_CERTIFICATE: Final = re.compile(  # what OpenSSL reads as a certificate, "X509 " or not
+    rb"-----BEGIN (X509 |)CERTIFICATE-----([A-Za-z0-9+/=\s]*)-----END \1CERTIFICATE-----"
+)
 
 
 def fingerprint_of(der: bytes) -> str:
@@ -38,9 +39,17 @@ def fingerprint_of(der: bytes) -> str:
 
 
 def certificate_fingerprint(cert_path: Path) -> str:
-    """The fingerprint of the first certificate in a PEM file."""
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    return fingerprint_of(cert.public_bytes(serialization.Encoding.DER))
+    """The fingerprint of the first certificate in a PEM file (the one a TLS server
+    presents from it)."""
+    found = _PEM_CERTIFICATE.search(cert_path.read_bytes())
+    try:
+        if found is None:
+            raise ValueError("no PEM certificate in it")
+        der = base64.b64decode(b"".join(found.group(2).split()), validate=True)
+    except ValueError as exc:  # binascii.Error too
+        problem = f"cannot read the certificate: {exc}"
+        raise ConfigError([ConfigProblem(str(cert_path), "cert", problem)]) from None
+    return fingerprint_of(der)
 
 
 def ensure_self_signed(state_dir: Path, hostnames: list[str]) -> tuple[Path, Path, bool]:
@@ -48,6 +57,12 @@ def ensure_self_signed(state_dir: Path, hostnames: list[str]) -> tuple[Path, Pat
     cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path, False
+    # Here only: loading cryptography costs about 9 MiB of memory that nothing else needs.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tunnelgate gateway")])
@@ -179,6 +194,8 @@ def tune_reads(context: ssl.SSLContext) -> bool:
     must match the context's); if anything differs, nothing is changed and
     TLS works as before, only with more system calls.
     """
+    import ctypes  # only where TLS is used
+
     try:
         lib = ctypes.CDLL(_ssl.__file__)
         ctrl = lib.SSL_CTX_ctrl

@@ -143,6 +143,15 @@ class Proc:
                 pipe.close()
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process ``pid``, in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 # The type of the ``launch`` and ``launch_command`` fixtures.
 Launch = Callable[..., Proc]
 
@@ -176,12 +185,13 @@ def start_gateway(
     token: str | None = None,
     tls: bool = True,
     listen: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
 ) -> GatewayProc:
     """A gateway whose banner has been printed; its control port read from its log."""
     args = ["gateway", "--listen", listen, "--state-dir", str(state_dir), *flags]
     if not tls:
         args.append("--no-tls")
-    proc = launch(*args, token=token)
+    proc = launch(*args, token=token, env=env)
     port = int(proc.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1))
     proc.wait_line(AGENT_COMMAND_RE, stdout=True)  # the banner's last line
     fingerprint = None

@@ -102,10 +102,12 @@ class Gateway:
         self.config, self.stored_token = with_stored_token(self.config)
         config = self.config
         if config.tls:
-            cert, key = config.cert, config.key
-            if cert is None or key is None:
-                hosts, state_dir = [config.listen.host], config.state_dir or default_state_dir()
-                cert, key, self.cert_created = tls.ensure_self_signed(state_dir, hosts)
+            own = self_signed_identity(config)
+            if own is not None:
+                cert, key, self.cert_created = tls.ensure_self_signed(*own)
+            else:
+                assert config.cert is not None and config.key is not None
+                cert, key = config.cert, config.key
             self._identity = (cert, key)
             self._client_ca_pem = _contents(config.client_ca)
             self._context = tls.server_context(cert, key, config.client_ca)
@@ -438,6 +440,14 @@ class Gateway:
                 self._derived[(token, agent)] = key
             keys.append(key)
         return keys
+
+
+def self_signed_identity(config: GatewayConfig) -> tuple[Path, list[str]] | None:
+    """Where the gateway keeps its self-signed identity and the names it is made for;
+    None if it needs none (no TLS, or ``cert`` and ``key`` given)."""
+    if not config.tls or (config.cert is not None and config.key is not None):
+        return None
+    return config.state_dir or default_state_dir(), [config.listen.host]
 
 
 def with_stored_token(config: GatewayConfig) -> tuple[GatewayConfig, Path | None]:

@@ -93,6 +93,20 @@ def test_demand_surplus_only_after_a_quiet_window() -> None:
     assert busy.surplus(quiet + DEMAND_WINDOW / 2) == 0
 
 
+def test_demand_clients_on_reused_channels_keep_it_busy_but_raise_no_target() -> None:
+    """A client on a reused channel gives it back after its end: it adds nothing to the
+    rate (the target stays pool_size however many come), but it is activity, so the
+    channels it and the others ride are not released as surplus while they come."""
+    reusing = demand(idle=10)
+    for n in range(20):
+        reusing.started(10.0 + n * 0.01, fresh=False)
+    assert reusing.target(10.2) == POOL_SIZE
+    assert reusing.surplus(10.2 + DEMAND_WINDOW / 2) == 0  # clients came just now
+    assert reusing.surplus(10.2 + 1.5 * DEMAND_WINDOW) == 10 - POOL_SIZE  # then quiet
+    reusing.started(20.0, fresh=True)  # a fresh channel taken: the rate moves
+    assert reusing.rate_now(20.0) > 0
+
+
 def test_demand_request_adds_channels_the_gateway_asked_for() -> None:
     """Channels the gateway asks for (PoolRequest) come on top of the target,
     each one opened counts one off, and no flood of requests asks for more

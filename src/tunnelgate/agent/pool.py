@@ -1,8 +1,10 @@
 """The agent's pool of data channels: how many to keep open (:class:`Demand`, pure), and the
 tasks that open them, wait in the pool and serve the client each is started for
 (:class:`DataChannels`). The target is ``pool_size`` idle channels, or more when clients come
-faster: the rate of Starts (over ``DEMAND_WINDOW``) times the time a channel takes to open, times
-``DEMAND_HEADROOM``; channels the gateway asked for come on top.
+faster: the rate of Starts on fresh channels (over ``DEMAND_WINDOW``) times the time a channel
+takes to open, times ``DEMAND_HEADROOM``; channels the gateway asked for come on top. A channel
+reused after a clean end comes back after its client, so its Starts count as activity (no surplus
+is released while clients come) but not for the rate.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class Demand:
         self.idle = 0
         self.opening = 0
         self.extra = 0  # asked for by the gateway
-        self.rate = 0.0  # Starts per second, decaying
+        self.rate = 0.0  # Starts on fresh channels per second, decaying
         self.rate_at = now
+        self.active_at = now  # the last Start, on any channel
         self.open_time = 0.0  # seconds to open a channel, averaged
         self.releasing = 0  # idle channels the gateway was asked to close
         self.lost = 0  # idle channels the gateway discarded (a dead path): not ready
@@ -58,10 +61,14 @@ class Demand:
         """Starts per second, decayed since the last one."""
         return self.rate * math.exp((self.rate_at - now) / DEMAND_WINDOW)
 
-    def started(self, now: float) -> None:
-        """Count one client for the demand estimate."""
-        self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
-        self.rate_at = now
+    def started(self, now: float, fresh: bool = True) -> None:
+        """Count one client. Only one on a ``fresh`` channel (its first) counts for the
+        rate: a reused channel comes back after its client, so clients on reused channels
+        consume none (with reuse, the rate is how fast clients outgrow the channels)."""
+        self.active_at = now
+        if fresh:
+            self.rate = self.rate_now(now) + 1 / DEMAND_WINDOW
+            self.rate_at = now
 
     def opened(self, seconds: float) -> None:
         """A channel opened in ``seconds``; it is idle now."""
@@ -79,7 +86,7 @@ class Demand:
     def surplus(self, now: float) -> int:
         """Idle channels to release, once demand stayed below them for a while."""
         surplus = self.ready - self.releasing - self.target(now)
-        return surplus if surplus > 0 and self.rate_at < now - DEMAND_WINDOW else 0
+        return surplus if surplus > 0 and self.active_at < now - DEMAND_WINDOW else 0
 
     def request(self, count: int) -> None:
         self.extra = min(MAX_EXTRA_CHANNELS, self.extra + count)
@@ -162,14 +169,16 @@ class DataChannels:
             demand.opening -= 1
             self.changed.set()  # may have left a surplus to release, or a channel to open
         demand.opened(time.monotonic() - began)
-        while await self._serve_one(channel):
+        fresh = True
+        while await self._serve_one(channel, fresh):
+            fresh = False
             if self.stopped:  # draining: the gateway takes no client on it now
                 channel.close()
                 return
             demand.idle += 1
             self.changed.set()
 
-    async def _serve_one(self, channel: Channel) -> bool:
+    async def _serve_one(self, channel: Channel, fresh: bool) -> bool:
         """Wait in the pool for a Start and serve its client; True if the channel is pooled
         again (Finished each way), else it is closed."""
         demand = self.demand
@@ -180,7 +189,7 @@ class DataChannels:
             self.changed.set()  # the target may have grown (with a start), or a channel is gone
         if start is None:
             return False
-        demand.started(time.monotonic())
+        demand.started(time.monotonic(), fresh)
         task = asyncio.current_task()
         assert task is not None
         self.serving.add(task)

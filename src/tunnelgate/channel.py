@@ -63,9 +63,11 @@ class Channel:
         if self.conversation.state is not State.POOLED:
             await self.receive()  # the conversation lets only the peer's Finished(conn) through
 
-    async def send_message(self, message: Message) -> None:
+    async def send_message(self, message: Message, then: bytes | memoryview = b"") -> None:
+        """Send ``message``, and ``then`` (relay frames: a Start's first DATA) in the same write."""
         async with self._send_lock:  # the conversation's order is the order on the wire
-            await self.stream.send(encode_message(self.conversation.send(message)))
+            frame = encode_message(self.conversation.send(message))
+            await self.stream.send(frame + then if then else frame)
 
     def is_idle_and_open(self) -> bool:
         """True if nothing (not even EOF or RST) arrived since the handshake: a

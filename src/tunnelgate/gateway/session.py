@@ -30,7 +30,7 @@ from tunnelgate.protocol import wire
 from tunnelgate.protocol.session import Admitted
 from tunnelgate.relay import RelayResult, relay
 from tunnelgate.stats import GatewayTotals
-from tunnelgate.transport import Listener, SocketStream, Stream, open_listener
+from tunnelgate.transport import Listener, SocketStream, Stream, WouldBlock, open_listener
 
 logger = logging.getLogger(__package__)
 
@@ -38,6 +38,7 @@ KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network wa
 # For the agent's Finished after a clean end: it comes once the agent's service has taken
 # the last bytes, so it may take a while; the channel waits outside the pool meanwhile.
 FINISH_TIMEOUT: Final = 10.0
+FIRST_READ: Final = 16 * 1024  # a client's first bytes, sent with its Start when already there
 AGENT_GOODBYE: Final = "agent said goodbye: "
 
 
@@ -425,11 +426,21 @@ class GatewaySession:
                     totals.failed(taken)
                 return
             channel = taken
+            try:
+                first = _first_bytes(stream)
+            except TransportError as exc:  # reset before its first byte: the channel stays idle
+                self.pool.add(channel, config.max_pool_size, reused=True)
+                channel = None
+                duration = time.monotonic() - record.started
+                log_closed(log, client, 0, 0, duration, f"client {exc.reason}", normal=False)
+                return
             server = service.public or stream.local_address()
-            await channel.send_message(wire.Start(record.conn, service.name, client, server))
+            start = wire.Start(record.conn, service.name, client, server)
+            await channel.send_message(start, then=first)
             totals.started(time.monotonic() - record.started)
             log.debug("client %s started on a data channel", client)
-            record.result = RelayResult()  # filled in even if cancelled
+            # Filled in even if cancelled.
+            record.result = RelayResult(sent=max(0, len(first) - wire.HEADER_SIZE))
             await relay(stream, channel, "client", record.result, keep_channel=self.reuse)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
@@ -467,6 +478,22 @@ class GatewaySession:
             self.pool.add(channel, self._config().max_pool_size, reused=True)
         else:
             channel.close()
+
+
+def _first_bytes(stream: SocketStream) -> memoryview:
+    """What the client sent already, as a DATA frame the Start carries in the same write
+    (most clients speak first: one write and one wakeup less on each side); empty if
+    nothing came yet, or its EOF, which the relay then reads again. Raises TransportError
+    (a reset, which a read reports once: the relay would take what follows for an EOF)."""
+    frame = bytearray(wire.HEADER_SIZE + FIRST_READ)
+    try:
+        n = stream.try_receive_into(memoryview(frame)[wire.HEADER_SIZE :])
+    except WouldBlock:
+        return memoryview(b"")
+    if n == 0:
+        return memoryview(b"")
+    wire.pack_data_header(frame, n)
+    return memoryview(frame)[: wire.HEADER_SIZE + n]
 
 
 async def accept(

@@ -348,11 +348,10 @@ class _Stub:
     """A stream whose calls cost nothing but the Python call: for timing the pumps'
     own code. ``incoming`` is what each read returns."""
 
-    reads_all_ready = True
-
     def __init__(self, incoming: bytes = b"", again: bool = False) -> None:
         self.incoming = incoming
-        self.again = again  # every second read finds nothing (TLS's read that ends a wakeup)
+        self.again = again  # every second read finds nothing (a reader that reads on)
+        self.reads_all_ready = not again
         self.turn = False
 
     def try_receive_into(self, buffer: memoryview) -> int:
@@ -468,7 +467,6 @@ async def _parts() -> list[tuple[str, float]]:
         )
         if not splice:
             inbound.src = _Stub(bytes(frame), again=True)  # type: ignore[assignment]
-            inbound.reads_all_ready = False  # type: ignore[attr-defined]
             found.append((
                 f"{name_in}.on_readable, reading until nothing is left (TLS), Python only",
                 _best(inbound.on_readable),

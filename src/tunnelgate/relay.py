@@ -674,10 +674,6 @@ class _Inbound(_Pump):
 class _CopyIn(_Inbound):
     """Reads as much as is ready into the shared buffer and decodes it."""
 
-    def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay)
-        self.reads_all_ready = self.src.reads_all_ready
-
     def on_readable(self) -> None:
         if self.stopped or self.writing:
             return
@@ -693,8 +689,8 @@ class _CopyIn(_Inbound):
                     eof = True
                     break
                 n += got
-                if self.reads_all_ready:
-                    break  # plain recv returns all that is ready; TLS one record
+                if stream.reads_all_ready:
+                    break  # plain recv returns all that is ready; TLS, unless it holds more
         except WouldBlock as exc:
             if exc.wants_write:
                 self.retry_later()

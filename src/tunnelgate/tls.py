@@ -12,6 +12,7 @@ from __future__ import annotations
 import _ssl
 import ctypes
 import datetime
+import functools
 import hashlib
 import ipaddress
 import os
@@ -199,6 +200,35 @@ def tune_reads(context: ssl.SSLContext) -> bool:
     ctrl(pointer, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     set_read_len(pointer, READ_BUFFER_SIZE)
     return True
+
+
+def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[], int] | None:
+    """``SSL_has_pending`` for one connection: nonzero while OpenSSL holds bytes it
+    has read from the socket (records read ahead, or the rest of one) that no
+    readiness event will announce. The ``ssl`` module's ``pending()`` counts only
+    a record already decrypted. ``ssl_object`` is an ``SSLSocket``'s ``_sslobj``,
+    whose ``SSL *`` CPython keeps after the object header and the socket's weak
+    reference, followed by its context: the check is made only if that context
+    is ``ssl_object``'s and the ``SSL *`` belongs to ``context``'s ``SSL_CTX``;
+    otherwise None, and a reader reads until it finds nothing, as without it.
+    The check is valid while ``ssl_object`` lives."""
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        has_pending = lib.SSL_has_pending
+        has_pending.restype, has_pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        ssl_ctx_of = lib.SSL_get_SSL_CTX
+        ssl_ctx_of.restype, ssl_ctx_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        if type(ssl_object).__name__ != "_SSLSocket" or ssl_object.context is not context:  # type: ignore[attr-defined]
+            return None
+        fields = id(ssl_object) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+        pointer = ctypes.c_void_p.from_address(fields).value
+        beside = ctypes.c_void_p.from_address(fields + ctypes.sizeof(ctypes.c_void_p)).value
+        ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+        if pointer is None or beside != id(context) or ssl_ctx_of(pointer) != ssl_ctx:
+            return None
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None
+    return functools.partial(has_pending, pointer)
 
 
 def certificate_names(peer: dict[str, Any]) -> set[str]:

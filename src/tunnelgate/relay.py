@@ -312,14 +312,16 @@ class _Pump:
     on_readable: Callable[[], None]  # each kind of pump defines both
     on_writable: Callable[[], None]
 
-    def want_read(self) -> None:
-        self.stop_writing()
+    def want_read(self) -> None:  # after each message: as cheap as can be when nothing changes
+        if self.writing:
+            self.stop_writing()
         if not self.reading:
             self.poller.add_reader(self.src_fd, self.on_readable)
             self.reading = True
 
     def want_write(self) -> None:
-        self.stop_reading()
+        if self.reading:
+            self.stop_reading()
         if not self.writing:
             self.poller.add_writer(self.dst_fd, self.on_writable)
             self.writing = True

@@ -212,23 +212,32 @@ def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[]
     is ``ssl_object``'s and the ``SSL *`` belongs to ``context``'s ``SSL_CTX``;
     otherwise None, and a reader reads until it finds nothing, as without it.
     The check is valid while ``ssl_object`` lives."""
+    functions = _pending_functions()
+    if functions is None or type(ssl_object).__name__ != "_SSLSocket":
+        return None
+    has_pending, ssl_ctx_of = functions
+    word = ctypes.sizeof(ctypes.c_void_p)
+    fields = id(ssl_object) + object.__basicsize__ + word
+    pointer = ctypes.c_void_p.from_address(fields).value
+    beside = ctypes.c_void_p.from_address(fields + word).value
+    ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if pointer is None or beside != id(context) or ssl_ctx_of(pointer) != ssl_ctx:
+        return None
+    return functools.partial(has_pending, pointer)
+
+
+@functools.cache
+def _pending_functions() -> tuple[Callable[[int], int], Callable[[int], int | None]] | None:
+    """``SSL_has_pending`` and ``SSL_get_SSL_CTX`` of the OpenSSL ``_ssl`` links, once."""
     try:
         lib = ctypes.CDLL(_ssl.__file__)
         has_pending = lib.SSL_has_pending
         has_pending.restype, has_pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
         ssl_ctx_of = lib.SSL_get_SSL_CTX
         ssl_ctx_of.restype, ssl_ctx_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-        if type(ssl_object).__name__ != "_SSLSocket" or ssl_object.context is not context:  # type: ignore[attr-defined]
-            return None
-        fields = id(ssl_object) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
-        pointer = ctypes.c_void_p.from_address(fields).value
-        beside = ctypes.c_void_p.from_address(fields + ctypes.sizeof(ctypes.c_void_p)).value
-        ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-        if pointer is None or beside != id(context) or ssl_ctx_of(pointer) != ssl_ctx:
-            return None
-    except (AttributeError, OSError, TypeError, ValueError):
+    except (AttributeError, OSError):
         return None
-    return functools.partial(has_pending, pointer)
+    return has_pending, ssl_ctx_of
 
 
 def certificate_names(peer: dict[str, Any]) -> set[str]:

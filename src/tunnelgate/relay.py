@@ -691,8 +691,11 @@ class _CopyIn(_Inbound):
                     eof = True
                     break
                 n += got
-                if stream.reads_all_ready:
-                    break  # plain recv returns all that is ready; TLS, unless it holds more
+                # Stop when nothing more is ready: plain recv returns all of it, and TLS
+                # holds no record back. After several TLS reads that brought much, its
+                # read-ahead buffer may have been the limit: read on, until WouldBlock.
+                if stream.reads_all_ready and (n == got or n < HEADER_READ):
+                    break
         except WouldBlock as exc:
             if exc.wants_write:
                 self.retry_later()

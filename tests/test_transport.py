@@ -225,12 +225,13 @@ async def test_stream_wait_delivered_returns_once_the_peer_has_everything(pair: 
 
 async def test_stream_capabilities_for_the_relay(pair: Pair) -> None:
     """Plain TCP hands out its descriptor for splicing and reads all that is
-    ready at once; TLS does neither (the cipher must see every byte)."""
+    ready at once; TLS cannot splice (the cipher must see every byte), and
+    holding nothing it says so (on this CPython the SSL pointer check passes)."""
     for stream in pair:
         assert stream.fileno() >= 0
         if isinstance(stream, TLSStream):
             assert not isinstance(stream, SpliceableStream)
-            assert not stream.reads_all_ready
+            assert stream.reads_all_ready
         else:
             assert isinstance(stream, SpliceableStream)
             assert stream.fd_for_splice() == stream.fileno()
@@ -238,6 +239,35 @@ async def test_stream_capabilities_for_the_relay(pair: Pair) -> None:
 
 
 # --- TLS ----------------------------------------------------------------------
+
+
+async def test_tls_reader_that_stops_when_all_ready_leaves_no_record_behind(
+    tmp_path: Path,
+) -> None:
+    """OpenSSL reads ahead: records it holds wake no reader. A reader that reads
+    until reads_all_ready gets them all, and then there is nothing left to read."""
+    server, client = await tls_pinned(tmp_path)
+    try:
+        sent = [bytes([n]) * 100 for n in range(1, 4)]
+        for record in sent:  # one record each
+            assert client.try_send(record) == len(record)
+        await asyncio.wait_for(client.wait_delivered(), 5)  # all in the server's kernel now
+        buffer = memoryview(bytearray(1000))
+        reads = []
+        while True:
+            n = server.try_receive_into(buffer)
+            reads.append(bytes(buffer[:n]))
+            if server.reads_all_ready:
+                break
+        assert b"".join(reads) == b"".join(sent)
+        assert len(reads) > 1, "one record per read: the later ones were held"
+        with pytest.raises(WouldBlock):
+            server.try_receive_into(buffer)
+        server.close()
+        assert not server.reads_all_ready  # closed: it cannot say
+    finally:
+        server.close()
+        client.close()
 
 
 async def test_tls_refuses_a_gateway_with_another_fingerprint(tmp_path: Path) -> None:

@@ -351,14 +351,16 @@ class _Pump:
     on_readable: Callable[[], None]  # each kind of pump defines both
     on_writable: Callable[[], None]
 
-    def want_read(self) -> None:
-        self.stop_writing()
+    def want_read(self) -> None:  # after each message: as cheap as can be when nothing changes
+        if self.writing:
+            self.stop_writing()
         if not self.reading:
             self.poller.add_reader(self.src_fd, self.on_readable)
             self.reading = True
 
     def want_write(self) -> None:
-        self.stop_reading()
+        if self.reading:
+            self.stop_reading()
         if not self.writing:
             self.poller.add_writer(self.dst_fd, self.on_writable)
             self.writing = True
@@ -717,10 +719,6 @@ class _Inbound(_Pump):
 class _CopyIn(_Inbound):
     """Reads as much as is ready into the shared buffer and decodes it."""
 
-    def __init__(self, relay: _Relay) -> None:
-        super().__init__(relay)
-        self.reads_all_ready = self.src.reads_all_ready
-
     def on_readable(self) -> None:
         if self.stopped or self.writing:
             return
@@ -736,8 +734,11 @@ class _CopyIn(_Inbound):
                     eof = True
                     break
                 n += got
-                if self.reads_all_ready:
-                    break  # plain recv returns all that is ready; TLS one record
+                # Stop when nothing more is ready: plain recv returns all of it, and TLS
+                # holds no record back. After several TLS reads that brought much, its
+                # read-ahead buffer may have been the limit: read on, until WouldBlock.
+                if stream.reads_all_ready and (n == got or n < HEADER_READ):
+                    break
         except WouldBlock as exc:
             if exc.wants_write:
                 self.retry_later()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import _ssl
 import base64
 import datetime
+import functools
 import hashlib
 import ipaddress
 import os
@@ -216,6 +217,48 @@ def tune_reads(context: ssl.SSLContext) -> bool:
     ctrl(pointer, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     set_read_len(pointer, READ_BUFFER_SIZE)
     return True
+
+
+def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[], int] | None:
+    """``SSL_has_pending`` for one connection: nonzero while OpenSSL holds bytes it
+    has read from the socket (records read ahead, or the rest of one) that no
+    readiness event will announce. The ``ssl`` module's ``pending()`` counts only
+    a record already decrypted. ``ssl_object`` is an ``SSLSocket``'s ``_sslobj``,
+    whose ``SSL *`` CPython keeps after the object header and the socket's weak
+    reference, followed by its context: the check is made only if that context
+    is ``ssl_object``'s and the ``SSL *`` belongs to ``context``'s ``SSL_CTX``;
+    otherwise None, and a reader reads until it finds nothing, as without it.
+    The check is valid while ``ssl_object`` lives."""
+    import ctypes  # loaded by tune_reads already, where TLS is used
+
+    functions = _pending_functions()
+    if functions is None or type(ssl_object).__name__ != "_SSLSocket":
+        return None
+    has_pending, ssl_ctx_of = functions
+    word = ctypes.sizeof(ctypes.c_void_p)
+    fields = id(ssl_object) + object.__basicsize__ + word
+    pointer = ctypes.c_void_p.from_address(fields).value
+    beside = ctypes.c_void_p.from_address(fields + word).value
+    ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if pointer is None or beside != id(context) or ssl_ctx_of(pointer) != ssl_ctx:
+        return None
+    return functools.partial(has_pending, pointer)
+
+
+@functools.cache
+def _pending_functions() -> tuple[Callable[[int], int], Callable[[int], int | None]] | None:
+    """``SSL_has_pending`` and ``SSL_get_SSL_CTX`` of the OpenSSL ``_ssl`` links, once."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        has_pending = lib.SSL_has_pending
+        has_pending.restype, has_pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        ssl_ctx_of = lib.SSL_get_SSL_CTX
+        ssl_ctx_of.restype, ssl_ctx_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    except (AttributeError, OSError):
+        return None
+    return has_pending, ssl_ctx_of
 
 
 def certificate_names(peer: dict[str, Any]) -> set[str]:

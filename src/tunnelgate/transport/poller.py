@@ -15,6 +15,7 @@ from typing import Final
 
 DISPATCH_BATCH: Final = 256  # readiness events handled per wakeup of a Poller
 if hasattr(select, "epoll"):  # errors and hang-ups count as readiness: the next call reports them
+    _READABLE_ONLY: Final = select.EPOLLIN  # by far the most frequent event: only a reader to call
     _ERROR_EVENTS: Final = select.EPOLLERR | select.EPOLLHUP
     _READ_EVENTS: Final = select.EPOLLIN | _ERROR_EVENTS
     _WRITE_EVENTS: Final = select.EPOLLOUT | _ERROR_EVENTS
@@ -40,6 +41,7 @@ class Poller:
         # closed descriptor leaves the set by itself, and its number comes back).
         self.registered: set[int] = set()
         self.epoll = select.epoll()
+        self._poll = self.epoll.poll
         loop.add_reader(self.epoll.fileno(), self.dispatch)
         weakref.finalize(self, self.epoll.close)
 
@@ -102,9 +104,12 @@ class Poller:
             pass  # unregistering a descriptor the kernel dropped already
 
     def dispatch(self) -> None:
-        for fd, events in self.epoll.poll(0, DISPATCH_BATCH):
-            if events & _READ_EVENTS and (reader := self.readers.get(fd)) is not None:
+        readers = self.readers
+        for fd, events in self._poll(0, DISPATCH_BATCH):
+            if events & _READ_EVENTS and (reader := readers.get(fd)) is not None:
                 reader()
+            if events == _READABLE_ONLY:
+                continue  # no writer, hang-up or error callback can be due
             if events & _WRITE_EVENTS and (writer := self.writers.get(fd)) is not None:
                 writer()
             if events & _HANGUP_EVENTS and (hangup := self.hangups.get(fd)) is not None:

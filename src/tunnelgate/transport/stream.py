@@ -54,8 +54,9 @@ class Stream(Protocol):
 
     @property
     def reads_all_ready(self) -> bool:
-        """False if bytes can stay inside after a :meth:`try_receive_into` with no
-        readiness event to announce them (TLS), so a reader loops until WouldBlock."""
+        """Asked after a :meth:`try_receive_into`: False if bytes may have stayed
+        inside that no readiness event will announce (TLS reads ahead), so a
+        reader reads again, until WouldBlock."""
 
     def try_receive_into(self, buffer: memoryview) -> int:
         """Like receive_into, without waiting: raises WouldBlock (or WouldBlockOnWrite) if none."""

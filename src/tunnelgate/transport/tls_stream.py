@@ -60,9 +60,7 @@ class TLSStream(TCPConnection):
     ``send_eof`` is a FIN without close_notify: this side can still read, and
     a peer with a context from :mod:`tunnelgate.tls` reads EOF and can still send."""
 
-    __slots__ = ("_ssl",)
-
-    reads_all_ready: Final = False  # one record per recv, and OpenSSL reads ahead
+    __slots__ = ("_held", "_ssl")
 
     def __init__(
         self,
@@ -87,6 +85,7 @@ class TLSStream(TCPConnection):
             transport.abort()  # closed already if the wrapping got that far
             raise TransportError(f"TLS handshake failed: {describe_tls_error(exc)}") from None
         super().__init__(self._ssl)
+        self._held = tls.held_bytes_check(getattr(self._ssl, "_sslobj", None), context)
 
     async def handshake(self) -> None:
         try:
@@ -168,19 +167,40 @@ class TLSStream(TCPConnection):
         verified = self._ssl.getpeercert()  # empty unless verified against a CA
         return frozenset(tls.certificate_names(verified)) if verified else frozenset()
 
+    @property
+    def reads_all_ready(self) -> bool:
+        """True once OpenSSL holds none of the bytes it read (it reads ahead): only
+        where that can be asked (``tls.held_bytes_check``), and while open."""
+        held = self._held
+        return held is not None and self._ssl._sslobj is not None and not held()  # type: ignore[attr-defined]
+
+    # The relay's calls go to the ``_ssl`` object itself, as ``SSLSocket.recv_into``
+    # and ``send`` do once they have checked their arguments: two Python frames
+    # fewer per message. Closed (no ``_sslobj``), they go through ``SSLSocket``.
+
     def try_receive_into(self, buffer: memoryview) -> int:
         try:
-            return self._ssl.recv_into(buffer)
+            sslobj = self._ssl._sslobj  # type: ignore[attr-defined]
+            if sslobj is None:
+                return self._ssl.recv_into(buffer)
+            n: int = sslobj.read(len(buffer), buffer)
+            return n
         except ssl.SSLWantReadError:
             raise WouldBlock from None
         except ssl.SSLWantWriteError:
             raise WouldBlockOnWrite from None
+        except ssl.SSLEOFError:  # a FIN without close_notify, as ``suppress_ragged_eofs``
+            return 0
         except OSError as exc:
             raise _tls_error(exc) from None
 
     def try_send(self, data: bytes | memoryview, more: bool = False) -> int:
         try:
-            return self._ssl.send(data)
+            sslobj = self._ssl._sslobj  # type: ignore[attr-defined]
+            if sslobj is None:
+                return self._ssl.send(data)
+            sent: int = sslobj.write(data)
+            return sent
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
         except OSError as exc:

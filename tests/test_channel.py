@@ -5,6 +5,10 @@ Runs on both streams (plain TCP and TLS) of the transport's conformance suite.
 
 from __future__ import annotations
 
+import fcntl
+import sys
+import termios
+
 import pytest
 import streamkit
 from kit.waiting import wait_until
@@ -14,6 +18,9 @@ from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, LocalProtocolError, RemoteProtocolError
 from tunnelgate.protocol.session import Side, State
 from tunnelgate.protocol.wire import Ping, Pong, encode_message
+from tunnelgate.transport import Stream, TLSStream
+
+TLS_RECORD_OVERHEAD = 22  # TLS 1.3 with AES-GCM: a 5-byte header, the content type, a 16-byte tag
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,6 +68,29 @@ async def test_channel_with_events_decoded_ahead_is_not_idle(pair: Pair) -> None
     assert await gateway_side.receive() == Ping(1)
     assert not gateway_side.is_idle_and_open()
     assert gateway_side.take_pending() == [Pong(2), Ping(3)]
+    assert gateway_side.is_idle_and_open()
+
+
+def unread(stream: Stream) -> int:
+    """Bytes in ``stream``'s socket receive queue (encrypted ones, under TLS)."""
+    found = fcntl.ioctl(stream.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(found, sys.byteorder)
+
+
+async def test_channel_with_a_message_behind_the_one_read_is_not_idle(pair: Pair) -> None:
+    """A message behind the one just read, sent on its own (a record of its own under
+    TLS, which OpenSSL reads ahead with the first, so the socket looks empty): the
+    channel is not idle."""
+    server, client = pair
+    (gateway_side,) = in_control(Channel(server, Side.GATEWAY))
+    frame = encode_message(Ping(1))
+    overhead = TLS_RECORD_OVERHEAD if isinstance(server, TLSStream) else 0
+    await client.send(frame)
+    await client.send(encode_message(Ping(2)))
+    await wait_until(lambda: unread(server) >= 2 * (len(frame) + overhead), what="both messages")
+    assert await gateway_side.receive() == Ping(1)
+    assert not gateway_side.is_idle_and_open()
+    assert await gateway_side.receive() == Ping(2)
     assert gateway_side.is_idle_and_open()
 
 

@@ -152,7 +152,15 @@ class TLSStream(TCPConnection):
                 raise _tls_error(exc) from None
 
     def is_quiet(self) -> bool:
-        return not self._ssl.pending() and super().is_quiet()
+        """Nothing decrypted, nothing read ahead (where OpenSSL can be asked: a record
+        behind the last message, which no readiness event announces), nothing on the
+        socket."""
+        if self._ssl.pending():
+            return False
+        held = self._held
+        if held is not None and self._ssl._sslobj is not None and held():  # type: ignore[attr-defined]
+            return False
+        return super().is_quiet()
 
     def has_unread_bytes(self) -> bool:
         return bool(self._ssl.pending()) or super().has_unread_bytes()

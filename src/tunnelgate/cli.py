@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,9 @@ from tunnelgate.errors import (
     RemoteProtocolError,
     TransportError,
 )
-from tunnelgate.gateway.gateway import Gateway, with_stored_token
+from tunnelgate.gateway.gateway import Gateway, Worker, with_stored_token
+from tunnelgate.gateway.leases import WorkerLeases
+from tunnelgate.gateway.supervisor import Supervisor, WorkerSetup, open_worker
 from tunnelgate.protocol.wire import MAX_MEASURE_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,9 @@ def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., in
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunnelgate`` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv  # a gateway's supervisor starts its workers with the same arguments
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -160,9 +164,15 @@ def _raise_fd_limit() -> None:
     logger.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run ``main(stop)`` until it returns. The first SIGTERM/SIGINT sets ``stop``
-    (``main`` then drains and returns: exit 0); a second one exits at once."""
+def _run(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    *,
+    fast_loop: bool = True,
+    on_force: Callable[[], None] | None = None,
+) -> int:
+    """Run ``main(stop)`` until it returns, on uvloop if installed and ``fast_loop``. The first
+    SIGTERM/SIGINT sets ``stop`` (``main`` then drains and returns: exit 0); a second one calls
+    ``on_force`` and exits at once."""
     _raise_fd_limit()
 
     async def guarded() -> int:
@@ -172,6 +182,8 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
         def on_signal(name: str) -> None:
             if stop.is_set():
                 logger.warning("%s received again; exiting now", name)
+                if on_force is not None:
+                    on_force()
                 logging.shutdown()
                 os._exit(EXIT_FORCED)
             logger.info("%s received; stopping (again to force)", name)
@@ -182,7 +194,7 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
         await main(stop)
         return EXIT_OK
 
-    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio":
+    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio" or not fast_loop:
         return asyncio.run(guarded())
     try:
         import uvloop
@@ -191,8 +203,8 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     return uvloop.run(guarded())
 
 
-def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
-    logs.configure(log.level, log.format)
+def _start_logging(args: argparse.Namespace, log: LogConfig, worker: int | None = None) -> None:
+    logs.configure(log.level, log.format, context=None if worker is None else {"worker": worker})
     if args.token:
         logger.warning(
             "the token was given on the command line, where other local users can see it; "
@@ -220,7 +232,11 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 def _run_gateway(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
-    _start_logging(args, log)
+    setup = WorkerSetup.from_environment()  # None unless a supervisor started this process
+    if setup is None and config.workers > 1:
+        _start_logging(args, log)
+        return _run_supervisor(config, args.argv)
+    _start_logging(args, log, None if setup is None else setup.index)
 
     async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
         logger.info("reloading the configuration")
@@ -237,8 +253,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         async with (
-            systemd.Notifier.from_environment() as notifier,
-            Gateway(config) as gateway,
+            _worker(setup) as (worker, leases),  # with workers: no admin listener, no alerts
+            systemd.Notifier.from_environment() as notifier,  # a worker's is off
+            Gateway(config, worker=worker) as gateway,
             contextlib.AsyncExitStack() as alerts,
             contextlib.AsyncExitStack() as admin,
         ):
@@ -251,7 +268,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 history = (config.state_dir or default_state_dir()) / FILE_NAME
                 site = GatewaySite(gateway, lambda: reload(gateway), history, sender)
                 url = await _open_admin(admin, site, config, gateway.identity)
-            _print_banner(gateway, url)
+            if leases is None:
+                _print_banner(gateway, url)
+            else:
+                leases.ready()
             notifier.ready(f"listening on {gateway.address}")
             reloads: set[asyncio.Task[str]] = set()
 
@@ -263,7 +283,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
             try:
-                await _until_stopped(stop, gateway.serve_forever())
+                await _until_stopped(stop, _serve_gateway(gateway, leases))
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
             notifier.stopping("stopping: draining open connections")
@@ -271,6 +291,61 @@ def _run_gateway(args: argparse.Namespace) -> int:
             await gateway.shutdown()
 
     return _run(main)
+
+
+@contextlib.asynccontextmanager
+async def _worker(
+    setup: WorkerSetup | None,
+) -> AsyncIterator[tuple[Worker, WorkerLeases] | tuple[None, None]]:
+    """A worker's listeners and leases, handed down by its supervisor; (None, None) else."""
+    if setup is None:
+        yield None, None
+        return
+    async with open_worker(setup) as opened:
+        yield opened
+
+
+async def _serve_gateway(gateway: Gateway, leases: WorkerLeases | None) -> None:
+    """Until the gateway stops, or a worker's supervisor is gone (the worker then stops)."""
+    if leases is None:
+        await gateway.serve_forever()
+        return
+    serving = asyncio.ensure_future(gateway.serve_forever())
+    orphaned = asyncio.ensure_future(leases.wait_closed())
+    try:
+        await asyncio.wait({serving, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()  # the gateway goes on: serve_forever only waits
+        orphaned.cancel()
+    if orphaned.done() and not orphaned.cancelled():
+        logger.warning("the supervisor is gone; stopping")
+    elif not serving.cancelled():
+        serving.result()
+
+
+def _run_supervisor(config: GatewayConfig, argv: list[str]) -> int:
+    """A gateway of several workers: the supervisor runs the same command once per worker."""
+    supervisor = Supervisor(config, [sys.executable, "-m", "tunnelgate", *argv])
+
+    async def main(stop: asyncio.Event) -> None:
+        async with systemd.Notifier.from_environment() as notifier:
+            try:
+                await supervisor.start()
+                _print_banner(supervisor, None)
+                notifier.ready(f"listening on {supervisor.address}, {supervisor.count} workers")
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+                try:
+                    await _until_stopped(stop, supervisor.serve_forever())
+                finally:
+                    loop.remove_signal_handler(signal.SIGHUP)
+                notifier.stopping("stopping: the workers drain their connections")
+                await supervisor.shutdown()
+            finally:
+                await supervisor.aclose()
+
+    # The stock loop: the supervisor carries no traffic, and waits on its child processes.
+    return _run(main, fast_loop=False, on_force=supervisor.kill)
 
 
 async def _open_admin(
@@ -303,7 +378,7 @@ async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: Gateway) -> An
     return await stack.enter_async_context(Alerts(gateway))
 
 
-def _print_banner(gateway: Gateway, admin: str | None) -> None:
+def _print_banner(gateway: Gateway | Supervisor, admin: str | None) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
     assert gateway.address is not None
     host = gateway.config.listen.host
@@ -327,6 +402,9 @@ def _print_banner(gateway: Gateway, admin: str | None) -> None:
     lines += ["run an agent with:", f"  {command}"]
     if admin is not None:
         lines.append(f"admin: {admin}  (dashboard; metrics at {admin}metrics)")
+    if isinstance(gateway, Supervisor):
+        own = ", ".join(gateway.addresses)
+        lines.insert(1, f"workers: {gateway.count}  (their own control ports, for agents: {own})")
     print("\n".join(lines), flush=True)
 
 

@@ -229,7 +229,32 @@ def test_workers_reload_together_and_stop_when_the_supervisor_is_told(
     assert gateway.proc.wait_exit() == 0
     for worker in (0, 1):
         assert gateway.proc.lines_matching(rf"\[worker={worker}\] gateway stopped")
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "a worker outlived it"
+    assert not [pid for pid in pids if running(pid)], "a worker outlived it"
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(launch: Launch, tmp_path: Path) -> None:
+    """A supervisor killed outright leaves no worker behind: each sees it gone and stops."""
+    gateway, _ = start_workers(launch, tmp_path, new_token())
+    pids = [
+        int(gateway.proc.wait_line(rf"worker {i} started \(pid (\d+)\)").group(1)) for i in (0, 1)
+    ]
+    gateway.proc.popen.kill()
+    for worker in (0, 1):
+        gateway.proc.wait_line(rf"\[worker={worker}\] the supervisor is gone; stopping")
+        gateway.proc.wait_line(rf"\[worker={worker}\] gateway stopped")
+    deadline = time.monotonic() + DEADLINE
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.05)  # polling interval under a deadline
 
 
 def test_one_worker_is_the_gateway_of_one_process(launch: Launch, tmp_path: Path) -> None:

@@ -112,6 +112,13 @@ async def open_worker(setup: WorkerSetup) -> AsyncIterator[tuple[Worker, WorkerL
         own.close()
 
 
+def _first(failure: BaseException) -> BaseException:
+    """The first exception of nested task groups'."""
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -181,9 +188,13 @@ class Supervisor:
         )
 
     async def serve_forever(self) -> None:
-        """Wait while the workers run; a cancelled wait leaves them running (for shutdown)."""
+        """Wait while the workers run; a cancelled wait leaves them running (for shutdown).
+        Raises what stopped the supervisor, if something did."""
         assert self._main is not None, "start() first"
-        await asyncio.shield(self._main)
+        try:
+            await asyncio.shield(self._main)
+        except BaseExceptionGroup as caught:  # the task groups'
+            raise _first(caught) from None
 
     def reload(self) -> None:
         """Forward SIGHUP: each worker reads its configuration again."""
@@ -215,10 +226,10 @@ class Supervisor:
                 main.cancel()
                 await asyncio.wait({main})
                 if not main.cancelled() and (failure := main.exception()) is not None:
-                    while isinstance(failure, BaseExceptionGroup):  # the task groups'
-                        failure = failure.exceptions[0]
-                    raise failure
+                    raise _first(failure)
         finally:
+            if self._control is not None:
+                logger.info("gateway stopped")
             self._close_listeners()
 
     def _stop_timeout(self) -> float:

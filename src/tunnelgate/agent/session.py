@@ -286,7 +286,6 @@ class AgentSession:
             self.id = welcome.session
             self.connected_at = time.time()
             self.record.connected(self.connected_at)
-            self.log = self.log.bind(session=welcome.session)
             self._control = channel
             data_dialer, of = self.dialer, ""
             if welcome.workers:  # data channels go to this session's worker, at its own port
@@ -296,8 +295,10 @@ class AgentSession:
                 self.workers, self.worker = tuple(welcome.workers), welcome.worker
                 self.address = worker_address(self.dialer.address, self.workers[self.worker])
                 self.log = self.log.bind(worker=self.worker)
-                data_dialer = self.dialer.to(self.address, self.log)
                 of = f" (worker {self.worker} of {len(self.workers)}, at {self.address})"
+            self.log = self.log.bind(session=welcome.session)
+            if self.workers:
+                data_dialer = self.dialer.to(self.address, self.log)
             if self._on_welcome is not None:
                 self._on_welcome(self)
             self.log.info("connected to gateway %s%s", self.dialer.address, of)

@@ -92,6 +92,45 @@ def listeners(port: int) -> int:
     return sum(1 for line in lines if line.split()[1].endswith(suffix) and line.split()[3] == "0A")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes ``pids`` used so far, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time every CPU of the machine spent busy so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds the gateway, the agents and the whole machine use during a measurement."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        setup = self.setup
+        return (cpu_seconds(setup.gateway_pids()), cpu_seconds(setup.agent_pids()),
+                machine_cpu_seconds())  # fmt: skip
+
+    def used(self) -> dict[str, float]:
+        end = self._now()
+        gateway, agents, machine = (b - a for a, b in zip(self.start, end, strict=True))
+        return {"gateway_cpu_s": gateway, "agent_cpu_s": agents, "machine_cpu_s": machine}
+
+
 def worker_index(pid: int) -> int | None:
     """A gateway worker's index, from the environment its supervisor gave it."""
     try:
@@ -110,6 +149,8 @@ class Setup:
     def __init__(self, args: argparse.Namespace, count: int, workdir: Path) -> None:
         self.args, self.count, self.workdir = args, count, workdir
         self.procs: list[Proc] = []
+        self.gateway: Proc | None = None
+        self.agents: list[Proc] = []
         self.echo_ports: list[int] = []  # public, one per agent
         self.iperf: list[tuple[int, int]] = []  # (public, server) per agent
 
@@ -126,6 +167,7 @@ class Setup:
             workdir, env,
         )  # fmt: skip
         self.procs.append(gateway)
+        self.gateway = gateway
         system.wait_until("the gateway's banner", lambda: self._banner(gateway), READY_TIMEOUT)
         banner = gateway.stdout()
         port = re.search(r"listening on \S*:(\d+)", banner)
@@ -146,6 +188,7 @@ class Setup:
                 workdir, env,
             )  # fmt: skip
             self.procs.append(agent)
+            self.agents.append(agent)
             self.echo_ports.append(public)
             self.iperf.append((iperf_public, iperf_server))
         for public in self.echo_ports:  # every worker listens: every agent holds its sessions
@@ -173,6 +216,15 @@ class Setup:
             raise BenchError(f"found {len(workers)} workers of {self.count}")
         for pid, index in workers.items():
             system.set_affinity([pid], {cpus[index % len(cpus)]})
+
+    def gateway_pids(self) -> list[int]:
+        """The gateway's processes: the supervisor and its workers, or the one process."""
+        if self.gateway is None:
+            return []
+        return [self.gateway.pid, *system.descendants(self.gateway.pid)]
+
+    def agent_pids(self) -> list[int]:
+        return [agent.pid for agent in self.agents]
 
     def gone(self) -> str | None:
         for proc in self.procs:
@@ -241,16 +293,26 @@ def one(args: argparse.Namespace, count: int, workdir: Path) -> dict[str, Any]:
     setup = Setup(args, count, workdir)
     try:
         setup.start()
+        meter = CpuMeter(setup)
         conn = connection_rate(setup)
+        conn["cpu"] = meter.used()
         if gone := setup.gone():
             raise BenchError(gone)
+        meter = CpuMeter(setup)
         bulk = throughput(setup)
+        bulk["cpu"] = meter.used()
         if gone := setup.gone():
             raise BenchError(gone)
     finally:
         setup.stop()
-    return {"conn_s": conn["per_s"], "conn_errors": conn["errors"], "conn_p99_ms": conn["p99_ms"],
-            "gbit_s": bulk["gbit_s"], "raw": {"conn": conn, "throughput": bulk}}  # fmt: skip
+    connections = sum(r["connections"] for r in conn["clients"]) or 1
+    gigabytes = sum(r["bytes"] for r in bulk["runs"]) / 1e9 or 1.0
+    result = {"conn_s": conn["per_s"], "conn_errors": conn["errors"], "conn_p99_ms": conn["p99_ms"],
+              "gbit_s": bulk["gbit_s"], "raw": {"conn": conn, "throughput": bulk}}  # fmt: skip
+    for side in ("gateway", "agent", "machine"):  # CPU per connection (µs) and per GB (s)
+        result[f"{side}_us_per_conn"] = conn["cpu"][f"{side}_cpu_s"] / connections * 1e6
+        result[f"{side}_s_per_gb"] = bulk["cpu"][f"{side}_cpu_s"] / gigabytes
+    return result
 
 
 def summary(runs: dict[int, list[dict[str, Any]]]) -> list[str]:
@@ -273,12 +335,28 @@ def summary(runs: dict[int, list[dict[str, Any]]]) -> list[str]:
             cells.append(f"{median / base[key]:.2f}")
         cells.append(str(sum(r["conn_errors"] for r in runs[count])))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "CPU time per connection (µs) and per GB relayed (s), medians: what one core buys",
+        "",
+        "| workers | gateway µs/conn | agent µs/conn | machine µs/conn | gateway s/GB "
+        "| agent s/GB | machine s/GB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for count in counts:
+        cells = [str(count)]
+        for unit in ("us_per_conn", "s_per_gb"):
+            for side in ("gateway", "agent", "machine"):
+                value = statistics.median(r[f"{side}_{unit}"] for r in runs[count])
+                cells.append(f"{value:,.0f}" if unit == "us_per_conn" else f"{value:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     if len(counts) > 1:
         first, last = counts[0], counts[-1]
+        gains = []
         for key, unit in (("conn_s", "connections/s"), ("gbit_s", "Gbit/s")):
             gain = statistics.median(r[key] for r in runs[last]) - base[key]
-            per = gain / (last - first)
-            lines.append(f"\nper added worker ({first} → {last}): {per:+,.2f} {unit}")
+            gains.append(f"{gain / (last - first):+,.2f} {unit}")
+        lines += ["", f"Per added worker ({first} → {last}): {', '.join(gains)}."]
     return lines
 
 

@@ -73,6 +73,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"CPUs of the workers, one each in turn ({every})")  # fmt: skip
     parser.add_argument("--load-cpus", type=cpu_list, default=every, metavar="CPUS",
                         help=f"CPUs of everything else ({every})")  # fmt: skip
+    parser.add_argument("--float-workers", action="store_true",
+                        help="each worker on any of --worker-cpus, not on one")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke run")
     parser.add_argument("--json", type=Path, default=RESULTS / "workers-latest.json",
                         help="raw data of the run (the text goes next to it as .md)")  # fmt: skip
@@ -215,7 +217,8 @@ class Setup:
         if len(workers) != self.count:
             raise BenchError(f"found {len(workers)} workers of {self.count}")
         for pid, index in workers.items():
-            system.set_affinity([pid], {cpus[index % len(cpus)]})
+            mine = set(cpus) if self.args.float_workers else {cpus[index % len(cpus)]}
+            system.set_affinity([pid], mine)
 
     def gateway_pids(self) -> list[int]:
         """The gateway's processes: the supervisor and its workers, or the one process."""
@@ -383,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result['conn_errors']} errors", flush=True)  # fmt: skip
         finally:
             system.stop_all()
-    layout = f"workers on CPUs {args.worker_cpus}, load on CPUs {args.load_cpus}"
+    each = "any of" if args.float_workers else "one each of"
+    layout = f"workers on {each} CPUs {args.worker_cpus}, load on CPUs {args.load_cpus}"
     head = [
         f"# tunnelgate workers: {began:%Y-%m-%d %H:%M} UTC, {system.machine()['cpu_model']}, "
         f"{os.cpu_count()} CPUs",

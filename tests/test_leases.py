@@ -135,10 +135,26 @@ async def test_worker_leases_fail_once_the_supervisor_is_gone() -> None:
     async with WorkerLeases(reader, writer) as leases:
         ours.close()
         async with asyncio.timeout(10):
-            await leases.wait_closed()
+            assert await leases.wait_stop() == "the supervisor is gone"
         with pytest.raises(TransportError, match="supervisor is gone"):
             await leases.claim(*WEB, "site-a")
         leases.release(*WEB, "site-a")  # nothing to tell: no error either
+
+
+async def test_worker_is_told_to_stop_on_its_channel() -> None:
+    """The supervisor's stop reaches the worker as a message; claims still work meanwhile."""
+    ours, theirs = ProcessChannel.pair()
+    reader, writer = await ours.open_streams(MAX_LINE_SIZE)
+    channel = LeaseChannel(reader, writer, 0)
+    serving = asyncio.create_task(serve_leases(channel, LeaseTable()))
+    worker_reader, worker_writer = await theirs.open_streams(MAX_LINE_SIZE)
+    async with WorkerLeases(worker_reader, worker_writer) as leases:
+        channel.stop()
+        async with asyncio.timeout(10):
+            assert await leases.wait_stop() == "the supervisor asks it to stop"
+        assert await leases.claim(*WEB, "site-a") is None  # draining sessions still release
+    async with asyncio.timeout(10):
+        await serving
 
 
 @pytest.mark.errors_logged_on_purpose("a worker's unusable line is logged as a bug")

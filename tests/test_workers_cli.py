@@ -233,6 +233,25 @@ def test_workers_reload_together_and_stop_when_the_supervisor_is_told(
     assert not [pid for pid in pids if running(pid)], "a worker outlived it"
 
 
+def test_workers_drain_once_when_every_process_gets_sigterm(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """As systemd stops a service (SIGTERM to each of its processes): every worker drains
+    once, none takes its supervisor's word for a second signal, and all exit cleanly."""
+    token = new_token()
+    gateway, _ = start_workers(launch, tmp_path, token)
+    pids = [
+        int(gateway.proc.wait_line(rf"worker {i} started \(pid (\d+)\)").group(1)) for i in (0, 1)
+    ]
+    start_agent(launch, gateway, token, f"0:127.0.0.1:{echo_port}")
+    for pid in [gateway.pid, *pids]:
+        os.kill(pid, signal.SIGTERM)
+    assert gateway.proc.wait_exit() == 0
+    for worker in (0, 1):
+        assert gateway.proc.lines_matching(rf"\[worker={worker}\] gateway stopped")
+    assert not gateway.proc.lines_matching("received again"), gateway.proc.describe()
+
+
 def running(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie has ended)."""
     try:

@@ -306,19 +306,19 @@ async def _worker(
 
 
 async def _serve_gateway(gateway: Gateway, leases: WorkerLeases | None) -> None:
-    """Until the gateway stops, or a worker's supervisor is gone (the worker then stops)."""
+    """Until the gateway stops, or a worker's supervisor says stop or is gone."""
     if leases is None:
         await gateway.serve_forever()
         return
     serving = asyncio.ensure_future(gateway.serve_forever())
-    orphaned = asyncio.ensure_future(leases.wait_closed())
+    told = asyncio.ensure_future(leases.wait_stop())
     try:
-        await asyncio.wait({serving, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({serving, told}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         serving.cancel()  # the gateway goes on: serve_forever only waits
-        orphaned.cancel()
-    if orphaned.done() and not orphaned.cancelled():
-        logger.warning("the supervisor is gone; stopping")
+        told.cancel()
+    if told.done() and not told.cancelled():
+        logger.info("%s; stopping", told.result())
     elif not serving.cancelled():
         serving.result()
 

@@ -144,9 +144,15 @@ class Claimed(msgspec.Struct, tag="claimed", frozen=True):
     holder: Name | None = None
 
 
+class Stop(msgspec.Struct, tag="stop", frozen=True):
+    """Supervisor to worker: drain and stop. A message, not a signal: a worker may get
+    SIGTERM from elsewhere at the same time (systemd signals every process of a service),
+    and a second signal would stop it without draining."""
+
+
 _encoder = msgspec.json.Encoder()
 _to_supervisor = msgspec.json.Decoder(Ready | Claim | Release)
-_to_worker = msgspec.json.Decoder(Claimed)
+_to_worker = msgspec.json.Decoder(Claimed | Stop)
 
 
 def _line(message: msgspec.Struct) -> bytes:
@@ -155,8 +161,8 @@ def _line(message: msgspec.Struct) -> bytes:
 
 class WorkerLeases(PortLeases):
     """A worker's leases, claimed from its supervisor over ``reader``/``writer``. Use it as an
-    async context manager (it reads the answers meanwhile); :meth:`wait_closed` returns when the
-    supervisor is gone, which ends the worker."""
+    async context manager (it reads the answers meanwhile); :meth:`wait_stop` returns when the
+    supervisor asks the worker to stop, or is gone."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -165,6 +171,8 @@ class WorkerLeases(PortLeases):
         self._waiting: dict[int, asyncio.Future[str | None]] = {}
         self._reading: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
+        self._stop: str | None = None  # why the worker must stop
+        self._stopping = asyncio.Event()
 
     async def __aenter__(self) -> WorkerLeases:
         self._reading = asyncio.create_task(self._read(), name="leases")
@@ -182,8 +190,16 @@ class WorkerLeases(PortLeases):
         """Tell the supervisor this worker serves."""
         self._send(Ready())
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+    async def wait_stop(self) -> str:
+        """Why the worker must stop: its supervisor asks it to, or is gone."""
+        await self._stopping.wait()
+        assert self._stop is not None
+        return self._stop
+
+    def _must_stop(self, why: str) -> None:
+        if self._stop is None:
+            self._stop = why
+            self._stopping.set()
 
     async def claim(self, bind: str, port: int, agent: str) -> str | None:
         if self._closed.is_set():
@@ -213,12 +229,15 @@ class WorkerLeases(PortLeases):
         try:
             while line := await self._reader.readline():
                 answer = _to_worker.decode(line)
-                if (waiting := self._waiting.get(answer.id)) is not None and not waiting.done():
+                if isinstance(answer, Stop):
+                    self._must_stop("the supervisor asks it to stop")
+                elif (waiting := self._waiting.get(answer.id)) is not None and not waiting.done():
                     waiting.set_result(answer.holder)
         except (OSError, ValueError) as exc:  # ValueError: undecodable, or a line too long
             logger.error("the channel to the gateway's supervisor failed: %s", exc)
         finally:
             self._closed.set()
+            self._must_stop("the supervisor is gone")
             self._fail_waiting()
 
     def _fail_waiting(self) -> None:
@@ -236,6 +255,11 @@ class LeaseChannel:
     writer: asyncio.StreamWriter
     worker: int
     on_ready: Callable[[], None] = field(default=lambda: None)
+
+    def stop(self) -> None:
+        """Ask the worker to drain and stop."""
+        if not self.writer.is_closing():
+            self.writer.write(_line(Stop()))
 
 
 async def serve_leases(channel: LeaseChannel, table: LeaseTable) -> None:

@@ -8,8 +8,10 @@ of their session at its own port, announced in ``Welcome``. Public ports are sha
 workers with ``SO_REUSEPORT``, leased per agent by the supervisor (``gateway.leases``), so any
 worker serves any client of an agent alone: the supervisor never carries a byte.
 
-It forwards a reload (SIGHUP) and a stop (SIGTERM) to the workers, restarts a worker that died
-(after a backoff, logged; its leases are forgotten), and returns once every worker has drained.
+It forwards a reload (SIGHUP) to the workers and tells them to stop (a message on their channel,
+so that a SIGTERM they get from elsewhere too, as systemd sends one to every process of a
+service, is not a second signal that stops them undrained), restarts a worker that died (after
+a backoff, logged; its leases are forgotten), and returns once every worker has drained.
 The supervisor keeps every listening socket open, so a restarted worker serves the same own
 port, and an agent reconnecting meanwhile waits in its backlog rather than being refused.
 
@@ -99,7 +101,7 @@ class WorkerSetup:
 @contextlib.asynccontextmanager
 async def open_worker(setup: WorkerSetup) -> AsyncIterator[tuple[Worker, WorkerLeases]]:
     """This worker's listeners and its leases, from the descriptors its supervisor handed down;
-    :meth:`WorkerLeases.wait_closed` returns if the supervisor goes away."""
+    :meth:`WorkerLeases.wait_stop` returns when the supervisor says stop, or goes away."""
     control = inherited_listener(setup.control)
     own = inherited_listener(setup.own)
     try:
@@ -143,6 +145,7 @@ class Supervisor:
         self._control: Listener | None = None
         self._own: list[Listener] = []
         self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._channels: dict[int, LeaseChannel] = {}  # to each worker running
         self._ready = [asyncio.Event() for _ in range(self.count)]
         self._serving = False  # every worker was ready once: a death is restarted from now on
         self._stop = asyncio.Event()
@@ -206,10 +209,11 @@ class Supervisor:
         self._signal(signal.SIGKILL)
 
     async def shutdown(self) -> None:
-        """Stop every worker gracefully (SIGTERM: each drains for its ``drain_timeout``), kill
-        those still running well past it, and close the listeners."""
+        """Stop every worker gracefully (each drains for its ``drain_timeout``), kill those
+        still running well past it, and close the listeners."""
         self._stop.set()
-        self._signal(signal.SIGTERM)
+        for channel in self._channels.values():
+            channel.stop()
         if self._main is not None:
             _, running = await asyncio.wait({self._main}, timeout=self._stop_timeout())
             if running:
@@ -312,7 +316,9 @@ class Supervisor:
 
         try:
             reader, writer = await ours.open_streams(MAX_LINE_SIZE)
-            leases = LeaseChannel(reader, writer, index, on_ready)
+            leases = self._channels[index] = LeaseChannel(reader, writer, index, on_ready)
+            if self._stop.is_set():  # started as the supervisor stops
+                leases.stop()
             async with asyncio.TaskGroup() as group:
                 group.create_task(serve_leases(leases, self.table))
                 code = await process.wait()
@@ -325,6 +331,7 @@ class Supervisor:
             raise
         finally:
             del self._processes[index]
+            self._channels.pop(index, None)
             ours.close()
             if freed := self.table.forget(index):
                 logger.info("worker %d held %d port lease(s) alone: released", index, freed)

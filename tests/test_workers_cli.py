@@ -142,6 +142,27 @@ def test_killed_worker_is_restarted_and_the_agent_returns_to_it(
     assert not agent.lines_matching("dialing .* again"), "the agent kept its other session"
 
 
+def test_agent_spreads_anew_over_a_restarted_gateways_workers(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """A gateway restarted on its control port, its workers on other own ports: the agent
+    finds none of the old ones, dials the gateway again, and holds a session with each new one,
+    its service on the port it had."""
+    token = new_token()
+    first, _ = start_workers(launch, tmp_path, token)
+    agent, port = start_agent(launch, first, token, f"0:127.0.0.1:{echo_port}")
+    first.proc.signal(signal.SIGTERM)
+    assert first.proc.wait_exit() == 0
+    second = start_gateway(launch, tmp_path / "state", "--workers", "2", token=token, tls=False,
+                           listen=f"127.0.0.1:{first.port}")  # fmt: skip
+    agent.wait_line(rf"no session with any worker of the gateway .*; dialing 127\.0\.0\.1:"
+                    rf"{first.port} again")  # fmt: skip
+    for worker in (0, 1):
+        second.proc.wait_line(rf"\[worker={worker} session=\w+ agent=site-a\] service \S+ "
+                              rf"exposed on 127\.0\.0\.1:{port}$")  # fmt: skip
+    assert echo_through(port, b"after the restart") == b"after the restart"
+
+
 def hold_port_on_one_worker(port: int, token: str, agent: str) -> tuple[socket.socket, int]:
     """A control session, by hand, with the worker whose own port is ``port`` only (as no
     agent of tunnelgate does): it registers one service on any port; the session and the port."""

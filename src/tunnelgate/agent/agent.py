@@ -216,7 +216,9 @@ class Agent:
                     first = first.exceptions[0]
                 if not isinstance(first, WorkersChanged):
                     raise first from None
-                self._log.info("%s; dialing %s again", first, config.gateway)
+                delay, _ = delays.send(0.0)  # workers that disagree must not make a busy loop
+                self._log.info("%s; dialing %s again in %.1f s", first, config.gateway, delay)
+                await asyncio.sleep(delay)
             finally:
                 self._spread = None
 
@@ -227,9 +229,9 @@ class Agent:
             session = AgentSession(
                 slot.dialer,
                 self._chosen_ports,
-                lambda: self._registered(slot),
+                lambda: self._session_ready(slot),
                 self._totals,
-                lambda session: self._welcomed(slot, session),
+                lambda session: self._session_welcomed(slot, session),
                 slot.fixed_ports,
             )
             self._sessions.append(session)
@@ -263,7 +265,7 @@ class Agent:
             )
             await asyncio.sleep(delay)
 
-    def _welcomed(self, slot: _Slot, session: AgentSession) -> None:
+    def _session_welcomed(self, slot: _Slot, session: AgentSession) -> None:
         """The first Welcome that names workers fixes the slot's worker and the agent's list of
         them; a Welcome that does not fit them ends the spread (WorkersChanged)."""
         if slot.worker is None and session.workers and not self._workers:
@@ -274,7 +276,7 @@ class Agent:
         elif (session.workers, session.worker) != (self._workers, slot.worker):
             raise WorkersChanged("the gateway's workers changed")
 
-    def _registered(self, slot: _Slot) -> None:
+    def _session_ready(self, slot: _Slot) -> None:
         """Services are registered: the agent is ready; the first time a gateway of several
         workers answered, open a session with each other worker (they ask for the ports the
         gateway gave this one)."""

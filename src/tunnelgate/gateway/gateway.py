@@ -32,7 +32,7 @@ from tunnelgate.config import (
 )
 from tunnelgate.control import wait_relays
 from tunnelgate.gateway.admission import WARNING_INTERVAL, AuthFailures, Handshakes, host_of
-from tunnelgate.gateway.leases import LocalLeases, PortLeases
+from tunnelgate.gateway.leases import PortLeases
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.gateway.probe import serve_probe
 from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared, accept, spawn
@@ -101,20 +101,16 @@ class Gateway:
         self._sessions: dict[str, GatewaySession] = {}  # by agent name, not draining
         self._by_id: dict[str, GatewaySession] = {}  # every running session
         self._probing: set[str] = set()  # agents with a probe channel open (one each)
-        leases = worker.leases if worker is not None else LocalLeases()
-        self._shared = Shared(
-            lambda: self.config,
-            self._forget_name,
-            Ports(reuse_port=worker is not None),
-            leases,
-            worker.addresses if worker is not None else (),
-            worker.index if worker is not None else 0,
-        )
+        shared: dict[str, Any] = {}
         if worker is not None:  # connection ids unique across the workers: i+1, i+1+N, …
-            count = len(worker.addresses)
-            self._shared = dataclasses.replace(
-                self._shared, conn_ids=itertools.count(worker.index + 1, count)
-            )
+            shared = {
+                "ports": Ports(reuse_port=True),
+                "leases": worker.leases,
+                "workers": worker.addresses,
+                "worker": worker.index,
+                "conn_ids": itertools.count(worker.index + 1, len(worker.addresses)),
+            }
+        self._shared = Shared(lambda: self.config, self._forget_name, **shared)
         self._stopping = False
         self._handshakes = Handshakes(AuthFailures())
         self._auth_warnings = Throttle(WARNING_INTERVAL)

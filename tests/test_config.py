@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -451,3 +452,43 @@ def test_load_gateway_config_agents_given_as_arguments_report_key_paths() -> Non
     """[[agents]] passed in Python (as Gateway(agents=[...]) does) report agents[0].name too."""
     found = problems(c.load_gateway_config, None, {"agents": [{"name": "a b", "token": TOKEN}]})
     assert [(p.source, p.key) for p in found] == [("command line", "agents[0].name")]
+
+
+def test_load_gateway_config_workers_default_to_one_process() -> None:
+    """Without --workers the gateway is one process, as it always was."""
+    config, _ = c.load_gateway_config(None, {"token": TOKEN})
+    assert (config.workers, config.worker_ports) == (1, 0)
+
+
+@pytest.mark.parametrize(("given", "workers"), [("3", 3), (2, 2), ("auto", None), ("AUTO", None)])
+def test_load_gateway_config_workers_a_number_or_auto(given: object, workers: int | None) -> None:
+    """--workers takes a count, or auto: one per core this process may use, at most 8."""
+    config, _ = c.load_gateway_config(None, {"token": TOKEN, "workers": given})
+    if workers is None:
+        cores = len(os.sched_getaffinity(0))
+        workers = min(cores, c.AUTO_WORKERS)
+    assert config.workers == workers
+
+
+@pytest.mark.parametrize("given", ["0", "many", 1.5, True, "129"])
+def test_load_gateway_config_refuses_other_worker_counts(given: object) -> None:
+    """Anything but 1 to MAX_WORKERS or auto is refused, naming the flag."""
+    with pytest.raises(ConfigError) as caught:
+        c.load_gateway_config(None, {"token": TOKEN, "workers": given})
+    assert [p.key for p in caught.value.problems] == ["--workers"]
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [({"admin": "127.0.0.1:0"}, "--admin"),
+     ({"alerts": [{"url": "http://127.0.0.1:9/hook"}]}, "--alerts"),
+     ({"worker_ports": 65535}, "--worker-ports")],
+)  # fmt: skip
+def test_load_gateway_config_refuses_what_workers_cannot_do_yet(
+    options: dict[str, Any], key: str
+) -> None:
+    """With workers, an admin listener or alerts would each see one worker: refused for now."""
+    with pytest.raises(ConfigError) as caught:
+        c.load_gateway_config(None, {"token": TOKEN, "workers": "2", **options})
+    assert [p.key for p in caught.value.problems] == [key]
+    assert "workers" in str(caught.value) or "65535" in str(caught.value)

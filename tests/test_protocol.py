@@ -37,7 +37,14 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
         st.text(max_size=32),
     ),
     p.Welcome: st.builds(
-        p.Welcome, st.text(min_size=1, max_size=32), seconds, seconds, st.integers(1, 65536)
+        p.Welcome,
+        st.text(min_size=1, max_size=32),
+        seconds,
+        seconds,
+        st.integers(1, 65536),
+        st.booleans(),
+        st.lists(hosts, max_size=p.MAX_WORKERS),
+        st.integers(0, p.MAX_WORKERS - 1),
     ),
     p.Refused: st.builds(
         p.Refused,
@@ -268,6 +275,23 @@ def test_encode_message_refuses_oversized_message() -> None:
     with pytest.raises(LocalProtocolError, match="message too large to send"):
         p.encode_message(p.Register(services))
     assert len(p.encode_message(p.Register(services[:128]))) <= p.MAX_MESSAGE_SIZE
+
+
+def test_welcome_naming_the_most_workers_fits_in_a_message() -> None:
+    """A gateway of MAX_WORKERS workers, each announced with the longest host, can say so."""
+    workers = ["h" * 249 + ":65535"] * p.MAX_WORKERS
+    welcome = p.Welcome("s" * 32, 10.0, 30.0, 64, True, workers, p.MAX_WORKERS - 1)
+    assert p.decode_message(p.encode_message(welcome)[p.HEADER_SIZE :]) == welcome
+
+
+def test_welcome_of_a_gateway_of_one_process_names_no_workers() -> None:
+    """A Welcome without the workers' fields (an older gateway's) means one process."""
+    older = msgspec.msgpack.encode(
+        {"type": "welcome", "session": "s1", "heartbeat_interval": 10.0,
+         "heartbeat_timeout": 30.0, "max_pool_size": 64}
+    )  # fmt: skip
+    welcome = p.decode_message(older)
+    assert isinstance(welcome, p.Welcome) and (welcome.workers, welcome.worker) == ([], 0)
 
 
 @pytest.mark.parametrize("length", [0, p.MAX_DATA_SIZE + 1])

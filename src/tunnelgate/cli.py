@@ -25,11 +25,13 @@ from tunnelgate import __version__
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
     from typing import Any
 
     from tunnelgate.config import AgentConfig, GatewayConfig, LogConfig
-    from tunnelgate.gateway.gateway import Gateway
+    from tunnelgate.gateway.gateway import Gateway, Worker
+    from tunnelgate.gateway.leases import WorkerLeases
+    from tunnelgate.gateway.supervisor import Supervisor, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         TransportError,
     )
 
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv  # a gateway's supervisor starts its workers with the same arguments
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -172,9 +176,15 @@ def _unmap_large_blocks() -> None:
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run ``main(stop)`` until it returns. The first SIGTERM/SIGINT sets ``stop``
-    (``main`` then drains and returns: exit 0); a second one exits at once."""
+def _run(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    *,
+    fast_loop: bool = True,
+    on_force: Callable[[], None] | None = None,
+) -> int:
+    """Run ``main(stop)`` until it returns, on uvloop if installed and ``fast_loop``. The first
+    SIGTERM/SIGINT sets ``stop`` (``main`` then drains and returns: exit 0); a second one calls
+    ``on_force`` and exits at once."""
     import asyncio
     import signal
 
@@ -187,6 +197,8 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
 
         def on_signal(name: str) -> None:
             if stop.is_set():
+                if on_force is not None:
+                    on_force()
                 logger.warning("%s received again; exiting now", name)
                 logging.shutdown()
                 os._exit(EXIT_FORCED)
@@ -198,7 +210,7 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
         await main(stop)
         return EXIT_OK
 
-    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio":
+    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio" or not fast_loop:
         return asyncio.run(guarded())
     try:
         import uvloop
@@ -207,11 +219,11 @@ def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     return uvloop.run(guarded())
 
 
-def _start_logging(args: argparse.Namespace, log: LogConfig) -> None:
+def _start_logging(args: argparse.Namespace, log: LogConfig, worker: int | None = None) -> None:
     from tunnelgate import logs
     from tunnelgate.config import TOKEN_ENV
 
-    logs.configure(log.level, log.format)
+    logs.configure(log.level, log.format, context=None if worker is None else {"worker": worker})
     if args.token:
         logger.warning(
             "the token was given on the command line, where other local users can see it; "
@@ -246,12 +258,17 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from tunnelgate.config import GATEWAY, default_state_dir, load_gateway_config, options
     from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
+    from tunnelgate.gateway.supervisor import WorkerSetup
 
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
-    _start_logging(args, log)
-    if (own := self_signed_identity(config)) is not None:
-        _make_identity_apart(*own)
+    setup = WorkerSetup.from_environment()  # None unless a supervisor started this process
+    if setup is None and (own := self_signed_identity(config)) is not None:
+        _make_identity_apart(*own)  # a worker's supervisor made it already
+    if setup is None and config.workers > 1:
+        _start_logging(args, log)
+        return _run_supervisor(config, args.argv)
+    _start_logging(args, log, None if setup is None else setup.index)
 
     async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
         logger.info("reloading the configuration")
@@ -268,8 +285,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         async with (
-            systemd.Notifier.from_environment() as notifier,
-            Gateway(config) as gateway,
+            _worker(setup) as (worker, leases),  # with workers: no admin listener, no alerts
+            systemd.Notifier.from_environment() as notifier,  # a worker's is off
+            Gateway(config, worker=worker) as gateway,
             contextlib.AsyncExitStack() as alerts,
             contextlib.AsyncExitStack() as admin,
         ):
@@ -282,7 +300,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 history = (config.state_dir or default_state_dir()) / FILE_NAME
                 site = GatewaySite(gateway, lambda: reload(gateway), history, sender)
                 url = await _open_admin(admin, site, config, gateway.identity)
-            _print_banner(gateway, url)
+            if leases is None:
+                _print_banner(gateway, url)
+            else:
+                leases.ready()
             notifier.ready(f"listening on {gateway.address}")
             reloads: set[asyncio.Task[str]] = set()
 
@@ -294,7 +315,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
             try:
-                await _until_stopped(stop, gateway.serve_forever())
+                await _until_stopped(stop, _serve_gateway(gateway, leases))
             finally:
                 loop.remove_signal_handler(signal.SIGHUP)
             notifier.stopping("stopping: draining open connections")
@@ -302,6 +323,75 @@ def _run_gateway(args: argparse.Namespace) -> int:
             await gateway.shutdown()
 
     return _run(main)
+
+
+@contextlib.asynccontextmanager
+async def _worker(
+    setup: WorkerSetup | None,
+) -> AsyncIterator[tuple[Worker, WorkerLeases] | tuple[None, None]]:
+    """A worker's listeners and leases, handed down by its supervisor; (None, None) else."""
+    if setup is None:
+        yield None, None
+        return
+    from tunnelgate.gateway.supervisor import open_worker
+
+    async with open_worker(setup) as opened:
+        yield opened
+
+
+async def _serve_gateway(gateway: Gateway, leases: WorkerLeases | None) -> None:
+    """Until the gateway stops, or a worker's supervisor says stop or is gone."""
+    import asyncio
+
+    if leases is None:
+        await gateway.serve_forever()
+        return
+    serving = asyncio.ensure_future(gateway.serve_forever())
+    told = asyncio.ensure_future(leases.wait_stop())
+    try:
+        await asyncio.wait({serving, told}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()  # the gateway goes on: serve_forever only waits
+        told.cancel()
+    if told.done() and not told.cancelled():
+        logger.info("%s; stopping", told.result())
+    elif not serving.cancelled():
+        serving.result()
+
+
+def _run_supervisor(config: GatewayConfig, argv: list[str]) -> int:
+    """A gateway of several workers: the supervisor runs the same command once per worker."""
+    import asyncio
+    import signal
+
+    from tunnelgate import systemd
+    from tunnelgate.gateway.supervisor import Supervisor
+
+    supervisor = Supervisor(config, [sys.executable, "-m", "tunnelgate", *argv])
+
+    async def main(stop: asyncio.Event) -> None:
+        async with systemd.Notifier.from_environment() as notifier:
+            try:
+                await supervisor.start()
+                own = ", ".join(supervisor.addresses)
+                workers = (
+                    f"workers: {supervisor.count}  (their own control ports, for agents: {own})"
+                )
+                _print_banner(supervisor, None, workers)
+                notifier.ready(f"listening on {supervisor.address}, {supervisor.count} workers")
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+                try:
+                    await _until_stopped(stop, supervisor.serve_forever())
+                finally:
+                    loop.remove_signal_handler(signal.SIGHUP)
+                notifier.stopping("stopping: the workers drain their connections")
+                await supervisor.shutdown()
+            finally:
+                await supervisor.aclose()
+
+    # The stock loop: the supervisor carries no traffic, and waits on its child processes.
+    return _run(main, fast_loop=False, on_force=supervisor.kill)
 
 
 def _make_identity_apart(state_dir: Path, hostnames: list[str]) -> None:
@@ -357,7 +447,9 @@ async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: Gateway) -> An
     return await stack.enter_async_context(Alerts(gateway))
 
 
-def _print_banner(gateway: Gateway, admin: str | None) -> None:
+def _print_banner(
+    gateway: Gateway | Supervisor, admin: str | None, workers: str | None = None
+) -> None:
     """What an operator needs to start an agent; the token only if it is the stored one."""
     import socket
 
@@ -386,6 +478,8 @@ def _print_banner(gateway: Gateway, admin: str | None) -> None:
     lines += ["run an agent with:", f"  {command}"]
     if admin is not None:
         lines.append(f"admin: {admin}  (dashboard; metrics at {admin}metrics)")
+    if workers is not None:
+        lines.insert(1, workers)
     print("\n".join(lines), flush=True)
 
 

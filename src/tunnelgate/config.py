@@ -36,7 +36,7 @@ from tunnelgate.address import (
     to_name,
 )
 from tunnelgate.errors import ConfigError, ConfigProblem
-from tunnelgate.protocol.wire import MAX_SERVICES
+from tunnelgate.protocol.wire import MAX_SERVICES, MAX_WORKERS
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
 ADMIN_TOKEN_ENV: Final = "TUNNELGATE_ADMIN_TOKEN"
@@ -45,6 +45,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 PROXY_PROTOCOL_VERSIONS: Final = {"none": 0, "v1": 1, "v2": 2}
 DOCTOR_SECONDS: Final = 2.0  # tunnelgate doctor: the throughput measured this long each way
+AUTO_WORKERS: Final = 8  # "workers = auto": one per core this process may run on, at most this
 GATEWAY: Final = "gateway"
 AGENT: Final = "agent"
 BOTH: Final = (GATEWAY, AGENT)
@@ -145,6 +146,8 @@ class GatewayConfig:
     admin_cert: Path | None = None
     admin_key: Path | None = None
     alerts: tuple[AlertConfig, ...] = ()  # [[alerts]] webhooks
+    workers: int = 1  # processes sharing the public ports; 1: this process alone, no supervisor
+    worker_ports: int = 0  # worker i's own control port is this + i; 0: any free port
 
     @property
     def default_bind(self) -> str:
@@ -262,6 +265,22 @@ def normalize_fingerprint(text: str) -> str:
     return "SHA256:" + value.upper()
 
 
+def _workers(value: Any) -> int:
+    """A number of worker processes, or "auto": one per core usable here, at most AUTO_WORKERS."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return min(cores or 1, AUTO_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f'expected a number of processes or "auto", got {value!r}')
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f'expected a number of processes or "auto", got {value!r}') from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"expected 1 to {MAX_WORKERS} processes, or auto; got {count}")
+    return count
+
+
 def _proxy_protocol(value: Any) -> int:
     if isinstance(value, str) and value.lower() in PROXY_PROTOCOL_VERSIONS:
         return PROXY_PROTOCOL_VERSIONS[value.lower()]
@@ -318,6 +337,12 @@ OPTIONS: Final = (
     Option("max_connections", _GW, 16384, int, _integer(1, 1 << 20)),
     Option("max_pending_clients", _GW, 1024, int, _integer(1, 1 << 16)),
     Option("max_handshakes", _GW, 1024, int, _integer(1, 1 << 16)),
+    Option("workers", _GW, 1, None, _workers, "--workers", "N|auto",
+           "processes sharing the public ports, each serving any client alone (default 1; "
+           f"auto: one per core, at most {AUTO_WORKERS})"),
+    Option("worker_ports", _GW, 0, int, _integer(0, 65535), "--worker-ports", "PORT",
+           "with --workers: worker i's own control port is PORT+i, which agents must reach "
+           "(default: any free port)"),
     Option("agents", _GW, (), list),  # [[agents]] tables
     Option("access", _GW),  # [access]
     Option("services", _GW),  # [services.NAME] tables
@@ -678,6 +703,7 @@ def load_gateway_config(
         agents.append(AgentPolicy("", (token,), ports))
     if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
         src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
+    _check_workers(src, values)
     given = {
         "admin_token": _admin_token(src, values, own_certificate=True),
         "agents": tuple(agents),
@@ -688,6 +714,18 @@ def load_gateway_config(
     src.raise_problems()
     config = GatewayConfig(**{**_fields(GatewayConfig, values), **given})
     return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def _check_workers(src: _Source, values: Mapping[str, Any]) -> None:
+    """What several workers cannot do yet: each would show or report only its own part."""
+    if (workers := values["workers"]) == 1:
+        return
+    for key in ("admin", "alerts"):
+        if values[key]:
+            src.fail(key, f"not yet supported with workers ({workers}): each worker would "
+                     "see only its own sessions")  # fmt: skip
+    if (base := values["worker_ports"]) and base + workers - 1 > 65535:
+        src.fail("worker_ports", f"{base} + {workers} workers goes past port 65535")
 
 
 def load_agent_config(

@@ -138,10 +138,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Send tunnelgate's logs to ``stream`` (stderr) at ``level`` in ``fmt``."""
+class _Context(logging.Filter):
+    """Puts fixed fields first in every line's context (a gateway worker's index)."""
+
+    def __init__(self, context: dict[str, object]) -> None:
+        super().__init__()
+        self.context = context
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.ctx = {**self.context, **(getattr(record, "ctx", None) or {})}
+        return True
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "text",
+    stream: TextIO | None = None,
+    context: dict[str, object] | None = None,
+) -> None:
+    """Send tunnelgate's logs to ``stream`` (stderr) at ``level`` in ``fmt``; ``context``:
+    fields every line carries."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if context:
+        handler.addFilter(_Context(context))
     root = logging.getLogger("tunnelgate")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

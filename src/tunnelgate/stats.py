@@ -297,7 +297,7 @@ class GatewayRecordStatistics:
 @dataclass(eq=False)
 class GatewayRecord:
     gateway: str
-    up: bool = False
+    sessions_up: int = 0  # one per worker of a gateway that has several
     sessions: int = 0
     rtt: float | None = None
     connected_at: float = 0.0
@@ -305,14 +305,19 @@ class GatewayRecord:
     reconnects: Counter[str] = field(default_factory=Counter)
     heartbeat: Histogram = field(default_factory=lambda: Histogram(HEARTBEAT_BUCKETS))
 
+    @property
+    def up(self) -> bool:
+        return self.sessions_up > 0
+
     def connected(self, now: float) -> None:
-        self.up = True
+        self.sessions_up += 1
         self.sessions += 1
         self.connected_at = self.last_seen = now
 
     def disconnected(self, now: float) -> None:
-        self.up = False
-        self.rtt = None
+        self.sessions_up = max(0, self.sessions_up - 1)
+        if not self.sessions_up:
+            self.rtt = None
         self.last_seen = now
 
     def reconnecting(self, reason: str) -> None:

@@ -210,8 +210,8 @@ GATEWAY_TABLES: Final = (
 )  # fmt: skip
 AGENT_TABLES: Final = (
     ("sessions", (
-        Column("id", "ID"), Column("gateway", "GATEWAY"), Column("state", "STATE"),
-        Column("age", "AGE", _age), Column("services", "SERVICES"),
+        Column("id", "ID"), Column("gateway", "GATEWAY"), Column("worker", "WORKER"),
+        Column("state", "STATE"), Column("age", "AGE", _age), Column("services", "SERVICES"),
         _count("connections", "CONNS"), _bytes("up", "UP"),
         _bytes("down", "DOWN"), Column("pool", "POOL"),
     )),

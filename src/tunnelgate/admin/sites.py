@@ -44,6 +44,7 @@ from tunnelgate.admin.history import RANGES, History, Recorder
 from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
+from tunnelgate.agent.session import ExposedService
 from tunnelgate.gateway.gateway import Gateway, GatewayStatistics
 from tunnelgate.gateway.session import SessionStatistics
 from tunnelgate.stats import DIAL_ERROR_REASONS, AgentRecordStatistics, AgentServiceCounts
@@ -359,6 +360,7 @@ class AgentSite:
                     {
                         "id": s.id,
                         "gateway": str(s.gateway),
+                        **({"worker": s.worker} if s.worker is not None else {}),
                         "age": s.duration,
                         "connected_at": s.connected_at or None,
                         "rtt": s.rtt,
@@ -369,6 +371,10 @@ class AgentSite:
                     for s in stats.sessions
                 ]
             case ["services"]:
+                exposed: dict[str, ExposedService] = {}  # once, though each worker's has it
+                for session in stats.sessions:
+                    for service in session.services:
+                        exposed.setdefault(service.name, service)
                 return [
                     {
                         "name": s.name,
@@ -376,8 +382,7 @@ class AgentSite:
                         "local": str(s.local),
                         **_service_traffic(traffic[s.name]),
                     }
-                    for session in stats.sessions
-                    for s in session.services
+                    for s in exposed.values()
                 ]
             case ["connections"]:
                 return [

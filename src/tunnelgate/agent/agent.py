@@ -1,10 +1,14 @@
-"""The agent: the life cycle and the reconnect loop around its sessions.
+"""The agent: the life cycle and the reconnect loops around its sessions.
 
 :meth:`Agent.run` keeps an :class:`~tunnelgate.agent.session.AgentSession` up: run it until it
 ends, wait a backoff with full jitter, repeat; an authentication failure ends the loop instead.
-The sessions are a list, so that more gateways are more entries in it; today it dials one. The
-agent keeps the counts that outlive its sessions (:class:`~tunnelgate.stats.AgentTotals`), and
-counts each reconnect by the reason its last attempt ended.
+The sessions are a list, so that more gateways are more entries in it. A gateway of several
+worker processes names them in its Welcome: the agent then keeps a session with each worker, at
+its own address, each with its own reconnect loop (a "slot"), the first session's being the one
+of the worker it reached. If the workers change (a gateway restarted with others), it dials the
+gateway again and spreads anew. The agent keeps the counts that outlive its sessions
+(:class:`~tunnelgate.stats.AgentTotals`), and counts each reconnect by the reason its last
+attempt ended.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,17 +28,32 @@ from tunnelgate.agent.session import (
     ExposedService,
     SessionStatistics,
     dial_error_reason,
+    worker_address,
 )
 from tunnelgate.backoff import backoff
 from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.control import wait_relays
-from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
+from tunnelgate.errors import AuthenticationError, ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
 from tunnelgate.stats import AgentServiceCounts, AgentTotals, GatewayRecordStatistics
 
 logger = logging.getLogger(__package__)
 
 CLOSE_RETRY_INTERVAL: Final = 0.1
+
+
+class WorkersChanged(Exception):
+    """The gateway's workers are not the ones the sessions were spread over: dial it again."""
+
+
+@dataclass
+class _Slot:
+    """Where one reconnect loop dials: the gateway, until a Welcome names its workers; then the
+    own address of the worker that session reached."""
+
+    dialer: Dialer
+    worker: int | None = None  # once known
+    fixed_ports: bool = False  # opened for another worker: any-port services ask for the one got
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,8 @@ class Agent:
         self._main: asyncio.Task[None] | None = None
         self._closing = False
         self._ready = asyncio.Event()
+        self._workers: tuple[str, ...] = ()  # the gateway's, once a Welcome names them
+        self._spread: asyncio.TaskGroup | None = None  # runs the slots of the other workers
 
     @property
     def services(self) -> dict[str, ExposedService]:
@@ -175,12 +196,44 @@ class Agent:
         return self.services
 
     async def run(self) -> None:
-        """Keep a session up until cancelled; raise AuthenticationError (refused: fatal)."""
+        """Keep a session up, one with each worker of a gateway that has several, until
+        cancelled; raise AuthenticationError (refused: fatal)."""
         config = self.config
         delays = backoff(config.reconnect_min, config.reconnect_max)
-        next(delays)
+        next(delays)  # the first slot's, across spreads
         while True:
-            session = AgentSession(self._dialer, self._chosen_ports, self._ready.set, self._totals)
+            self._workers = ()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    self._spread = group
+                    await self._keep(_Slot(self._dialer), delays)
+            except BaseExceptionGroup as caught:  # a slot's end ends them all (the first's too)
+                fatal = caught.subgroup(AuthenticationError) or caught.subgroup(WorkersChanged)
+                if fatal is None:
+                    raise
+                first = fatal.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                if not isinstance(first, WorkersChanged):
+                    raise first from None
+                delay, _ = delays.send(0.0)  # workers that disagree must not make a busy loop
+                self._log.info("%s; dialing %s again in %.1f s", first, config.gateway, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self._spread = None
+
+    async def _keep(self, slot: _Slot, delays: Generator[tuple[float, int], float, None]) -> None:
+        """Keep ``slot``'s session up until cancelled: run it until it ends, wait, again. Raises
+        AuthenticationError (refused: fatal), or WorkersChanged."""
+        while True:
+            session = AgentSession(
+                slot.dialer,
+                self._chosen_ports,
+                lambda: self._session_ready(slot),
+                self._totals,
+                lambda session: self._session_welcomed(slot, session),
+                slot.fixed_ports,
+            )
             self._sessions.append(session)
             try:
                 reason, level = await session.run(), logging.INFO
@@ -193,21 +246,55 @@ class Agent:
                 counted = reconnect_reason(exc, session.id is not None)
             finally:
                 self._sessions.remove(session)
-                if not self._sessions:
+                if not (welcomed := any(s.id is not None for s in self._sessions)):
                     self._ready.clear()
             if self._closing:
                 raise asyncio.CancelledError
             session.record.reconnecting(counted)
+            if slot.worker is not None and session.id is None and not welcomed:
+                # No worker answers: the gateway may have restarted with other workers.
+                raise WorkersChanged(f"no session with any worker of the gateway ({reason})")
             delay, attempt = delays.send(time.monotonic() - session.started)
-            self._log.log(
+            slot.dialer.log.log(
                 level,
                 "%s; reconnecting to %s in %.1f s (attempt %d)",
                 reason,
-                config.gateway,
+                slot.dialer.address,
                 delay,
                 attempt,
             )
             await asyncio.sleep(delay)
+
+    def _session_welcomed(self, slot: _Slot, session: AgentSession) -> None:
+        """The first Welcome that names workers fixes the slot's worker and the agent's list of
+        them; a Welcome that does not fit them ends the spread (WorkersChanged)."""
+        if slot.worker is None and session.workers and not self._workers:
+            assert session.worker is not None
+            self._workers, slot.worker = session.workers, session.worker
+            address = worker_address(self.config.gateway, session.workers[session.worker])
+            slot.dialer = slot.dialer.to(address, self._log.bind(worker=session.worker))
+        elif (session.workers, session.worker) != (self._workers, slot.worker):
+            raise WorkersChanged("the gateway's workers changed")
+
+    def _session_ready(self, slot: _Slot) -> None:
+        """Services are registered: the agent is ready; the first time a gateway of several
+        workers answered, open a session with each other worker (they ask for the ports the
+        gateway gave this one)."""
+        self._ready.set()
+        if slot.fixed_ports or slot.worker is None or self._spread is None:
+            return
+        group, self._spread = self._spread, None  # once per spread
+        self._log.info(
+            "the gateway runs %d workers: opening a session with each", len(self._workers)
+        )
+        config = self.config
+        for index, announced in enumerate(self._workers):
+            if index != slot.worker:
+                address = worker_address(config.gateway, announced)
+                dialer = self._dialer.to(address, self._log.bind(worker=index))
+                delays = backoff(config.reconnect_min, config.reconnect_max)
+                next(delays)
+                group.create_task(self._keep(_Slot(dialer, index, True), delays))
 
 
 def reconnect_reason(exc: Exception, welcomed: bool) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tunnelgate import __version__, credentials, proxy_protocol, tls
-from tunnelgate.address import Address
+from tunnelgate.address import Address, parse_address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentConfig, ServiceConfig
@@ -102,30 +103,40 @@ class _Connection:
 @dataclass(frozen=True)
 class SessionStatistics:
     id: str
-    gateway: Address
+    gateway: Address  # the gateway's, or the own address of its worker this session is with
     duration: float
     services: tuple[ExposedService, ...]
     pool: PoolStatistics | None  # None until the session runs
     connected_at: float  # wall-clock seconds when the gateway welcomed it; 0: not yet
     rtt: float | None  # seconds, the last heartbeat's round trip; None: none yet
     connections: tuple[ConnectionStatistics, ...]  # the client connections open now
+    worker: int | None = None  # the gateway's worker this session is with, if it has several
 
 
 class Dialer:
-    """Opens channels to one gateway: connect, TLS, and the token's proof."""
+    """Opens channels to one gateway (at ``address``, by default the configured one): connect,
+    TLS, and the token's proof."""
 
-    def __init__(self, config: AgentConfig, log: ContextLogger) -> None:
+    def __init__(self, config: AgentConfig, log: ContextLogger, address: Address | None = None):
         self.config = config
         self.log = log
+        self.address = address or config.gateway
         tls_args = (config.ca, config.fingerprint, config.cert, config.key)
         self._context = tls.client_context(*tls_args) if config.tls else None
         self._tls_session: TLSSession | None = None  # the control channel's, for data
         self._credential: credentials.Credential | None = None  # derived from the token once
 
+    def to(self, address: Address, log: ContextLogger) -> Dialer:
+        """A dialer of the same gateway at another address (a worker's own), sharing the
+        derived credential and, for data channels, the TLS session to resume."""
+        other = copy.copy(self)
+        other.address, other.log = address, log
+        return other
+
     async def open(self, role: str, session: str = "") -> Channel:
         """Connect, secure, and prove the token: a control or data channel."""
         config = self.config
-        tcp = await connect(config.gateway, config.connect_timeout)
+        tcp = await connect(self.address, config.connect_timeout)
         stream: Stream = tcp  # TLS goes on it; resetting either resets the connection
         try:
             async with asyncio.timeout(config.handshake_timeout):
@@ -143,7 +154,7 @@ class Dialer:
     def timed_out(self) -> str:
         """What a handshake that timed out says, with a hint if TLS may be the cause."""
         hint = " (does the gateway use TLS? this agent runs with --no-tls)"
-        return f"handshake with {self.config.gateway} timed out" + ("" if self.config.tls else hint)
+        return f"handshake with {self.address} timed out" + ("" if self.config.tls else hint)
 
     async def secure(self, tcp: SocketStream, role: str) -> Stream:
         """``tcp`` with TLS on it and the gateway's certificate checked (``tcp`` itself
@@ -176,8 +187,11 @@ class Dialer:
             raise refusal(challenge)
         assert isinstance(challenge, Challenge)
         proof = await self._proof(challenge.nonce, role, session)
-        reuse = role == "control"  # this agent takes data channels back after a clean end
-        hello = Hello(PROTOCOL_VERSION, role, self.config.name, proof, session, SOFTWARE, reuse)  # type: ignore[arg-type]
+        # A control channel: this agent takes data channels back after a clean end (reuse), and
+        # holds a session with each worker of a gateway that has several (workers).
+        control = role == "control"
+        version, name, software = PROTOCOL_VERSION, self.config.name, SOFTWARE
+        hello = Hello(version, role, name, proof, session, software, control, control)  # type: ignore[arg-type]
         await channel.send_message(hello)
 
     async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
@@ -193,7 +207,9 @@ class Dialer:
 
 class AgentSession:
     """One session with the dialer's gateway, from its control channel to its end; ``on_ready``
-    is called once the registration is answered, ``chosen_ports`` (the agent's) outlives it."""
+    is called once the registration is answered, ``chosen_ports`` (the agent's) outlives it.
+    ``on_welcome`` sees the session once welcomed, and may end it by raising. ``fixed_ports``:
+    an any-port service asks only for the port another session got (one of several workers)."""
 
     def __init__(
         self,
@@ -201,11 +217,17 @@ class AgentSession:
         chosen_ports: dict[str, int],
         on_ready: Callable[[], None],
         totals: AgentTotals,
+        on_welcome: Callable[[AgentSession], None] | None = None,
+        fixed_ports: bool = False,
     ) -> None:
         self.config = config = dialer.config
         self.dialer = dialer
         self.log = dialer.log
         self.id: str | None = None  # once welcomed
+        self.address = dialer.address  # the gateway's; its worker's own, once welcomed by one
+        # A gateway of several workers: every worker's own control address, and this one's.
+        self.workers: tuple[str, ...] = ()
+        self.worker: int | None = None
         self.services: dict[str, ExposedService] = {}
         self.serving: set[asyncio.Task[None]] = set()  # tasks of the client connections carried
         self.started = time.monotonic()
@@ -216,6 +238,8 @@ class AgentSession:
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._pings: dict[int, float] = {}  # seq → when sent, until its Pong
         self._on_ready = on_ready
+        self._on_welcome = on_welcome
+        self._fixed_ports = fixed_ports
         self._chosen_ports = chosen_ports
         self._by_name = {s.name: s for s in config.services}
         self._control: Channel | None = None
@@ -228,13 +252,14 @@ class AgentSession:
         now = time.monotonic()
         return SessionStatistics(
             self.id or "",
-            self.config.gateway,
+            self.address,
             now - self.started,
             tuple(self.services.values()),
             pool,
             self.connected_at,
             self.rtt,
             tuple(c.statistics(now) for c in self._connections.values()),
+            self.worker,
         )
 
     def close_connection(self, conn: int) -> bool:
@@ -261,9 +286,22 @@ class AgentSession:
             self.id = welcome.session
             self.connected_at = time.time()
             self.record.connected(self.connected_at)
-            self.log = self.log.bind(session=welcome.session)
             self._control = channel
-            self.log.info("connected to gateway %s", config.gateway)
+            data_dialer, of = self.dialer, ""
+            if welcome.workers:  # data channels go to this session's worker, at its own port
+                if welcome.worker >= len(welcome.workers):
+                    count = len(welcome.workers)
+                    raise RemoteProtocolError(f"welcome names worker {welcome.worker} of {count}")
+                self.workers, self.worker = tuple(welcome.workers), welcome.worker
+                self.address = worker_address(self.dialer.address, self.workers[self.worker])
+                self.log = self.log.bind(worker=self.worker)
+                of = f" (worker {self.worker} of {len(self.workers)}, at {self.address})"
+            self.log = self.log.bind(session=welcome.session)
+            if self.workers:
+                data_dialer = self.dialer.to(self.address, self.log)
+            if self._on_welcome is not None:
+                self._on_welcome(self)
+            self.log.info("connected to gateway %s%s", self.dialer.address, of)
             requests = [
                 ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
                 for s in config.services
@@ -274,7 +312,7 @@ class AgentSession:
                     demand=Demand(config.pool_size, welcome.max_pool_size, time.monotonic()),
                     group=group,
                     control=channel,
-                    open_channel=lambda: self.dialer.open("data", welcome.session),
+                    open_channel=lambda: data_dialer.open("data", welcome.session),
                     serve=self._serve,
                     reuse=welcome.reuse,
                     serving=self.serving,
@@ -354,7 +392,8 @@ class AgentSession:
             name = result.name
             if (service := self._by_name.get(name)) is None:
                 raise RemoteProtocolError(f"registration result for unknown service {name!r}")
-            if not result.ok and service.port == 0 and name in self._chosen_ports:
+            moving = not self._fixed_ports  # else other workers' sessions hold the port
+            if not result.ok and service.port == 0 and name in self._chosen_ports and moving:
                 lost = self._chosen_ports.pop(name)
                 self.log.warning(
                     "service %s cannot have its former port %d again (%s); asking for any port",
@@ -450,6 +489,18 @@ async def reach(
         start.server or "?",
     )
     return stream
+
+
+def worker_address(gateway: Address, announced: str) -> Address:
+    """Where to reach a worker the gateway announced as ``host:port``: at the worker's own port,
+    on the host this agent reaches the gateway at. That host is the one the gateway's certificate
+    was checked for and the one the network routes here; the worker's may be a wildcard, or a
+    private address behind a NAT. Raises RemoteProtocolError if ``announced`` has no port."""
+    try:
+        port = parse_address(announced).port
+    except ValueError as exc:
+        raise RemoteProtocolError(f"welcome names worker address {announced!r}: {exc}") from None
+    return Address(gateway.host, port)
 
 
 def dial_error_reason(exc: TransportError) -> str:

@@ -1,7 +1,10 @@
 """The gateway: the control port, where each connection is secured and handshaken in
 its own task, and the registry and life cycle around the sessions (a reconnecting agent
 replaces its old one at once), keeping what outlives a session: ports held, failed
-authentications, derived keys, the access rules' counters. Must not import agent."""
+authentications, derived keys, the access rules' counters. A gateway may be one
+:class:`Worker` of several (``gateway.supervisor``): it then accepts on the control port
+its supervisor opened and on its own, and leases public ports through the supervisor.
+Must not import agent."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -28,6 +32,8 @@ from tunnelgate.config import (
 )
 from tunnelgate.control import wait_relays
 from tunnelgate.gateway.admission import WARNING_INTERVAL, AuthFailures, Handshakes, host_of
+from tunnelgate.gateway.leases import PortLeases
+from tunnelgate.gateway.ports import Ports
 from tunnelgate.gateway.probe import serve_probe
 from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared, accept, spawn
 from tunnelgate.logs import ContextLogger, Throttle
@@ -50,6 +56,17 @@ DERIVED_KEYS: Final = 4096  # stored keys derived from clear tokens, kept per (t
 
 
 @dataclasses.dataclass(frozen=True)
+class Worker:
+    """What a worker process of a gateway is given by its supervisor."""
+
+    index: int
+    control: Listener  # the control port, shared by every worker
+    own: Listener  # this worker's own control port: its sessions' data channels come here
+    addresses: tuple[str, ...]  # every worker's own control address ("host:port"), by index
+    leases: PortLeases  # the supervisor's
+
+
+@dataclasses.dataclass(frozen=True)
 class GatewayStatistics:
     address: Address | None
     tls: bool
@@ -65,8 +82,11 @@ class Gateway:
     """The public side: ``async with Gateway(config) as gateway:``, or with the keys of
     its TOML file as keyword arguments (``Gateway(listen="127.0.0.1:0", token="…")``)."""
 
-    def __init__(self, config: GatewayConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self, config: GatewayConfig | None = None, *, worker: Worker | None = None, **options: Any
+    ) -> None:
         self.config = config if config is not None else load_gateway_config(None, options)[0]
+        self.worker = worker
         self.address: Address | None = None
         self.fingerprint: str | None = None
         self.started_at = time.time()
@@ -75,13 +95,22 @@ class Gateway:
         self._context: TLSContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._client_ca_pem: bytes | None = None  # as loaded into the context
-        self._listener: Listener | None = None
+        self._listeners: list[Listener] = []
         self._main: asyncio.Task[None] | None = None
-        self._accepting: asyncio.Task[None] | None = None
+        self._accepting: list[asyncio.Task[None]] = []
         self._sessions: dict[str, GatewaySession] = {}  # by agent name, not draining
         self._by_id: dict[str, GatewaySession] = {}  # every running session
         self._probing: set[str] = set()  # agents with a probe channel open (one each)
-        self._shared = Shared(lambda: self.config, self._forget_name)
+        shared: dict[str, Any] = {}
+        if worker is not None:  # connection ids unique across the workers: i+1, i+1+N, …
+            shared = {
+                "ports": Ports(reuse_port=True),
+                "leases": worker.leases,
+                "workers": worker.addresses,
+                "worker": worker.index,
+                "conn_ids": itertools.count(worker.index + 1, len(worker.addresses)),
+            }
+        self._shared = Shared(lambda: self.config, self._forget_name, **shared)
         self._stopping = False
         self._handshakes = Handshakes(AuthFailures())
         self._auth_warnings = Throttle(WARNING_INTERVAL)
@@ -102,12 +131,7 @@ class Gateway:
         self.config, self.stored_token = with_stored_token(self.config)
         config = self.config
         if config.tls:
-            own = self_signed_identity(config)
-            if own is not None:
-                cert, key, self.cert_created = tls.ensure_self_signed(*own)
-            else:
-                assert config.cert is not None and config.key is not None
-                cert, key = config.cert, config.key
+            cert, key, self.cert_created = identity_files(config)
             self._identity = (cert, key)
             self._client_ca_pem = _contents(config.client_ca)
             self._context = tls.server_context(cert, key, config.client_ca)
@@ -117,12 +141,26 @@ class Gateway:
                 "TLS is OFF (--no-tls): tokens are safe, but relayed bytes cross the "
                 "network in clear and anyone on the path can read or change them"
             )
-        self._listener = open_listener(config.listen.host, config.listen.port)
-        self.address = self._listener.address
+        secured = "TLS" if config.tls else "no TLS"
+        if (worker := self.worker) is None:
+            self._listeners = [open_listener(config.listen.host, config.listen.port)]
+        else:
+            self._listeners = [worker.control, worker.own]
+        self.address = self._listeners[0].address
         self._remember_agents()
-        self._main = asyncio.create_task(self._run(self._listener), name="gateway")
+        self._main = asyncio.create_task(self._run(self._listeners), name="gateway")
         await self._ready.wait()
-        logger.info("gateway listening on %s (%s)", self.address, "TLS" if config.tls else "no TLS")
+        if worker is None:
+            logger.info("gateway listening on %s (%s)", self.address, secured)
+        else:
+            logger.info(
+                "worker %d of %d serving the control port %s and its own %s (%s)",
+                worker.index,
+                len(worker.addresses),
+                self.address,
+                worker.own.address,
+                secured,
+            )
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop gracefully: accept no more agents or clients, tell every agent, give open
@@ -131,12 +169,11 @@ class Gateway:
             return
         drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = True
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.wait({self._accepting})
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for task in self._accepting:
+            task.cancel()
+        if self._accepting:
+            await asyncio.wait(self._accepting)
+        self._close_listeners()
         sessions = list(self._by_id.values())
         for session in sessions:
             await session.drain("gateway shutting down")
@@ -166,9 +203,12 @@ class Gateway:
                 await self._main
             self._main = None
             logger.info("gateway stopped")
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()  # a worker's: its descriptors only (the supervisor keeps its own)
+        self._listeners = []
 
     async def reload(self, config: GatewayConfig) -> None:
         """Apply a new configuration (SIGHUP): sessions it no longer allows are disconnected,
@@ -176,7 +216,7 @@ class Gateway:
         ``client_ca`` that cannot be loaded raises :class:`ConfigError`, changing nothing."""
         async with self._reloading:
             old = self.config
-            keys = ("listen", "tls", "cert", "key", "state_dir")
+            keys = ("listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports")
             if fixed := [k for k in keys if getattr(old, k) != getattr(config, k)]:
                 logger.warning(
                     "reload: %s cannot change while running; restart to apply", ", ".join(fixed)
@@ -275,7 +315,7 @@ class Gateway:
             if policy.name:
                 self.totals.agent(policy.name)
 
-    async def _run(self, listener: Listener) -> None:
+    async def _run(self, listeners: list[Listener]) -> None:
         async with asyncio.TaskGroup() as group:
 
             def handle(stream: SocketStream, peer: str) -> None:
@@ -287,8 +327,9 @@ class Gateway:
                 self._handshake_refusals.warning(logger, now, message, peer, refusal)
                 stream.abort()
 
-            accepting = accept(listener, handle, logger, "the control port")
-            self._accepting = group.create_task(accepting)
+            for index, listener in enumerate(listeners):
+                where = "the worker's own port" if index else "the control port"
+                self._accepting.append(group.create_task(accept(listener, handle, logger, where)))
             self._ready.set()
 
     async def _say_bye(self, sessions: list[GatewaySession]) -> None:
@@ -326,6 +367,13 @@ class Gateway:
             elif hello.role == "probe":
                 owned = True
                 await self._probe(channel, hello.agent, peer)
+            elif hello.role == "control" and self._shared.workers and not hello.workers:
+                reason = (
+                    f"this gateway runs {len(self._shared.workers)} worker processes: the agent "
+                    "must hold a session with each (upgrade it)"
+                )
+                logger.warning("refusing agent %r from %s: %s", hello.agent, peer, reason)
+                await channel.send_message(Refused("version", reason))
             elif hello.role == "control":
                 owned = True
                 session = GatewaySession(
@@ -448,6 +496,15 @@ def self_signed_identity(config: GatewayConfig) -> tuple[Path, list[str]] | None
     if not config.tls or (config.cert is not None and config.key is not None):
         return None
     return config.state_dir or default_state_dir(), [config.listen.host]
+
+
+def identity_files(config: GatewayConfig) -> tuple[Path, Path, bool]:
+    """The certificate and key of the control port's TLS: the configured ones, else the
+    state directory's self-signed identity, made on first use; and whether it was made."""
+    if (own := self_signed_identity(config)) is None:
+        assert config.cert is not None and config.key is not None
+        return config.cert, config.key, False
+    return tls.ensure_self_signed(*own)
 
 
 def with_stored_token(config: GatewayConfig) -> tuple[GatewayConfig, Path | None]:

@@ -23,6 +23,7 @@ from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
 from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds, host_of
+from tunnelgate.gateway.leases import LocalLeases, PortLeases
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.logs import ContextLogger, Throttle, log_closed
@@ -30,7 +31,7 @@ from tunnelgate.protocol import wire
 from tunnelgate.protocol.session import Admitted
 from tunnelgate.relay import RelayResult, relay
 from tunnelgate.stats import GatewayTotals
-from tunnelgate.transport import Listener, SocketStream, Stream, WouldBlock, open_listener
+from tunnelgate.transport import Listener, SocketStream, Stream, WouldBlock
 
 logger = logging.getLogger(__package__)
 
@@ -40,6 +41,7 @@ KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network wa
 FINISH_TIMEOUT: Final = 10.0
 FIRST_READ: Final = 16 * 1024  # a client's first bytes, sent with its Start when already there
 AGENT_GOODBYE: Final = "agent said goodbye: "
+FREE_PORT_CLAIMS: Final = 8  # free ports tried for a service asking for any, if leased elsewhere
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Shared:
     config: Callable[[], GatewayConfig]  # the gateway's, as reloaded
     forget_name: Callable[[GatewaySession], None]  # the session drains or ends
     ports: Ports = field(default_factory=Ports)
+    leases: PortLeases = field(default_factory=LocalLeases)  # which agent holds a port
+    workers: tuple[str, ...] = ()  # every worker's own control address; (): one process
+    worker: int = 0  # this process's index among them
     gates: ClientGates = field(default_factory=ClientGates)
     conn_ids: Iterator[int] = field(default_factory=functools.partial(itertools.count, 1))
     totals: GatewayTotals = field(default_factory=GatewayTotals)
@@ -178,10 +183,16 @@ class GatewaySession:
         self._task = asyncio.current_task()
         reason, level, label, counted = "ended", logging.INFO, "closed", False
         try:
-            c = self._config()
+            c, shared = self._config(), self._shared
             await self.channel.send_message(
                 wire.Welcome(
-                    self.id, c.heartbeat_interval, c.heartbeat_timeout, c.max_pool_size, self.reuse
+                    self.id,
+                    c.heartbeat_interval,
+                    c.heartbeat_timeout,
+                    c.max_pool_size,
+                    self.reuse,
+                    list(shared.workers),
+                    shared.worker,
                 )
             )
             self.log.info("session started from %s", self.peer)
@@ -244,7 +255,8 @@ class GatewaySession:
 
     def release(self) -> None:
         """Free the ports, close the listeners and the pool; safe to call twice."""
-        self._shared.ports.release(self)
+        for bind, port in self._shared.ports.release(self):
+            self._shared.leases.release(bind, port, self.agent)
         for service in self.services.values():
             service.listener.close()
         self.pool.discard()
@@ -266,7 +278,7 @@ class GatewaySession:
             if isinstance(message, str):
                 return message
             if isinstance(message, wire.Register):
-                results = [self._expose(request) for request in message.services]
+                results = [await self._expose(request) for request in message.services]
                 await channel.send_message(wire.Registered(results))
             elif isinstance(message, wire.Pong):
                 if self._ping is not None and self._ping[0] == message.seq:
@@ -301,11 +313,13 @@ class GatewaySession:
                 return f"its policy no longer allows service {service.name} on {service.address}"
         return None
 
-    def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
-        """Open the public listener for one service, if the policy allows it."""
+    async def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
+        """Open the public listener for one service, if the policy allows it and no other
+        agent holds the port (in this process, or on another worker: the leases)."""
         config, policy, name, port = self._config(), self.policy, request.name, request.port
         bind = request.bind or config.default_bind
         binds = allowed_binds(config, policy)
+        ports = self._shared.ports
 
         def refuse(error: str) -> wire.ServiceResult:
             self.log.warning("service %s refused: %s", name, error)
@@ -319,30 +333,56 @@ class GatewaySession:
             return refuse(f"this agent may expose at most {policy.max_services} services")
         if bind not in binds:
             return refuse(f"bind address {bind} is not allowed (allowed: {', '.join(binds)})")
-        if not port:
-            listener = self._shared.ports.listen_on_free_port(bind, policy)
-            if listener is None:
-                return refuse("no free port among the ports allowed for this agent")
-        elif not policy.allows_port(port):
+        if port and not policy.allows_port(port):
             return refuse(f"port {port} is not allowed for this agent")
-        elif (bind, port) in self._shared.ports.holders:
+        if port and (bind, port) in ports.holders:
             return refuse(f"port {port} is held by another agent")
-        else:
-            try:
-                listener = open_listener(bind, port)
-            except TransportError as exc:
-                return refuse(str(exc))
+        if isinstance(listener := await self._take_port(bind, port), str):
+            return refuse(listener)
         listener.reset_accepted()  # a client's connection resets unless it ends cleanly
         address = listener.address
         gates = self._shared.gates.gates_for(config, policy, name)
         self.services[name] = service = _Service(name, address, listener, bind, gates)
-        self._shared.ports.holders[(bind, address.port)] = self
         assert self._group is not None
         service.accepting = self._group.create_task(self._accept_clients(service, self._group))
         self.record.service(name)  # counted from now on, at zero
         self._events.add(time.time(), "service_up", self.agent, name, str(address))
         self.log.info("service %s exposed on %s", name, address)
         return wire.ServiceResult(name, True, bind=address.host, port=address.port)
+
+    async def _take_port(self, bind: str, port: int) -> Listener | str:
+        """A listener on ``(bind, port)`` (any port the policy allows, if 0), held by this
+        session and leased to its agent; else why not."""
+        ports, leases, error = self._shared.ports, self._shared.leases, ""
+        for _ in range(FREE_PORT_CLAIMS if not port else 1):
+            listener = None if port else ports.listen_on_free_port(bind, self.policy)
+            if listener is None and not port:
+                return "no free port among the ports allowed for this agent"
+            key = (bind, listener.address.port if listener is not None else port)
+            ports.holders[key] = self  # before the claim's wait: no other session here takes it
+            granted: bool | None = None  # None: not known (cancelled while claiming)
+            taken = False
+            try:
+                granted = await leases.claim(*key, self.agent) is None
+                if not granted:  # for any port: one a worker shares with another agent
+                    error = f"port {key[1]} is held by another agent"
+                    continue
+                if self.goodbye is not None or ports.holders.get(key) is not self:
+                    return "the session is ending"
+                listener = listener or ports.open(*key)
+                taken = True
+                return listener
+            except TransportError as exc:
+                return str(exc)
+            finally:
+                if not taken:
+                    if listener is not None:
+                        listener.close()
+                    if ports.holders.get(key) is self:  # else the one who took it released it
+                        del ports.holders[key]
+                        if granted is not False:
+                            leases.release(*key, self.agent)
+        return error
 
     def update_gates(self) -> None:
         """After a reload: every service's access rules as the config now says."""

@@ -34,6 +34,7 @@ WHOLE_FRAME_MAX: Final = HEADER_SIZE + MAX_DATA_SIZE  # the largest frame whole_
 MAX_ABORT_SIZE: Final = 1024
 NONCE_SIZE: Final = 32
 MAX_SERVICES: Final = 256  # in one Register, so per agent
+MAX_WORKERS: Final = 128  # worker processes of one gateway, announced in a Welcome (< 64 KiB)
 MAX_MEASURE_SECONDS: Final = 10.0  # one throughput measurement on a probe channel, at most
 # How an agent's ABORT begins when it cannot reach the local service.
 AGENT_REACH_FAILURE: Final = "agent "
@@ -69,6 +70,10 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     software: Annotated[str, msgspec.Meta(max_length=64)] = ""
     # Control channel: the agent takes its data channels back after a clean end (Finished).
     reuse: bool = False
+    # Control channel: when a Welcome lists workers, the agent holds a session with each and
+    # dials each session's data channels at its own worker's address (gateways of several
+    # workers refuse agents without it: their data channels would reach the wrong worker).
+    workers: bool = False
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
@@ -81,6 +86,12 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     # Data channels of this session go back to the pool after a clean end: the agent said it
     # can (Hello.reuse) and the gateway allows it.
     reuse: bool = False
+    # A gateway of several worker processes: every worker's own control address ("host:port",
+    # by index), and the index of the one that welcomes this session. The agent holds a
+    # session with each, and opens a session's data channels at its worker's own address.
+    # Empty from a gateway of one process, and ignored by agents before it.
+    workers: Annotated[list[Host], msgspec.Meta(max_length=MAX_WORKERS)] = []
+    worker: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORKERS)] = 0
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):

@@ -339,8 +339,10 @@ def _numeric(host: str, port: int) -> tuple[_AddrInfo, ...]:
     return ((socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), port, 0, 0)),)
 
 
-def open_listener(host: str, port: int) -> Listener:
-    """A bound, listening TCP socket."""
+def open_listener(host: str, port: int, *, reuse_port: bool = False) -> Listener:
+    """A bound, listening TCP socket. With ``reuse_port`` (``SO_REUSEPORT``), other
+    processes of this user may listen on the same address too, and the kernel spreads
+    new connections over all of them (a gateway's workers share public ports so)."""
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -349,6 +351,8 @@ def open_listener(host: str, port: int) -> Listener:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             _tune(sock)  # accepted connections inherit the options: no syscalls per client
             sock.bind(sockaddr)
             sock.listen(LISTEN_BACKLOG)
@@ -362,6 +366,17 @@ def open_listener(host: str, port: int) -> Listener:
         raise TransportError(f"cannot listen on {where}: {describe_os_error(exc)}") from None
 
 
+def inherited_listener(fd: int) -> Listener:
+    """The listening TCP socket a parent process handed down as descriptor ``fd``."""
+    try:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return Listener(sock)
+    except OSError as exc:
+        why = describe_os_error(exc)
+        raise TransportError(f"cannot use listening descriptor {fd}: {why}") from None
+
+
 class Listener:
     """A listening TCP socket; ``address`` is the one it is bound to."""
 
@@ -372,6 +387,10 @@ class Listener:
 
     def close(self) -> None:
         self._sock.close()
+
+    def fileno(self) -> int:
+        """The descriptor, to hand down to a child process (which may accept on it too)."""
+        return self._sock.fileno()
 
     def reset_accepted(self) -> None:
         """Every connection accepted from now on starts as after

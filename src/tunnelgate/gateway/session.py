@@ -477,10 +477,10 @@ class GatewaySession:
             server = service.public or stream.local_address()
             start = wire.Start(record.conn, service.name, client, server)
             await channel.send_message(start, then=first)
+            sent, first = max(0, len(first) - wire.HEADER_SIZE), b""  # not kept while it runs
             totals.started(time.monotonic() - record.started)
             log.debug("client %s started on a data channel", client)
-            # Filled in even if cancelled.
-            record.result = RelayResult(sent=max(0, len(first) - wire.HEADER_SIZE))
+            record.result = RelayResult(sent=sent)  # filled in even if cancelled
             await relay(stream, channel, "client", record.result, keep_channel=self.reuse)
         except TransportError as exc:
             log.warning("client %s: data channel failed before relaying: %s", client, exc)
@@ -520,7 +520,7 @@ class GatewaySession:
             channel.close()
 
 
-def _first_bytes(stream: SocketStream) -> memoryview:
+def _first_bytes(stream: SocketStream) -> bytes | memoryview:
     """What the client sent already, as a DATA frame the Start carries in the same write
     (most clients speak first: one write and one wakeup less on each side); empty if
     nothing came yet, or its EOF, which the relay then reads again. Raises TransportError
@@ -529,9 +529,9 @@ def _first_bytes(stream: SocketStream) -> memoryview:
     try:
         n = stream.try_receive_into(memoryview(frame)[wire.HEADER_SIZE :])
     except WouldBlock:
-        return memoryview(b"")
+        return b""
     if n == 0:
-        return memoryview(b"")
+        return b""
     wire.pack_data_header(frame, n)
     return memoryview(frame)[: wire.HEADER_SIZE + n]
 

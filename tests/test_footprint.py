@@ -35,6 +35,7 @@ OPTIONAL = {
     "tunnelgate.doctor",
     "tunnelgate.status",
     "tunnelgate.demo",
+    "tunnelgate.gateway.supervisor",  # a gateway of one process runs no supervisor
 }
 # What ``tunnelgate --version`` must not load: the event loop, TLS, the wire protocol,
 # the configuration and either side.

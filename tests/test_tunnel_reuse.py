@@ -92,6 +92,22 @@ async def test_a_connection_that_ends_abnormally_does_not_give_its_channel_back(
         assert channel_counts(tunnel.gateway)[1] == 2
 
 
+async def test_a_clients_slot_is_free_as_its_connection_ends_while_its_channel_finishes(
+    start_server: StartServer, open_tunnel: OpenTunnel
+) -> None:
+    """One connection at a time per client address: each next one, opened the moment the
+    last one ended, is admitted (the end handshake of the last one's channel holds no slot)."""
+    tunnel = await open_tunnel(
+        await start_server(answering),
+        gateway_options={"access": {"max_connections_per_client": 1}},
+        pool_size=1,
+    )
+    async with asyncio.timeout(60):
+        for n in range(30):
+            request = f"one at a time {n}".encode()
+            assert await exchange(tunnel.address, request) == answer_to(request), n
+
+
 async def test_reuse_can_be_turned_off_on_the_gateway(
     start_server: StartServer, open_tunnel: OpenTunnel
 ) -> None:

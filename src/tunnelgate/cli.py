@@ -40,6 +40,7 @@ EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+WORKER_ENV = "TUNNELGATE_WORKER"  # gateway.supervisor.WORKER_ENV, without importing it
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090/"
 
@@ -258,11 +259,14 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from tunnelgate.config import GATEWAY, default_state_dir, load_gateway_config, options
     from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
-    from tunnelgate.gateway.supervisor import WorkerSetup
 
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
     config, log = load_gateway_config(args.config, flags)
-    setup = WorkerSetup.from_environment()  # None unless a supervisor started this process
+    setup: WorkerSetup | None = None  # unless a supervisor started this process
+    if os.environ.get(WORKER_ENV):
+        from tunnelgate.gateway.supervisor import WorkerSetup
+
+        setup = WorkerSetup.from_environment()
     if setup is None and (own := self_signed_identity(config)) is not None:
         _make_identity_apart(*own)  # a worker's supervisor made it already
     if setup is None and config.workers > 1:

@@ -232,7 +232,7 @@ def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[]
     import ctypes  # loaded by tune_reads already, where TLS is used
 
     functions = _pending_functions()
-    if functions is None or type(ssl_object).__name__ != "_SSLSocket":
+    if functions is None or type(ssl_object) is not _ssl._SSLSocket:
         return None
     has_pending, ssl_ctx_of = functions
     word = ctypes.sizeof(ctypes.c_void_p)
@@ -247,11 +247,13 @@ def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[]
 
 @functools.cache
 def _pending_functions() -> tuple[Callable[[int], int], Callable[[int], int | None]] | None:
-    """``SSL_has_pending`` and ``SSL_get_SSL_CTX`` of the OpenSSL ``_ssl`` links, once."""
+    """``SSL_has_pending`` and ``SSL_get_SSL_CTX`` of the OpenSSL ``_ssl`` links, once;
+    called holding the GIL (``PyDLL``): they only read a field, and the relay asks after
+    every TLS read."""
     import ctypes
 
     try:
-        lib = ctypes.CDLL(_ssl.__file__)
+        lib = ctypes.PyDLL(_ssl.__file__)
         has_pending = lib.SSL_has_pending
         has_pending.restype, has_pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
         ssl_ctx_of = lib.SSL_get_SSL_CTX

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 from tunnelgate.channel import Channel
 from tunnelgate.errors import ConnectionClosed, ProtocolError, TransportError
@@ -22,7 +22,6 @@ from tunnelgate.logs import ContextLogger
 from tunnelgate.protocol.wire import Ping, Pong, PoolRelease, Refused, Start
 
 OPEN_RETRY_DELAY: Final = 1.0  # pause after a data channel failed to open
-FINISH_TIMEOUT: Final = 10.0  # for the gateway's Finished after a clean end (its client's too)
 MAX_EXTRA_CHANNELS: Final = 1024
 DEMAND_WINDOW: Final = 1.0  # seconds over which the rate of new clients is averaged
 DEMAND_HEADROOM: Final = 2.0  # idle channels kept per channel in use while one opens
@@ -183,11 +182,13 @@ class DataChannels:
         again (Finished each way), else it is closed."""
         demand = self.demand
         try:
-            start = await self._wait_for_start(channel)
+            start = await self._wait_for_start(channel, fresh)
         finally:
             demand.idle -= 1
             self.changed.set()  # the target may have grown (with a start), or a channel is gone
-        if start is None:
+        if start is None or start == "pause":
+            if start == "pause":  # no retry storm against a gateway refusing channels
+                await asyncio.sleep(OPEN_RETRY_DELAY)
             return False
         demand.started(time.monotonic(), fresh)
         task = asyncio.current_task()
@@ -206,10 +207,12 @@ class DataChannels:
             return False
         finally:
             self.serving.discard(task)
-        try:
-            async with asyncio.timeout(FINISH_TIMEOUT):
-                await channel.finish(start.conn)
-        except (TransportError, ProtocolError, ConnectionClosed, TimeoutError) as exc:
+        if self.stopped:  # draining: the gateway, which cannot know yet, might start it again
+            channel.close()
+            return False
+        try:  # no timer: the gateway's Finished waits for its client to take the last bytes
+            await channel.finish(start.conn)
+        except (TransportError, ProtocolError, ConnectionClosed) as exc:
             self.log.debug("conn %d: data channel not reused: %s", start.conn, exc)
             channel.close()
             return False
@@ -218,9 +221,13 @@ class DataChannels:
             raise
         return True
 
-    async def _wait_for_start(self, channel: Channel) -> Start | None:
-        """The Start that puts a pooled channel to use; None if it ended unused. One the gateway
-        ends unexpectedly costs a pause: no retry storm against a gateway refusing channels."""
+    async def _wait_for_start(
+        self, channel: Channel, fresh: bool
+    ) -> Start | Literal["pause"] | None:
+        """The Start that puts a pooled channel to use; None if it ended unused, "pause" if
+        the gateway ended a fresh one unexpectedly (the caller pauses: no retry storm against a
+        gateway refusing channels). A reused one the gateway closes was turned away (its pool
+        was full or its session ending): neither a release nor a loss, and no reason to pause."""
         demand = self.demand
         try:
             # The gateway checks a channel that has been idle a while with a Ping.
@@ -228,21 +235,23 @@ class DataChannels:
                 await channel.send_message(Pong(message.seq))
         except (TransportError, ProtocolError, ConnectionClosed) as exc:
             channel.abort()
+            if not fresh and isinstance(exc, ConnectionClosed):
+                return None
             if demand.releasing and isinstance(exc, ConnectionClosed):
                 demand.releasing -= 1  # closed as asked with PoolRelease (a clean close)
             elif demand.lost:
                 demand.lost -= 1  # one the gateway discarded: its path comes back with a reset
             else:
                 self.log.debug("pooled data channel ended unused: %s", exc)
-                await asyncio.sleep(OPEN_RETRY_DELAY)
+                return "pause"
             return None
         except BaseException:
             channel.abort()
             raise
         if isinstance(message, Start):
             return message
+        channel.abort()
         if isinstance(message, Refused):
             self.log.warning("data channel refused by the gateway: %s", message.reason)
-            await asyncio.sleep(OPEN_RETRY_DELAY)
-        channel.abort()
+            return "pause"
         return None

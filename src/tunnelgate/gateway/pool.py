@@ -136,14 +136,13 @@ class ChannelPool:
         if (missing := len(self.waiters) - self.requested) > 0:
             self.requested += missing
             await self.control.send_message(PoolRequest(missing))
+        taken: Channel | None = None
         try:
             async with asyncio.timeout(pending_timeout):
                 taken = await _unless_left(waiter, stream)
             if taken is None:  # its one closing line, as for every client
                 duration, end = time.monotonic() - waited_from, "left before a data channel came"
                 log_closed(log, client, 0, 0, duration, end, normal=True)
-                if waiter.done() and not waiter.cancelled():  # came in the same instant
-                    self.idle.append(_Pooled(waiter.result()))
                 return "left"
             return taken
         except TimeoutError:
@@ -158,8 +157,18 @@ class ChannelPool:
         finally:
             if not waiter.done():
                 waiter.cancel()
+            elif not waiter.cancelled() and taken is None:  # came as the client left, or timed out
+                self._keep(waiter.result())
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
+
+    def _keep(self, channel: Channel) -> None:
+        """A channel given to a client that did not take it: idle again, unless the pool is
+        closed (the session ended meanwhile)."""
+        if self.closed:
+            channel.abort()
+        else:
+            self.idle.append(_Pooled(channel))
 
 
 def _turn_away(channel: Channel, reused: bool) -> None:

@@ -37,8 +37,9 @@ logger = logging.getLogger(__package__)
 
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 # For the agent's Finished after a clean end: it comes once the agent's service has taken
-# the last bytes, so it may take a while; the channel waits outside the pool meanwhile.
-FINISH_TIMEOUT: Final = 10.0
+# the last bytes, so it may take a while; the channel waits outside the pool meanwhile, and
+# is closed (gently) after this, so that an agent that never finishes holds none for long.
+FINISH_TIMEOUT: Final = 30.0
 FIRST_READ: Final = 16 * 1024  # a client's first bytes, sent with its Start when already there
 AGENT_GOODBYE: Final = "agent said goodbye: "
 FREE_PORT_CLAIMS: Final = 8  # free ports tried for a service asking for any, if leased elsewhere
@@ -498,8 +499,9 @@ class GatewaySession:
                 if channel is not None:
                     channel.abort()
         if record.result is not None and record.result.channel_kept:
-            assert channel is not None
-            await self._reuse(channel, record.conn, log)
+            assert channel is not None and self._group is not None
+            # Its own task: the client is gone, its slot and access counts free at once.
+            spawn(self._group, channel.stream, self._reuse(channel, record.conn, log))
 
     async def _reuse(self, channel: Channel, conn: int, log: ContextLogger) -> None:
         """After a clean end, the end handshake; then the channel waits for the next client."""
@@ -510,13 +512,17 @@ class GatewaySession:
             log.debug("data channel not reused: %s", exc or "no Finished in time")
             channel.close()  # gently: the agent may still be handing its service the last bytes
             return
+        except Exception:  # a bug: this channel only, never its session
+            log.exception("unexpected error finishing a data channel")
+            channel.abort()
+            return
         except BaseException:
             channel.abort()
             raise
-        if self.goodbye is None:
+        if self.goodbye is None and channel.is_idle_and_open():
             self.record.channel_reuses += 1
             self.pool.add(channel, self._config().max_pool_size, reused=True)
-        else:
+        else:  # the session drains, or the agent closed it or sent more than its Finished
             channel.close()
 
 

@@ -220,10 +220,11 @@ class Conversation:
         return message
 
     def _check_conn(self, message: Start | Finished, error: type[ProtocolError]) -> None:
-        """A Start names the channel's connection, anew each time; a Finished that one."""
+        """A Start names the channel's connection, another each time (not in order: a client
+        that waited may get a channel that carried a later one); a Finished that one."""
         if isinstance(message, Start):
-            if self.conn is not None and message.conn <= self.conn:
-                raise error(f"start of conn {message.conn} after conn {self.conn}")
+            if message.conn == self.conn:
+                raise error(f"start of conn {message.conn} again")
             self.conn = message.conn
         elif message.conn != self.conn:
             raise error(f"finished for conn {message.conn} while carrying conn {self.conn}")

@@ -289,7 +289,7 @@ async def _connect(sock: socket.socket, sockaddr: tuple[Any, ...]) -> None:
     """Connect a non-blocking socket: the loop's ``sock_connect`` without its resolving
     and bookkeeping, which cost more than the connect itself on loopback."""
     code = sock.connect_ex(sockaddr)
-    if code == errno.EINPROGRESS:
+    if code in (errno.EINPROGRESS, errno.EINTR):  # EINTR: the connect goes on all the same
         await wait_writable(sock.fileno())
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code:

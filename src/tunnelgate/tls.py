@@ -232,7 +232,7 @@ def held_bytes_check(ssl_object: object, context: ssl.SSLContext) -> Callable[[]
     import ctypes  # loaded by tune_reads already, where TLS is used
 
     functions = _pending_functions()
-    if functions is None or type(ssl_object) is not _ssl._SSLSocket:
+    if functions is None or type(ssl_object) is not _ssl._SSLSocket:  # type: ignore[attr-defined]
         return None
     has_pending, ssl_ctx_of = functions
     word = ctypes.sizeof(ctypes.c_void_p)

@@ -191,16 +191,18 @@ class Target:
 
 TARGETS = [
     *(Target("tg-notls", f, ">=", 0.5, "direct") for f in ("up1", "down1", "up8", "down8")),
-    Target("tg-notls", "pin_p50", "<=", 1.0, "ssh"),
-    Target("tg-notls", "conn_s", ">=", 4.0, "ssh"),
+    Target("tg-notls", "pin_p50", "<=", 0.8, "ssh"),  # issue 14's targets from here on
+    Target("tg-notls", "conn_s", ">=", 5.0, "ssh"),
+    Target("tg-notls", "conn_p99", "<=", 1.0, "ssh"),
     Target("tg-notls", "conn_errors", "<=", 0, None),
     Target("tg-notls", "rss_per_conn", "<=", 24, None),
     Target("tg-notls", "rss_gateway", "<=", 20, None),
     Target("tg-notls", "rss_agent", "<=", 20, None),
     *(Target("tg-tls", f, ">=", 1.0, "ssh") for f in ("up1", "down1")),
     *(Target("tg-tls", f, ">=", 1.3, "ssh") for f in ("up8", "down8")),
-    Target("tg-tls", "pin_p50", "<=", 1.2, "ssh"),
-    Target("tg-tls", "conn_s", ">=", 2.0, "ssh"),
+    Target("tg-tls", "pin_p50", "<=", 1.0, "ssh"),
+    Target("tg-tls", "conn_s", ">=", 3.0, "ssh"),
+    Target("tg-tls", "conn_p99", "<=", 1.0, "ssh"),
     Target("tg-tls", "rss_per_conn", "<=", 32, None),
     Target("tg-tls", "rss_gateway", "<=", 20, None),
     Target("tg-tls", "rss_agent", "<=", 20, None),

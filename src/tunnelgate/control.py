@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import NoReturn
 
 from tunnelgate.channel import Channel
@@ -18,7 +19,7 @@ async def receive_control(
     channel: Channel,
     timeout: float,
     draining: Callable[[], str | None],
-    relays: set[asyncio.Task[None]],
+    relays: AbstractSet[asyncio.Future[None]],
 ) -> Message | str:
     """The next message but Pings (answered here), within ``timeout``. Once draining
     (``draining()`` says why), the channel's end is normal: wait for the relays."""
@@ -37,15 +38,17 @@ async def receive_control(
         await channel.send_message(Pong(message.seq))
 
 
-async def end_when_drained(relays: set[asyncio.Task[None]], reason: str) -> NoReturn:
+async def end_when_drained(relays: AbstractSet[asyncio.Future[None]], reason: str) -> NoReturn:
     """End the session (inside its task group) once its last relay has ended."""
     await wait_relays(relays)
     raise SessionOver(reason)
 
 
-async def wait_relays(relays: set[asyncio.Task[None]], timeout: float | None = None) -> int:
-    """Until the relays' tasks (a live set: each removes itself) have ended, for
-    up to ``timeout``; how many still run."""
+async def wait_relays(
+    relays: AbstractSet[asyncio.Future[None]], timeout: float | None = None
+) -> int:
+    """Until the relays (a live set of their tasks or futures: each leaves it when done)
+    have ended, for up to ``timeout``; how many still run."""
     loop = asyncio.get_running_loop()
     end = None if timeout is None else loop.time() + timeout
     while relays and (end is None or end > loop.time()):

@@ -115,7 +115,9 @@ class DataChannels:
     log: ContextLogger
     reuse: bool = False  # the gateway takes data channels back after a clean end
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    serving: set[asyncio.Task[None]]  # channels relaying a client (the session's set)
+    # One future per client being carried, done when it ends (the session's set): not the
+    # channel's task, which outlives its client when the channel is reused.
+    serving: set[asyncio.Future[None]]
     stopped: bool = False  # draining: open no more channels
 
     def statistics(self) -> PoolStatistics:
@@ -191,9 +193,8 @@ class DataChannels:
                 await asyncio.sleep(OPEN_RETRY_DELAY)
             return False
         demand.started(time.monotonic(), fresh)
-        task = asyncio.current_task()
-        assert task is not None
-        self.serving.add(task)
+        served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.serving.add(served)
         try:
             if not await self.serve(channel, start, self.reuse):
                 return False
@@ -206,7 +207,8 @@ class DataChannels:
             channel.abort()
             return False
         finally:
-            self.serving.discard(task)
+            self.serving.discard(served)
+            served.set_result(None)
         if self.stopped:  # draining: the gateway, which cannot know yet, might start it again
             channel.close()
             return False

@@ -229,7 +229,7 @@ class AgentSession:
         self.workers: tuple[str, ...] = ()
         self.worker: int | None = None
         self.services: dict[str, ExposedService] = {}
-        self.serving: set[asyncio.Task[None]] = set()  # tasks of the client connections carried
+        self.serving: set[asyncio.Future[None]] = set()  # one per client connection carried
         self.started = time.monotonic()
         self.connected_at = 0.0  # wall clock, once welcomed
         self.rtt: float | None = None

@@ -40,7 +40,6 @@ EXIT_REFUSED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 130  # a second signal: stopped without draining
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-WORKER_ENV = "TUNNELGATE_WORKER"  # gateway.supervisor.WORKER_ENV, without importing it
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090/"
 
@@ -256,7 +255,13 @@ def _run_gateway(args: argparse.Namespace) -> int:
     import signal
 
     from tunnelgate import systemd
-    from tunnelgate.config import GATEWAY, default_state_dir, load_gateway_config, options
+    from tunnelgate.config import (
+        GATEWAY,
+        WORKER_ENV,
+        default_state_dir,
+        load_gateway_config,
+        options,
+    )
     from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
 

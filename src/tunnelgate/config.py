@@ -40,6 +40,7 @@ from tunnelgate.protocol.wire import MAX_SERVICES, MAX_WORKERS
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
 ADMIN_TOKEN_ENV: Final = "TUNNELGATE_ADMIN_TOKEN"
+WORKER_ENV: Final = "TUNNELGATE_WORKER"  # set only by a supervisor, for its workers: JSON
 MIN_TOKEN_LENGTH: Final = 16
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")

@@ -39,7 +39,7 @@ from typing import Any, Final
 from tunnelgate import errors, tls
 from tunnelgate.address import Address
 from tunnelgate.backoff import backoff
-from tunnelgate.config import GatewayConfig
+from tunnelgate.config import WORKER_ENV, GatewayConfig
 from tunnelgate.gateway.gateway import Worker, identity_files, with_stored_token
 from tunnelgate.gateway.leases import (
     MAX_LINE_SIZE,
@@ -52,7 +52,6 @@ from tunnelgate.transport import Listener, ProcessChannel, inherited_listener, o
 
 logger = logging.getLogger(__package__)
 
-WORKER_ENV: Final = "TUNNELGATE_WORKER"  # set only by a supervisor, for its workers: JSON
 # The supervisor's own business, not its workers' (systemd hears from the supervisor alone).
 NOT_INHERITED: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 RESTART_MIN: Final = 0.5  # seconds before restarting a worker that died: full jitter, doubling

@@ -207,16 +207,29 @@ def _run(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.set_exception_handler(_on_loop_error)
         await main(stop)
         return EXIT_OK
 
-    if os.environ.get("TUNNELGATE_LOOP", "") == "asyncio" or not fast_loop:
-        return asyncio.run(guarded())
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(guarded())
-    return uvloop.run(guarded())
+    if fast_loop and os.environ.get("TUNNELGATE_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass  # outside the handler, so that no later error chains to this one
+        else:
+            return uvloop.run(guarded())
+    return asyncio.run(guarded())
+
+
+def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Report a connection that failed while the loop set it up (an asyncio-served port, such
+    as the admin API over HTTPS, meeting plain HTTP or a failed handshake) as one line, not a
+    traceback; anything else goes to the loop's default handler."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and "incoming connection" in context.get("message", ""):
+        logger.warning("an incoming connection failed before it was set up: %s", error)
+        return
+    loop.default_exception_handler(context)
 
 
 def _start_logging(args: argparse.Namespace, log: LogConfig, worker: int | None = None) -> None:

@@ -281,10 +281,10 @@ async def test_alerts_queue_full_drops_the_oldest_and_counts_them(
     await wait_until(lambda: alerts.statistics().dropped == 2, DEADLINE, "two alerts dropped")
     assert alerts.statistics().queued == 1 and len(receiver.requests) == 1
     await echo_roundtrip(exposed.address)
-    families = {f.name: f for f in GatewaySite(gateway, alerts=alerts).collect()}
+    families = {f.name: f for f in await GatewaySite(gateway, alerts=alerts).collect()}
     samples = {s.labels["result"]: s.value for s in families["tunnelgate_alerts_sent"].samples}
     assert samples == {"ok": 0, "failed": 0, "dropped": 2}
-    assert "tunnelgate_alerts_sent" not in {f.name for f in GatewaySite(gateway).collect()}
+    assert "tunnelgate_alerts_sent" not in {f.name for f in await GatewaySite(gateway).collect()}
 
 
 async def test_alerts_follow_a_reload(
@@ -338,14 +338,17 @@ def threaded_receiver() -> Iterator[tuple[str, list[Received]]]:
             thread.join()
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_cli_gateway_sends_alerts_without_admin(
     launch: Launch,
     echo_port: int,
     tmp_path: Path,
     threaded_receiver: tuple[str, list[Received]],
+    workers: int,
 ) -> None:
     """`tunnelgate gateway` with [[alerts]] and no --admin reports a killed agent, signed,
-    and still stops cleanly."""
+    and still stops cleanly; with two workers, once for the gateway (the agent's session on
+    each worker ends)."""
     url, received = threaded_receiver
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -353,16 +356,18 @@ def test_cli_gateway_sends_alerts_without_admin(
         encoding="utf-8",
     )
     token = new_token()
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
-                            tls=False)  # fmt: skip
+    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config),
+                            "--workers", str(workers), token=token, tls=False)  # fmt: skip
     gateway.proc.wait_line(r"alerts: sending agent_offline to http://127\.0\.0\.1:\d+$")
     agent = launch(
         "agent", "--gateway", f"127.0.0.1:{gateway.port}", "--no-tls",
         "--expose", f"0:127.0.0.1:{echo_port}", "--name", "site-a",
         token=token,
     )  # fmt: skip
-    agent.wait_line(r"exposed at gateway port (\d+)")
+    agent.wait_line(r"exposed at gateway port (\d+)", count=workers)
     agent.stop()  # SIGKILL
+    for worker in range(workers if workers > 1 else 0):
+        gateway.proc.wait_line(rf"\[worker={worker} session=\w+ agent=site-a\] session ended")
     deadline = time.monotonic() + DEADLINE
     while not received:
         assert time.monotonic() < deadline, gateway.proc.describe()

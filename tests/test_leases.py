@@ -173,7 +173,7 @@ async def test_supervisor_closes_the_channel_of_a_worker_that_sends_garbage() ->
 
 def test_worker_setup_round_trips_through_the_environment() -> None:
     """What the supervisor writes, the worker reads back; without it, a process is no worker."""
-    setup = WorkerSetup(1, 3, 4, 5, ("127.0.0.1:4001", "127.0.0.1:4002"))
+    setup = WorkerSetup(1, 3, 4, 5, 6, ("127.0.0.1:4001", "127.0.0.1:4002"))
     assert WorkerSetup.from_environment({WORKER_ENV: setup.encode()}) == setup
     assert WorkerSetup.from_environment({}) is None
 

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from kit.clients import echo_exchange
 from kit.processes import GatewayProc, Launch, Proc, start_gateway
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from tunnelgate import credentials
 from tunnelgate.protocol import wire as p
@@ -105,6 +107,105 @@ def test_workers_each_serve_the_clients_of_a_shared_port(
     gateway.proc.wait_line(r"\] closed client=.* end=normal", count=len(payloads))
     counts = [served_by(gateway, worker) for worker in (0, 1)]
     assert sum(counts) == len(payloads) and all(counts), f"clients per worker: {counts}"
+
+
+def post_json(url: str) -> object:
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=DEADLINE) as answer:
+        return json.loads(answer.read())
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of ``url``'s /metrics: (name, labels) → value; a sample twice fails."""
+    with urllib.request.urlopen(f"{url}metrics", timeout=DEADLINE) as answer:
+        text = answer.read().decode()
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"{key} twice in the metrics"
+            samples[key] = sample.value
+    return samples
+
+
+def agent_sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+                 **labels: str) -> float:  # fmt: skip
+    return samples[(name, frozenset({"agent": "site-a", **labels}.items()))]
+
+
+def test_admin_api_metrics_and_actions_of_workers_show_one_gateway(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """The supervisor's admin listener shows the workers as one gateway: the agent once, with
+    a session on each worker; its service once, its counts summed over both workers; one
+    agent_up in the events. Closing a connection reaches the worker that holds it, and a
+    killed worker's counts stay in the totals."""
+    token = new_token()
+    gateway, _ = start_workers(launch, tmp_path, token, "--admin", "127.0.0.1:0")
+    url = gateway.proc.wait_line(ADMIN_URL).group(1)
+    assert get_json(f"{url}readyz") == {"ready": True}
+    service = f"127.0.0.1:{echo_port}"  # its name
+    agent, port = start_agent(launch, gateway, token, f"0:{service}")
+    payloads = [os.urandom(1000 + i) for i in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda payload: echo_through(port, payload), payloads)) == payloads
+    gateway.proc.wait_line(r"\] closed client=.* end=normal", count=len(payloads))
+    counts = [served_by(gateway, worker) for worker in (0, 1)]
+    assert all(counts), f"clients per worker: {counts}"
+
+    info = get_json(f"{url}api/v1")
+    assert isinstance(info, dict) and info["agents_connected"] == 1, info
+    [record] = get_json(f"{url}api/v1/agents")  # type: ignore[misc]
+    assert record["name"] == "site-a" and record["online"] and record["services"] == [service]
+    assert record["connects"] == 2, record  # a session with each worker
+    detail = get_json(f"{url}api/v1/agents/site-a")
+    assert isinstance(detail, dict)
+    assert sorted(s["worker"] for s in detail["sessions"]) == [0, 1], detail
+    assert detail["traffic"][service]["connections"] == len(payloads), detail
+    assert detail["traffic"][service]["up"] == sum(map(len, payloads)), detail
+    services = get_json(f"{url}api/v1/services")
+    assert services == [{"name": service, "agent": "site-a", "address": f"127.0.0.1:{port}",
+                         "connections": 0, "draining": False}], services  # fmt: skip
+    events = get_json(f"{url}api/v1/events")
+    assert isinstance(events, list)
+    kinds = [(e["kind"], e["agent"], e["service"]) for e in events]
+    assert kinds.count(("agent_up", "site-a", "")) == 1, kinds
+    assert kinds.count(("service_up", "site-a", service)) == 1, kinds
+    samples = scrape(url)
+    total = agent_sample(samples, "tunnelgate_service_connections_total", service=service)
+    assert total == len(payloads)
+    assert agent_sample(samples, "tunnelgate_service_up", service=service) == 1
+    assert samples[("tunnelgate_agents_connected", frozenset())] == 1
+
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as held:
+        held.sendall(b"still here")
+        assert held.recv(64) == b"still here"
+        deadline = time.monotonic() + DEADLINE
+        while not (open_now := get_json(f"{url}api/v1/connections")):
+            assert time.monotonic() < deadline, "the held connection is not listed"
+        [connection] = open_now  # type: ignore[misc]
+        conn = connection["id"]
+        assert post_json(f"{url}api/v1/connections/{conn}/close") == {"closed": conn}
+        with pytest.raises(ConnectionResetError):
+            while held.recv(64):
+                pass
+    with pytest.raises(urllib.error.HTTPError) as refused:  # too long for any worker's channel
+        post_json(f"{url}api/v1/agents/{'x' * 5000}/disconnect")
+    refused.value.close()
+    assert refused.value.code == 404
+    assert post_json(f"{url}api/v1/reload") == {"reloaded": "reloaded"}  # the channels still work
+
+    pid = int(gateway.proc.wait_line(r"worker 1 started \(pid (\d+)\)").group(1))
+    os.kill(pid, signal.SIGKILL)
+    gateway.proc.wait_line(rf"worker 1 \(pid {pid}\) killed by SIGKILL; restarting it in ")
+    samples = scrape(url)
+    kept = agent_sample(samples, "tunnelgate_service_connections_total", service=service)
+    assert kept >= total + 1  # the held connection's too
+    events = get_json(f"{url}api/v1/events")
+    assert isinstance(events, list) and not [e for e in events if e["kind"] == "agent_down"]
+    assert post_json(f"{url}api/v1/agents/site-a/disconnect") == {"disconnected": "site-a"}
+    agent.wait_line(r"dialing .* again|connected to gateway", count=3)
 
 
 def test_killed_worker_is_restarted_and_the_agent_returns_to_it(

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from tunnelgate.config import AgentConfig, GatewayConfig, LogConfig
-    from tunnelgate.gateway.gateway import Gateway, Worker
+    from tunnelgate.gateway.gateway import Gateway, GatewayView, Worker
     from tunnelgate.gateway.leases import WorkerLeases
     from tunnelgate.gateway.supervisor import Supervisor, WorkerSetup
 
@@ -271,7 +271,6 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from tunnelgate.config import (
         GATEWAY,
         WORKER_ENV,
-        default_state_dir,
         load_gateway_config,
         options,
     )
@@ -287,41 +286,41 @@ def _run_gateway(args: argparse.Namespace) -> int:
         setup = WorkerSetup.from_environment()
     if setup is None and (own := self_signed_identity(config)) is not None:
         _make_identity_apart(*own)  # a worker's supervisor made it already
+
+    def load() -> GatewayConfig:  # again, on SIGHUP and from the admin API
+        fresh, log = load_gateway_config(args.config, flags)
+        logging.getLogger("tunnelgate").setLevel(log.level.upper())  # at once
+        return with_stored_token(fresh)[0]
+
     if setup is None and config.workers > 1:
         _start_logging(args, log)
-        return _run_supervisor(config, args.argv)
+        return _run_supervisor(config, args.argv, load)
     _start_logging(args, log, None if setup is None else setup.index)
 
-    async def reload(gateway: Gateway) -> str:  # on SIGHUP and from the admin API
+    async def reload(gateway: Gateway) -> str:
         logger.info("reloading the configuration")
         try:
-            fresh, log = load_gateway_config(args.config, flags)
-            logging.getLogger("tunnelgate").setLevel(log.level.upper())  # at once
-            await gateway.reload(with_stored_token(fresh)[0])
+            fresh = load()
+            await gateway.reload(fresh)
         except ConfigError as exc:
             logger.error("configuration not reloaded; the running one stays: %s", exc)
             return f"not reloaded, the running configuration stays: {exc}"
-        if fresh.alerts and not config.alerts:  # running alerts follow gateway.config
+        if fresh.alerts and not config.alerts and setup is None:
             logger.warning("reload: [[alerts]] added; restart the gateway to send them")
         return "reloaded"
 
     async def main(stop: asyncio.Event) -> None:
         async with (
-            _worker(setup) as (worker, leases),  # with workers: no admin listener, no alerts
+            _worker(setup) as (worker, leases),
             systemd.Notifier.from_environment() as notifier,  # a worker's is off
             Gateway(config, worker=worker) as gateway,
+            _reporting(setup, gateway, lambda: reload(gateway)),
             contextlib.AsyncExitStack() as alerts,
             contextlib.AsyncExitStack() as admin,
         ):
-            sender = await _open_alerts(alerts, gateway) if config.alerts else None
             url = None
-            if config.admin is not None:
-                from tunnelgate.admin.history import FILE_NAME
-                from tunnelgate.admin.sites import GatewaySite
-
-                history = (config.state_dir or default_state_dir()) / FILE_NAME
-                site = GatewaySite(gateway, lambda: reload(gateway), history, sender)
-                url = await _open_admin(admin, site, config, gateway.identity)
+            if setup is None:  # a worker's supervisor runs them, for the whole gateway
+                url = await _open_monitoring(alerts, admin, gateway, lambda: reload(gateway))
             if leases is None:
                 _print_banner(gateway, url)
             else:
@@ -361,6 +360,41 @@ async def _worker(
         yield opened
 
 
+@contextlib.asynccontextmanager
+async def _reporting(
+    setup: WorkerSetup | None, gateway: Gateway, reload: Callable[[], Awaitable[str]]
+) -> AsyncIterator[None]:
+    """A worker answers its supervisor about ``gateway`` meanwhile; nothing else does."""
+    if setup is None:
+        yield
+        return
+    from tunnelgate.gateway.supervisor import reporting
+
+    async with reporting(setup, gateway, reload):
+        yield
+
+
+async def _open_monitoring(
+    alerts: contextlib.AsyncExitStack,
+    admin: contextlib.AsyncExitStack,
+    gateway: GatewayView,
+    reload: Callable[[], Awaitable[str]],
+) -> str | None:
+    """The gateway's ``[[alerts]]`` and admin listener, as configured (each closed with its
+    stack: the alerts before the drain, the admin listener after it): the admin URL, if any."""
+    config = gateway.config
+    sender = await _open_alerts(alerts, gateway) if config.alerts else None
+    if config.admin is None:
+        return None
+    from tunnelgate.admin.history import FILE_NAME
+    from tunnelgate.admin.sites import GatewaySite
+    from tunnelgate.config import default_state_dir
+
+    history = (config.state_dir or default_state_dir()) / FILE_NAME
+    site = GatewaySite(gateway, reload, history, sender)
+    return await _open_admin(admin, site, config, gateway.identity)
+
+
 async def _serve_gateway(gateway: Gateway, leases: WorkerLeases | None) -> None:
     """Until the gateway stops, or a worker's supervisor says stop or is gone."""
     import asyncio
@@ -381,33 +415,61 @@ async def _serve_gateway(gateway: Gateway, leases: WorkerLeases | None) -> None:
         serving.result()
 
 
-def _run_supervisor(config: GatewayConfig, argv: list[str]) -> int:
-    """A gateway of several workers: the supervisor runs the same command once per worker."""
+def _run_supervisor(
+    config: GatewayConfig, argv: list[str], load: Callable[[], GatewayConfig]
+) -> int:
+    """A gateway of several workers: the supervisor runs the same command once per worker,
+    and the admin listener and alerts for them all. ``load`` reads the configuration again."""
     import asyncio
     import signal
 
     from tunnelgate import systemd
+    from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.supervisor import Supervisor
 
     supervisor = Supervisor(config, [sys.executable, "-m", "tunnelgate", *argv])
 
+    async def reload() -> str:
+        logger.info("reloading the configuration")
+        try:
+            fresh = load()
+        except ConfigError as exc:
+            logger.error("configuration not reloaded; the running one stays: %s", exc)
+            return f"not reloaded, the running configuration stays: {exc}"
+        if fresh.alerts and not config.alerts:
+            logger.warning("reload: [[alerts]] added; restart the gateway to send them")
+        return await supervisor.reload(fresh)
+
     async def main(stop: asyncio.Event) -> None:
-        async with systemd.Notifier.from_environment() as notifier:
+        reloads: set[asyncio.Task[str]] = set()
+
+        def on_hangup() -> None:
+            task = asyncio.ensure_future(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        async with (
+            systemd.Notifier.from_environment() as notifier,
+            contextlib.AsyncExitStack() as admin,
+            contextlib.AsyncExitStack() as alerts,
+        ):
             try:
                 await supervisor.start()
+                url = await _open_monitoring(alerts, admin, supervisor, reload)
                 own = ", ".join(supervisor.addresses)
                 workers = (
                     f"workers: {supervisor.count}  (their own control ports, for agents: {own})"
                 )
-                _print_banner(supervisor, None, workers)
+                _print_banner(supervisor, url, workers)
                 notifier.ready(f"listening on {supervisor.address}, {supervisor.count} workers")
                 loop = asyncio.get_running_loop()
-                loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+                loop.add_signal_handler(signal.SIGHUP, on_hangup)
                 try:
                     await _until_stopped(stop, supervisor.serve_forever())
                 finally:
                     loop.remove_signal_handler(signal.SIGHUP)
                 notifier.stopping("stopping: the workers drain their connections")
+                await alerts.aclose()
                 await supervisor.shutdown()
             finally:
                 await supervisor.aclose()
@@ -461,7 +523,7 @@ async def _open_admin(
     return server.url
 
 
-async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: Gateway) -> Any:
+async def _open_alerts(stack: contextlib.AsyncExitStack, gateway: GatewayView) -> Any:
     """Start sending the gateway's ``[[alerts]]`` (stopped with ``stack``). Imported only
     here: a gateway without them never loads the module, with or without ``--admin``."""
     from tunnelgate.admin.alerts import Alerts

@@ -718,13 +718,7 @@ def load_gateway_config(
 
 
 def _check_workers(src: _Source, values: Mapping[str, Any]) -> None:
-    """What several workers cannot do yet: each would show or report only its own part."""
-    if (workers := values["workers"]) == 1:
-        return
-    for key in ("admin", "alerts"):
-        if values[key]:
-            src.fail(key, f"not yet supported with workers ({workers}): each worker would "
-                     "see only its own sessions")  # fmt: skip
+    workers = values["workers"]
     if (base := values["worker_ports"]) and base + workers - 1 > 65535:
         src.fail("worker_ports", f"{base} + {workers} workers goes past port 65535")
 

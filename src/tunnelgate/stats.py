@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -205,17 +206,24 @@ class Event:
 
 
 class EventLog:
-    """The most recent events, in order; a bounded ring."""
+    """The most recent events, in order; a bounded ring. ``follow``: called with each event
+    as it is added (a worker of a gateway sends them on to its supervisor)."""
 
-    def __init__(self, size: int = MAX_EVENTS) -> None:
+    def __init__(
+        self, size: int = MAX_EVENTS, follow: Callable[[Event], None] | None = None
+    ) -> None:
         self._events: deque[Event] = deque(maxlen=size)
         self._next = 1
+        self.follow = follow
 
     def add(
         self, now: float, kind: str, agent: str = "", service: str = "", detail: str = ""
     ) -> None:
-        self._events.append(Event(self._next, now, kind, agent, service, detail))
+        event = Event(self._next, now, kind, agent, service, detail)
+        self._events.append(event)
         self._next += 1
+        if self.follow is not None:
+            self.follow(event)
 
     def since(self, after: int = 0) -> tuple[Event, ...]:
         """The events kept whose id is above ``after``, oldest first."""

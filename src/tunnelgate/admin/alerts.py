@@ -30,7 +30,7 @@ import aiohttp
 
 from tunnelgate import __version__
 from tunnelgate.config import AlertConfig
-from tunnelgate.gateway.gateway import Gateway
+from tunnelgate.gateway.gateway import GatewayView
 from tunnelgate.logs import Throttle
 from tunnelgate.stats import Event
 
@@ -208,7 +208,7 @@ class Alerts:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: GatewayView,
         *,
         poll_interval: float = POLL_INTERVAL,
         retry_interval: float = RETRY_INTERVAL,
@@ -234,7 +234,7 @@ class Alerts:
 
     async def start(self) -> None:
         """Follow the event log from now on: what happened before is not reported."""
-        events = self.gateway.totals.events.since()
+        events = self.gateway.events.since()
         self.last_event = events[-1].id if events else 0
         self._session = aiohttp.ClientSession()
         self._main = asyncio.create_task(self._run(self._session), name="alerts")
@@ -294,7 +294,7 @@ class Alerts:
 
     def _follow(self) -> None:
         """Feed the events logged since the last poll to every webhook's watch."""
-        events = self.gateway.totals.events.since(self.last_event)
+        events = self.gateway.events.since(self.last_event)
         if events and events[0].id > self.last_event + 1:
             missed = events[0].id - self.last_event - 1
             self._missed.warning(

@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -144,7 +144,7 @@ class Recorder:
     def __init__(
         self,
         history: History,
-        totals: Callable[[], Totals],
+        totals: Callable[[], Awaitable[Totals]],
         events: Callable[[int], tuple[Event, ...]],
         interval: float = INTERVAL,
     ) -> None:
@@ -164,7 +164,7 @@ class Recorder:
 
     async def write(self) -> None:
         """Write what moved since the last successful write; on failure it waits for the next."""
-        now, totals, moved = time.time(), self._totals(), {}
+        now, totals, moved = time.time(), await self._totals(), {}
         for key, (connections, up, down) in totals.items():
             was = self._written.get(key, (0, 0, 0))
             moved[key] = (connections - was[0], up - was[1], down - was[2])

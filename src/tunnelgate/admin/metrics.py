@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Final
 
@@ -200,13 +201,19 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     idle = GaugeMetricFamily(
         P + "pool_idle_channels", "Data channels waiting for a client", labels=a
     )
+    pooled: Counter[str] = Counter()  # summed over an agent's sessions (one per worker)
+    clients: Counter[tuple[str, str]] = Counter()
     for session in stats.sessions:
         if session.draining:
             continue
-        idle.add_metric([session.agent], session.pool.idle)
+        pooled[session.agent] += session.pool.idle
         for exposed in session.services:
-            service_up.add_metric([session.agent, exposed.name], 1)
-            active.add_metric([session.agent, exposed.name], exposed.clients)
+            clients[(session.agent, exposed.name)] += exposed.clients
+    for name, count in pooled.items():
+        idle.add_metric([name], count)
+    for (name, service), count in clients.items():
+        service_up.add_metric([name, service], 1)
+        active.add_metric([name, service], count)
     yield from (service_up, active, connections_total, errors, transferred, setup, duration, idle)
 
 

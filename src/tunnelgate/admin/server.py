@@ -38,7 +38,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
@@ -101,10 +101,10 @@ class Site(Protocol):
     def ready(self) -> str | None:
         """None when ready to serve, else why not."""
 
-    def collect(self) -> Iterable[Metric]:
+    async def collect(self) -> list[Metric]:
         """The metrics as they are now."""
 
-    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+    async def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         """The JSON-encodable view at ``/api/v1/<path>``; raises NotFound."""
 
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
@@ -256,7 +256,7 @@ class AdminServer:
         return _json({"ready": False, "reason": reason}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        body = exposition(self.site.collect())
+        body = exposition(await self.site.collect())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
@@ -268,7 +268,7 @@ class AdminServer:
         """The dashboard's view every STREAM_INTERVAL. A client that reads slowly gets the
         latest view when it can take one (nothing queues up); one that stops reading is
         dropped after STREAM_WRITE_TIMEOUT. Either way the others never wait for it."""
-        self._dashboard_view()  # NotFound (404) on a site without a dashboard
+        await self._dashboard_view()  # NotFound (404) on a site without a dashboard
         limits = self.limits
         if self._streams >= limits.max_streams:
             return _error(503, f"at most {limits.max_streams} live dashboards at once")
@@ -280,7 +280,7 @@ class AdminServer:
         try:
             while not self._closing.is_set():
                 async with asyncio.timeout(limits.stream_write_timeout):
-                    await response.write(b"data: " + self._dashboard_view() + b"\n\n")
+                    await response.write(b"data: " + await self._dashboard_view() + b"\n\n")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), limits.stream_interval)
         except (TimeoutError, ConnectionError):
@@ -289,19 +289,19 @@ class AdminServer:
             self._streams -= 1
         return response
 
-    def _dashboard_view(self) -> bytes:
+    async def _dashboard_view(self) -> bytes:
         at, view = self._dashboard
         if time.monotonic() - at >= self.limits.stream_interval / 2:
-            view = msgspec.json.encode(self.site.view(("dashboard",), {}))
+            view = msgspec.json.encode(await self.site.view(("dashboard",), {}))
             self._dashboard = (time.monotonic(), view)
         return view
 
     async def _info(self, request: web.Request) -> web.StreamResponse:
-        return _json(self.site.view((), request.query))
+        return _json(await self.site.view((), request.query))
 
     async def _view(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"].strip("/").split("/")
-        return _json(self.site.view(path, request.query))
+        return _json(await self.site.view(path, request.query))
 
     async def _act(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"].strip("/").split("/")

@@ -45,7 +45,7 @@ from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metri
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent
 from tunnelgate.agent.session import ExposedService
-from tunnelgate.gateway.gateway import Gateway, GatewayStatistics
+from tunnelgate.gateway.gateway import GatewayStatistics, GatewayView
 from tunnelgate.gateway.session import SessionStatistics
 from tunnelgate.stats import DIAL_ERROR_REASONS, AgentRecordStatistics, AgentServiceCounts
 
@@ -63,7 +63,7 @@ class GatewaySite:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: GatewayView,
         reload: Callable[[], Awaitable[str]] | None = None,
         history: Path | None = None,
         alerts: Alerts | None = None,
@@ -76,7 +76,7 @@ class GatewaySite:
         self.recorder = (
             None
             if history is None
-            else Recorder(History(history), self._traffic_totals, gateway.totals.events.since)
+            else Recorder(History(history), self._traffic_totals, gateway.events.since)
         )
         self._recording: asyncio.Task[None] | None = None
 
@@ -91,10 +91,10 @@ class GatewaySite:
         if self.recorder is not None:
             await self.recorder.close()
 
-    def _traffic_totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+    async def _traffic_totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
         return {
             (agent.name, service): (counts.connections, counts.up, counts.down)
-            for agent in self.gateway.statistics().agents
+            for agent in (await self.gateway.snapshot()).agents
             for service, counts in agent.services
         }
 
@@ -103,13 +103,14 @@ class GatewaySite:
             return "the control port is not listening"
         return None
 
-    def collect(self) -> Iterable[Metric]:
-        yield from gateway_metrics(self.gateway.statistics())
+    async def collect(self) -> list[Metric]:
+        metrics = list(gateway_metrics(await self.gateway.snapshot()))
         if self.alerts is not None:
-            yield from alert_metrics(self.alerts.statistics())
+            metrics.extend(alert_metrics(self.alerts.statistics()))
+        return metrics
 
-    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
-        stats = self.gateway.statistics()
+    async def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+        stats = await self.gateway.snapshot()
         match list(path):
             case ["dashboard"]:
                 return self._dashboard(stats)
@@ -124,17 +125,23 @@ class GatewaySite:
                 sessions = [s for s in stats.sessions if s.agent == name]
                 return _agent(record, sessions, detail=True)
             case ["services"]:
-                return [
-                    {
-                        "name": service.name,
-                        "agent": session.agent,
-                        "address": str(service.address),
-                        "connections": service.clients,
-                        "draining": session.draining,
-                    }
-                    for session in stats.sessions
-                    for service in session.services
-                ]
+                exposed: dict[tuple[str, str], dict[str, Any]] = {}  # once, on any worker
+                for session in stats.sessions:
+                    for service in session.services:
+                        view = exposed.setdefault(
+                            (session.agent, service.name),
+                            {
+                                "name": service.name,
+                                "agent": session.agent,
+                                "address": str(service.address),
+                                "connections": 0,
+                                "draining": True,
+                            },
+                        )
+                        view["connections"] += service.clients
+                        if not session.draining:  # the address of the session serving
+                            view["address"], view["draining"] = str(service.address), False
+                return list(exposed.values())
             case ["services", name, "traffic"]:
                 return self._history_of(stats, name, query)
             case ["history", "events"]:
@@ -145,7 +152,7 @@ class GatewaySite:
                 after = query.get("after", "0")
                 if not after.isdigit():
                     raise BadRequest("after= takes an event id")
-                return self.gateway.totals.events.since(int(after))
+                return self.gateway.events.since(int(after))
             case ["connections"]:
                 return [
                     _connection(c, "waiting", agent=session.agent)
@@ -213,7 +220,7 @@ class GatewaySite:
                 for agent, c in clients[:DASHBOARD_CONNECTIONS]
             ],
             "connections_total": len(clients),
-            "events": self.gateway.totals.events.since()[-DASHBOARD_EVENTS:],
+            "events": self.gateway.events.since()[-DASHBOARD_EVENTS:],
             "history": self.recorder is not None,
         }
 
@@ -237,7 +244,7 @@ class GatewaySite:
                     raise NotFound(f"agent {name!r} is not connected")
                 return {"disconnected": name}
             case ["connections", conn, "close"]:
-                if not conn.isdigit() or not self.gateway.close_connection(int(conn)):
+                if not conn.isdigit() or not await self.gateway.close_connection(int(conn)):
                     raise NotFound(f"no open connection {conn}")
                 return {"closed": int(conn)}
             case ["reload"]:
@@ -264,14 +271,20 @@ def _agent(
         "certificate": record.certificate,
         "disconnects": _counts(record.disconnects),
         "data_channels": {"opened": record.data_channels, "reused": record.channel_reuses},
-        "services": [s.name for session in sessions for s in session.services],
+        "services": list(dict.fromkeys(s.name for ss in sessions for s in ss.services)),
         "connections": sum(len(session.clients) for session in sessions),
         "up": sum(counts.up for _, counts in record.services),
         "down": sum(counts.down for _, counts in record.services),
     }
     if detail:
         view["sessions"] = [
-            {"id": s.id, "peer": s.peer, "age": s.duration, "draining": s.draining}
+            {
+                "id": s.id,
+                "peer": s.peer,
+                "age": s.duration,
+                "draining": s.draining,
+                "worker": s.worker,
+            }
             for s in sessions
         ]
         view["traffic"] = {
@@ -313,8 +326,8 @@ class AgentSite:
             return "no service registered yet"
         return None
 
-    def collect(self) -> Iterable[Metric]:
-        return agent_metrics(self.agent.statistics())
+    async def collect(self) -> list[Metric]:
+        return list(agent_metrics(self.agent.statistics()))
 
     async def start(self) -> None:
         pass
@@ -322,7 +335,7 @@ class AgentSite:
     async def close(self) -> None:
         pass
 
-    def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
+    async def view(self, path: Sequence[str], query: Mapping[str, str]) -> object:
         stats = self.agent.statistics()
         traffic = dict(stats.services)
         match list(path):

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tunnelgate import credentials, errors, tls
 from tunnelgate.address import Address
@@ -43,6 +43,7 @@ from tunnelgate.stats import (
     AUTH_FAILURE_REASONS,
     TLS_FAILURE_REASONS,
     AgentRecordStatistics,
+    EventLog,
     GatewayTotals,
     tls_failure_reason,
 )
@@ -76,6 +77,31 @@ class GatewayStatistics:
     auth_failures: tuple[tuple[str, int], ...]  # (reason, count), AUTH_FAILURE_REASONS
     tls_failures: tuple[tuple[str, int], ...]  # (reason, count), TLS_FAILURE_REASONS
     started_at: float  # wall-clock seconds
+
+
+# What a reload cannot change: a restart applies it.
+RESTART_ONLY: Final = ("listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports")
+
+
+class GatewayView(Protocol):
+    """What the admin API and the alerts see of a gateway: a :class:`Gateway` of one process,
+    or the :class:`~tunnelgate.gateway.supervisor.Supervisor` of several workers."""
+
+    config: GatewayConfig
+    address: Address | None
+    fingerprint: str | None
+
+    @property
+    def events(self) -> EventLog: ...
+
+    @property
+    def identity(self) -> tuple[Path, Path] | None: ...
+
+    async def snapshot(self) -> GatewayStatistics: ...
+
+    async def disconnect(self, agent: str, reason: str) -> bool: ...
+
+    async def close_connection(self, conn: int) -> bool: ...
 
 
 class Gateway:
@@ -216,8 +242,7 @@ class Gateway:
         ``client_ca`` that cannot be loaded raises :class:`ConfigError`, changing nothing."""
         async with self._reloading:
             old = self.config
-            keys = ("listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports")
-            if fixed := [k for k in keys if getattr(old, k) != getattr(config, k)]:
+            if fixed := [k for k in RESTART_ONLY if getattr(old, k) != getattr(config, k)]:
                 logger.warning(
                     "reload: %s cannot change while running; restart to apply", ", ".join(fixed)
                 )
@@ -282,13 +307,21 @@ class Gateway:
         await session.kill()
         return True
 
-    def close_connection(self, conn: int) -> bool:
+    async def close_connection(self, conn: int) -> bool:
         """Reset one client connection, by its id; False if none is open."""
         return any(session.close_client(conn) for session in self._by_id.values())
 
     @property
     def totals(self) -> GatewayTotals:
         return self._shared.totals
+
+    @property
+    def events(self) -> EventLog:
+        return self._shared.totals.events
+
+    async def snapshot(self) -> GatewayStatistics:
+        """:meth:`statistics`, as a supervisor of several workers answers it."""
+        return self.statistics()
 
     def statistics(self) -> GatewayStatistics:
         sessions = tuple(session.statistics() for session in self._by_id.values())

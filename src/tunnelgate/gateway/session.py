@@ -107,6 +107,7 @@ class SessionStatistics:
     services: tuple[ServiceStatistics, ...]
     pool: PoolStatistics
     clients: tuple[ClientStatistics, ...]
+    worker: int = 0  # the worker process it runs in, with --workers
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,15 @@ class GatewaySession:
         draining, pool = self.goodbye is not None, self.pool.statistics()
         duration = now - self.started
         return SessionStatistics(
-            self.id, self.agent, self.peer, duration, draining, services, pool, clients
+            self.id,
+            self.agent,
+            self.peer,
+            duration,
+            draining,
+            services,
+            pool,
+            clients,
+            self._shared.worker,
         )
 
     async def run(self) -> None:

@@ -32,7 +32,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,7 +40,15 @@ from tunnelgate import errors, tls
 from tunnelgate.address import Address
 from tunnelgate.backoff import backoff
 from tunnelgate.config import WORKER_ENV, GatewayConfig
-from tunnelgate.gateway.gateway import Worker, identity_files, with_stored_token
+from tunnelgate.gateway.combined import MAX_REPORT_SIZE, MAX_REQUEST_SIZE, Reporter, Workers
+from tunnelgate.gateway.gateway import (
+    RESTART_ONLY,
+    Gateway,
+    GatewayStatistics,
+    Worker,
+    identity_files,
+    with_stored_token,
+)
 from tunnelgate.gateway.leases import (
     MAX_LINE_SIZE,
     LeaseChannel,
@@ -48,6 +56,7 @@ from tunnelgate.gateway.leases import (
     WorkerLeases,
     serve_leases,
 )
+from tunnelgate.stats import EventLog
 from tunnelgate.transport import Listener, ProcessChannel, inherited_listener, open_listener
 
 logger = logging.getLogger(__package__)
@@ -62,13 +71,14 @@ STOP_MARGIN: Final = 5.0  # a stopping worker still running this long past drain
 @dataclasses.dataclass(frozen=True)
 class WorkerSetup:
     """What :data:`WORKER_ENV` tells a worker: its index, the descriptors it inherited (the
-    shared control port, its own control port, its channel to the supervisor), and every
-    worker's own control address."""
+    shared control port, its own control port, its channels to the supervisor: leases, and
+    reports), and every worker's own control address."""
 
     index: int
     control: int
     own: int
     channel: int
+    reports: int
     addresses: tuple[str, ...]
 
     def encode(self) -> str:
@@ -86,6 +96,7 @@ class WorkerSetup:
                 int(fields["control"]),
                 int(fields["own"]),
                 int(fields["channel"]),
+                int(fields["reports"]),
                 tuple(str(a) for a in fields["addresses"]),
             )
             if not 0 <= setup.index < len(setup.addresses):
@@ -113,6 +124,21 @@ async def open_worker(setup: WorkerSetup) -> AsyncIterator[tuple[Worker, WorkerL
         own.close()
 
 
+@contextlib.asynccontextmanager
+async def reporting(
+    setup: WorkerSetup, gateway: Gateway, reload: Callable[[], Awaitable[str]]
+) -> AsyncIterator[None]:
+    """Answer the supervisor's requests about ``gateway`` meanwhile (:class:`Reporter`)."""
+    reader, writer = await ProcessChannel.inherited(setup.reports).open_streams(MAX_REQUEST_SIZE)
+    task = asyncio.create_task(Reporter(gateway, reload, reader, writer).run(), name="reports")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def _first(failure: BaseException) -> BaseException:
     """The first exception of nested task groups'."""
     while isinstance(failure, BaseExceptionGroup):
@@ -130,7 +156,8 @@ def describe_exit(code: int) -> str:
 
 class Supervisor:
     """Starts ``config.workers`` workers running ``command`` and keeps them running: use
-    :meth:`start`, then :meth:`serve_forever`, :meth:`reload`, :meth:`shutdown`."""
+    :meth:`start`, then :meth:`serve_forever`, :meth:`reload`, :meth:`shutdown`. It is the
+    gateway the admin API and the alerts see (a :class:`GatewayView`): its workers combined."""
 
     def __init__(self, config: GatewayConfig, command: Sequence[str]) -> None:
         self.config = config
@@ -141,6 +168,7 @@ class Supervisor:
         self.fingerprint: str | None = None
         self.stored_token: Path | None = None  # the state directory's token, if it is the one
         self.table = LeaseTable()
+        self.workers = Workers(self.count, config.tls)
         self._control: Listener | None = None
         self._own: list[Listener] = []
         self._processes: dict[int, asyncio.subprocess.Process] = {}
@@ -167,7 +195,7 @@ class Supervisor:
         except BaseException:
             self._close_listeners()
             raise
-        self.address = self._control.address
+        self.address = self.workers.address = self._control.address
         self.addresses = tuple(str(listener.address) for listener in self._own)
         self._main = asyncio.create_task(self._run(), name="supervisor")
         all_ready: asyncio.Future[Any] = asyncio.ensure_future(
@@ -198,10 +226,35 @@ class Supervisor:
         except BaseExceptionGroup as caught:  # the task groups'
             raise _first(caught) from None
 
-    def reload(self) -> None:
-        """Forward SIGHUP: each worker reads its configuration again."""
+    @property
+    def identity(self) -> tuple[Path, Path] | None:
+        """The certificate and key files of the control port's TLS."""
+        if not self.config.tls:
+            return None
+        cert, key, _ = identity_files(self.config)
+        return cert, key
+
+    @property
+    def events(self) -> EventLog:
+        return self.workers.events
+
+    async def snapshot(self) -> GatewayStatistics:
+        return await self.workers.snapshot()
+
+    async def disconnect(self, agent: str, reason: str) -> bool:
+        return await self.workers.disconnect(agent, reason)
+
+    async def close_connection(self, conn: int) -> bool:
+        return await self.workers.close_connection(conn)
+
+    async def reload(self, config: GatewayConfig | None = None) -> str:
+        """Each worker reads its configuration again; what they said. ``config``: the
+        supervisor's own, read again (its alerts follow it; its workers count does not)."""
+        if config is not None:  # each worker warns of what only a restart applies
+            kept = {key: getattr(self.config, key) for key in RESTART_ONLY}
+            self.config = dataclasses.replace(config, **kept)
         logger.info("reloading the configuration of %d workers", len(self._processes))
-        self._signal(signal.SIGHUP)
+        return await self.workers.reload()
 
     def kill(self) -> None:
         """Kill every worker now (a second stop signal)."""
@@ -287,8 +340,11 @@ class Supervisor:
         """Start worker ``index`` and serve its leases until it exits: (pid, exit code)."""
         assert self._control is not None
         ours, theirs = ProcessChannel.pair()
+        reports, their_reports = ProcessChannel.pair()
         own, channel = self._own[index].fileno(), theirs.fileno()
-        setup = WorkerSetup(index, self._control.fileno(), own, channel, self.addresses)
+        setup = WorkerSetup(
+            index, self._control.fileno(), own, channel, their_reports.fileno(), self.addresses
+        )
         env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
         env[WORKER_ENV] = setup.encode()
         try:
@@ -296,16 +352,18 @@ class Supervisor:
                 *self.command,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                pass_fds=(setup.control, setup.own, setup.channel),
+                pass_fds=(setup.control, setup.own, setup.channel, setup.reports),
                 # Its own process group: a terminal's Ctrl-C reaches the supervisor alone,
                 # which stops the workers once (a second signal would stop them undrained).
                 process_group=0,
             )
         except BaseException:
             ours.close()
+            reports.close()
             raise
         finally:
             theirs.close()
+            their_reports.close()
         self._processes[index] = process
         logger.info("worker %d started (pid %d)", index, process.pid)
 
@@ -318,10 +376,13 @@ class Supervisor:
             leases = self._channels[index] = LeaseChannel(reader, writer, index, on_ready)
             if self._stop.is_set():  # started as the supervisor stops
                 leases.stop()
+            report_reader, report_writer = await reports.open_streams(MAX_REPORT_SIZE)
             async with asyncio.TaskGroup() as group:
                 group.create_task(serve_leases(leases, self.table))
+                group.create_task(self.workers.serve(index, report_reader, report_writer))
                 code = await process.wait()
-                writer.close()  # its end closed with it: this ends serve_leases
+                writer.close()  # its ends closed with it: this ends serve_leases
+                report_writer.close()  # and the reports
         except BaseException:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -332,6 +393,7 @@ class Supervisor:
             del self._processes[index]
             self._channels.pop(index, None)
             ours.close()
+            reports.close()
             if freed := self.table.forget(index):
                 logger.info("worker %d held %d port lease(s) alone: released", index, freed)
         return process.pid, code

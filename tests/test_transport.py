@@ -463,11 +463,10 @@ async def test_listener_hands_out_streams_of_accepted_connections() -> None:
 
 
 async def test_a_listener_that_resets_accepted_connections_arms_each_one() -> None:
-    """After reset_accepted, each accepted connection starts armed to reset (SO_LINGER 0,
+    """With reset_accepted, each accepted connection starts armed to reset (SO_LINGER 0,
     inherited from the listener: no call per connection), and still ends with a FIN when
     closed on purpose."""
-    listener = open_listener("127.0.0.1", 0)
-    listener.reset_accepted()
+    listener = open_listener("127.0.0.1", 0, reset_accepted=True)
     accepted: asyncio.Queue[SocketStream] = asyncio.Queue()
     accepting = asyncio.create_task(
         listener.accept_forever(lambda s, _: accepted.put_nowait(s), lambda exc: None)

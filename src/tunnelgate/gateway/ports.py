@@ -31,7 +31,8 @@ class Ports:
         return freed
 
     def open(self, bind: str, port: int) -> Listener:
-        return open_listener(bind, port, reuse_port=self.reuse_port)
+        """A service's listener: a client's connection resets unless it ends cleanly."""
+        return open_listener(bind, port, reuse_port=self.reuse_port, reset_accepted=True)
 
     def listen_on_free_port(self, bind: str, policy: AgentPolicy) -> Listener | None:
         """The kernel's pick if the policy allows it, else a random sample of allowed ports."""

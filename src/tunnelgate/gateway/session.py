@@ -349,7 +349,6 @@ class GatewaySession:
             return refuse(f"port {port} is held by another agent")
         if isinstance(listener := await self._take_port(bind, port), str):
             return refuse(listener)
-        listener.reset_accepted()  # a client's connection resets unless it ends cleanly
         address = listener.address
         gates = self._shared.gates.gates_for(config, policy, name)
         self.services[name] = service = _Service(name, address, listener, bind, gates)

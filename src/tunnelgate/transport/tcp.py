@@ -339,10 +339,16 @@ def _numeric(host: str, port: int) -> tuple[_AddrInfo, ...]:
     return ((socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), port, 0, 0)),)
 
 
-def open_listener(host: str, port: int, *, reuse_port: bool = False) -> Listener:
+def open_listener(
+    host: str, port: int, *, reuse_port: bool = False, reset_accepted: bool = False
+) -> Listener:
     """A bound, listening TCP socket. With ``reuse_port`` (``SO_REUSEPORT``), other
     processes of this user may listen on the same address too, and the kernel spreads
-    new connections over all of them (a gateway's workers share public ports so)."""
+    new connections over all of them (a gateway's workers share public ports so). With
+    ``reset_accepted``, every connection it accepts starts as after
+    :meth:`TCPConnection.reset_unless_closed_cleanly`: SO_LINGER 0, set before ``listen``
+    so that no connection the kernel completes is without it, and inherited, which saves a
+    system call per client."""
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -354,10 +360,12 @@ def open_listener(host: str, port: int, *, reuse_port: bool = False) -> Listener
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             _tune(sock)  # accepted connections inherit the options: no syscalls per client
+            if reset_accepted:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.bind(sockaddr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            return Listener(sock)
+            return Listener(sock, resets=reset_accepted)
         except BaseException:
             sock.close()
             raise
@@ -380,10 +388,10 @@ def inherited_listener(fd: int) -> Listener:
 class Listener:
     """A listening TCP socket; ``address`` is the one it is bound to."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, resets: bool = False) -> None:
         self._sock = sock
         self.address = Address(*sock.getsockname()[:2])
-        self._resets = False
+        self._resets = resets  # its accepted connections inherit SO_LINGER 0
 
     def close(self) -> None:
         self._sock.close()
@@ -391,14 +399,6 @@ class Listener:
     def fileno(self) -> int:
         """The descriptor, to hand down to a child process (which may accept on it too)."""
         return self._sock.fileno()
-
-    def reset_accepted(self) -> None:
-        """Every connection accepted from now on starts as after
-        :meth:`TCPConnection.reset_unless_closed_cleanly`: the listener's SO_LINGER is
-        inherited, which saves a system call per client."""
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self._resets = True
 
     async def accept_forever(
         self,

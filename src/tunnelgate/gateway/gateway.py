@@ -1,9 +1,10 @@
-"""The gateway: the control port, where each connection is secured and handshaken in
-its own task, and the registry and life cycle around the sessions (a reconnecting agent
-replaces its old one at once), keeping what outlives a session: ports held, failed
-authentications, derived keys, the access rules' counters. A gateway may be one
-:class:`Worker` of several (``gateway.supervisor``): it then accepts on the control port
-its supervisor opened and on its own, and leases public ports through the supervisor.
+"""The gateway: the control port, where each connection is admitted in its own task
+(``gateway.handshake``) and becomes a session, a data channel or a probe, and the registry
+and life cycle around the sessions (a reconnecting agent replaces its old one at once),
+keeping what outlives a session: ports held, the access rules' counters, the totals. A
+gateway may be one :class:`Worker` of several (``gateway.supervisor``): it then accepts on
+the control port its supervisor opened and on its own, and leases public ports through the
+supervisor.
 Must not import agent."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hmac
 import itertools
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -31,29 +31,26 @@ from tunnelgate.config import (
     load_gateway_config,
 )
 from tunnelgate.control import wait_relays
-from tunnelgate.gateway.admission import WARNING_INTERVAL, AuthFailures, Handshakes, host_of
+from tunnelgate.gateway.handshake import ControlHandshake
 from tunnelgate.gateway.leases import PortLeases
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.gateway.probe import serve_probe
 from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared, accept, spawn
-from tunnelgate.logs import ContextLogger, Throttle
-from tunnelgate.protocol.session import Admitted, Candidate, Side, auth_refusal_reason, authenticate
-from tunnelgate.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION, Bye, Challenge, Hello, Refused
+from tunnelgate.logs import ContextLogger
+from tunnelgate.protocol.wire import Bye, Hello, Refused
 from tunnelgate.stats import (
     AUTH_FAILURE_REASONS,
     TLS_FAILURE_REASONS,
     AgentRecordStatistics,
     EventLog,
     GatewayTotals,
-    tls_failure_reason,
 )
-from tunnelgate.transport import Listener, SocketStream, TLSContext, TLSStream, open_listener
+from tunnelgate.transport import Listener, SocketStream, open_listener
 
 logger = logging.getLogger(__package__)
 
 BYE_TIMEOUT: Final = 0.5  # for telling agents the gateway is going away
 STORED_TOKEN_FILE: Final = "token"  # in the state directory, without a token or [[agents]]
-DERIVED_KEYS: Final = 4096  # stored keys derived from clear tokens, kept per (token, agent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +115,6 @@ class Gateway:
         self.started_at = time.time()
         self.cert_created = False
         self.stored_token: Path | None = None  # the state directory's token, if it is the one
-        self._context: TLSContext | None = None
         self._identity: tuple[Path, Path] | None = None  # certificate and key, with TLS
         self._client_ca_pem: bytes | None = None  # as loaded into the context
         self._listeners: list[Listener] = []
@@ -138,10 +134,7 @@ class Gateway:
             }
         self._shared = Shared(lambda: self.config, self._forget_name, **shared)
         self._stopping = False
-        self._handshakes = Handshakes(AuthFailures())
-        self._auth_warnings = Throttle(WARNING_INTERVAL)
-        self._handshake_refusals = Throttle(WARNING_INTERVAL)
-        self._derived: dict[tuple[bytes, str], bytes] = {}  # (token, agent) -> stored key
+        self._door = ControlHandshake(lambda: self.config, self._shared.totals)
         self._reloading = asyncio.Lock()
         self._ready = asyncio.Event()
 
@@ -160,7 +153,7 @@ class Gateway:
             cert, key, self.cert_created = identity_files(config)
             self._identity = (cert, key)
             self._client_ca_pem = _contents(config.client_ca)
-            self._context = tls.server_context(cert, key, config.client_ca)
+            self._door.context = tls.server_context(cert, key, config.client_ca)
             self.fingerprint = tls.certificate_fingerprint(cert)
         else:
             logger.warning(
@@ -251,7 +244,7 @@ class Gateway:
             changed = config.client_ca != old.client_ca or ca_pem != self._client_ca_pem
             if self._identity is not None and changed:
                 # Only then: a new context's new ticket keys stop data channels resuming.
-                self._context = tls.server_context(*self._identity, config.client_ca)
+                self._door.context = tls.server_context(*self._identity, config.client_ca)
                 self._client_ca_pem = ca_pem
             self.config = config
             self._remember_agents()
@@ -273,7 +266,7 @@ class Gateway:
         if (policy := by_name.get(session.agent) or by_name.get("")) is None:
             return "it was removed from the configuration"
         if session.key:
-            keys = await self._keys_of(policy, session.agent)
+            keys = await self._door.keys_of(policy, session.agent)
             if not any(hmac.compare_digest(session.key, key) for key in keys):
                 return "its token was revoked"
         elif policy.tokens or policy.stored_keys:
@@ -333,8 +326,8 @@ class Gateway:
         now, totals = time.time(), self.totals
         return GatewayStatistics(
             self.address,
-            self._context is not None,
-            self._handshakes.running,
+            self._door.context is not None,
+            self._door.handshakes.running,
             sessions,
             tuple(record.statistics(now, open_bytes) for record in totals.agents.values()),
             tuple((reason, totals.auth_failures[reason]) for reason in AUTH_FAILURE_REASONS),
@@ -352,13 +345,8 @@ class Gateway:
         async with asyncio.TaskGroup() as group:
 
             def handle(stream: SocketStream, peer: str) -> None:
-                now, limit = time.monotonic(), self.config.max_handshakes
-                if (refusal := self._handshakes.refusal(host_of(peer), now, limit)) is None:
+                if self._door.may_start(stream, peer):
                     spawn(group, stream, self._guard_connection(stream, peer))
-                    return
-                message = "dropping connection from %s: %s"
-                self._handshake_refusals.warning(logger, now, message, peer, refusal)
-                stream.abort()
 
             for index, listener in enumerate(listeners):
                 where = "the worker's own port" if index else "the control port"
@@ -382,19 +370,8 @@ class Gateway:
         """Root of a control-port connection's task: every error ends here, logged once."""
         owned = False  # True once a session (or its pool) closes the connection
         channel: Channel | None = None
-        host = host_of(peer)
         try:
-            self._handshakes.begin(host)
-            try:
-                async with asyncio.timeout(self.config.handshake_timeout):
-                    try:
-                        channel = await self._secure(stream)
-                    except errors.TransportError as exc:
-                        self.totals.tls_failures[tls_failure_reason(str(exc))] += 1
-                        raise
-                    hello, admitted = await self._handshake(channel, peer)
-            finally:
-                self._handshakes.end(host)
+            channel, hello, admitted = await self._door.admit(stream, peer)
             if hello.role != "data" and self._stopping:  # the control port closed meanwhile
                 await channel.send_message(Refused("shutdown", "the gateway is shutting down"))
             elif hello.role == "probe":
@@ -423,17 +400,11 @@ class Gateway:
             else:
                 await self._add_data_channel(channel, hello)
                 owned = True
-        except TimeoutError:  # counts as a failure: else it could hold many handshakes open
-            self._handshakes.failures.failed(host, time.monotonic())
-            failures = self.totals.auth_failures if channel else self.totals.tls_failures
-            failures["timeout"] += 1
+        except TimeoutError:  # in the handshake, counted there
             logger.warning("closing connection from %s: handshake timed out", peer)
         except errors.AuthenticationError:
             pass  # logged where it was found, with the agent's name
         except (errors.ProtocolError, errors.TransportError, errors.ConnectionClosed) as exc:
-            if isinstance(exc, errors.ProtocolError) and not owned:
-                kind = "version" if isinstance(exc, errors.VersionMismatchError) else "protocol"
-                self.totals.auth_failures[kind] += 1
             logger.warning("closing connection from %s: %s", peer, exc)
         except Exception:
             logger.exception("unexpected error on connection from %s", peer)
@@ -460,67 +431,6 @@ class Gateway:
             await channel.send_message(Refused("session", reason))
             raise errors.ConnectionClosed("closed", reason)
         session.add_data_channel(channel)
-
-    async def _secure(self, stream: SocketStream) -> Channel:
-        if self._context is None:
-            return Channel(stream, Side.GATEWAY)
-        tls_stream = TLSStream(stream, self._context, server_side=True)
-        await tls_stream.handshake()  # resets the connection if it fails
-        return Channel(tls_stream, Side.GATEWAY)
-
-    async def _handshake(self, channel: Channel, peer: str) -> tuple[Hello, Admitted[AgentPolicy]]:
-        """Challenge, Hello, and the policy and stored key the agent proved."""
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        await channel.send_message(Challenge(PROTOCOL_VERSION, nonce))
-        try:
-            hello = await channel.receive()
-        except errors.VersionMismatchError as exc:
-            await channel.send_message(Refused("version", exc.reason))
-            raise
-        assert isinstance(hello, Hello)
-        # With client_ca, the certificate must name the agent (and alone admits a tokenless policy).
-        names = channel.stream.peer_certificate_names() if self.config.client_ca else None
-        candidates = [
-            Candidate(policy, await self._keys_of(policy, hello.agent))
-            for policy in self.config.agents
-            if not policy.name or policy.name == hello.agent
-        ]
-        verdict = authenticate(hello, nonce, candidates, names)
-        if isinstance(verdict, Admitted):
-            return hello, verdict
-        self.totals.auth_failures[verdict.split()[0]] += 1  # "token" or "certificate"
-        failures, delay = self._handshakes.failures.failed(host_of(peer), time.monotonic())
-        delay = min(delay, self.config.handshake_timeout / 2)  # the answer must still come
-        logged = self._auth_warnings.warning(
-            logger,
-            time.monotonic(),
-            "authentication failed for agent %r from %s (%s channel): %s; failure %d "
-            "from this address, answered in %.1f s",
-            hello.agent,
-            peer,
-            hello.role,
-            verdict,
-            failures,
-            delay,
-        )
-        if logged:  # the event log is throttled like the log, so a flood cannot fill it
-            detail = f"from {peer} ({hello.role} channel): {verdict}"
-            self.totals.events.add(time.time(), "auth_failure", hello.agent, detail=detail)
-        await asyncio.sleep(delay)
-        await channel.send_message(Refused("auth", auth_refusal_reason(hello, verdict)))
-        raise errors.AuthenticationError("logged above")
-
-    async def _keys_of(self, policy: AgentPolicy, agent: str) -> list[bytes]:
-        """A policy's stored keys for one agent; clear tokens derived once, off the loop."""
-        keys = list(policy.stored_keys)
-        for token in policy.tokens:
-            if (key := self._derived.get((token, agent))) is None:
-                key = (await asyncio.to_thread(credentials.derive, token, agent)).stored_key
-                if len(self._derived) >= DERIVED_KEYS:
-                    del self._derived[next(iter(self._derived))]
-                self._derived[(token, agent)] = key
-            keys.append(key)
-        return keys
 
 
 def self_signed_identity(config: GatewayConfig) -> tuple[Path, list[str]] | None:

@@ -27,6 +27,7 @@ from system import (
     BenchError,
     Proc,
     descendants,
+    first_death,
     free_port,
     kill_pids,
     listening,
@@ -217,10 +218,7 @@ class Tunnelgate(Candidate):
         return measure.startup([str(TUNNELGATE), "--version"], gateway, env, runs, workdir)
 
     def gone(self) -> str | None:
-        for proc in self.procs:
-            if not proc.alive():
-                return proc.died()
-        return None
+        return first_death(self.procs)
 
     def stop(self) -> None:
         self.scraping.set()
@@ -339,10 +337,7 @@ LogLevel ERROR
         return {"gateway": self._session(), "agent": client}
 
     def gone(self) -> str | None:
-        for proc in (self.sshd, self.ssh):
-            if proc is not None and not proc.alive():
-                return proc.died()
-        return None
+        return first_death((self.sshd, self.ssh))
 
     def stop(self) -> None:
         session = self._session()

@@ -92,6 +92,14 @@ class Proc:
         )
 
 
+def first_death(procs: Iterable[Proc | None]) -> str | None:
+    """Which of ``procs`` died, with its last log; None while they all run."""
+    for proc in procs:
+        if proc is not None and not proc.alive():
+            return proc.died()
+    return None
+
+
 def stop_all() -> None:
     """Stop every process the bench started, newest first (used on the way out)."""
     for proc in reversed(list(_running)):

@@ -230,10 +230,7 @@ class Setup:
         return [agent.pid for agent in self.agents]
 
     def gone(self) -> str | None:
-        for proc in self.procs:
-            if not proc.alive():
-                return proc.died()
-        return None
+        return system.first_death(self.procs)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # the agents first: they say goodbye

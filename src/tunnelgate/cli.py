@@ -25,7 +25,7 @@ from tunnelgate import __version__
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
     from typing import Any
 
     from tunnelgate.config import AgentConfig, GatewayConfig, LogConfig
@@ -264,9 +264,6 @@ async def _until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
-
     from tunnelgate import systemd
     from tunnelgate.config import (
         GATEWAY,
@@ -274,7 +271,6 @@ def _run_gateway(args: argparse.Namespace) -> int:
         load_gateway_config,
         options,
     )
-    from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.gateway import Gateway, self_signed_identity, with_stored_token
 
     flags = {key: getattr(args, key, None) for key in options(GATEWAY)}
@@ -297,53 +293,84 @@ def _run_gateway(args: argparse.Namespace) -> int:
         return _run_supervisor(config, args.argv, load)
     _start_logging(args, log, None if setup is None else setup.index)
 
-    async def reload(gateway: Gateway) -> str:
-        logger.info("reloading the configuration")
-        try:
-            fresh = load()
-            await gateway.reload(fresh)
-        except ConfigError as exc:
-            logger.error("configuration not reloaded; the running one stays: %s", exc)
-            return f"not reloaded, the running configuration stays: {exc}"
-        if fresh.alerts and not config.alerts and setup is None:
-            logger.warning("reload: [[alerts]] added; restart the gateway to send them")
-        return "reloaded"
-
     async def main(stop: asyncio.Event) -> None:
         async with (
             _worker(setup) as (worker, leases),
             systemd.Notifier.from_environment() as notifier,  # a worker's is off
             Gateway(config, worker=worker) as gateway,
-            _reporting(setup, gateway, lambda: reload(gateway)),
-            contextlib.AsyncExitStack() as alerts,
-            contextlib.AsyncExitStack() as admin,
         ):
-            url = None
-            if setup is None:  # a worker's supervisor runs them, for the whole gateway
-                url = await _open_monitoring(alerts, admin, gateway, lambda: reload(gateway))
-            if leases is None:
-                _print_banner(gateway, url)
-            else:
-                leases.ready()
-            notifier.ready(f"listening on {gateway.address}")
-            reloads: set[asyncio.Task[str]] = set()
 
-            def on_hangup() -> None:
-                task = asyncio.ensure_future(reload(gateway))
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
+            async def apply(fresh: GatewayConfig) -> str:
+                await gateway.reload(fresh)
+                return "reloaded"
 
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, on_hangup)
-            try:
-                await _until_stopped(stop, _serve_gateway(gateway, leases))
-            finally:
-                loop.remove_signal_handler(signal.SIGHUP)
-            notifier.stopping("stopping: draining open connections")
-            await alerts.aclose()  # agents leaving a stopping gateway are not news
-            await gateway.shutdown()
+            # A worker's supervisor runs the alerts and the admin listener, for the whole gateway.
+            reload = _reloader(load, apply, None if setup else config)
+            async with (
+                _reporting(setup, gateway, reload),
+                contextlib.AsyncExitStack() as alerts,
+                contextlib.AsyncExitStack() as admin,
+            ):
+                url = None if setup else await _open_monitoring(alerts, admin, gateway, reload)
+                if leases is None:
+                    _print_banner(gateway, url)
+                else:
+                    leases.ready()
+                notifier.ready(f"listening on {gateway.address}")
+                with _reloading_on_hangup(reload):
+                    await _until_stopped(stop, _serve_gateway(gateway, leases))
+                notifier.stopping("stopping: draining open connections")
+                await alerts.aclose()  # agents leaving a stopping gateway are not news
+                await gateway.shutdown()
 
     return _run(main)
+
+
+def _reloader(
+    load: Callable[[], GatewayConfig],
+    apply: Callable[[GatewayConfig], Awaitable[str]],
+    alerting: GatewayConfig | None,
+) -> Callable[[], Awaitable[str]]:
+    """What reads the configuration again and ``apply``-s it (on SIGHUP and from the admin
+    API), answering what came of it; a bad file changes nothing. ``alerting``: the
+    configuration whose alerts this process sends, if it sends any."""
+
+    async def reload() -> str:
+        from tunnelgate.errors import ConfigError
+
+        logger.info("reloading the configuration")
+        try:
+            fresh = load()
+            said = await apply(fresh)
+        except ConfigError as exc:
+            logger.error("configuration not reloaded; the running one stays: %s", exc)
+            return f"not reloaded, the running configuration stays: {exc}"
+        if alerting is not None and fresh.alerts and not alerting.alerts:
+            logger.warning("reload: [[alerts]] added; restart the gateway to send them")
+        return said
+
+    return reload
+
+
+@contextlib.contextmanager
+def _reloading_on_hangup(reload: Callable[[], Awaitable[str]]) -> Iterator[None]:
+    """SIGHUP reloads meanwhile (each reload in a task of its own, kept until it ends)."""
+    import asyncio
+    import signal
+
+    reloads: set[asyncio.Future[str]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 @contextlib.asynccontextmanager
@@ -420,34 +447,13 @@ def _run_supervisor(
 ) -> int:
     """A gateway of several workers: the supervisor runs the same command once per worker,
     and the admin listener and alerts for them all. ``load`` reads the configuration again."""
-    import asyncio
-    import signal
-
     from tunnelgate import systemd
-    from tunnelgate.errors import ConfigError
     from tunnelgate.gateway.supervisor import Supervisor
 
     supervisor = Supervisor(config, [sys.executable, "-m", "tunnelgate", *argv])
-
-    async def reload() -> str:
-        logger.info("reloading the configuration")
-        try:
-            fresh = load()
-        except ConfigError as exc:
-            logger.error("configuration not reloaded; the running one stays: %s", exc)
-            return f"not reloaded, the running configuration stays: {exc}"
-        if fresh.alerts and not config.alerts:
-            logger.warning("reload: [[alerts]] added; restart the gateway to send them")
-        return await supervisor.reload(fresh)
+    reload = _reloader(load, supervisor.reload, config)
 
     async def main(stop: asyncio.Event) -> None:
-        reloads: set[asyncio.Task[str]] = set()
-
-        def on_hangup() -> None:
-            task = asyncio.ensure_future(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
         async with (
             systemd.Notifier.from_environment() as notifier,
             contextlib.AsyncExitStack() as admin,
@@ -462,12 +468,8 @@ def _run_supervisor(
                 )
                 _print_banner(supervisor, url, workers)
                 notifier.ready(f"listening on {supervisor.address}, {supervisor.count} workers")
-                loop = asyncio.get_running_loop()
-                loop.add_signal_handler(signal.SIGHUP, on_hangup)
-                try:
+                with _reloading_on_hangup(reload):
                     await _until_stopped(stop, supervisor.serve_forever())
-                finally:
-                    loop.remove_signal_handler(signal.SIGHUP)
                 notifier.stopping("stopping: the workers drain their connections")
                 await alerts.aclose()
                 await supervisor.shutdown()

@@ -146,15 +146,14 @@ class Reporter:
         gateway = self.gateway
         match request.action:
             case "statistics":
-                answer = Answer(request.id, statistics=gateway.statistics())
+                return Answer(request.id, statistics=gateway.statistics())
             case "disconnect":
                 reason = "disconnected from the admin API"
-                answer = Answer(request.id, done=await gateway.disconnect(request.agent, reason))
+                return Answer(request.id, done=await gateway.disconnect(request.agent, reason))
             case "close":
-                answer = Answer(request.id, done=await gateway.close_connection(request.conn))
+                return Answer(request.id, done=await gateway.close_connection(request.conn))
             case "reload":
-                answer = Answer(request.id, done=True, detail=await self._reload())
-        return answer
+                return Answer(request.id, done=True, detail=await self._reload())
 
 
 @dataclasses.dataclass(eq=False)
@@ -193,7 +192,7 @@ class Workers:
             while line := await reader.readline():
                 message = _to_supervisor.decode(line)
                 if isinstance(message, Noted):
-                    self._note(link, index, message.event)
+                    self._note(link, message.event)
                 elif (waiting := link.waiting.pop(message.id, None)) and not waiting.done():
                     waiting.set_result(message)
         except ValueError as exc:  # undecodable, or a line too long: a bug
@@ -205,11 +204,11 @@ class Workers:
             writer.close()
             for waiting in link.waiting.values():
                 waiting.cancel()
-            self._retire(link, index)
+            self._retire(link)
 
-    def _note(self, link: _Link, index: int, event: Event) -> None:
-        """One event of worker ``index``, into the gateway's log: an up or a down only when it
-        is the first or the last of every worker's."""
+    def _note(self, link: _Link, event: Event) -> None:
+        """One event of ``link``'s worker, into the gateway's log: an up or a down only when
+        it is the first or the last of every worker's."""
         up = _UP_DOWN.get(event.kind)
         if up is not None:
             key = (event.agent, event.service)
@@ -223,15 +222,15 @@ class Workers:
                     del link.up[key]
             if self._holders(key) != (1 if up else 0):
                 return
-        detail = f"worker {index}: {event.detail}" if event.kind == "reload" else event.detail
+        detail = f"worker {link.index}: {event.detail}" if event.kind == "reload" else event.detail
         self.events.add(event.time, event.kind, event.agent, event.service, detail)
 
     def _holders(self, key: tuple[str, str]) -> int:
         return sum(link.up[key] for link in self._links.values())
 
-    def _retire(self, link: _Link, index: int) -> None:
-        """Worker ``index`` is gone: down what only it held, and keep its last counts."""
-        now, reason = time.time(), f"worker {index} stopped"
+    def _retire(self, link: _Link) -> None:
+        """``link``'s worker is gone: down what only it held, and keep its last counts."""
+        now, reason = time.time(), f"worker {link.index} stopped"
         for (agent, service), _ in sorted(link.up.items(), key=lambda kv: kv[0][1] == ""):
             if not self._holders((agent, service)):  # services first, then their agent
                 kind = "service_down" if service else "agent_down"

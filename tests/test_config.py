@@ -338,7 +338,7 @@ def test_load_agent_config_unreadable_token_file_is_one_problem(tmp_path: Path) 
 def test_load_agent_config_normalises_fingerprint(text: str) -> None:
     """Any usual spelling of the gateway's fingerprint becomes SHA256:<HEX>."""
     config, _ = c.load_agent_config(None, {**EXPOSING, "fingerprint": text})
-    assert config.fingerprint == "SHA256:" + HEX.upper()
+    assert config.gateways[0].fingerprint == "SHA256:" + HEX.upper()
 
 
 @pytest.mark.parametrize(("flags", "message"), BAD_FINGERPRINTS)
@@ -489,3 +489,46 @@ def test_load_gateway_config_takes_an_admin_listener_and_alerts_with_workers() -
     options = {"admin": "127.0.0.1:0", "alerts": [{"url": "http://127.0.0.1:9/hook"}]}
     config, _ = c.load_gateway_config(None, {"token": TOKEN, "workers": "2", **options})
     assert config.workers == 2 and config.admin is not None and len(config.alerts) == 1
+
+
+def test_load_agent_config_pairs_each_gateway_with_its_pin_and_ca(tmp_path: Path) -> None:
+    """Repeated --gateway: one fingerprint (or CA) for all of them, or one each, in order;
+    an empty entry leaves that gateway unpinned."""
+    other = "cd" * 32
+    flags = {**EXPOSING, "gateway": ["a.example:1", "b.example:2"]}
+    config, _ = c.load_agent_config(None, {**flags, "fingerprint": [HEX]})
+    assert [g.fingerprint for g in config.gateways] == ["SHA256:" + HEX.upper()] * 2
+    assert config.gateway == A("a.example", 1), "the first gateway, for one-gateway callers"
+    config, _ = c.load_agent_config(None, {**flags, "fingerprint": [HEX, other]})
+    assert [(str(g.address), g.fingerprint) for g in config.gateways] == [
+        ("a.example:1", "SHA256:" + HEX.upper()),
+        ("b.example:2", "SHA256:" + other.upper()),
+    ]
+    text = 'gateway = ["a.example:1", "b.example:2"]\nca = ["", "ca.pem"]\n'
+    config, _ = c.load_agent_config(toml(tmp_path, text), EXPOSING | {"gateway": None})
+    assert [(g.ca, g.fingerprint) for g in config.gateways] == [(None, ""), (Path("ca.pem"), "")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "key", "message"),
+    [
+        ({"gateway": ["a:1", "b:2", "c:3"], "fingerprint": [HEX, HEX]}, "--fingerprint",
+         "2 given for 3 gateways"),
+        ({"gateway": ["a:1", "b:2"], "ca": ["x.pem", "y.pem", "z.pem"]}, "--ca",
+         "3 given for 2 gateways"),
+        ({"gateway": ["a:1", "a:1"]}, "--gateway", "a:1 is listed more than once"),
+        ({"gateway": ["a:1"], "fingerprint": [""]}, "--fingerprint", "empty"),
+        ({"gateway": ["a:1", "nowhere"]}, "--gateway", "expected HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_load_agent_config_rejects_gateways_that_do_not_add_up(
+    flags: dict[str, Any], key: str, message: str
+) -> None:
+    found = problems(c.load_agent_config, None, {**EXPOSING, **flags})
+    assert [(p.key, message in p.message) for p in found] == [(key, True)], found
+
+
+def test_load_agent_config_rejects_an_empty_list_of_gateways(tmp_path: Path) -> None:
+    found = problems(c.load_agent_config, toml(tmp_path, "gateway = []\n"), {
+        "token": TOKEN, "expose": ["1:a:2"]})  # fmt: skip
+    assert [p.key for p in found] == ["gateway"] and "empty list" in found[0].message

@@ -195,3 +195,27 @@ def test_doctor_leaves_a_running_agent_of_the_same_name_alone(
     assert not agent.lines_matching(r"reconnecting"), agent.describe()
     assert len(gateway.proc.lines_matching(r"session started")) == 1, gateway.proc.describe()
     assert not gateway.proc.lines_matching(r"replacing its session|session ended")
+
+
+def test_doctor_checks_each_gateway_and_the_services_once(
+    launch: Launch, echo_port: int, tmp_path: Path
+) -> None:
+    """Two gateways: the gateway checks and the measurement run for each, every line naming
+    its gateway; the local service is checked once; one unreachable gateway fails the run."""
+    token = new_token()
+    gateway = start_gateway(launch, tmp_path / "state", token=token)
+    with refusing_port("127.0.0.2") as port:
+        dead = f"127.0.0.2:{port}"
+        args = doctor_args(gateway, f"0:127.0.0.1:{echo_port}")
+        args += ["--gateway", dead, "--fingerprint", str(gateway.fingerprint)]
+        proc = launch(*args, token=token)
+        code = proc.wait_exit(DOCTOR_DEADLINE)
+    checks = [line.split(None, 2) for line in proc.stdout if not line.startswith(" ")]
+
+    assert code == 1, proc.describe()
+    live = f"127.0.0.1:{gateway.port}: "
+    first = [(status, name) for status, name, detail in checks if detail.startswith(live)]
+    assert first == [("ok", name) for name in (*GATEWAY_CHECKS, *MEASUREMENTS)], proc.describe()
+    second = {name: status for status, name, detail in checks if detail.startswith(dead + ": ")}
+    assert (second["resolve"], second["reach"], second["token"]) == ("ok", "FAIL", "skip")
+    assert [name for _, name, _ in checks].count("service") == 1, proc.describe()

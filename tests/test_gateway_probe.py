@@ -34,7 +34,7 @@ def dialer_for(gateway: Gateway, mode: str) -> Dialer:
         "expose": ["0:127.0.0.1:1"],
     }
     config, _ = load_agent_config(None, {**flags, **agent_tls_options(mode, gateway)})
-    return Dialer(config, ContextLogger(logging.getLogger("tunnelgate.test")))
+    return Dialer(config, config.gateways[0], ContextLogger(logging.getLogger("tunnelgate.test")))
 
 
 async def accepted_probe(dialer: Dialer) -> Channel:

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from kit.clients import client_hello, echo_exchange, read_until_end
 from kit.processes import GatewayProc, Launch, Proc, rss_kib, start_gateway
 from kit.services import EchoHandler
 from kit.tokens import new_token
-from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST
+from kit.waiting import DEADLINE, LONGER_THAN_ANY_TEST, wait_for
 
 from tunnelgate import credentials
 from tunnelgate.config import AGENT, GATEWAY, options
@@ -104,22 +104,6 @@ def log_time(line: str) -> float:
     """The timestamp of a text log line, in seconds (UTC)."""
     stamp = line.split(" ", 1)[0]
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
-
-
-# --- waiting ------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = what() if callable(what) else what
-            pytest.fail(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(POLL_INTERVAL)  # polling interval under a deadline
 
 
 # --- what a process holds -------------------------------------------------------

@@ -78,9 +78,15 @@ def test_render_agent_shows_the_fields_it_knows_and_only_those() -> None:
     sessions = [{"id": "ab12", "gateway": "gw:8080", "age": 5.0, "mystery": "xyz",
                  "pool": {"idle": 2, "serving": 1}}]  # fmt: skip
     services = [{"name": "web", "public": "0.0.0.0:3920", "local": "127.0.0.1:80", "up": 5}]
-    page = render(info, {"sessions": sessions, "services": services}, NOW)
+    gateways = [{"gateway": "gw:8080", "state": "serving", "sessions": 3, "rtt": 0.0012,
+                 "reconnects": {"closed": 2, "refused": 0}, "last_seen": NOW}]  # fmt: skip
+    page = render(info, {"gateways": gateways, "sessions": sessions, "services": services}, NOW)
     assert page.splitlines() == [
         "agent site-a (1.0), gateway gw:8080",
+        "",
+        "gateways (1):",
+        "  GATEWAY  STATE    CONNECTS  RECONNECTS  RTT     LAST SEEN",
+        "  gw:8080  serving         3  closed=2    1.2 ms  0s",
         "",
         "sessions (1):",
         "  ID    GATEWAY  AGE  POOL",
@@ -89,4 +95,22 @@ def test_render_agent_shows_the_fields_it_knows_and_only_those() -> None:
         "services (1):",
         "  NAME  PUBLIC        LOCAL          UP",
         "  web   0.0.0.0:3920  127.0.0.1:80  5 B",
+    ]
+
+
+def test_render_agent_with_several_gateways_shows_each_and_why_one_refused() -> None:
+    gateways = [
+        {"gateway": "a:1", "state": "serving", "sessions": 1, "reconnects": {"closed": 0}},
+        {"gateway": "b:2", "state": "refused", "refused": "authentication failed: token",
+         "sessions": 0, "reconnects": {"refused": 1}},
+    ]  # fmt: skip
+    info = {"side": "agent", "version": "1.0", "name": "site-a", "gateway": "a:1",
+            "gateways": gateways}  # fmt: skip
+    lines = render(info, {"gateways": gateways}, NOW).splitlines()
+    assert lines[0] == "agent site-a (1.0), 2 gateways"
+    assert lines[2:6] == [
+        "gateways (2):",
+        "  GATEWAY  STATE    REFUSED                       CONNECTS  RECONNECTS",
+        "  a:1      serving  -                                    1  -",
+        "  b:2      refused  authentication failed: token         0  refused=1",
     ]

@@ -224,7 +224,14 @@ def test_status_prints_the_fields_it_knows_and_loads_no_aiohttp() -> None:
                  "up": 1258291, "later_field": "SECRET-VALUE"}]  # fmt: skip
     services = [{"name": "web", "public": "0.0.0.0:3920", "local": "127.0.0.1:80"}]
     answers = {
-        "/api/v1": json.dumps({"side": "agent", "name": "site-a", "gateway": "gw:8080"}),
+        "/api/v1": json.dumps(
+            {
+                "side": "agent",
+                "name": "site-a",
+                "gateway": "gw:8080",
+                "gateways": [{"gateway": "gw:8080", "state": "serving"}],
+            }
+        ),
         "/api/v1/sessions": json.dumps(sessions),
         "/api/v1/services": json.dumps(services),
     }

@@ -110,11 +110,14 @@ def _add_flags(parser: argparse.ArgumentParser, side: str, run: Callable[..., in
     parser.set_defaults(run=run)
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file; flags override it")
     for o in options(side).values():
-        if o.flag and o.kind is bool:  # --no-tls
-            parser.add_argument(o.flag, dest=o.key, action="store_false", default=None, help=o.help)
+        if o.flag and o.kind is bool:  # --no-tls sets False, --require-all-gateways True
+            parser.add_argument(
+                o.flag, dest=o.key, action="store_const", const=not o.default, default=None,
+                help=o.help,
+            )  # fmt: skip
         elif o.flag:
             parser.add_argument(
-                o.flag, dest=o.key, action="append" if o.kind is list else "store",
+                o.flag, dest=o.key, action="append" if o.kind is list or o.repeats else "store",
                 type=o.kind if o.kind in (int, float) else str, choices=o.choices,
                 metavar=o.metavar, help=o.help,
             )  # fmt: skip
@@ -591,7 +594,8 @@ def _run_agent(args: argparse.Namespace) -> int:
 
             async def registered() -> str:  # the first time only: READY=1 is sent once
                 services = await agent.wait_ready()
-                return f"{len(services)} service(s) exposed through {config.gateway}"
+                through = ", ".join(str(g.address) for g in config.gateways)
+                return f"{len(services)} service(s) exposed through {through}"
 
             notifier.ready_after(registered)
             await _until_stopped(stop, agent.run_until_stopped())

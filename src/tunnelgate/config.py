@@ -155,15 +155,22 @@ class GatewayConfig:
         return self.bind_host or self.listen.host
 
 
+@dataclass(frozen=True)
+class GatewayTarget:
+    """One gateway the agent dials, and how it checks that gateway's certificate."""
+
+    address: Address  # its control port
+    ca: Path | None = None  # None: the system's CAs (unless pinned)
+    fingerprint: str = ""  # normalised "SHA256:<64 hex>", or "": not pinned
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    gateway: Address
+    gateways: tuple[GatewayTarget, ...]  # one session (one per worker) with each, on its own
     token: bytes = field(repr=False)
     services: tuple[ServiceConfig, ...]
     name: str
     tls: bool
-    ca: Path | None
-    fingerprint: str  # normalised "SHA256:<64 hex>", or ""
     cert: Path | None  # the agent's own certificate, for a gateway with client_ca
     key: Path | None
     pool_size: int
@@ -177,6 +184,12 @@ class AgentConfig:
     admin_tls: bool = False  # HTTPS with admin_cert (an agent has no certificate to lend)
     admin_cert: Path | None = None
     admin_key: Path | None = None
+    require_all_gateways: bool = False  # /readyz: every gateway up, not just one
+
+    @property
+    def gateway(self) -> Address:
+        """The first gateway's address (the only one, unless several are configured)."""
+        return self.gateways[0].address
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,7 @@ class Option:
     metavar: str | None = None
     help: str | None = None
     choices: tuple[str, ...] | None = None
+    repeats: bool = False  # the flag may be given several times, as a list is in the file
 
     def value(self, raw: Any) -> Any:
         kind = self.kind
@@ -264,6 +278,23 @@ def normalize_fingerprint(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("expected SHA256: and 64 hex digits, as the gateway prints it")
     return "SHA256:" + value.upper()
+
+
+def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
+    """A reader of a string or a list of strings, each read by ``read``."""
+
+    def each(value: Any) -> tuple[T, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("expected a string or a list of strings")
+        return tuple(read(item) for item in items)
+
+    return each
+
+
+def _pinned(value: Any) -> str:
+    """A fingerprint, or "" for a gateway of several that is not pinned."""
+    return normalize_fingerprint(str(value)) if str(value).strip() else ""
 
 
 def _workers(value: Any) -> int:
@@ -349,11 +380,16 @@ OPTIONS: Final = (
     Option("services", _GW),  # [services.NAME] tables
     Option("alerts", _GW, (), list),  # [[alerts]] tables
     # the agent
-    Option("gateway", _AG, None, None, lambda v: parse_address(str(v)), "--gateway", "HOST:PORT",
-           "the gateway's control port"),
-    Option("ca", _AG, None, None, _path, "--ca", "FILE", "trust the gateway's certificate from CA"),
-    Option("fingerprint", _AG, "", None, lambda v: normalize_fingerprint(str(v)), "--fingerprint",
-           "SHA256", "pin the gateway's certificate"),
+    Option("gateway", _AG, (), None, _each(lambda v: parse_address(str(v))), "--gateway",
+           "HOST:PORT", "the gateway's control port; repeat it for a session with each of "
+           "several gateways", repeats=True),
+    Option("ca", _AG, (), None, _each(lambda v: _path(v) if v else None), "--ca", "FILE",
+           "trust the gateway's certificate from CA (repeated: one per --gateway, in order)",
+           repeats=True),
+    Option("fingerprint", _AG, (), None, _each(_pinned), "--fingerprint", "SHA256",
+           "pin the gateway's certificate (repeated: one per --gateway, in order)", repeats=True),
+    Option("require_all_gateways", _AG, False, bool, flag="--require-all-gateways",
+           help="ready (/readyz) only while every gateway has the services, not just one"),
     Option("cert", _AG, None, None, _existing_file, "--cert", "FILE",
            "this agent's certificate (mutual TLS)"),
     Option("key", _AG, None, None, _existing_file, "--key", "FILE",
@@ -377,18 +413,6 @@ OPTIONS: Final = (
 def options(side: str) -> dict[str, Option]:
     """The options of one side (``GATEWAY`` or ``AGENT``), by key, in table order."""
     return {option.key: option for option in OPTIONS if side in option.sides}
-
-
-def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
-    """A reader of a string or a list of strings, each read by ``read``."""
-
-    def each(value: Any) -> tuple[T, ...]:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise ValueError("expected a string or a list of strings")
-        return tuple(read(item) for item in items)
-
-    return each
 
 
 # The keys of an [[agents]] table on the gateway and of a [[services]] table on the agent.
@@ -741,6 +765,7 @@ def load_agent_config(
         )
     _check_tls(src, "ca", "fingerprint", "cert")
     given = {
+        "gateways": _gateways(src, values),
         "admin_token": _admin_token(src, values, own_certificate=False),
         "token": token or b"",  # b"": certificates alone
         "services": _services(src, values),
@@ -750,6 +775,36 @@ def load_agent_config(
     src.raise_problems()
     config = AgentConfig(**{**_fields(AgentConfig, values), **given})
     return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def _gateways(src: _Source, values: Mapping[str, Any]) -> tuple[GatewayTarget, ...]:
+    """The gateways to dial, each with its CA and fingerprint: ``ca`` and ``fingerprint`` are
+    one for every gateway, or one for each, in the order of ``gateway``."""
+    addresses: tuple[Address, ...] = values["gateway"]
+    if src.values.get("gateway") == []:
+        src.fail("gateway", "an empty list: give at least one gateway's HOST:PORT")
+    for address in sorted({a for a in addresses if addresses.count(a) > 1}, key=str):
+        src.fail("gateway", f"{address} is listed more than once")
+    checks: dict[str, tuple[Any, ...]] = {"ca": values["ca"], "fingerprint": values["fingerprint"]}
+    for key, given in checks.items():
+        if len(given) not in (0, 1, len(addresses)):
+            src.fail(
+                key,
+                f"{len(given)} given for {len(addresses)} gateways: give one for all of them, "
+                "or one for each, in the order of the gateways",
+            )
+            checks[key] = ()
+        elif len(addresses) == 1 and given and given[0] in (None, ""):
+            src.fail(key, "empty: an empty value only skips one of several gateways")
+
+    def each(key: str, index: int) -> Any:
+        given = checks[key]
+        return given[index if len(given) > 1 else 0] if given else None
+
+    return tuple(
+        GatewayTarget(address, each("ca", i), each("fingerprint", i) or "")
+        for i, address in enumerate(addresses)
+    )
 
 
 def _admin_token(src: _Source, values: dict[str, Any], *, own_certificate: bool) -> bytes | None:

@@ -34,7 +34,7 @@ from typing import Final, Literal, TypeVar
 from tunnelgate.address import Address
 from tunnelgate.agent.session import Dialer
 from tunnelgate.channel import Channel
-from tunnelgate.config import DOCTOR_SECONDS, AgentConfig, ServiceConfig
+from tunnelgate.config import DOCTOR_SECONDS, AgentConfig, GatewayTarget, ServiceConfig
 from tunnelgate.errors import (
     AuthenticationError,
     CertificateRefusedError,
@@ -90,24 +90,33 @@ def _rate(size: int, seconds: float) -> str:
 
 
 class Doctor:
-    """The checks of one agent configuration, reported one by one to ``report``."""
+    """The checks of one agent configuration with one of its gateways (``target``), reported
+    one by one to ``report``; with several gateways, each line names the gateway."""
 
     def __init__(
-        self, config: AgentConfig, seconds: float, report: Callable[[Check], None]
+        self,
+        config: AgentConfig,
+        seconds: float,
+        report: Callable[[Check], None],
+        target: GatewayTarget | None = None,
     ) -> None:
         self.config = config
+        self.target = target = target or config.gateways[0]
         self.seconds = seconds
         self.checks: list[Check] = []
         self._report = report
-        self._dialer = Dialer(config, ContextLogger(logger, gateway=str(config.gateway)))
+        self._dialer = Dialer(config, target, ContextLogger(logger, gateway=str(target.address)))
+        self._named = len(config.gateways) > 1
 
     def _add(self, name: str, status: Status, detail: str, hint: str = "") -> None:
+        if self._named and not name.startswith("service "):
+            detail = f"{self.target.address}: {detail}"
         check = Check(name, status, detail, hint)
         self.checks.append(check)
         self._report(check)
 
-    async def run(self) -> bool:
-        """Every check; True if none failed."""
+    async def run(self, services: bool = True) -> bool:
+        """Every check (``services``: the local services' too); True if none failed."""
         gateway_names = ["resolve", "reach", "tls", "token"]
         probe_supported, probe_skipped = False, OLD_GATEWAY
         try:
@@ -118,7 +127,7 @@ class Doctor:
                 if name not in done:
                     self._add(name, "skip", f"skipped: {skip.reason}")
             probe_skipped = skip.reason
-        for service in self.config.services:
+        for service in self.config.services if services else ():
             await self._check_service(service)
         if probe_supported:
             await self._measure()
@@ -141,9 +150,9 @@ class Doctor:
             stream.abort()
 
     async def _check_resolve(self) -> list[str]:
-        host = self.config.gateway.host
+        host = self.target.address.host
         try:
-            addresses = await resolve(self.config.gateway, self.config.connect_timeout)
+            addresses = await resolve(self.target.address, self.config.connect_timeout)
         except TransportError as exc:
             hint = "check the host name in --gateway, and this machine's DNS settings"
             self._add("resolve", "FAIL", str(exc), hint)
@@ -155,7 +164,7 @@ class Doctor:
         return addresses
 
     async def _check_reach(self, addresses: list[str]) -> SocketStream:
-        port, errors = self.config.gateway.port, []
+        port, errors = self.target.address.port, []
         for ip in addresses:
             began = time.monotonic()
             try:
@@ -208,11 +217,11 @@ class Doctor:
             self._add("tls", "FAIL", detail, hint)
             raise _Skip("TLS failed") from None
         took = _ms(time.monotonic() - began)
-        if config.fingerprint:
-            detail = f"the certificate matches the pinned fingerprint {config.fingerprint}"
+        if (target := self.target).fingerprint:
+            detail = f"the certificate matches the pinned fingerprint {target.fingerprint}"
         else:
-            ca = str(config.ca) if config.ca else "the system's CAs"
-            detail = f"the certificate for {config.gateway.host} is signed by {ca}"
+            ca = str(target.ca) if target.ca else "the system's CAs"
+            detail = f"the certificate for {target.address.host} is signed by {ca}"
         self._add("tls", "ok", f"{detail} ({took})")
         return stream
 
@@ -376,5 +385,9 @@ class Doctor:
 async def run(
     config: AgentConfig, seconds: float = DOCTOR_SECONDS, report: Callable[[Check], None] = print
 ) -> bool:
-    """Check ``config`` end to end, reporting each check as it ends; True if none failed."""
-    return await Doctor(config, seconds, report).run()
+    """Check ``config`` end to end, each of its gateways in turn (the local services once),
+    reporting each check as it ends; True if none failed."""
+    passed = True
+    for index, target in enumerate(config.gateways):
+        passed &= await Doctor(config, seconds, report, target).run(services=index == 0)
+    return passed

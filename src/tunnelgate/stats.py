@@ -300,6 +300,7 @@ class GatewayRecordStatistics:
     heartbeat: HistogramCounts  # every heartbeat's round trip
     connected_at: float  # wall-clock seconds of the last session's start; 0: never
     last_seen: float  # wall-clock seconds: now while up, else when its last session ended
+    refused: str = ""  # why it refused this agent, which no longer dials it; "": dialed
 
 
 @dataclass(eq=False)
@@ -312,6 +313,7 @@ class GatewayRecord:
     last_seen: float = 0.0
     reconnects: Counter[str] = field(default_factory=Counter)
     heartbeat: Histogram = field(default_factory=lambda: Histogram(HEARTBEAT_BUCKETS))
+    refused: str = ""  # set when this gateway refused the agent while others may serve
 
     @property
     def up(self) -> bool:
@@ -346,6 +348,7 @@ class GatewayRecord:
             self.heartbeat.counts(),
             self.connected_at,
             now if self.up else self.last_seen,
+            self.refused,
         )
 
 

@@ -97,7 +97,8 @@ def read_views(base: str, token: str | None) -> tuple[Mapping[str, Any], dict[st
         raise RemoteProtocolError(f"{base}{API} does not say it is a gateway or an agent")
     views = {}
     for name, _ in SIDES[info["side"]]:
-        rows = fetch(base, f"{API}/{name}", token)
+        # An agent's gateways are in its info (an agent before the "gateways" view has them).
+        rows = info.get(name, []) if name in INFO_TABLES else fetch(base, f"{API}/{name}", token)
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise RemoteProtocolError(f"{base}{API}/{name} is not a list of objects")
         views[name] = rows
@@ -172,6 +173,17 @@ def _draining(value: Any, now: float) -> str:
     return "draining" if value else "open"
 
 
+def _reconnects(value: Any, now: float) -> str:
+    """Reconnects by reason, the reasons that happened: ``closed=2 refused=1``."""
+    if isinstance(value, dict):
+        value = {reason: count for reason, count in value.items() if count}
+    return _text(value, now)
+
+
+def _milliseconds(value: Any, now: float) -> str:
+    return f"{value * 1000:.1f} ms" if _number(value) else _text(value, now)
+
+
 @dataclass(frozen=True)
 class Column:
     """A field of a view's rows, shown under ``header``."""
@@ -209,6 +221,11 @@ GATEWAY_TABLES: Final = (
     )),
 )  # fmt: skip
 AGENT_TABLES: Final = (
+    ("gateways", (
+        Column("gateway", "GATEWAY"), Column("state", "STATE"), Column("refused", "REFUSED"),
+        _count("sessions", "CONNECTS"), Column("reconnects", "RECONNECTS", _reconnects),
+        Column("rtt", "RTT", _milliseconds), Column("last_seen", "LAST SEEN", _since),
+    )),
     ("sessions", (
         Column("id", "ID"), Column("gateway", "GATEWAY"), Column("worker", "WORKER"),
         Column("state", "STATE"), Column("age", "AGE", _age), Column("services", "SERVICES"),
@@ -221,6 +238,7 @@ AGENT_TABLES: Final = (
         _bytes("down", "DOWN"),
     )),
 )  # fmt: skip
+INFO_TABLES: Final = frozenset({"gateways"})  # rows taken from the side's info, not a view
 SIDES: Final[Mapping[str, Sequence[tuple[str, Sequence[Column]]]]] = {
     "gateway": GATEWAY_TABLES,
     "agent": AGENT_TABLES,
@@ -247,7 +265,10 @@ def table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], now: flo
 def _headline(info: Mapping[str, Any], now: float) -> list[str]:
     version = info.get("version", "?")
     if info.get("side") == "agent":
-        lines = [f"agent {info.get('name', '?')} ({version}), gateway {info.get('gateway', '?')}"]
+        gateways = info.get("gateways")
+        count = len(gateways) if isinstance(gateways, list) else 1
+        where = f"{count} gateways" if count > 1 else f"gateway {info.get('gateway', '?')}"
+        lines = [f"agent {info.get('name', '?')} ({version}), {where}"]
     else:
         lines = [f"gateway {version} listening on {info.get('address', '?')}"]
         if isinstance(uptime := info.get("uptime"), int | float):

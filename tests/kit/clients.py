@@ -119,10 +119,12 @@ def read_until_end(sock: socket.socket, received: bytearray, timeout: float) -> 
         received += chunk
 
 
-def echo_exchange(port: int, payload: bytes, timeout: float = DEADLINE) -> tuple[bytes, str]:
-    """Send ``payload`` and EOF to an echo through ``port``; return what came back
+def echo_exchange(
+    port: int, payload: bytes, timeout: float = DEADLINE, host: str = "127.0.0.1"
+) -> tuple[bytes, str]:
+    """Send ``payload`` and EOF to an echo through ``host:port``; return what came back
     and how it ended ("eof", "reset", "timeout"). Raises ConnectionRefusedError."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         failed: list[OSError] = []
 
         def send() -> None:

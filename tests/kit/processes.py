@@ -192,7 +192,8 @@ def start_gateway(
     if not tls:
         args.append("--no-tls")
     proc = launch(*args, token=token, env=env)
-    port = int(proc.wait_line(r"gateway listening on 127\.0\.0\.1:(\d+)").group(1))
+    host = re.escape(listen.rsplit(":", 1)[0])
+    port = int(proc.wait_line(rf"gateway listening on {host}:(\d+)").group(1))
     proc.wait_line(AGENT_COMMAND_RE, stdout=True)  # the banner's last line
     fingerprint = None
     for line in proc.lines_matching(r"^certificate fingerprint: ", stdout=True):

@@ -9,9 +9,11 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 DEADLINE = 10.0  # for what should happen "at once": a log line, a connection
 EXIT_DEADLINE = 5.0  # "exits within a few seconds"
@@ -43,6 +45,20 @@ async def wait_until(
             text = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout} s waiting for {text}")
         await asyncio.sleep(0.01)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
+    """Poll ``predicate`` (blocking) until it returns something truthy; fail after
+    ``timeout``, naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout} s waiting for {text}")
+        time.sleep(0.05)  # polling interval under a deadline
 
 
 def wait_connectable(port: int, timeout: float = DEADLINE, host: str = "127.0.0.1") -> None:

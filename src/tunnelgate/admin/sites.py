@@ -43,11 +43,16 @@ from tunnelgate.admin.alerts import Alerts
 from tunnelgate.admin.history import RANGES, History, Recorder
 from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
-from tunnelgate.agent.agent import Agent
+from tunnelgate.agent.agent import Agent, AgentStatistics
 from tunnelgate.agent.session import ExposedService
 from tunnelgate.gateway.gateway import GatewayStatistics, GatewayView
 from tunnelgate.gateway.session import SessionStatistics
-from tunnelgate.stats import DIAL_ERROR_REASONS, AgentRecordStatistics, AgentServiceCounts
+from tunnelgate.stats import (
+    DIAL_ERROR_REASONS,
+    AgentRecordStatistics,
+    AgentServiceCounts,
+    GatewayRecordStatistics,
+)
 
 
 def _counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -320,10 +325,15 @@ class AgentSite:
         self.agent = agent
 
     def ready(self) -> str | None:
+        """Ready while a gateway has the services (every gateway, if the config says so)."""
+        ready = self.agent.gateways_ready()
         if not self.agent.statistics().sessions:
-            return "no session with the gateway"
-        if not self.agent.services:
+            return "no session with " + ("any gateway" if len(ready) > 1 else "the gateway")
+        if not any(ready.values()):
             return "no service registered yet"
+        if self.agent.config.require_all_gateways and not all(ready.values()):
+            missing = ", ".join(gateway for gateway, up in ready.items() if not up)
+            return f"not serving through {missing} (require_all_gateways)"
         return None
 
     async def collect(self) -> list[Metric]:
@@ -347,18 +357,7 @@ class AgentSite:
                     "name": stats.name,
                     "gateway": str(self.agent.config.gateway),
                     "sessions": len(stats.sessions),
-                    "gateways": [
-                        {
-                            "gateway": g.gateway,
-                            "up": g.up,
-                            "sessions": g.sessions,
-                            "reconnects": _counts(g.reconnects),
-                            "rtt": g.rtt,
-                            "connected_at": g.connected_at or None,
-                            "last_seen": g.last_seen or None,
-                        }
-                        for g in stats.gateways
-                    ],
+                    "gateways": self._gateways(stats),
                     "connections": sum(c.active for c in counts),
                     "connections_total": sum(c.connections for c in counts),
                     "up": sum(c.up for c in counts),
@@ -368,6 +367,8 @@ class AgentSite:
                         for reason in DIAL_ERROR_REASONS
                     },
                 }
+            case ["gateways"]:
+                return self._gateways(stats)
             case ["sessions"]:
                 return [
                     {
@@ -405,6 +406,24 @@ class AgentSite:
                 ]
         raise NotFound(f"no view /{'/'.join(path)}")
 
+    def _gateways(self, stats: AgentStatistics) -> list[dict[str, Any]]:
+        """Each gateway the agent dials: its state and counts."""
+        ready = self.agent.gateways_ready()
+        return [
+            {
+                "gateway": g.gateway,
+                "up": g.up,
+                "state": _gateway_state(g, ready.get(g.gateway, False)),
+                **({"refused": g.refused} if g.refused else {}),
+                "sessions": g.sessions,
+                "reconnects": _counts(g.reconnects),
+                "rtt": g.rtt,
+                "connected_at": g.connected_at or None,
+                "last_seen": g.last_seen or None,
+            }
+            for g in stats.gateways
+        ]
+
     async def act(self, path: Sequence[str], body: Mapping[str, Any]) -> object:
         match list(path):
             case ["connections", conn, "close"]:
@@ -412,6 +431,14 @@ class AgentSite:
                     raise NotFound(f"no open connection {conn}")
                 return {"closed": int(conn)}
         raise NotFound(f"no action /{'/'.join(path)}")
+
+
+def _gateway_state(record: GatewayRecordStatistics, serving: bool) -> str:
+    """ "serving" (its session has the services), "up" (welcomed, registering), "down"
+    (reconnecting), or "refused" (it refused this agent, which no longer dials it)."""
+    if record.refused:
+        return "refused"
+    return "serving" if serving else "up" if record.up else "down"
 
 
 def _service_traffic(counts: AgentServiceCounts) -> dict[str, Any]:

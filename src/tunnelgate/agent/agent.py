@@ -1,14 +1,15 @@
 """The agent: the life cycle and the reconnect loops around its sessions.
 
-:meth:`Agent.run` keeps an :class:`~tunnelgate.agent.session.AgentSession` up: run it until it
-ends, wait a backoff with full jitter, repeat; an authentication failure ends the loop instead.
-The sessions are a list, so that more gateways are more entries in it. A gateway of several
-worker processes names them in its Welcome: the agent then keeps a session with each worker, at
-its own address, each with its own reconnect loop (a "slot"), the first session's being the one
-of the worker it reached. If the workers change (a gateway restarted with others), it dials the
-gateway again and spreads anew. The agent keeps the counts that outlive its sessions
-(:class:`~tunnelgate.stats.AgentTotals`), and counts each reconnect by the reason its last
-attempt ended.
+The agent keeps a session up with each configured gateway, each on its own (a
+:class:`_GatewayLink`): run an :class:`~tunnelgate.agent.session.AgentSession` until it ends,
+wait a backoff with full jitter, repeat. An authentication failure ends a gateway's loop; it
+ends the agent when every gateway refused it. A gateway of several worker processes names them
+in its Welcome: the link then keeps a session with each worker, at its own address, each with
+its own reconnect loop (a "slot"), the first session's being the one of the worker it reached.
+If the workers change (a gateway restarted with others), it dials the gateway again and spreads
+anew. The agent is ready while any session has its services. It keeps the counts that outlive
+its sessions (:class:`~tunnelgate.stats.AgentTotals`), and counts each reconnect by the reason
+its last attempt ended.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tunnelgate.agent.session import (
     AgentSession,
     Dialer,
     ExposedService,
+    Proofs,
     SessionStatistics,
     dial_error_reason,
     worker_address,
@@ -35,7 +37,12 @@ from tunnelgate.config import AgentConfig, load_agent_config
 from tunnelgate.control import wait_relays
 from tunnelgate.errors import AuthenticationError, ConnectionClosed, ProtocolError, TransportError
 from tunnelgate.logs import ContextLogger
-from tunnelgate.stats import AgentServiceCounts, AgentTotals, GatewayRecordStatistics
+from tunnelgate.stats import (
+    AgentServiceCounts,
+    AgentTotals,
+    GatewayRecord,
+    GatewayRecordStatistics,
+)
 
 logger = logging.getLogger(__package__)
 
@@ -74,28 +81,37 @@ class Agent:
             config, _ = load_agent_config(None, options)
         self.config = config
         self._log = ContextLogger(logger, agent=config.name)
-        self._dialer = Dialer(config, self._log)
-        # Ports the gateway picked for any-port services, asked again on reconnect: same address.
-        self._chosen_ports: dict[str, int] = {}
-        self._sessions: list[AgentSession] = []  # the sessions up now
         self._totals = AgentTotals()
-        self._totals.gateway(str(config.gateway))  # shown before the first session
+        proofs = Proofs(config)  # one credential for every gateway
+        several = len(config.gateways) > 1
+        self._links = tuple(
+            _GatewayLink(
+                self,
+                Dialer(config, target, log, proofs),
+                self._totals.gateway(str(target.address)),  # shown before the first session
+            )
+            for target in config.gateways
+            for log in [self._log.bind(gateway=str(target.address)) if several else self._log]
+        )
         for service in config.services:
             self._totals.service(service.name)
         self._main: asyncio.Task[None] | None = None
         self._closing = False
         self._ready = asyncio.Event()
-        self._workers: tuple[str, ...] = ()  # the gateway's, once a Welcome names them
-        self._spread: asyncio.TaskGroup | None = None  # runs the slots of the other workers
+
+    @property
+    def _sessions(self) -> list[AgentSession]:
+        """The sessions up now, with every gateway."""
+        return [session for link in self._links for session in link.sessions]
 
     @property
     def services(self) -> dict[str, ExposedService]:
-        """The services the gateway exposes now, by name."""
+        """The services the gateways expose now, by name."""
         return {name: s for session in self._sessions for name, s in session.services.items()}
 
     @property
     def session_id(self) -> str | None:
-        """The id of the session up now, if any."""
+        """The id of a session up now, if any."""
         return next((s.id for s in self._sessions if s.id is not None), None)
 
     def statistics(self) -> AgentStatistics:
@@ -118,6 +134,14 @@ class Agent:
             ),
         )
 
+    def gateways_ready(self) -> dict[str, bool]:
+        """For each configured gateway (its address), whether a session with it has the
+        services registered now."""
+        return {
+            str(link.dialer.target.address): any(s.services for s in link.sessions)
+            for link in self._links
+        }
+
     def close_connection(self, conn: int) -> bool:
         """Reset one client connection, by its id (the gateway's); False if none is open."""
         return any(session.close_connection(conn) for session in self._sessions)
@@ -135,7 +159,7 @@ class Agent:
         await self.aclose()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
-        """Stop gracefully: tell the gateway, let open connections finish for up to
+        """Stop gracefully: tell the gateways, let open connections finish for up to
         ``drain_timeout`` seconds (default: the config's), then reset those still open."""
         if self._main is None:
             return
@@ -162,7 +186,7 @@ class Agent:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop at once: end the session (open connections are reset) and stop reconnecting."""
+        """Stop at once: end the sessions (open connections are reset) and stop reconnecting."""
         await asyncio.gather(*(session.say_bye() for session in self._sessions))
         self._closing = True
         main, self._main = self._main, None
@@ -182,7 +206,8 @@ class Agent:
         await asyncio.shield(self._main)
 
     async def wait_ready(self, timeout: float | None = None) -> dict[str, ExposedService]:
-        """Wait until services are registered; raise the fatal error if the agent gave up."""
+        """Wait until services are registered (with any gateway); raise the fatal error if the
+        agent gave up."""
         assert self._main is not None, "use 'async with Agent(...)' first"
         ready = asyncio.ensure_future(self._ready.wait())
         try:
@@ -196,9 +221,70 @@ class Agent:
         return self.services
 
     async def run(self) -> None:
+        """Keep sessions up with every gateway, each on its own, until cancelled. Raise
+        AuthenticationError once every gateway refused this agent (fatal); one that refuses
+        while others may serve is logged and no longer dialed."""
+        links = self._links
+        if len(links) == 1:
+            await links[0].run()
+            return
+        refused = 0
+
+        async def keep(link: _GatewayLink) -> None:
+            nonlocal refused
+            try:
+                await link.run()
+            except AuthenticationError as exc:
+                refused += 1
+                if refused == len(links):
+                    raise
+                link.record.refused = str(exc)
+                link.dialer.log.error(
+                    "%s; no longer dialing %s: the other gateways carry the services",
+                    exc,
+                    link.dialer.target.address,
+                )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for link in links:
+                    group.create_task(keep(link), name=f"gateway {link.dialer.target.address}")
+        except BaseExceptionGroup as caught:
+            if (fatal := caught.subgroup(AuthenticationError)) is None:
+                raise
+            raise _first(fatal) from None
+
+    def _changed(self) -> None:
+        """A session ended: the agent is ready while any session is welcomed."""
+        if not any(s.id is not None for s in self._sessions):
+            self._ready.clear()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+class _GatewayLink:
+    """One configured gateway: the reconnect loop of a session with it, and, if it runs several
+    workers, one with each of them (a slot each). Keeps the ports it picked for any-port
+    services, asked again on reconnect so that a service keeps its public address."""
+
+    def __init__(self, agent: Agent, dialer: Dialer, record: GatewayRecord) -> None:
+        self.agent = agent
+        self.dialer = dialer
+        self.record = record
+        self.sessions: list[AgentSession] = []  # up now, one per worker
+        self._chosen_ports: dict[str, int] = {}
+        self._workers: tuple[str, ...] = ()  # the gateway's, once a Welcome names them
+        self._spread: asyncio.TaskGroup | None = None  # runs the slots of the other workers
+
+    async def run(self) -> None:
         """Keep a session up, one with each worker of a gateway that has several, until
         cancelled; raise AuthenticationError (refused: fatal)."""
-        config = self.config
+        config, address = self.agent.config, self.dialer.target.address
         delays = backoff(config.reconnect_min, config.reconnect_max)
         next(delays)  # the first slot's, across spreads
         while True:
@@ -206,18 +292,16 @@ class Agent:
             try:
                 async with asyncio.TaskGroup() as group:
                     self._spread = group
-                    await self._keep(_Slot(self._dialer), delays)
+                    await self._keep(_Slot(self.dialer), delays)
             except BaseExceptionGroup as caught:  # a slot's end ends them all (the first's too)
                 fatal = caught.subgroup(AuthenticationError) or caught.subgroup(WorkersChanged)
                 if fatal is None:
                     raise
-                first = fatal.exceptions[0]
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
+                first = _first(fatal)
                 if not isinstance(first, WorkersChanged):
                     raise first from None
                 delay, _ = delays.send(0.0)  # workers that disagree must not make a busy loop
-                self._log.info("%s; dialing %s again in %.1f s", first, config.gateway, delay)
+                self.dialer.log.info("%s; dialing %s again in %.1f s", first, address, delay)
                 await asyncio.sleep(delay)
             finally:
                 self._spread = None
@@ -225,16 +309,17 @@ class Agent:
     async def _keep(self, slot: _Slot, delays: Generator[tuple[float, int], float, None]) -> None:
         """Keep ``slot``'s session up until cancelled: run it until it ends, wait, again. Raises
         AuthenticationError (refused: fatal), or WorkersChanged."""
+        agent = self.agent
         while True:
             session = AgentSession(
                 slot.dialer,
                 self._chosen_ports,
                 lambda: self._session_ready(slot),
-                self._totals,
+                agent._totals,
                 lambda session: self._session_welcomed(slot, session),
                 slot.fixed_ports,
             )
-            self._sessions.append(session)
+            self.sessions.append(session)
             try:
                 reason, level = await session.run(), logging.INFO
                 counted = "goodbye"
@@ -245,12 +330,12 @@ class Agent:
                     reason = f"{silent} within the deadline"
                 counted = reconnect_reason(exc, session.id is not None)
             finally:
-                self._sessions.remove(session)
-                if not (welcomed := any(s.id is not None for s in self._sessions)):
-                    self._ready.clear()
-            if self._closing:
+                self.sessions.remove(session)
+                agent._changed()
+            if agent._closing:
                 raise asyncio.CancelledError
             session.record.reconnecting(counted)
+            welcomed = any(s.id is not None for s in self.sessions)
             if slot.worker is not None and session.id is None and not welcomed:
                 # No worker answers: the gateway may have restarted with other workers.
                 raise WorkersChanged(f"no session with any worker of the gateway ({reason})")
@@ -266,13 +351,13 @@ class Agent:
             await asyncio.sleep(delay)
 
     def _session_welcomed(self, slot: _Slot, session: AgentSession) -> None:
-        """The first Welcome that names workers fixes the slot's worker and the agent's list of
+        """The first Welcome that names workers fixes the slot's worker and the link's list of
         them; a Welcome that does not fit them ends the spread (WorkersChanged)."""
         if slot.worker is None and session.workers and not self._workers:
             assert session.worker is not None
             self._workers, slot.worker = session.workers, session.worker
-            address = worker_address(self.config.gateway, session.workers[session.worker])
-            slot.dialer = slot.dialer.to(address, self._log.bind(worker=session.worker))
+            address = worker_address(self.dialer.target.address, session.workers[session.worker])
+            slot.dialer = slot.dialer.to(address, self.dialer.log.bind(worker=session.worker))
         elif (session.workers, session.worker) != (self._workers, slot.worker):
             raise WorkersChanged("the gateway's workers changed")
 
@@ -280,18 +365,17 @@ class Agent:
         """Services are registered: the agent is ready; the first time a gateway of several
         workers answered, open a session with each other worker (they ask for the ports the
         gateway gave this one)."""
-        self._ready.set()
+        self.agent._ready.set()
         if slot.fixed_ports or slot.worker is None or self._spread is None:
             return
         group, self._spread = self._spread, None  # once per spread
-        self._log.info(
-            "the gateway runs %d workers: opening a session with each", len(self._workers)
-        )
-        config = self.config
+        log = self.dialer.log
+        log.info("the gateway runs %d workers: opening a session with each", len(self._workers))
+        config = self.agent.config
         for index, announced in enumerate(self._workers):
             if index != slot.worker:
-                address = worker_address(config.gateway, announced)
-                dialer = self._dialer.to(address, self._log.bind(worker=index))
+                address = worker_address(self.dialer.target.address, announced)
+                dialer = self.dialer.to(address, log.bind(worker=index))
                 delays = backoff(config.reconnect_min, config.reconnect_max)
                 next(delays)
                 group.create_task(self._keep(_Slot(dialer, index, True), delays))

@@ -22,7 +22,7 @@ from tunnelgate import __version__, credentials, proxy_protocol, tls
 from tunnelgate.address import Address, parse_address
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
 from tunnelgate.channel import Channel
-from tunnelgate.config import AgentConfig, ServiceConfig
+from tunnelgate.config import AgentConfig, GatewayTarget, ServiceConfig
 from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import (
     AuthenticationError,
@@ -114,17 +114,25 @@ class SessionStatistics:
 
 
 class Dialer:
-    """Opens channels to one gateway (at ``address``, by default the configured one): connect,
-    TLS, and the token's proof."""
+    """Opens channels to one gateway (``target``; at ``address``, its own or, for a gateway of
+    several workers, a worker's): connect, TLS checked as the target says, and the token's
+    proof."""
 
-    def __init__(self, config: AgentConfig, log: ContextLogger, address: Address | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        target: GatewayTarget,
+        log: ContextLogger,
+        proofs: Proofs | None = None,
+    ) -> None:
         self.config = config
+        self.target = target
         self.log = log
-        self.address = address or config.gateway
-        tls_args = (config.ca, config.fingerprint, config.cert, config.key)
+        self.address = target.address
+        tls_args = (target.ca, target.fingerprint, config.cert, config.key)
         self._context = tls.client_context(*tls_args) if config.tls else None
         self._tls_session: TLSSession | None = None  # the control channel's, for data
-        self._credential: credentials.Credential | None = None  # derived from the token once
+        self._proofs = proofs or Proofs(config)  # the agent's, shared by its gateways
 
     def to(self, address: Address, log: ContextLogger) -> Dialer:
         """A dialer of the same gateway at another address (a worker's own), sharing the
@@ -160,10 +168,10 @@ class Dialer:
         """``tcp`` with TLS on it and the gateway's certificate checked (``tcp`` itself
         with --no-tls). Raises PeerVerificationError, TransportError; the caller resets
         the connection on any error, and bounds the time."""
-        config = self.config
+        target = self.target
         if (context := self._context) is None:
             return tcp
-        hostname = None if config.fingerprint else config.gateway.host
+        hostname = None if target.fingerprint else target.address.host
         resume = self._tls_session if role == "data" else None
         stream = TLSStream(
             tcp, context, server_side=False, server_hostname=hostname, session=resume
@@ -173,8 +181,8 @@ class Dialer:
             self.log.debug(
                 "data channel: TLS session %s", "resumed" if stream.session_reused else "new"
             )
-        if config.fingerprint:
-            tls.check_fingerprint(stream.peer_certificate(), config.fingerprint)
+        if target.fingerprint:
+            tls.check_fingerprint(stream.peer_certificate(), target.fingerprint)
         return stream
 
     async def introduce(self, channel: Channel, role: str, session: str = "") -> None:
@@ -186,7 +194,7 @@ class Dialer:
         if isinstance(challenge, Refused):
             raise refusal(challenge)
         assert isinstance(challenge, Challenge)
-        proof = await self._proof(challenge.nonce, role, session)
+        proof = await self._proofs.make(challenge.nonce, role, session)
         # A control channel: this agent takes data channels back after a clean end (reuse), and
         # holds a session with each worker of a gateway that has several (workers).
         control = role == "control"
@@ -194,15 +202,23 @@ class Dialer:
         hello = Hello(version, role, name, proof, session, software, control, control)  # type: ignore[arg-type]
         await channel.send_message(hello)
 
-    async def _proof(self, nonce: bytes, role: str, session: str) -> bytes:
-        """The Hello's proof; empty without a token (a certificate-only agent)."""
-        if not self.config.token:
+
+class Proofs:
+    """The proofs of the agent's token, from a credential derived once for all its gateways."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._token, self._name = config.token, config.name
+        self._credential: asyncio.Future[credentials.Credential] | None = None
+
+    async def make(self, nonce: bytes, role: str, session: str) -> bytes:
+        """A Hello's proof; empty without a token (a certificate-only agent)."""
+        if not self._token:
             return b""
         if self._credential is None:  # slow (scrypt), so once, and off the event loop
-            self._credential = await asyncio.to_thread(
-                credentials.derive, self.config.token, self.config.name
-            )
-        return credentials.make_proof(self._credential, nonce, role, self.config.name, session)
+            derive = asyncio.to_thread(credentials.derive, self._token, self._name)
+            self._credential = asyncio.ensure_future(derive)
+        credential = await asyncio.shield(self._credential)
+        return credentials.make_proof(credential, nonce, role, self._name, session)
 
 
 class AgentSession:
@@ -234,7 +250,7 @@ class AgentSession:
         self.connected_at = 0.0  # wall clock, once welcomed
         self.rtt: float | None = None
         self._totals = totals  # the agent's, across its sessions
-        self.record = totals.gateway(str(config.gateway))
+        self.record = totals.gateway(str(dialer.target.address))
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._pings: dict[int, float] = {}  # seq → when sent, until its Pong
         self._on_ready = on_ready

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from kit.clients import echo_exchange
-from kit.ports import refusing_port
-from kit.processes import GatewayProc, Launch, Proc, start_gateway
+from kit.ports import refusing_port, start_listening
+from kit.processes import GatewayProc, Launch, Proc, require_tool, start_gateway
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, wait_for
 
@@ -195,3 +195,68 @@ def test_a_gateway_that_never_answers_does_not_delay_the_others(
         echo_through("127.0.0.1", exposed_port(agent, "127.0.0.1", first), b"not delayed")
         agent.wait_line(rf"reconnecting to {SECOND_HOST}:{dead} in .*\(attempt 2\)")
         assert agent.popen.poll() is None
+
+
+HAPROXY = """global
+    maxconn 512
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch 1
+frontend public
+    bind 127.0.0.1:{port}
+    default_backend gateways
+backend gateways
+    balance roundrobin
+    default-server check inter 100ms fall 1 rise 1
+    server first 127.0.0.1:{first}
+    server second {second_host}:{second}
+"""
+
+
+def test_clients_through_a_balancer_survive_a_gateway_going_down(
+    launch: Launch, launch_command: Launch, tmp_path: Path, echo_port: int
+) -> None:
+    """HAProxy (TCP mode, health checks, redispatch) in front of the service's port on two
+    gateways: clients reach it through both; one gateway killed, every new client still gets
+    its own echo, through the other; the gateway back, the balancer uses it again."""
+    haproxy = require_tool("haproxy")
+    token = new_token()
+    first = start_gateway(launch, tmp_path / "first", token=token)
+    second = start_gateway(launch, tmp_path / "second", token=token, listen=f"{SECOND_HOST}:0")
+    agent = start_agent(launch, [("127.0.0.1", first), (SECOND_HOST, second)], token, echo_port)
+    one, two = exposed_port(agent, "127.0.0.1", first), exposed_port(agent, SECOND_HOST, second)
+
+    def start(port: int) -> Proc:
+        config = tmp_path / f"haproxy-{port}.cfg"
+        config.write_text(HAPROXY.format(port=port, first=one, second_host=SECOND_HOST,
+                                         second=two))  # fmt: skip
+        return launch_command(haproxy, "-db", "-f", str(config))
+
+    _, front = start_listening(start)
+
+    def served(gateway: GatewayProc) -> int:  # clients that sent bytes (not health checks)
+        return len(gateway.proc.lines_matching(r"closed client=\S+ up=[1-9]"))
+
+    for i in range(20):
+        echo_through("127.0.0.1", front, f"balanced client {i} ".encode() * 50)
+    assert served(first) > 0 and served(second) > 0, "the balancer uses both gateways"
+
+    first.proc.popen.send_signal(signal.SIGKILL)
+    first.proc.wait_exit()
+    before = served(second)
+    for i in range(20):  # from the first moment: a refused connect is redispatched
+        echo_through("127.0.0.1", front, f"after the kill {i} ".encode() * 50)
+    wait_for(lambda: served(second) >= before + 20, DEADLINE, "the second gateway to serve all")
+
+    again = start_gateway(launch, tmp_path / "first", token=token, listen=f"127.0.0.1:{first.port}")
+    assert exposed_port(agent, "127.0.0.1", first, count=2) == one, "the same public port"
+
+    def used_again() -> bool:
+        echo_through("127.0.0.1", front, b"once the first gateway is back")
+        return served(again) > 0
+
+    wait_for(used_again, 3 * DEADLINE, "the balancer to use the first gateway again")

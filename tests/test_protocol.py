@@ -52,12 +52,26 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
         st.text(max_size=512),
     ),
     p.Register: st.builds(
-        p.Register, st.lists(st.builds(p.ServiceRequest, names, hosts, ports), max_size=16)
+        p.Register,
+        st.lists(
+            st.builds(
+                p.ServiceRequest, names, hosts, ports, names | st.just(""), st.binary(max_size=64)
+            ),
+            max_size=16,
+        ),
     ),
     p.Registered: st.builds(
         p.Registered,
         st.lists(
-            st.builds(p.ServiceResult, names, st.booleans(), hosts, ports, st.text(max_size=512)),
+            st.builds(
+                p.ServiceResult,
+                names,
+                st.booleans(),
+                hosts,
+                ports,
+                st.text(max_size=512),
+                names | st.just(""),
+            ),
             max_size=16,
         ),
     ),
@@ -74,6 +88,7 @@ STRATEGIES: dict[type, st.SearchStrategy[p.Message]] = {
         st.floats(0, p.MAX_MEASURE_SECONDS, exclude_min=True),
     ),
     p.Measured: st.builds(p.Measured, u63, st.floats(0, 3600)),
+    p.Health: st.builds(p.Health, names, st.booleans(), st.text(max_size=512)),
     p.Bye: st.builds(p.Bye, st.text(max_size=512)),
 }
 messages = st.one_of(*STRATEGIES.values())
@@ -265,6 +280,7 @@ EXAMPLES: dict[type, p.Message] = {
     p.Finished: p.Finished(1),
     p.Measure: p.Measure("sink", 2.0),
     p.Measured: p.Measured(1 << 30, 2.0),
+    p.Health: p.Health("web", False, "GET / answered 503, expected 200"),
     p.Bye: p.Bye("shutdown"),
 }
 

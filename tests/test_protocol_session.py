@@ -28,6 +28,7 @@ EXAMPLES: list[p.Event] = [
     p.PoolRequest(2),
     p.PoolRelease(2),
     p.PoolDiscarded(4),
+    p.Health("web", False, "refused"),
     p.Start(1, "web", "203.0.113.9:4711"),
     p.Finished(0),
     p.Bye("shutdown"),

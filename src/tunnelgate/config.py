@@ -40,6 +40,9 @@ from tunnelgate.protocol.wire import MAX_SERVICES, MAX_WORKERS
 
 TOKEN_ENV: Final = "TUNNELGATE_TOKEN"
 ADMIN_TOKEN_ENV: Final = "TUNNELGATE_ADMIN_TOKEN"
+GROUP_SECRET_ENV: Final = "TUNNELGATE_GROUP_SECRET"
+BALANCES: Final = ("round_robin", "least_connections")  # how a group spreads its clients
+HEALTH_CHECKS: Final = ("tcp", "http", "none")  # how an agent checks a grouped service
 WORKER_ENV: Final = "TUNNELGATE_WORKER"  # set only by a supervisor, for its workers: JSON
 MIN_TOKEN_LENGTH: Final = 16
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -65,6 +68,24 @@ class ServiceConfig:
     local: Address
     bind: str = ""  # "": the gateway's default bind address
     proxy_protocol: int = 0  # PROXY protocol header sent to the service: 0 none, 1 or 2
+    group: str = ""  # the agent group it joins on the gateway; "": its own port
+    group_secret: bytes = field(default=b"", repr=False)  # the group's, with ``group``
+    health_check: str = "tcp"  # for a grouped service: "tcp" connect, "http" GET, or "none"
+    health_path: str = "/"  # the GET's path, with "http"
+    health_status: int = 200  # the status the GET must answer, with "http"
+    health_interval: float = 5.0  # seconds between checks
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """An agent group the gateway allows (``[[groups]]``): agents that prove one of its secrets
+    (clear, or stored keys as ``tunnelgate token --name GROUP`` prints them) may expose a
+    service into it, and its clients are spread over them by ``balance``."""
+
+    name: str
+    secrets: tuple[bytes, ...] = field(repr=False)
+    stored_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    balance: str = "round_robin"  # one of BALANCES
 
 
 @dataclass(frozen=True)
@@ -81,9 +102,13 @@ class AgentPolicy:
     max_connections: int = 0  # 0: the gateway's max_connections
     access: AccessRule | None = None  # [agents.access]: all of this agent's services
     service_access: Mapping[str, AccessRule] = field(default_factory=dict)  # by service name
+    allow_groups: tuple[str, ...] | None = None  # None: any of the gateway's [[groups]]
 
     def allows_port(self, port: int) -> bool:
         return any(port in r for r in self.allow_ports)
+
+    def allows_group(self, name: str) -> bool:
+        return self.allow_groups is None or name in self.allow_groups
 
     @property
     def token(self) -> bytes:
@@ -147,6 +172,7 @@ class GatewayConfig:
     admin_cert: Path | None = None
     admin_key: Path | None = None
     alerts: tuple[AlertConfig, ...] = ()  # [[alerts]] webhooks
+    groups: Mapping[str, GroupConfig] = field(default_factory=dict)  # [[groups]], by name
     workers: int = 1  # processes sharing the public ports; 1: this process alone, no supervisor
     worker_ports: int = 0  # worker i's own control port is this + i; 0: any free port
 
@@ -292,6 +318,22 @@ def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
     return each
 
 
+MIN_SECRET_LENGTH: Final = MIN_TOKEN_LENGTH
+
+
+def _request_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError(f"expected a path starting with /, without spaces, got {value!r}")
+    return value
+
+
+def _secret(value: Any) -> bytes:
+    text = str(value).strip()
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(f"secret too short (at least {MIN_SECRET_LENGTH} characters)")
+    return text.encode()
+
+
 def _pinned(value: Any) -> str:
     """A fingerprint, or "" for a gateway of several that is not pinned."""
     return normalize_fingerprint(str(value)) if str(value).strip() else ""
@@ -379,6 +421,7 @@ OPTIONS: Final = (
     Option("access", _GW),  # [access]
     Option("services", _GW),  # [services.NAME] tables
     Option("alerts", _GW, (), list),  # [[alerts]] tables
+    Option("groups", _GW, (), list),  # [[groups]] tables
     # the agent
     Option("gateway", _AG, (), None, _each(lambda v: parse_address(str(v))), "--gateway",
            "HOST:PORT", "the gateway's control port; repeat it for a session with each of "
@@ -407,6 +450,11 @@ OPTIONS: Final = (
     Option("reconnect_max", _AG, 30.0, float, _seconds, "--reconnect-max", _SECONDS),
     Option("proxy_protocol", _AG, 0, None, _proxy_protocol, "--proxy-protocol", "v1|v2",
            "send each service a PROXY protocol header with the client's real address"),
+    Option("group", _AG, "", None, parse_name, "--group", "NAME",
+           "expose the services into this agent group of the gateway (with its secret)"),
+    Option("group_secret", _AG, None, None, _secret),
+    Option("group_secret_file", _AG, None, None, _read_token_file, "--group-secret-file", "FILE",
+           f"the group's secret (or ${GROUP_SECRET_ENV})"),
 )  # fmt: skip
 
 
@@ -427,6 +475,14 @@ _AGENT_POLICY_OPTIONS: Final = (
     Option("max_connections", (), 0, int, _integer(1, 1 << 20)),  # 0: the gateway's
     Option("access", ()),
     Option("services", ()),
+    Option("allow_groups", (), None, None, _each(parse_name)),  # None: every [[groups]] group
+)
+_GROUP_OPTIONS: Final = (
+    Option("name", (), None, None, parse_name),
+    Option("secret", (), (), None, _each(_secret)),
+    Option("secret_file", (), (), None, _each(_read_token_file)),
+    Option("secret_hash", (), (), None, _each(credentials.parse_hash_line)),
+    Option("balance", (), "round_robin", str, choices=BALANCES),
 )
 _SERVICE_OPTIONS: Final = (
     Option("local", (), None, None, lambda v: parse_address(str(v))),
@@ -434,9 +490,12 @@ _SERVICE_OPTIONS: Final = (
     Option("name", (), None, None, parse_name),  # None: from local
     Option("bind", (), "", None, lambda v: parse_host(str(v))),
     Option("proxy_protocol", (), None, None, _proxy_protocol),  # None: the top-level one
+    Option("group", (), None, None, parse_name),  # None: the top-level one
+    Option("health_check", (), "tcp", str, choices=HEALTH_CHECKS),
+    Option("health_path", (), "/", str, _request_path),
+    Option("health_status", (), 200, int, _integer(100, 599)),
+    Option("health_interval", (), 5.0, float, _seconds),
 )
-
-MIN_SECRET_LENGTH: Final = MIN_TOKEN_LENGTH
 
 
 def _webhook_url(value: Any) -> str:
@@ -461,13 +520,6 @@ def _alert_event(name: str) -> str:
     if name not in ALERT_EVENTS:
         raise ValueError(f"unknown event {name!r}: expected some of {', '.join(ALERT_EVENTS)}")
     return name
-
-
-def _secret(value: Any) -> bytes:
-    text = str(value).strip()
-    if len(text) < MIN_SECRET_LENGTH:
-        raise ValueError(f"secret too short (at least {MIN_SECRET_LENGTH} characters)")
-    return text.encode()
 
 
 def _read_secret_file(path: Any) -> bytes:
@@ -669,6 +721,32 @@ def _agent_policy(
     return [AgentPolicy(**{**_fields(AgentPolicy, values), **given})]
 
 
+def _groups(src: _Source, tables: list[Any], agents: list[AgentPolicy]) -> dict[str, GroupConfig]:
+    """The ``[[groups]]`` tables, by name; each needs a name and a secret (or its hash)."""
+    groups: dict[str, GroupConfig] = {}
+    for index, table in enumerate(tables):
+        problems = len(src.problems)
+        if (group := src.table("groups", index, table, _GROUP_OPTIONS)) is None:
+            continue
+        values = group.read()
+        if values["name"] is None:
+            group.fail("name", "missing: the group's name")
+        elif values["name"] in groups:
+            group.fail("name", f"group {values['name']!r} is listed more than once")
+        secrets = values["secret"] + values["secret_file"]
+        if not {"secret", "secret_file", "secret_hash"} & group.values.keys():
+            group.fail("secret", "missing: secret, secret_file or secret_hash")
+        if len(src.problems) == problems:
+            name = values["name"]
+            groups[name] = GroupConfig(name, secrets, values["secret_hash"], values["balance"])
+    for policy in agents:
+        for name in policy.allow_groups or ():
+            if name not in groups:
+                src.problem(src.source, f"agents[{policy.name}].allow_groups",
+                            f"no group {name!r} in [[groups]]")  # fmt: skip
+    return groups
+
+
 def _alerts(src: _Source, tables: list[Any]) -> tuple[AlertConfig, ...]:
     alerts: list[AlertConfig] = []
     for index, table in enumerate(tables):
@@ -735,6 +813,7 @@ def load_gateway_config(
         "access": _access_rule(src, values["access"], "access"),
         "service_access": _service_rules(src, values["services"], "services"),
         "alerts": _alerts(src, values["alerts"]),
+        "groups": _groups(src, values["groups"], agents),
     }
     src.raise_problems()
     config = GatewayConfig(**{**_fields(GatewayConfig, values), **given})
@@ -835,15 +914,19 @@ def _admin_token(src: _Source, values: dict[str, Any], *, own_certificate: bool)
 
 def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, ...]:
     services: list[ServiceConfig] = []
-    # --proxy-protocol covers every --expose service and is the default of [[services]] tables.
-    proxy_default = values["proxy_protocol"]
+    # --proxy-protocol and --group cover every --expose service and are the defaults of
+    # [[services]] tables.
+    proxy_default, group_default = values["proxy_protocol"], values["group"]
+    secret = _group_secret(src, values)
     for spec in values["expose"]:
         try:
             bind, port, local = parse_expose(str(spec))
         except ValueError as exc:
             src.fail("expose", str(exc))
             continue
-        services.append(ServiceConfig(_derived_name(local), port, local, bind, proxy_default))
+        name = _derived_name(local)
+        group = {"group": group_default, "group_secret": secret} if group_default else {}
+        services.append(ServiceConfig(name, port, local, bind, proxy_default, **group))
     for index, table in enumerate(values["services"]):
         problems = len(src.problems)
         if (given := src.table("services", index, table, _SERVICE_OPTIONS)) is None:
@@ -855,7 +938,14 @@ def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, .
             local, proxy = fields["local"], fields["proxy_protocol"]
             proxy = proxy_default if proxy is None else proxy
             name = fields["name"] or _derived_name(local)
-            services.append(ServiceConfig(name, fields["port"], local, fields["bind"], proxy))
+            group = group_default if fields["group"] is None else fields["group"]
+            health = {k: v for k, v in fields.items() if k.startswith("health_")}
+            services.append(
+                ServiceConfig(
+                    name, fields["port"], local, fields["bind"], proxy, group,
+                    secret if group else b"", **health,
+                )
+            )  # fmt: skip
     taken: set[str] = set()
     for index, service in enumerate(services):  # same names told apart: "web", "web#2", …
         name, count = service.name, 1
@@ -866,11 +956,28 @@ def _services(src: _Source, values: Mapping[str, Any]) -> tuple[ServiceConfig, .
         services[index] = dataclasses.replace(service, name=name)
     if (count := len(services)) > MAX_SERVICES:
         src.problem(src.source, "services", f"{count} services; at most {MAX_SERVICES} per agent")
+    if any(service.group for service in services) and not secret:
+        src.problem(
+            "command line",
+            "--group-secret-file",
+            f"missing: a grouped service needs the group's secret ({GROUP_SECRET_ENV})",
+        )
     if not services and not any(
         p.key in ("--expose", "expose") or p.key.startswith("services") for p in src.problems
     ):
         src.problem("command line", "--expose", "missing: nothing to expose")
     return tuple(services)
+
+
+def _group_secret(src: _Source, values: Mapping[str, Any]) -> bytes:
+    """The agent's group secret: from its file, the config, or the environment."""
+    secret: bytes | None = values["group_secret_file"] or values["group_secret"]
+    if secret is None and (env := os.environ.get(GROUP_SECRET_ENV)) is not None:
+        try:
+            secret = _secret(env)
+        except ValueError as exc:
+            src.problem("environment", GROUP_SECRET_ENV, str(exc))
+    return secret or b""
 
 
 def _derived_name(local: Address) -> str:

@@ -215,6 +215,28 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
         service_up.add_metric([name, service], 1)
         active.add_metric([name, service], count)
     yield from (service_up, active, connections_total, errors, transferred, setup, duration, idle)
+    yield from _group_metrics(stats)
+
+
+def _group_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
+    """Each agent group's members, and those healthy (an unhealthy member on any worker is
+    counted unhealthy: that worker sends it no client)."""
+    g = ["group"]
+    members = GaugeMetricFamily(P + "group_members", "Services in the agent group", labels=g)
+    healthy = GaugeMetricFamily(
+        P + "group_healthy_members", "Members of the agent group taking new clients", labels=g
+    )
+    seen: dict[str, dict[tuple[str, str], bool]] = {}  # group → (agent, service) → healthy
+    for session in stats.sessions:
+        for exposed in session.services:
+            if exposed.group and not session.draining:
+                group = seen.setdefault(exposed.group, {})
+                key = (session.agent, exposed.name)
+                group[key] = group.get(key, True) and exposed.healthy
+    for name, group in seen.items():
+        members.add_metric([name], len(group))
+        healthy.add_metric([name], sum(group.values()))
+    yield from (members, healthy)
 
 
 def alert_metrics(stats: AlertStatistics) -> Iterator[Metric]:

@@ -141,14 +141,19 @@ class GatewaySite:
                                 "address": str(service.address),
                                 "connections": 0,
                                 "draining": True,
+                                **({"group": service.group} if service.group else {}),
                             },
                         )
                         view["connections"] += service.clients
+                        if service.group:  # unhealthy on any worker: out of the group there
+                            view["healthy"] = view.get("healthy", True) and service.healthy
                         if not session.draining:  # the address of the session serving
                             view["address"], view["draining"] = str(service.address), False
                 return list(exposed.values())
             case ["services", name, "traffic"]:
                 return self._history_of(stats, name, query)
+            case ["groups"]:
+                return self._groups(stats)
             case ["history", "events"]:
                 if self.recorder is None:
                     raise NotFound("this gateway keeps no history")
@@ -186,6 +191,31 @@ class GatewaySite:
         for session in stats.sessions:
             by_agent.setdefault(session.agent, []).append(session)
         return [_agent(record, by_agent.get(record.name, [])) for record in stats.agents]
+
+    def _groups(self, stats: GatewayStatistics) -> list[dict[str, Any]]:
+        """Each agent group of the config: its port and its members (the services in it)."""
+        groups: dict[str, dict[str, Any]] = {
+            name: {"name": name, "balance": group.balance, "address": None, "members": []}
+            for name, group in self.gateway.config.groups.items()
+        }
+        members: dict[tuple[str, str], dict[str, Any]] = {}  # once, on any worker
+        for session in stats.sessions:
+            for service in session.services:
+                if (group := groups.get(service.group)) is None or session.draining:
+                    continue
+                group["address"] = str(service.address)
+                member = members.get((session.agent, service.name))
+                if member is None:
+                    member = members[(session.agent, service.name)] = {
+                        "agent": session.agent,
+                        "service": service.name,
+                        "healthy": True,
+                        "connections": 0,
+                    }
+                    group["members"].append(member)
+                member["healthy"] = member["healthy"] and service.healthy
+                member["connections"] += service.clients
+        return list(groups.values())
 
     def _dashboard(self, stats: GatewayStatistics) -> dict[str, Any]:
         """Everything the dashboard shows, in one view (it is streamed once a second)."""

@@ -20,6 +20,7 @@ from typing import Final
 
 from tunnelgate import __version__, credentials, proxy_protocol, tls
 from tunnelgate.address import Address, parse_address
+from tunnelgate.agent import health
 from tunnelgate.agent.pool import DataChannels, Demand, PoolStatistics
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentConfig, GatewayTarget, ServiceConfig
@@ -38,6 +39,7 @@ from tunnelgate.protocol.wire import (
     PROTOCOL_VERSION,
     Bye,
     Challenge,
+    Health,
     Hello,
     Ping,
     Pong,
@@ -258,6 +260,8 @@ class AgentSession:
         self._fixed_ports = fixed_ports
         self._chosen_ports = chosen_ports
         self._by_name = {s.name: s for s in config.services}
+        self._group_proofs: dict[str, bytes] = {}  # by service name, for this session
+        self._checking: set[str] = set()  # grouped services whose health is being checked
         self._control: Channel | None = None
         self._channels: DataChannels | None = None
         self._said_bye = False
@@ -318,8 +322,9 @@ class AgentSession:
             if self._on_welcome is not None:
                 self._on_welcome(self)
             self.log.info("connected to gateway %s%s", self.dialer.address, of)
+            await self._prove_groups(welcome.session)
             requests = [
-                ServiceRequest(s.name, s.bind, s.port or self._chosen_ports.get(s.name, 0))
+                self._request(s, s.port or self._chosen_ports.get(s.name, 0))
                 for s in config.services
             ]
             await channel.send_message(Register(requests))
@@ -387,6 +392,8 @@ class AgentSession:
             if isinstance(message, Registered):
                 if retry := self._registered(message):
                     await channel.send_message(Register(retry))
+                for service in self._to_check(message):
+                    pool.group.create_task(self._check_health(channel, service))
             elif isinstance(message, Pong):
                 self._answered(message)
             elif isinstance(message, PoolRequest):
@@ -417,7 +424,7 @@ class AgentSession:
                     lost,
                     result.error,
                 )
-                retry.append(ServiceRequest(name, service.bind, 0))
+                retry.append(self._request(service, 0))
             elif result.ok:
                 if service.port == 0:
                     self._chosen_ports[name] = result.port
@@ -435,6 +442,46 @@ class AgentSession:
         if not retry:
             self._on_ready()
         return retry
+
+    def _to_check(self, message: Registered) -> list[ServiceConfig]:
+        """The services that joined a group just now (the gateway knows groups: it says which):
+        their health is checked from now on, unless they say "none"."""
+        joined = [self._by_name[r.name] for r in message.results if r.ok and r.group]
+        fresh = [s for s in joined if s.health_check != "none" and s.name not in self._checking]
+        self._checking.update(s.name for s in fresh)
+        return fresh
+
+    def _request(self, service: ServiceConfig, port: int) -> ServiceRequest:
+        """What the Register asks for ``service`` (into its group, with the proof)."""
+        proof = self._group_proofs.get(service.name, b"")
+        return ServiceRequest(service.name, service.bind, port, service.group, proof)
+
+    async def _prove_groups(self, session: str) -> None:
+        """The proofs of the group secret for this session, one per grouped service; the
+        credential is derived off the event loop (slow, cached)."""
+        for service in self.config.services:
+            if service.group:
+                credential = await asyncio.to_thread(
+                    credentials.derive, service.group_secret, service.group
+                )
+                self._group_proofs[service.name] = credentials.make_proof(
+                    credential, session.encode(), "group", self.config.name, service.group
+                )
+
+    async def _check_health(self, channel: Channel, service: ServiceConfig) -> None:
+        """Check a grouped service every ``health_interval``; tell the gateway each change (it
+        takes a member healthy until told otherwise)."""
+        healthy = True
+        while True:
+            why = await health.check(service, self.config.connect_timeout)
+            if (why is None) != healthy:
+                healthy = why is None
+                if healthy:
+                    self.log.info("service %s is healthy again", service.name)
+                else:
+                    self.log.warning("service %s failed its health check: %s", service.name, why)
+                await channel.send_message(Health(service.name, healthy, why or ""))
+            await asyncio.sleep(service.health_interval)
 
     async def _serve(self, channel: Channel, start: Start, reuse: bool) -> bool:
         """Carry one client connection to its service; True if it ended cleanly and ``reuse``

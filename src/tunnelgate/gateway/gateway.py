@@ -343,6 +343,7 @@ class Gateway:
 
     async def _run(self, listeners: list[Listener]) -> None:
         async with asyncio.TaskGroup() as group:
+            self._shared.groups.tasks = group  # the agent groups' accept loops run here
 
             def handle(stream: SocketStream, peer: str) -> None:
                 if self._door.may_start(stream, peer):

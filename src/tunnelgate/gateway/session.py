@@ -15,14 +15,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tunnelgate import tls
+from tunnelgate import credentials, tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.address import Address
 from tunnelgate.channel import Channel
-from tunnelgate.config import AgentPolicy, GatewayConfig
+from tunnelgate.config import AgentPolicy, GatewayConfig, GroupConfig
 from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
 from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds, host_of
+from tunnelgate.gateway.groups import Group, Groups
 from tunnelgate.gateway.leases import LocalLeases, PortLeases
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
@@ -49,14 +50,41 @@ FREE_PORT_CLAIMS: Final = 8  # free ports tried for a service asking for any, if
 class _Service:
     name: str
     address: Address
-    listener: Listener
+    listener: Listener  # its own, or its group's
     bind: str  # as the agent asked for it (its policy's allow_bind lists names like this)
     gates: list[Gate]  # access rules a client must pass
-    accepting: asyncio.Task[None] | None = None
+    accepting: asyncio.Task[None] | None = None  # its own listener's loop (not a group's)
+    group: Group | None = None  # the agent group it is a member of
+    member: _Member | None = None  # how the group sees it
+    healthy: bool = True  # as the agent's health check last said (grouped services)
+    active: int = 0  # its clients open now
 
     @functools.cached_property
     def public(self) -> str:  # the address clients reach, unless the listener's is a wildcard
         return "" if ipaddress.ip_address(self.address.host).is_unspecified else str(self.address)
+
+
+@dataclass(eq=False)
+class _Member:
+    """A session's service in a group: what the group asks of it (see ``groups.Member``)."""
+
+    session: GatewaySession
+    service: _Service
+
+    @property
+    def agent(self) -> str:
+        return self.session.agent
+
+    @property
+    def serving(self) -> bool:
+        return self.service.healthy and self.session.goodbye is None and self.session.running
+
+    @property
+    def active(self) -> int:
+        return self.service.active
+
+    def admit(self, stream: SocketStream, client: str) -> None:
+        self.session.take_client(self.service, stream, client)
 
 
 @dataclass(frozen=True)
@@ -95,6 +123,8 @@ class ServiceStatistics:
     name: str
     address: Address
     clients: int
+    group: str = ""  # the agent group it is a member of
+    healthy: bool = True  # its health check's last word (grouped services)
 
 
 @dataclass(frozen=True)
@@ -123,6 +153,7 @@ class Shared:
     gates: ClientGates = field(default_factory=ClientGates)
     conn_ids: Iterator[int] = field(default_factory=functools.partial(itertools.count, 1))
     totals: GatewayTotals = field(default_factory=GatewayTotals)
+    groups: Groups = field(default_factory=Groups)
 
 
 class GatewaySession:
@@ -170,7 +201,9 @@ class GatewaySession:
     def statistics(self) -> SessionStatistics:
         now, records = time.monotonic(), self._by_task.values()
         services = tuple(
-            ServiceStatistics(s.name, s.address, sum(r.service == s.name for r in records))
+            ServiceStatistics(
+                s.name, s.address, s.active, s.group.name if s.group else "", s.healthy
+            )
             for s in self.services.values()
         )
         clients = tuple(record.statistics(now) for record in records)
@@ -264,12 +297,36 @@ class GatewaySession:
         self.release()
 
     def release(self) -> None:
-        """Free the ports, close the listeners and the pool; safe to call twice."""
+        """Free the ports, leave the groups, close the listeners and the pool; safe to call
+        twice."""
         for bind, port in self._shared.ports.release(self):
             self._shared.leases.release(bind, port, self.agent)
         for service in self.services.values():
-            service.listener.close()
+            if service.group is None:
+                service.listener.close()
+            else:
+                self._leave(service)
         self.pool.discard()
+
+    def _leave(self, service: _Service) -> None:
+        """Take ``service`` out of its group; the last member out closes the group's port."""
+        group, member, shared = service.group, service.member, self._shared
+        if group is None or member not in group.members:
+            return
+        group.members.remove(member)
+        self.log.info(
+            "service %s left group %s (%d member(s) left)",
+            service.name,
+            group.name,
+            len(group.members),
+        )
+        if group.members:
+            return
+        group.close()
+        if shared.groups.by_name.get(group.name) is group:
+            del shared.groups.by_name[group.name]
+        for bind, port in shared.ports.release(group):
+            shared.leases.release(bind, port, group.owner)
 
     def add_data_channel(self, channel: Channel) -> None:
         if self.goodbye is not None:  # draining: the agent stops opening them too
@@ -295,6 +352,8 @@ class GatewaySession:
                     self.record.heartbeat_rtt = time.monotonic() - self._ping[1]
             elif isinstance(message, wire.PoolRelease):
                 self.pool.release(message.count)
+            elif isinstance(message, wire.Health):
+                self._health(message)
             elif isinstance(message, wire.Bye):
                 reason = f"{AGENT_GOODBYE}{message.reason}"
                 await self.drain(reason)
@@ -303,6 +362,23 @@ class GatewaySession:
                 self.log.info("%s; %d client connection(s) finishing", reason, len(self.clients))
                 assert self._group is not None
                 self._group.create_task(end_when_drained(self.clients, reason))
+
+    def _health(self, message: wire.Health) -> None:
+        """The agent's health check of a grouped service: a failing one gets no new clients."""
+        service = self.services.get(message.service)
+        if service is None or service.group is None or service.healthy == message.healthy:
+            return
+        service.healthy = message.healthy
+        group = service.group.name
+        if message.healthy:
+            self.log.info("service %s is healthy again: back in group %s", service.name, group)
+        else:
+            self.log.warning(
+                "service %s is unhealthy (%s): out of group %s until it passes again",
+                service.name,
+                message.reason or "no reason given",
+                group,
+            )
 
     async def _ping_agent(self) -> None:
         """A Ping every heartbeat interval, whose Pong measures the agent's round trip."""
@@ -317,10 +393,15 @@ class GatewaySession:
         """Why this session's services do not fit ``policy`` (after a reload), or None."""
         if len(self.services) > policy.max_services:
             return f"it has {len(self.services)} services; its policy allows {policy.max_services}"
-        binds = allowed_binds(self._config(), policy)
+        config = self._config()
+        binds = allowed_binds(config, policy)
         for service in self.services.values():
             if not policy.allows_port(service.address.port) or service.bind not in binds:
                 return f"its policy no longer allows service {service.name} on {service.address}"
+            if (group := service.group) is not None and (
+                group.name not in config.groups or not policy.allows_group(group.name)
+            ):
+                return f"its policy no longer allows group {group.name}"
         return None
 
     async def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
@@ -345,38 +426,101 @@ class GatewaySession:
             return refuse(f"bind address {bind} is not allowed (allowed: {', '.join(binds)})")
         if port and not policy.allows_port(port):
             return refuse(f"port {port} is not allowed for this agent")
-        if port and (bind, port) in ports.holders:
-            return refuse(f"port {port} is held by another agent")
-        if isinstance(listener := await self._take_port(bind, port), str):
-            return refuse(listener)
-        address = listener.address
         gates = self._shared.gates.gates_for(config, policy, name)
-        self.services[name] = service = _Service(name, address, listener, bind, gates)
-        assert self._group is not None
-        service.accepting = self._group.create_task(self._accept_clients(service, self._group))
+        if request.group:
+            joined = await self._join(request, bind)
+            if isinstance(joined, str):
+                return refuse(joined)
+            assert joined.listener is not None
+            service = _Service(name, joined.address, joined.listener, bind, gates, group=joined)
+            service.member = _Member(self, service)
+            joined.members.append(service.member)
+            self.services[name] = service
+            address = joined.address
+            self.log.info(
+                "service %s joined group %s on %s (%d member(s))",
+                name,
+                joined.name,
+                address,
+                len(joined.members),
+            )
+        else:
+            if port and (bind, port) in ports.holders:
+                return refuse(f"port {port} is held by another agent")
+            if isinstance(listener := await self._take_port(bind, port, self, self.agent), str):
+                return refuse(listener)
+            address = listener.address
+            self.services[name] = service = _Service(name, address, listener, bind, gates)
+            assert self._group is not None
+            service.accepting = self._group.create_task(self._accept_clients(service))
+            self.log.info("service %s exposed on %s", name, address)
         self.record.service(name)  # counted from now on, at zero
         self._events.add(time.time(), "service_up", self.agent, name, str(address))
-        self.log.info("service %s exposed on %s", name, address)
-        return wire.ServiceResult(name, True, bind=address.host, port=address.port)
+        return wire.ServiceResult(
+            name, True, bind=address.host, port=address.port, group=request.group
+        )
 
-    async def _take_port(self, bind: str, port: int) -> Listener | str:
-        """A listener on ``(bind, port)`` (any port the policy allows, if 0), held by this
-        session and leased to its agent; else why not."""
+    async def _join(self, request: wire.ServiceRequest, bind: str) -> Group | str:
+        """The group ``request`` asks to join, its port open (the first member opens it), if
+        the gateway has it, the policy allows it and the proof of its secret holds; else why
+        not. The caller adds the member."""
+        config, policy, name = self._config(), self.policy, request.group
+        settings = config.groups.get(name)
+        if settings is None:
+            return f"the gateway has no agent group {name!r}"
+        if not policy.allows_group(name):
+            return f"this agent may not join group {name!r} (allow_groups)"
+        if not await _proves_group_secret(settings, request.group_proof, self.id, self.agent):
+            self.log.warning(
+                "refusing to let service %s join group %s: wrong secret", request.name, name
+            )
+            return f"wrong secret for group {name!r}"
+        groups = self._shared.groups
+        async with groups.joining:  # one first member opens the port
+            if self.goodbye is not None or (tasks := groups.tasks) is None:
+                return "the session is ending"
+            if (group := groups.by_name.get(name)) is not None:
+                held_bind, held_port = group.key
+                if bind != held_bind or request.port not in (0, held_port):
+                    return (
+                        f"group {name} listens on {group.address}: ask for port {held_port} "
+                        f"(or 0) on {held_bind}"
+                    )
+                if not policy.allows_port(held_port):
+                    return f"group {name}'s port {held_port} is not allowed for this agent"
+                return group
+            if request.port and (bind, request.port) in self._shared.ports.holders:
+                return f"port {request.port} is held by another agent"
+            group = Group(name, settings.balance)
+            taken = await self._take_port(bind, request.port, group, group.owner)
+            if isinstance(taken, str):
+                return taken
+            group.listener, group.key = taken, (bind, taken.address.port)
+            groups.by_name[name] = group
+            group.start(
+                tasks, lambda listener, handle: accept(listener, handle, logger, f"group {name}")
+            )
+            return group
+
+    async def _take_port(self, bind: str, port: int, holder: object, owner: str) -> Listener | str:
+        """A listener on ``(bind, port)`` (any port the policy allows, if 0), held by
+        ``holder`` (this session, or its group) and leased to ``owner`` (its agent, or the
+        group); else why not."""
         ports, leases, error = self._shared.ports, self._shared.leases, ""
         for _ in range(FREE_PORT_CLAIMS if not port else 1):
             listener = None if port else ports.listen_on_free_port(bind, self.policy)
             if listener is None and not port:
                 return "no free port among the ports allowed for this agent"
             key = (bind, listener.address.port if listener is not None else port)
-            ports.holders[key] = self  # before the claim's wait: no other session here takes it
+            ports.holders[key] = holder  # before the claim's wait: nobody else here takes it
             granted: bool | None = None  # None: not known (cancelled while claiming)
             taken = False
             try:
-                granted = await leases.claim(*key, self.agent) is None
+                granted = await leases.claim(*key, owner) is None
                 if not granted:  # for any port: one a worker shares with another agent
                     error = f"port {key[1]} is held by another agent"
                     continue
-                if self.goodbye is not None or ports.holders.get(key) is not self:
+                if self.goodbye is not None or ports.holders.get(key) is not holder:
                     return "the session is ending"
                 listener = listener or ports.open(*key)
                 taken = True
@@ -387,10 +531,10 @@ class GatewaySession:
                 if not taken:
                     if listener is not None:
                         listener.close()
-                    if ports.holders.get(key) is self:  # else the one who took it released it
+                    if ports.holders.get(key) is holder:  # else whoever took it released it
                         del ports.holders[key]
                         if granted is not False:
-                            leases.release(*key, self.agent)
+                            leases.release(*key, owner)
         return error
 
     def update_gates(self) -> None:
@@ -398,44 +542,55 @@ class GatewaySession:
         for service in self.services.values():
             service.gates = self._shared.gates.gates_for(self._config(), self.policy, service.name)
 
-    async def _accept_clients(self, service: _Service, group: asyncio.TaskGroup) -> None:
-        def handle(stream: SocketStream, client: str) -> None:
-            now = time.monotonic()
-            limit = self.policy.max_connections or self._config().max_connections
-            if len(self.clients) >= limit:
-                self._refusals.warning(
-                    self.log,
-                    now,
-                    "refusing client %s on service %s: the agent has %d open connections "
-                    "(max_connections)",
-                    client,
-                    service.name,
-                    len(self.clients),
-                )
-                self.record.service(service.name).failed("limit")
+    async def _accept_clients(self, service: _Service) -> None:
+        await accept(
+            service.listener,
+            functools.partial(self.take_client, service),
+            self.log,
+            f"service {service.name}",
+        )
+
+    def take_client(self, service: _Service, stream: SocketStream, client: str) -> None:
+        """Take a client of ``service`` (from its listener, or its group's): within this
+        agent's limits and the service's access rules, it waits for a data channel."""
+        if (group := self._group) is None:  # not running yet, or no longer
+            stream.abort()
+            return
+        now = time.monotonic()
+        limit = self.policy.max_connections or self._config().max_connections
+        if len(self.clients) >= limit:
+            self._refusals.warning(
+                self.log,
+                now,
+                "refusing client %s on service %s: the agent has %d open connections "
+                "(max_connections)",
+                client,
+                service.name,
+                len(self.clients),
+            )
+            self.record.service(service.name).failed("limit")
+            stream.abort()
+            return
+        gates, ip = service.gates, None  # the gates admitted through are the ones released
+        if gates:
+            refusal: Refusal | None = Refusal(gates[0].rule.where, "address not understood")
+            if (ip := client_ip(host_of(client))) is not None:
+                refusal = admit(gates, ip, now)
+            if refusal is not None:
+                self._shared.gates.warn_refused(self.log, now, service.name, client, refusal)
+                self.record.service(service.name).failed("access_denied")
                 stream.abort()
                 return
-            gates, ip = service.gates, None  # the gates admitted through are the ones released
-            if gates:
-                refusal: Refusal | None = Refusal(gates[0].rule.where, "address not understood")
-                if (ip := client_ip(host_of(client))) is not None:
-                    refusal = admit(gates, ip, now)
-                if refusal is not None:
-                    self._shared.gates.warn_refused(self.log, now, service.name, client, refusal)
-                    self.record.service(service.name).failed("access_denied")
-                    stream.abort()
-                    return
-            stream.reset_unless_closed_cleanly()
-            record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip)
-            task = spawn(group, stream, self._serve_client(service, stream, record))
-            if task is None:
-                record.release()
-            else:
-                self.clients.add(task)
-                self._by_task[task] = record
-                task.add_done_callback(self._client_done)
-
-        await accept(service.listener, handle, self.log, f"service {service.name}")
+        stream.reset_unless_closed_cleanly()
+        record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip)
+        task = spawn(group, stream, self._serve_client(service, stream, record))
+        if task is None:
+            record.release()
+        else:
+            service.active += 1
+            self.clients.add(task)
+            self._by_task[task] = record
+            task.add_done_callback(self._client_done)
 
     def close_client(self, conn: int) -> bool:
         for task, record in self._by_task.items():
@@ -449,6 +604,8 @@ class GatewaySession:
         self.clients.discard(task)
         record = self._by_task.pop(task)
         record.release()
+        if (service := self.services.get(record.service)) is not None:
+            service.active -= 1
         if (r := record.result) is not None:  # counted here, as it leaves the live records
             totals = self.record.service(record.service)
             totals.ended(r.sent, r.received, r.duration)
@@ -532,6 +689,19 @@ class GatewaySession:
             self.pool.add(channel, self._config().max_pool_size, reused=True)
         else:  # the session drains, or the agent closed it or sent more than its Finished
             channel.close()
+
+
+async def _proves_group_secret(group: GroupConfig, proof: bytes, session: str, agent: str) -> bool:
+    """Whether ``proof`` (a ServiceRequest's) proves one of the group's secrets for this
+    session and agent; the group's clear secrets are derived off the event loop (cached)."""
+    keys = list(group.stored_keys)
+    for secret in group.secrets:
+        derived = await asyncio.to_thread(credentials.derive, secret, group.name)
+        keys.append(derived.stored_key)
+    nonce = session.encode()
+    return any(
+        credentials.check_proof(key, proof, nonce, "group", agent, group.name) for key in keys
+    )
 
 
 def _first_bytes(stream: SocketStream) -> bytes | memoryview:

@@ -96,7 +96,7 @@ def _stay(state: State, *names: str) -> dict[str, State]:
 
 # What the agent sends on a running control channel is what the gateway
 # receives there, and the other way round.
-_AGENT_CONTROL = ("register", "ping", "pong", "pool_release", "bye")
+_AGENT_CONTROL = ("register", "ping", "pong", "pool_release", "health", "bye")
 _GATEWAY_CONTROL = ("registered", "ping", "pong", "pool_request", "pool_discarded", "bye")
 # What the agent sends on a probe channel (`tunnelgate doctor`), the gateway receives.
 _AGENT_PROBE: Final = {

@@ -43,6 +43,7 @@ _HEADER = struct.Struct(">I")
 _LENGTH_MASK: Final = 0xFFFFFF
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+OptionalName = Annotated[str, msgspec.Meta(pattern=rf"{NAME_PATTERN}|\A\Z")]  # a name, or ""
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Host = Annotated[str, msgspec.Meta(max_length=255)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -102,11 +103,16 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
 
 
 class ServiceRequest(msgspec.Struct, frozen=True):
-    """One service an agent asks the gateway to expose."""
+    """One service an agent asks the gateway to expose; with ``group``, as a member of that
+    agent group, ``group_proof`` proving its secret (:func:`~tunnelgate.credentials.make_proof`
+    of the secret's credential for the group's name, over the session id, role "group", the
+    agent's name and the group's). Gateways before groups ignore both."""
 
     name: Name
     bind: Host
     port: Port
+    group: OptionalName = ""
+    group_proof: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
@@ -116,13 +122,16 @@ class Register(msgspec.Struct, tag="register", frozen=True):
 
 
 class ServiceResult(msgspec.Struct, frozen=True):
-    """The gateway's answer for one service: the public address, or why not."""
+    """The gateway's answer for one service: the public address, or why not. ``group``: the
+    group it joined, so the agent reports the service's health (only to a gateway that knows
+    groups)."""
 
     name: Name
     ok: bool
     bind: Host = ""
     port: Port = 0
     error: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    group: OptionalName = ""
 
 
 class Registered(msgspec.Struct, tag="registered", frozen=True):
@@ -201,6 +210,15 @@ class Measured(msgspec.Struct, tag="measured", frozen=True):
     seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)]
 
 
+class Health(msgspec.Struct, tag="health", frozen=True):
+    """Agent to gateway: a grouped service's health check passed (or failed, and why); the
+    gateway sends the group's clients only to healthy members."""
+
+    service: Name
+    healthy: bool
+    reason: Annotated[str, msgspec.Meta(max_length=512)] = ""
+
+
 class Bye(msgspec.Struct, tag="bye", frozen=True):
     """Either way: the session is ending on purpose (shutdown, replaced)."""
 
@@ -223,6 +241,7 @@ Message = (
     | Finished
     | Measure
     | Measured
+    | Health
     | Bye
 )
 

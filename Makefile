@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[fast,dev]'
+	$(PY) -m pip install --quiet -e '.[fast,dev,fleet]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,7 +37,7 @@ STOCK_VENV := .venv-stock
 $(STOCK_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(STOCK_VENV)
 	$(STOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(STOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(STOCK_VENV)/bin/python -m pip install --quiet -e '.[dev,fleet]'
 	touch $@
 
 test-without-uvloop: $(STOCK_VENV)/.installed

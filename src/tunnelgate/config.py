@@ -173,6 +173,10 @@ class GatewayConfig:
     admin_key: Path | None = None
     alerts: tuple[AlertConfig, ...] = ()  # [[alerts]] webhooks
     groups: Mapping[str, GroupConfig] = field(default_factory=dict)  # [[groups]], by name
+    fleet: str = ""  # Redis URL of the fleet's registry; "": no fleet
+    fleet_name: str = "default"  # the fleet's name: gateways of one fleet share it
+    fleet_node: str = ""  # this gateway's name in the fleet; "": host name and control port
+    fleet_lease: float = 15.0  # seconds a fleet lease lives unless renewed
     workers: int = 1  # processes sharing the public ports; 1: this process alone, no supervisor
     worker_ports: int = 0  # worker i's own control port is this + i; 0: any free port
 
@@ -334,6 +338,21 @@ def _secret(value: Any) -> bytes:
     return text.encode()
 
 
+def _fleet_url(value: Any) -> str:
+    """A Redis URL: redis://, rediss:// (TLS) or unix://."""
+    expected = "expected redis://HOST[:PORT][/DB], rediss://… (TLS) or unix://PATH"
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise ValueError(f"{expected}, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError(expected)
+    return value
+
+
 def _pinned(value: Any) -> str:
     """A fingerprint, or "" for a gateway of several that is not pinned."""
     return normalize_fingerprint(str(value)) if str(value).strip() else ""
@@ -422,6 +441,14 @@ OPTIONS: Final = (
     Option("services", _GW),  # [services.NAME] tables
     Option("alerts", _GW, (), list),  # [[alerts]] tables
     Option("groups", _GW, (), list),  # [[groups]] tables
+    Option("fleet", _GW, "", None, _fleet_url, "--fleet", "URL",
+           "share port leases and a registry of agents with the gateways of a fleet, on Redis "
+           "(redis://HOST:PORT/DB, rediss://… with TLS, unix://PATH)"),
+    Option("fleet_name", _GW, "default", None, parse_name, "--fleet-name", "NAME",
+           "the fleet's name, the same on each of its gateways (default: default)"),
+    Option("fleet_node", _GW, "", None, parse_name, "--fleet-node", "NAME",
+           "this gateway's name in the fleet (default: host name and control port)"),
+    Option("fleet_lease", _GW, 15.0, float, _within(1, 3600, "seconds")),
     # the agent
     Option("gateway", _AG, (), None, _each(lambda v: parse_address(str(v))), "--gateway",
            "HOST:PORT", "the gateway's control port; repeat it for a session with each of "
@@ -822,6 +849,8 @@ def load_gateway_config(
 
 def _check_workers(src: _Source, values: Mapping[str, Any]) -> None:
     workers = values["workers"]
+    if values["fleet"] and workers > 1:
+        src.fail("fleet", "a gateway of several workers cannot join a fleet yet: workers = 1")
     if (base := values["worker_ports"]) and base + workers - 1 > 65535:
         src.fail("worker_ports", f"{base} + {workers} workers goes past port 65535")
 

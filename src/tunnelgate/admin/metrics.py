@@ -239,6 +239,16 @@ def _group_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     yield from (members, healthy)
 
 
+def fleet_metrics(up: bool, leases: int) -> Iterator[Metric]:
+    """A gateway in a fleet: whether its registry answers, and the ports it leases there."""
+    yield GaugeMetricFamily(
+        P + "fleet_up", "1 while the fleet's registry (Redis) answers", value=1 if up else 0
+    )
+    yield GaugeMetricFamily(
+        P + "fleet_leases", "Public ports this gateway leases in the fleet", value=leases
+    )
+
+
 def alert_metrics(stats: AlertStatistics) -> Iterator[Metric]:
     """The gateway's ``[[alerts]]``: how each alert ended."""
     sent = CounterMetricFamily(

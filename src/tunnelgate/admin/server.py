@@ -101,6 +101,9 @@ class Site(Protocol):
     def ready(self) -> str | None:
         """None when ready to serve, else why not."""
 
+    def degraded(self) -> str | None:
+        """Why it serves with less than it should (ready all the same), or None."""
+
     async def collect(self) -> list[Metric]:
         """The metrics as they are now."""
 
@@ -252,7 +255,8 @@ class AdminServer:
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
         reason = self.site.ready()
         if reason is None:
-            return _json({"ready": True})
+            degraded = self.site.degraded()
+            return _json({"ready": True, **({"degraded": degraded} if degraded else {})})
         return _json({"ready": False, "reason": reason}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:

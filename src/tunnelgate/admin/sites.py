@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import Metric
 from tunnelgate import __version__
 from tunnelgate.admin.alerts import Alerts
 from tunnelgate.admin.history import RANGES, History, Recorder
-from tunnelgate.admin.metrics import agent_metrics, alert_metrics, gateway_metrics
+from tunnelgate.admin.metrics import agent_metrics, alert_metrics, fleet_metrics, gateway_metrics
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent, AgentStatistics
 from tunnelgate.agent.session import ExposedService
@@ -103,6 +103,12 @@ class GatewaySite:
             for service, counts in agent.services
         }
 
+    def degraded(self) -> str | None:
+        fleet = self.gateway.fleet
+        if fleet is None or fleet.up:
+            return None
+        return f"the fleet's registry cannot be reached ({fleet.error}): new ports wait"
+
     def ready(self) -> str | None:
         if self.gateway.address is None:
             return "the control port is not listening"
@@ -110,6 +116,8 @@ class GatewaySite:
 
     async def collect(self) -> list[Metric]:
         metrics = list(gateway_metrics(await self.gateway.snapshot()))
+        if (fleet := self.gateway.fleet) is not None:
+            metrics.extend(fleet_metrics(fleet.up, len(fleet.held)))
         if self.alerts is not None:
             metrics.extend(alert_metrics(self.alerts.statistics()))
         return metrics
@@ -154,6 +162,8 @@ class GatewaySite:
                 return self._history_of(stats, name, query)
             case ["groups"]:
                 return self._groups(stats)
+            case ["fleet"]:
+                return await self._fleet()
             case ["history", "events"]:
                 if self.recorder is None:
                     raise NotFound("this gateway keeps no history")
@@ -191,6 +201,26 @@ class GatewaySite:
         for session in stats.sessions:
             by_agent.setdefault(session.agent, []).append(session)
         return [_agent(record, by_agent.get(record.name, [])) for record in stats.agents]
+
+    async def _fleet(self) -> dict[str, Any]:
+        """The fleet as its registry holds it now: its gateways and the ports leased."""
+        if (fleet := self.gateway.fleet) is None:
+            raise NotFound("this gateway is in no fleet (--fleet)")
+        view = await fleet.view()
+        return {
+            "fleet": fleet.name,
+            "node": fleet.node,
+            "up": view.up,
+            **({"error": view.error} if view.error else {}),
+            "nodes": [
+                {"node": n.node, "address": n.address, "version": n.version, "agents": n.agents}
+                for n in view.nodes
+            ],
+            "leases": [
+                {"port": lease.port, "owner": lease.owner, "node": lease.node}
+                for lease in view.leases
+            ],
+        }
 
     def _groups(self, stats: GatewayStatistics) -> list[dict[str, Any]]:
         """Each agent group of the config: its port and its members (the services in it)."""
@@ -353,6 +383,9 @@ class AgentSite:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+
+    def degraded(self) -> str | None:
+        return None
 
     def ready(self) -> str | None:
         """Ready while a gateway has the services (every gateway, if the config says so)."""

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from tunnelgate import credentials, errors, tls
+from tunnelgate import __version__, credentials, errors, tls
 from tunnelgate.address import Address
 from tunnelgate.channel import Channel
 from tunnelgate.config import (
@@ -31,11 +31,19 @@ from tunnelgate.config import (
     load_gateway_config,
 )
 from tunnelgate.control import wait_relays
+from tunnelgate.gateway.fleet import Fleet, FleetLeases
 from tunnelgate.gateway.handshake import ControlHandshake
 from tunnelgate.gateway.leases import PortLeases
 from tunnelgate.gateway.ports import Ports
 from tunnelgate.gateway.probe import serve_probe
-from tunnelgate.gateway.session import GatewaySession, SessionStatistics, Shared, accept, spawn
+from tunnelgate.gateway.session import (
+    GatewaySession,
+    SessionStatistics,
+    Shared,
+    accept,
+    sessions_of,
+    spawn,
+)
 from tunnelgate.logs import ContextLogger
 from tunnelgate.protocol.wire import Bye, Hello, Refused
 from tunnelgate.stats import (
@@ -77,7 +85,10 @@ class GatewayStatistics:
 
 
 # What a reload cannot change: a restart applies it.
-RESTART_ONLY: Final = ("listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports")
+RESTART_ONLY: Final = (
+    "listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports",
+    "fleet", "fleet_name", "fleet_node", "fleet_lease",
+)  # fmt: skip
 
 
 class GatewayView(Protocol):
@@ -87,6 +98,7 @@ class GatewayView(Protocol):
     config: GatewayConfig
     address: Address | None
     fingerprint: str | None
+    fleet: Fleet | None  # its link to the fleet's Redis, if it is in one
 
     @property
     def events(self) -> EventLog: ...
@@ -132,6 +144,11 @@ class Gateway:
                 "worker": worker.index,
                 "conn_ids": itertools.count(worker.index + 1, len(worker.addresses)),
             }
+        self.fleet: Fleet | None = None
+        self._tasks: asyncio.TaskGroup | None = None  # the gateway's, while it runs
+        if self.config.fleet and worker is None:
+            self.fleet = self._fleet(self.config)
+            shared["leases"] = FleetLeases(self.fleet, lambda: self._tasks)
         self._shared = Shared(lambda: self.config, self._forget_name, **shared)
         self._stopping = False
         self._door = ControlHandshake(lambda: self.config, self._shared.totals)
@@ -169,6 +186,13 @@ class Gateway:
         self._remember_agents()
         self._main = asyncio.create_task(self._run(self._listeners), name="gateway")
         await self._ready.wait()
+        if (fleet := self.fleet) is not None:
+            fleet.node = config.fleet_node or f"{os.uname().nodename}:{self.address.port}"
+            await fleet.start()
+            assert self._tasks is not None
+            self._tasks.create_task(fleet.run(), name="fleet")
+            state = "up" if fleet.up else f"down ({fleet.error})"
+            logger.info("in fleet %s as %s; its registry is %s", fleet.name, fleet.node, state)
         if worker is None:
             logger.info("gateway listening on %s (%s)", self.address, secured)
         else:
@@ -222,6 +246,8 @@ class Gateway:
                 await self._main
             self._main = None
             logger.info("gateway stopped")
+        if self.fleet is not None:
+            await self.fleet.aclose()
         self._close_listeners()
 
     def _close_listeners(self) -> None:
@@ -343,7 +369,8 @@ class Gateway:
 
     async def _run(self, listeners: list[Listener]) -> None:
         async with asyncio.TaskGroup() as group:
-            self._shared.groups.tasks = group  # the agent groups' accept loops run here
+            # The agent groups' accept loops and the fleet's tasks run here.
+            self._shared.groups.tasks = self._tasks = group
 
             def handle(stream: SocketStream, peer: str) -> None:
                 if self._door.may_start(stream, peer):
@@ -362,6 +389,39 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(BYE_TIMEOUT):
                 await asyncio.gather(*(_send_bye(s.channel) for s in untold))
+
+    def _fleet(self, config: GatewayConfig) -> Fleet:
+        """This gateway's link to its fleet (its node's name is known once it listens)."""
+
+        def describe() -> dict[str, Any]:
+            agents = sorted(self._sessions)
+            return {"address": str(self.address), "version": __version__, "agents": agents}
+
+        def agents() -> dict[str, list[dict[str, Any]]]:
+            return {
+                name: [
+                    {"name": s.name, "address": str(s.address)} for s in session.services.values()
+                ]
+                for name, session in self._sessions.items()
+            }
+
+        def changed(up: bool, why: str) -> None:
+            kind = "fleet_up" if up else "fleet_down"
+            self._shared.totals.events.add(time.time(), kind, detail=why)
+
+        return Fleet(
+            config.fleet, config.fleet_name, "", config.fleet_lease, describe, agents,
+            self._lost_port, changed,
+        )  # fmt: skip
+
+    def _lost_port(self, port: int, why: str) -> None:
+        """The fleet gave a port this gateway serves to another owner: end the sessions that
+        serve it (their agents reconnect, and are told the port is taken)."""
+        holders = [h for (_, held), h in self._shared.ports.holders.items() if held == port]
+        for session in {s for holder in holders for s in sessions_of(holder)}:
+            session.log.warning("%s: ending the session", why)
+            if self._tasks is not None:
+                self._tasks.create_task(session.kill())
 
     def _forget_name(self, session: GatewaySession) -> None:  # it drains, or ended
         if self._sessions.get(session.agent) is session:

@@ -516,8 +516,11 @@ class GatewaySession:
             granted: bool | None = None  # None: not known (cancelled while claiming)
             taken = False
             try:
-                granted = await leases.claim(*key, owner) is None
+                leased_to = await leases.claim(*key, owner)
+                granted = leased_to is None
                 if not granted:  # for any port: one a worker shares with another agent
+                    # The agent is not told who (another tenant's name); the log says.
+                    self.log.info("port %d is leased to %s", key[1], leased_to)
                     error = f"port {key[1]} is held by another agent"
                     continue
                 if self.goodbye is not None or ports.holders.get(key) is not holder:
@@ -689,6 +692,16 @@ class GatewaySession:
             self.pool.add(channel, self._config().max_pool_size, reused=True)
         else:  # the session drains, or the agent closed it or sent more than its Finished
             channel.close()
+
+
+def sessions_of(holder: object) -> list[GatewaySession]:
+    """The sessions serving a port's holder (``Ports.holders``): a session, or a group's
+    members'."""
+    if isinstance(holder, GatewaySession):
+        return [holder]
+    if isinstance(holder, Group):
+        return [m.session for m in holder.members if isinstance(m, _Member)]
+    return []
 
 
 async def _proves_group_secret(group: GroupConfig, proof: bytes, session: str, agent: str) -> bool:

@@ -1,0 +1,197 @@
+"""A fleet of gateways on a real Redis (``--fleet``), through the real CLI: two gateways, on
+127.0.0.1 and 127.0.0.2, lease public ports fleet-wide, so an agent on one can never take a port
+an agent on the other holds; the fleet's view shows both gateways and the lease; a gateway
+killed loses its leases when they expire, and the port is free for another agent; Redis out of
+reach cuts no tunnel and refuses new ports with the reason, and when it is back the gateway
+announces again what it holds; a gateway paused past its lease finds its port taken and stops
+serving it. Each test has a fleet name of its own; waits on log lines and keys, never sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kit.clients import echo_exchange
+from kit.ports import start_listening, unassigned_ports
+from kit.processes import GatewayProc, Launch, Proc, require_tool, start_gateway
+from kit.tokens import new_token
+from kit.waiting import DEADLINE, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+ADMIN_URL = r"admin listening on (http://127\.0\.0\.1:\d+/)"
+LEASE = 1.0  # seconds: a dead gateway's leases go quickly
+
+
+def redis_get(port: int, key: str) -> str | None:
+    import redis
+
+    with redis.Redis(port=port, socket_timeout=DEADLINE, decode_responses=True) as client:
+        value = client.get(key)
+    return value if isinstance(value, str) else None
+
+
+def fleet_gateway(
+    launch: Launch, tmp_path: Path, node: str, host: str, redis_port: int, token: str,
+    lease: float = LEASE,
+) -> tuple[GatewayProc, str]:  # fmt: skip
+    """A gateway named ``node`` in this test's fleet, with an admin listener; its admin URL."""
+    config = tmp_path / f"{node}.toml"
+    config.write_text(
+        f'fleet = "redis://127.0.0.1:{redis_port}/0"\nfleet_name = "{tmp_path.name}"\n'
+        f'fleet_node = "{node}"\nfleet_lease = {lease}\nadmin = "127.0.0.1:0"\n'
+    )
+    gateway = start_gateway(launch, tmp_path / node, "--config", str(config), token=token,
+                            tls=False, listen=f"{host}:0")  # fmt: skip
+    gateway.proc.wait_line(rf"in fleet {tmp_path.name} as {node}; its registry is up")
+    return gateway, gateway.proc.wait_line(ADMIN_URL).group(1)
+
+
+def start_agent(launch: Launch, gateway: GatewayProc, host: str, name: str, spec: str,
+                token: str) -> Proc:  # fmt: skip
+    return launch("agent", "--gateway", f"{host}:{gateway.port}", "--no-tls", "--name", name,
+                  "--expose", spec, "--reconnect-max", "1", token=token)  # fmt: skip
+
+
+def echo_through(host: str, port: int, payload: bytes) -> None:
+    received, how = echo_exchange(port, payload, host=host)
+    assert (received, how) == (payload, "eof"), f"{how} after {len(received)} bytes"
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_port_leased_on_one_gateway_is_refused_on_another_until_its_lease_expires(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    token, fleet = new_token(), tmp_path.name
+    one, admin_one = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
+    two, admin_two = fleet_gateway(launch, tmp_path, "two", "127.0.0.2", redis_port, token)
+    port = unassigned_ports(1).start
+    spec = f"{port}:127.0.0.1:{echo_port}"
+
+    a = start_agent(launch, one, "127.0.0.1", "site-a", spec, token)
+    a.wait_line(rf"exposed at gateway port {port}")
+    echo_through("127.0.0.1", port, b"through gateway one")
+    assert redis_get(redis_port, f"tunnelgate:{fleet}:port:{port}") == "site-a one"
+
+    b = start_agent(launch, two, "127.0.0.2", "site-b", spec, token)
+    line = b.wait_line(r"ERROR .*not exposed: (.*)").group(1)
+    assert line == f"port {port} is held by another agent", line  # not told whose
+    two.proc.wait_line(rf"agent=site-b\] port {port} is leased to site-a on gateway one")
+
+    code, view = get(admin_two + "api/v1/fleet")
+    assert code == 200 and view["up"] and (view["fleet"], view["node"]) == (fleet, "two")
+    assert [n["node"] for n in view["nodes"]] == ["one", "two"]
+    assert {"port": port, "owner": "site-a", "node": "one"} in view["leases"]
+    assert next(n["agents"] for n in view["nodes"] if n["node"] == "one") == ["site-a"]
+    with urllib.request.urlopen(admin_one + "metrics", timeout=DEADLINE) as answer:
+        metrics = answer.read().decode()
+    assert "tunnelgate_fleet_up 1.0" in metrics and "tunnelgate_fleet_leases 1.0" in metrics
+
+    one.proc.popen.send_signal(signal.SIGKILL)
+    one.proc.wait_exit()
+    key = f"tunnelgate:{fleet}:port:{port}"
+    wait_for(lambda: redis_get(redis_port, key) is None, 5 * DEADLINE, "the lease to expire")
+    c = start_agent(launch, two, "127.0.0.2", "site-c", spec, token)
+    c.wait_line(rf"exposed at gateway port {port}")
+    echo_through("127.0.0.2", port, b"through gateway two, once the lease was free")
+    assert redis_get(redis_port, key) == "site-c two"
+
+
+def test_redis_out_of_reach_cuts_no_tunnel_and_the_gateway_announces_again(
+    launch_command: Launch, launch: Launch, tmp_path: Path, echo_port: int
+) -> None:
+    """Redis killed: the open tunnel carries on, /readyz says degraded, a new port is refused
+    with the reason; Redis started again on its port: the gateway's lease is back."""
+    server = require_tool("redis-server")
+
+    def start_redis(port: int) -> Proc:
+        return launch_command(server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path))  # fmt: skip
+
+    redis_proc, redis_port = start_listening(start_redis)
+    token, fleet = new_token(), tmp_path.name
+    one, admin = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
+    port = unassigned_ports(1).start
+    a = start_agent(launch, one, "127.0.0.1", "site-a", f"{port}:127.0.0.1:{echo_port}", token)
+    a.wait_line(rf"exposed at gateway port {port}")
+
+    redis_proc.popen.send_signal(signal.SIGKILL)
+    redis_proc.wait_exit()
+    one.proc.wait_line(r"the fleet's registry \(redis://127\.0\.0\.1:\d+/0\) cannot be reached")
+    for i in range(5):
+        echo_through("127.0.0.1", port, f"while Redis is gone {i}".encode())
+    code, ready = get(admin + "readyz")
+    assert code == 200 and "fleet's registry cannot be reached" in ready["degraded"], ready
+    other = unassigned_ports(1).start
+    b = start_agent(launch, one, "127.0.0.1", "site-b", f"{other}:127.0.0.1:{echo_port}", token)
+    line = b.wait_line(r"ERROR .*not exposed: (.*)").group(1)
+    assert "the fleet's registry cannot be reached" in line
+
+    launch_command(server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(tmp_path))  # fmt: skip
+    one.proc.wait_line(r"the fleet's registry answers again")
+    key = f"tunnelgate:{fleet}:port:{port}"
+    wait_for(lambda: redis_get(redis_port, key) == "site-a one", DEADLINE, "the lease back")
+    echo_through("127.0.0.1", port, b"after Redis came back")
+    assert get(admin + "readyz") == (200, {"ready": True})
+
+
+def test_a_gateway_paused_past_its_lease_stops_serving_the_port_it_lost(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    token, fleet = new_token(), tmp_path.name
+    one, _ = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
+    two, _ = fleet_gateway(launch, tmp_path, "two", "127.0.0.2", redis_port, token)
+    port = unassigned_ports(1).start
+    spec = f"{port}:127.0.0.1:{echo_port}"
+    a = start_agent(launch, one, "127.0.0.1", "site-a", spec, token)
+    a.wait_line(rf"exposed at gateway port {port}")
+
+    os.kill(one.pid, signal.SIGSTOP)
+    try:
+        key = f"tunnelgate:{fleet}:port:{port}"
+        wait_for(lambda: redis_get(redis_port, key) is None, 5 * DEADLINE, "the lease to expire")
+        b = start_agent(launch, two, "127.0.0.2", "site-b", spec, token)
+        b.wait_line(rf"exposed at gateway port {port}")
+    finally:
+        os.kill(one.pid, signal.SIGCONT)
+    one.proc.wait_line(rf"lease on port {port} went to site-b on gateway two: this gateway")
+    one.proc.wait_line(r"\[.*agent=site-a.*\] .*: ending the session")
+    line = a.wait_line(r"ERROR .*not exposed: (.*)").group(1)
+    assert line == f"port {port} is held by another agent", line
+    echo_through("127.0.0.2", port, b"the port is site-b's now")
+    assert redis_get(redis_port, key) == "site-b two"
+
+
+def test_a_gateway_that_stops_gives_its_leases_back_at_once(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """SIGTERM (a rolling restart): the gateway drains, then deletes its keys; the port is free
+    in the fleet at once, not after its lease (an hour here)."""
+    token, fleet = new_token(), tmp_path.name
+    one, _ = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token, lease=3600)
+    port = unassigned_ports(1).start
+    a = start_agent(launch, one, "127.0.0.1", "site-a", f"{port}:127.0.0.1:{echo_port}", token)
+    a.wait_line(rf"exposed at gateway port {port}")
+    key = f"tunnelgate:{fleet}:port:{port}"
+    assert redis_get(redis_port, key) == "site-a one"
+    assert redis_get(redis_port, f"tunnelgate:{fleet}:node:one") is not None
+
+    one.proc.popen.send_signal(signal.SIGTERM)
+    assert one.proc.wait_exit() == 0
+    assert redis_get(redis_port, key) is None
+    assert redis_get(redis_port, f"tunnelgate:{fleet}:node:one") is None
+    assert redis_get(redis_port, f"tunnelgate:{fleet}:agent:site-a:one") is None

@@ -4,7 +4,7 @@ the gateway's and the agent's files."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,25 @@ TOKEN = "t" * 32
 
 @dataclass
 class FakeMember:
-    """A member as a group sees it; ``admit`` is never called by ``pick``."""
+    """A member as a group sees it: it takes a client unless ``full``."""
 
     agent: str
     serving: bool = True
     active: int = 0
+    full: bool = False
+    taken: list[str] = field(default_factory=list)
 
-    def admit(self, stream: Any, client: str) -> None:
-        raise AssertionError("pick never admits")
+    def admit(self, stream: Any, client: str) -> bool:
+        if not self.full:
+            self.taken.append(client)
+        return not self.full
+
+
+class FakeStream:
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 def picks(group: Group, count: int) -> list[str]:
@@ -57,6 +68,19 @@ def test_least_connections_takes_the_fewest_and_turns_among_the_tied() -> None:
 
 def test_an_empty_group_picks_nobody() -> None:
     assert Group("web", "round_robin").pick() is None
+
+
+def test_a_member_that_refuses_passes_the_client_to_the_next_one() -> None:
+    """The picked member at its limit (or refusing by its access rules): the others that serve
+    are asked in turn; only when none takes it is the client reset."""
+    a, b, c_ = FakeMember("a", full=True), FakeMember("b", serving=False), FakeMember("c")
+    group = Group("web", "round_robin", members=[a, b, c_])
+    stream = FakeStream()
+    group._handle(stream, "client-1")  # type: ignore[arg-type]
+    assert (c_.taken, stream.aborted, group.refused) == (["client-1"], False, 0)
+    c_.full = True
+    group._handle(stream, "client-2")  # type: ignore[arg-type]
+    assert (stream.aborted, group.refused) == (True, 1)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -251,12 +251,11 @@ def test_a_member_whose_service_stops_answering_tcp_is_taken_out(
 def test_a_wrong_secret_or_a_group_not_allowed_is_refused_and_the_group_serves_on(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
-    tokens = {name: new_token() for name in ("a", "c", "d")}
+    tokens = {name: new_token() for name in ("a", "c", "d", "e")}
+    allowed = {"a": 'allow_groups = ["web"]', "d": "allow_groups = []"}
     agents = "".join(
-        f'[[agents]]\nname = "{name}"\ntoken = "{token}"\n{allowed}\n'
-        for (name, token), allowed in zip(
-            tokens.items(), ['allow_groups = ["web"]', "", "allow_groups = []"], strict=True
-        )
+        f'[[agents]]\nname = "{name}"\ntoken = "{token}"\n{allowed.get(name, "")}\n'
+        for name, token in tokens.items()
     )
     config = group_config(tmp_path, secret_file.read_text(), extra=agents)
     gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), tls=False)
@@ -278,9 +277,9 @@ def test_a_wrong_secret_or_a_group_not_allowed_is_refused_and_the_group_serves_o
 
         assert who_answers(port) == "a", "the group serves on"
 
-        e = launch("agent", "--gateway", f"127.0.0.1:{gateway.port}", "--no-tls", "--name", "c",
+        e = launch("agent", "--gateway", f"127.0.0.1:{gateway.port}", "--no-tls", "--name", "e",
                    "--expose", f"0:127.0.0.1:{other}", "--group", "nope", "--group-secret-file",
-                   str(secret_file), token=tokens["c"])  # fmt: skip
+                   str(secret_file), token=tokens["e"])  # fmt: skip
         e.wait_line(r"ERROR .*not exposed: the gateway has no agent group 'nope'")
         assert [who_answers(port) for _ in range(3)] == ["a"] * 3
 
@@ -293,6 +292,9 @@ def test_the_admin_api_and_metrics_show_the_group(
     gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), "--admin",
                             "127.0.0.1:0", token=token, tls=False)  # fmt: skip
     admin = gateway.proc.wait_line(ADMIN_URL).group(1)
+    with urllib.request.urlopen(admin + "metrics", timeout=DEADLINE) as answer:
+        metrics = answer.read().decode()
+    assert re.search(r'^tunnelgate_group_members\{group="web"\} 0\.0$', metrics, re.M), metrics
     with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("b")) as service_b:
         _, port = start_member(launch, gateway, token, "a", service_a, secret_file)
         start_member(launch, gateway, token, "b", service_b, secret_file)
@@ -307,3 +309,66 @@ def test_the_admin_api_and_metrics_show_the_group(
             metrics = answer.read().decode()
         assert re.search(r'^tunnelgate_group_members\{group="web"\} 2\.0$', metrics, re.M)
         assert re.search(r'^tunnelgate_group_healthy_members\{group="web"\} 2\.0$', metrics, re.M)
+
+
+def test_a_member_at_its_limit_passes_the_client_to_another(
+    launch: Launch, tmp_path: Path, secret_file: Path
+) -> None:
+    """Member a may hold one connection (max_connections = 1): with it held, a client whose turn
+    is a's is taken by b instead of being reset."""
+    tokens = {"a": new_token(), "b": new_token()}
+    agents = (f'[[agents]]\nname = "a"\ntoken = "{tokens["a"]}"\nmax_connections = 1\n'
+              f'[[agents]]\nname = "b"\ntoken = "{tokens["b"]}"\n')  # fmt: skip
+    config = group_config(tmp_path, secret_file.read_text(), extra=agents)
+    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), tls=False)
+    with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("b")) as service_b:
+        _, port = start_member(launch, gateway, tokens["a"], "a", service_a, secret_file)
+        start_member(launch, gateway, tokens["b"], "b", service_b, secret_file)
+        gateway.proc.wait_line(r"\(2 member\(s\)\)")
+        with contextlib.ExitStack() as held:
+            names = []
+            for _ in range(2):  # a, then b: round robin
+                sock = held.enter_context(socket.create_connection(("127.0.0.1", port)))
+                names.append(sock.makefile("rb").readline().decode().strip())
+            assert names == ["a", "b"]
+            assert who_answers(port, b"a's turn, but a is full") == "b"
+        gateway.proc.wait_line(r"agent=a\].*refusing client .*max_connections")
+        assert not gateway.proc.lines_matching(r"refusing client .* on group")
+
+
+def test_a_reload_that_revokes_a_group_secret_ends_its_members_sessions(
+    launch: Launch, tmp_path: Path, secret_file: Path
+) -> None:
+    """Two secrets during a rotation; the old one removed and the gateway reloaded (SIGHUP):
+    the member that joined with it is disconnected, and refused when it tries again."""
+    token, new_secret = new_token(), new_token()
+    old_hash = credentials.hash_line(credentials.derive(secret_file.read_text().encode(),
+                                                        "web").stored_key)  # fmt: skip
+    new_hash = credentials.hash_line(credentials.derive(new_secret.encode(), "web").stored_key)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[groups]]\nname = "web"\nsecret_hash = ["{old_hash}", "{new_hash}"]\n')
+    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
+                            tls=False)  # fmt: skip
+    rotated = tmp_path / "new-secret"
+    rotated.write_text(new_secret)
+    with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("b")) as service_b:
+        a, port = start_member(launch, gateway, token, "a", service_a, secret_file)
+        start_member(launch, gateway, token, "b", service_b, rotated)
+        gateway.proc.wait_line(r"\(2 member\(s\)\)")
+
+        config.write_text(f'[[groups]]\nname = "web"\nsecret_hash = ["{new_hash}"]\n')
+        gateway.proc.popen.send_signal(signal.SIGHUP)
+        gateway.proc.wait_line(r"agent=a\].*the secret it joined group web with was revoked")
+        a.wait_line(r"ERROR .*not exposed: wrong secret for group 'web'")
+        assert [who_answers(port) for _ in range(3)] == ["b"] * 3
+
+
+def test_agent_groups_on_a_gateway_of_workers_are_refused_with_the_reason(
+    launch: Launch, tmp_path: Path, secret_file: Path
+) -> None:
+    config = group_config(tmp_path, secret_file.read_text())
+    proc = launch("gateway", "--listen", "127.0.0.1:0", "--config", str(config), "--no-tls",
+                  "--workers", "2", "--state-dir", str(tmp_path / "state"),
+                  token=new_token())  # fmt: skip
+    assert proc.wait_exit() == 2
+    assert proc.lines_matching(r"groups.*cannot have agent groups yet"), proc.describe()

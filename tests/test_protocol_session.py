@@ -269,7 +269,9 @@ def test_authenticate_admits_the_first_policy_whose_key_matches() -> None:
     """The proof made with the token matches its stored key, under its policy."""
     other = credentials.derive(b"another-token-entirely-different", "site-a").stored_key
     candidates = [s.Candidate("first", [other]), s.Candidate("second", [other, STORED])]
-    assert s.authenticate(hello_with(TOKEN), NONCE, candidates) == s.Admitted("second", STORED)
+    assert s.authenticate(hello_with(TOKEN), NONCE, candidates) == s.Admitted(
+        "second", STORED, NONCE
+    )
 
 
 def test_authenticate_refuses_a_wrong_token_and_says_only_what() -> None:
@@ -291,7 +293,7 @@ def test_authenticate_checks_the_certificate_name_first() -> None:
         "certificate is for no name, not this agent"
     )
     admitted = s.authenticate(hello, NONCE, [s.Candidate("p", [])], frozenset({"site-a"}))
-    assert admitted == s.Admitted("p", b"")
+    assert admitted == s.Admitted("p", b"", NONCE)
 
 
 def test_authenticate_binds_the_proof_to_role_nonce_and_name() -> None:

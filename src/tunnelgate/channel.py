@@ -27,6 +27,7 @@ class Channel:
         self.decoder = FrameDecoder()
         self._pending: deque[Event] = deque()  # decoded ahead of need
         self._send_lock = asyncio.Lock()
+        self.nonce = b""  # the gateway's Challenge on it (agent side), once received
 
     async def receive(self) -> Message:
         """The next message, if the conversation allows it (else RemoteProtocolError);

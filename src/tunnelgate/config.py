@@ -325,9 +325,14 @@ def _each(read: Callable[[str], T]) -> Callable[[Any], tuple[T, ...]]:
 MIN_SECRET_LENGTH: Final = MIN_TOKEN_LENGTH
 
 
+MAX_HEALTH_PATH: Final = 256
+
+
 def _request_path(value: str) -> str:
     if not value.startswith("/") or any(c.isspace() or ord(c) < 32 for c in value):
         raise ValueError(f"expected a path starting with /, without spaces, got {value!r}")
+    if len(value) > MAX_HEALTH_PATH:
+        raise ValueError(f"a path of at most {MAX_HEALTH_PATH} characters")
     return value
 
 
@@ -517,7 +522,7 @@ _SERVICE_OPTIONS: Final = (
     Option("name", (), None, None, parse_name),  # None: from local
     Option("bind", (), "", None, lambda v: parse_host(str(v))),
     Option("proxy_protocol", (), None, None, _proxy_protocol),  # None: the top-level one
-    Option("group", (), None, None, parse_name),  # None: the top-level one
+    Option("group", (), None, None, lambda v: parse_name(v) if v else ""),  # None: top-level
     Option("health_check", (), "tcp", str, choices=HEALTH_CHECKS),
     Option("health_path", (), "/", str, _request_path),
     Option("health_status", (), 200, int, _integer(100, 599)),
@@ -851,6 +856,8 @@ def _check_workers(src: _Source, values: Mapping[str, Any]) -> None:
     workers = values["workers"]
     if values["fleet"] and workers > 1:
         src.fail("fleet", "a gateway of several workers cannot join a fleet yet: workers = 1")
+    if values["groups"] and workers > 1:
+        src.fail("groups", "a gateway of several workers cannot have agent groups yet: workers = 1")
     if (base := values["worker_ports"]) and base + workers - 1 > 65535:
         src.fail("worker_ports", f"{base} + {workers} workers goes past port 65535")
 

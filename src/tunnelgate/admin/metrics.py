@@ -215,18 +215,17 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
         service_up.add_metric([name, service], 1)
         active.add_metric([name, service], count)
     yield from (service_up, active, connections_total, errors, transferred, setup, duration, idle)
-    yield from _group_metrics(stats)
 
 
-def _group_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
-    """Each agent group's members, and those healthy (an unhealthy member on any worker is
-    counted unhealthy: that worker sends it no client)."""
+def group_metrics(stats: GatewayStatistics, groups: Iterable[str]) -> Iterator[Metric]:
+    """Each agent group of the config (``groups``): its members, and those healthy; 0 for a
+    group with none, so that an alert on it fires."""
     g = ["group"]
     members = GaugeMetricFamily(P + "group_members", "Services in the agent group", labels=g)
     healthy = GaugeMetricFamily(
         P + "group_healthy_members", "Members of the agent group taking new clients", labels=g
     )
-    seen: dict[str, dict[tuple[str, str], bool]] = {}  # group → (agent, service) → healthy
+    seen: dict[str, dict[tuple[str, str], bool]] = {name: {} for name in groups}
     for session in stats.sessions:
         for exposed in session.services:
             if exposed.group and not session.draining:

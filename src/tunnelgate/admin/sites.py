@@ -41,7 +41,13 @@ from prometheus_client.metrics_core import Metric
 from tunnelgate import __version__
 from tunnelgate.admin.alerts import Alerts
 from tunnelgate.admin.history import RANGES, History, Recorder
-from tunnelgate.admin.metrics import agent_metrics, alert_metrics, fleet_metrics, gateway_metrics
+from tunnelgate.admin.metrics import (
+    agent_metrics,
+    alert_metrics,
+    fleet_metrics,
+    gateway_metrics,
+    group_metrics,
+)
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent, AgentStatistics
 from tunnelgate.agent.session import ExposedService
@@ -115,7 +121,8 @@ class GatewaySite:
         return None
 
     async def collect(self) -> list[Metric]:
-        metrics = list(gateway_metrics(await self.gateway.snapshot()))
+        stats = await self.gateway.snapshot()
+        metrics = [*gateway_metrics(stats), *group_metrics(stats, self.gateway.config.groups)]
         if (fleet := self.gateway.fleet) is not None:
             metrics.extend(fleet_metrics(fleet.up, len(fleet.held)))
         if self.alerts is not None:

@@ -60,6 +60,7 @@ BYE_TIMEOUT: Final = 0.5  # for telling the gateway the agent is going away
 SOFTWARE: Final = f"tunnelgate {__version__}"  # said in every Hello
 MAX_PINGS_AWAITED: Final = 16  # heartbeats whose Pong may still come, for the round trip
 CLOSED_ON_REQUEST: Final = "reset: closed on request"
+MAX_HEALTH_REASON: Final = 512  # characters of a failed health check's reason sent
 # Errors of a connect that mean no route to the host, for the "unreachable" reason.
 UNREACHABLE: Final = frozenset(
     {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
@@ -134,7 +135,7 @@ class Dialer:
         tls_args = (target.ca, target.fingerprint, config.cert, config.key)
         self._context = tls.client_context(*tls_args) if config.tls else None
         self._tls_session: TLSSession | None = None  # the control channel's, for data
-        self._proofs = proofs or Proofs(config)  # the agent's, shared by its gateways
+        self.proofs = proofs or Proofs(config)  # the agent's, shared by its gateways
 
     def to(self, address: Address, log: ContextLogger) -> Dialer:
         """A dialer of the same gateway at another address (a worker's own), sharing the
@@ -196,7 +197,8 @@ class Dialer:
         if isinstance(challenge, Refused):
             raise refusal(challenge)
         assert isinstance(challenge, Challenge)
-        proof = await self._proofs.make(challenge.nonce, role, session)
+        channel.nonce = challenge.nonce  # later proofs on the channel are bound to it too
+        proof = await self.proofs.make(challenge.nonce, role, session)
         # A control channel: this agent takes data channels back after a clean end (reuse), and
         # holds a session with each worker of a gateway that has several (workers).
         control = role == "control"
@@ -206,20 +208,27 @@ class Dialer:
 
 
 class Proofs:
-    """The proofs of the agent's token, from a credential derived once for all its gateways."""
+    """The proofs of the agent's token and of its group secrets, each from a credential
+    derived once for all its gateways and sessions (scrypt: slow, and 16 MiB while it runs)."""
 
     def __init__(self, config: AgentConfig) -> None:
         self._token, self._name = config.token, config.name
-        self._credential: asyncio.Future[credentials.Credential] | None = None
+        self._credentials: dict[tuple[bytes, str], asyncio.Future[credentials.Credential]] = {}
 
-    async def make(self, nonce: bytes, role: str, session: str) -> bytes:
-        """A Hello's proof; empty without a token (a certificate-only agent)."""
-        if not self._token:
+    async def make(
+        self, nonce: bytes, role: str, session: str, secret: tuple[bytes, str] | None = None
+    ) -> bytes:
+        """A proof for this channel (``nonce``) and ``role``: of the token (a Hello's, empty
+        without a token: a certificate-only agent), or of ``secret`` (a group's secret and
+        name, whose credential is salted with the group's name)."""
+        key = secret or (self._token, self._name)
+        if not key[0]:
             return b""
-        if self._credential is None:  # slow (scrypt), so once, and off the event loop
-            derive = asyncio.to_thread(credentials.derive, self._token, self._name)
-            self._credential = asyncio.ensure_future(derive)
-        credential = await asyncio.shield(self._credential)
+        future = self._credentials.get(key)
+        if future is None or (future.done() and (future.cancelled() or future.exception())):
+            derive = asyncio.to_thread(credentials.derive, *key)
+            future = self._credentials[key] = asyncio.ensure_future(derive)
+        credential = await asyncio.shield(future)
         return credentials.make_proof(credential, nonce, role, self._name, session)
 
 
@@ -322,7 +331,7 @@ class AgentSession:
             if self._on_welcome is not None:
                 self._on_welcome(self)
             self.log.info("connected to gateway %s%s", self.dialer.address, of)
-            await self._prove_groups(welcome.session)
+            await self._prove_groups(channel.nonce)
             requests = [
                 self._request(s, s.port or self._chosen_ports.get(s.name, 0))
                 for s in config.services
@@ -426,6 +435,14 @@ class AgentSession:
                 )
                 retry.append(self._request(service, 0))
             elif result.ok:
+                if service.group and not result.group:
+                    self.log.error(
+                        "service %s: the gateway %s does not know agent groups; it exposes the "
+                        "service on a port of its own, outside group %s",
+                        name,
+                        self.dialer.address,
+                        service.group,
+                    )
                 if service.port == 0:
                     self._chosen_ports[name] = result.port
                 address = Address(result.bind, result.port)
@@ -456,16 +473,13 @@ class AgentSession:
         proof = self._group_proofs.get(service.name, b"")
         return ServiceRequest(service.name, service.bind, port, service.group, proof)
 
-    async def _prove_groups(self, session: str) -> None:
-        """The proofs of the group secret for this session, one per grouped service; the
-        credential is derived off the event loop (slow, cached)."""
+    async def _prove_groups(self, nonce: bytes) -> None:
+        """The proofs of the group secret, one per grouped service, bound to the control
+        channel's Challenge (``nonce``) and the agent's name."""
         for service in self.config.services:
             if service.group:
-                credential = await asyncio.to_thread(
-                    credentials.derive, service.group_secret, service.group
-                )
-                self._group_proofs[service.name] = credentials.make_proof(
-                    credential, session.encode(), "group", self.config.name, service.group
+                self._group_proofs[service.name] = await self.dialer.proofs.make(
+                    nonce, "group", service.group, (service.group_secret, service.group)
                 )
 
     async def _check_health(self, channel: Channel, service: ServiceConfig) -> None:
@@ -480,7 +494,8 @@ class AgentSession:
                     self.log.info("service %s is healthy again", service.name)
                 else:
                     self.log.warning("service %s failed its health check: %s", service.name, why)
-                await channel.send_message(Health(service.name, healthy, why or ""))
+                reason = (why or "")[:MAX_HEALTH_REASON]
+                await channel.send_message(Health(service.name, healthy, reason))
             await asyncio.sleep(service.health_interval)
 
     async def _serve(self, channel: Channel, start: Start, reuse: bool) -> bool:

@@ -274,6 +274,9 @@ class Gateway:
                 self._client_ca_pem = ca_pem
             self.config = config
             self._remember_agents()
+            for name, group in self._shared.groups.by_name.items():
+                if (settings := config.groups.get(name)) is not None:
+                    group.balance = settings.balance  # a group gone: its members are, below
             kept = 0
             for session in list(self._sessions.values()):
                 if (reason := await self._still_allowed(session)) is None:
@@ -368,18 +371,22 @@ class Gateway:
                 self.totals.agent(policy.name)
 
     async def _run(self, listeners: list[Listener]) -> None:
-        async with asyncio.TaskGroup() as group:
-            # The agent groups' accept loops and the fleet's tasks run here.
-            self._shared.groups.tasks = self._tasks = group
+        try:
+            async with asyncio.TaskGroup() as group:
+                # The agent groups' accept loops and the fleet's tasks run here.
+                self._shared.groups.tasks = self._tasks = group
 
-            def handle(stream: SocketStream, peer: str) -> None:
-                if self._door.may_start(stream, peer):
-                    spawn(group, stream, self._guard_connection(stream, peer))
+                def handle(stream: SocketStream, peer: str) -> None:
+                    if self._door.may_start(stream, peer):
+                        spawn(group, stream, self._guard_connection(stream, peer))
 
-            for index, listener in enumerate(listeners):
-                where = "the worker's own port" if index else "the control port"
-                self._accepting.append(group.create_task(accept(listener, handle, logger, where)))
-            self._ready.set()
+                for index, listener in enumerate(listeners):
+                    where = "the worker's own port" if index else "the control port"
+                    accepting = group.create_task(accept(listener, handle, logger, where))
+                    self._accepting.append(accepting)
+                self._ready.set()
+        finally:
+            self._shared.groups.tasks = self._tasks = None
 
     async def _say_bye(self, sessions: list[GatewaySession]) -> None:
         """Tell each agent not told yet that the gateway is going away (within BYE_TIMEOUT)."""

@@ -43,8 +43,8 @@ class Member(Protocol):
     def active(self) -> int:
         """Its clients of this group open now."""
 
-    def admit(self, stream: SocketStream, client: str) -> None:
-        """Take the client (or refuse it: its limits, its access rules)."""
+    def admit(self, stream: SocketStream, client: str) -> bool:
+        """Take the client; False if refused (its limits, its access rules)."""
 
 
 @dataclass(eq=False)
@@ -95,26 +95,33 @@ class Group:
         self._accepting = tasks.create_task(loop, name=f"group {self.name}")
 
     def _handle(self, stream: SocketStream, client: str) -> None:
-        if (member := self.pick()) is not None:
-            member.admit(stream, client)
-            return
+        """The picked member takes the client; one that refuses it (at its limit, or its
+        access rules) passes it to the others that serve, in turn."""
+        if (first := self.pick()) is not None:
+            others = [m for m in self.members if m.serving and m is not first]
+            for member in (first, *others):
+                if member.admit(stream, client):
+                    return
         self.refused += 1
         self._refusals.warning(
             logger,
             time.monotonic(),
-            "refusing client %s on group %s (%s): no member serves now",
+            "refusing client %s on group %s (port %d): no member serves now, or takes it",
             client,
             self.name,
-            self.address,
+            self.key[1],
         )
         stream.abort()
 
     def close(self) -> None:
-        """Stop accepting and close the port (its last member left)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-        if self.listener is not None:
-            self.listener.close()
+        """Stop accepting and close the port (its last member left), once the accept loop has
+        let go of it (never under it: its descriptor may be reused meanwhile)."""
+        listener, accepting = self.listener, self._accepting
+        if accepting is not None and not accepting.done() and listener is not None:
+            accepting.add_done_callback(lambda _: listener.close())
+            accepting.cancel()
+        elif listener is not None:
+            listener.close()
 
 
 @dataclass

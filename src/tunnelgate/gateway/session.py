@@ -57,6 +57,7 @@ class _Service:
     group: Group | None = None  # the agent group it is a member of
     member: _Member | None = None  # how the group sees it
     healthy: bool = True  # as the agent's health check last said (grouped services)
+    group_key: bytes = b""  # the stored key of the group's secret its proof matched
     active: int = 0  # its clients open now
 
     @functools.cached_property
@@ -83,8 +84,8 @@ class _Member:
     def active(self) -> int:
         return self.service.active
 
-    def admit(self, stream: SocketStream, client: str) -> None:
-        self.session.take_client(self.service, stream, client)
+    def admit(self, stream: SocketStream, client: str) -> bool:
+        return self.session.take_client(self.service, stream, client)
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class GatewaySession:
         self.peer = peer
         self.policy = auth.policy
         self.key = auth.key  # the stored key its proof matched (b"": its certificate alone)
+        self.nonce = auth.nonce  # the control channel's Challenge: group proofs are bound to it
         self.channel = channel
         self.log = ContextLogger(logger, session=self.id, agent=agent)
         self.services: dict[str, _Service] = {}
@@ -250,7 +252,10 @@ class GatewaySession:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 group.create_task(self._ping_agent())
-                raise SessionOver(await self._control_loop())
+                try:
+                    raise SessionOver(await self._control_loop())
+                finally:  # out of its groups before its clients unwind: none is sent here
+                    self._leave_groups()
         except* SessionOver as caught:
             reason = str(caught.exceptions[0])
             label = "goodbye" if reason.startswith(AGENT_GOODBYE) else "closed"
@@ -259,6 +264,7 @@ class GatewaySession:
         except* TimeoutError:
             reason, level, label = "no heartbeat within the deadline", logging.WARNING, "heartbeat"
         finally:
+            self._group = None
             if counted:
                 now = time.time()
                 self.record.disconnected(label, now)
@@ -304,29 +310,30 @@ class GatewaySession:
         for service in self.services.values():
             if service.group is None:
                 service.listener.close()
-            else:
-                self._leave(service)
+        self._leave_groups()
         self.pool.discard()
 
-    def _leave(self, service: _Service) -> None:
-        """Take ``service`` out of its group; the last member out closes the group's port."""
-        group, member, shared = service.group, service.member, self._shared
-        if group is None or member not in group.members:
-            return
-        group.members.remove(member)
-        self.log.info(
-            "service %s left group %s (%d member(s) left)",
-            service.name,
-            group.name,
-            len(group.members),
-        )
-        if group.members:
-            return
-        group.close()
-        if shared.groups.by_name.get(group.name) is group:
-            del shared.groups.by_name[group.name]
-        for bind, port in shared.ports.release(group):
-            shared.leases.release(bind, port, group.owner)
+    def _leave_groups(self) -> None:
+        """Take this session's services out of their groups (safe to call twice); the last
+        member out closes a group's port."""
+        shared = self._shared
+        for service in self.services.values():
+            group, member = service.group, service.member
+            if group is None or member not in group.members:
+                continue
+            group.members.remove(member)
+            if not group.members:
+                group.close()
+                if shared.groups.by_name.get(group.name) is group:
+                    del shared.groups.by_name[group.name]
+                for bind, port in shared.ports.release(group):
+                    shared.leases.release(bind, port, group.owner)
+            self.log.info(
+                "service %s left group %s (%d member(s) left)",
+                service.name,
+                group.name,
+                len(group.members),
+            )
 
     def add_data_channel(self, channel: Channel) -> None:
         if self.goodbye is not None:  # draining: the agent stops opening them too
@@ -398,10 +405,13 @@ class GatewaySession:
         for service in self.services.values():
             if not policy.allows_port(service.address.port) or service.bind not in binds:
                 return f"its policy no longer allows service {service.name} on {service.address}"
-            if (group := service.group) is not None and (
-                group.name not in config.groups or not policy.allows_group(group.name)
-            ):
+            if (group := service.group) is None:
+                continue
+            settings = config.groups.get(group.name)
+            if settings is None or not policy.allows_group(group.name):
                 return f"its policy no longer allows group {group.name}"
+            if service.group_key not in group_keys(settings):
+                return f"the secret it joined group {group.name} with was revoked"
         return None
 
     async def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
@@ -428,11 +438,13 @@ class GatewaySession:
             return refuse(f"port {port} is not allowed for this agent")
         gates = self._shared.gates.gates_for(config, policy, name)
         if request.group:
-            joined = await self._join(request, bind)
-            if isinstance(joined, str):
-                return refuse(joined)
+            outcome = await self._join(request, bind)
+            if isinstance(outcome, str):
+                return refuse(outcome)
+            joined, key = outcome
             assert joined.listener is not None
             service = _Service(name, joined.address, joined.listener, bind, gates, group=joined)
+            service.group_key = key
             service.member = _Member(self, service)
             joined.members.append(service.member)
             self.services[name] = service
@@ -460,19 +472,24 @@ class GatewaySession:
             name, True, bind=address.host, port=address.port, group=request.group
         )
 
-    async def _join(self, request: wire.ServiceRequest, bind: str) -> Group | str:
+    async def _join(self, request: wire.ServiceRequest, bind: str) -> tuple[Group, bytes] | str:
         """The group ``request`` asks to join, its port open (the first member opens it), if
         the gateway has it, the policy allows it and the proof of its secret holds; else why
-        not. The caller adds the member."""
+        not; with the stored key of the secret proved. The caller adds the member."""
         config, policy, name = self._config(), self.policy, request.group
+        if not policy.allows_group(name):  # first: who may join none learns which exist
+            return f"this agent may not join group {name!r} (allow_groups)"
         settings = config.groups.get(name)
         if settings is None:
             return f"the gateway has no agent group {name!r}"
-        if not policy.allows_group(name):
-            return f"this agent may not join group {name!r} (allow_groups)"
-        if not await _proves_group_secret(settings, request.group_proof, self.id, self.agent):
-            self.log.warning(
-                "refusing to let service %s join group %s: wrong secret", request.name, name
+        matched = await _proved_group_key(settings, request.group_proof, self.nonce, self.agent)
+        if matched is None:
+            self._refusals.warning(
+                self.log,
+                time.monotonic(),
+                "refusing to let service %s join group %s: wrong secret",
+                request.name,
+                name,
             )
             return f"wrong secret for group {name!r}"
         groups = self._shared.groups
@@ -488,7 +505,7 @@ class GatewaySession:
                     )
                 if not policy.allows_port(held_port):
                     return f"group {name}'s port {held_port} is not allowed for this agent"
-                return group
+                return group, matched
             if request.port and (bind, request.port) in self._shared.ports.holders:
                 return f"port {request.port} is held by another agent"
             group = Group(name, settings.balance)
@@ -496,11 +513,18 @@ class GatewaySession:
             if isinstance(taken, str):
                 return taken
             group.listener, group.key = taken, (bind, taken.address.port)
+            try:
+                group.start(
+                    tasks,
+                    lambda listener, handle: accept(listener, handle, logger, f"group {name}"),
+                )
+            except RuntimeError:  # the gateway's task group is ending: so is the gateway
+                group.close()
+                for key in self._shared.ports.release(group):
+                    self._shared.leases.release(*key, group.owner)
+                return "the gateway is stopping"
             groups.by_name[name] = group
-            group.start(
-                tasks, lambda listener, handle: accept(listener, handle, logger, f"group {name}")
-            )
-            return group
+            return group, matched
 
     async def _take_port(self, bind: str, port: int, holder: object, owner: str) -> Listener | str:
         """A listener on ``(bind, port)`` (any port the policy allows, if 0), held by
@@ -546,19 +570,19 @@ class GatewaySession:
             service.gates = self._shared.gates.gates_for(self._config(), self.policy, service.name)
 
     async def _accept_clients(self, service: _Service) -> None:
-        await accept(
-            service.listener,
-            functools.partial(self.take_client, service),
-            self.log,
-            f"service {service.name}",
-        )
+        def handle(stream: SocketStream, client: str) -> None:
+            if not self.take_client(service, stream, client):
+                stream.abort()
 
-    def take_client(self, service: _Service, stream: SocketStream, client: str) -> None:
+        await accept(service.listener, handle, self.log, f"service {service.name}")
+
+    def take_client(self, service: _Service, stream: SocketStream, client: str) -> bool:
         """Take a client of ``service`` (from its listener, or its group's): within this
-        agent's limits and the service's access rules, it waits for a data channel."""
-        if (group := self._group) is None:  # not running yet, or no longer
-            stream.abort()
-            return
+        agent's limits and the service's access rules, it waits for a data channel. False if
+        refused (counted and logged here; the caller resets it, or a group tries another
+        member)."""
+        if (group := self._group) is None or self.goodbye is not None:  # not running, or ending
+            return False
         now = time.monotonic()
         limit = self.policy.max_connections or self._config().max_connections
         if len(self.clients) >= limit:
@@ -572,8 +596,7 @@ class GatewaySession:
                 len(self.clients),
             )
             self.record.service(service.name).failed("limit")
-            stream.abort()
-            return
+            return False
         gates, ip = service.gates, None  # the gates admitted through are the ones released
         if gates:
             refusal: Refusal | None = Refusal(gates[0].rule.where, "address not understood")
@@ -582,8 +605,7 @@ class GatewaySession:
             if refusal is not None:
                 self._shared.gates.warn_refused(self.log, now, service.name, client, refusal)
                 self.record.service(service.name).failed("access_denied")
-                stream.abort()
-                return
+                return False
         stream.reset_unless_closed_cleanly()
         record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip)
         task = spawn(group, stream, self._serve_client(service, stream, record))
@@ -594,6 +616,7 @@ class GatewaySession:
             self.clients.add(task)
             self._by_task[task] = record
             task.add_done_callback(self._client_done)
+        return True
 
     def close_client(self, conn: int) -> bool:
         for task, record in self._by_task.items():
@@ -704,17 +727,28 @@ def sessions_of(holder: object) -> list[GatewaySession]:
     return []
 
 
-async def _proves_group_secret(group: GroupConfig, proof: bytes, session: str, agent: str) -> bool:
-    """Whether ``proof`` (a ServiceRequest's) proves one of the group's secrets for this
-    session and agent; the group's clear secrets are derived off the event loop (cached)."""
-    keys = list(group.stored_keys)
+async def _proved_group_key(
+    group: GroupConfig, proof: bytes, nonce: bytes, agent: str
+) -> bytes | None:
+    """The stored key of the group's secret that ``proof`` (a ServiceRequest's) proves, for the
+    control channel whose Challenge was ``nonce`` and this agent; None if none. The group's
+    clear secrets are derived off the event loop (then cached)."""
     for secret in group.secrets:
-        derived = await asyncio.to_thread(credentials.derive, secret, group.name)
-        keys.append(derived.stored_key)
-    nonce = session.encode()
-    return any(
-        credentials.check_proof(key, proof, nonce, "group", agent, group.name) for key in keys
+        await asyncio.to_thread(credentials.derive, secret, group.name)
+    return next(
+        (
+            key
+            for key in group_keys(group)
+            if credentials.check_proof(key, proof, nonce, "group", agent, group.name)
+        ),
+        None,
     )
+
+
+def group_keys(group: GroupConfig) -> list[bytes]:
+    """The stored keys of a group's secrets (clear secrets derived: slow the first time)."""
+    derived = [credentials.derive(secret, group.name).stored_key for secret in group.secrets]
+    return [*group.stored_keys, *derived]
 
 
 def _first_bytes(stream: SocketStream) -> bytes | memoryview:

@@ -261,6 +261,7 @@ class Candidate(Generic[P]):
 class Admitted(Generic[P]):
     policy: P
     key: bytes  # the stored key its proof matched; b"": its certificate alone
+    nonce: bytes = b""  # the Challenge's: later proofs on the channel are bound to it
 
 
 def authenticate(
@@ -282,13 +283,13 @@ def authenticate(
     found: Admitted[P] | None = None
     for candidate in candidates:
         if not candidate.keys:
-            found = found or Admitted(candidate.policy, b"")
+            found = found or Admitted(candidate.policy, b"", nonce)
             continue
         for key in candidate.keys:
             if credentials.check_proof(
                 key, hello.proof, nonce, hello.role, hello.agent, hello.session
             ):
-                found = found or Admitted(candidate.policy, key)
+                found = found or Admitted(candidate.policy, key, nonce)
     return found if found is not None else "token is wrong"
 
 

@@ -85,11 +85,13 @@ async def test_keys_that_are_not_the_fleets_are_ignored_with_a_warning(
             client.set("tunnelgate:f4:port:http", "site-a one")
             client.set("tunnelgate:f4:port:5000", "nobody")
             client.set("tunnelgate:f4:node:old", "{not json")
+            client.set("tunnelgate:f4:node:binary", b"\xff\xfe not UTF-8")
+            client.set("tunnelgate:f4:port:5001", b"\xff\xfe")
         with caplog.at_level(logging.WARNING, "tunnelgate"):
             view = await node.fleet.view()
         assert view.up and [n.node for n in view.nodes] == ["one"] and view.leases == ()
         warned = " ".join(r.getMessage() for r in caplog.records)
-        for key in ("port:http", "port:5000", "node:old"):
+        for key in ("port:http", "port:5000", "node:old", "node:binary", "port:5001"):
             assert f"tunnelgate:f4:{key}" in warned
     finally:
         await node.fleet.aclose()

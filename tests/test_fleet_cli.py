@@ -195,3 +195,44 @@ def test_a_gateway_that_stops_gives_its_leases_back_at_once(
     assert redis_get(redis_port, key) is None
     assert redis_get(redis_port, f"tunnelgate:{fleet}:node:one") is None
     assert redis_get(redis_port, f"tunnelgate:{fleet}:agent:site-a:one") is None
+
+
+def test_disconnecting_an_agent_on_any_gateway_ends_its_session_where_it_is(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """The admin API of gateway two disconnects an agent connected to gateway one (Redis
+    pub/sub); an agent no gateway holds is a 404; a message on the channel that is not an
+    action is ignored with a warning."""
+    token, fleet = new_token(), tmp_path.name
+    one, _ = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
+    _, admin_two = fleet_gateway(launch, tmp_path, "two", "127.0.0.2", redis_port, token)
+    port = unassigned_ports(1).start
+    a = start_agent(launch, one, "127.0.0.1", "site-a", f"{port}:127.0.0.1:{echo_port}", token)
+    a.wait_line(rf"exposed at gateway port {port}")
+    key = f"tunnelgate:{fleet}:agent:site-a:one"
+    wait_for(lambda: redis_get(redis_port, key) is not None, 5 * DEADLINE, "site-a announced")
+
+    import redis
+
+    with redis.Redis(port=redis_port, socket_timeout=DEADLINE) as client:
+        client.publish(f"tunnelgate:{fleet}:actions", b"\xff not json")
+    one.proc.wait_line(r"ignoring a message on tunnelgate:\S+:actions that is not a fleet action")
+
+    assert post(admin_two + "api/v1/agents/site-a/disconnect") == (
+        200, {"disconnected": "site-a"})  # fmt: skip
+    one.proc.wait_line(r"agent=site-a\] disconnecting the agent: disconnected from the admin "
+                       r"API \(asked on gateway two\)")  # fmt: skip
+    a.wait_line(rf"exposed at gateway port {port}", count=2)  # it reconnects
+    echo_through("127.0.0.1", port, b"after the fleet-wide disconnect")
+
+    assert post(admin_two + "api/v1/agents/nobody/disconnect")[0] == 404
+
+
+def post(url: str) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

@@ -12,6 +12,9 @@ on a timer (renewals), never per connection. Keys, under ``tunnelgate:FLEET:``:
   owners.
 - ``node:NODE`` → what the node says of itself (JSON), expiring likewise: the fleet's members.
 - ``agent:NAME:NODE`` → the services the agent has on that node (JSON), expiring likewise.
+- ``actions`` (a pub/sub channel): what one node asks of every node, as JSON; a disconnect
+  ``{"action": "disconnect", "agent", "reason", "node"}`` ends the agent's session wherever it
+  is, within the time a message takes. A message that does not parse is ignored with a warning.
 
 :class:`FleetLeases` wraps the gateway's own leases (one process): a claim is granted here
 first, then in Redis. :class:`Fleet` renews everything this node holds every third of the lease
@@ -47,6 +50,7 @@ PREFIX: Final = "tunnelgate"
 REDIS_TIMEOUT: Final = 2.0  # seconds for one Redis command, at most
 WARNING_INTERVAL: Final = 30.0  # between warnings while Redis is out of reach
 SCAN_COUNT: Final = 500
+LISTEN_TIMEOUT: Final = 1.0  # one wait for an action message, below REDIS_TIMEOUT
 
 # KEYS[1]: the port's key. ARGV: owner, node, lease in ms. Grants (returns false) when the key
 # is absent or names the same owner; else returns what it holds.
@@ -111,6 +115,7 @@ class Fleet:
     agents: Callable[[], dict[str, list[dict[str, Any]]]]  # agent → its services, here
     on_lost: Callable[[int, str], None]  # a port another owner took: stop serving it
     on_state: Callable[[bool, str], None]  # Redis answers again (True), or not (False, why)
+    on_disconnect: Callable[[str, str], None] = lambda agent, why: None  # asked by another node
     held: dict[int, str] = field(default_factory=dict)  # port → owner, in Redis
     up: bool = False  # Redis answered the last command
     down_since: float | None = None  # monotonic; None while up
@@ -122,6 +127,11 @@ class Fleet:
     @property
     def prefix(self) -> str:
         return f"{PREFIX}:{self.name}:"
+
+    @property
+    def actions(self) -> str:
+        """The pub/sub channel of the fleet's actions."""
+        return f"{self.prefix}actions"
 
     def port_key(self, port: int) -> str:
         return f"{self.prefix}port:{port}"
@@ -135,6 +145,7 @@ class Fleet:
             socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT,
             decode_responses=True,
+            encoding_errors="replace",  # bytes in Redis that are not UTF-8 never raise here
         )
         await self.renew()
 
@@ -157,6 +168,56 @@ class Fleet:
         while True:
             await asyncio.sleep(self.lease / 3)
             await self.renew()
+
+    async def listen(self) -> None:
+        """Carry out what other nodes ask (the ``actions`` channel), until cancelled;
+        subscribed again after Redis comes back."""
+        assert self._redis is not None, "start() first"
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.actions)
+                while True:
+                    message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                    if message is not None:
+                        self._act(message.get("data"))
+            except _redis_errors() as exc:
+                self._down(exc)
+            finally:
+                with contextlib.suppress(*_redis_errors()):
+                    await pubsub.aclose()
+            await asyncio.sleep(self.lease / 3)  # the renewals say when Redis is back
+
+    def _act(self, data: Any) -> None:
+        try:
+            action = json.loads(data)
+            kind, agent, reason, node = (
+                action["action"], action["agent"], action["reason"], action["node"]
+            )  # fmt: skip
+            if kind != "disconnect" or not all(isinstance(v, str) for v in (agent, reason, node)):
+                raise ValueError(kind)
+        except (ValueError, TypeError, KeyError):
+            shown = str(data)[:200]
+            logger.warning("ignoring a message on %s that is not a fleet action: %r", self.actions,
+                           shown)  # fmt: skip
+            return
+        if node != self.node:
+            self.on_disconnect(agent, f"{reason} (asked on gateway {node})")
+
+    async def disconnect(self, agent: str, reason: str) -> bool:
+        """Ask every node to end ``agent``'s session; whether another node holds it now (its
+        key in the registry). Raises TransportError when Redis cannot be reached."""
+        message = {"action": "disconnect", "agent": agent, "reason": reason, "node": self.node}
+        try:
+            await self._call("publish", self.actions, json.dumps(message))
+            elsewhere = [
+                key async for key in self._scan(f"{self.prefix}agent:{agent}:*")
+                if not key.endswith(f":{self.node}")
+            ]  # fmt: skip
+        except _redis_errors() as exc:
+            self._down(exc)
+            raise TransportError(f"the fleet's registry cannot be reached: {self.error}") from None
+        return bool(elsewhere)
 
     async def renew(self) -> None:
         """Announce this node and its agents, and renew every lease it holds (or claim it

@@ -191,6 +191,7 @@ class Gateway:
             await fleet.start()
             assert self._tasks is not None
             self._tasks.create_task(fleet.run(), name="fleet")
+            self._tasks.create_task(fleet.listen(), name="fleet actions")
             state = "up" if fleet.up else f"down ({fleet.error})"
             logger.info("in fleet %s as %s; its registry is %s", fleet.name, fleet.node, state)
         if worker is None:
@@ -322,7 +323,19 @@ class Gateway:
         return self._identity
 
     async def disconnect(self, agent: str, reason: str) -> bool:
-        """End ``agent``'s session now (it may reconnect); False if it has none."""
+        """End ``agent``'s session now (it may reconnect), here and, in a fleet, on every
+        gateway; False if no gateway holds it."""
+        here = await self._disconnect_here(agent, reason)
+        if self.fleet is None:
+            return here
+        try:
+            elsewhere = await self.fleet.disconnect(agent, reason)
+        except errors.TransportError as exc:
+            logger.warning("disconnecting %s on the other gateways of the fleet: %s", agent, exc)
+            elsewhere = False
+        return here or elsewhere
+
+    async def _disconnect_here(self, agent: str, reason: str) -> bool:
         if (session := self._sessions.get(agent)) is None:
             return False
         session.log.warning("disconnecting the agent: %s", reason)
@@ -416,9 +429,13 @@ class Gateway:
             kind = "fleet_up" if up else "fleet_down"
             self._shared.totals.events.add(time.time(), kind, detail=why)
 
+        def disconnect(agent: str, why: str) -> None:  # asked by another gateway
+            if agent in self._sessions and self._tasks is not None:
+                self._tasks.create_task(self._disconnect_here(agent, why))
+
         return Fleet(
             config.fleet, config.fleet_name, "", config.fleet_lease, describe, agents,
-            self._lost_port, changed,
+            self._lost_port, changed, disconnect,
         )  # fmt: skip
 
     def _lost_port(self, port: int, why: str) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import redis
-from kit.ports import refusing_port
+import trustme
+from kit.ports import refusing_port, start_listening
+from kit.processes import Launch, Proc, require_tool
 
 from tunnelgate import config as c
 from tunnelgate.errors import ConfigError, TransportError
@@ -129,6 +131,7 @@ def test_fleet_settings(tmp_path: Path) -> None:
     [
         ('fleet = "http://redis.example"\n', "fleet", "expected redis://"),
         ('fleet = "redis://redis.example:port"\n', "fleet", "expected redis://"),
+        ('fleet = "redis+sentinel://h:26379"\n', "fleet", "expected redis+sentinel://"),
         ('fleet = "redis://r:6379"\nworkers = 2\n', "fleet", "cannot join a fleet yet"),
         ('fleet = "redis://r:6379"\nfleet_lease = 0.5\n', "fleet_lease", "seconds in [1, 3600]"),
         ('fleet = "redis://r:6379"\nfleet_node = "a b"\n', "fleet_node", ""),
@@ -141,3 +144,75 @@ def test_fleet_settings_that_do_not_make_sense(
         c.load_gateway_config(write(tmp_path, text), {})
     found: list[Any] = [(p.key, message in p.message) for p in caught.value.problems]
     assert found == [(key, True)], caught.value.problems
+
+
+def start_redis(launch_command: Launch, tmp_path: Path, *options: str) -> tuple[Proc, int]:
+    """A throwaway redis-server with ``options`` on a port of its own (its TLS port, with
+    ``--tls-cert-file``)."""
+    server = require_tool("redis-server")
+    tls = "--tls-cert-file" in options
+
+    def start(port: int) -> Proc:
+        ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
+        return launch_command(server, *ports, "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path), *options)  # fmt: skip
+
+    return start_listening(start)
+
+
+async def test_a_fleet_on_redis_with_tls_and_a_password(
+    launch_command: Launch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rediss:// with the server's CA and a password; a wrong password is reported (the log
+    never shows the password)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    _, port = start_redis(
+        launch_command, tmp_path, "--tls-cert-file", str(paths["cert"]), "--tls-key-file",
+        str(paths["key"]), "--tls-ca-cert-file", str(paths["ca"]), "--tls-auth-clients", "no",
+        "--requirepass", "s3cret-pass",
+    )  # fmt: skip
+    query = f"ssl_ca_certs={paths['ca']}"
+    node = Node(f"rediss://:s3cret-pass@127.0.0.1:{port}/0?{query}", "f6", "one")
+    await node.fleet.start()
+    try:
+        assert node.fleet.up, node.fleet.error
+        assert await node.fleet.claim(4300, "site-a") is None
+        assert [lease.port for lease in (await node.fleet.view()).leases] == [4300]
+    finally:
+        await node.fleet.aclose()
+
+    wrong = Node(f"rediss://:wrong-pass@127.0.0.1:{port}/0?{query}", "f6", "two")
+    with caplog.at_level(logging.WARNING, "tunnelgate"):
+        await wrong.fleet.start()
+    assert not wrong.fleet.up and "password" in wrong.fleet.error.lower(), wrong.fleet.error
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "cannot be reached" in logged and "wrong-pass" not in logged and ":***@" in logged
+    await wrong.fleet.aclose()
+
+
+async def test_a_fleet_through_redis_sentinel(launch_command: Launch, tmp_path: Path) -> None:
+    """redis+sentinel://: the Sentinel names the master, where the leases go."""
+    _, master = start_redis(launch_command, tmp_path)
+    server = require_tool("redis-server")
+
+    def start_sentinel(port: int) -> Proc:
+        config = tmp_path / f"sentinel-{port}.conf"
+        config.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                          f"sentinel monitor tg 127.0.0.1 {master} 1\n")  # fmt: skip
+        return launch_command(server, str(config), "--sentinel")
+
+    _, sentinel = start_listening(start_sentinel)
+    node = Node(f"redis+sentinel://127.0.0.1:{sentinel}/tg/0", "f7", "one")
+    await node.fleet.start()
+    try:
+        assert node.fleet.up, node.fleet.error
+        assert await node.fleet.claim(4400, "site-a") is None
+        with raw(master) as client:
+            assert client.get("tunnelgate:f7:port:4400") == "site-a one"
+    finally:
+        await node.fleet.aclose()

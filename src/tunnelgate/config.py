@@ -343,11 +343,46 @@ def _secret(value: Any) -> bytes:
     return text.encode()
 
 
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE[/DB]``: Redis Sentinels to
+    ask for the master of SERVICE (the password is the master's)."""
+
+    sentinels: tuple[Address, ...]
+    service: str
+    db: int
+    password: str | None = field(default=None, repr=False)
+
+
+SENTINEL_SCHEME: Final = "redis+sentinel"
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """A Sentinel URL's parts; ValueError if it is not one."""
+    expected = "expected redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE[/DB]"
+    rest = url.removeprefix(f"{SENTINEL_SCHEME}://")
+    netloc, _, path = rest.partition("/")
+    auth, _, hosts = netloc.rpartition("@")
+    password = (auth.partition(":")[2] or None) if auth else None
+    parts = [p for p in path.split("/") if p]
+    db_ok = len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit())
+    if rest == url or not hosts or not db_ok:
+        raise ValueError(expected)
+    sentinels = tuple(parse_address(host) for host in hosts.split(","))
+    return SentinelURL(sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password)
+
+
 def _fleet_url(value: Any) -> str:
-    """A Redis URL: redis://, rediss:// (TLS) or unix://."""
-    expected = "expected redis://HOST[:PORT][/DB], rediss://… (TLS) or unix://PATH"
+    """A Redis URL: redis://, rediss:// (TLS), unix://, or redis+sentinel://."""
+    expected = (
+        "expected redis://HOST[:PORT][/DB], rediss://… (TLS), unix://PATH or "
+        "redis+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]"
+    )
     if not isinstance(value, str) or any(c.isspace() for c in value):
         raise ValueError(f"{expected}, got {value!r}")
+    if value.startswith(f"{SENTINEL_SCHEME}://"):
+        parse_sentinel_url(value)
+        return value
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 (raises ValueError on a bad port)
@@ -448,7 +483,8 @@ OPTIONS: Final = (
     Option("groups", _GW, (), list),  # [[groups]] tables
     Option("fleet", _GW, "", None, _fleet_url, "--fleet", "URL",
            "share port leases and a registry of agents with the gateways of a fleet, on Redis "
-           "(redis://HOST:PORT/DB, rediss://… with TLS, unix://PATH)"),
+           "(redis://HOST:PORT/DB, rediss://… with TLS, unix://PATH, "
+           "redis+sentinel://HOST:PORT,…/SERVICE/DB)"),
     Option("fleet_name", _GW, "default", None, parse_name, "--fleet-name", "NAME",
            "the fleet's name, the same on each of its gateways (default: default)"),
     Option("fleet_node", _GW, "", None, parse_name, "--fleet-node", "NAME",

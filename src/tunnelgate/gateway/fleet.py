@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from tunnelgate.config import SENTINEL_SCHEME, parse_sentinel_url
 from tunnelgate.errors import TransportError
 from tunnelgate.gateway.leases import LocalLeases, PortLeases
 from tunnelgate.logs import Throttle
@@ -121,6 +122,7 @@ class Fleet:
     down_since: float | None = None  # monotonic; None while up
     error: str = ""  # why it is down
     _redis: Redis | None = None
+    _sentinels: list[Redis] = field(default_factory=list)  # with a redis+sentinel:// URL
     _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _announced: set[str] = field(default_factory=set)  # agents with a key of this node
 
@@ -140,13 +142,24 @@ class Fleet:
         """Connect (lazily: the first command does) and announce this node."""
         from redis.asyncio import Redis
 
-        self._redis = Redis.from_url(
-            self.url,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            decode_responses=True,
-            encoding_errors="replace",  # bytes in Redis that are not UTF-8 never raise here
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": REDIS_TIMEOUT,
+            "socket_connect_timeout": REDIS_TIMEOUT,
+            "decode_responses": True,
+            "encoding_errors": "replace",  # bytes in Redis that are not UTF-8 never raise here
+        }
+        if self.url.startswith(f"{SENTINEL_SCHEME}://"):
+            from redis.asyncio.sentinel import Sentinel
+
+            where = parse_sentinel_url(self.url)
+            sentinels = [(a.host, a.port) for a in where.sentinels]
+            sentinel = Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
+            self._sentinels = list(sentinel.sentinels)  # closed with the fleet's link
+            self._redis = sentinel.master_for(
+                where.service, db=where.db, password=where.password, **options
+            )
+        else:
+            self._redis = Redis.from_url(self.url, **options)
         await self.renew()
 
     async def aclose(self) -> None:
@@ -162,6 +175,8 @@ class Fleet:
                 await self._call("delete", *keys)
         await self._redis.aclose()
         self._redis = None
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
     async def run(self) -> None:
         """Renew every third of the lease time, until cancelled."""

@@ -50,12 +50,22 @@ async def test_leases_are_fleet_wide_and_follow_their_owner(redis_port: int) -> 
     try:
         assert await one.claim(4000, "site-a") is None
         assert await two.claim(4000, "site-b") == "site-a on gateway one"
-        assert await two.claim(4000, "site-a") is None  # the agent reconnected to node two
+        assert await two.claim(4000, "site-a") is None  # site-a has a session with two as well
         view = await one.view()
         assert view.up and [(n.node, n.agents) for n in view.nodes] == [
             ("one", ("site-a",)), ("two", ("site-a",))]  # fmt: skip
-        assert [(lease.port, lease.owner, lease.node) for lease in view.leases] == [
-            (4000, "site-a", "two")]  # fmt: skip
+        assert [(lease.port, lease.owner, lease.nodes) for lease in view.leases] == [
+            (4000, "site-a", ("one", "two"))]  # fmt: skip
+
+        three = Node(url, "f1", "three").fleet
+        await three.start()
+        await one.aclose()  # one stops: site-a still holds the port through two
+        assert await three.claim(4000, "site-b") == "site-a on gateway two"
+        view = await two.view()
+        assert [(lease.owner, lease.nodes) for lease in view.leases] == [("site-a", ("two",))]
+        await two.aclose()  # the last hold gone: the lease is free
+        assert await three.claim(4000, "site-b") is None
+        await three.aclose()
     finally:
         await one.aclose()
         await two.aclose()
@@ -66,13 +76,17 @@ async def test_a_renewal_that_finds_the_port_taken_gives_it_up(redis_port: int) 
     await node.fleet.start()
     try:
         assert await node.fleet.claim(4100, "site-a") is None
-        with raw(redis_port) as client:
-            client.set("tunnelgate:f3:port:4100", "site-b two")  # it expired; site-b took it
+        key = "tunnelgate:f3:port:4100"
+        with raw(redis_port) as client:  # it expired, and site-b took it through node two
+            seconds, micros = client.time()
+            later = str(seconds * 1000 + micros // 1000 + 60_000)
+            client.delete(key)
+            client.hset(key, mapping={"owner": "site-b", "node:two": later})
         await node.fleet.renew()
         assert node.lost == [(4100, "the fleet's lease on port 4100 went to site-b on gateway two")]
         assert node.fleet.held == {}
         with raw(redis_port) as client:
-            assert client.get("tunnelgate:f3:port:4100") == "site-b two", "never taken back"
+            assert client.hgetall(key) == {"owner": "site-b", "node:two": later}, "not taken"
     finally:
         await node.fleet.aclose()
 
@@ -84,6 +98,8 @@ async def test_keys_that_are_not_the_fleets_are_ignored_with_a_warning(
     await node.fleet.start()
     try:
         with raw(redis_port) as client:
+            client.hset("tunnelgate:f4:node:hash", mapping={"not": "json"})
+            client.set("tunnelgate:f4:port:5002", "a string where a lease goes")
             client.set("tunnelgate:f4:port:http", "site-a one")
             client.set("tunnelgate:f4:port:5000", "nobody")
             client.set("tunnelgate:f4:node:old", "{not json")
@@ -93,8 +109,14 @@ async def test_keys_that_are_not_the_fleets_are_ignored_with_a_warning(
             view = await node.fleet.view()
         assert view.up and [n.node for n in view.nodes] == ["one"] and view.leases == ()
         warned = " ".join(r.getMessage() for r in caplog.records)
-        for key in ("port:http", "port:5000", "node:old", "node:binary", "port:5001"):
+        for key in ("port:http", "port:5000", "node:old", "node:binary", "port:5001", "node:hash"):
             assert f"tunnelgate:f4:{key}" in warned
+        refused = await node.fleet.claim(5002, "site-a")
+        assert refused is not None and "not a lease" in refused and node.fleet.up
+        node.fleet._act("[" * 3000)  # deep enough for a RecursionError in json
+        node.fleet._act("[" * 100_000)  # longer than any action
+        node.fleet._act('{"action": "reboot", "agent": "a", "reason": "r", "node": "x"}')
+        assert node.lost == [] and node.fleet.up
     finally:
         await node.fleet.aclose()
 
@@ -213,6 +235,6 @@ async def test_a_fleet_through_redis_sentinel(launch_command: Launch, tmp_path: 
         assert node.fleet.up, node.fleet.error
         assert await node.fleet.claim(4400, "site-a") is None
         with raw(master) as client:
-            assert client.get("tunnelgate:f7:port:4400") == "site-a one"
+            assert client.hget("tunnelgate:f7:port:4400", "owner") == "site-a"
     finally:
         await node.fleet.aclose()

@@ -379,7 +379,7 @@ def _fleet_url(value: Any) -> str:
         "redis+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]"
     )
     if not isinstance(value, str) or any(c.isspace() for c in value):
-        raise ValueError(f"{expected}, got {value!r}")
+        raise ValueError(f"{expected}, without spaces")  # never shown: it may hold a password
     if value.startswith(f"{SENTINEL_SCHEME}://"):
         parse_sentinel_url(value)
         return value

@@ -224,7 +224,7 @@ class GatewaySite:
                 for n in view.nodes
             ],
             "leases": [
-                {"port": lease.port, "owner": lease.owner, "node": lease.node}
+                {"port": lease.port, "owner": lease.owner, "nodes": list(lease.nodes)}
                 for lease in view.leases
             ],
         }

@@ -4,14 +4,17 @@ of which gateway (a "node") holds which agent. Must not import agent.
 Redis is never on a client's path: it is asked when an agent registers a service (a lease) and
 on a timer (renewals), never per connection. Keys, under ``tunnelgate:FLEET:``:
 
-- ``port:PORT`` → ``OWNER NODE``, expiring after ``fleet_lease`` seconds unless renewed: the
-  agent (or ``group NAME``) that may listen on that port anywhere in the fleet (on any address:
-  the fleet's gateways share one public address), and the node that claimed it. A claim
-  succeeds when the key is absent or names the same owner (an agent that moved to another node
-  takes its ports along), in one Lua script, so two nodes never both get one port for two
-  owners.
-- ``node:NODE`` → what the node says of itself (JSON), expiring likewise: the fleet's members.
-- ``agent:NAME:NODE`` → the services the agent has on that node (JSON), expiring likewise.
+- ``port:PORT``, a hash: ``owner`` → the agent (or ``group NAME``) that may listen on that
+  port anywhere in the fleet (on any address: the fleet's gateways share one public address),
+  and one ``node:NODE`` field per node that serves it → when that node's hold expires (ms, Redis
+  time) unless renewed. A claim succeeds when no node holds the port or its owner is the same
+  (an agent with sessions on several nodes, or that moved), in one Lua script, so two nodes
+  never both get one port for two owners; a node's release removes only its own hold, and the
+  lease ends with the last one.
+- ``node:NODE`` → what the node says of itself (JSON), expiring after ``fleet_lease`` unless
+  renewed: the fleet's members.
+- ``agent:NAME NODE`` → the services the agent has on that node (JSON), expiring likewise (a
+  space between, which no name has, so that one agent's keys are found exactly).
 - ``actions`` (a pub/sub channel): what one node asks of every node, as JSON; a disconnect
   ``{"action": "disconnect", "agent", "reason", "node"}`` ends the agent's session wherever it
   is, within the time a message takes. A message that does not parse is ignored with a warning.
@@ -32,13 +35,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from tunnelgate.config import SENTINEL_SCHEME, parse_sentinel_url
-from tunnelgate.errors import TransportError
+from tunnelgate.errors import ConfigError, ConfigProblem, TransportError
 from tunnelgate.gateway.leases import LocalLeases, PortLeases
 from tunnelgate.logs import Throttle
 
@@ -48,33 +52,55 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__package__)
 
 PREFIX: Final = "tunnelgate"
-REDIS_TIMEOUT: Final = 2.0  # seconds for one Redis command, at most
+MAX_REDIS_TIMEOUT: Final = 2.0  # seconds for one Redis command, at most (a quarter lease)
 WARNING_INTERVAL: Final = 30.0  # between warnings while Redis is out of reach
 SCAN_COUNT: Final = 500
-LISTEN_TIMEOUT: Final = 1.0  # one wait for an action message, below REDIS_TIMEOUT
+LISTEN_TIMEOUT: Final = 1.0  # one wait for an action message
+HEALTH_CHECK_INTERVAL: Final = 5.0  # an idle connection is pinged first: a dead one is seen
+MAX_ACTION_SIZE: Final = 4096  # bytes of an action message; longer ones are not read
+RESUBSCRIBE_DELAY: Final = 1.0  # after the actions' subscription failed
 
-# KEYS[1]: the port's key. ARGV: owner, node, lease in ms. Grants (returns false) when the key
-# is absent or names the same owner; else returns what it holds.
+# KEYS[1]: the port's key. ARGV: owner, node, lease in ms. Drops the holds that expired; grants
+# (returns false) when no node holds the port or the owner is the same, else returns the owner
+# and a node that holds it. A key that is not a hash is not the fleet's: returns "?".
 CLAIM: Final = """
-local held = redis.call('GET', KEYS[1])
-if held then
-  local owner = string.match(held, '^(.-) [^ ]*$')
-  if owner ~= ARGV[1] then return held end
+if redis.call('TYPE', KEYS[1]).ok ~= 'none' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
+  return '?'
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local fields = redis.call('HGETALL', KEYS[1])
+local owner, holder = nil, nil
+for i = 1, #fields, 2 do
+  local name, value = fields[i], fields[i + 1]
+  if name == 'owner' then
+    owner = value
+  elseif string.sub(name, 1, 5) == 'node:' then
+    if (tonumber(value) or 0) <= ms then
+      redis.call('HDEL', KEYS[1], name)
+    elseif string.sub(name, 6) ~= ARGV[2] then
+      holder = string.sub(name, 6)
+    end
+  end
+end
+if holder and owner ~= ARGV[1] then return (owner or '?') .. ' ' .. holder end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'node:' .. ARGV[2], ms + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return false
 """
-# KEYS[1]: the port's key. ARGV: owner, node. Deletes the lease if it is still this node's.
+# KEYS[1]: the port's key. ARGV: owner, node. Removes this node's hold of the owner's lease;
+# the lease ends with the last hold.
 RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] .. ' ' .. ARGV[2] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'node:' .. ARGV[2])
+if redis.call('HLEN', KEYS[1]) <= 1 then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 
 def split_holder(value: str) -> tuple[str, str]:
-    """``(owner, node)`` of a port lease's value (an owner may contain spaces: groups)."""
+    """``(owner, node)`` of what CLAIM returns (an owner may contain spaces: groups)."""
     owner, _, node = value.rpartition(" ")
     return owner, node
 
@@ -83,7 +109,7 @@ def split_holder(value: str) -> tuple[str, str]:
 class FleetLease:
     port: int
     owner: str
-    node: str
+    nodes: tuple[str, ...]  # the nodes that serve it
 
 
 @dataclass(frozen=True)
@@ -123,12 +149,20 @@ class Fleet:
     error: str = ""  # why it is down
     _redis: Redis | None = None
     _sentinels: list[Redis] = field(default_factory=list)  # with a redis+sentinel:// URL
+    _releasing: set[asyncio.Task[None]] = field(default_factory=set)  # awaited by aclose()
     _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
+    _listen_warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _announced: set[str] = field(default_factory=set)  # agents with a key of this node
 
     @property
     def prefix(self) -> str:
         return f"{PREFIX}:{self.name}:"
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one Redis command may take: a quarter lease, so that a renewal is late by
+        less than a lease whatever Redis does."""
+        return min(MAX_REDIS_TIMEOUT, self.lease / 4)
 
     @property
     def actions(self) -> str:
@@ -143,8 +177,9 @@ class Fleet:
         from redis.asyncio import Redis
 
         options: dict[str, Any] = {
-            "socket_timeout": REDIS_TIMEOUT,
-            "socket_connect_timeout": REDIS_TIMEOUT,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "health_check_interval": HEALTH_CHECK_INTERVAL,
             "decode_responses": True,
             "encoding_errors": "replace",  # bytes in Redis that are not UTF-8 never raise here
         }
@@ -159,29 +194,45 @@ class Fleet:
                 where.service, db=where.db, password=where.password, **options
             )
         else:
-            self._redis = Redis.from_url(self.url, **options)
+            try:
+                self._redis = Redis.from_url(self.url, **options)
+            except (ValueError, TypeError) as exc:  # an option redis-py does not take
+                raise ConfigError([ConfigProblem("fleet", "fleet", str(exc))]) from None
         await self.renew()
 
     async def aclose(self) -> None:
-        """Leave the fleet: delete this node's keys (its leases go with it)."""
+        """Leave the fleet: the releases under way end, then this node's keys and holds go, in
+        one round trip."""
         if self._redis is None:
             return
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=self.timeout)
         with contextlib.suppress(*_redis_errors()):
-            async with asyncio.timeout(REDIS_TIMEOUT):
-                for port, owner in list(self.held.items()):
-                    await self._call("eval", RELEASE, 1, self.port_key(port), owner, self.node)
-                keys = [f"{self.prefix}node:{self.node}"]
-                keys += [f"{self.prefix}agent:{a}:{self.node}" for a in self._announced]
-                await self._call("delete", *keys)
+            async with asyncio.timeout(self.timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    keys = [f"{self.prefix}node:{self.node}"]
+                    keys += [self.agent_key(a) for a in self._announced]
+                    pipe.delete(*keys)
+                    for port, owner in self.held.items():
+                        pipe.eval(RELEASE, 1, self.port_key(port), owner, self.node)
+                    await pipe.execute()
+                self.held.clear()
         await self._redis.aclose()
         self._redis = None
         for sentinel in self._sentinels:
             await sentinel.aclose()
 
+    def agent_key(self, agent: str) -> str:
+        return f"{self.prefix}agent:{agent} {self.node}"
+
     async def run(self) -> None:
-        """Renew every third of the lease time, until cancelled."""
+        """Renew every third of the lease time (counted from each renewal's start), until
+        cancelled."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.lease / 3
         while True:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = loop.time() + self.lease / 3
             await self.renew()
 
     async def listen(self) -> None:
@@ -192,26 +243,35 @@ class Fleet:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.actions)
-                while True:
+                while True:  # the connection is pinged when idle (HEALTH_CHECK_INTERVAL)
                     message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     if message is not None:
                         self._act(message.get("data"))
             except _redis_errors() as exc:
-                self._down(exc)
+                self._listen_warnings.warning(
+                    logger,
+                    time.monotonic(),
+                    "the fleet's actions channel failed (%s): subscribing again",
+                    exc or type(exc).__name__,
+                )
             finally:
                 with contextlib.suppress(*_redis_errors()):
                     await pubsub.aclose()
-            await asyncio.sleep(self.lease / 3)  # the renewals say when Redis is back
+            await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _act(self, data: Any) -> None:
+        """An action another node asks; anything else (not JSON, nested deep, too long, of
+        another kind) is logged and left."""
         try:
+            if not isinstance(data, str) or len(data) > MAX_ACTION_SIZE:
+                raise ValueError("not a short string")
             action = json.loads(data)
             kind, agent, reason, node = (
                 action["action"], action["agent"], action["reason"], action["node"]
             )  # fmt: skip
             if kind != "disconnect" or not all(isinstance(v, str) for v in (agent, reason, node)):
                 raise ValueError(kind)
-        except (ValueError, TypeError, KeyError):
+        except Exception:  # whatever the bytes: never more than this warning
             shown = str(data)[:200]
             logger.warning("ignoring a message on %s that is not a fleet action: %r", self.actions,
                            shown)  # fmt: skip
@@ -225,10 +285,8 @@ class Fleet:
         message = {"action": "disconnect", "agent": agent, "reason": reason, "node": self.node}
         try:
             await self._call("publish", self.actions, json.dumps(message))
-            elsewhere = [
-                key async for key in self._scan(f"{self.prefix}agent:{agent}:*")
-                if not key.endswith(f":{self.node}")
-            ]  # fmt: skip
+            keys = await self._scan(f"{self.prefix}agent:{agent} *")
+            elsewhere = [key for key in keys if key != self.agent_key(agent)]
         except _redis_errors() as exc:
             self._down(exc)
             raise TransportError(f"the fleet's registry cannot be reached: {self.error}") from None
@@ -243,15 +301,20 @@ class Fleet:
             await self._call("set", f"{self.prefix}node:{self.node}", node, px=ms)
             agents = self.agents()
             for agent, services in agents.items():
-                key = f"{self.prefix}agent:{agent}:{self.node}"
-                await self._call("set", key, json.dumps(services), px=ms)
+                await self._call("set", self.agent_key(agent), json.dumps(services), px=ms)
             for gone in self._announced - agents.keys():
-                await self._call("delete", f"{self.prefix}agent:{gone}:{self.node}")
+                await self._call("delete", self.agent_key(gone))
             self._announced = set(agents)
             for port, owner in list(self.held.items()):
-                holder = await self._call(
-                    "eval", CLAIM, 1, self.port_key(port), owner, self.node, ms
-                )
+                if self.held.get(port) != owner:  # released meanwhile: never claimed again
+                    continue
+                try:
+                    holder = await self._call(
+                        "eval", CLAIM, 1, self.port_key(port), owner, self.node, ms
+                    )
+                except _response_errors() as exc:  # Redis answered: this key only
+                    logger.warning("renewing %s: %s", self.port_key(port), exc)
+                    continue
                 if holder and self.held.get(port) == owner:
                     del self.held[port]
                     other, node = split_holder(holder)
@@ -267,9 +330,15 @@ class Fleet:
         try:
             ms = int(self.lease * 1000)
             holder = await self._call("eval", CLAIM, 1, self.port_key(port), owner, self.node, ms)
+        except _response_errors() as exc:  # Redis answered: not a lease we can take
+            logger.warning("claiming %s: %s", self.port_key(port), exc)
+            return f"a key of the fleet's registry that is not a lease ({self.port_key(port)})"
         except _redis_errors() as exc:
             self._down(exc)
             raise TransportError(f"the fleet's registry cannot be reached: {self.error}") from None
+        if holder == "?":
+            logger.warning("claiming port %d: %s is not a lease", port, self.port_key(port))
+            return f"a key of the fleet's registry that is not a lease ({self.port_key(port)})"
         if holder:
             other, node = split_holder(holder)
             return f"{other} on gateway {node}"
@@ -277,44 +346,57 @@ class Fleet:
         return None
 
     def release(self, port: int, owner: str, tasks: asyncio.TaskGroup) -> None:
-        """Let ``port`` go fleet-wide (in ``tasks``: a release never waits)."""
+        """Let this node's hold of ``port`` go fleet-wide (in ``tasks``: a release never
+        waits; :meth:`aclose` waits for those under way)."""
         if self.held.get(port) != owner:
             return
         releasing = self._release(port, owner)
         try:
-            tasks.create_task(releasing)
+            task = tasks.create_task(releasing)
         except RuntimeError:  # the gateway is stopping: aclose() releases what is held
             releasing.close()
             return
         del self.held[port]
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _release(self, port: int, owner: str) -> None:
+        if self.held.get(port) == owner:  # claimed again meanwhile: this node holds it
+            return
         try:
             await self._call("eval", RELEASE, 1, self.port_key(port), owner, self.node)
         except _redis_errors() as exc:
-            self._down(exc)  # it expires by itself
+            self._down(exc)  # the hold expires by itself
 
     async def view(self) -> FleetView:
-        """The fleet's nodes and leases, read from Redis now."""
+        """The fleet's nodes and leases, read from Redis now; a key that is not the fleet's
+        is logged and left out."""
+        not_a_node: tuple[type[BaseException], ...] = (
+            *_response_errors(), ValueError, TypeError, AttributeError, RecursionError
+        )  # fmt: skip
         try:
             nodes, leases = [], []
-            async for key in self._scan(f"{self.prefix}node:*"):
-                text = await self._call("get", key)
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    about = json.loads(text)
+            for key in await self._scan(f"{self.prefix}node:*"):
+                try:
+                    about = json.loads(await self._call("get", key))
                     node = key.removeprefix(f"{self.prefix}node:")
                     agents = tuple(sorted(str(a) for a in about.get("agents", [])))
                     address, version = str(about.get("address", "")), str(about.get("version", ""))
                     nodes.append(FleetNode(node, address, version, agents))
-                    continue
-                logger.warning("ignoring fleet key %s: it does not hold a node's JSON", key)
-            async for key in self._scan(f"{self.prefix}port:*"):
+                except not_a_node:
+                    logger.warning("ignoring fleet key %s: it does not hold a node's JSON", key)
+            for key in await self._scan(f"{self.prefix}port:*"):
                 port = key.removeprefix(f"{self.prefix}port:")
-                value = await self._call("get", key)
-                if not port.isdigit() or not isinstance(value, str) or " " not in value:
+                try:
+                    fields = await self._call("hgetall", key) if port.isdigit() else {}
+                except _response_errors():
+                    fields = {}
+                owner = fields.get("owner")
+                holders = tuple(sorted(k[5:] for k in fields if k.startswith("node:")))
+                if not isinstance(owner, str) or not holders:
                     logger.warning("ignoring fleet key %s: not a port lease", key)
                     continue
-                leases.append(FleetLease(int(port), *split_holder(value)))
+                leases.append(FleetLease(int(port), owner, holders))
         except _redis_errors() as exc:
             self._down(exc)
             return FleetView(False, (), (), self.error)
@@ -322,16 +404,17 @@ class Fleet:
         leases.sort(key=lambda lease: lease.port)
         return FleetView(True, tuple(nodes), tuple(leases))
 
-    async def _scan(self, pattern: str) -> Any:
+    async def _scan(self, pattern: str) -> list[str]:
+        """The keys that match ``pattern`` (a SCAN of the whole database: for views and
+        actions, never for a client)."""
         assert self._redis is not None
-        async with asyncio.timeout(REDIS_TIMEOUT * 5):
-            async for key in self._redis.scan_iter(match=pattern, count=SCAN_COUNT):
-                yield key
+        async with asyncio.timeout(self.timeout * 5):
+            return [key async for key in self._redis.scan_iter(match=pattern, count=SCAN_COUNT)]
 
     async def _call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command, bounded; marks the fleet up again when it answers."""
         assert self._redis is not None, "start() first"
-        async with asyncio.timeout(REDIS_TIMEOUT):
+        async with asyncio.timeout(self.timeout):
             result = await getattr(self._redis, command)(*args, **kwargs)
         if not self.up:
             self._up()
@@ -386,6 +469,14 @@ class FleetLeases(PortLeases):
             self.fleet.release(port, agent, tasks)
 
 
+def _response_errors() -> tuple[type[BaseException], ...]:
+    """Redis answered, with an error (a key of another type): that key is at fault, not the
+    link."""
+    from redis.exceptions import ResponseError
+
+    return (ResponseError,)
+
+
 def _redis_errors() -> tuple[type[BaseException], ...]:
     """What a Redis command that failed raises: Redis said no, or it could not be reached."""
     from redis.exceptions import RedisError
@@ -394,11 +485,6 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 def _shown(url: str) -> str:
-    """``url`` without its password."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    """``url`` without its password (``:PASSWORD@``, or ``password=`` in its query)."""
+    url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    return re.sub(r"//([^/@]*?):[^/@]*@", r"//\1:***@", url, count=1)

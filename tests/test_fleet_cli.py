@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.clients import echo_exchange
+from kit.clients import echo_through, http_json
 from kit.ports import start_listening, unassigned_ports
 from kit.processes import GatewayProc, Launch, Proc, require_tool, start_gateway
 from kit.tokens import new_token
@@ -70,19 +70,6 @@ def start_agent(launch: Launch, gateway: GatewayProc, host: str, name: str, spec
                   "--expose", spec, "--reconnect-max", "1", token=token)  # fmt: skip
 
 
-def echo_through(host: str, port: int, payload: bytes) -> None:
-    received, how = echo_exchange(port, payload, host=host)
-    assert (received, how) == (payload, "eof"), f"{how} after {len(received)} bytes"
-
-
-def get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_a_port_leased_on_one_gateway_is_refused_on_another_until_its_lease_expires(
     launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
 ) -> None:
@@ -103,7 +90,7 @@ def test_a_port_leased_on_one_gateway_is_refused_on_another_until_its_lease_expi
     two.proc.wait_line(rf"agent=site-b\] port {port} is leased to site-a on gateway one")
 
     def announced() -> Any:  # site-a on node one, once one renewed since it registered
-        code, view = get(admin_two + "api/v1/fleet")
+        code, view = http_json(admin_two + "api/v1/fleet")
         agents = {n["node"]: n["agents"] for n in view.get("nodes", [])}
         return view if code == 200 and agents.get("one") == ["site-a"] else None
 
@@ -147,7 +134,7 @@ def test_redis_out_of_reach_cuts_no_tunnel_and_the_gateway_announces_again(
     one.proc.wait_line(r"the fleet's registry \(redis://127\.0\.0\.1:\d+/0\) cannot be reached")
     for i in range(5):
         echo_through("127.0.0.1", port, f"while Redis is gone {i}".encode())
-    code, ready = get(admin + "readyz")
+    code, ready = http_json(admin + "readyz")
     assert code == 200 and "fleet's registry cannot be reached" in ready["degraded"], ready
     other = unassigned_ports(1).start
     b = start_agent(launch, one, "127.0.0.1", "site-b", f"{other}:127.0.0.1:{echo_port}", token)
@@ -159,7 +146,7 @@ def test_redis_out_of_reach_cuts_no_tunnel_and_the_gateway_announces_again(
     one.proc.wait_line(r"the fleet's registry answers again")
     wait_for(lambda: lease(redis_port, fleet, port) == "site-a one", DEADLINE, "the lease back")
     echo_through("127.0.0.1", port, b"after Redis came back")
-    assert get(admin + "readyz") == (200, {"ready": True})
+    assert http_json(admin + "readyz") == (200, {"ready": True})
 
 
 def test_a_gateway_paused_past_its_lease_stops_serving_the_port_it_lost(

@@ -13,13 +13,10 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kit.clients import echo_exchange
+from kit.clients import echo_through, http_json
 from kit.ports import refusing_port, start_listening
 from kit.processes import GatewayProc, Launch, Proc, require_tool, start_gateway
 from kit.tokens import new_token
@@ -48,23 +45,9 @@ def exposed_port(agent: Proc, host: str, gateway: GatewayProc, count: int = 1) -
     return int(agent.wait_line(rf"{where}.*exposed at gateway port (\d+)", count=count).group(1))
 
 
-def echo_through(host: str, port: int, payload: bytes) -> None:
-    received, how = echo_exchange(port, payload, host=host)
-    assert (received, how) == (payload, "eof"), f"{how} after {len(received)} bytes"
-
-
-def get(url: str) -> tuple[int, Any]:
-    """The status and the JSON body of a GET."""
-    try:
-        with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def states(admin: str) -> dict[str, str]:
     """Each gateway's state, as the agent's admin API shows it."""
-    _, info = get(admin + "api/v1")
+    _, info = http_json(admin + "api/v1")
     return {row["gateway"]: row["state"] for row in info["gateways"]}
 
 
@@ -82,7 +65,7 @@ def test_an_agent_serves_through_each_gateway_and_survives_one_restarting(
     echo_through(SECOND_HOST, two, b"through the second gateway " * 100)
     a, b = f"127.0.0.1:{first.port}", f"{SECOND_HOST}:{second.port}"
     wait_for(lambda: states(admin) == {a: "serving", b: "serving"}, DEADLINE, "both serving")
-    assert get(admin + "readyz")[0] == 200
+    assert http_json(admin + "readyz")[0] == 200
 
     status = subprocess.run(
         [sys.executable, "-m", "tunnelgate", "status", "--admin", admin],
@@ -97,7 +80,7 @@ def test_an_agent_serves_through_each_gateway_and_survives_one_restarting(
     second.proc.wait_exit()
     agent.wait_line(rf"reconnecting to {re.escape(b)} in ")
     wait_for(lambda: states(admin) == {a: "serving", b: "down"}, DEADLINE, "the second down")
-    assert get(admin + "readyz")[0] == 200, "one gateway serving is enough by default"
+    assert http_json(admin + "readyz")[0] == 200, "one gateway serving is enough by default"
     for round_ in range(5):
         echo_through("127.0.0.1", one, f"while the second is down, round {round_}".encode())
 
@@ -124,14 +107,18 @@ def test_readiness_can_require_every_gateway(
     admin = agent.wait_line(ADMIN_URL).group(1)
     one = exposed_port(agent, "127.0.0.1", first)
     exposed_port(agent, SECOND_HOST, second)
-    wait_for(lambda: get(admin + "readyz")[0] == 200, DEADLINE, "ready with both gateways serving")
+    wait_for(
+        lambda: http_json(admin + "readyz")[0] == 200, DEADLINE, "ready with both gateways serving"
+    )
 
     second.proc.popen.send_signal(signal.SIGKILL)
     second.proc.wait_exit()
     wait_for(
-        lambda: get(admin + "readyz")[0] == 503, DEADLINE, "not ready without the second gateway"
+        lambda: http_json(admin + "readyz")[0] == 503,
+        DEADLINE,
+        "not ready without the second gateway",
     )
-    code, body = get(admin + "readyz")
+    code, body = http_json(admin + "readyz")
     assert code == 503 and f"{SECOND_HOST}:{second.port}" in json.dumps(body), body
     echo_through("127.0.0.1", one, b"the first gateway still serves")
 

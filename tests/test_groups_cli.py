@@ -73,6 +73,15 @@ def group_config(tmp_path: Path, secret: str, *, balance: str = "round_robin",
     return path
 
 
+def group_gateway(launch: Launch, tmp_path: Path, secret_file: Path, *flags: str,
+                  token: str | None = None, balance: str = "round_robin",
+                  extra: str = "") -> GatewayProc:  # fmt: skip
+    """A gateway (no TLS) with group "web" of the secret in ``secret_file``."""
+    config = group_config(tmp_path, secret_file.read_text(), balance=balance, extra=extra)
+    return start_gateway(launch, tmp_path / "state", "--config", str(config), *flags,
+                         token=token, tls=False)  # fmt: skip
+
+
 def start_member(
     launch: Launch, gateway: GatewayProc, token: str, name: str, service: int, secret_file: Path,
     *flags: str,
@@ -97,9 +106,7 @@ def test_a_group_spreads_clients_and_a_member_that_leaves_costs_them_nothing(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
     token = new_token()
-    config = group_config(tmp_path, secret_file.read_text())
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
-                            tls=False)  # fmt: skip
+    gateway = group_gateway(launch, tmp_path, secret_file, token=token)
     with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("b")) as service_b:
         a, port = start_member(launch, gateway, token, "a", service_a, secret_file)
         b, same = start_member(launch, gateway, token, "b", service_b, secret_file)
@@ -127,9 +134,15 @@ def test_least_connections_sends_new_clients_to_the_member_with_fewer(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
     token = new_token()
-    config = group_config(tmp_path, secret_file.read_text(), balance="least_connections")
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), "--admin",
-                            "127.0.0.1:0", token=token, tls=False)  # fmt: skip
+    gateway = group_gateway(
+        launch,
+        tmp_path,
+        secret_file,
+        "--admin",
+        "127.0.0.1:0",
+        token=token,
+        balance="least_connections",
+    )
     admin = gateway.proc.wait_line(ADMIN_URL).group(1)
 
     def open_clients() -> dict[str, int]:  # by member, as the gateway counts them
@@ -199,9 +212,7 @@ def test_a_member_failing_its_http_health_check_gets_no_clients_until_it_passes(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
     token = new_token()
-    config = group_config(tmp_path, secret_file.read_text())
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
-                            tls=False)  # fmt: skip
+    gateway = group_gateway(launch, tmp_path, secret_file, token=token)
     check = 'health_check = "http"\nhealth_path = "/healthz"\nhealth_status = 200\n'
     env = {"TUNNELGATE_GROUP_SECRET": secret_file.read_text()}
     with web_member("a") as site_a, web_member("b") as site_b:
@@ -230,9 +241,7 @@ def test_a_member_whose_service_stops_answering_tcp_is_taken_out(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
     token = new_token()
-    config = group_config(tmp_path, secret_file.read_text(), extra="")
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), token=token,
-                            tls=False)  # fmt: skip
+    gateway = group_gateway(launch, tmp_path, secret_file, token=token)
     env = {"TUNNELGATE_GROUP_SECRET": secret_file.read_text()}
     with tcp_service(named_echo("b")) as service_b:
         with tcp_service(named_echo("a")) as service_a:
@@ -257,8 +266,7 @@ def test_a_wrong_secret_or_a_group_not_allowed_is_refused_and_the_group_serves_o
         f'[[agents]]\nname = "{name}"\ntoken = "{token}"\n{allowed.get(name, "")}\n'
         for name, token in tokens.items()
     )
-    config = group_config(tmp_path, secret_file.read_text(), extra=agents)
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), tls=False)
+    gateway = group_gateway(launch, tmp_path, secret_file, extra=agents)
     with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("x")) as other:
         _, port = start_member(launch, gateway, tokens["a"], "a", service_a, secret_file)
 
@@ -288,9 +296,7 @@ def test_the_admin_api_and_metrics_show_the_group(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:
     token = new_token()
-    config = group_config(tmp_path, secret_file.read_text())
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), "--admin",
-                            "127.0.0.1:0", token=token, tls=False)  # fmt: skip
+    gateway = group_gateway(launch, tmp_path, secret_file, "--admin", "127.0.0.1:0", token=token)
     admin = gateway.proc.wait_line(ADMIN_URL).group(1)
     with urllib.request.urlopen(admin + "metrics", timeout=DEADLINE) as answer:
         metrics = answer.read().decode()
@@ -319,8 +325,7 @@ def test_a_member_at_its_limit_passes_the_client_to_another(
     tokens = {"a": new_token(), "b": new_token()}
     agents = (f'[[agents]]\nname = "a"\ntoken = "{tokens["a"]}"\nmax_connections = 1\n'
               f'[[agents]]\nname = "b"\ntoken = "{tokens["b"]}"\n')  # fmt: skip
-    config = group_config(tmp_path, secret_file.read_text(), extra=agents)
-    gateway = start_gateway(launch, tmp_path / "state", "--config", str(config), tls=False)
+    gateway = group_gateway(launch, tmp_path, secret_file, extra=agents)
     with tcp_service(named_echo("a")) as service_a, tcp_service(named_echo("b")) as service_b:
         _, port = start_member(launch, gateway, tokens["a"], "a", service_a, secret_file)
         start_member(launch, gateway, tokens["b"], "b", service_b, secret_file)

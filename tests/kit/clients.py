@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -177,3 +180,19 @@ def send_until_reset_trials(
     counted; ``at_once`` clients at a time (fewer than a service's listen backlog)."""
     with ThreadPoolExecutor(at_once) as pool:
         return Counter(pool.map(lambda _: send_until_reset(port, first), range(trials)))
+
+
+def echo_through(host: str, port: int, payload: bytes) -> None:
+    """Send ``payload`` through ``host:port`` to an echo; fail unless all of it came back and
+    the connection ended cleanly."""
+    received, how = echo_exchange(port, payload, host=host)
+    assert (received, how) == (payload, "eof"), f"{how} after {len(received)} bytes"
+
+
+def http_json(url: str) -> tuple[int, Any]:
+    """The status and the JSON body of a GET (an HTTP error too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

@@ -48,16 +48,23 @@ def lease(port: int, fleet: str, public: int) -> str | None:
     return " ".join([fields["owner"], *nodes]) if fields else None
 
 
-def fleet_gateway(
-    launch: Launch, tmp_path: Path, node: str, host: str, redis_port: int, token: str,
-    lease: float = LEASE,
-) -> tuple[GatewayProc, str]:  # fmt: skip
-    """A gateway named ``node`` in this test's fleet, with an admin listener; its admin URL."""
+def fleet_config(tmp_path: Path, node: str, redis_port: int, lease: float = LEASE,
+                 extra: str = "") -> Path:  # fmt: skip
+    """The file of gateway ``node`` in this test's fleet (``extra`` at its end)."""
     config = tmp_path / f"{node}.toml"
     config.write_text(
         f'fleet = "redis://127.0.0.1:{redis_port}/0"\nfleet_name = "{tmp_path.name}"\n'
-        f'fleet_node = "{node}"\nfleet_lease = {lease}\nadmin = "127.0.0.1:0"\n'
+        f'fleet_node = "{node}"\nfleet_lease = {lease}\nadmin = "127.0.0.1:0"\n{extra}'
     )
+    return config
+
+
+def fleet_gateway(
+    launch: Launch, tmp_path: Path, node: str, host: str, redis_port: int, token: str | None,
+    lease: float = LEASE, extra: str = "",
+) -> tuple[GatewayProc, str]:  # fmt: skip
+    """A gateway named ``node`` in this test's fleet, with an admin listener; its admin URL."""
+    config = fleet_config(tmp_path, node, redis_port, lease, extra)
     gateway = start_gateway(launch, tmp_path / node, "--config", str(config), token=token,
                             tls=False, listen=f"{host}:0")  # fmt: skip
     gateway.proc.wait_line(rf"in fleet {tmp_path.name} as {node}; its registry is up")
@@ -235,3 +242,33 @@ def post(url: str) -> tuple[int, Any]:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def test_a_reload_asked_on_one_gateway_revokes_a_token_on_every_gateway(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """The old token removed from every gateway's file (as a configuration manager does), one
+    ``POST /api/v1/fleet/reload`` on gateway two: gateway one reads its file again and ends the
+    session of the agent that proved the old token; the agent, refused, exits."""
+    old, new = new_token(), new_token()
+
+    def agents(*tokens: str) -> str:
+        return f'[[agents]]\nname = "site-a"\ntoken = {json.dumps(list(tokens))}\n'
+
+    one, _ = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, None,
+                           extra=agents(old, new))  # fmt: skip
+    _, admin_two = fleet_gateway(launch, tmp_path, "two", "127.0.0.2", redis_port, None,
+                                 extra=agents(old, new))  # fmt: skip
+    port = unassigned_ports(1).start
+    a = start_agent(launch, one, "127.0.0.1", "site-a", f"{port}:127.0.0.1:{echo_port}", old)
+    a.wait_line(rf"exposed at gateway port {port}")
+
+    for node in ("one", "two"):
+        fleet_config(tmp_path, node, redis_port, extra=agents(new))
+    assert post(admin_two + "api/v1/fleet/reload") == (
+        200, {"reloaded": "reloaded", "fleet": "every other gateway asked to reload"})  # fmt: skip
+    one.proc.wait_line(r"reloading the configuration: reload asked on the admin API \(asked on "
+                       r"gateway two\)")  # fmt: skip
+    one.proc.wait_line(r"agent=site-a\].*disconnecting the agent: its token was revoked")
+    assert a.wait_exit() == 1, a.describe()
+    assert a.lines_matching(r"authentication failed"), a.describe()

@@ -308,7 +308,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
                 return "reloaded"
 
             # A worker's supervisor runs the alerts and the admin listener, for the whole gateway.
-            reload = _reloader(load, apply, None if setup else config)
+            reload = gateway.reloader = _reloader(load, apply, None if setup else config)
             async with (
                 _reporting(setup, gateway, reload),
                 contextlib.AsyncExitStack() as alerts,

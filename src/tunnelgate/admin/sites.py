@@ -51,6 +51,7 @@ from tunnelgate.admin.metrics import (
 from tunnelgate.admin.server import BadRequest, NotFound
 from tunnelgate.agent.agent import Agent, AgentStatistics
 from tunnelgate.agent.session import ExposedService
+from tunnelgate.errors import TransportError
 from tunnelgate.gateway.gateway import GatewayStatistics, GatewayView
 from tunnelgate.gateway.session import SessionStatistics
 from tunnelgate.stats import (
@@ -323,6 +324,17 @@ class GatewaySite:
                 if self._reload is None:
                     raise BadRequest("this gateway has no configuration to reload")
                 return {"reloaded": await self._reload()}
+            case ["fleet", "reload"]:
+                if (fleet := self.gateway.fleet) is None:
+                    raise NotFound("this gateway is in no fleet (--fleet)")
+                if self._reload is None:
+                    raise BadRequest("this gateway has no configuration to reload")
+                said = await self._reload()
+                try:
+                    await fleet.reload("reload asked on the admin API")
+                except TransportError as exc:
+                    return {"reloaded": said, "fleet": f"not asked: {exc}"}
+                return {"reloaded": said, "fleet": "every other gateway asked to reload"}
         raise NotFound(f"no action /{'/'.join(path)}")
 
 

@@ -15,9 +15,11 @@ on a timer (renewals), never per connection. Keys, under ``tunnelgate:FLEET:``:
   renewed: the fleet's members.
 - ``agent:NAME NODE`` → the services the agent has on that node (JSON), expiring likewise (a
   space between, which no name has, so that one agent's keys are found exactly).
-- ``actions`` (a pub/sub channel): what one node asks of every node, as JSON; a disconnect
+- ``actions`` (a pub/sub channel): what one node asks of every node, as JSON: a disconnect
   ``{"action": "disconnect", "agent", "reason", "node"}`` ends the agent's session wherever it
-  is, within the time a message takes. A message that does not parse is ignored with a warning.
+  is; a reload ``{"action": "reload", "reason", "node"}`` makes every node read its
+  configuration again (a token revoked in the files takes effect on every gateway). A message
+  that does not parse is ignored with a warning.
 
 :class:`FleetLeases` wraps the gateway's own leases (one process): a claim is granted here
 first, then in Redis. :class:`Fleet` renews everything this node holds every third of the lease
@@ -143,6 +145,7 @@ class Fleet:
     on_lost: Callable[[int, str], None]  # a port another owner took: stop serving it
     on_state: Callable[[bool, str], None]  # Redis answers again (True), or not (False, why)
     on_disconnect: Callable[[str, str], None] = lambda agent, why: None  # asked by another node
+    on_reload: Callable[[str], None] = lambda why: None  # asked by another node
     held: dict[int, str] = field(default_factory=dict)  # port → owner, in Redis
     up: bool = False  # Redis answered the last command
     down_since: float | None = None  # monotonic; None while up
@@ -266,18 +269,33 @@ class Fleet:
             if not isinstance(data, str) or len(data) > MAX_ACTION_SIZE:
                 raise ValueError("not a short string")
             action = json.loads(data)
-            kind, agent, reason, node = (
-                action["action"], action["agent"], action["reason"], action["node"]
-            )  # fmt: skip
-            if kind != "disconnect" or not all(isinstance(v, str) for v in (agent, reason, node)):
+            kind, reason, node = action["action"], action["reason"], action["node"]
+            agent = action["agent"] if kind == "disconnect" else ""
+            if kind not in ("disconnect", "reload"):
+                raise ValueError(kind)
+            if not all(isinstance(v, str) for v in (agent, reason, node)):
                 raise ValueError(kind)
         except Exception:  # whatever the bytes: never more than this warning
             shown = str(data)[:200]
             logger.warning("ignoring a message on %s that is not a fleet action: %r", self.actions,
                            shown)  # fmt: skip
             return
-        if node != self.node:
+        if node == self.node:
+            return
+        if kind == "reload":
+            self.on_reload(f"{reason} (asked on gateway {node})")
+        else:
             self.on_disconnect(agent, f"{reason} (asked on gateway {node})")
+
+    async def reload(self, reason: str) -> None:
+        """Ask every other node to read its configuration again. Raises TransportError when
+        Redis cannot be reached."""
+        message = {"action": "reload", "reason": reason, "node": self.node}
+        try:
+            await self._call("publish", self.actions, json.dumps(message))
+        except _redis_errors() as exc:
+            self._down(exc)
+            raise TransportError(f"the fleet's registry cannot be reached: {self.error}") from None
 
     async def disconnect(self, agent: str, reason: str) -> bool:
         """Ask every node to end ``agent``'s session; whether another node holds it now (its

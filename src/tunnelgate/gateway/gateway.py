@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -145,6 +146,9 @@ class Gateway:
                 "conn_ids": itertools.count(worker.index + 1, len(worker.addresses)),
             }
         self.fleet: Fleet | None = None
+        # What reads its configuration again (the CLI's, from its file): another gateway of the
+        # fleet may ask for it.
+        self.reloader: Callable[[], Awaitable[str]] | None = None
         self._tasks: asyncio.TaskGroup | None = None  # the gateway's, while it runs
         if self.config.fleet and worker is None:
             self.fleet = self._fleet(self.config)
@@ -433,9 +437,20 @@ class Gateway:
             if agent in self._sessions and self._tasks is not None:
                 self._tasks.create_task(self._disconnect_here(agent, why))
 
+        def reload(why: str) -> None:  # asked by another gateway
+            if (reloader := self.reloader) is None or self._tasks is None:
+                logger.warning("%s: this gateway has no configuration file to read again", why)
+                return
+            logger.info("reloading the configuration: %s", why)
+
+            async def reloading() -> None:
+                await reloader()
+
+            self._tasks.create_task(reloading())
+
         return Fleet(
             config.fleet, config.fleet_name, "", config.fleet_lease, describe, agents,
-            self._lost_port, changed, disconnect,
+            self._lost_port, changed, disconnect, reload,
         )  # fmt: skip
 
     def _lost_port(self, port: int, why: str) -> None:

@@ -6,15 +6,18 @@ claims with the reason and says so once; the fleet's settings in the gateway's f
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import trustme
+from faultkit import FaultProxy
 from kit.ports import refusing_port, start_listening
 from kit.processes import Launch, Proc, require_tool
 
+from tunnelgate import Address
 from tunnelgate import config as c
 from tunnelgate.errors import ConfigError, TransportError
 from tunnelgate.gateway.fleet import Fleet
@@ -236,5 +239,45 @@ async def test_a_fleet_through_redis_sentinel(launch_command: Launch, tmp_path: 
         assert await node.fleet.claim(4400, "site-a") is None
         with raw(master) as client:
             assert client.hget("tunnelgate:f7:port:4400", "owner") == "site-a"
+    finally:
+        await node.fleet.aclose()
+
+
+async def test_the_fault_kit_between_a_gateway_and_redis(
+    redis_port: int, start_proxy: Callable[..., Awaitable[FaultProxy]]
+) -> None:
+    """Latency within the bound keeps the fleet up; a black hole marks it down (claims refused
+    with the reason, what it holds kept) until the path is restored, and the next renewal
+    puts its lease back; a reset is recovered from by the next command."""
+    proxy = await start_proxy(Address("127.0.0.1", redis_port))
+    node = Node(f"redis://{proxy.address}/0", "f8", "one")
+    node.fleet.lease = 2.0  # commands bounded by 0.5 s
+    await node.fleet.start()
+    try:
+        assert await node.fleet.claim(4500, "site-a") is None
+        proxy.delay(0.05)
+        await node.fleet.renew()
+        assert node.fleet.up, node.fleet.error
+
+        proxy.blackhole()
+        await node.fleet.renew()
+        assert not node.fleet.up and node.states == [(False, node.fleet.error)]
+        with pytest.raises(TransportError, match="cannot be reached"):
+            await node.fleet.claim(4501, "site-b")
+        assert node.fleet.held == {4500: "site-a"}, "what it holds is kept"
+        with raw(redis_port) as client:
+            client.delete("tunnelgate:f8:port:4500")  # Redis lost it meanwhile (a restart)
+
+        proxy.heal()
+        await node.fleet.renew()
+        assert node.fleet.up and [up for up, _ in node.states] == [False, True]
+        with raw(redis_port) as client:
+            assert client.hget("tunnelgate:f8:port:4500", "owner") == "site-a", "announced"
+
+        await proxy.reset()
+        await node.fleet.renew()  # the reset connection is replaced
+        await node.fleet.renew()
+        assert node.fleet.up, node.fleet.error
+        assert await node.fleet.claim(4502, "site-a") is None
     finally:
         await node.fleet.aclose()

@@ -14,6 +14,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client.core import (
@@ -217,6 +218,32 @@ def gateway_metrics(stats: GatewayStatistics) -> Iterator[Metric]:
     yield from (service_up, active, connections_total, errors, transferred, setup, duration, idle)
 
 
+@dataclass
+class GroupMember:
+    """A service in an agent group, summed over its sessions (one per worker)."""
+
+    address: str
+    healthy: bool = True  # on every worker: an unhealthy one gets no client there
+    connections: int = 0
+
+
+def group_members(
+    stats: GatewayStatistics, groups: Iterable[str]
+) -> dict[str, dict[tuple[str, str], GroupMember]]:
+    """Each agent group of the config (``groups``) and any other seen, with its members by
+    (agent, service); draining sessions left out."""
+    found: dict[str, dict[tuple[str, str], GroupMember]] = {name: {} for name in groups}
+    for session in stats.sessions:
+        for exposed in session.services:
+            if exposed.group and not session.draining:
+                members = found.setdefault(exposed.group, {})
+                key = (session.agent, exposed.name)
+                member = members.setdefault(key, GroupMember(str(exposed.address)))
+                member.healthy = member.healthy and exposed.healthy
+                member.connections += exposed.clients
+    return found
+
+
 def group_metrics(stats: GatewayStatistics, groups: Iterable[str]) -> Iterator[Metric]:
     """Each agent group of the config (``groups``): its members, and those healthy; 0 for a
     group with none, so that an alert on it fires."""
@@ -225,16 +252,9 @@ def group_metrics(stats: GatewayStatistics, groups: Iterable[str]) -> Iterator[M
     healthy = GaugeMetricFamily(
         P + "group_healthy_members", "Members of the agent group taking new clients", labels=g
     )
-    seen: dict[str, dict[tuple[str, str], bool]] = {name: {} for name in groups}
-    for session in stats.sessions:
-        for exposed in session.services:
-            if exposed.group and not session.draining:
-                group = seen.setdefault(exposed.group, {})
-                key = (session.agent, exposed.name)
-                group[key] = group.get(key, True) and exposed.healthy
-    for name, group in seen.items():
+    for name, group in group_members(stats, groups).items():
         members.add_metric([name], len(group))
-        healthy.add_metric([name], sum(group.values()))
+        healthy.add_metric([name], sum(member.healthy for member in group.values()))
     yield from (members, healthy)
 
 

@@ -46,6 +46,7 @@ from tunnelgate.admin.metrics import (
     alert_metrics,
     fleet_metrics,
     gateway_metrics,
+    group_members,
     group_metrics,
 )
 from tunnelgate.admin.server import BadRequest, NotFound
@@ -232,28 +233,25 @@ class GatewaySite:
 
     def _groups(self, stats: GatewayStatistics) -> list[dict[str, Any]]:
         """Each agent group of the config: its port and its members (the services in it)."""
-        groups: dict[str, dict[str, Any]] = {
-            name: {"name": name, "balance": group.balance, "address": None, "members": []}
-            for name, group in self.gateway.config.groups.items()
-        }
-        members: dict[tuple[str, str], dict[str, Any]] = {}  # once, on any worker
-        for session in stats.sessions:
-            for service in session.services:
-                if (group := groups.get(service.group)) is None or session.draining:
-                    continue
-                group["address"] = str(service.address)
-                member = members.get((session.agent, service.name))
-                if member is None:
-                    member = members[(session.agent, service.name)] = {
-                        "agent": session.agent,
-                        "service": service.name,
-                        "healthy": True,
-                        "connections": 0,
+        configured = self.gateway.config.groups
+        return [
+            {
+                "name": name,
+                "balance": configured[name].balance,
+                "address": next((m.address for m in members.values()), None),
+                "members": [
+                    {
+                        "agent": agent,
+                        "service": service,
+                        "healthy": m.healthy,
+                        "connections": m.connections,
                     }
-                    group["members"].append(member)
-                member["healthy"] = member["healthy"] and service.healthy
-                member["connections"] += service.clients
-        return list(groups.values())
+                    for (agent, service), m in members.items()
+                ],
+            }
+            for name, members in group_members(stats, configured).items()
+            if name in configured
+        ]
 
     def _dashboard(self, stats: GatewayStatistics) -> dict[str, Any]:
         """Everything the dashboard shows, in one view (it is streamed once a second)."""

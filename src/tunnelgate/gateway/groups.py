@@ -7,7 +7,9 @@ round robin, or the fewest open connections (round robin among the tied). The me
 the client as it takes a client of its own services: limits, access rules, its pool, its relay.
 A member that leaves (its session ends or drains, or its health check fails) is out before the
 next client arrives, so clients after it never meet it. :class:`Groups` holds the groups of one
-process, by name.
+process, by name. A member proves the group's secret as an agent proves its token
+(:func:`proved_key`); the key it proved is kept, so that a reload that removes it ends the
+membership (:func:`stored_keys`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from tunnelgate import credentials
 from tunnelgate.address import Address
+from tunnelgate.config import GroupConfig
 from tunnelgate.logs import Throttle
 from tunnelgate.transport import Listener, SocketStream
 
@@ -133,3 +137,25 @@ class Groups:
     by_name: dict[str, Group] = field(default_factory=dict)
     joining: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: asyncio.TaskGroup | None = None
+
+
+async def proved_key(group: GroupConfig, proof: bytes, nonce: bytes, agent: str) -> bytes | None:
+    """The stored key of the group's secret that ``proof`` (a ServiceRequest's) proves, for the
+    control channel whose Challenge was ``nonce`` and this agent; None if none. The group's
+    clear secrets are derived off the event loop (then cached)."""
+    for secret in group.secrets:
+        await asyncio.to_thread(credentials.derive, secret, group.name)
+    return next(
+        (
+            key
+            for key in stored_keys(group)
+            if credentials.check_proof(key, proof, nonce, "group", agent, group.name)
+        ),
+        None,
+    )
+
+
+def stored_keys(group: GroupConfig) -> list[bytes]:
+    """The stored keys of a group's secrets (clear secrets derived: slow the first time)."""
+    derived = [credentials.derive(secret, group.name).stored_key for secret in group.secrets]
+    return [*group.stored_keys, *derived]

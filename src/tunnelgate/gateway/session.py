@@ -15,15 +15,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tunnelgate import credentials, tls
+from tunnelgate import tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.address import Address
 from tunnelgate.channel import Channel
-from tunnelgate.config import AgentPolicy, GatewayConfig, GroupConfig
+from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.control import end_when_drained, receive_control
 from tunnelgate.errors import ConnectionClosed, ProtocolError, SessionOver, TransportError
 from tunnelgate.gateway.admission import WARNING_INTERVAL, ClientGates, allowed_binds, host_of
-from tunnelgate.gateway.groups import Group, Groups
+from tunnelgate.gateway.groups import Group, Groups, proved_key, stored_keys
 from tunnelgate.gateway.leases import LocalLeases, PortLeases
 from tunnelgate.gateway.pool import ChannelPool, PoolStatistics
 from tunnelgate.gateway.ports import Ports
@@ -155,6 +155,11 @@ class Shared:
     conn_ids: Iterator[int] = field(default_factory=functools.partial(itertools.count, 1))
     totals: GatewayTotals = field(default_factory=GatewayTotals)
     groups: Groups = field(default_factory=Groups)
+
+    def free_ports(self, holder: object, owner: str) -> None:
+        """Free every port ``holder`` (a session, or a group) holds, and its leases."""
+        for bind, port in self.ports.release(holder):
+            self.leases.release(bind, port, owner)
 
 
 class GatewaySession:
@@ -305,8 +310,7 @@ class GatewaySession:
     def release(self) -> None:
         """Free the ports, leave the groups, close the listeners and the pool; safe to call
         twice."""
-        for bind, port in self._shared.ports.release(self):
-            self._shared.leases.release(bind, port, self.agent)
+        self._shared.free_ports(self, self.agent)
         for service in self.services.values():
             if service.group is None:
                 service.listener.close()
@@ -326,8 +330,7 @@ class GatewaySession:
                 group.close()
                 if shared.groups.by_name.get(group.name) is group:
                     del shared.groups.by_name[group.name]
-                for bind, port in shared.ports.release(group):
-                    shared.leases.release(bind, port, group.owner)
+                shared.free_ports(group, group.owner)
             self.log.info(
                 "service %s left group %s (%d member(s) left)",
                 service.name,
@@ -410,7 +413,7 @@ class GatewaySession:
             settings = config.groups.get(group.name)
             if settings is None or not policy.allows_group(group.name):
                 return f"its policy no longer allows group {group.name}"
-            if service.group_key not in group_keys(settings):
+            if service.group_key not in stored_keys(settings):
                 return f"the secret it joined group {group.name} with was revoked"
         return None
 
@@ -482,7 +485,7 @@ class GatewaySession:
         settings = config.groups.get(name)
         if settings is None:
             return f"the gateway has no agent group {name!r}"
-        matched = await _proved_group_key(settings, request.group_proof, self.nonce, self.agent)
+        matched = await proved_key(settings, request.group_proof, self.nonce, self.agent)
         if matched is None:
             self._refusals.warning(
                 self.log,
@@ -520,8 +523,7 @@ class GatewaySession:
                 )
             except RuntimeError:  # the gateway's task group is ending: so is the gateway
                 group.close()
-                for key in self._shared.ports.release(group):
-                    self._shared.leases.release(*key, group.owner)
+                self._shared.free_ports(group, group.owner)
                 return "the gateway is stopping"
             groups.by_name[name] = group
             return group, matched
@@ -725,30 +727,6 @@ def sessions_of(holder: object) -> list[GatewaySession]:
     if isinstance(holder, Group):
         return [m.session for m in holder.members if isinstance(m, _Member)]
     return []
-
-
-async def _proved_group_key(
-    group: GroupConfig, proof: bytes, nonce: bytes, agent: str
-) -> bytes | None:
-    """The stored key of the group's secret that ``proof`` (a ServiceRequest's) proves, for the
-    control channel whose Challenge was ``nonce`` and this agent; None if none. The group's
-    clear secrets are derived off the event loop (then cached)."""
-    for secret in group.secrets:
-        await asyncio.to_thread(credentials.derive, secret, group.name)
-    return next(
-        (
-            key
-            for key in group_keys(group)
-            if credentials.check_proof(key, proof, nonce, "group", agent, group.name)
-        ),
-        None,
-    )
-
-
-def group_keys(group: GroupConfig) -> list[bytes]:
-    """The stored keys of a group's secrets (clear secrets derived: slow the first time)."""
-    derived = [credentials.derive(secret, group.name).stored_key for secret in group.secrets]
-    return [*group.stored_keys, *derived]
 
 
 def _first_bytes(stream: SocketStream) -> bytes | memoryview:

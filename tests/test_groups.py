@@ -28,7 +28,7 @@ class FakeMember:
     full: bool = False
     taken: list[str] = field(default_factory=list)
 
-    def admit(self, stream: Any, client: str) -> bool:
+    def admit(self, stream: Any, client: str, server: str) -> bool:
         if not self.full:
             self.taken.append(client)
         return not self.full

@@ -177,6 +177,11 @@ class GatewayConfig:
     fleet_name: str = "default"  # the fleet's name: gateways of one fleet share it
     fleet_node: str = ""  # this gateway's name in the fleet; "": host name and control port
     fleet_lease: float = 15.0  # seconds a fleet lease lives unless renewed
+    fleet_listen: Address | None = None  # the gateway-to-gateway port; None: no forwarding
+    fleet_advertise: Address | None = None  # where the others dial it; None: fleet_listen's
+    fleet_ca: Path | None = None  # signs every gateway's fleet certificate (mutual TLS)
+    fleet_cert: Path | None = None  # this gateway's, for the gateway-to-gateway link
+    fleet_key: Path | None = None
     workers: int = 1  # processes sharing the public ports; 1: this process alone, no supervisor
     worker_ports: int = 0  # worker i's own control port is this + i; 0: any free port
 
@@ -490,6 +495,20 @@ OPTIONS: Final = (
     Option("fleet_node", _GW, "", None, parse_name, "--fleet-node", "NAME",
            "this gateway's name in the fleet (default: host name and control port)"),
     Option("fleet_lease", _GW, 15.0, float, _within(1, 3600, "seconds")),
+    Option("fleet_listen", _GW, None, None, lambda v: parse_address(str(v), allow_zero=True),
+           "--fleet-listen", "HOST:PORT",
+           "take clients the fleet's other gateways forward here, and forward to them the "
+           "clients of ports leased elsewhere (mutual TLS: --fleet-ca, --fleet-cert, --fleet-key)"),
+    Option("fleet_advertise", _GW, None, None, lambda v: parse_address(str(v), allow_zero=True),
+           "--fleet-advertise", "HOST:PORT",
+           "where the other gateways reach --fleet-listen (default: its own address; port 0: "
+           "the port it listens on)"),
+    Option("fleet_ca", _GW, None, None, _existing_file, "--fleet-ca", "FILE",
+           "the fleet's own CA, which signs every gateway's fleet certificate"),
+    Option("fleet_cert", _GW, None, None, _existing_file, "--fleet-cert", "FILE",
+           "this gateway's fleet certificate (PEM)"),
+    Option("fleet_key", _GW, None, None, _existing_file, "--fleet-key", "FILE",
+           "the private key of --fleet-cert (PEM)"),
     # the agent
     Option("gateway", _AG, (), None, _each(lambda v: parse_address(str(v))), "--gateway",
            "HOST:PORT", "the gateway's control port; repeat it for a session with each of "
@@ -875,6 +894,7 @@ def load_gateway_config(
     if values["heartbeat_timeout"] <= values["heartbeat_interval"]:
         src.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
     _check_workers(src, values)
+    _check_forwarding(src, values)
     given = {
         "admin_token": _admin_token(src, values, own_certificate=True),
         "agents": tuple(agents),
@@ -886,6 +906,24 @@ def load_gateway_config(
     src.raise_problems()
     config = GatewayConfig(**{**_fields(GatewayConfig, values), **given})
     return config, LogConfig(values["log_level"], values["log_format"])
+
+
+def _check_forwarding(src: _Source, values: Mapping[str, Any]) -> None:
+    """Forwarding between gateways needs a fleet and the fleet's certificates."""
+    files = ("fleet_ca", "fleet_cert", "fleet_key")
+    listen = values["fleet_listen"]
+    if listen is None:
+        for key in ("fleet_advertise", *files):
+            if key in src.values:
+                src.fail(key, "used only with fleet_listen (forwarding between gateways)")
+        return
+    if not values["fleet"]:
+        src.fail("fleet_listen", "forwarding between gateways needs a fleet: give fleet too")
+    for key in files:
+        if key not in src.values:
+            src.fail(key, "missing: the gateway-to-gateway link is mutual TLS (fleet_listen)")
+    if values["fleet_advertise"] is None and listen.host in ("", "0.0.0.0", "::"):
+        src.fail("fleet_advertise", f"missing: the other gateways cannot dial {listen.host}")
 
 
 def _check_workers(src: _Source, values: Mapping[str, Any]) -> None:

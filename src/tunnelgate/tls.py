@@ -168,6 +168,25 @@ def client_context(
     return context
 
 
+def fleet_contexts(ca: Path, cert: Path, key: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The gateway-to-gateway link's contexts, (server, client): TLS 1.3, each side presents
+    its fleet certificate and accepts only one signed by the fleet's own CA. A fleet CA signs
+    fleet members alone, so any certificate it signed is a member: names are not checked (a
+    member is dialed at the address it announced in the registry)."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for context in (server, client):
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        _load(str(cert), "fleet_cert/fleet_key", "the fleet certificate and key",
+              context.load_cert_chain, cert, key)  # fmt: skip
+        _load(str(ca), "fleet_ca", "the fleet's CA", context.load_verify_locations, ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+        _accept_fin_as_end(context)
+        tune_reads(context)
+    client.check_hostname = False  # verify_mode stays CERT_REQUIRED: the chain is checked
+    return server, client
+
+
 def _accept_fin_as_end(context: ssl.SSLContext) -> None:
     """Take a peer's TCP FIN without close_notify as the end of its direction
     only: a TLS stream's ``send_eof`` sends one, and the other direction must

@@ -29,6 +29,7 @@ from prometheus_client.samples import Sample
 from tunnelgate import __version__
 from tunnelgate.admin.alerts import AlertStatistics
 from tunnelgate.agent.agent import AgentStatistics
+from tunnelgate.gateway.forwarding import ForwardingTotals
 from tunnelgate.gateway.gateway import GatewayStatistics
 from tunnelgate.stats import HistogramCounts
 
@@ -258,14 +259,31 @@ def group_metrics(stats: GatewayStatistics, groups: Iterable[str]) -> Iterator[M
     yield from (members, healthy)
 
 
-def fleet_metrics(up: bool, leases: int) -> Iterator[Metric]:
-    """A gateway in a fleet: whether its registry answers, and the ports it leases there."""
+def fleet_metrics(
+    up: bool, leases: int, forwarded: ForwardingTotals | None = None
+) -> Iterator[Metric]:
+    """A gateway in a fleet: whether its registry answers, the ports it leases there, and the
+    clients it forwarded to or took from the others (with fleet_listen)."""
     yield GaugeMetricFamily(
         P + "fleet_up", "1 while the fleet's registry (Redis) answers", value=1 if up else 0
     )
     yield GaugeMetricFamily(
         P + "fleet_leases", "Public ports this gateway leases in the fleet", value=leases
     )
+    if forwarded is None:
+        return
+    clients = CounterMetricFamily(
+        P + "fleet_forwarded_clients",
+        "Clients carried between the fleet's gateways: out (to another), in (from another), "
+        "failed (no gateway took it), refused (a link refused here)",
+        labels=["way"],
+    )
+    for way, count in (
+        ("out", forwarded.out), ("in", forwarded.into),
+        ("failed", forwarded.failed), ("refused", forwarded.refused),
+    ):  # fmt: skip
+        clients.add_metric([way], count)
+    yield clients
 
 
 def alert_metrics(stats: AlertStatistics) -> Iterator[Metric]:

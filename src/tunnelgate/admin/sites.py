@@ -126,7 +126,9 @@ class GatewaySite:
         stats = await self.gateway.snapshot()
         metrics = [*gateway_metrics(stats), *group_metrics(stats, self.gateway.config.groups)]
         if (fleet := self.gateway.fleet) is not None:
-            metrics.extend(fleet_metrics(fleet.up, len(fleet.held)))
+            forwarder = self.gateway.forwarder
+            forwarded = forwarder.totals if forwarder is not None else None
+            metrics.extend(fleet_metrics(fleet.up, len(fleet.held), forwarded))
         if self.alerts is not None:
             metrics.extend(alert_metrics(self.alerts.statistics()))
         return metrics
@@ -229,6 +231,21 @@ class GatewaySite:
                 {"port": lease.port, "owner": lease.owner, "nodes": list(lease.nodes)}
                 for lease in view.leases
             ],
+            **({"forwarding": self._forwarding()} if self.gateway.forwarder else {}),
+        }
+
+    def _forwarding(self) -> dict[str, Any]:
+        """This gateway's side of forwarding: its counts, and the ports it forwards."""
+        forwarder = self.gateway.forwarder
+        assert forwarder is not None
+        t = forwarder.totals
+        return {
+            "link": self.gateway.fleet.link if self.gateway.fleet else "",
+            "ports": forwarder.forwarded_ports(),
+            "out": t.out,
+            "in": t.into,
+            "failed": t.failed,
+            "refused": t.refused,
         }
 
     def _groups(self, stats: GatewayStatistics) -> list[dict[str, Any]]:

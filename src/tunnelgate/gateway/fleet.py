@@ -39,7 +39,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -61,10 +61,23 @@ LISTEN_TIMEOUT: Final = 1.0  # one wait for an action message
 HEALTH_CHECK_INTERVAL: Final = 5.0  # an idle connection is pinged first: a dead one is seen
 MAX_ACTION_SIZE: Final = 4096  # bytes of an action message; longer ones are not read
 RESUBSCRIBE_DELAY: Final = 1.0  # after the actions' subscription failed
+RESYNC_INTERVAL: Final = 60.0  # seconds between full reads of the leases (pub/sub keeps them)
+RESYNC_BATCH: Final = 1000  # leases read in one round trip
+# The fields of each action on the ``actions`` channel, beside "action" and "node".
+ACTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "disconnect": ("agent", "reason"),
+    "reload": ("reason",),
+    "lease": ("port", "owner", "link"),
+    "release": ("port", "owner"),
+    "leave": (),
+}
 
-# KEYS[1]: the port's key. ARGV: owner, node, lease in ms. Drops the holds that expired; grants
-# (returns false) when no node holds the port or the owner is the same, else returns the owner
-# and a node that holds it. A key that is not a hash is not the fleet's: returns "?".
+# KEYS: the port's key, the index of leased ports. ARGV: owner, node, lease in ms, "1" for a
+# renewal of this node's hold, the port. Drops the holds that expired; grants (returns false)
+# when no node holds the port or the owner is the same, else returns the owner and a node that
+# holds it. A renewal is not a claim: a node whose own hold lapsed while another node holds the
+# port lost it (it was paused, or cut off), even for the same owner (the agent moved). A key
+# that is not a hash is not the fleet's: returns "?".
 CLAIM: Final = """
 if redis.call('TYPE', KEYS[1]).ok ~= 'none' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
   return '?'
@@ -72,7 +85,7 @@ end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local fields = redis.call('HGETALL', KEYS[1])
-local owner, holder = nil, nil
+local owner, holder, mine = nil, nil, false
 for i = 1, #fields, 2 do
   local name, value = fields[i], fields[i + 1]
   if name == 'owner' then
@@ -82,21 +95,29 @@ for i = 1, #fields, 2 do
       redis.call('HDEL', KEYS[1], name)
     elseif string.sub(name, 6) ~= ARGV[2] then
       holder = string.sub(name, 6)
+    else
+      mine = true
     end
   end
 end
-if holder and owner ~= ARGV[1] then return (owner or '?') .. ' ' .. holder end
+if holder and (owner ~= ARGV[1] or (ARGV[4] == '1' and not mine)) then
+  return (owner or '?') .. ' ' .. holder
+end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'node:' .. ARGV[2], ms + tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[5])
 return false
 """
-# KEYS[1]: the port's key. ARGV: owner, node. Removes this node's hold of the owner's lease;
-# the lease ends with the last hold.
+# KEYS: the port's key, the index of leased ports. ARGV: owner, node, the port. Removes this
+# node's hold of the owner's lease; the lease ends with the last hold.
 RELEASE: Final = """
 if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'node:' .. ARGV[2])
-if redis.call('HLEN', KEYS[1]) <= 1 then redis.call('DEL', KEYS[1]) end
+if redis.call('HLEN', KEYS[1]) <= 1 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[3])
+end
 return 1
 """
 
@@ -105,6 +126,22 @@ def split_holder(value: str) -> tuple[str, str]:
     """``(owner, node)`` of what CLAIM returns (an owner may contain spaces: groups)."""
     owner, _, node = value.rpartition(" ")
     return owner, node
+
+
+@dataclass
+class Route:
+    """A port leased somewhere in the fleet, as this node knows it (in memory: a client's
+    path never asks Redis)."""
+
+    owner: str
+    nodes: dict[str, float]  # node → when its hold expires, as reckoned here (monotonic)
+
+    def best(self, skip: str, avoid: Callable[[str], bool]) -> list[str]:
+        """The nodes to try for a client, best first: not ``skip`` (this node), the ones
+        ``avoid`` says failed lately last, the freshest hold first (after a failover, the
+        node the agent moved to)."""
+        nodes = [n for n in self.nodes if n != skip]
+        return sorted(nodes, key=lambda n: (avoid(n), -self.nodes[n]))
 
 
 @dataclass(frozen=True)
@@ -146,6 +183,10 @@ class Fleet:
     on_state: Callable[[bool, str], None]  # Redis answers again (True), or not (False, why)
     on_disconnect: Callable[[str, str], None] = lambda agent, why: None  # asked by another node
     on_reload: Callable[[str], None] = lambda why: None  # asked by another node
+    on_routes: Callable[[], None] = lambda: None  # the routes changed
+    link: str = ""  # this node's gateway-to-gateway address, announced; "": it takes none
+    routes: dict[int, Route] = field(default_factory=dict)  # every port leased in the fleet
+    links: dict[str, str] = field(default_factory=dict)  # live node → where it takes links
     held: dict[int, str] = field(default_factory=dict)  # port → owner, in Redis
     up: bool = False  # Redis answered the last command
     down_since: float | None = None  # monotonic; None while up
@@ -156,6 +197,7 @@ class Fleet:
     _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _listen_warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _announced: set[str] = field(default_factory=set)  # agents with a key of this node
+    _resync_due: float = 0.0  # monotonic: when the leases are read again in full
 
     @property
     def prefix(self) -> str:
@@ -174,6 +216,10 @@ class Fleet:
 
     def port_key(self, port: int) -> str:
         return f"{self.prefix}port:{port}"
+
+    def _port_keys(self, port: int) -> tuple[str, str]:
+        """The keys a lease's scripts touch: the port's, and the index of leased ports."""
+        return self.port_key(port), f"{self.prefix}ports"
 
     async def start(self) -> None:
         """Connect (lazily: the first command does) and announce this node."""
@@ -216,8 +262,10 @@ class Fleet:
                     keys = [f"{self.prefix}node:{self.node}"]
                     keys += [self.agent_key(a) for a in self._announced]
                     pipe.delete(*keys)
+                    pipe.srem(f"{self.prefix}nodes", self.node)
                     for port, owner in self.held.items():
-                        pipe.eval(RELEASE, 1, self.port_key(port), owner, self.node)
+                        pipe.eval(RELEASE, 2, *self._port_keys(port), owner, self.node, port)
+                    pipe.publish(self.actions, json.dumps({"action": "leave", "node": self.node}))
                     await pipe.execute()
                 self.held.clear()
         await self._redis.aclose()
@@ -246,6 +294,7 @@ class Fleet:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.actions)
+                await self.resync()  # what was missed while not subscribed
                 while True:  # the connection is pinged when idle (HEALTH_CHECK_INTERVAL)
                     message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     if message is not None:
@@ -263,18 +312,22 @@ class Fleet:
             await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _act(self, data: Any) -> None:
-        """An action another node asks; anything else (not JSON, nested deep, too long, of
-        another kind) is logged and left."""
+        """An action another node asks or tells; anything else (not JSON, nested deep, too
+        long, of another kind, fields of the wrong type) is logged and left."""
         try:
             if not isinstance(data, str) or len(data) > MAX_ACTION_SIZE:
                 raise ValueError("not a short string")
             action = json.loads(data)
-            kind, reason, node = action["action"], action["reason"], action["node"]
-            agent = action["agent"] if kind == "disconnect" else ""
-            if kind not in ("disconnect", "reload"):
+            kind, node = action["action"], action["node"]
+            if kind not in ACTIONS or not isinstance(node, str):
                 raise ValueError(kind)
-            if not all(isinstance(v, str) for v in (agent, reason, node)):
-                raise ValueError(kind)
+            fields = {key: action[key] for key in ACTIONS[kind]}
+            for key, value in fields.items():
+                if key == "port":
+                    if type(value) is not int or not 0 < value < 65536:
+                        raise ValueError(key)
+                elif not isinstance(value, str):
+                    raise ValueError(key)
         except Exception:  # whatever the bytes: never more than this warning
             shown = str(data)[:200]
             logger.warning("ignoring a message on %s that is not a fleet action: %r", self.actions,
@@ -283,9 +336,42 @@ class Fleet:
         if node == self.node:
             return
         if kind == "reload":
-            self.on_reload(f"{reason} (asked on gateway {node})")
-        else:
-            self.on_disconnect(agent, f"{reason} (asked on gateway {node})")
+            self.on_reload(f"{fields['reason']} (asked on gateway {node})")
+        elif kind == "disconnect":
+            self.on_disconnect(fields["agent"], f"{fields['reason']} (asked on gateway {node})")
+        elif kind == "lease":
+            if fields["link"]:
+                self.links[node] = fields["link"]
+            self._route(fields["port"], fields["owner"], node, time.monotonic() + self.lease)
+            self.on_routes()
+        elif kind == "release":
+            self._unroute(fields["port"], fields["owner"], node)
+            self.on_routes()
+        else:  # leave: the node stopped
+            self.links.pop(node, None)
+            self._drop_nodes({node})
+            self.on_routes()
+
+    def _route(self, port: int, owner: str, node: str, expires: float) -> None:
+        route = self.routes.get(port)
+        if route is None or route.owner != owner:  # a new lease (the old one ended)
+            route = self.routes[port] = Route(owner, {})
+        route.nodes[node] = max(expires, route.nodes.get(node, 0.0))
+
+    def _unroute(self, port: int, owner: str, node: str) -> None:
+        """``node`` no longer holds ``owner``'s lease on ``port``."""
+        if (route := self.routes.get(port)) is not None and route.owner == owner:
+            route.nodes.pop(node, None)
+            if not route.nodes:
+                del self.routes[port]
+
+    def _drop_nodes(self, nodes: set[str]) -> None:
+        """Forget the holds of ``nodes`` (stopped, or gone: their keys expired)."""
+        for port, route in list(self.routes.items()):
+            for node in nodes & route.nodes.keys():
+                del route.nodes[node]
+            if not route.nodes:
+                del self.routes[port]
 
     async def reload(self, reason: str) -> None:
         """Ask every other node to read its configuration again. Raises TransportError when
@@ -311,43 +397,113 @@ class Fleet:
         return bool(elsewhere)
 
     async def renew(self) -> None:
-        """Announce this node and its agents, and renew every lease it holds (or claim it
-        again, after Redis lost it); give up a port another owner holds now."""
+        """Announce this node and its agents, renew every lease it holds (or claim it again,
+        after Redis lost it), and give up a port another owner holds now, or whose hold lapsed
+        while another node took it; then learn which nodes live, and read every lease again
+        when that is due."""
         try:
             ms = int(self.lease * 1000)
-            node = json.dumps(self.describe())
-            await self._call("set", f"{self.prefix}node:{self.node}", node, px=ms)
             agents = self.agents()
-            for agent, services in agents.items():
-                await self._call("set", self.agent_key(agent), json.dumps(services), px=ms)
-            for gone in self._announced - agents.keys():
-                await self._call("delete", self.agent_key(gone))
+            async with asyncio.timeout(self.timeout):
+                async with self._client().pipeline(transaction=False) as pipe:
+                    pipe.set(f"{self.prefix}node:{self.node}", json.dumps(self.describe()), px=ms)
+                    pipe.sadd(f"{self.prefix}nodes", self.node)
+                    for agent, services in agents.items():
+                        pipe.set(self.agent_key(agent), json.dumps(services), px=ms)
+                    if gone := self._announced - agents.keys():
+                        pipe.delete(*(self.agent_key(agent) for agent in gone))
+                    await pipe.execute()
+            self._answered()
             self._announced = set(agents)
             for port, owner in list(self.held.items()):
                 if self.held.get(port) != owner:  # released meanwhile: never claimed again
                     continue
                 try:
+                    keys, renewal = self._port_keys(port), 1
                     holder = await self._call(
-                        "eval", CLAIM, 1, self.port_key(port), owner, self.node, ms
+                        "eval", CLAIM, 2, *keys, owner, self.node, ms, renewal, port
                     )
                 except _response_errors() as exc:  # Redis answered: this key only
                     logger.warning("renewing %s: %s", self.port_key(port), exc)
                     continue
                 if holder and self.held.get(port) == owner:
                     del self.held[port]
+                    self._unroute(port, owner, self.node)
                     other, node = split_holder(holder)
                     why = f"the fleet's lease on port {port} went to {other} on gateway {node}"
                     logger.warning("%s: this gateway stops serving it", why)
                     self.on_lost(port, why)
+            await self._refresh_nodes()
+            if time.monotonic() >= self._resync_due:
+                await self.resync()
         except _redis_errors() as exc:
             self._down(exc)
+        self.on_routes()  # whatever changed here (a port lost, or free again)
+
+    async def _refresh_nodes(self) -> None:
+        """Which nodes live (their keys have not expired), and where each takes forwarded
+        clients; the holds of the others are forgotten."""
+        nodes_key = f"{self.prefix}nodes"
+        names = sorted(await self._call("smembers", nodes_key))
+        keys = [f"{self.prefix}node:{name}" for name in names]
+        values = await self._call("mget", keys) if keys else []
+        links: dict[str, str] = {}
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                continue
+            try:
+                link = json.loads(value).get("link", "")
+                links[name] = link if isinstance(link, str) else ""
+            except (ValueError, AttributeError, RecursionError):
+                logger.warning("ignoring fleet key %snode:%s: not a node's JSON", self.prefix, name)
+                links[name] = ""
+        if gone := set(names) - links.keys():
+            await self._call("srem", nodes_key, *gone)
+        dead = {n for route in self.routes.values() for n in route.nodes} - links.keys()
+        self.links = links
+        if dead - {self.node}:
+            logger.info("gateways gone from the fleet: %s", ", ".join(sorted(dead)))
+            self._drop_nodes(dead - {self.node})
+            self.on_routes()
+
+    async def resync(self) -> None:
+        """Read every lease of the fleet again (pub/sub keeps them between reads; a read
+        repairs what a message lost). Raises what a Redis command raises."""
+        self._resync_due = time.monotonic() + RESYNC_INTERVAL
+        index = f"{self.prefix}ports"
+        ports = sorted(int(p) for p in await self._call("smembers", index) if p.isdigit())
+        seconds, micros = await self._call("time")
+        now_ms, now = int(seconds) * 1000 + int(micros) // 1000, time.monotonic()
+        routes: dict[int, Route] = {}
+        ended: list[int] = []
+        for start in range(0, len(ports), RESYNC_BATCH):
+            batch = ports[start : start + RESYNC_BATCH]
+            async with asyncio.timeout(self.timeout * 2):
+                async with self._client().pipeline(transaction=False) as pipe:
+                    for port in batch:
+                        pipe.hgetall(self.port_key(port))
+                    results = await pipe.execute(raise_on_error=False)
+            for port, fields in zip(batch, results, strict=True):
+                if not isinstance(fields, dict) or not isinstance(fields.get("owner"), str):
+                    if not fields:  # the lease expired: out of the index
+                        ended.append(port)
+                    continue
+                for name, value in fields.items():
+                    expires = int(value) if name.startswith("node:") and value.isdigit() else 0
+                    if expires > now_ms:
+                        route = routes.setdefault(port, Route(fields["owner"], {}))
+                        route.nodes[name[5:]] = now + (expires - now_ms) / 1000
+        if ended:
+            await self._call("srem", index, *ended)
+        self.routes = routes
+        self.on_routes()
 
     async def claim(self, port: int, owner: str) -> str | None:
         """Lease ``port`` to ``owner`` fleet-wide: None, or who holds it. Raises TransportError
         when Redis cannot be reached."""
         try:
-            ms = int(self.lease * 1000)
-            holder = await self._call("eval", CLAIM, 1, self.port_key(port), owner, self.node, ms)
+            ms, keys = int(self.lease * 1000), self._port_keys(port)
+            holder = await self._call("eval", CLAIM, 2, *keys, owner, self.node, ms, 0, port)
         except _response_errors() as exc:  # Redis answered: not a lease we can take
             logger.warning("claiming %s: %s", self.port_key(port), exc)
             return f"a key of the fleet's registry that is not a lease ({self.port_key(port)})"
@@ -361,7 +517,17 @@ class Fleet:
             other, node = split_holder(holder)
             return f"{other} on gateway {node}"
         self.held[port] = owner
+        self._route(port, owner, self.node, time.monotonic() + self.lease)
+        await self._tell({"action": "lease", "port": port, "owner": owner, "link": self.link})
         return None
+
+    async def _tell(self, action: dict[str, Any]) -> None:
+        """Tell the other nodes (best effort: a message lost is repaired by the next read of
+        the leases)."""
+        try:
+            await self._call("publish", self.actions, json.dumps({**action, "node": self.node}))
+        except _redis_errors() as exc:
+            self._down(exc)
 
     def release(self, port: int, owner: str, tasks: asyncio.TaskGroup) -> None:
         """Let this node's hold of ``port`` go fleet-wide (in ``tasks``: a release never
@@ -377,14 +543,18 @@ class Fleet:
         del self.held[port]
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+        self._unroute(port, owner, self.node)
+        self.on_routes()
 
     async def _release(self, port: int, owner: str) -> None:
         if self.held.get(port) == owner:  # claimed again meanwhile: this node holds it
             return
         try:
-            await self._call("eval", RELEASE, 1, self.port_key(port), owner, self.node)
+            await self._call("eval", RELEASE, 2, *self._port_keys(port), owner, self.node, port)
         except _redis_errors() as exc:
             self._down(exc)  # the hold expires by itself
+            return
+        await self._tell({"action": "release", "port": port, "owner": owner})
 
     async def view(self) -> FleetView:
         """The fleet's nodes and leases, read from Redis now; a key that is not the fleet's
@@ -429,20 +599,27 @@ class Fleet:
         async with asyncio.timeout(self.timeout * 5):
             return [key async for key in self._redis.scan_iter(match=pattern, count=SCAN_COUNT)]
 
+    def _client(self) -> Redis:
+        assert self._redis is not None, "start() first"
+        return self._redis
+
     async def _call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command, bounded; marks the fleet up again when it answers."""
-        assert self._redis is not None, "start() first"
         async with asyncio.timeout(self.timeout):
-            result = await getattr(self._redis, command)(*args, **kwargs)
+            result = await getattr(self._client(), command)(*args, **kwargs)
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
         if not self.up:
             self._up()
-        return result
 
     def _up(self) -> None:
         was_down = self.down_since is not None
         self.up, self.down_since, self.error = True, None, ""
         if was_down:
             logger.info("the fleet's registry answers again: announcing what this gateway holds")
+            self._resync_due = 0.0  # and reading what the others hold
             self.on_state(True, "")
 
     def _down(self, exc: BaseException) -> None:
@@ -467,6 +644,7 @@ class FleetLeases(PortLeases):
         self.fleet = fleet
         self.local = LocalLeases()
         self._tasks = tasks
+        self.on_granted: Callable[[int], Awaitable[None]] | None = None  # before it listens
 
     async def claim(self, bind: str, port: int, agent: str) -> str | None:
         if (holder := await self.local.claim(bind, port, agent)) is not None:
@@ -478,6 +656,8 @@ class FleetLeases(PortLeases):
             raise
         if holder is not None:
             self.local.release(bind, port, agent)
+        elif self.on_granted is not None:
+            await self.on_granted(port)
         return holder
 
     def release(self, bind: str, port: int, agent: str) -> None:

@@ -33,6 +33,7 @@ from tunnelgate.config import (
 )
 from tunnelgate.control import wait_relays
 from tunnelgate.gateway.fleet import Fleet, FleetLeases
+from tunnelgate.gateway.forwarding import Forwarder
 from tunnelgate.gateway.handshake import ControlHandshake
 from tunnelgate.gateway.leases import PortLeases
 from tunnelgate.gateway.ports import Ports
@@ -88,7 +89,8 @@ class GatewayStatistics:
 # What a reload cannot change: a restart applies it.
 RESTART_ONLY: Final = (
     "listen", "tls", "cert", "key", "state_dir", "workers", "worker_ports",
-    "fleet", "fleet_name", "fleet_node", "fleet_lease",
+    "fleet", "fleet_name", "fleet_node", "fleet_lease", "fleet_listen", "fleet_advertise",
+    "fleet_ca", "fleet_cert", "fleet_key",
 )  # fmt: skip
 
 
@@ -100,6 +102,7 @@ class GatewayView(Protocol):
     address: Address | None
     fingerprint: str | None
     fleet: Fleet | None  # its link to the fleet's Redis, if it is in one
+    forwarder: Forwarder | None  # its side of forwarding between the fleet's gateways
 
     @property
     def events(self) -> EventLog: ...
@@ -154,6 +157,11 @@ class Gateway:
             self.fleet = self._fleet(self.config)
             shared["leases"] = FleetLeases(self.fleet, lambda: self._tasks)
         self._shared = Shared(lambda: self.config, self._forget_name, **shared)
+        # Its side of forwarding between the fleet's gateways, with fleet_listen.
+        self.forwarder: Forwarder | None = None
+        if self.fleet is not None and self.config.fleet_listen is not None:
+            self.forwarder = Forwarder(self.config, self.fleet, self._shared, lambda: self._tasks)
+            shared["leases"].on_granted = self.forwarder.take_port
         self._stopping = False
         self._door = ControlHandshake(lambda: self.config, self._shared.totals)
         self._reloading = asyncio.Lock()
@@ -192,12 +200,17 @@ class Gateway:
         await self._ready.wait()
         if (fleet := self.fleet) is not None:
             fleet.node = config.fleet_node or f"{os.uname().nodename}:{self.address.port}"
+            if (forwarder := self.forwarder) is not None:
+                fleet.link = forwarder.start()
             await fleet.start()
             assert self._tasks is not None
             self._tasks.create_task(fleet.run(), name="fleet")
             self._tasks.create_task(fleet.listen(), name="fleet actions")
             state = "up" if fleet.up else f"down ({fleet.error})"
             logger.info("in fleet %s as %s; its registry is %s", fleet.name, fleet.node, state)
+            if forwarder is not None:
+                forwarder.serve(self._tasks)
+                logger.info("taking clients forwarded by the fleet's gateways on %s", fleet.link)
         if worker is None:
             logger.info("gateway listening on %s (%s)", self.address, secured)
         else:
@@ -251,6 +264,8 @@ class Gateway:
                 await self._main
             self._main = None
             logger.info("gateway stopped")
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self.fleet is not None:
             await self.fleet.aclose()
         self._close_listeners()
@@ -419,7 +434,8 @@ class Gateway:
 
         def describe() -> dict[str, Any]:
             agents = sorted(self._sessions)
-            return {"address": str(self.address), "version": __version__, "agents": agents}
+            about = {"address": str(self.address), "version": __version__, "agents": agents}
+            return about | {"link": self.fleet.link} if self.fleet is not None else about
 
         def agents() -> dict[str, list[dict[str, Any]]]:
             return {
@@ -448,9 +464,13 @@ class Gateway:
 
             self._tasks.create_task(reloading())
 
+        def routes() -> None:  # the fleet's routes changed: forward the ports held elsewhere
+            if self.forwarder is not None and not self._stopping:
+                asyncio.get_running_loop().call_soon(self.forwarder.reconcile)
+
         return Fleet(
             config.fleet, config.fleet_name, "", config.fleet_lease, describe, agents,
-            self._lost_port, changed, disconnect, reload,
+            self._lost_port, changed, disconnect, reload, routes,
         )  # fmt: skip
 
     def _lost_port(self, port: int, why: str) -> None:

@@ -25,7 +25,7 @@ from tunnelgate import credentials
 from tunnelgate.address import Address
 from tunnelgate.config import GroupConfig
 from tunnelgate.logs import Throttle
-from tunnelgate.transport import Listener, SocketStream
+from tunnelgate.transport import Listener, SocketStream, TLSStream
 
 logger = logging.getLogger(__package__)
 
@@ -47,8 +47,9 @@ class Member(Protocol):
     def active(self) -> int:
         """Its clients of this group open now."""
 
-    def admit(self, stream: SocketStream, client: str) -> bool:
-        """Take the client; False if refused (its limits, its access rules)."""
+    def admit(self, stream: SocketStream | TLSStream, client: str, server: str) -> bool:
+        """Take the client (``server``: the address it reached, if forwarded); False if
+        refused (its limits, its access rules)."""
 
 
 @dataclass(eq=False)
@@ -99,13 +100,18 @@ class Group:
         self._accepting = tasks.create_task(loop, name=f"group {self.name}")
 
     def _handle(self, stream: SocketStream, client: str) -> None:
+        if not self.take(stream, client):
+            stream.abort()
+
+    def take(self, stream: SocketStream | TLSStream, client: str, server: str = "") -> bool:
         """The picked member takes the client; one that refuses it (at its limit, or its
-        access rules) passes it to the others that serve, in turn."""
+        access rules) passes it to the others that serve, in turn. False (counted, logged) if
+        none takes it: the caller resets it."""
         if (first := self.pick()) is not None:
             others = [m for m in self.members if m.serving and m is not first]
             for member in (first, *others):
-                if member.admit(stream, client):
-                    return
+                if member.admit(stream, client, server):
+                    return True
         self.refused += 1
         self._refusals.warning(
             logger,
@@ -115,7 +121,7 @@ class Group:
             self.name,
             self.key[1],
         )
-        stream.abort()
+        return False
 
     def close(self) -> None:
         """Stop accepting and close the port (its last member left), once the accept loop has

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from tunnelgate import tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
@@ -32,10 +32,12 @@ from tunnelgate.protocol import wire
 from tunnelgate.protocol.session import Admitted
 from tunnelgate.relay import RelayResult, relay
 from tunnelgate.stats import GatewayTotals
-from tunnelgate.transport import Listener, SocketStream, Stream, WouldBlock
+from tunnelgate.transport import Listener, SocketStream, Stream, TLSStream, WouldBlock
 
 logger = logging.getLogger(__package__)
 
+# A client's connection: its own, or a link from another gateway of the fleet that carries it.
+ClientStream: TypeAlias = SocketStream | TLSStream
 KILL_TIMEOUT: Final = 2.0  # for a replaced session's own cleanup (no network waits in it)
 # For the agent's Finished after a clean end: it comes once the agent's service has taken
 # the last bytes, so it may take a while; the channel waits outside the pool meanwhile, and
@@ -84,8 +86,8 @@ class _Member:
     def active(self) -> int:
         return self.service.active
 
-    def admit(self, stream: SocketStream, client: str) -> bool:
-        return self.session.take_client(self.service, stream, client)
+    def admit(self, stream: ClientStream, client: str, server: str) -> bool:
+        return self.session.take_client(self.service, stream, client, server)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class _Client:
     service: str
     gates: list[Gate]  # the ones it was admitted through, released when it ends
     ip: Any
+    server: str = ""  # the address it reached, if not this gateway's listener (forwarded)
     started: float = field(default_factory=time.monotonic)
     result: RelayResult | None = None  # once relaying: its counts move while it runs
 
@@ -578,11 +581,13 @@ class GatewaySession:
 
         await accept(service.listener, handle, self.log, f"service {service.name}")
 
-    def take_client(self, service: _Service, stream: SocketStream, client: str) -> bool:
-        """Take a client of ``service`` (from its listener, or its group's): within this
-        agent's limits and the service's access rules, it waits for a data channel. False if
-        refused (counted and logged here; the caller resets it, or a group tries another
-        member)."""
+    def take_client(
+        self, service: _Service, stream: ClientStream, client: str, server: str = ""
+    ) -> bool:
+        """Take a client of ``service`` (from its listener, its group's, or another gateway
+        of the fleet, which says the ``server`` address it reached): within this agent's
+        limits and the service's access rules, it waits for a data channel. False if refused
+        (counted and logged here; the caller resets it, or a group tries another member)."""
         if (group := self._group) is None or self.goodbye is not None:  # not running, or ending
             return False
         now = time.monotonic()
@@ -609,7 +614,7 @@ class GatewaySession:
                 self.record.service(service.name).failed("access_denied")
                 return False
         stream.reset_unless_closed_cleanly()
-        record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip)
+        record = _Client(next(self._shared.conn_ids), client, service.name, gates, ip, server)
         task = spawn(group, stream, self._serve_client(service, stream, record))
         if task is None:
             record.release()
@@ -640,7 +645,7 @@ class GatewaySession:
             if r.received == 0 and r.how.startswith(f"aborted by peer: {wire.AGENT_REACH_FAILURE}"):
                 totals.failed("service_refused")
 
-    async def _serve_client(self, service: _Service, stream: SocketStream, record: _Client) -> None:
+    async def _serve_client(self, service: _Service, stream: ClientStream, record: _Client) -> None:
         """Root of one client connection's task."""
         client, config = record.client, self._config()
         log = self.log.bind(conn=record.conn, service=service.name)
@@ -668,7 +673,7 @@ class GatewaySession:
                 duration = time.monotonic() - record.started
                 log_closed(log, client, 0, 0, duration, f"client {exc.reason}", normal=False)
                 return
-            server = service.public or stream.local_address()
+            server = record.server or service.public or stream.local_address()
             start = wire.Start(record.conn, service.name, client, server)
             await channel.send_message(start, then=first)
             sent, first = max(0, len(first) - wire.HEADER_SIZE), b""  # not kept while it runs
@@ -729,7 +734,7 @@ def sessions_of(holder: object) -> list[GatewaySession]:
     return []
 
 
-def _first_bytes(stream: SocketStream) -> bytes | memoryview:
+def _first_bytes(stream: ClientStream) -> bytes | memoryview:
     """What the client sent already, as a DATA frame the Start carries in the same write
     (most clients speak first: one write and one wakeup less on each side); empty if
     nothing came yet, or its EOF, which the relay then reads again. Raises TransportError

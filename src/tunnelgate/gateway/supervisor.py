@@ -42,6 +42,7 @@ from tunnelgate.backoff import backoff
 from tunnelgate.config import WORKER_ENV, GatewayConfig
 from tunnelgate.gateway.combined import MAX_REPORT_SIZE, MAX_REQUEST_SIZE, Reporter, Workers
 from tunnelgate.gateway.fleet import Fleet
+from tunnelgate.gateway.forwarding import Forwarder
 from tunnelgate.gateway.gateway import (
     RESTART_ONLY,
     Gateway,
@@ -168,6 +169,7 @@ class Supervisor:
         self.addresses: tuple[str, ...] = ()  # each worker's own control port
         self.fingerprint: str | None = None
         self.fleet: Fleet | None = None  # a gateway of workers joins no fleet (yet)
+        self.forwarder: Forwarder | None = None
         self.stored_token: Path | None = None  # the state directory's token, if it is the one
         self.table = LeaseTable()
         self.workers = Workers(self.count, config.tls)

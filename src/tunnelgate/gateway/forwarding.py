@@ -1,0 +1,382 @@
+"""Forwarding between the gateways of a fleet (``fleet_listen``): every gateway listens on every
+port leased in the fleet, and a client that arrives where the port's agent is not is carried to
+a gateway that has it. Must not import agent.
+
+The way out: a :class:`Forwarder` opens a listener (on the gateway's default bind) for each port
+the fleet's routes (``Fleet.routes``, in memory) say another node holds and this one does not;
+a client there gets a link of its own to the freshest node that holds the port: TCP, TLS 1.3
+with both sides showing a certificate signed by the fleet's CA, then one request naming the
+port, the client's address and the address it reached, then the bytes both ways as they are.
+A node that cannot be reached is tried last for a lease's time; a client no node takes is
+reset.
+
+The way in: on ``fleet_listen``, a link whose certificate the fleet's CA did not sign fails in
+its handshake; a request that does not parse, or names a port no session or group of this
+gateway serves, is refused and logged. Else the client is handed to the session (or group) as
+if it had arrived on the port here: its own address for the access rules, the logs and the
+PROXY protocol, and the address it reached for the service's Start.
+
+A link carries one client and ends with it: a clean end is a FIN each way, an abnormal one a
+reset, after what was read has been delivered (the service's last reply before its reset is
+not lost on the extra hop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+
+from tunnelgate import tls
+from tunnelgate.address import Address
+from tunnelgate.config import GatewayConfig
+from tunnelgate.errors import AuthenticationError, ProtocolError, TransportError
+from tunnelgate.gateway.admission import WARNING_INTERVAL
+from tunnelgate.gateway.fleet import Fleet
+from tunnelgate.gateway.groups import Group
+from tunnelgate.gateway.session import GatewaySession, Shared, accept, spawn
+from tunnelgate.logs import Throttle
+from tunnelgate.transport import (
+    Listener,
+    SocketStream,
+    Stream,
+    TLSStream,
+    connect,
+    open_listener,
+)
+
+logger = logging.getLogger(__package__)
+
+MAGIC: Final = b"TGF1"  # a link's first bytes, then the request's length (2 bytes) and itself
+ACCEPTED: Final = b"\x00"  # the answer to a request whose port is served (else a reset)
+MAX_REQUEST: Final = 1024  # bytes of a request, at most
+LINK_TIMEOUT: Final = 5.0  # seconds for a link's connect, TLS handshake and request
+DELIVERY_TIMEOUT: Final = 10.0  # for the bytes read before a reset to reach the other end
+COPY_SIZE: Final = 64 * 1024  # one read's buffer, per direction of a forwarded client
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a link carries before the client's bytes."""
+
+    port: int  # the public port the client reached
+    client: str  # its address, host:port, as the first gateway saw it
+    server: str  # the address it reached there
+    node: str  # the gateway that forwards it
+
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(Request)
+
+
+def encode_request(request: Request) -> bytes:
+    body = _encoder.encode(request)
+    return MAGIC + struct.pack("!H", len(body)) + body
+
+
+async def read_request(stream: Stream) -> Request:
+    """The request at the start of a link, read exactly (the client's bytes that follow stay
+    in the stream). Raises ProtocolError, TransportError."""
+    head = await _read_exactly(stream, len(MAGIC) + 2)
+    if head[: len(MAGIC)] != MAGIC:
+        raise ProtocolError("not a forwarding request")
+    (size,) = struct.unpack("!H", head[len(MAGIC) :])
+    if size > MAX_REQUEST:
+        raise ProtocolError(f"a forwarding request of {size} bytes")
+    try:
+        request = _decoder.decode(await _read_exactly(stream, size))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"a forwarding request that does not parse: {exc}") from None
+    if not 0 < request.port < 65536:
+        raise ProtocolError(f"a forwarding request for port {request.port}")
+    return request
+
+
+async def _read_exactly(stream: Stream, size: int) -> bytes:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = await stream.receive_into(view[got:])
+        if n == 0:
+            raise TransportError("the link ended early")
+        got += n
+    return bytes(buffer)
+
+
+@dataclass
+class ForwardingTotals:
+    """Clients carried between gateways, counted since start."""
+
+    out: int = 0  # forwarded from here to another gateway
+    into: int = 0  # taken here from another gateway
+    failed: int = 0  # forwarded by no gateway: reset
+    refused: int = 0  # links refused here (certificate, request, no such port)
+
+
+@dataclass
+class Forwarder:
+    """This gateway's side of forwarding: its listeners for ports held elsewhere, and its
+    gateway-to-gateway port."""
+
+    config: GatewayConfig
+    fleet: Fleet
+    shared: Shared
+    tasks: Callable[[], asyncio.TaskGroup | None]  # the gateway's, where clients and links run
+    totals: ForwardingTotals = field(default_factory=ForwardingTotals)
+    link: Listener | None = None  # the gateway-to-gateway port, once started
+    _listeners: dict[int, tuple[Listener, asyncio.Task[None]]] = field(default_factory=dict)
+    _failed: dict[str, float] = field(default_factory=dict)  # node → when it last failed
+    _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
+    _refusals: dict[str, Throttle] = field(default_factory=dict)  # one per kind of refusal
+
+    def __post_init__(self) -> None:
+        config = self.config
+        assert config.fleet_ca and config.fleet_cert and config.fleet_key, "checked by config"
+        self._server, self._client = tls.fleet_contexts(
+            config.fleet_ca, config.fleet_cert, config.fleet_key
+        )
+
+    def start(self) -> str:
+        """Open the gateway-to-gateway port; the address the other gateways dial."""
+        listen = self.config.fleet_listen
+        assert listen is not None
+        self.link = open_listener(listen.host, listen.port)
+        bound = self.link.address
+        advertise = self.config.fleet_advertise or bound
+        return str(Address(advertise.host, advertise.port or bound.port))
+
+    def serve(self, tasks: asyncio.TaskGroup) -> None:
+        """Take links from the other gateways, in ``tasks``, until it ends."""
+        assert self.link is not None
+
+        def handle(stream: SocketStream, peer: str) -> None:
+            spawn(tasks, stream, self._take(stream, peer))
+
+        tasks.create_task(accept(self.link, handle, logger, "the fleet port"), name="fleet port")
+
+    def close(self) -> None:
+        for port in list(self._listeners):
+            self.yield_port(port)
+        if self.link is not None:
+            self.link.close()
+
+    # The way out.
+
+    def reconcile(self) -> None:
+        """Listen on every port another node holds and this one does not; stop listening on
+        the others."""
+        held_here = {port for _, port in self.shared.ports.holders}
+        wanted = {
+            port
+            for port, route in self.fleet.routes.items()
+            if self.fleet.node not in route.nodes and route.nodes and port not in held_here
+        }
+        for port in set(self._listeners) - wanted:
+            self.yield_port(port)
+        if (tasks := self.tasks()) is None:
+            return
+        bind = self.config.default_bind
+        for port in wanted - set(self._listeners):
+            try:
+                listener = open_listener(bind, port, reset_accepted=True)
+            except TransportError as exc:
+                self._warnings.warning(
+                    logger, time.monotonic(), "cannot forward port %d here: %s", port, exc
+                )
+                continue
+
+            def handle(stream: SocketStream, client: str, port: int = port) -> None:
+                spawn(tasks, stream, self._forward(stream, client, port))
+
+            accepting = tasks.create_task(accept(listener, handle, logger, f"forwarded {port}"))
+            self._listeners[port] = (listener, accepting)
+            logger.info("forwarding port %d to the gateway(s) that hold it", port)
+
+    def yield_port(self, port: int) -> asyncio.Task[None] | None:
+        """Stop listening on ``port`` (no node holds it now, or a session here takes it: it
+        may open its own listener once the task returned is done)."""
+        if (entry := self._listeners.pop(port, None)) is None:
+            return None
+        listener, accepting = entry
+        accepting.add_done_callback(lambda _: listener.close())  # never under its accept loop
+        accepting.cancel()
+        logger.info("no longer forwarding port %d", port)
+        return accepting
+
+    async def take_port(self, port: int) -> None:
+        """A session of this gateway takes ``port``: its listener here closes first."""
+        if (accepting := self.yield_port(port)) is not None:
+            await asyncio.wait({accepting})
+
+    async def _forward(self, stream: SocketStream, client: str, port: int) -> None:
+        """Root of one forwarded client's task: a link to a node that holds the port, then the
+        bytes both ways. Never raises (but CancelledError): the gateway's task group runs it."""
+        try:
+            await self._forward_client(stream, client, port)
+        except Exception:
+            logger.exception("unexpected error forwarding client %s on port %d", client, port)
+            stream.abort()
+
+    async def _forward_client(self, stream: SocketStream, client: str, port: int) -> None:
+        started = time.monotonic()
+        route = self.fleet.routes.get(port)
+        nodes = route.best(self.fleet.node, self._failed_lately) if route is not None else []
+        request = Request(port, client, stream.local_address(), self.fleet.node)
+        link: TLSStream | None = None
+        tried: list[str] = []
+        for node in nodes:
+            if not (address := self.fleet.links.get(node)):
+                continue
+            try:
+                link = await self._dial(address, request)
+                break
+            except (TransportError, AuthenticationError, TimeoutError) as exc:
+                self._failed[node] = time.monotonic()
+                tried.append(f"{node} ({exc or 'no answer in time'})")
+        if link is None:
+            self.totals.failed += 1
+            why = "; ".join(tried) or "no gateway of the fleet holds it now"
+            self._warnings.warning(
+                logger, time.monotonic(), "client %s on port %d: not forwarded: %s", client,
+                port, why,
+            )  # fmt: skip
+            stream.abort()
+            return
+        self.totals.out += 1
+        stream.reset_unless_closed_cleanly()
+        up, down, how = await join(stream, link)
+        logger.info(
+            "client %s on port %d forwarded to gateway %s closed after %.1f s: %d bytes up, "
+            "%d down (%s)", client, port, node, time.monotonic() - started, up, down, how,
+        )  # fmt: skip
+
+    def _failed_lately(self, node: str) -> bool:
+        failed = self._failed.get(node)
+        return failed is not None and time.monotonic() - failed < self.fleet.lease
+
+    async def _dial(self, address: str, request: Request) -> TLSStream:
+        """A link to the gateway at ``address``, its request sent. Raises TransportError,
+        TimeoutError."""
+        from tunnelgate.address import parse_address
+
+        async with asyncio.timeout(LINK_TIMEOUT):
+            stream = await connect(parse_address(address), LINK_TIMEOUT)
+            link = TLSStream(stream, self._client, server_side=False)
+            await link.handshake()  # resets the connection if it fails
+            try:
+                await link.send(encode_request(request))
+                if await _read_exactly(link, len(ACCEPTED)) != ACCEPTED:
+                    raise TransportError("not a fleet gateway's answer")
+            except BaseException:
+                link.abort()
+                raise
+            return link
+
+    # The way in.
+
+    async def _take(self, stream: SocketStream, peer: str) -> None:
+        """Root of a link's task on the gateway-to-gateway port, until its client is handed to
+        a session. Never raises (but CancelledError): the gateway's task group runs it."""
+        try:
+            await self._take_link(stream, peer)
+        except Exception:
+            logger.exception("unexpected error taking a link from %s", peer)
+            stream.abort()
+
+    async def _take_link(self, stream: SocketStream, peer: str) -> None:
+        """Refused and logged unless a fleet member asks for a port served here."""
+        link: TLSStream | None = None
+        try:
+            async with asyncio.timeout(LINK_TIMEOUT):
+                link = TLSStream(stream, self._server, server_side=True)
+                await link.handshake()
+                request = await read_request(link)
+        except (TransportError, AuthenticationError, ProtocolError, TimeoutError) as exc:
+            (link or stream).abort()
+            why = exc.reason if isinstance(exc, AuthenticationError) else exc
+            kind = "request" if isinstance(exc, ProtocolError) else "handshake"
+            self._refuse(kind, f"refused a link from {peer}: {why or 'no request in time'}")
+            return
+        holders = self.shared.ports.holders.items()
+        holder = next((h for (_, port), h in holders if port == request.port), None)
+        take = self._taker(holder, request.port)
+        if take is None:  # no answer: the other gateway tries another that holds the port
+            link.abort()
+            self._refuse(
+                "port",
+                f"refused client {request.client} forwarded by gateway {request.node} "
+                f"({peer}): port {request.port} is not served here",
+            )
+            return
+        try:
+            await link.send(ACCEPTED)
+        except TransportError:
+            link.abort()
+            return
+        if take(link, request.client, request.server):
+            self.totals.into += 1
+        else:  # its limits or access rules: reset, as it would be on the port here
+            link.abort()
+
+    def _taker(self, holder: object, port: int) -> Callable[[TLSStream, str, str], bool] | None:
+        """What takes a client of ``port`` here, as if it had arrived on it (the session's
+        service, or the group); None if nothing here serves it."""
+        if isinstance(holder, Group):
+            return holder.take
+        if isinstance(holder, GatewaySession):
+            for service in holder.services.values():
+                if service.group is None and service.address.port == port:
+                    return functools.partial(holder.take_client, service)
+        return None
+
+    def forwarded_ports(self) -> list[int]:
+        """The ports this gateway forwards now (held by others)."""
+        return sorted(self._listeners)
+
+    def _refuse(self, kind: str, why: str) -> None:
+        """Count a link refused here, and log it (throttled, each ``kind`` on its own)."""
+        self.totals.refused += 1
+        throttle = self._refusals.setdefault(kind, Throttle(WARNING_INTERVAL))
+        throttle.warning(logger, time.monotonic(), "%s", why)
+
+
+async def join(client: Stream, link: Stream) -> tuple[int, int, str]:
+    """The bytes both ways between a client and its link, until both ends are done: bytes up,
+    bytes down, and how it ended. A half-close goes across as one; an error on either side
+    resets both, once what was read from it has reached the other end."""
+    counts, how = [0, 0], "closed"
+    try:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_copy(client, link, counts, 0))
+                group.create_task(_copy(link, client, counts, 1))
+        except* (TransportError, AuthenticationError) as caught:
+            how = f"reset: {caught.exceptions[0]}"
+    except BaseException:
+        client.abort()
+        link.abort()
+        raise
+    for stream in (link, client):
+        if how == "closed":
+            stream.close()
+            continue
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(DELIVERY_TIMEOUT):
+                await stream.wait_delivered()
+        stream.abort()
+    return counts[0], counts[1], how
+
+
+async def _copy(source: Stream, sink: Stream, counts: list[int], index: int) -> None:
+    buffer = memoryview(bytearray(COPY_SIZE))
+    while n := await source.receive_into(buffer):
+        await sink.send(buffer[:n])
+        counts[index] += n
+    sink.send_eof()

@@ -1,0 +1,216 @@
+"""Forwarding between the gateways of a fleet (``fleet_listen``), through the real CLI, with a
+real Redis and the fleet's own CA (trustme): three gateways on 127.0.0.1, 127.0.0.2 and
+127.0.0.3 listen on every leased port, so a client through any of them reaches an agent
+connected to any other, its own address intact at the far gateway; a gateway whose fleet
+certificate another CA signed, a stranger's bytes and a forged request on the fleet port are
+refused and logged, and no client is relayed for them; an agent that moves to another gateway
+is reached there; a gateway paused past its lease gives up the port it lost and forwards it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trustme
+from kit.clients import echo_through, http_json
+from kit.processes import GatewayProc, Launch, Proc
+from kit.tokens import new_token
+from kit.waiting import DEADLINE, wait_for
+from test_fleet_cli import fleet_gateway, lease
+
+pytestmark = pytest.mark.timeout(120)
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+CLIENT_HOST = "127.0.0.9"  # clients come from here: their address must cross the hop
+EXPOSED = r"exposed at gateway port (\d+)"
+
+
+def fleet_files(tmp_path: Path, ca: trustme.CA, node: str) -> str:
+    """The TOML lines of ``node``'s side of forwarding, with a certificate ``ca`` signed."""
+    certs = tmp_path / "certs"
+    certs.mkdir(exist_ok=True)
+    cert = ca.issue_cert(f"{node}.fleet.test")
+    cert.cert_chain_pems[0].write_to_path(certs / f"{node}.crt")
+    cert.private_key_pem.write_to_path(certs / f"{node}.key")
+    if not (certs / "ca.crt").exists():
+        FLEET_CA.cert_pem.write_to_path(certs / "ca.crt")
+    return (
+        f'fleet_ca = "{certs / "ca.crt"}"\nfleet_cert = "{certs / node}.crt"\n'
+        f'fleet_key = "{certs / node}.key"\n'
+    )
+
+
+FLEET_CA = trustme.CA()
+
+
+def forwarding_gateway(
+    launch: Launch, tmp_path: Path, node: str, host: str, redis_port: int, token: str,
+    admin: bool = False, ca: trustme.CA = FLEET_CA, lease_time: float = 3.0,
+) -> Any:  # fmt: skip
+    """A gateway of this test's fleet that forwards (and its admin URL, with ``admin``)."""
+    extra = f'fleet_listen = "{host}:0"\n' + fleet_files(tmp_path, ca, node)
+    gateway, url = fleet_gateway(launch, tmp_path, node, host, redis_port, token, lease_time,
+                                 extra)  # fmt: skip
+    gateway.proc.wait_line(rf"taking clients forwarded by the fleet's gateways on {host}:\d+")
+    return (gateway, url) if admin else gateway
+
+
+def start_agent(launch: Launch, gateway: GatewayProc, host: str, name: str, local: int,
+                token: str, *more: str) -> Proc:  # fmt: skip
+    return launch("agent", "--gateway", f"{host}:{gateway.port}", "--no-tls", "--name", name,
+                  "--expose", f"0:127.0.0.1:{local}", "--reconnect-max", "1", *more,
+                  token=token)  # fmt: skip
+
+
+def echo_from(host: str, port: int, payload: bytes) -> str:
+    """Send ``payload`` from CLIENT_HOST through ``host:port`` to an echo; fail unless all of
+    it came back and the connection ended cleanly; the client's own address."""
+    with socket.create_connection((host, port), timeout=DEADLINE,
+                                  source_address=(CLIENT_HOST, 0)) as sock:  # fmt: skip
+        host, port = sock.getsockname()[:2]
+        address = f"{host}:{port}"
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received == payload, f"{len(received)} of {len(payload)} bytes"
+    return address
+
+
+def test_a_client_through_any_gateway_reaches_an_agent_on_any_other(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    token = new_token()
+    gateways = [
+        forwarding_gateway(launch, tmp_path, f"n{i}", host, redis_port, token)
+        for i, host in enumerate(HOSTS)
+    ]
+    agent = start_agent(launch, gateways[0], HOSTS[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    for gateway in gateways[1:]:
+        gateway.proc.wait_line(rf"forwarding port {port} to the gateway")
+
+    for host in HOSTS:
+        payload = f"through {host} ".encode() * 20_000
+        client = echo_from(host, port, payload)
+        # The far gateway logs the client as it came: its own address, not the link's.
+        gateways[0].proc.wait_line(rf"closed client={re.escape(client)} up={len(payload)}")
+    for gateway in gateways[1:]:
+        line = gateway.proc.wait_line(r"forwarded to gateway n0 closed .*\((\w+)\)")
+        assert line.group(1) == "closed", line.group(0)
+    assert lease(redis_port, tmp_path.name, port) == "site-a n0"
+
+
+def test_an_agent_that_moves_is_reached_where_it_went(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """The agent's gateway stops (SIGKILL); the agent comes back on another: the third gateway
+    forwards there, as soon as the move is announced."""
+    token = new_token()
+    one, two, three = (
+        forwarding_gateway(launch, tmp_path, f"m{i}", host, redis_port, token)
+        for i, host in enumerate(HOSTS)
+    )
+    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    three.proc.wait_line(rf"forwarding port {port} to the gateway")
+    echo_from(HOSTS[2], port, b"before the move")
+
+    one.proc.popen.send_signal(signal.SIGKILL)
+    one.proc.wait_exit()
+    agent.popen.terminate()
+    agent.wait_exit()
+    moved = launch("agent", "--gateway", f"{HOSTS[1]}:{two.port}", "--no-tls", "--name",
+                   "site-a", "--expose", f"{port}:127.0.0.1:{echo_port}", token=token)  # fmt: skip
+    moved.wait_line(rf"exposed at gateway port {port}")
+    # m0's hold has not expired yet; the third gateway prefers the fresher one.
+    echo_from(HOSTS[2], port, b"after the move " * 1000)
+    three.proc.wait_line(r"forwarded to gateway m1 closed")
+    wait_for(lambda: lease(redis_port, tmp_path.name, port) == "site-a m1", 5 * DEADLINE,
+             "m0's hold to expire")  # fmt: skip
+
+
+def test_links_the_fleet_did_not_sign_are_refused_and_relay_nothing(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    token = new_token()
+    one, admin = forwarding_gateway(launch, tmp_path, "s0", HOSTS[0], redis_port, token, True)
+    other_ca = trustme.CA()
+    rogue = forwarding_gateway(launch, tmp_path, "s1", HOSTS[1], redis_port, token, ca=other_ca)
+    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    rogue.proc.wait_line(rf"forwarding port {port} to the gateway")
+    link = one.proc.wait_line(r"taking clients forwarded .* on (\S+):(\d+)")
+    link_address = (link.group(1), int(link.group(2)))
+
+    def refused() -> int:
+        code, view = http_json(admin + "api/v1/fleet")
+        assert code == 200, view
+        return int(view["forwarding"]["refused"])
+
+    # A gateway whose fleet certificate another CA signed: its client is reset, not relayed.
+    with socket.create_connection((HOSTS[1], port), timeout=DEADLINE) as sock:
+        sock.sendall(b"never relayed")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    one.proc.wait_line(r"refused a link from [\d.]+:\d+: .*certificate")
+    rogue.proc.wait_line(rf"client \S+ on port {port}: not forwarded: s0 \(")
+    wait_for(lambda: refused() == 1, DEADLINE, "the refusal to be counted")
+
+    # A stranger's bytes on the fleet port, without TLS.
+    with socket.create_connection(link_address, timeout=DEADLINE) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    wait_for(lambda: refused() == 2, DEADLINE, "the stranger's link to be refused")
+
+    # A member's certificate, but a forged request: garbage, then a port not served there.
+    certs = tmp_path / "certs"
+    context = ssl.create_default_context(cafile=certs / "ca.crt")
+    context.check_hostname = False
+    context.load_cert_chain(certs / "s0.crt", certs / "s0.key")
+    for count, (forged, expected) in enumerate((
+        (b"TGF0\x00\x01x", "refused a link from .*: not a forwarding request"),
+        (b"TGF1" + struct.pack("!H", 3) + b"\xc1\xc1\xc1", ""),
+        (forge(port + 1 if port < 65535 else port - 1), "forged.*is not served here"),
+    ), start=3):  # fmt: skip
+        with (
+            socket.create_connection(link_address, timeout=DEADLINE) as raw,
+            context.wrap_socket(raw) as sock,
+        ):
+            sock.sendall(forged + b"never relayed")
+            assert nothing_back(sock) == b""
+        if expected:  # the first of each kind (the log is throttled)
+            one.proc.wait_line(expected)
+        wait_for(lambda count=count: refused() == count, DEADLINE, "the forgery to be refused")
+    assert not one.proc.lines_matching(r"closed client="), "no client relayed"
+    echo_through(HOSTS[0], port, b"the port itself still serves")
+    assert refused() == 5
+
+
+def nothing_back(sock: socket.socket) -> bytes:
+    """What comes back before the connection ends (by a reset, or an EOF)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return received
+
+
+def forge(port: int) -> bytes:
+    body = msgspec.msgpack.encode(
+        {"port": port, "client": "198.51.100.7:4000", "server": "x", "node": "forged"}
+    )
+    return b"TGF1" + struct.pack("!H", len(body)) + body

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +28,7 @@ from kit.waiting import DEADLINE, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 ADMIN_URL = r"admin listening on (http://127\.0\.0\.1:\d+/)"
+OUTAGE = 30.0  # seconds Redis stays away
 LEASE = 3.0  # seconds: a dead gateway's leases go quickly (Redis commands: a quarter of it)
 
 
@@ -121,8 +124,10 @@ def test_a_port_leased_on_one_gateway_is_refused_on_another_until_its_lease_expi
 def test_redis_out_of_reach_cuts_no_tunnel_and_the_gateway_announces_again(
     launch_command: Launch, launch: Launch, tmp_path: Path, echo_port: int
 ) -> None:
-    """Redis killed: the open tunnel carries on, /readyz says degraded, a new port is refused
-    with the reason; Redis started again on its port: the gateway's lease is back."""
+    """Redis killed for 30 s: the open tunnel carries on (a connection opened before keeps its
+    bytes, new ones pass), /readyz says degraded, a new port is refused with the reason and
+    asked for again; Redis started again on its port: the gateway's lease is back, and the
+    port refused meanwhile is exposed without the agent doing anything."""
     server = require_tool("redis-server")
 
     def start_redis(port: int) -> Proc:
@@ -135,25 +140,47 @@ def test_redis_out_of_reach_cuts_no_tunnel_and_the_gateway_announces_again(
     port = unassigned_ports(1).start
     a = start_agent(launch, one, "127.0.0.1", "site-a", f"{port}:127.0.0.1:{echo_port}", token)
     a.wait_line(rf"exposed at gateway port {port}")
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)  # open throughout
+    exchange(held, b"before Redis went away")
 
     redis_proc.popen.send_signal(signal.SIGKILL)
     redis_proc.wait_exit()
+    gone = time.monotonic()
     one.proc.wait_line(r"the fleet's registry \(redis://127\.0\.0\.1:\d+/0\) cannot be reached")
-    for i in range(5):
-        echo_through("127.0.0.1", port, f"while Redis is gone {i}".encode())
     code, ready = http_json(admin + "readyz")
     assert code == 200 and "fleet's registry cannot be reached" in ready["degraded"], ready
     other = unassigned_ports(1).start
     b = start_agent(launch, one, "127.0.0.1", "site-b", f"{other}:127.0.0.1:{echo_port}", token)
     line = b.wait_line(r"ERROR .*not exposed: (.*)").group(1)
-    assert "the fleet's registry cannot be reached" in line
+    assert "the fleet's registry cannot be reached" in line and "tries again" in line, line
+    rounds = 0
+    while time.monotonic() - gone < OUTAGE:  # traffic all along the outage
+        echo_through("127.0.0.1", port, f"while Redis is gone {rounds}".encode())
+        exchange(held, f"on the connection opened before, {rounds}".encode())
+        rounds += 1
 
     launch_command(server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", str(tmp_path))  # fmt: skip
     one.proc.wait_line(r"the fleet's registry answers again")
     wait_for(lambda: lease(redis_port, fleet, port) == "site-a one", DEADLINE, "the lease back")
     echo_through("127.0.0.1", port, b"after Redis came back")
+    exchange(held, b"and the connection opened before Redis went away")
+    held.close()
+    b.wait_line(rf"exposed at gateway port {other}", timeout=3 * DEADLINE)  # retried: 15 s at most
+    echo_through("127.0.0.1", other, b"the port refused while Redis was gone")
+    assert lease(redis_port, fleet, other) == "site-b one"
     assert http_json(admin + "readyz") == (200, {"ready": True})
+
+
+def exchange(sock: socket.socket, payload: bytes) -> None:
+    """Send ``payload`` on an open connection to an echo, and read all of it back."""
+    sock.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection ended after {len(received)} bytes"
+        received += chunk
+    assert received == payload
 
 
 def test_a_gateway_paused_past_its_lease_stops_serving_the_port_it_lost(

@@ -18,6 +18,7 @@ from typing import Any, Final, TypeAlias
 from tunnelgate import tls
 from tunnelgate.access import Gate, Refusal, admit, client_ip
 from tunnelgate.address import Address
+from tunnelgate.backoff import backoff
 from tunnelgate.channel import Channel
 from tunnelgate.config import AgentPolicy, GatewayConfig
 from tunnelgate.control import end_when_drained, receive_control
@@ -46,6 +47,15 @@ FINISH_TIMEOUT: Final = 30.0
 FIRST_READ: Final = 16 * 1024  # a client's first bytes, sent with its Start when already there
 AGENT_GOODBYE: Final = "agent said goodbye: "
 FREE_PORT_CLAIMS: Final = 8  # free ports tried for a service asking for any, if leased elsewhere
+# A service refused because its lease could not be asked for (the fleet's registry out of reach)
+# is asked for again after a wait: full jitter, doubling from the first to the last (seconds).
+RETRY_FIRST: Final = 1.0
+RETRY_LAST: Final = 15.0
+
+
+class _LeaseUnavailable(Exception):
+    """Whoever grants leases (the fleet's Redis, the workers' supervisor) cannot be asked now:
+    the service may be registered later."""
 
 
 @dataclass
@@ -358,7 +368,7 @@ class GatewaySession:
             if isinstance(message, str):
                 return message
             if isinstance(message, wire.Register):
-                results = [await self._expose(request) for request in message.services]
+                results = [await self._register(request) for request in message.services]
                 await channel.send_message(wire.Registered(results))
             elif isinstance(message, wire.Pong):
                 if self._ping is not None and self._ping[0] == message.seq:
@@ -419,6 +429,34 @@ class GatewaySession:
             if service.group_key not in stored_keys(settings):
                 return f"the secret it joined group {group.name} with was revoked"
         return None
+
+    async def _register(self, request: wire.ServiceRequest) -> wire.ServiceResult:
+        """:meth:`_expose`; a service whose lease cannot be asked for now is refused with the
+        reason and asked for again later, its result sent when it comes."""
+        try:
+            return await self._expose(request)
+        except _LeaseUnavailable as exc:
+            error = f"{exc}; the gateway tries again"
+            self.log.warning("service %s not exposed yet: %s", request.name, error)
+            assert self._group is not None
+            self._group.create_task(self._register_later(request))
+            return wire.ServiceResult(request.name, False, error=error)
+
+    async def _register_later(self, request: wire.ServiceRequest) -> None:
+        """Ask again for a service refused for want of a lease, with backoff, until it is
+        exposed, refused for good, or the session ends; the agent gets the result then."""
+        delays = backoff(RETRY_FIRST, RETRY_LAST)
+        next(delays)
+        while self.goodbye is None and request.name not in self.services:
+            delay, attempt = delays.send(0.0)
+            await asyncio.sleep(delay)
+            try:
+                result = await self._expose(request)
+            except _LeaseUnavailable as exc:
+                self.log.debug("service %s: attempt %d: %s", request.name, attempt, exc)
+                continue
+            await self.channel.send_message(wire.Registered([result]))
+            return
 
     async def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
         """Open the public listener for one service, if the policy allows it and no other
@@ -534,7 +572,7 @@ class GatewaySession:
     async def _take_port(self, bind: str, port: int, holder: object, owner: str) -> Listener | str:
         """A listener on ``(bind, port)`` (any port the policy allows, if 0), held by
         ``holder`` (this session, or its group) and leased to ``owner`` (its agent, or the
-        group); else why not."""
+        group); else why not. Raises _LeaseUnavailable."""
         ports, leases, error = self._shared.ports, self._shared.leases, ""
         for _ in range(FREE_PORT_CLAIMS if not port else 1):
             listener = None if port else ports.listen_on_free_port(bind, self.policy)
@@ -558,7 +596,7 @@ class GatewaySession:
                 taken = True
                 return listener
             except TransportError as exc:
-                return str(exc)
+                raise _LeaseUnavailable(str(exc)) from None
             finally:
                 if not taken:
                     if listener is not None:

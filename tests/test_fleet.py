@@ -5,6 +5,7 @@ claims with the reason and says so once; the fleet's settings in the gateway's f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import trustme
 from faultkit import FaultProxy
 from kit.ports import refusing_port, start_listening
 from kit.processes import Launch, Proc, require_tool
+from kit.waiting import DEADLINE, wait_until
 
 from tunnelgate import Address
 from tunnelgate import config as c
@@ -92,6 +94,77 @@ async def test_a_renewal_that_finds_the_port_taken_gives_it_up(redis_port: int) 
             assert client.hgetall(key) == {"owner": "site-b", "node:two": later}, "not taken"
     finally:
         await node.fleet.aclose()
+
+
+async def test_a_hold_that_lapsed_while_another_node_took_the_owner_is_lost(
+    redis_port: int,
+) -> None:
+    """The same owner, moved: a node paused past its lease finds its own hold gone and another
+    node's live one. Its renewal does not take the port again (a claim would): it gives it up."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    one, two = Node(url, "f9", "one"), Node(url, "f9", "two")
+    await one.fleet.start()
+    await two.fleet.start()
+    try:
+        assert await one.fleet.claim(4200, "site-a") is None
+        assert await two.fleet.claim(4200, "site-a") is None  # the agent moved to two
+        with raw(redis_port) as client:
+            client.hset("tunnelgate:f9:port:4200", "node:one", "1")  # one's hold lapsed
+        await one.fleet.renew()
+        assert one.lost == [(4200, "the fleet's lease on port 4200 went to site-a on gateway two")]
+        assert one.fleet.held == {} and list(one.fleet.routes[4200].nodes) == ["two"]
+        await two.fleet.renew()  # two's renewal is its own hold's: still granted
+        assert two.lost == [] and two.fleet.held == {4200: "site-a"}
+    finally:
+        await one.fleet.aclose()
+        await two.fleet.aclose()
+
+
+async def test_every_node_learns_the_routes_by_pub_sub_and_by_reading_them(
+    redis_port: int,
+) -> None:
+    """Routes live in memory: a claim and a release are told at once (pub/sub), a node that
+    stops says so, a late node reads them all, and a node whose key expired is forgotten."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    one, two = Node(url, "f10", "one"), Node(url, "f10", "two")
+    one.fleet.link, two.fleet.link = "127.0.0.1:7001", "127.0.0.2:7002"
+    await one.fleet.start()
+    await two.fleet.start()
+    listening = asyncio.create_task(two.fleet.listen())
+    try:
+        await wait_until(lambda: "one" in two.fleet.links, DEADLINE, "two to see one live")
+
+        def routes(node: Node) -> dict[int, tuple[str, list[str]]]:
+            return {p: (r.owner, sorted(r.nodes)) for p, r in node.fleet.routes.items()}
+
+        assert await one.fleet.claim(4300, "site-a") is None
+        told = {4300: ("site-a", ["one"])}
+        await wait_until(lambda: routes(two) == told, DEADLINE, "the lease told")
+        assert two.fleet.links["one"] == "127.0.0.1:7001"
+
+        three = Node(url, "f10", "three")
+        await three.fleet.start()  # a late node reads what is leased
+        assert routes(three) == {4300: ("site-a", ["one"])}
+        assert three.fleet.links == {"one": "127.0.0.1:7001", "two": "127.0.0.2:7002",
+                                     "three": ""}  # fmt: skip
+
+        with raw(redis_port) as client:  # one vanishes: its key expired (killed)
+            client.delete("tunnelgate:f10:node:one")
+        await three.fleet.renew()
+        assert routes(three) == {} and "one" not in three.fleet.links
+        await three.fleet.aclose()
+
+        async with asyncio.TaskGroup() as tasks:
+            one.fleet.release(4300, "site-a", tasks)
+        await wait_until(lambda: routes(two) == {}, DEADLINE, "the release told")
+        assert await one.fleet.claim(4301, "site-b") is None
+        await wait_until(lambda: 4301 in two.fleet.routes, DEADLINE, "the second lease told")
+        await one.fleet.aclose()  # a node that stops says so
+        await wait_until(lambda: routes(two) == {}, DEADLINE, "the leave told")
+    finally:
+        listening.cancel()
+        await one.fleet.aclose()
+        await two.fleet.aclose()
 
 
 async def test_keys_that_are_not_the_fleets_are_ignored_with_a_warning(

@@ -8,11 +8,13 @@ is reached there; a gateway paused past its lease gives up the port it lost and 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import ssl
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ import msgspec
 import pytest
 import trustme
 from kit.clients import echo_through, http_json
-from kit.processes import GatewayProc, Launch, Proc
+from kit.ports import start_listening
+from kit.processes import GatewayProc, Launch, Proc, require_tool
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, wait_for
 from test_fleet_cli import fleet_gateway, lease
@@ -214,3 +217,146 @@ def forge(port: int) -> bytes:
         {"port": port, "client": "198.51.100.7:4000", "server": "x", "node": "forged"}
     )
     return b"TGF1" + struct.pack("!H", len(body)) + body
+
+
+BALANCER = """global
+    maxconn 512
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch 1
+frontend front
+    bind 127.0.0.1:{port}
+    default_backend gateways
+backend gateways
+    balance roundrobin
+    default-server check inter 100ms fall 1 rise 1
+{servers}
+"""
+
+
+def balancer(launch_command: Launch, tmp_path: Path, name: str,
+             servers: list[tuple[str, int]]) -> int:  # fmt: skip
+    """HAProxy in TCP mode (health checks, redispatch) in front of ``servers``; its port."""
+    haproxy = require_tool("haproxy")
+    lines = "\n".join(f"    server s{i} {host}:{port}" for i, (host, port) in enumerate(servers))
+
+    def start(port: int) -> Proc:
+        config = tmp_path / f"haproxy-{name}-{port}.cfg"
+        config.write_text(BALANCER.format(port=port, servers=lines))
+        return launch_command(haproxy, "-db", "-f", str(config))
+
+    return start_listening(start)[1]
+
+
+def test_a_gateway_killed_loses_only_what_it_relayed_and_the_fleet_serves_on(
+    launch: Launch, launch_command: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """Three gateways behind HAProxy (agents' control port and clients' ports alike). Agent
+    a is on the first or the third (through the balancer), agent b on the second. The gateway
+    of a is killed (SIGKILL): of b's open connections, only the one that entered through it
+    is lost; a comes back on the other through the balancer, and from then on every new
+    client of a through the balancer is served. The bound: a's reconnect (its backoff, 1 s
+    here at most, plus the heartbeat or the connect's failure), then one pub/sub message."""
+    token = new_token()
+    gateways = [
+        forwarding_gateway(launch, tmp_path, f"k{i}", host, redis_port, token)
+        for i, host in enumerate(HOSTS)
+    ]
+    control = balancer(launch_command, tmp_path, "control",
+                       [(HOSTS[0], gateways[0].port), (HOSTS[2], gateways[2].port)])  # fmt: skip
+    a = launch("agent", "--gateway", f"127.0.0.1:{control}", "--no-tls", "--name", "site-a",
+               "--expose", f"0:127.0.0.1:{echo_port}", "--reconnect-max", "1",
+               token=token)  # fmt: skip
+    b = start_agent(launch, gateways[1], HOSTS[1], "site-b", echo_port, token)
+    port_a, port_b = (int(agent.wait_line(EXPOSED).group(1)) for agent in (a, b))
+    holder = lease(redis_port, tmp_path.name, port_a)
+    assert holder in ("site-a k0", "site-a k2"), holder
+    doomed = int(holder[-1])
+    survivor = 2 - doomed
+    for i, gateway in enumerate(gateways):
+        if i != doomed:
+            gateway.proc.wait_line(rf"forwarding port {port_a} to the gateway")
+        if i != 1:
+            gateway.proc.wait_line(rf"forwarding port {port_b} to the gateway")
+    front_a = balancer(launch_command, tmp_path, "a", [(h, port_a) for h in HOSTS])
+    for i in range(6):
+        echo_through("127.0.0.1", front_a, f"before the kill {i} ".encode() * 100)
+
+    held = {i: socket.create_connection((host, port_b), timeout=DEADLINE)
+            for i, host in enumerate(HOSTS)}  # fmt: skip
+    for i, sock in held.items():
+        exchange(sock, f"b's client through gateway {i}".encode())
+
+    gateways[doomed].proc.popen.send_signal(signal.SIGKILL)
+    gateways[doomed].proc.wait_exit()
+    killed = time.monotonic()
+    for i, sock in held.items():
+        if i == doomed:  # it relayed this one: lost
+            assert nothing_back(sock) == b""
+        else:
+            exchange(sock, f"b's client through gateway {i}, after the kill".encode())
+        sock.close()
+
+    a.wait_line(r"exposed at gateway port", count=2, timeout=3 * DEADLINE)
+    back = lease(redis_port, tmp_path.name, port_a)
+
+    def served() -> bool:
+        try:
+            echo_through("127.0.0.1", front_a, b"after the kill")
+        except (AssertionError, OSError):
+            return False
+        return True
+
+    wait_for(served, 3 * DEADLINE, "a client of a to be served again")
+    print(f"first client of a served {time.monotonic() - killed:.1f} s after the kill ({back})")
+    for i in range(30):  # from then on, every one
+        echo_through("127.0.0.1", front_a, f"after the kill {i} ".encode() * 100)
+    after = lease(redis_port, tmp_path.name, port_a)
+    assert after in (f"site-a k{survivor}", f"site-a k{min(doomed, survivor)} k2"), after
+
+
+def exchange(sock: socket.socket, payload: bytes) -> None:
+    """Send ``payload`` on an open connection to an echo, and read all of it back."""
+    sock.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection ended after {len(received)} bytes"
+        received += chunk
+    assert received == payload
+
+
+def test_a_gateway_paused_past_its_lease_forwards_the_port_it_lost(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """SIGSTOP on the agent's gateway; the agent comes back on another (the same name, the same
+    port) and the paused gateway's hold lapses. Resumed, it does not serve the port itself any
+    more: it forwards it to the gateway the agent is on."""
+    token = new_token()
+    one, two = (
+        forwarding_gateway(launch, tmp_path, f"p{i}", host, redis_port, token)
+        for i, host in enumerate(HOSTS[:2])
+    )
+    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    two.proc.wait_line(rf"forwarding port {port} to the gateway")
+    os.kill(one.pid, signal.SIGSTOP)
+    try:
+        agent.popen.send_signal(signal.SIGKILL)
+        agent.wait_exit()
+        moved = launch("agent", "--gateway", f"{HOSTS[1]}:{two.port}", "--no-tls", "--name",
+                       "site-a", "--expose", f"{port}:127.0.0.1:{echo_port}",
+                       token=token)  # fmt: skip
+        moved.wait_line(rf"exposed at gateway port {port}")
+        wait_for(lambda: lease(redis_port, tmp_path.name, port) == "site-a p1", 5 * DEADLINE,
+                 "the paused gateway's hold to lapse")  # fmt: skip
+    finally:
+        os.kill(one.pid, signal.SIGCONT)
+    one.proc.wait_line(rf"forwarding port {port} to the gateway")
+    echo_from(HOSTS[0], port, b"through the gateway that was paused " * 100)
+    one.proc.wait_line(r"forwarded to gateway p1 closed .*\(closed\)")
+    assert lease(redis_port, tmp_path.name, port) == "site-a p1"

@@ -406,7 +406,8 @@ class Fleet:
             agents = self.agents()
             async with asyncio.timeout(self.timeout):
                 async with self._client().pipeline(transaction=False) as pipe:
-                    pipe.set(f"{self.prefix}node:{self.node}", json.dumps(self.describe()), px=ms)
+                    about = {**self.describe(), "link": self.link}
+                    pipe.set(f"{self.prefix}node:{self.node}", json.dumps(about), px=ms)
                     pipe.sadd(f"{self.prefix}nodes", self.node)
                     for agent, services in agents.items():
                         pipe.set(self.agent_key(agent), json.dumps(services), px=ms)
@@ -430,6 +431,7 @@ class Fleet:
                     del self.held[port]
                     self._unroute(port, owner, self.node)
                     other, node = split_holder(holder)
+                    self._route(port, other, node, time.monotonic() + self.lease)
                     why = f"the fleet's lease on port {port} went to {other} on gateway {node}"
                     logger.warning("%s: this gateway stops serving it", why)
                     self.on_lost(port, why)

@@ -434,8 +434,7 @@ class Gateway:
 
         def describe() -> dict[str, Any]:
             agents = sorted(self._sessions)
-            about = {"address": str(self.address), "version": __version__, "agents": agents}
-            return about | {"link": self.fleet.link} if self.fleet is not None else about
+            return {"address": str(self.address), "version": __version__, "agents": agents}
 
         def agents() -> dict[str, list[dict[str, Any]]]:
             return {

@@ -1,12 +1,23 @@
 // tunnelgate's dashboard: one view of the gateway (/api/v1/dashboard) each second,
 // by Server-Sent Events (/api/v1/stream), or by polling when a proxy keeps the
-// stream from arriving. Rates are the difference of two views. No library, no build.
+// stream from arriving. Rates are the difference of two views. The fleet's view
+// (/api/v1/fleet) reads Redis, so it is asked every FLEET_INTERVAL, and only while the
+// gateway is in a fleet (a 404 says it is in none: asked again only if it restarts,
+// since a reload cannot change that). No library, no build.
 "use strict";
 
 const API = "/api/v1";
 const HISTORY_POINTS = 300; // seconds of live chart
 const POLL_INTERVAL = 2000;
-const state = { view: null, previous: null, rates: new Map(), live: [], errors: [], selected: null, range: "1h", stream: null, polling: null };
+const FLEET_INTERVAL = 5000;
+const FLEET_TIMEOUT = 10000; // a registry that does not answer: say so, ask again later
+const state = {
+  view: null, previous: null, rates: new Map(), live: [], errors: [], selected: null, range: "1h", stream: null, polling: null,
+  fleet: null, // the last 200 of /api/v1/fleet; null: in no fleet (or not known yet)
+  fleetDue: true, // ask even if not in a fleet: at load, and after the gateway restarts
+  fleetProblem: "", // why the last question went unanswered
+  fleetAt: 0, // when the last answer came (ms)
+};
 
 const $ = (id) => document.getElementById(id);
 
@@ -64,6 +75,7 @@ function filterRows(table) {
 function receive(view) {
   state.previous = state.view;
   state.view = view;
+  if (state.previous && state.previous.info.started_at !== view.info.started_at) state.fleetDue = true; // restarted
   measure();
   render();
 }
@@ -198,6 +210,122 @@ function renderConnections(v) {
   filterRows(table);
 }
 
+// --- the fleet ---------------------------------------------------------------------------
+
+function tag(parent, text, className) {
+  const span = document.createElement("span");
+  span.textContent = text;
+  span.className = className;
+  parent.append(" ", span);
+}
+
+async function askFleet() {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), FLEET_TIMEOUT);
+  try {
+    const response = await fetch(API + "/fleet", { signal: controller.signal });
+    if (response.status === 404) {
+      state.fleet = null; // in no fleet
+    } else {
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+      state.fleet = body;
+    }
+    state.fleetDue = false;
+    state.fleetProblem = "";
+    state.fleetAt = Date.now();
+  } catch (error) {
+    state.fleetProblem = error.name === "AbortError" ? `no answer within ${FLEET_TIMEOUT / 1000} s` : error.message;
+  } finally {
+    clearTimeout(timer);
+  }
+  renderFleet();
+}
+
+async function watchFleet() {
+  // One question at a time: the next is asked FLEET_INTERVAL after the last answer.
+  if (state.fleet || state.fleetDue) await askFleet();
+  setTimeout(watchFleet, FLEET_INTERVAL);
+}
+
+function renderFleet() {
+  const f = state.fleet, section = $("fleet"), nav = $("fleet-nav");
+  section.dataset.state = f ? (f.up ? "up" : "down") : "none";
+  const wasShown = !nav.hidden;
+  nav.hidden = !f;
+  nav.classList.toggle("warn", Boolean(f && (!f.up || state.fleetProblem)));
+  if (wasShown !== !nav.hidden) show(); // the Fleet view comes or goes
+  if (!f) return;
+
+  $("fleet-name").textContent = f.fleet;
+  $("fleet-node").textContent = f.node;
+  const registry = $("fleet-registry");
+  registry.textContent = f.up ? "up" : "down";
+  registry.className = "value " + (f.up ? "ok" : "bad");
+  const warnings = [];
+  if (!f.up) warnings.push(`The fleet's registry cannot be reached${f.error ? ": " + f.error : ""}. Open tunnels carry on; new ports wait until it is back.`);
+  if (state.fleetProblem) warnings.push(`The fleet's view could not be read (${state.fleetProblem}); shown as it was at ${new Date(state.fleetAt).toLocaleTimeString()}.`);
+  $("fleet-warning").textContent = warnings.join(" ");
+  $("fleet-warning").hidden = warnings.length === 0;
+
+  const nodes = $("fleet-nodes-table").tBodies[0];
+  nodes.replaceChildren();
+  for (const n of f.nodes) {
+    const row = nodes.insertRow();
+    row.dataset.node = n.node;
+    const name = cell(row, n.node);
+    if (n.node === f.node) { row.className = "selected"; tag(name, "this gateway", "pill"); }
+    cell(row, n.address || "–");
+    cell(row, n.version || "–");
+    cell(row, n.agents.length ? n.agents.join(", ") : "–");
+  }
+  if (!f.nodes.length) emptyRow(nodes, 4, f.up ? "no gateway is announced" : "unknown while the registry is down");
+
+  const forwarded = new Set(f.forwarding ? f.forwarding.ports : []);
+  const leases = $("fleet-leases-table");
+  leases.tBodies[0].replaceChildren();
+  for (const lease of f.leases) {
+    const row = leases.tBodies[0].insertRow();
+    row.dataset.port = String(lease.port);
+    cell(row, String(lease.port), "num");
+    cell(row, lease.owner);
+    const held = cell(row, "");
+    lease.nodes.forEach((node, i) => {
+      if (i) held.append(", ");
+      const span = document.createElement("span");
+      span.textContent = node;
+      if (node === f.node) span.className = "here";
+      held.append(span);
+    });
+    if (forwarded.has(lease.port)) cell(row, "forwarded", "forwarded");
+    else if (lease.nodes.includes(f.node)) cell(row, "served");
+    else cell(row, "–", "muted");
+  }
+  if (!f.leases.length) emptyRow(leases.tBodies[0], 4, f.up ? "no port is leased" : "unknown while the registry is down");
+  filterRows(leases);
+
+  const forwarding = f.forwarding;
+  $("fleet-forwarding").hidden = !forwarding;
+  if (forwarding) {
+    $("fleet-out").textContent = String(forwarding.out);
+    $("fleet-in").textContent = String(forwarding.in);
+    $("fleet-failed").textContent = String(forwarding.failed);
+    $("fleet-refused").textContent = String(forwarding.refused);
+    $("fleet-forwarding-note").textContent = `Other gateways reach this one on ${forwarding.link || "–"}; it forwards `
+      + (forwarding.ports.length ? `port${forwarding.ports.length > 1 ? "s" : ""} ${forwarding.ports.join(", ")}.` : "no port now.");
+  } else {
+    $("fleet-forwarding-note").textContent = "This gateway forwards no clients to the others (no fleet_listen).";
+  }
+  $("fleet-updated").textContent = state.fleetAt ? `; last at ${new Date(state.fleetAt).toLocaleTimeString()}` : "";
+}
+
+function emptyRow(body, columns, text) {
+  const row = body.insertRow();
+  row.className = "empty";
+  const td = cell(row, text, "muted");
+  td.colSpan = columns;
+}
+
 // --- charts ------------------------------------------------------------------------------
 
 function chart(canvas, series, labels) {
@@ -260,7 +388,8 @@ async function selectService(s) {
 // --- navigation and updates --------------------------------------------------------------
 
 function show() {
-  const name = (location.hash || "#overview").slice(1);
+  let name = (location.hash || "#overview").slice(1);
+  if (name === "fleet" && !state.fleet) name = "overview"; // in no fleet (or not known yet)
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== name;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.view === name);
   if (state.view) drawLive();
@@ -314,3 +443,4 @@ for (const b of document.querySelectorAll(".ranges button")) {
 }
 show();
 connect();
+watchFleet();

@@ -302,6 +302,30 @@ PROXY_HEADERS = [
     b"[fe80::1%eth0]:22 [::1]:22",
 ]
 
+
+def forward_request_seeds() -> list[bytes]:
+    """Requests on a link between gateways: valid, cut, too long, of the wrong types."""
+    from tunnelgate.gateway import forwarding
+
+    good = forwarding.encode_request(
+        forwarding.Request(4000, "203.0.113.7:51234", "198.51.100.1:4000", "gateway-1")
+    )
+    six = forwarding.Request(4000, "[2001:db8::7]:80", "", "n")
+    wrong = msgspec.msgpack.encode({"port": 0, "client": 7, "server": "", "node": "x"})
+    extra = msgspec.msgpack.encode({"port": 1, "client": "", "server": "", "node": "", "x": 1})
+    return [
+        good,
+        good + b"client bytes that follow",
+        good[:-3],
+        forwarding.encode_request(six),
+        b"TGF1\xff\xff" + bytes(64),
+        b"TGF1\x00\x00",
+        b"TGF0\x00\x01\x80",
+        b"TGF1" + len(wrong).to_bytes(2, "big") + wrong,
+        b"TGF1" + len(extra).to_bytes(2, "big") + extra,
+    ]
+
+
 SEEDS: dict[str, Callable[[], list[bytes]]] = {
     "frames": frames_seeds,
     "messages": messages_seeds,
@@ -309,6 +333,7 @@ SEEDS: dict[str, Callable[[], list[bytes]]] = {
     "gateway_config": lambda: [text.encode() for text in GATEWAY_CONFIGS],
     "agent_config": lambda: [text.encode() for text in AGENT_CONFIGS],
     "proxy_header": lambda: list(PROXY_HEADERS),
+    "forward_request": forward_request_seeds,
 }
 
 

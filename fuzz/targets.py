@@ -612,6 +612,24 @@ def proxy_header(data: bytes) -> None:
         assert proxy_protocol.parse(data[:size]) is None, f"{data[:size]!r} is not incomplete"
 
 
+def forward_request(data: bytes) -> None:
+    """What another gateway of the fleet sends first on a link: ``request_size`` on its head,
+    ``decode_request`` on the body; a request accepted encodes back to the same bytes."""
+    from tunnelgate.gateway import forwarding
+
+    head, rest = data[: forwarding.HEAD_SIZE], data[forwarding.HEAD_SIZE :]
+    try:
+        size = forwarding.request_size(head)
+        if len(rest) < size:
+            return
+        request = forwarding.decode_request(rest[:size])
+    except RemoteProtocolError:
+        return
+    assert 0 < request.port < 65536 and len(request.client) <= 64, request
+    again = forwarding.encode_request(request)
+    assert forwarding.decode_request(again[forwarding.HEAD_SIZE :]) == request
+
+
 TARGETS: Final[dict[str, Callable[[bytes], None]]] = {
     "frames": frames,
     "messages": messages,
@@ -619,4 +637,5 @@ TARGETS: Final[dict[str, Callable[[bytes], None]]] = {
     "gateway_config": gateway_config,
     "agent_config": agent_config,
     "proxy_header": proxy_header,
+    "forward_request": forward_request,
 }

@@ -31,14 +31,19 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
 from tunnelgate import tls
 from tunnelgate.address import Address
 from tunnelgate.config import GatewayConfig
-from tunnelgate.errors import AuthenticationError, ProtocolError, TransportError
+from tunnelgate.errors import (
+    AuthenticationError,
+    ProtocolError,
+    RemoteProtocolError,
+    TransportError,
+)
 from tunnelgate.gateway.admission import WARNING_INTERVAL
 from tunnelgate.gateway.fleet import Fleet
 from tunnelgate.gateway.groups import Group
@@ -64,12 +69,13 @@ COPY_SIZE: Final = 64 * 1024  # one read's buffer, per direction of a forwarded 
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a link carries before the client's bytes."""
+    """What a link carries before the client's bytes (the sizes of a Start's fields, which
+    carries them on)."""
 
-    port: int  # the public port the client reached
-    client: str  # its address, host:port, as the first gateway saw it
-    server: str  # the address it reached there
-    node: str  # the gateway that forwards it
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]  # the public port the client reached
+    client: Annotated[str, msgspec.Meta(max_length=64)]  # its host:port, as first seen
+    server: Annotated[str, msgspec.Meta(max_length=64)]  # the address it reached there
+    node: Annotated[str, msgspec.Meta(max_length=255)]  # the gateway that forwards it
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -81,22 +87,33 @@ def encode_request(request: Request) -> bytes:
     return MAGIC + struct.pack("!H", len(body)) + body
 
 
-async def read_request(stream: Stream) -> Request:
-    """The request at the start of a link, read exactly (the client's bytes that follow stay
-    in the stream). Raises ProtocolError, TransportError."""
-    head = await _read_exactly(stream, len(MAGIC) + 2)
-    if head[: len(MAGIC)] != MAGIC:
-        raise ProtocolError("not a forwarding request")
+HEAD_SIZE: Final = len(MAGIC) + 2
+
+
+def request_size(head: bytes) -> int:
+    """The size of the request that follows ``head`` (HEAD_SIZE bytes). Raises
+    RemoteProtocolError."""
+    if head[: len(MAGIC)] != MAGIC or len(head) != HEAD_SIZE:
+        raise RemoteProtocolError("not a forwarding request")
     (size,) = struct.unpack("!H", head[len(MAGIC) :])
     if size > MAX_REQUEST:
-        raise ProtocolError(f"a forwarding request of {size} bytes")
+        raise RemoteProtocolError(f"a forwarding request of {size} bytes")
+    return int(size)
+
+
+def decode_request(body: bytes) -> Request:
+    """Raises RemoteProtocolError."""
     try:
-        request = _decoder.decode(await _read_exactly(stream, size))
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"a forwarding request that does not parse: {exc}") from None
-    if not 0 < request.port < 65536:
-        raise ProtocolError(f"a forwarding request for port {request.port}")
-    return request
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError too
+        raise RemoteProtocolError(f"a forwarding request that does not parse: {exc}") from None
+
+
+async def read_request(stream: Stream) -> Request:
+    """The request at the start of a link, read exactly (the client's bytes that follow stay
+    in the stream). Raises RemoteProtocolError, TransportError."""
+    size = request_size(await _read_exactly(stream, HEAD_SIZE))
+    return decode_request(await _read_exactly(stream, size))
 
 
 async def _read_exactly(stream: Stream, size: int) -> bytes:

@@ -1,0 +1,992 @@
+"""Fleet benchmark: ``.venv/bin/python bench/fleet.py --help``.
+
+A fleet of gateways on one Redis that forward clients to each other (``fleet_listen``), through
+the real CLI on loopback, with a throwaway ``redis-server`` and the fleet's own CA made here
+(trustme). Two questions:
+
+1. What one forwarding hop costs. Gateway one (127.0.0.1) holds an agent that exposes the echo
+   service and an iperf3 server on ports the gateway picks; gateway two (127.0.0.2) listens on
+   the same port numbers and forwards each client to gateway one over the mutual-TLS
+   gateway-to-gateway link. The same clients measure three paths, in turn:
+
+       service      the echo service and iperf3 themselves, no tunnel (the limit)
+       direct       127.0.0.1:PORT: gateway one, the agent's tunnel
+       forwarded    127.0.0.2:PORT: gateway two, the link to gateway one, the same tunnel
+
+       throughput        iperf3 -c, 1 stream, client to service, SECONDS
+       round trip        ROUND_TRIPS sequential 64-byte echoes on one connection: p50, p99
+       connection rate   CLIENTS processes of LOOPS loops: connect, echo 16 bytes, close
+
+   once with TLS between agent and gateway (the default) and once with ``--no-tls``; the link
+   between the gateways is mutual TLS in both. Rounds alternate the order of the paths. Each
+   gateway's ``/metrics`` (admin listener) counts the clients it forwarded and took: the
+   report checks that every forwarded client went through the link and none failed.
+
+2. What the fleet costs in Redis. GATEWAYS gateways (127.0.0.1, .2, .3, …) in one fleet, then
+   AGENTS agents spread over them, each exposing the echo service on a port its gateway picks,
+   which every other gateway then forwards. Redis counts the commands it ran (``INFO
+   commandstats``; the bench's own INFO left out):
+
+       background   commands/s of the gateways alone, over BASE seconds
+       per agent    commands from just before an agent starts until its port answers on every
+                    gateway (the agents start one after another): the median over the agents
+                    leaves out the windows a renewal fell in; the mean has the background
+                    taken off
+       at rest      commands/s over REST seconds, every agent connected: per gateway (the
+                    background) and, beyond it, per agent
+       per client   commands while CONNECTIONS clients connect through forwarded ports, less
+                    what the at-rest rate predicts for that time: Redis is on no client's path
+
+   The lease stays at tunnelgate's default (``fleet_lease = 15``, ``--lease``): each gateway
+   renews every third of it (5 s) and reads every lease again every 60 s, so the at-rest
+   window of the default run (60 s) holds one full read by each gateway.
+
+Tracebacks, errors and warnings in the tunnelgate logs are reported (the expected warning of
+``--no-tls`` aside), and those logs are copied to ``bench/results/fleet-logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import measure
+import system
+from candidates import READY_TIMEOUT, REPO, TUNNELGATE, EchoService, tunnelgate_env
+from system import BenchError, Proc
+from workers import cpu_seconds
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HOSTS = tuple(f"127.0.0.{i}" for i in range(1, 9))  # gateway i listens on HOSTS[i]
+CLIENT_SOURCES = 10  # connection-rate clients connect from 127.0.0.10 and up
+MODES = ("tls", "notls")
+PATHS = ("service", "direct", "forwarded")
+EXPOSED = re.compile(r"exposed at gateway port (\d+) \(\S+\) -> \S+:(\d+)")
+FORWARDED = re.compile(r'^tunnelgate_fleet_forwarded_clients_total\{way="(\w+)"\} (\S+)$', re.M)
+PROBLEM = re.compile(r"^(ERROR|WARNING|CRITICAL)\b|Traceback", re.M)
+EXPECTED = re.compile(r"TLS is OFF")  # the warning every --no-tls process gives
+OWN_COMMANDS = {"info"}  # what the bench itself sends Redis
+QUICK = {
+    "rounds": 1, "seconds": 2.0, "round_trips": 2000, "gateways": 2, "agents": 6, "base": 5.0,
+    "rest": 10.0, "connections": 200,
+}  # fmt: skip
+
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="What a forwarding hop between a fleet's gateways costs, and what the "
+        "fleet costs in Redis.",
+    )
+    parser.add_argument("--skip", default="", help="parts to leave out: hop, redis (none)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="agent-gateway link of the hop part: tls, notls (both)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="hop rounds per mode (2)")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="seconds of iperf3 and of connections, per path (4)")  # fmt: skip
+    parser.add_argument("--round-trips", type=int, default=5000,
+                        help="64-byte round trips per path (5000)")  # fmt: skip
+    parser.add_argument("--clients", type=int, default=2, help="connection-rate processes (2)")
+    parser.add_argument("--loops", type=int, default=16, help="connection loops per client (16)")
+    parser.add_argument("--gateways", type=int, default=3, help="gateways of the fleet (3)")
+    parser.add_argument("--agents", type=int, default=30, help="agents of the fleet (30)")
+    parser.add_argument("--base", type=float, default=15.0,
+                        help="seconds of the gateways alone, for the background (15)")  # fmt: skip
+    parser.add_argument("--rest", type=float, default=60.0,
+                        help="seconds at rest with every agent connected (60)")  # fmt: skip
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="clients through forwarded ports, at the end (1000)")  # fmt: skip
+    parser.add_argument("--lease", type=float, default=15.0,
+                        help="fleet_lease of every gateway (15, tunnelgate's default)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round of 2 s; 2 gateways, 6 agents")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=RESULTS / "fleet-latest.json",
+                        help="raw data of the run (the text goes next to it as .md)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.skip = {part for part in args.skip.split(",") if part}
+    args.modes = [mode for mode in args.modes.split(",") if mode]
+    if not args.skip <= {"hop", "redis"} or not set(args.modes) <= set(MODES):
+        parser.error("--skip takes hop, redis; --modes takes tls, notls")
+    if min(args.rounds, args.clients, args.loops, args.agents, args.round_trips) < 1:
+        parser.error("--rounds, --clients, --loops, --agents and --round-trips must be >= 1")
+    if not 2 <= args.gateways <= len(HOSTS):
+        parser.error(f"--gateways must be 2 to {len(HOSTS)}")
+    return args
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+def below_ephemeral() -> range:
+    """Ports the kernel never hands out by itself (for port 0 or a connect)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return range(max(1024, low - 12000), low)
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1, without persistence. It cannot listen on port
+    0: it is offered ports below the ephemeral range until it takes one."""
+
+    def __init__(self, workdir: Path) -> None:
+        server, self.cli = system.which("redis-server"), system.which("redis-cli")
+        if server is None or self.cli is None:
+            raise BenchError("redis-server or redis-cli not found: apt-get install redis-server")
+        for port in random.sample(below_ephemeral(), 8):
+            proc = Proc(
+                f"redis-{port}",
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(workdir)],
+                workdir,
+            )  # fmt: skip
+            system.wait_until(
+                f"redis-server on port {port}",
+                lambda proc=proc: not proc.alive() or "Ready to accept" in proc.stdout(),  # type: ignore[misc]
+                10,
+            )
+            if proc.alive():
+                self.proc, self.port = proc, port
+                return
+            if "already in use" not in proc.stdout():
+                raise BenchError(proc.died() + "\n" + proc.stdout()[-500:])
+            proc.stop()
+        raise BenchError("redis-server found no free port among 8 tried")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def info(self) -> Snapshot:
+        """Its counters now: commands by name (the bench's INFO left out), clients, keys."""
+        done = subprocess.run(
+            [str(self.cli), "-p", str(self.port), "INFO", "commandstats", "clients", "keyspace",
+             "memory"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise BenchError(f"redis-cli INFO: {done.stderr.strip() or done.stdout.strip()}")
+        snapshot = Snapshot(time.monotonic())
+        for line in done.stdout.splitlines():
+            name, _, value = line.strip().partition(":")
+            if name.startswith("cmdstat_") and (command := name[8:]) not in OWN_COMMANDS:
+                snapshot.commands[command] = int(value.split("calls=")[1].split(",")[0])
+            elif name == "connected_clients":
+                snapshot.clients = int(value)
+            elif name == "used_memory":
+                snapshot.memory = int(value)
+            elif name == "db0":
+                snapshot.keys = int(value.split("keys=")[1].split(",")[0])
+        return snapshot
+
+    def cpu_s(self) -> float:
+        return cpu_seconds([self.proc.pid])
+
+
+@dataclass
+class Snapshot:
+    """Redis' counters at one moment."""
+
+    at: float
+    commands: Counter[str] = field(default_factory=Counter)
+    clients: int = 0
+    keys: int = 0
+    memory: int = 0
+
+    def since(self, before: Snapshot) -> Delta:
+        return Delta(self.at - before.at, self.commands - before.commands)
+
+
+@dataclass
+class Delta:
+    """The commands Redis ran between two snapshots."""
+
+    seconds: float
+    commands: Counter[str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.commands.values())
+
+    def plain(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "total": self.total, "commands": dict(self.commands)}
+
+
+# -- the fleet ------------------------------------------------------------------------------
+
+
+def fleet_certificates(workdir: Path, nodes: list[str]) -> dict[str, str]:
+    """The fleet's own CA and a certificate for each node; the TOML lines of each."""
+    try:
+        import trustme
+    except ImportError as exc:
+        raise BenchError("trustme not installed: run `make` (it is in the dev extra)") from exc
+    certs = workdir / "certs"
+    certs.mkdir(exist_ok=True)
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(certs / "ca.crt"))
+    lines = {}
+    for node in nodes:
+        issued = ca.issue_cert(f"{node}.fleet.bench")
+        issued.cert_chain_pems[0].write_to_path(str(certs / f"{node}.crt"))
+        issued.private_key_pem.write_to_path(str(certs / f"{node}.key"))
+        lines[node] = (
+            f'fleet_ca = "{certs / "ca.crt"}"\nfleet_cert = "{certs / node}.crt"\n'
+            f'fleet_key = "{certs / node}.key"\n'
+        )
+    return lines
+
+
+class Gateway:
+    """One gateway of the fleet, through the CLI: control port and services on ``host``, its
+    gateway-to-gateway port on ``host`` too, an admin listener (for /metrics) on 127.0.0.1."""
+
+    def __init__(self, workdir: Path, node: str, host: str, redis: RedisServer, fleet: str,
+                 certificates: str, tls: bool, lease: float) -> None:  # fmt: skip
+        self.node, self.host, self.tls = node, host, tls
+        config = workdir / f"{node}.toml"
+        config.write_text(
+            f'fleet = "{redis.url}"\nfleet_name = "{fleet}"\nfleet_node = "{node}"\n'
+            f'fleet_lease = {lease:g}\nfleet_listen = "{host}:0"\n' + certificates
+        )
+        plain = [] if tls else ["--no-tls"]
+        self.proc = Proc(
+            f"gateway-{node}",
+            [str(TUNNELGATE), "gateway", "--listen", f"{host}:0", "--config", str(config),
+             "--state-dir", str(workdir / f"state-{node}"), "--admin", "127.0.0.1:0",
+             "--log-level", "warning", *plain],
+            workdir, tunnelgate_env(),
+        )  # fmt: skip
+
+    def ready(self) -> None:
+        """Wait for the banner (printed once the gateway is in the fleet and forwards)."""
+
+        def banner() -> bool:
+            if not self.proc.alive():
+                raise BenchError(self.proc.died())
+            return "run an agent with:" in self.proc.stdout()
+
+        system.wait_until(f"gateway {self.node}'s banner", banner, READY_TIMEOUT)
+        text = self.proc.stdout()
+        port = re.search(r"listening on \S*:(\d+)", text)
+        admin = re.search(r"admin: (http://\S+)", text)
+        if port is None or admin is None:
+            raise BenchError(f"no control port or admin address in the banner:\n{text}")
+        self.port, self.admin = int(port.group(1)), admin.group(1)
+        self.trust = ["--no-tls"]
+        if self.tls:
+            fingerprint = re.search(r"certificate fingerprint: (SHA256:[0-9A-F]+)", text)
+            if fingerprint is None:
+                raise BenchError(f"no fingerprint in the gateway's banner:\n{text}")
+            self.trust = ["--fingerprint", fingerprint.group(1)]
+
+    def forwarded(self) -> Counter[str]:
+        """Its clients carried between gateways so far (out, in, failed, refused): /metrics,
+        which reads no Redis."""
+        with urllib.request.urlopen(self.admin + "metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return Counter({way: int(float(n)) for way, n in FORWARDED.findall(text)})
+
+
+def start_fleet(workdir: Path, redis: RedisServer, fleet: str, count: int, tls: bool,
+                lease: float) -> list[Gateway]:  # fmt: skip
+    nodes = [f"gw{i + 1}" for i in range(count)]
+    certificates = fleet_certificates(workdir, nodes)
+    gateways = [
+        Gateway(workdir, node, HOSTS[i], redis, fleet, certificates[node], tls, lease)
+        for i, node in enumerate(nodes)
+    ]
+    for gateway in gateways:
+        gateway.ready()
+    return gateways
+
+
+def start_agent(workdir: Path, name: str, gateway: Gateway, locals_: list[int]) -> Proc:
+    exposes = [arg for local in locals_ for arg in ("--expose", f"0:127.0.0.1:{local}")]
+    return Proc(
+        f"agent-{name}",
+        [str(TUNNELGATE), "agent", "--gateway", f"{gateway.host}:{gateway.port}", *gateway.trust,
+         "--name", name, *exposes],
+        workdir, tunnelgate_env(),
+    )  # fmt: skip
+
+
+def exposed(agent: Proc, count: int, gone: Callable[[], str | None]) -> dict[int, int]:
+    """Wait until the agent's ``count`` services are exposed; local port → public port."""
+    found: dict[int, int] = {}
+
+    def all_there() -> bool:
+        if why := gone():
+            raise BenchError(why)
+        found.update(
+            {int(local): int(public) for public, local in EXPOSED.findall(agent_log(agent))}
+        )
+        return len(found) >= count
+
+    system.wait_until(f"{agent.name}'s services", all_there, READY_TIMEOUT, every=0.01)
+    return found
+
+
+def agent_log(proc: Proc) -> str:
+    return proc.stderr_path.read_text(errors="replace")
+
+
+def listening_on(host: str, port: int) -> bool:
+    """Whether a socket listens on ``host:port`` (IPv4, from /proc: no connection made)."""
+    local = socket.inet_aton(host)[::-1].hex().upper() + f":{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(line.split()[1] == local and line.split()[3] == "0A" for line in lines)
+
+
+def problems(procs: list[Proc]) -> dict[str, list[str]]:
+    """Tracebacks, errors and warnings (the expected one of --no-tls aside) by process."""
+    found = {}
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            text = proc.stderr_path.read_text(errors="replace") + proc.stdout()
+            lines = [
+                line.strip()[:300]
+                for line in text.splitlines()
+                if PROBLEM.search(line) and not EXPECTED.search(line)
+            ]
+            if lines:
+                found[proc.name] = lines
+    return found
+
+
+def keep_logs(procs: list[Proc], prefix: str) -> None:
+    logdir = RESULTS / "fleet-logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    for proc in procs:
+        if proc.stderr_path.exists() and proc.stderr_path.stat().st_size:
+            shutil.copy(proc.stderr_path, logdir / f"{prefix}-{proc.stderr_path.name}")
+
+
+# -- clients that reach any loopback host -------------------------------------------------
+
+
+async def _connect(host: str, port: int, source: str | None = None) -> measure.EchoClient:
+    """Connect to ``host:port``; from loopback address ``source`` if given (see
+    ``measure._connect``: one source per worker keeps clear of TIME_WAIT stalls)."""
+    loop = asyncio.get_running_loop()
+    if source is None:
+        _, client = await loop.create_connection(measure.EchoClient, host, port)
+        return client
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, measure.IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, (host, port))
+        _, client = await loop.create_connection(measure.EchoClient, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return client
+
+
+async def _round_trips(host: str, port: int, count: int) -> dict[str, Any]:
+    payload = bytes(range(64))
+    async with asyncio.timeout(60 + count / 100):
+        client = await _connect(host, port)
+        try:
+            for _ in range(min(200, count)):  # warm-up, not counted
+                await client.echo(payload)
+            samples: list[float] = []
+            clock = time.perf_counter_ns
+            for _ in range(count):
+                start = clock()
+                await client.echo(payload)
+                samples.append((clock() - start) / 1000)
+        finally:
+            client.close()
+    ordered = sorted(samples)
+    return {"p50_us": measure.percentile(ordered, 50), "p99_us": measure.percentile(ordered, 99),
+            "max_us": ordered[-1], "count": count}  # fmt: skip
+
+
+def round_trips(host: str, port: int, count: int) -> dict[str, Any]:
+    """``count`` sequential 64-byte round trips on one connection."""
+    result: dict[str, Any] = measure.run(_round_trips(host, port, count))
+    return result
+
+
+async def _connection_rate(
+    host: str, port: int, loops: int, seconds: float, first: int
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    payload = b"0123456789abcdef"
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    stop_at = loop.time() + seconds
+
+    async def worker(source: str) -> None:
+        while loop.time() < stop_at:
+            start = time.perf_counter()
+            client: measure.EchoClient | None = None
+            try:
+                async with asyncio.timeout(10):
+                    client = await _connect(host, port, source)
+                    await client.echo(payload)
+                latencies.append(time.perf_counter() - start)
+            except (OSError, TimeoutError) as exc:
+                errors[measure.describe(exc)] += 1
+                await asyncio.sleep(0.01)  # do not spin on a refusing port
+            finally:
+                if client is not None:
+                    client.close()
+
+    began = time.perf_counter()
+    async with asyncio.timeout(seconds + 30):
+        await asyncio.gather(*(worker(f"127.0.0.{first + i}") for i in range(loops)))
+    elapsed = time.perf_counter() - began
+    await asyncio.sleep(0.1)  # let the last closes go out
+    ordered = sorted(latencies)
+    return {
+        "per_s": len(latencies) / elapsed,
+        "connections": len(latencies),
+        "p99_ms": measure.percentile(ordered, 99) * 1000 if ordered else None,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors.most_common(10)),
+    }
+
+
+def _client(host: str, port: int, loops: int, seconds: float, first: int) -> dict[str, Any]:
+    result: dict[str, Any] = measure.run(_connection_rate(host, port, loops, seconds, first))
+    return result
+
+
+def connection_rate(host: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """CLIENTS processes at once, each LOOPS loops (client i's from 127.0.0.(10 + i·LOOPS + j)):
+    connections/s summed."""
+    firsts = [CLIENT_SOURCES + i * args.loops for i in range(args.clients)]
+    if firsts[-1] + args.loops > 255:
+        raise BenchError("--clients x --loops goes past 127.0.0.255")
+    n = args.clients
+    with concurrent.futures.ProcessPoolExecutor(n) as pool:
+        runs = list(pool.map(_client, [host] * n, [port] * n, [args.loops] * n,
+                             [args.seconds] * n, firsts))  # fmt: skip
+    return {
+        "per_s": sum(r["per_s"] for r in runs),
+        "connections": sum(r["connections"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "p99_ms": max((r["p99_ms"] or 0.0) for r in runs),
+        "clients": runs,
+    }
+
+
+def iperf3(
+    host: str, public: int, server_port: int, seconds: float, logdir: Path
+) -> dict[str, Any]:
+    """iperf3 -c ``host:public``, 1 stream, client to service; a fresh ``iperf3 -s -1`` on
+    127.0.0.1:``server_port`` (readiness from the socket table: a probe would be its test)."""
+    iperf = system.which("iperf3")
+    if iperf is None:
+        raise BenchError("iperf3 not found: apt-get install iperf3")
+    argv = [iperf, "-s", "-1", "-B", "127.0.0.1", "-p", str(server_port)]
+    server = Proc(f"iperf3-server-{server_port}", argv, logdir)
+    try:
+        system.wait_until(f"iperf3 -s on port {server_port}",
+                          lambda: listening_on("127.0.0.1", server_port), 10)  # fmt: skip
+        argv = [iperf, "-c", host, "-p", str(public), "-t", f"{seconds:g}", "-J", "-P", "1",
+                "--connect-timeout", "5000"]  # fmt: skip
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
+                                  check=False)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"iperf3 -c {host}:{public} did not finish in time") from exc
+        try:
+            report = json.loads(done.stdout)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"iperf3 gave no JSON (exit {done.returncode}): "
+                             f"{done.stderr.strip()[:300]}") from exc  # fmt: skip
+        if "error" in report:
+            raise BenchError(f"iperf3 -c {host}:{public}: {report['error']}")
+        received = report["end"]["sum_received"]
+        return {"gbit_s": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
+    finally:
+        server.stop(timeout=2.0)
+
+
+def echo_from(host: str, port: int, timeout: float = 5.0) -> None:
+    """One round trip through ``host:port`` (raises OSError if it fails)."""
+    payload = b"ready?\n"
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            if not (chunk := sock.recv(len(payload) - len(got))):
+                raise OSError("closed before the echo came back")
+            got += chunk
+    if got != payload:
+        raise OSError(f"echo mismatch: {got!r}")
+
+
+# -- part 1: the cost of one forwarding hop -------------------------------------------------
+
+
+class HopSetup:
+    """Redis, gateway one and two, and one agent on gateway one (echo service and iperf3)."""
+
+    def __init__(self, args: argparse.Namespace, mode: str, workdir: Path, echo: int) -> None:
+        self.args, self.mode, self.workdir = args, mode, workdir
+        self.redis = RedisServer(workdir)
+        self.procs: list[Proc] = [self.redis.proc]
+        self.iperf_server = system.free_port()
+        self.gateways = start_fleet(workdir, self.redis, f"hop-{mode}", 2, mode == "tls",
+                                    args.lease)  # fmt: skip
+        self.procs += [g.proc for g in self.gateways]
+        self.agent = start_agent(workdir, "site", self.gateways[0], [echo, self.iperf_server])
+        self.procs.append(self.agent)
+        public = exposed(self.agent, 2, self.gone)
+        self.echo, self.iperf = public[echo], public[self.iperf_server]
+        two = self.gateways[1]
+        for port in (self.echo, self.iperf):  # gateway two forwards both, once it learned them
+            system.wait_until(
+                f"gateway two to forward port {port}",
+                lambda port=port: listening_on(two.host, port),  # type: ignore[misc]
+                READY_TIMEOUT,
+            )
+        for gateway in self.gateways:
+            measure_wait(gateway.host, self.echo, self.gone)
+
+    def gone(self) -> str | None:
+        return system.first_death(self.procs)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # the agent first, then the gateways, then Redis
+            proc.stop()
+
+
+def measure_wait(host: str, port: int, gone: Callable[[], str | None]) -> None:
+    """Wait until a round trip through ``host:port`` works."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if why := gone():
+            raise BenchError(why)
+        try:
+            echo_from(host, port)
+            return
+        except OSError as exc:
+            last = measure.describe(exc)
+        time.sleep(0.05)
+    raise BenchError(f"no echo through {host}:{port} within {READY_TIMEOUT:g} s (last: {last})")
+
+
+def measure_path(args: argparse.Namespace, host: str, echo: int, iperf: int, iperf_server: int,
+                 logdir: Path) -> dict[str, Any]:  # fmt: skip
+    bulk = iperf3(host, iperf, iperf_server, args.seconds, logdir)
+    rtt = round_trips(host, echo, args.round_trips)
+    conn = connection_rate(host, echo, args)
+    return {"gbit_s": bulk["gbit_s"], "rtt_p50_us": rtt["p50_us"], "rtt_p99_us": rtt["p99_us"],
+            "conn_s": conn["per_s"], "conn_p99_ms": conn["p99_ms"], "conn_errors": conn["errors"],
+            "raw": {"iperf3": bulk, "rtt": rtt, "conn": conn}}  # fmt: skip
+
+
+def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Every mode: its own fleet of two; rounds of the paths in alternating order."""
+    echo = EchoService(tmp)
+    results: dict[str, Any] = {"service": [], "modes": {}}
+    try:
+        for mode in args.modes:
+            workdir = tmp / f"hop-{mode}"
+            workdir.mkdir()
+            setup = HopSetup(args, mode, workdir, echo.port)
+            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "forwarded": []}
+            try:
+                one, two = setup.gateways
+                before = (one.forwarded(), two.forwarded())
+                for round_ in range(args.rounds):
+                    # The service itself once per round, in the first mode's setup.
+                    order = [p for p in PATHS if p != "service" or mode == args.modes[0]]
+                    if round_ % 2:
+                        order.reverse()
+                    for path in order:
+                        if path == "service":
+                            server = system.free_port()
+                            result = measure_path(args, "127.0.0.1", echo.port, server, server,
+                                                  workdir)  # fmt: skip
+                            results["service"].append(result)
+                        else:
+                            host = one.host if path == "direct" else two.host
+                            result = measure_path(args, host, setup.echo, setup.iperf,
+                                                  setup.iperf_server, workdir)  # fmt: skip
+                            runs[path].append(result)
+                        if why := setup.gone():
+                            raise BenchError(why)
+                        print(f"{mode} round {round_ + 1}, {path}: {result['gbit_s']:.2f} Gbit/s,"
+                              f" {result['rtt_p50_us']:.0f}/{result['rtt_p99_us']:.0f} µs, "
+                              f"{result['conn_s']:,.0f} connections/s, "
+                              f"{result['conn_errors']} errors", flush=True)  # fmt: skip
+                after = (one.forwarded(), two.forwarded())
+            finally:
+                setup.stop()
+            # Clients that went through gateway two: iperf3's two (control and stream), the
+            # round trips' one, every connection of the rate.
+            made = sum(r["raw"]["conn"]["connections"] + 3 for r in runs["forwarded"])
+            results["modes"][mode] = {
+                "runs": runs,
+                # Forwarded clients: out of gateway two, into gateway one; the same count.
+                "two_out": after[1]["out"] - before[1]["out"],
+                "one_in": after[0]["in"] - before[0]["in"],
+                "failed": after[1]["failed"] - before[1]["failed"],
+                "refused": after[0]["refused"] - before[0]["refused"],
+                "clients_made": made,
+                "direct_forwarded": after[0]["out"] - before[0]["out"],
+                "problems": problems(setup.procs[1:]),
+            }
+            keep_logs(setup.procs[1:], f"hop-{mode}")
+    finally:
+        echo.stop()
+    return results
+
+
+# -- part 2: a fleet and its Redis cost -----------------------------------------------------
+
+
+def redis_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    workdir = tmp / "fleet"
+    workdir.mkdir()
+    echo = EchoService(workdir)
+    redis = RedisServer(workdir)
+    procs = [echo.proc, redis.proc]
+    result: dict[str, Any] = {}
+    try:
+        began = time.monotonic()
+        gateways = start_fleet(workdir, redis, "bench", args.gateways, True, args.lease)
+        procs += [g.proc for g in gateways]
+
+        def gone() -> str | None:
+            return system.first_death(procs)
+
+        result["start_s"] = time.monotonic() - began
+        time.sleep(1.0)  # past the start-up of the fleet: the first announcements
+        first = redis.info()
+        time.sleep(args.base)
+        base = redis.info().since(first)
+        result["background"] = base.plain()
+        background_rate = base.total / base.seconds
+        print(f"background: {background_rate:.2f} commands/s from {len(gateways)} gateways",
+              flush=True)  # fmt: skip
+
+        per_agent: list[dict[str, Any]] = []
+        ports: dict[int, Gateway] = {}  # public port → the gateway holding its agent
+        agents: list[Proc] = []
+        registration_start = redis.info()
+        for i in range(args.agents):
+            gateway = gateways[i % len(gateways)]
+            before = redis.info()
+            agent = start_agent(workdir, f"site-{i:03d}", gateway, [echo.port])
+            procs.append(agent)
+            agents.append(agent)
+            port = exposed(agent, 1, gone)[echo.port]
+            seen = time.monotonic()
+            for other in gateways:
+                if other is not gateway:
+                    system.wait_until(
+                        f"{other.node} to forward port {port}",
+                        lambda o=other, p=port: listening_on(o.host, p),  # type: ignore[misc]
+                        READY_TIMEOUT,
+                        every=0.002,
+                    )
+            everywhere = time.monotonic()
+            for other in gateways:
+                echo_from(other.host, port)
+            delta = redis.info().since(before)
+            ports[port] = gateway
+            per_agent.append({**delta.plain(), "spread_ms": (everywhere - seen) * 1000})
+        registration = redis.info().since(registration_start)
+        result["per_agent"] = per_agent
+        result["registration"] = registration.plain()
+        totals = [a["total"] for a in per_agent]
+        mean = (registration.total - background_rate * registration.seconds) / args.agents
+        print(f"per new agent: {statistics.median(totals):g} commands (median), "
+              f"{mean:.1f} (mean less the background)", flush=True)  # fmt: skip
+
+        time.sleep(1.0)
+        cpu_before = (redis.cpu_s(), cpu_seconds([g.proc.pid for g in gateways]))
+        rest_start = redis.info()
+        time.sleep(args.rest)
+        rest_end = redis.info()
+        rest = rest_end.since(rest_start)
+        cpu_after = (redis.cpu_s(), cpu_seconds([g.proc.pid for g in gateways]))
+        result["rest"] = {**rest.plain(), "redis_clients": rest_end.clients,
+                          "keys": rest_end.keys, "used_memory": rest_end.memory,
+                          "redis_cpu_s": cpu_after[0] - cpu_before[0],
+                          "gateways_cpu_s": cpu_after[1] - cpu_before[1]}  # fmt: skip
+        rest_rate = rest.total / rest.seconds
+        print(f"at rest: {rest_rate:.2f} commands/s", flush=True)
+
+        forwarded_before = [g.forwarded() for g in gateways]
+        targets = [(g.host, port) for port, holder in ports.items() for g in gateways
+                   if g is not holder]  # fmt: skip
+        clients_start = redis.info()
+        clients = many_clients(targets, args.connections)
+        clients_delta = redis.info().since(clients_start)
+        forwarded_after = [g.forwarded() for g in gateways]
+        out = sum(
+            a["out"] - b["out"] for a, b in zip(forwarded_after, forwarded_before, strict=True)
+        )
+        failed = sum(
+            a["failed"] - b["failed"]
+            for a, b in zip(forwarded_after, forwarded_before, strict=True)
+        )
+        expected = rest_rate * clients_delta.seconds  # what the at-rest rate predicts
+        result["clients"] = {**clients, **clients_delta.plain(), "expected": expected,
+                             "forwarded_out": out, "failed": failed}  # fmt: skip
+        print(f"{clients['ok']} forwarded clients: {clients_delta.total} commands meanwhile",
+              flush=True)  # fmt: skip
+        if why := gone():
+            raise BenchError(why)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    tunnelgate_procs = procs[2:]
+    result["problems"] = problems(tunnelgate_procs)
+    keep_logs(tunnelgate_procs, "fleet")
+    return result
+
+
+def many_clients(targets: list[tuple[str, int]], count: int) -> dict[str, Any]:
+    """``count`` clients, 16 at a time, over ``targets`` in turn: connect, echo, close."""
+
+    async def run() -> dict[str, Any]:
+        gate = asyncio.Semaphore(16)
+        errors: Counter[str] = Counter()
+
+        async def one(host: str, port: int) -> None:
+            async with gate:
+                client = None
+                try:
+                    async with asyncio.timeout(10):
+                        client = await _connect(host, port)
+                        await client.echo(b"0123456789abcdef")
+                except (OSError, TimeoutError) as exc:
+                    errors[measure.describe(exc)] += 1
+                finally:
+                    if client is not None:
+                        client.close()
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(*targets[i % len(targets)]) for i in range(count)))
+        seconds = time.perf_counter() - began
+        await asyncio.sleep(0.1)
+        failed = sum(errors.values())
+        return {"ok": count - failed, "errors": failed, "error_kinds": dict(errors),
+                "clients_seconds": seconds}  # fmt: skip
+
+    result: dict[str, Any] = measure.run(run())
+    return result
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], digits: int) -> str:
+    text = f"{median(values):,.{digits}f}"
+    if len(values) > 1:
+        text += f" ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+    return text
+
+
+HOP_FIGURES = (  # key, label, digits
+    ("gbit_s", "iperf3 1 stream, Gbit/s", 2),
+    ("rtt_p50_us", "64 B round trip p50, µs", 0),
+    ("rtt_p99_us", "64 B round trip p99, µs", 0),
+    ("conn_s", "connections/s", 0),
+    ("conn_p99_ms", "connection p99, ms", 2),
+)
+
+
+def hop_report(hop_results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    service = hop_results["service"]
+    lines = [
+        "## One forwarding hop",
+        "",
+        f"Medians (min-max) over {args.rounds} round(s). service: no tunnel. direct: "
+        "127.0.0.1:PORT, the gateway that holds the agent. forwarded: 127.0.0.2:PORT, "
+        "another gateway, which carries each client over the mutual-TLS link to the first. "
+        f"iperf3 {args.seconds:g} s, {args.round_trips:,} round trips, connections from "
+        f"{args.clients} x {args.loops} loops for {args.seconds:g} s.",
+        "",
+    ]
+    for mode, data in hop_results["modes"].items():
+        runs = data["runs"]
+        link = "TLS (default)" if mode == "tls" else "--no-tls"
+        lines += [
+            f"Agent-gateway link {link}; gateway-to-gateway link mutual TLS:",
+            "",
+            "| figure | service | direct | forwarded | forwarded / direct | forwarded - direct |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for key, label, digits in HOP_FIGURES:
+            base = [r[key] for r in service]
+            direct = [r[key] for r in runs["direct"]]
+            forwarded = [r[key] for r in runs["forwarded"]]
+            ratio = median(forwarded) / median(direct) if median(direct) else float("nan")
+            diff = median(forwarded) - median(direct)
+            lines.append(
+                f"| {label} | {spread(base, digits)} | {spread(direct, digits)} | "
+                f"{spread(forwarded, digits)} | {ratio:.2f} | {diff:+,.{digits}f} |"
+            )
+        errors = {path: sum(r["conn_errors"] for r in runs[path]) for path in runs}
+        lines += [
+            "",
+            f"Forwarded clients (the gateways' /metrics): {data['two_out']:,} out of gateway "
+            f"two, {data['one_in']:,} into gateway one (the bench made {data['clients_made']:,} "
+            f"through gateway two), {data['failed']} failed, {data['refused']} refused; "
+            f"connection errors: direct {errors['direct']}, forwarded {errors['forwarded']}.",
+            "",
+        ]
+    return lines
+
+
+def redis_report(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    gateways, agents = args.gateways, args.agents
+    base, rest = data["background"], data["rest"]
+    base_rate = base["total"] / base["seconds"]
+    rest_rate = rest["total"] / rest["seconds"]
+    totals = [a["total"] for a in data["per_agent"]]
+    registration = data["registration"]
+    mean = (registration["total"] - base_rate * registration["seconds"]) / agents
+    clients = data["clients"]
+    per_client = (clients["total"] - clients["expected"]) / max(1, clients["ok"])
+    spread_ms = [a["spread_ms"] for a in data["per_agent"]]
+    lease = args.lease
+    lines = [
+        "## The fleet's Redis cost",
+        "",
+        f"{gateways} gateways (127.0.0.1-{gateways}) in one fleet on one redis-server, "
+        f"{agents} agents spread over them (TLS), one service each, forwarded by every other "
+        f"gateway. fleet_lease = {lease:g} s (tunnelgate's default is 15): renewals every "
+        f"{lease / 3:g} s, a full read of the leases every 60 s. Redis' own count of commands "
+        "(INFO commandstats, the bench's INFO left out).",
+        "",
+        "| figure | commands | which |",
+        "| --- | --- | --- |",
+        f"| background, {gateways} gateways alone ({base['seconds']:.0f} s) | "
+        f"{base_rate:.2f}/s, {base_rate / gateways:.2f}/s per gateway | "
+        f"{commands_text(base['commands'], base['seconds'], '/s')} |",
+        f"| per new agent (one service), median of {agents} | {median(totals):g} "
+        f"(min {min(totals)}, max {max(totals)}) | "
+        f"{commands_text(median_commands(data['per_agent']), 1, '')} |",
+        f"| per new agent, mean less the background | {mean:.1f} | |",
+        f"| at rest, {agents} agents ({rest['seconds']:.0f} s) | {rest_rate:.2f}/s | "
+        f"{commands_text(rest['commands'], rest['seconds'], '/s')} |",
+        f"| at rest, per gateway (the background) | {base_rate / gateways:.2f}/s | |",
+        f"| at rest, per agent beyond it | {(rest_rate - base_rate) / agents:.3f}/s | |",
+        f"| per client connection ({clients['ok']:,} through forwarded ports, "
+        f"{clients['seconds']:.1f} s) | {per_client:+.4f} ({clients['total']} in all, "
+        f"{clients['expected']:.1f} expected at rest) | "
+        f"{commands_text(clients['commands'], 1, '')} |",
+        "",
+        f"At rest: Redis holds {rest['redis_clients']} connections "
+        f"({rest['redis_clients'] / gateways:.1f} per gateway, the bench's own INFO among "
+        f"them), {rest['keys']} keys, {rest['used_memory'] / 2**20:.1f} MiB; Redis used "
+        f"{rest['redis_cpu_s'] / rest['seconds'] * 1000:.1f} ms of CPU per second, the "
+        f"gateways {rest['gateways_cpu_s'] / rest['seconds'] * 1000:.1f} ms/s together. "
+        f"A new port is forwarded by every other gateway {median(spread_ms):.0f} ms (median; "
+        f"max {max(spread_ms):.0f} ms) after its agent logged it exposed (pub/sub). "
+        f"Forwarded clients: {clients['forwarded_out']:,} out, {clients['failed']} failed, "
+        f"{clients['errors']} client errors.",
+        "",
+    ]
+    return lines
+
+
+def median_commands(windows: list[dict[str, Any]]) -> dict[str, float]:
+    """The commands of the median window (by total)."""
+    ordered = sorted(windows, key=lambda w: w["total"])
+    return dict(ordered[(len(ordered) - 1) // 2]["commands"])
+
+
+def commands_text(commands: dict[str, float], seconds: float, unit: str) -> str:
+    parts = sorted(commands.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {count / seconds:.2g}{unit}" for name, count in parts if count)
+
+
+def problems_report(results: dict[str, Any]) -> list[str]:
+    found: dict[str, list[str]] = {}
+    for mode, data in results.get("hop", {}).get("modes", {}).items():
+        for name, lines in data["problems"].items():
+            found[f"hop {mode}: {name}"] = lines
+    for name, lines in results.get("redis", {}).get("problems", {}).items():
+        found[f"fleet: {name}"] = lines
+    if not found:
+        return ["Logs: no traceback, error or warning (the --no-tls warning aside)."]
+    lines = ["Logs (bench/results/fleet-logs/): tracebacks, errors and warnings:", ""]
+    for name, problem_lines in found.items():
+        lines.append(f"- {name}: {len(problem_lines)} line(s)")
+        lines += [f"    {line}" for line in dict.fromkeys(problem_lines)][:5]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
+    system.raise_nofile()
+    if not TUNNELGATE.exists():
+        print(f"{TUNNELGATE} not found: run `make` first", file=sys.stderr)
+        return 2
+    shutil.rmtree(RESULTS / "fleet-logs", ignore_errors=True)
+    began = datetime.datetime.now(datetime.UTC)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tunnelgate-fleet-") as tmp:
+        try:
+            if "hop" not in args.skip:
+                results["hop"] = hop(args, Path(tmp))
+            if "redis" not in args.skip:
+                results["redis"] = redis_cost(args, Path(tmp))
+        finally:
+            system.stop_all()
+    head = [
+        f"# tunnelgate fleet: {began:%Y-%m-%d %H:%M} UTC, {system.machine()['cpu_model']}, "
+        f"{os.cpu_count()} CPUs, {system.tool_version(['redis-server', '--version'])[:30]}",
+        "",
+        f"`{' '.join(['bench/fleet.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        "",
+    ]
+    body: list[str] = []
+    if "hop" in results:
+        body += hop_report(results["hop"], args)
+    if "redis" in results:
+        body += redis_report(results["redis"], args)
+    text = "\n".join(head + body + problems_report(results))
+    print("\n" + text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v for k, v in vars(args).items() if k != "json"}
+    args.json.write_text(json.dumps({"options": plain, "machine": system.machine(),
+                                     "git": system.git_state(REPO), "results": results},
+                                    indent=1, default=str))  # fmt: skip
+    args.json.with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,18 +24,19 @@ the real CLI on loopback, with a throwaway ``redis-server`` and the fleet's own 
 
 2. What the fleet costs in Redis. GATEWAYS gateways (127.0.0.1, .2, .3, …) in one fleet, then
    AGENTS agents spread over them, each exposing the echo service on a port its gateway picks,
-   which every other gateway then forwards. Redis counts the commands it ran (``INFO
-   commandstats``; the bench's own INFO left out):
+   which every other gateway then forwards. Redis counts the requests it served
+   (``total_commands_processed``: a script is one) and the commands it ran (``INFO
+   commandstats``: a script's own commands too), the bench's own INFO left out:
 
-       background   commands/s of the gateways alone, over BASE seconds
-       per agent    commands from just before an agent starts until its port answers on every
-                    gateway (the agents start one after another): the median over the agents
-                    leaves out the windows a renewal fell in; the mean has the background
-                    taken off
-       at rest      commands/s over REST seconds, every agent connected: per gateway (the
+       background   per second, of the gateways alone, over BASE seconds
+       per agent    from just before an agent starts until its port answers on every gateway
+                    (the agents start one after another): the median over the agents leaves
+                    out the windows a renewal fell in; the mean has the background taken off
+       at rest      per second over REST seconds, every agent connected: per gateway (the
                     background) and, beyond it, per agent
-       per client   commands while CONNECTIONS clients connect through forwarded ports, less
-                    what the at-rest rate predicts for that time: Redis is on no client's path
+       per client   while CONNECTIONS clients connect through forwarded ports, started evenly
+                    over CLIENT_PERIODS renewal periods, less what the at-rest rate predicts
+                    for that time: Redis is on no client's path
 
    The lease stays at tunnelgate's default (``fleet_lease = 15``, ``--lease``): each gateway
    renews every third of it (5 s) and reads every lease again every 60 s, so the at-rest
@@ -88,7 +89,7 @@ EXPECTED = re.compile(r"TLS is OFF")  # the warning every --no-tls process gives
 OWN_COMMANDS = {"info"}  # what the bench itself sends Redis
 QUICK = {
     "rounds": 1, "seconds": 2.0, "round_trips": 2000, "gateways": 2, "agents": 6, "base": 5.0,
-    "rest": 10.0, "connections": 200,
+    "rest": 10.0, "connections": 200, "client_periods": 1,
 }  # fmt: skip
 
 
@@ -115,8 +116,12 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds at rest with every agent connected (60)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=1000,
                         help="clients through forwarded ports, at the end (1000)")  # fmt: skip
+    parser.add_argument("--client-periods", type=int, default=2,
+                        help="renewal periods (lease / 3) to spread them over (2)")  # fmt: skip
     parser.add_argument("--lease", type=float, default=15.0,
                         help="fleet_lease of every gateway (15, tunnelgate's default)")  # fmt: skip
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"),
+                        help="the gateways' (warning: no line per client)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round of 2 s; 2 gateways, 6 agents")  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS / "fleet-latest.json",
@@ -129,8 +134,10 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [mode for mode in args.modes.split(",") if mode]
     if not args.skip <= {"hop", "redis"} or not set(args.modes) <= set(MODES):
         parser.error("--skip takes hop, redis; --modes takes tls, notls")
-    if min(args.rounds, args.clients, args.loops, args.agents, args.round_trips) < 1:
-        parser.error("--rounds, --clients, --loops, --agents and --round-trips must be >= 1")
+    if min(args.rounds, args.clients, args.loops, args.agents, args.round_trips,
+           args.connections, args.client_periods) < 1:  # fmt: skip
+        parser.error("--rounds, --clients, --loops, --agents, --round-trips, --connections and "
+                     "--client-periods must be at least 1")  # fmt: skip
     if not 2 <= args.gateways <= len(HOSTS):
         parser.error(f"--gateways must be 2 to {len(HOSTS)}")
     return args
@@ -168,7 +175,7 @@ class RedisServer:
                 10,
             )
             if proc.alive():
-                self.proc, self.port = proc, port
+                self.proc, self.port, self.asked = proc, port, 0
                 return
             if "already in use" not in proc.stdout():
                 raise BenchError(proc.died() + "\n" + proc.stdout()[-500:])
@@ -180,19 +187,25 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def info(self) -> Snapshot:
-        """Its counters now: commands by name (the bench's INFO left out), clients, keys."""
+        """Its counters now: requests served (``total_commands_processed``, which counts an
+        EVAL once) and commands run by name (``commandstats``, which counts the commands a
+        script runs too), each without the bench's INFO; connections, keys, memory."""
         done = subprocess.run(
-            [str(self.cli), "-p", str(self.port), "INFO", "commandstats", "clients", "keyspace",
-             "memory"],
+            [str(self.cli), "-p", str(self.port), "INFO", "stats", "commandstats", "clients",
+             "keyspace", "memory"],
             capture_output=True, text=True, timeout=10, check=False,
         )  # fmt: skip
         if done.returncode != 0:
             raise BenchError(f"redis-cli INFO: {done.stderr.strip() or done.stdout.strip()}")
-        snapshot = Snapshot(time.monotonic())
+        # A command is counted once it ran: an INFO's figures leave out itself, not the earlier.
+        snapshot = Snapshot(time.monotonic(), own=self.asked)
+        self.asked += 1
         for line in done.stdout.splitlines():
             name, _, value = line.strip().partition(":")
             if name.startswith("cmdstat_") and (command := name[8:]) not in OWN_COMMANDS:
                 snapshot.commands[command] = int(value.split("calls=")[1].split(",")[0])
+            elif name == "total_commands_processed":
+                snapshot.requests = int(value)
             elif name == "connected_clients":
                 snapshot.clients = int(value)
             elif name == "used_memory":
@@ -210,28 +223,34 @@ class Snapshot:
     """Redis' counters at one moment."""
 
     at: float
+    own: int  # the bench's INFO requests before this one
+    requests: int = 0
     commands: Counter[str] = field(default_factory=Counter)
     clients: int = 0
     keys: int = 0
     memory: int = 0
 
     def since(self, before: Snapshot) -> Delta:
-        return Delta(self.at - before.at, self.commands - before.commands)
+        requests = self.requests - before.requests - (self.own - before.own)
+        return Delta(self.at - before.at, requests, self.commands - before.commands)
 
 
 @dataclass
 class Delta:
-    """The commands Redis ran between two snapshots."""
+    """What Redis did between two snapshots (the bench's INFO left out)."""
 
     seconds: float
-    commands: Counter[str]
+    requests: int  # commands the gateways sent (a script: one)
+    commands: Counter[str]  # commands run, by name (a script's own commands too)
 
     @property
     def total(self) -> int:
+        """Commands run, a script's own commands too."""
         return sum(self.commands.values())
 
     def plain(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "total": self.total, "commands": dict(self.commands)}
+        return {"seconds": self.seconds, "requests": self.requests, "total": self.total,
+                "commands": dict(self.commands)}  # fmt: skip
 
 
 # -- the fleet ------------------------------------------------------------------------------
@@ -264,7 +283,7 @@ class Gateway:
     gateway-to-gateway port on ``host`` too, an admin listener (for /metrics) on 127.0.0.1."""
 
     def __init__(self, workdir: Path, node: str, host: str, redis: RedisServer, fleet: str,
-                 certificates: str, tls: bool, lease: float) -> None:  # fmt: skip
+                 certificates: str, tls: bool, lease: float, log_level: str) -> None:  # fmt: skip
         self.node, self.host, self.tls = node, host, tls
         config = workdir / f"{node}.toml"
         config.write_text(
@@ -276,7 +295,7 @@ class Gateway:
             f"gateway-{node}",
             [str(TUNNELGATE), "gateway", "--listen", f"{host}:0", "--config", str(config),
              "--state-dir", str(workdir / f"state-{node}"), "--admin", "127.0.0.1:0",
-             "--log-level", "warning", *plain],
+             "--log-level", log_level, *plain],
             workdir, tunnelgate_env(),
         )  # fmt: skip
 
@@ -311,11 +330,21 @@ class Gateway:
 
 
 def start_fleet(workdir: Path, redis: RedisServer, fleet: str, count: int, tls: bool,
-                lease: float) -> list[Gateway]:  # fmt: skip
+                args: argparse.Namespace) -> list[Gateway]:  # fmt: skip
     nodes = [f"gw{i + 1}" for i in range(count)]
     certificates = fleet_certificates(workdir, nodes)
     gateways = [
-        Gateway(workdir, node, HOSTS[i], redis, fleet, certificates[node], tls, lease)
+        Gateway(
+            workdir,
+            node,
+            HOSTS[i],
+            redis,
+            fleet,
+            certificates[node],
+            tls,
+            args.lease,
+            args.log_level,
+        )
         for i, node in enumerate(nodes)
     ]
     for gateway in gateways:
@@ -555,8 +584,7 @@ class HopSetup:
         self.redis = RedisServer(workdir)
         self.procs: list[Proc] = [self.redis.proc]
         self.iperf_server = system.free_port()
-        self.gateways = start_fleet(workdir, self.redis, f"hop-{mode}", 2, mode == "tls",
-                                    args.lease)  # fmt: skip
+        self.gateways = start_fleet(workdir, self.redis, f"hop-{mode}", 2, mode == "tls", args)
         self.procs += [g.proc for g in self.gateways]
         self.agent = start_agent(workdir, "site", self.gateways[0], [echo, self.iperf_server])
         self.procs.append(self.agent)
@@ -596,14 +624,32 @@ def measure_wait(host: str, port: int, gone: Callable[[], str | None]) -> None:
     raise BenchError(f"no echo through {host}:{port} within {READY_TIMEOUT:g} s (last: {last})")
 
 
+def cpu_now(sides: dict[str, list[int]]) -> dict[str, float]:
+    return {side: cpu_seconds(pids) for side, pids in sides.items()}
+
+
+def cpu_since(before: dict[str, float], sides: dict[str, list[int]]) -> dict[str, float]:
+    return {side: cpu - before[side] for side, cpu in cpu_now(sides).items()}
+
+
 def measure_path(args: argparse.Namespace, host: str, echo: int, iperf: int, iperf_server: int,
-                 logdir: Path) -> dict[str, Any]:  # fmt: skip
+                 logdir: Path, sides: dict[str, list[int]]) -> dict[str, Any]:  # fmt: skip
+    """Throughput, round trips and connection rate through ``host``; the CPU time each of
+    ``sides`` (tunnel processes) used per GB relayed and per connection."""
+    start = cpu_now(sides)
     bulk = iperf3(host, iperf, iperf_server, args.seconds, logdir)
+    bulk_cpu = cpu_since(start, sides)
     rtt = round_trips(host, echo, args.round_trips)
+    start = cpu_now(sides)
     conn = connection_rate(host, echo, args)
-    return {"gbit_s": bulk["gbit_s"], "rtt_p50_us": rtt["p50_us"], "rtt_p99_us": rtt["p99_us"],
-            "conn_s": conn["per_s"], "conn_p99_ms": conn["p99_ms"], "conn_errors": conn["errors"],
-            "raw": {"iperf3": bulk, "rtt": rtt, "conn": conn}}  # fmt: skip
+    conn_cpu = cpu_since(start, sides)
+    result = {"gbit_s": bulk["gbit_s"], "rtt_p50_us": rtt["p50_us"], "rtt_p99_us": rtt["p99_us"],
+              "conn_s": conn["per_s"], "conn_p99_ms": conn["p99_ms"], "conn_errors": conn["errors"],
+              "raw": {"iperf3": bulk, "rtt": rtt, "conn": conn}}  # fmt: skip
+    for side in sides:
+        result[f"{side}_s_per_gb"] = bulk_cpu[side] / (bulk["bytes"] / 1e9 or 1.0)
+        result[f"{side}_us_per_conn"] = conn_cpu[side] / (conn["connections"] or 1) * 1e6
+    return result
 
 
 def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -618,6 +664,8 @@ def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {"direct": [], "forwarded": []}
             try:
                 one, two = setup.gateways
+                sides = {"one": [one.proc.pid], "two": [two.proc.pid],
+                         "agent": [setup.agent.pid]}  # fmt: skip
                 before = (one.forwarded(), two.forwarded())
                 for round_ in range(args.rounds):
                     # The service itself once per round, in the first mode's setup.
@@ -628,12 +676,12 @@ def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         if path == "service":
                             server = system.free_port()
                             result = measure_path(args, "127.0.0.1", echo.port, server, server,
-                                                  workdir)  # fmt: skip
+                                                  workdir, {})  # fmt: skip
                             results["service"].append(result)
                         else:
                             host = one.host if path == "direct" else two.host
                             result = measure_path(args, host, setup.echo, setup.iperf,
-                                                  setup.iperf_server, workdir)  # fmt: skip
+                                                  setup.iperf_server, workdir, sides)  # fmt: skip
                             runs[path].append(result)
                         if why := setup.gone():
                             raise BenchError(why)
@@ -644,6 +692,7 @@ def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 after = (one.forwarded(), two.forwarded())
             finally:
                 setup.stop()
+                keep_logs(setup.procs[1:], f"hop-{mode}")
             # Clients that went through gateway two: iperf3's two (control and stream), the
             # round trips' one, every connection of the rate.
             made = sum(r["raw"]["conn"]["connections"] + 3 for r in runs["forwarded"])
@@ -658,7 +707,6 @@ def hop(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "direct_forwarded": after[0]["out"] - before[0]["out"],
                 "problems": problems(setup.procs[1:]),
             }
-            keep_logs(setup.procs[1:], f"hop-{mode}")
     finally:
         echo.stop()
     return results
@@ -675,33 +723,28 @@ def redis_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     procs = [echo.proc, redis.proc]
     result: dict[str, Any] = {}
     try:
-        began = time.monotonic()
-        gateways = start_fleet(workdir, redis, "bench", args.gateways, True, args.lease)
+        gateways = start_fleet(workdir, redis, "bench", args.gateways, True, args)
         procs += [g.proc for g in gateways]
 
         def gone() -> str | None:
             return system.first_death(procs)
 
-        result["start_s"] = time.monotonic() - began
-        time.sleep(1.0)  # past the start-up of the fleet: the first announcements
-        first = redis.info()
+        time.sleep(1.0)  # past the fleet's start: its first announcements
+        start = redis.info()
         time.sleep(args.base)
-        base = redis.info().since(first)
+        base = redis.info().since(start)
         result["background"] = base.plain()
-        background_rate = base.total / base.seconds
-        print(f"background: {background_rate:.2f} commands/s from {len(gateways)} gateways",
-              flush=True)  # fmt: skip
+        print(f"background: {base.requests / base.seconds:.2f} requests/s from "
+              f"{len(gateways)} gateways", flush=True)  # fmt: skip
 
-        per_agent: list[dict[str, Any]] = []
-        ports: dict[int, Gateway] = {}  # public port → the gateway holding its agent
-        agents: list[Proc] = []
-        registration_start = redis.info()
+        windows: list[dict[str, Any]] = []
+        ports: dict[int, Gateway] = {}  # public port → the gateway that holds its agent
+        start = redis.info()
         for i in range(args.agents):
             gateway = gateways[i % len(gateways)]
             before = redis.info()
             agent = start_agent(workdir, f"site-{i:03d}", gateway, [echo.port])
             procs.append(agent)
-            agents.append(agent)
             port = exposed(agent, 1, gone)[echo.port]
             seen = time.monotonic()
             for other in gateways:
@@ -715,88 +758,87 @@ def redis_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             everywhere = time.monotonic()
             for other in gateways:
                 echo_from(other.host, port)
-            delta = redis.info().since(before)
+            windows.append({**redis.info().since(before).plain(),
+                            "spread_ms": (everywhere - seen) * 1000})  # fmt: skip
             ports[port] = gateway
-            per_agent.append({**delta.plain(), "spread_ms": (everywhere - seen) * 1000})
-        registration = redis.info().since(registration_start)
-        result["per_agent"] = per_agent
+        registration = redis.info().since(start)
+        result["per_agent"] = windows
         result["registration"] = registration.plain()
-        totals = [a["total"] for a in per_agent]
-        mean = (registration.total - background_rate * registration.seconds) / args.agents
-        print(f"per new agent: {statistics.median(totals):g} commands (median), "
-              f"{mean:.1f} (mean less the background)", flush=True)  # fmt: skip
+        print(f"per new agent: {median([w['requests'] for w in windows]):g} requests (median)",
+              flush=True)  # fmt: skip
 
         time.sleep(1.0)
-        cpu_before = (redis.cpu_s(), cpu_seconds([g.proc.pid for g in gateways]))
-        rest_start = redis.info()
+        pids = [g.proc.pid for g in gateways]
+        cpu = (redis.cpu_s(), cpu_seconds(pids))
+        start = redis.info()
         time.sleep(args.rest)
-        rest_end = redis.info()
-        rest = rest_end.since(rest_start)
-        cpu_after = (redis.cpu_s(), cpu_seconds([g.proc.pid for g in gateways]))
-        result["rest"] = {**rest.plain(), "redis_clients": rest_end.clients,
-                          "keys": rest_end.keys, "used_memory": rest_end.memory,
-                          "redis_cpu_s": cpu_after[0] - cpu_before[0],
-                          "gateways_cpu_s": cpu_after[1] - cpu_before[1]}  # fmt: skip
-        rest_rate = rest.total / rest.seconds
-        print(f"at rest: {rest_rate:.2f} commands/s", flush=True)
+        end = redis.info()
+        rest = end.since(start)
+        result["rest"] = {**rest.plain(), "redis_clients": end.clients, "keys": end.keys,
+                          "used_memory": end.memory, "redis_cpu_s": redis.cpu_s() - cpu[0],
+                          "gateways_cpu_s": cpu_seconds(pids) - cpu[1]}  # fmt: skip
+        rest_rate = rest.requests / rest.seconds
+        print(f"at rest: {rest_rate:.2f} requests/s", flush=True)
 
-        forwarded_before = [g.forwarded() for g in gateways]
+        # Clients paced over whole renewal periods, so that the window holds as many
+        # renewals as the same time at rest.
+        seconds = args.client_periods * args.lease / 3
+        counts = [g.forwarded() for g in gateways]
         targets = [(g.host, port) for port, holder in ports.items() for g in gateways
                    if g is not holder]  # fmt: skip
-        clients_start = redis.info()
-        clients = many_clients(targets, args.connections)
-        clients_delta = redis.info().since(clients_start)
-        forwarded_after = [g.forwarded() for g in gateways]
-        out = sum(
-            a["out"] - b["out"] for a, b in zip(forwarded_after, forwarded_before, strict=True)
-        )
-        failed = sum(
-            a["failed"] - b["failed"]
-            for a, b in zip(forwarded_after, forwarded_before, strict=True)
-        )
-        expected = rest_rate * clients_delta.seconds  # what the at-rest rate predicts
-        result["clients"] = {**clients, **clients_delta.plain(), "expected": expected,
-                             "forwarded_out": out, "failed": failed}  # fmt: skip
-        print(f"{clients['ok']} forwarded clients: {clients_delta.total} commands meanwhile",
+        start = redis.info()
+        clients = many_clients(targets, args.connections, seconds)
+        during = redis.info().since(start)
+        forwarded = [g.forwarded() - before for g, before in zip(gateways, counts, strict=True)]
+        result["clients"] = {
+            **clients, **during.plain(),
+            "expected": rest_rate * during.seconds,  # what the at-rest rate predicts
+            "expected_total": rest.total / rest.seconds * during.seconds,
+            "forwarded_out": sum(c["out"] for c in forwarded),
+            "failed": sum(c["failed"] for c in forwarded),
+        }  # fmt: skip
+        print(f"{clients['ok']} forwarded clients: {during.requests} requests meanwhile",
               flush=True)  # fmt: skip
         if why := gone():
             raise BenchError(why)
     finally:
         for proc in reversed(procs):
             proc.stop()
-    tunnelgate_procs = procs[2:]
-    result["problems"] = problems(tunnelgate_procs)
-    keep_logs(tunnelgate_procs, "fleet")
+        keep_logs(procs[2:], "fleet")
+    result["problems"] = problems(procs[2:])
     return result
 
 
-def many_clients(targets: list[tuple[str, int]], count: int) -> dict[str, Any]:
-    """``count`` clients, 16 at a time, over ``targets`` in turn: connect, echo, close."""
+def many_clients(targets: list[tuple[str, int]], count: int, seconds: float) -> dict[str, Any]:
+    """``count`` clients started evenly over ``seconds``, over ``targets`` in turn: connect,
+    echo 16 bytes, close."""
 
     async def run() -> dict[str, Any]:
-        gate = asyncio.Semaphore(16)
+        loop = asyncio.get_running_loop()
         errors: Counter[str] = Counter()
 
-        async def one(host: str, port: int) -> None:
-            async with gate:
-                client = None
-                try:
-                    async with asyncio.timeout(10):
-                        client = await _connect(host, port)
-                        await client.echo(b"0123456789abcdef")
-                except (OSError, TimeoutError) as exc:
-                    errors[measure.describe(exc)] += 1
-                finally:
-                    if client is not None:
-                        client.close()
+        async def one(delay: float, host: str, port: int) -> None:
+            await asyncio.sleep(delay)
+            client = None
+            try:
+                async with asyncio.timeout(10):
+                    client = await _connect(host, port)
+                    await client.echo(b"0123456789abcdef")
+            except (OSError, TimeoutError) as exc:
+                errors[measure.describe(exc)] += 1
+            finally:
+                if client is not None:
+                    client.close()
 
-        began = time.perf_counter()
-        await asyncio.gather(*(one(*targets[i % len(targets)]) for i in range(count)))
-        seconds = time.perf_counter() - began
+        began = loop.time()
+        await asyncio.gather(
+            *(one(i * seconds / count, *targets[i % len(targets)]) for i in range(count))
+        )
+        took = loop.time() - began
         await asyncio.sleep(0.1)
         failed = sum(errors.values())
         return {"ok": count - failed, "errors": failed, "error_kinds": dict(errors),
-                "clients_seconds": seconds}  # fmt: skip
+                "clients_seconds": took}  # fmt: skip
 
     result: dict[str, Any] = measure.run(run())
     return result
@@ -821,7 +863,15 @@ HOP_FIGURES = (  # key, label, digits
     ("rtt_p50_us", "64 B round trip p50, µs", 0),
     ("rtt_p99_us", "64 B round trip p99, µs", 0),
     ("conn_s", "connections/s", 0),
-    ("conn_p99_ms", "connection p99, ms", 2),
+    ("conn_p99_ms", "connection p99, ms", 1),
+)
+CPU_FIGURES = (  # key, label, digits
+    ("one_us_per_conn", "gateway one, CPU µs per connection", 0),
+    ("two_us_per_conn", "gateway two, CPU µs per connection", 0),
+    ("agent_us_per_conn", "agent, CPU µs per connection", 0),
+    ("one_s_per_gb", "gateway one, CPU s per GB", 2),
+    ("two_s_per_gb", "gateway two, CPU s per GB", 2),
+    ("agent_s_per_gb", "agent, CPU s per GB", 2),
 )
 
 
@@ -831,30 +881,32 @@ def hop_report(hop_results: dict[str, Any], args: argparse.Namespace) -> list[st
         "## One forwarding hop",
         "",
         f"Medians (min-max) over {args.rounds} round(s). service: no tunnel. direct: "
-        "127.0.0.1:PORT, the gateway that holds the agent. forwarded: 127.0.0.2:PORT, "
-        "another gateway, which carries each client over the mutual-TLS link to the first. "
-        f"iperf3 {args.seconds:g} s, {args.round_trips:,} round trips, connections from "
-        f"{args.clients} x {args.loops} loops for {args.seconds:g} s.",
+        "127.0.0.1:PORT, the gateway that holds the agent (gateway one). forwarded: "
+        "127.0.0.2:PORT, gateway two, which carries each client over a link of its own "
+        "(TCP + mutual TLS 1.3) to gateway one. "
+        f"iperf3 {args.seconds:g} s, {args.round_trips:,} round trips on one connection, "
+        f"connections from {args.clients} processes x {args.loops} loops for "
+        f"{args.seconds:g} s. Everything shares the machine's {os.cpu_count()} CPUs.",
         "",
     ]
     for mode, data in hop_results["modes"].items():
         runs = data["runs"]
-        link = "TLS (default)" if mode == "tls" else "--no-tls"
+        link = "TLS (the default)" if mode == "tls" else "--no-tls"
         lines += [
-            f"Agent-gateway link {link}; gateway-to-gateway link mutual TLS:",
+            f"### Agent-gateway link {link}; gateway-to-gateway link mutual TLS",
             "",
             "| figure | service | direct | forwarded | forwarded / direct | forwarded - direct |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        for key, label, digits in HOP_FIGURES:
-            base = [r[key] for r in service]
+        for key, label, digits in HOP_FIGURES + CPU_FIGURES:
+            base = [r[key] for r in service if key in r]
             direct = [r[key] for r in runs["direct"]]
             forwarded = [r[key] for r in runs["forwarded"]]
             ratio = median(forwarded) / median(direct) if median(direct) else float("nan")
             diff = median(forwarded) - median(direct)
             lines.append(
-                f"| {label} | {spread(base, digits)} | {spread(direct, digits)} | "
-                f"{spread(forwarded, digits)} | {ratio:.2f} | {diff:+,.{digits}f} |"
+                f"| {label} | {spread(base, digits) if base else ''} | {spread(direct, digits)} "
+                f"| {spread(forwarded, digits)} | {ratio:.2f} | {diff:+,.{digits}f} |"
             )
         errors = {path: sum(r["conn_errors"] for r in runs[path]) for path in runs}
         lines += [
@@ -869,66 +921,82 @@ def hop_report(hop_results: dict[str, Any], args: argparse.Namespace) -> list[st
 
 
 def redis_report(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    gateways, agents = args.gateways, args.agents
-    base, rest = data["background"], data["rest"]
-    base_rate = base["total"] / base["seconds"]
-    rest_rate = rest["total"] / rest["seconds"]
-    totals = [a["total"] for a in data["per_agent"]]
-    registration = data["registration"]
-    mean = (registration["total"] - base_rate * registration["seconds"]) / agents
-    clients = data["clients"]
-    per_client = (clients["total"] - clients["expected"]) / max(1, clients["ok"])
-    spread_ms = [a["spread_ms"] for a in data["per_agent"]]
-    lease = args.lease
+    gateways, agents, lease = args.gateways, args.agents, args.lease
+    base, rest, clients = data["background"], data["rest"], data["clients"]
+    windows, registration = data["per_agent"], data["registration"]
+
+    def rate(window: dict[str, Any], key: str) -> float:
+        return float(window[key]) / window["seconds"]
+
+    def beyond(key: str) -> float:  # the mean per agent, the background taken off
+        return (registration[key] - rate(base, key) * registration["seconds"]) / agents
+
+    def per_client(key: str) -> float:
+        expected = clients["expected"] if key == "requests" else clients["expected_total"]
+        return (clients[key] - expected) / max(1, clients["ok"])
+
+    requests = [w["requests"] for w in windows]
+    totals = [w["total"] for w in windows]
+    spread_ms = [w["spread_ms"] for w in windows]
     lines = [
         "## The fleet's Redis cost",
         "",
-        f"{gateways} gateways (127.0.0.1-{gateways}) in one fleet on one redis-server, "
-        f"{agents} agents spread over them (TLS), one service each, forwarded by every other "
-        f"gateway. fleet_lease = {lease:g} s (tunnelgate's default is 15): renewals every "
-        f"{lease / 3:g} s, a full read of the leases every 60 s. Redis' own count of commands "
-        "(INFO commandstats, the bench's INFO left out).",
+        f"{gateways} gateways (127.0.0.1-{gateways}) in one fleet on one redis-server; "
+        f"{agents} agents spread over them (TLS), one service each, which every other gateway "
+        f"forwards. fleet_lease = {lease:g} s (tunnelgate's default: 15): each gateway renews "
+        f"every {lease / 3:g} s and reads every lease again every 60 s. Requests: what the "
+        "gateways send (Redis' total_commands_processed; a script is one); commands: what "
+        "Redis runs (INFO commandstats; a script's own commands too). The bench's INFO is "
+        "left out of both.",
         "",
-        "| figure | commands | which |",
-        "| --- | --- | --- |",
-        f"| background, {gateways} gateways alone ({base['seconds']:.0f} s) | "
-        f"{base_rate:.2f}/s, {base_rate / gateways:.2f}/s per gateway | "
+        "| figure | requests | commands | commands by name |",
+        "| --- | --- | --- | --- |",
+        f"| background: {gateways} gateways alone, {base['seconds']:.0f} s | "
+        f"{rate(base, 'requests'):.2f}/s | {rate(base, 'total'):.2f}/s | "
         f"{commands_text(base['commands'], base['seconds'], '/s')} |",
-        f"| per new agent (one service), median of {agents} | {median(totals):g} "
-        f"(min {min(totals)}, max {max(totals)}) | "
-        f"{commands_text(median_commands(data['per_agent']), 1, '')} |",
-        f"| per new agent, mean less the background | {mean:.1f} | |",
-        f"| at rest, {agents} agents ({rest['seconds']:.0f} s) | {rest_rate:.2f}/s | "
+        f"| … per gateway | {rate(base, 'requests') / gateways:.2f}/s | "
+        f"{rate(base, 'total') / gateways:.2f}/s | |",
+        f"| per new agent (one service): median of {agents} ({min(requests)}-{max(requests)}) "
+        f"| {median(requests):g} | {median(totals):g} | "
+        f"{commands_text(median_commands(windows), 1, '')} |",
+        f"| … mean, the background taken off | {beyond('requests'):.1f} | "
+        f"{beyond('total'):.1f} | |",
+        f"| at rest: {agents} agents, {rest['seconds']:.0f} s | {rate(rest, 'requests'):.2f}/s "
+        f"| {rate(rest, 'total'):.2f}/s | "
         f"{commands_text(rest['commands'], rest['seconds'], '/s')} |",
-        f"| at rest, per gateway (the background) | {base_rate / gateways:.2f}/s | |",
-        f"| at rest, per agent beyond it | {(rest_rate - base_rate) / agents:.3f}/s | |",
-        f"| per client connection ({clients['ok']:,} through forwarded ports, "
-        f"{clients['seconds']:.1f} s) | {per_client:+.4f} ({clients['total']} in all, "
-        f"{clients['expected']:.1f} expected at rest) | "
-        f"{commands_text(clients['commands'], 1, '')} |",
+        f"| … per agent, beyond the background | "
+        f"{(rate(rest, 'requests') - rate(base, 'requests')) / agents:.3f}/s | "
+        f"{(rate(rest, 'total') - rate(base, 'total')) / agents:.3f}/s | |",
+        f"| per client: {clients['ok']:,} through forwarded ports over "
+        f"{clients['seconds']:.1f} s, less the at-rest rate | {per_client('requests'):+.4f} | "
+        f"{per_client('total'):+.4f} | |",
         "",
-        f"At rest: Redis holds {rest['redis_clients']} connections "
-        f"({rest['redis_clients'] / gateways:.1f} per gateway, the bench's own INFO among "
-        f"them), {rest['keys']} keys, {rest['used_memory'] / 2**20:.1f} MiB; Redis used "
+        f"The clients' window: {clients['requests']} requests, {clients['total']} commands; "
+        f"the at-rest rate predicts {clients['expected']:.0f} and "
+        f"{clients['expected_total']:.0f} for that time (one request per client would have "
+        f"added {clients['ok']:,}). Forwarded by the gateways: {clients['forwarded_out']:,}, "
+        f"{clients['failed']} failed; {clients['errors']} client errors.",
+        "",
+        f"At rest: Redis holds {rest['redis_clients'] - 1} connections of the gateways "
+        f"({(rest['redis_clients'] - 1) / gateways:.1f} each), {rest['keys']} keys, "
+        f"{rest['used_memory'] / 2**20:.1f} MiB; it used "
         f"{rest['redis_cpu_s'] / rest['seconds'] * 1000:.1f} ms of CPU per second, the "
         f"gateways {rest['gateways_cpu_s'] / rest['seconds'] * 1000:.1f} ms/s together. "
-        f"A new port is forwarded by every other gateway {median(spread_ms):.0f} ms (median; "
-        f"max {max(spread_ms):.0f} ms) after its agent logged it exposed (pub/sub). "
-        f"Forwarded clients: {clients['forwarded_out']:,} out, {clients['failed']} failed, "
-        f"{clients['errors']} client errors.",
+        f"A new port is forwarded by every other gateway {median(spread_ms):.0f} ms after its "
+        f"agent logged it exposed (median; max {max(spread_ms):.0f} ms): pub/sub, no polling.",
         "",
     ]
     return lines
 
 
 def median_commands(windows: list[dict[str, Any]]) -> dict[str, float]:
-    """The commands of the median window (by total)."""
+    """The commands of the median window (by commands run)."""
     ordered = sorted(windows, key=lambda w: w["total"])
     return dict(ordered[(len(ordered) - 1) // 2]["commands"])
 
 
 def commands_text(commands: dict[str, float], seconds: float, unit: str) -> str:
-    parts = sorted(commands.items(), key=lambda item: -item[1])
+    parts = sorted(commands.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{name} {count / seconds:.2g}{unit}" for name, count in parts if count)
 
 
@@ -944,8 +1012,14 @@ def problems_report(results: dict[str, Any]) -> list[str]:
     lines = ["Logs (bench/results/fleet-logs/): tracebacks, errors and warnings:", ""]
     for name, problem_lines in found.items():
         lines.append(f"- {name}: {len(problem_lines)} line(s)")
-        lines += [f"    {line}" for line in dict.fromkeys(problem_lines)][:5]
+        lines += [f"    {line}" for line in list(dict.fromkeys(problem_lines))[:5]]
     return lines
+
+
+def redis_version() -> str:
+    text = system.tool_version(["redis-server", "--version"])
+    found = re.search(r"v=(\S+)", text)
+    return found.group(1) if found else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -963,11 +1037,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["hop"] = hop(args, Path(tmp))
             if "redis" not in args.skip:
                 results["redis"] = redis_cost(args, Path(tmp))
+        except BenchError as exc:
+            print(f"\nfleet bench failed: {exc}\n(logs in {RESULTS / 'fleet-logs'})",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         finally:
             system.stop_all()
     head = [
         f"# tunnelgate fleet: {began:%Y-%m-%d %H:%M} UTC, {system.machine()['cpu_model']}, "
-        f"{os.cpu_count()} CPUs, {system.tool_version(['redis-server', '--version'])[:30]}",
+        f"{os.cpu_count()} CPUs, redis-server {redis_version()}",
         "",
         f"`{' '.join(['bench/fleet.py', *(argv if argv is not None else sys.argv[1:])])}`",
         "",

@@ -8,6 +8,7 @@ is reached there; a gateway paused past its lease gives up the port it lost and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,13 @@ import trustme
 from kit.clients import echo_through, http_json
 from kit.ports import start_listening
 from kit.processes import GatewayProc, Launch, Proc, require_tool
+from kit.services import tcp_service
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, wait_for
 from test_fleet_cli import fleet_gateway, lease
+from test_groups_cli import named_echo, who_answers
+
+from tunnelgate import credentials
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -360,3 +366,56 @@ def test_a_gateway_paused_past_its_lease_forwards_the_port_it_lost(
     echo_from(HOSTS[0], port, b"through the gateway that was paused " * 100)
     one.proc.wait_line(r"forwarded to gateway p1 closed .*\(closed\)")
     assert lease(redis_port, tmp_path.name, port) == "site-a p1"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "group-secret"
+    path.write_text(new_token())
+    return path
+
+
+def test_a_group_across_the_fleet_serves_on_while_its_members_are_killed_one_by_one(
+    launch: Launch, tmp_path: Path, redis_port: int, secret_file: Path
+) -> None:
+    """Group web has members on two gateways (the port leased to the group, held by both);
+    clients through the third are spread over both gateways' members. The members are killed
+    one by one: once a member's gateway has seen it leave, no client fails, until the last."""
+    token = new_token()
+    stored = credentials.hash_line(credentials.derive(secret_file.read_text().encode(),
+                                                      "web").stored_key)  # fmt: skip
+    group = f'[[groups]]\nname = "web"\nsecret_hash = "{stored}"\n'
+    gateways = []
+    for i, host in enumerate(HOSTS):
+        extra = f'fleet_listen = "{host}:0"\n' + fleet_files(tmp_path, FLEET_CA, f"g{i}") + group
+        gateway, _ = fleet_gateway(launch, tmp_path, f"g{i}", host, redis_port, token, 3.0,
+                                   extra)  # fmt: skip
+        gateways.append(gateway)
+    with contextlib.ExitStack() as services:
+        members: dict[str, Proc] = {}
+        port = 0
+        for name, gateway, host in (("a", 0, HOSTS[0]), ("b", 0, HOSTS[0]), ("c", 1, HOSTS[1])):
+            local = services.enter_context(tcp_service(named_echo(name)))
+            members[name] = launch(
+                "agent", "--gateway", f"{host}:{gateways[gateway].port}", "--no-tls", "--name",
+                name, "--expose", f"{port}:127.0.0.1:{local}", "--group", "web",
+                "--group-secret-file", str(secret_file), token=token,
+            )  # fmt: skip
+            port = int(members[name].wait_line(EXPOSED).group(1))
+        gateways[2].proc.wait_line(rf"forwarding port {port} to the gateway")
+        assert lease(redis_port, tmp_path.name, port) == "group web g0 g1"
+
+        def answers(count: int) -> Counter[str]:
+            return Counter(who_answers(port, f"client {i}".encode(), HOSTS[2])
+                           for i in range(count))  # fmt: skip
+
+        assert set(answers(12)) == {"a", "b", "c"}, "spread over both gateways' members"
+        for name, gateway, left, serving in (("a", 0, 1, {"b", "c"}), ("c", 1, 0, {"b"})):
+            members[name].popen.send_signal(signal.SIGKILL)
+            members[name].wait_exit()
+            gateways[gateway].proc.wait_line(rf"left group web \({left} member\(s\) left\)")
+            if not left:  # g1's last member gone: the release reaches g2
+                wait_for(lambda: lease(redis_port, tmp_path.name, port) == "group web g0",
+                         DEADLINE, "g1 to release the group's port")  # fmt: skip
+            assert set(answers(12)) == serving, f"after {name} left"
+        assert not gateways[2].proc.lines_matching(r"not forwarded"), gateways[2].proc.describe()

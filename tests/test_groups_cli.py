@@ -49,9 +49,9 @@ def named_echo(name: str) -> type[socketserver.BaseRequestHandler]:
     return Handler
 
 
-def who_answers(port: int, payload: bytes = b"through the group") -> str:
+def who_answers(port: int, payload: bytes = b"through the group", host: str = "127.0.0.1") -> str:
     """Connect, read the member's name, check the echo of ``payload``; the name."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+    with socket.create_connection((host, port), timeout=DEADLINE) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         received = bytearray()

@@ -135,13 +135,19 @@ class Route:
 
     owner: str
     nodes: dict[str, float]  # node → when its hold expires, as reckoned here (monotonic)
+    turn: int = 0  # round robin over the nodes that hold it
 
     def best(self, skip: str, avoid: Callable[[str], bool]) -> list[str]:
-        """The nodes to try for a client, best first: not ``skip`` (this node), the ones
-        ``avoid`` says failed lately last, the freshest hold first (after a failover, the
-        node the agent moved to)."""
-        nodes = [n for n in self.nodes if n != skip]
-        return sorted(nodes, key=lambda n: (avoid(n), -self.nodes[n]))
+        """The nodes to try for a client, in order: not ``skip`` (this node); the ones that
+        did not fail lately in turn (an agent on several gateways, a group with members on
+        several, share the clients), then the ones ``avoid`` says failed lately."""
+        nodes = sorted(n for n in self.nodes if n != skip)
+        if not nodes:
+            return []
+        self.turn += 1
+        start = self.turn % len(nodes)
+        turned = nodes[start:] + nodes[:start]
+        return sorted(turned, key=avoid)  # stable: the turn's order within each kind
 
 
 @dataclass(frozen=True)

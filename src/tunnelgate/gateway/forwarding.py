@@ -63,7 +63,7 @@ logger = logging.getLogger(__package__)
 MAGIC: Final = b"TGF1"  # a link's first bytes, then the request's length (2 bytes) and itself
 ACCEPTED: Final = b"\x00"  # the answer to a request whose port is served (else a reset)
 MAX_REQUEST: Final = 1024  # bytes of a request, at most
-LINK_TIMEOUT: Final = 5.0  # seconds for a link's connect, TLS handshake and request
+LINK_TIMEOUT: Final = 3.0  # seconds for a link's connect, TLS handshake, request and answer
 DELIVERY_TIMEOUT: Final = 10.0  # for the bytes read before a reset to reach the other end
 COPY_SIZE: Final = 64 * 1024  # one read's buffer, per direction of a forwarded client
 

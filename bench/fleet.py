@@ -902,11 +902,11 @@ def hop_report(hop_results: dict[str, Any], args: argparse.Namespace) -> list[st
             base = [r[key] for r in service if key in r]
             direct = [r[key] for r in runs["direct"]]
             forwarded = [r[key] for r in runs["forwarded"]]
-            ratio = median(forwarded) / median(direct) if median(direct) else float("nan")
+            ratio = f"{median(forwarded) / median(direct):.2f}" if median(direct) else ""
             diff = median(forwarded) - median(direct)
             lines.append(
                 f"| {label} | {spread(base, digits) if base else ''} | {spread(direct, digits)} "
-                f"| {spread(forwarded, digits)} | {ratio:.2f} | {diff:+,.{digits}f} |"
+                f"| {spread(forwarded, digits)} | {ratio} | {diff:+,.{digits}f} |"
             )
         errors = {path: sum(r["conn_errors"] for r in runs[path]) for path in runs}
         lines += [

@@ -419,3 +419,32 @@ def test_a_group_across_the_fleet_serves_on_while_its_members_are_killed_one_by_
                          DEADLINE, "g1 to release the group's port")  # fmt: skip
             assert set(answers(12)) == serving, f"after {name} left"
         assert not gateways[2].proc.lines_matching(r"not forwarded"), gateways[2].proc.describe()
+
+
+def test_a_gateway_that_stops_lets_the_clients_it_forwards_finish(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
+) -> None:
+    """SIGTERM on a gateway that forwards a client: it forwards no new one, the open one goes
+    on to its end (the drain), then the gateway exits 0; the gateway of the agent serves on."""
+    token = new_token()
+    one, two = (
+        forwarding_gateway(launch, tmp_path, f"d{i}", host, redis_port, token)
+        for i, host in enumerate(HOSTS[:2])
+    )
+    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    two.proc.wait_line(rf"forwarding port {port} to the gateway")
+    held = socket.create_connection((HOSTS[1], port), timeout=DEADLINE)
+    exchange(held, b"forwarded by the gateway about to stop")
+
+    two.proc.popen.send_signal(signal.SIGTERM)
+    two.proc.wait_line(r"draining: waiting up to .* for 1 client connection\(s\)")
+    with pytest.raises(ConnectionRefusedError):  # no new client there
+        socket.create_connection((HOSTS[1], port), timeout=DEADLINE).close()
+    exchange(held, b"while it drains")
+    held.shutdown(socket.SHUT_WR)
+    assert held.recv(1) == b"", "a clean end"
+    held.close()
+    two.proc.wait_line(r"drained: every client connection finished")
+    assert two.proc.wait_exit() == 0
+    echo_from(HOSTS[0], port, b"the agent's gateway serves on")

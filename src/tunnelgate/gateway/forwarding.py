@@ -148,10 +148,12 @@ class Forwarder:
     tasks: Callable[[], asyncio.TaskGroup | None]  # the gateway's, where clients and links run
     totals: ForwardingTotals = field(default_factory=ForwardingTotals)
     link: Listener | None = None  # the gateway-to-gateway port, once started
+    clients: set[asyncio.Task[None]] = field(default_factory=set)  # forwarded from here, open
     _listeners: dict[int, tuple[Listener, asyncio.Task[None]]] = field(default_factory=dict)
     _failed: dict[str, float] = field(default_factory=dict)  # node → when it last failed
     _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _refusals: dict[str, Throttle] = field(default_factory=dict)  # one per kind of refusal
+    _stopped: bool = False  # draining: it forwards no new client
 
     def __post_init__(self) -> None:
         config = self.config
@@ -178,9 +180,14 @@ class Forwarder:
 
         tasks.create_task(accept(self.link, handle, logger, "the fleet port"), name="fleet port")
 
-    def close(self) -> None:
+    def stop_forwarding(self) -> None:
+        """No new client here for another gateway (a drain): the open ones go on."""
         for port in list(self._listeners):
             self.yield_port(port)
+        self._stopped = True
+
+    def close(self) -> None:
+        self.stop_forwarding()
         if self.link is not None:
             self.link.close()
 
@@ -197,7 +204,7 @@ class Forwarder:
         }
         for port in set(self._listeners) - wanted:
             self.yield_port(port)
-        if (tasks := self.tasks()) is None:
+        if (tasks := self.tasks()) is None or self._stopped:
             return
         bind = self.config.default_bind
         for port in wanted - set(self._listeners):
@@ -210,7 +217,9 @@ class Forwarder:
                 continue
 
             def handle(stream: SocketStream, client: str, port: int = port) -> None:
-                spawn(tasks, stream, self._forward(stream, client, port))
+                if (task := spawn(tasks, stream, self._forward(stream, client, port))) is not None:
+                    self.clients.add(task)
+                    task.add_done_callback(self.clients.discard)
 
             accepting = tasks.create_task(accept(listener, handle, logger, f"forwarded {port}"))
             self._listeners[port] = (listener, accepting)
@@ -344,10 +353,11 @@ class Forwarder:
 
     def _taker(self, holder: object, port: int) -> Callable[[TLSStream, str, str], bool] | None:
         """What takes a client of ``port`` here, as if it had arrived on it (the session's
-        service, or the group); None if nothing here serves it."""
+        service, or the group); None if nothing here serves it now (none, or draining: the
+        other gateway tries the next that holds the port)."""
         if isinstance(holder, Group):
-            return holder.take
-        if isinstance(holder, GatewaySession):
+            return holder.take if any(m.serving for m in holder.members) else None
+        if isinstance(holder, GatewaySession) and holder.running and holder.goodbye is None:
             for service in holder.services.values():
                 if service.group is None and service.address.port == port:
                     return functools.partial(holder.take_client, service)

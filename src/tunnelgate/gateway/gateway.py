@@ -230,6 +230,8 @@ class Gateway:
             return
         drain_timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = True
+        if self.forwarder is not None:
+            self.forwarder.stop_forwarding()
         for task in self._accepting:
             task.cancel()
         if self._accepting:
@@ -239,7 +241,10 @@ class Gateway:
         for session in sessions:
             await session.drain("gateway shutting down")
         await self._say_bye(sessions)
-        if (open_clients := sum(len(s.clients) for s in sessions)) and drain_timeout > 0:
+        # The clients of its sessions, and those it forwards to another gateway of the fleet.
+        relays = [s.clients for s in sessions]
+        relays += [self.forwarder.clients] if self.forwarder is not None else []
+        if (open_clients := sum(len(clients) for clients in relays)) and drain_timeout > 0:
             logger.info(
                 "draining: waiting up to %g s for %d client connection(s) to finish",
                 drain_timeout,
@@ -247,8 +252,8 @@ class Gateway:
             )
             loop = asyncio.get_running_loop()
             deadline, left = loop.time() + drain_timeout, 0
-            for session in sessions:
-                left += await wait_relays(session.clients, max(0.0, deadline - loop.time()))
+            for clients in relays:
+                left += await wait_relays(clients, max(0.0, deadline - loop.time()))
             if left:
                 logger.warning("drain deadline reached: resetting %d client connection(s)", left)
             else:

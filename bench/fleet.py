@@ -176,6 +176,7 @@ class RedisServer:
             )
             if proc.alive():
                 self.proc, self.port, self.asked = proc, port, 0
+                self.monitor: Monitor | None = None
                 return
             if "already in use" not in proc.stdout():
                 raise BenchError(proc.died() + "\n" + proc.stdout()[-500:])
@@ -187,25 +188,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def info(self) -> Snapshot:
-        """Its counters now: requests served (``total_commands_processed``, which counts an
-        EVAL once) and commands run by name (``commandstats``, which counts the commands a
-        script runs too), each without the bench's INFO; connections, keys, memory."""
+        """Its counters now: commands run by name (``commandstats``, a script's own commands
+        too; the bench's INFO left out), connections, keys, memory."""
         done = subprocess.run(
-            [str(self.cli), "-p", str(self.port), "INFO", "stats", "commandstats", "clients",
-             "keyspace", "memory"],
+            [str(self.cli), "-p", str(self.port), "INFO", "commandstats", "clients", "keyspace",
+             "memory"],
             capture_output=True, text=True, timeout=10, check=False,
         )  # fmt: skip
         if done.returncode != 0:
             raise BenchError(f"redis-cli INFO: {done.stderr.strip() or done.stdout.strip()}")
-        # A command is counted once it ran: an INFO's figures leave out itself, not the earlier.
-        snapshot = Snapshot(time.monotonic(), own=self.asked)
+        snapshot = Snapshot(self, time.monotonic(), self.asked)
         self.asked += 1
         for line in done.stdout.splitlines():
             name, _, value = line.strip().partition(":")
             if name.startswith("cmdstat_") and (command := name[8:]) not in OWN_COMMANDS:
                 snapshot.commands[command] = int(value.split("calls=")[1].split(",")[0])
-            elif name == "total_commands_processed":
-                snapshot.requests = int(value)
             elif name == "connected_clients":
                 snapshot.clients = int(value)
             elif name == "used_memory":
@@ -214,25 +211,75 @@ class RedisServer:
                 snapshot.keys = int(value.split("keys=")[1].split(",")[0])
         return snapshot
 
+    def watch(self, workdir: Path) -> None:
+        """Start ``redis-cli MONITOR`` (before the first INFO): which commands came from a
+        client and which from inside a script, in order, between the bench's INFOs."""
+        assert self.asked == 0, "watch() before the first info()"
+        self.monitor = Monitor([str(self.cli), "-p", str(self.port), "MONITOR"], workdir)
+
     def cpu_s(self) -> float:
         return cpu_seconds([self.proc.pid])
+
+
+MONITOR_LINE = re.compile(r'^\d+\.\d+ \[\d+ (\S+)\] "([^"]*)"')
+
+
+class Monitor:
+    """The lines of ``redis-cli MONITOR``: ``TIME [DB SOURCE] "COMMAND" ...``, where SOURCE is
+    ``lua`` for a command a script ran."""
+
+    def __init__(self, argv: list[str], workdir: Path) -> None:
+        self.proc = Proc("redis-monitor", argv, workdir)
+        system.wait_until("redis-cli MONITOR", lambda: "OK" in self.proc.stdout(), 10)
+        self.entries: list[tuple[bool, str]] = []  # (run by a script, command), in order
+        self.infos: list[int] = []  # where each of the bench's INFO came, in entries
+        self._offset = 0
+
+    def _read(self) -> None:
+        with self.proc.stdout_path.open("rb") as file:
+            file.seek(self._offset)
+            data = file.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            if (found := MONITOR_LINE.match(line)) is None:
+                continue
+            source, command = found.group(1), found.group(2).lower()
+            if command in OWN_COMMANDS:
+                self.infos.append(len(self.entries))
+            else:
+                self.entries.append((source == "lua", command))
+
+    def between(self, first: int, second: int) -> tuple[Counter[str], Counter[str]]:
+        """The commands between the bench's INFO number ``first`` and ``second``: those sent by
+        clients, those scripts ran."""
+
+        def seen() -> bool:
+            self._read()
+            return len(self.infos) > second
+
+        system.wait_until("MONITOR to show the bench's INFO", seen, 10, every=0.01)
+        window = self.entries[self.infos[first] : self.infos[second]]
+        sent = Counter(command for lua, command in window if not lua)
+        return sent, Counter(command for lua, command in window if lua)
 
 
 @dataclass
 class Snapshot:
     """Redis' counters at one moment."""
 
+    server: RedisServer
     at: float
-    own: int  # the bench's INFO requests before this one
-    requests: int = 0
+    index: int  # of its INFO among the bench's
     commands: Counter[str] = field(default_factory=Counter)
     clients: int = 0
     keys: int = 0
     memory: int = 0
 
     def since(self, before: Snapshot) -> Delta:
-        requests = self.requests - before.requests - (self.own - before.own)
-        return Delta(self.at - before.at, requests, self.commands - before.commands)
+        assert self.server.monitor is not None, "watch() first"
+        sent, scripted = self.server.monitor.between(before.index, self.index)
+        return Delta(self.at - before.at, sent, scripted, self.commands - before.commands)
 
 
 @dataclass
@@ -240,8 +287,13 @@ class Delta:
     """What Redis did between two snapshots (the bench's INFO left out)."""
 
     seconds: float
-    requests: int  # commands the gateways sent (a script: one)
-    commands: Counter[str]  # commands run, by name (a script's own commands too)
+    sent: Counter[str]  # requests: the commands the gateways sent (a script is one), by name
+    scripted: Counter[str]  # the commands their scripts ran
+    commands: Counter[str]  # commandstats: every command run, by name (the sum of both)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.sent.values())
 
     @property
     def total(self) -> int:
@@ -250,6 +302,7 @@ class Delta:
 
     def plain(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "requests": self.requests, "total": self.total,
+                "sent": dict(self.sent), "scripted": dict(self.scripted),
                 "commands": dict(self.commands)}  # fmt: skip
 
 
@@ -721,6 +774,9 @@ def redis_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     echo = EchoService(workdir)
     redis = RedisServer(workdir)
     procs = [echo.proc, redis.proc]
+    redis.watch(workdir)
+    assert redis.monitor is not None
+    procs.append(redis.monitor.proc)
     result: dict[str, Any] = {}
     try:
         gateways = start_fleet(workdir, redis, "bench", args.gateways, True, args)
@@ -804,8 +860,8 @@ def redis_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     finally:
         for proc in reversed(procs):
             proc.stop()
-        keep_logs(procs[2:], "fleet")
-    result["problems"] = problems(procs[2:])
+        keep_logs(procs[3:], "fleet")
+    result["problems"] = problems(procs[3:])
     return result
 
 
@@ -949,21 +1005,21 @@ def redis_report(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "Redis runs (INFO commandstats; a script's own commands too). The bench's INFO is "
         "left out of both.",
         "",
-        "| figure | requests | commands | commands by name |",
+        "| figure | requests | commands | requests by name; what their scripts ran |",
         "| --- | --- | --- | --- |",
         f"| background: {gateways} gateways alone, {base['seconds']:.0f} s | "
         f"{rate(base, 'requests'):.2f}/s | {rate(base, 'total'):.2f}/s | "
-        f"{commands_text(base['commands'], base['seconds'], '/s')} |",
+        f"{which(base, base['seconds'], '/s')} |",
         f"| … per gateway | {rate(base, 'requests') / gateways:.2f}/s | "
         f"{rate(base, 'total') / gateways:.2f}/s | |",
         f"| per new agent (one service): median of {agents} ({min(requests)}-{max(requests)}) "
         f"| {median(requests):g} | {median(totals):g} | "
-        f"{commands_text(median_commands(windows), 1, '')} |",
+        f"{which(median_window(windows), 1, '')} |",
         f"| … mean, the background taken off | {beyond('requests'):.1f} | "
         f"{beyond('total'):.1f} | |",
         f"| at rest: {agents} agents, {rest['seconds']:.0f} s | {rate(rest, 'requests'):.2f}/s "
         f"| {rate(rest, 'total'):.2f}/s | "
-        f"{commands_text(rest['commands'], rest['seconds'], '/s')} |",
+        f"{which(rest, rest['seconds'], '/s')} |",
         f"| … per agent, beyond the background | "
         f"{(rate(rest, 'requests') - rate(base, 'requests')) / agents:.3f}/s | "
         f"{(rate(rest, 'total') - rate(base, 'total')) / agents:.3f}/s | |",
@@ -989,15 +1045,22 @@ def redis_report(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def median_commands(windows: list[dict[str, Any]]) -> dict[str, float]:
-    """The commands of the median window (by commands run)."""
+def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median window (by commands run)."""
     ordered = sorted(windows, key=lambda w: w["total"])
-    return dict(ordered[(len(ordered) - 1) // 2]["commands"])
+    return ordered[(len(ordered) - 1) // 2]
 
 
-def commands_text(commands: dict[str, float], seconds: float, unit: str) -> str:
-    parts = sorted(commands.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(f"{name} {count / seconds:.2g}{unit}" for name, count in parts if count)
+def which(window: dict[str, Any], seconds: float, unit: str) -> str:
+    """``eval 1.2/s, set 1.6/s; scripts: hset 1.2/s, …``: the requests by name, then what
+    their scripts ran."""
+
+    def text(commands: dict[str, int]) -> str:
+        parts = sorted(commands.items(), key=lambda item: (-item[1], item[0]))
+        return ", ".join(f"{name} {count / seconds:.2g}{unit}" for name, count in parts if count)
+
+    scripted = text(window["scripted"])
+    return text(window["sent"]) + (f"; scripts: {scripted}" if scripted else "")
 
 
 def problems_report(results: dict[str, Any]) -> list[str]:

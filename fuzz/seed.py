@@ -308,9 +308,9 @@ def forward_request_seeds() -> list[bytes]:
     from tunnelgate.gateway import forwarding
 
     good = forwarding.encode_request(
-        forwarding.Request(4000, "203.0.113.7:51234", "198.51.100.1:4000", "gateway-1")
+        forwarding.Request(4000, "site-a", "203.0.113.7:51234", "198.51.100.1:4000", "gateway-1")
     )
-    six = forwarding.Request(4000, "[2001:db8::7]:80", "", "n")
+    six = forwarding.Request(4000, "group web", "[2001:db8::7]:80", "", "n")
     wrong = msgspec.msgpack.encode({"port": 0, "client": 7, "server": "", "node": "x"})
     extra = msgspec.msgpack.encode({"port": 1, "client": "", "server": "", "node": "", "x": 1})
     return [

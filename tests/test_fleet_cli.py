@@ -187,7 +187,7 @@ def test_a_gateway_paused_past_its_lease_stops_serving_the_port_it_lost(
     launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
 ) -> None:
     token, fleet = new_token(), tmp_path.name
-    one, _ = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
+    one, admin_one = fleet_gateway(launch, tmp_path, "one", "127.0.0.1", redis_port, token)
     two, _ = fleet_gateway(launch, tmp_path, "two", "127.0.0.2", redis_port, token)
     port = unassigned_ports(1).start
     spec = f"{port}:127.0.0.1:{echo_port}"
@@ -207,6 +207,10 @@ def test_a_gateway_paused_past_its_lease_stops_serving_the_port_it_lost(
     assert line == f"port {port} is held by another agent", line
     echo_through("127.0.0.2", port, b"the port is site-b's now")
     assert lease(redis_port, fleet, port) == "site-b two"
+    code, events = http_json(admin_one + "api/v1/events")
+    lost = [e["detail"] for e in events if e["kind"] == "fleet_lost"]
+    why = f"the fleet's lease on port {port} went to site-b on gateway two"
+    assert code == 200 and lost == [why], events
 
 
 def test_a_gateway_that_stops_gives_its_leases_back_at_once(

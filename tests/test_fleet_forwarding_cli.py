@@ -192,6 +192,7 @@ def test_links_the_fleet_did_not_sign_are_refused_and_relay_nothing(
         (b"TGF0\x00\x01x", "refused a link from .*: not a forwarding request"),
         (b"TGF1" + struct.pack("!H", 3) + b"\xc1\xc1\xc1", ""),
         (forge(port + 1 if port < 65535 else port - 1), "forged.*is not served here"),
+        (forge(port, "site-b"), ""),  # the port, but another owner's: never site-a's service
     ), start=3):  # fmt: skip
         with (
             socket.create_connection(link_address, timeout=DEADLINE) as raw,
@@ -204,7 +205,7 @@ def test_links_the_fleet_did_not_sign_are_refused_and_relay_nothing(
         wait_for(lambda count=count: refused() == count, DEADLINE, "the forgery to be refused")
     assert not one.proc.lines_matching(r"closed client="), "no client relayed"
     echo_through(HOSTS[0], port, b"the port itself still serves")
-    assert refused() == 5
+    assert refused() == 6
 
 
 def nothing_back(sock: socket.socket) -> bytes:
@@ -218,9 +219,15 @@ def nothing_back(sock: socket.socket) -> bytes:
     return received
 
 
-def forge(port: int) -> bytes:
+def forge(port: int, owner: str = "site-a") -> bytes:
     body = msgspec.msgpack.encode(
-        {"port": port, "client": "198.51.100.7:4000", "server": "x", "node": "forged"}
+        {
+            "port": port,
+            "owner": owner,
+            "client": "198.51.100.7:4000",
+            "server": "x",
+            "node": "forged",
+        }
     )
     return b"TGF1" + struct.pack("!H", len(body)) + body
 

@@ -191,6 +191,9 @@ EVENT_KINDS: Final = (
     "service_down",
     "auth_failure",
     "reload",
+    "fleet_down",  # the fleet's registry (Redis) cannot be reached
+    "fleet_up",  # it answers again
+    "fleet_lost",  # a port this gateway served went to another gateway (a lapsed hold)
 )
 MAX_EVENTS: Final = 1000  # the most recent are kept
 

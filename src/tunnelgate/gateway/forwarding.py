@@ -73,6 +73,7 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     carries them on)."""
 
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)]  # the public port the client reached
+    owner: Annotated[str, msgspec.Meta(max_length=255)]  # its lease's, as the route says
     client: Annotated[str, msgspec.Meta(max_length=64)]  # its host:port, as first seen
     server: Annotated[str, msgspec.Meta(max_length=64)]  # the address it reached there
     node: Annotated[str, msgspec.Meta(max_length=255)]  # the gateway that forwards it
@@ -254,7 +255,8 @@ class Forwarder:
         started = time.monotonic()
         route = self.fleet.routes.get(port)
         nodes = route.best(self.fleet.node, self._failed_lately) if route is not None else []
-        request = Request(port, client, stream.local_address(), self.fleet.node)
+        owner = route.owner if route is not None else ""
+        request = Request(port, owner, client, stream.local_address(), self.fleet.node)
         link: TLSStream | None = None
         tried: list[str] = []
         for node in nodes:
@@ -332,13 +334,13 @@ class Forwarder:
             return
         holders = self.shared.ports.holders.items()
         holder = next((h for (_, port), h in holders if port == request.port), None)
-        take = self._taker(holder, request.port)
+        take = self._taker(holder, request.port, request.owner)
         if take is None:  # no answer: the other gateway tries another that holds the port
             link.abort()
             self._refuse(
                 "port",
                 f"refused client {request.client} forwarded by gateway {request.node} "
-                f"({peer}): port {request.port} is not served here",
+                f"({peer}): port {request.port} is not served here for {request.owner}",
             )
             return
         try:
@@ -351,13 +353,18 @@ class Forwarder:
         else:  # its limits or access rules: reset, as it would be on the port here
             link.abort()
 
-    def _taker(self, holder: object, port: int) -> Callable[[TLSStream, str, str], bool] | None:
+    def _taker(
+        self, holder: object, port: int, owner: str
+    ) -> Callable[[TLSStream, str, str], bool] | None:
         """What takes a client of ``port`` here, as if it had arrived on it (the session's
-        service, or the group); None if nothing here serves it now (none, or draining: the
-        other gateway tries the next that holds the port)."""
+        service, or the group); None if nothing here serves it now for ``owner`` (none,
+        another owner, or draining: the other gateway tries the next that holds the port)."""
         if isinstance(holder, Group):
-            return holder.take if any(m.serving for m in holder.members) else None
-        if isinstance(holder, GatewaySession) and holder.running and holder.goodbye is None:
+            serving = holder.owner == owner and any(m.serving for m in holder.members)
+            return holder.take if serving else None
+        if not isinstance(holder, GatewaySession) or holder.agent != owner:
+            return None
+        if holder.running and holder.goodbye is None:
             for service in holder.services.values():
                 if service.group is None and service.address.port == port:
                     return functools.partial(holder.take_client, service)

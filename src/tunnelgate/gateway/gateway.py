@@ -480,6 +480,7 @@ class Gateway:
     def _lost_port(self, port: int, why: str) -> None:
         """The fleet gave a port this gateway serves to another owner: end the sessions that
         serve it (their agents reconnect, and are told the port is taken)."""
+        self._shared.totals.events.add(time.time(), "fleet_lost", detail=why)
         holders = [h for (_, held), h in self._shared.ports.holders.items() if held == port]
         for session in {s for holder in holders for s in sessions_of(holder)}:
             session.log.warning("%s: ending the session", why)

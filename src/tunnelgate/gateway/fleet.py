@@ -61,8 +61,8 @@ LISTEN_TIMEOUT: Final = 1.0  # one wait for an action message
 HEALTH_CHECK_INTERVAL: Final = 5.0  # an idle connection is pinged first: a dead one is seen
 MAX_ACTION_SIZE: Final = 4096  # bytes of an action message; longer ones are not read
 RESUBSCRIBE_DELAY: Final = 1.0  # after the actions' subscription failed
-RESYNC_INTERVAL: Final = 60.0  # seconds between full reads of the leases (pub/sub keeps them)
-RESYNC_BATCH: Final = 1000  # leases read in one round trip
+RESYNC_INTERVAL: Final = 300.0  # seconds between full reads of the routes (pub/sub keeps them)
+RESYNC_BATCH: Final = 1000  # leases read, or renewed, in one round trip
 # The fields of each action on the ``actions`` channel, beside "action" and "node".
 ACTIONS: Final[dict[str, tuple[str, ...]]] = {
     "disconnect": ("agent", "reason"),
@@ -422,31 +422,40 @@ class Fleet:
                     await pipe.execute()
             self._answered()
             self._announced = set(agents)
-            for port, owner in list(self.held.items()):
-                if self.held.get(port) != owner:  # released meanwhile: never claimed again
-                    continue
-                try:
-                    keys, renewal = self._port_keys(port), 1
-                    holder = await self._call(
-                        "eval", CLAIM, 2, *keys, owner, self.node, ms, renewal, port
-                    )
-                except _response_errors() as exc:  # Redis answered: this key only
-                    logger.warning("renewing %s: %s", self.port_key(port), exc)
-                    continue
-                if holder and self.held.get(port) == owner:
-                    del self.held[port]
-                    self._unroute(port, owner, self.node)
-                    other, node = split_holder(holder)
-                    self._route(port, other, node, time.monotonic() + self.lease)
-                    why = f"the fleet's lease on port {port} went to {other} on gateway {node}"
-                    logger.warning("%s: this gateway stops serving it", why)
-                    self.on_lost(port, why)
+            held = list(self.held.items())
+            for start in range(0, len(held), RESYNC_BATCH):  # one round trip per batch
+                await self._renew_holds(held[start : start + RESYNC_BATCH], ms)
             await self._refresh_nodes()
             if time.monotonic() >= self._resync_due:
                 await self.resync()
         except _redis_errors() as exc:
             self._down(exc)
         self.on_routes()  # whatever changed here (a port lost, or free again)
+
+    async def _renew_holds(self, held: list[tuple[int, str]], ms: int) -> None:
+        """Renew this node's holds of ``held`` (port, owner), in one pipeline; a port whose hold
+        lapsed while another node took it is given up (``on_lost``)."""
+        async with asyncio.timeout(self.timeout * 2):
+            async with self._client().pipeline(transaction=False) as pipe:
+                for port, owner in held:
+                    keys = self._port_keys(port)
+                    pipe.eval(CLAIM, 2, *keys, owner, self.node, ms, 1, port)
+                results = await pipe.execute(raise_on_error=False)
+        for (port, owner), holder in zip(held, results, strict=True):
+            if isinstance(holder, Exception):  # Redis answered: this key only
+                logger.warning("renewing %s: %s", self.port_key(port), holder)
+            elif self.held.get(port) != owner:  # released while renewing: let it go again
+                if not holder:
+                    keys = self._port_keys(port)
+                    await self._call("eval", RELEASE, 2, *keys, owner, self.node, port)
+            elif holder:
+                del self.held[port]
+                self._unroute(port, owner, self.node)
+                other, node = split_holder(holder)
+                self._route(port, other, node, time.monotonic() + self.lease)
+                why = f"the fleet's lease on port {port} went to {other} on gateway {node}"
+                logger.warning("%s: this gateway stops serving it", why)
+                self.on_lost(port, why)
 
     async def _refresh_nodes(self) -> None:
         """Which nodes live (their keys have not expired), and where each takes forwarded

@@ -48,6 +48,7 @@ test-without-uvloop: $(STOCK_VENV)/.installed
 # make bench BENCH_ARGS=--quick   for a smoke run; bench/bench.py --help for the options.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/fleet.py $(findstring --quick,$(BENCH_ARGS))
 	$(PY) bench/scrape.py
 
 # Mixed traffic against a real gateway and agent while faults fire at random (not part of

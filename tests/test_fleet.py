@@ -6,6 +6,7 @@ claims with the reason and says so once; the fleet's settings in the gateway's f
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from kit.waiting import DEADLINE, wait_until
 from tunnelgate import Address
 from tunnelgate import config as c
 from tunnelgate.errors import ConfigError, TransportError
-from tunnelgate.gateway.fleet import Fleet
+from tunnelgate.gateway.fleet import Fleet, Route
 
 pytestmark = pytest.mark.usefixtures("no_unexpected_errors")
 TOKEN = "t" * 32
@@ -96,28 +97,80 @@ async def test_a_renewal_that_finds_the_port_taken_gives_it_up(redis_port: int) 
         await node.fleet.aclose()
 
 
-async def test_a_hold_that_lapsed_while_another_node_took_the_owner_is_lost(
+async def test_after_redis_lost_its_data_every_node_takes_its_holds_back(
     redis_port: int,
 ) -> None:
-    """The same owner, moved: a node paused past its lease finds its own hold gone and another
-    node's live one. Its renewal does not take the port again (a claim would): it gives it up."""
+    """Redis flushed (a restart without persistence): the owner's holds on two nodes come back
+    at their renewals, whichever renews first; none is taken for a loss, and the other nodes
+    are told (a renewal that adds a hold publishes it). One node never holds a port for two
+    owners, even through two binds of its own."""
     url = f"redis://127.0.0.1:{redis_port}/0"
     one, two = Node(url, "f9", "one"), Node(url, "f9", "two")
     await one.fleet.start()
     await two.fleet.start()
+    listening = asyncio.create_task(two.fleet.listen())
     try:
-        assert await one.fleet.claim(4200, "site-a") is None
-        assert await two.fleet.claim(4200, "site-a") is None  # the agent moved to two
+        assert await one.fleet.claim(4200, "group web") is None
+        assert await two.fleet.claim(4200, "group web") is None
         with raw(redis_port) as client:
-            client.hset("tunnelgate:f9:port:4200", "node:one", "1")  # one's hold lapsed
+            client.flushdb()
         await one.fleet.renew()
-        assert one.lost == [(4200, "the fleet's lease on port 4200 went to site-a on gateway two")]
-        assert one.fleet.held == {} and list(one.fleet.routes[4200].nodes) == ["two"]
-        await two.fleet.renew()  # two's renewal is its own hold's: still granted
-        assert two.lost == [] and two.fleet.held == {4200: "site-a"}
+        await two.fleet.renew()
+        assert one.lost == two.lost == [] and one.fleet.held == two.fleet.held == {
+            4200: "group web"
+        }
+        assert lease_nodes(redis_port, "f9", 4200) == ["one", "two"]
+        await wait_until(lambda: "one" in two.fleet.routes.get(4200, Route("", {})).nodes,
+                         DEADLINE, "one's hold told again")  # fmt: skip
+        assert await one.fleet.claim(4200, "site-b") == "group web on gateway two"
+        listening.cancel()
+        await two.fleet.aclose()
+        assert await one.fleet.claim(4200, "site-b") == "group web on gateway one", "its own"
     finally:
+        listening.cancel()
         await one.fleet.aclose()
         await two.fleet.aclose()
+
+
+def lease_nodes(redis_port: int, fleet: str, port: int) -> list[str]:
+    with raw(redis_port) as client:
+        fields = client.hgetall(f"tunnelgate:{fleet}:port:{port}")
+    return sorted(name[5:] for name in fields if name.startswith("node:"))
+
+
+async def test_indexes_that_are_not_the_fleets_are_ignored_with_a_warning(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Members of the ports index that are not ports (not ASCII digits, out of range), an index
+    of the wrong type, a node announcing a link that is not HOST:PORT: warnings, and the rest
+    of the fleet read as it is."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    one = Node(url, "f11", "one")
+    one.fleet.link = "127.0.0.1:7001"
+    await one.fleet.start()
+    try:
+        assert await one.fleet.claim(4400, "site-a") is None
+        with raw(redis_port) as client:
+            client.sadd("tunnelgate:f11:ports", "\u00b2", "0", "70000", "x", "\u0663")
+            client.set("tunnelgate:f11:node:bad", json.dumps({"link": "not an address"}))
+            client.sadd("tunnelgate:f11:nodes", "bad")
+        two = Node(url, "f11", "two")
+        await two.fleet.start()
+        assert {p: sorted(r.nodes) for p, r in two.fleet.routes.items()} == {4400: ["one"]}
+        assert two.fleet.links == {"one": "127.0.0.1:7001", "bad": "", "two": ""}
+        with raw(redis_port) as client:
+            client.delete("tunnelgate:f11:ports", "tunnelgate:f11:nodes")
+            client.set("tunnelgate:f11:ports", "a string")
+            client.set("tunnelgate:f11:nodes", "a string")
+        await two.fleet.resync()
+        await two.fleet.renew()
+        assert two.fleet.up, two.fleet.error
+        await two.fleet.aclose()
+        logged = caplog.text
+        assert "that are not ports" in logged and "not HOST:PORT" in logged
+        assert "ignoring fleet key tunnelgate:f11:ports" in logged
+    finally:
+        await one.fleet.aclose()
 
 
 async def test_every_node_learns_the_routes_by_pub_sub_and_by_reading_them(

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from tunnelgate.address import parse_address
 from tunnelgate.config import SENTINEL_SCHEME, parse_sentinel_url
 from tunnelgate.errors import ConfigError, ConfigProblem, TransportError
 from tunnelgate.gateway.leases import LocalLeases, PortLeases
@@ -72,12 +73,11 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
     "leave": (),
 }
 
-# KEYS: the port's key, the index of leased ports. ARGV: owner, node, lease in ms, "1" for a
-# renewal of this node's hold, the port. Drops the holds that expired; grants (returns false)
-# when no node holds the port or the owner is the same, else returns the owner and a node that
-# holds it. A renewal is not a claim: a node whose own hold lapsed while another node holds the
-# port lost it (it was paused, or cut off), even for the same owner (the agent moved). A key
-# that is not a hash is not the fleet's: returns "?".
+# KEYS: the port's key, the index of leased ports. ARGV: owner, node, lease in ms, the port.
+# Drops the holds that expired; grants when no node holds the port (this one included) or the
+# owner is the same, and returns "+" if that added this node's hold (a new claim, or one Redis
+# lost: the other nodes are told) or false if it renewed it; else returns the owner and a node
+# that holds it. A key that is not a hash is not the fleet's: returns "?".
 CLAIM: Final = """
 if redis.call('TYPE', KEYS[1]).ok ~= 'none' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
   return '?'
@@ -100,13 +100,14 @@ for i = 1, #fields, 2 do
     end
   end
 end
-if holder and (owner ~= ARGV[1] or (ARGV[4] == '1' and not mine)) then
-  return (owner or '?') .. ' ' .. holder
+if (holder or mine) and owner ~= ARGV[1] then
+  return (owner or '?') .. ' ' .. (holder or ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'node:' .. ARGV[2], ms + tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[5])
-return false
+redis.call('SADD', KEYS[2], ARGV[4])
+if mine then return false end
+return '+'
 """
 # KEYS: the port's key, the index of leased ports. ARGV: owner, node, the port. Removes this
 # node's hold of the owner's lease; the lease ends with the last hold.
@@ -120,6 +121,30 @@ if redis.call('HLEN', KEYS[1]) <= 1 then
 end
 return 1
 """
+
+
+def _number(text: str) -> int:
+    """A count of milliseconds as Redis holds it (ASCII digits), else 0."""
+    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else 0
+
+
+def _port_number(text: str) -> int | None:
+    port = int(text) if re.fullmatch(r"[0-9]{1,5}", text) else 0
+    return port if 0 < port < 65536 else None
+
+
+def valid_link(value: object) -> str:
+    """A node's gateway-to-gateway address as announced, if it is one (``host:port``), else
+    "" (a node that takes no forwarded client)."""
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        parse_address(value)
+    except ValueError:
+        logger.warning("ignoring a gateway-to-gateway address that is not HOST:PORT: %r",
+                       value[:100])  # fmt: skip
+        return ""
+    return value
 
 
 def split_holder(value: str) -> tuple[str, str]:
@@ -254,6 +279,8 @@ class Fleet:
             except (ValueError, TypeError) as exc:  # an option redis-py does not take
                 raise ConfigError([ConfigProblem("fleet", "fleet", str(exc))]) from None
         await self.renew()
+        with contextlib.suppress(*_redis_errors()):  # down: read when Redis answers (listen)
+            await self.resync()
 
     async def aclose(self) -> None:
         """Leave the fleet: the releases under way end, then this node's keys and holds go, in
@@ -296,7 +323,7 @@ class Fleet:
         """Carry out what other nodes ask (the ``actions`` channel), until cancelled;
         subscribed again after Redis comes back."""
         assert self._redis is not None, "start() first"
-        while True:
+        while self._redis is not None:  # None: closed (aclose)
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.actions)
@@ -305,6 +332,8 @@ class Fleet:
                     message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     if message is not None:
                         self._act(message.get("data"))
+                    if time.monotonic() >= self._resync_due:  # here: never beside a message
+                        await self.resync()
             except _redis_errors() as exc:
                 self._listen_warnings.warning(
                     logger,
@@ -346,8 +375,8 @@ class Fleet:
         elif kind == "disconnect":
             self.on_disconnect(fields["agent"], f"{fields['reason']} (asked on gateway {node})")
         elif kind == "lease":
-            if fields["link"]:
-                self.links[node] = fields["link"]
+            if link := valid_link(fields["link"]):
+                self.links[node] = link
             self._route(fields["port"], fields["owner"], node, time.monotonic() + self.lease)
             self.on_routes()
         elif kind == "release":
@@ -419,35 +448,40 @@ class Fleet:
                         pipe.set(self.agent_key(agent), json.dumps(services), px=ms)
                     if gone := self._announced - agents.keys():
                         pipe.delete(*(self.agent_key(agent) for agent in gone))
-                    await pipe.execute()
+                    results = await pipe.execute(raise_on_error=False)
+            for result in results:  # Redis answered: a key of the wrong type, that key's fault
+                if isinstance(result, _response_errors()):
+                    logger.warning("announcing this gateway: %s", result)
             self._answered()
             self._announced = set(agents)
             held = list(self.held.items())
             for start in range(0, len(held), RESYNC_BATCH):  # one round trip per batch
                 await self._renew_holds(held[start : start + RESYNC_BATCH], ms)
             await self._refresh_nodes()
-            if time.monotonic() >= self._resync_due:
-                await self.resync()
         except _redis_errors() as exc:
             self._down(exc)
         self.on_routes()  # whatever changed here (a port lost, or free again)
 
     async def _renew_holds(self, held: list[tuple[int, str]], ms: int) -> None:
-        """Renew this node's holds of ``held`` (port, owner), in one pipeline; a port whose hold
-        lapsed while another node took it is given up (``on_lost``)."""
+        """Renew this node's holds of ``held`` (port, owner), in one pipeline; a port another
+        owner took meanwhile (this node's hold lapsed: paused, cut off) is given up
+        (``on_lost``)."""
         async with asyncio.timeout(self.timeout * 2):
             async with self._client().pipeline(transaction=False) as pipe:
                 for port, owner in held:
                     keys = self._port_keys(port)
-                    pipe.eval(CLAIM, 2, *keys, owner, self.node, ms, 1, port)
+                    pipe.eval(CLAIM, 2, *keys, owner, self.node, ms, port)
                 results = await pipe.execute(raise_on_error=False)
         for (port, owner), holder in zip(held, results, strict=True):
             if isinstance(holder, Exception):  # Redis answered: this key only
                 logger.warning("renewing %s: %s", self.port_key(port), holder)
             elif self.held.get(port) != owner:  # released while renewing: let it go again
-                if not holder:
+                if holder in (None, "+"):
                     keys = self._port_keys(port)
                     await self._call("eval", RELEASE, 2, *keys, owner, self.node, port)
+            elif holder == "+":  # Redis had lost it (a restart, a flush): the others learn it
+                await self._tell({"action": "lease", "port": port, "owner": owner,
+                                  "link": self.link})  # fmt: skip
             elif holder:
                 del self.held[port]
                 self._unroute(port, owner, self.node)
@@ -461,16 +495,19 @@ class Fleet:
         """Which nodes live (their keys have not expired), and where each takes forwarded
         clients; the holds of the others are forgotten."""
         nodes_key = f"{self.prefix}nodes"
-        names = sorted(await self._call("smembers", nodes_key))
-        keys = [f"{self.prefix}node:{name}" for name in names]
-        values = await self._call("mget", keys) if keys else []
+        try:
+            names = sorted(await self._call("smembers", nodes_key))
+            keys = [f"{self.prefix}node:{name}" for name in names]
+            values = await self._call("mget", keys) if keys else []
+        except _response_errors() as exc:  # the index is not a set: that key's fault
+            logger.warning("ignoring fleet key %s: %s", nodes_key, exc)
+            return
         links: dict[str, str] = {}
         for name, value in zip(names, values, strict=True):
             if value is None:
                 continue
             try:
-                link = json.loads(value).get("link", "")
-                links[name] = link if isinstance(link, str) else ""
+                links[name] = valid_link(json.loads(value).get("link", ""))
             except (ValueError, AttributeError, RecursionError):
                 logger.warning("ignoring fleet key %snode:%s: not a node's JSON", self.prefix, name)
                 links[name] = ""
@@ -488,7 +525,14 @@ class Fleet:
         repairs what a message lost). Raises what a Redis command raises."""
         self._resync_due = time.monotonic() + RESYNC_INTERVAL
         index = f"{self.prefix}ports"
-        ports = sorted(int(p) for p in await self._call("smembers", index) if p.isdigit())
+        try:
+            members = await self._call("smembers", index)
+        except _response_errors() as exc:  # the index is not a set: that key's fault
+            logger.warning("ignoring fleet key %s: %s", index, exc)
+            return
+        ports = sorted(port for p in members if (port := _port_number(p)) is not None)
+        if len(ports) < len(members):
+            logger.warning("ignoring members of fleet key %s that are not ports", index)
         seconds, micros = await self._call("time")
         now_ms, now = int(seconds) * 1000 + int(micros) // 1000, time.monotonic()
         routes: dict[int, Route] = {}
@@ -506,7 +550,7 @@ class Fleet:
                         ended.append(port)
                     continue
                 for name, value in fields.items():
-                    expires = int(value) if name.startswith("node:") and value.isdigit() else 0
+                    expires = _number(value) if name.startswith("node:") else 0
                     if expires > now_ms:
                         route = routes.setdefault(port, Route(fields["owner"], {}))
                         route.nodes[name[5:]] = now + (expires - now_ms) / 1000
@@ -520,7 +564,7 @@ class Fleet:
         when Redis cannot be reached."""
         try:
             ms, keys = int(self.lease * 1000), self._port_keys(port)
-            holder = await self._call("eval", CLAIM, 2, *keys, owner, self.node, ms, 0, port)
+            holder = await self._call("eval", CLAIM, 2, *keys, owner, self.node, ms, port)
         except _response_errors() as exc:  # Redis answered: not a lease we can take
             logger.warning("claiming %s: %s", self.port_key(port), exc)
             return f"a key of the fleet's registry that is not a lease ({self.port_key(port)})"
@@ -530,7 +574,7 @@ class Fleet:
         if holder == "?":
             logger.warning("claiming port %d: %s is not a lease", port, self.port_key(port))
             return f"a key of the fleet's registry that is not a lease ({self.port_key(port)})"
-        if holder:
+        if holder and holder != "+":
             other, node = split_holder(holder)
             return f"{other} on gateway {node}"
         self.held[port] = owner
@@ -682,6 +726,7 @@ class FleetLeases(PortLeases):
         still = any(held == port for _, held in self.local.table.held())
         if not still and (tasks := self._tasks()) is not None:
             self.fleet.release(port, agent, tasks)
+        self.fleet.on_routes()  # a port no longer held here may be forwarded now
 
 
 def _response_errors() -> tuple[type[BaseException], ...]:

@@ -64,6 +64,7 @@ MAGIC: Final = b"TGF1"  # a link's first bytes, then the request's length (2 byt
 ACCEPTED: Final = b"\x00"  # the answer to a request whose port is served (else a reset)
 MAX_REQUEST: Final = 1024  # bytes of a request, at most
 LINK_TIMEOUT: Final = 3.0  # seconds for a link's connect, TLS handshake, request and answer
+RETRY_BIND: Final = 0.5  # seconds before a forwarding listener is tried again (port in use)
 DELIVERY_TIMEOUT: Final = 10.0  # for the bytes read before a reset to reach the other end
 COPY_SIZE: Final = 64 * 1024  # one read's buffer, per direction of a forwarded client
 
@@ -143,7 +144,7 @@ class Forwarder:
     """This gateway's side of forwarding: its listeners for ports held elsewhere, and its
     gateway-to-gateway port."""
 
-    config: GatewayConfig
+    config: Callable[[], GatewayConfig]  # the gateway's, as reloaded
     fleet: Fleet
     shared: Shared
     tasks: Callable[[], asyncio.TaskGroup | None]  # the gateway's, where clients and links run
@@ -155,9 +156,11 @@ class Forwarder:
     _warnings: Throttle = field(default_factory=lambda: Throttle(WARNING_INTERVAL))
     _refusals: dict[str, Throttle] = field(default_factory=dict)  # one per kind of refusal
     _stopped: bool = False  # draining: it forwards no new client
+    _scheduled: bool = False  # a reconcile is coming
+    _closing: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # listeners closing
 
     def __post_init__(self) -> None:
-        config = self.config
+        config = self.config()
         assert config.fleet_ca and config.fleet_cert and config.fleet_key, "checked by config"
         self._server, self._client = tls.fleet_contexts(
             config.fleet_ca, config.fleet_cert, config.fleet_key
@@ -165,11 +168,11 @@ class Forwarder:
 
     def start(self) -> str:
         """Open the gateway-to-gateway port; the address the other gateways dial."""
-        listen = self.config.fleet_listen
-        assert listen is not None
-        self.link = open_listener(listen.host, listen.port)
+        config = self.config()
+        assert config.fleet_listen is not None
+        self.link = open_listener(config.fleet_listen.host, config.fleet_listen.port)
         bound = self.link.address
-        advertise = self.config.fleet_advertise or bound
+        advertise = config.fleet_advertise or bound
         return str(Address(advertise.host, advertise.port or bound.port))
 
     def serve(self, tasks: asyncio.TaskGroup) -> None:
@@ -194,9 +197,16 @@ class Forwarder:
 
     # The way out.
 
+    def schedule(self) -> None:
+        """:meth:`reconcile` soon, once for any number of changes until then."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.reconcile)
+
     def reconcile(self) -> None:
         """Listen on every port another node holds and this one does not; stop listening on
-        the others."""
+        the others. A port still in use here (a listener closing) is tried again soon."""
+        self._scheduled = False
         held_here = {port for _, port in self.shared.ports.holders}
         wanted = {
             port
@@ -207,14 +217,15 @@ class Forwarder:
             self.yield_port(port)
         if (tasks := self.tasks()) is None or self._stopped:
             return
-        bind = self.config.default_bind
-        for port in wanted - set(self._listeners):
+        bind, again = self.config().default_bind, False
+        for port in wanted - set(self._listeners) - set(self._closing):
             try:
                 listener = open_listener(bind, port, reset_accepted=True)
             except TransportError as exc:
                 self._warnings.warning(
-                    logger, time.monotonic(), "cannot forward port %d here: %s", port, exc
+                    logger, time.monotonic(), "cannot forward port %d here yet: %s", port, exc
                 )
+                again = True
                 continue
 
             def handle(stream: SocketStream, client: str, port: int = port) -> None:
@@ -222,9 +233,15 @@ class Forwarder:
                     self.clients.add(task)
                     task.add_done_callback(self.clients.discard)
 
-            accepting = tasks.create_task(accept(listener, handle, logger, f"forwarded {port}"))
+            try:
+                accepting = tasks.create_task(accept(listener, handle, logger, f"port {port}"))
+            except RuntimeError:  # the gateway's task group is ending
+                listener.close()
+                return
             self._listeners[port] = (listener, accepting)
             logger.info("forwarding port %d to the gateway(s) that hold it", port)
+        if again or self._closing:  # tried again once what closes is closed, or soon
+            asyncio.get_running_loop().call_later(RETRY_BIND, self.schedule)
 
     def yield_port(self, port: int) -> asyncio.Task[None] | None:
         """Stop listening on ``port`` (no node holds it now, or a session here takes it: it
@@ -232,15 +249,24 @@ class Forwarder:
         if (entry := self._listeners.pop(port, None)) is None:
             return None
         listener, accepting = entry
-        accepting.add_done_callback(lambda _: listener.close())  # never under its accept loop
+
+        def closed(_: object) -> None:  # never under its accept loop
+            listener.close()
+            if self._closing.get(port) is accepting:
+                del self._closing[port]
+
+        self._closing[port] = accepting
+        accepting.add_done_callback(closed)
         accepting.cancel()
         logger.info("no longer forwarding port %d", port)
         return accepting
 
     async def take_port(self, port: int) -> None:
-        """A session of this gateway takes ``port``: its listener here closes first."""
-        if (accepting := self.yield_port(port)) is not None:
-            await asyncio.wait({accepting})
+        """A session of this gateway takes ``port``: its listener here closes first (or the
+        one closing already)."""
+        self.yield_port(port)
+        if (closing := self._closing.get(port)) is not None:
+            await asyncio.wait({closing})
 
     async def _forward(self, stream: SocketStream, client: str, port: int) -> None:
         """Root of one forwarded client's task: a link to a node that holds the port, then the
@@ -265,9 +291,9 @@ class Forwarder:
             try:
                 link = await self._dial(address, request)
                 break
-            except (TransportError, AuthenticationError, TimeoutError) as exc:
+            except (TransportError, AuthenticationError, TimeoutError, ValueError) as exc:
                 self._failed[node] = time.monotonic()
-                tried.append(f"{node} ({exc or 'no answer in time'})")
+                tried.append(f"{node} ({str(exc) or 'no answer in time'})")
         if link is None:
             self.totals.failed += 1
             why = "; ".join(tried) or "no gateway of the fleet holds it now"
@@ -298,6 +324,8 @@ class Forwarder:
             stream = await connect(parse_address(address), LINK_TIMEOUT)
             link = TLSStream(stream, self._client, server_side=False)
             await link.handshake()  # resets the connection if it fails
+            # This process dying must look like a reset at the far end, never a clean end.
+            link.reset_unless_closed_cleanly()
             try:
                 await link.send(encode_request(request))
                 if await _read_exactly(link, len(ACCEPTED)) != ACCEPTED:
@@ -328,7 +356,7 @@ class Forwarder:
                 request = await read_request(link)
         except (TransportError, AuthenticationError, ProtocolError, TimeoutError) as exc:
             (link or stream).abort()
-            why = exc.reason if isinstance(exc, AuthenticationError) else exc
+            why = exc.reason if isinstance(exc, AuthenticationError) else str(exc)
             kind = "request" if isinstance(exc, ProtocolError) else "handshake"
             self._refuse(kind, f"refused a link from {peer}: {why or 'no request in time'}")
             return
@@ -397,14 +425,18 @@ async def join(client: Stream, link: Stream) -> tuple[int, int, str]:
         client.abort()
         link.abort()
         raise
-    for stream in (link, client):
-        if how == "closed":
-            stream.close()
-            continue
-        with contextlib.suppress(TransportError, TimeoutError):
-            async with asyncio.timeout(DELIVERY_TIMEOUT):
-                await stream.wait_delivered()
-        stream.abort()
+    if how == "closed":
+        client.close()
+        link.close()
+        return counts[0], counts[1], how
+    try:
+        for stream in (link, client):
+            with contextlib.suppress(TransportError, TimeoutError):
+                async with asyncio.timeout(DELIVERY_TIMEOUT):
+                    await stream.wait_delivered()
+    finally:  # cancelled meanwhile (the gateway stops): reset all the same
+        client.abort()
+        link.abort()
     return counts[0], counts[1], how
 
 

@@ -160,7 +160,9 @@ class Gateway:
         # Its side of forwarding between the fleet's gateways, with fleet_listen.
         self.forwarder: Forwarder | None = None
         if self.fleet is not None and self.config.fleet_listen is not None:
-            self.forwarder = Forwarder(self.config, self.fleet, self._shared, lambda: self._tasks)
+            self.forwarder = Forwarder(
+                lambda: self.config, self.fleet, self._shared, lambda: self._tasks
+            )
             shared["leases"].on_granted = self.forwarder.take_port
         self._stopping = False
         self._door = ControlHandshake(lambda: self.config, self._shared.totals)
@@ -470,7 +472,7 @@ class Gateway:
 
         def routes() -> None:  # the fleet's routes changed: forward the ports held elsewhere
             if self.forwarder is not None and not self._stopping:
-                asyncio.get_running_loop().call_soon(self.forwarder.reconcile)
+                self.forwarder.schedule()
 
         return Fleet(
             config.fleet, config.fleet_name, "", config.fleet_lease, describe, agents,

@@ -213,6 +213,8 @@ class GatewaySession:
         self._refusals = Throttle(WARNING_INTERVAL)
         self._task: asyncio.Task[Any] | None = None
         self._group: asyncio.TaskGroup | None = None
+        self._later: dict[str, wire.ServiceRequest] = {}  # refused for want of a lease: retried
+        self._exposing: set[str] = set()  # names being exposed now
 
     @property
     def running(self) -> bool:  # once its task group runs: it takes data channels
@@ -438,27 +440,49 @@ class GatewaySession:
         except _LeaseUnavailable as exc:
             error = f"{exc}; the gateway tries again"
             self.log.warning("service %s not exposed yet: %s", request.name, error)
-            assert self._group is not None
-            self._group.create_task(self._register_later(request))
+            if request.name not in self._later:  # one retry per name: the last request's
+                assert self._group is not None
+                self._group.create_task(self._register_later(request.name))
+            self._later[request.name] = request
             return wire.ServiceResult(request.name, False, error=error)
 
-    async def _register_later(self, request: wire.ServiceRequest) -> None:
-        """Ask again for a service refused for want of a lease, with backoff, until it is
-        exposed, refused for good, or the session ends; the agent gets the result then."""
+    async def _register_later(self, name: str) -> None:
+        """Ask again for service ``name`` (as the agent last asked for it), refused for want of
+        a lease, with backoff, until it is exposed, refused for good, or the session ends; the
+        agent gets the result then."""
         delays = backoff(RETRY_FIRST, RETRY_LAST)
         next(delays)
-        while self.goodbye is None and request.name not in self.services:
-            delay, attempt = delays.send(0.0)
-            await asyncio.sleep(delay)
-            try:
-                result = await self._expose(request)
-            except _LeaseUnavailable as exc:
-                self.log.debug("service %s: attempt %d: %s", request.name, attempt, exc)
-                continue
-            await self.channel.send_message(wire.Registered([result]))
-            return
+        try:
+            while True:
+                delay, attempt = delays.send(0.0)
+                await asyncio.sleep(delay)
+                if self.goodbye is not None or name in self.services:
+                    return
+                if name in self._exposing:  # the agent asked again meanwhile: its answer
+                    continue
+                try:
+                    result = await self._expose(self._later[name])
+                except _LeaseUnavailable as exc:
+                    self.log.debug("service %s: attempt %d: %s", name, attempt, exc)
+                    continue
+                await self.channel.send_message(wire.Registered([result]))
+                return
+        finally:
+            del self._later[name]
 
     async def _expose(self, request: wire.ServiceRequest) -> wire.ServiceResult:
+        """:meth:`_expose_now`, one at a time per name (a retry and the agent's own request
+        may meet)."""
+        if request.name in self._exposing:
+            self.log.warning("service %s refused: asked for twice at once", request.name)
+            return wire.ServiceResult(request.name, False, error="asked for twice at once")
+        self._exposing.add(request.name)
+        try:
+            return await self._expose_now(request)
+        finally:
+            self._exposing.discard(request.name)
+
+    async def _expose_now(self, request: wire.ServiceRequest) -> wire.ServiceResult:
         """Open the public listener for one service, if the policy allows it and no other
         agent holds the port (in this process, or on another worker: the leases)."""
         config, policy, name, port = self._config(), self.policy, request.name, request.port
@@ -583,7 +607,10 @@ class GatewaySession:
             granted: bool | None = None  # None: not known (cancelled while claiming)
             taken = False
             try:
-                leased_to = await leases.claim(*key, owner)
+                try:
+                    leased_to = await leases.claim(*key, owner)
+                except TransportError as exc:  # who grants leases cannot be asked now
+                    raise _LeaseUnavailable(str(exc)) from None
                 granted = leased_to is None
                 if not granted:  # for any port: one a worker shares with another agent
                     # The agent is not told who (another tenant's name); the log says.
@@ -595,8 +622,8 @@ class GatewaySession:
                 listener = listener or ports.open(*key)
                 taken = True
                 return listener
-            except TransportError as exc:
-                raise _LeaseUnavailable(str(exc)) from None
+            except TransportError as exc:  # the port itself (in use by another process)
+                return str(exc)
             finally:
                 if not taken:
                     if listener is not None:

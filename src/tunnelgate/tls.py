@@ -184,6 +184,7 @@ def fleet_contexts(ca: Path, cert: Path, key: Path) -> tuple[ssl.SSLContext, ssl
         _accept_fin_as_end(context)
         tune_reads(context)
     client.check_hostname = False  # verify_mode stays CERT_REQUIRED: the chain is checked
+    server.num_tickets = 1  # a link resumes the last one: no certificate sent or checked again
     return server, client
 
 

@@ -53,6 +53,7 @@ from tunnelgate.transport import (
     Listener,
     SocketStream,
     Stream,
+    TLSSession,
     TLSStream,
     connect,
     open_listener,
@@ -158,6 +159,7 @@ class Forwarder:
     _stopped: bool = False  # draining: it forwards no new client
     _scheduled: bool = False  # a reconcile is coming
     _closing: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # listeners closing
+    _tickets: dict[str, TLSSession] = field(default_factory=dict)  # by link address: resumption
 
     def __post_init__(self) -> None:
         config = self.config()
@@ -322,7 +324,8 @@ class Forwarder:
 
         async with asyncio.timeout(LINK_TIMEOUT):
             stream = await connect(parse_address(address), LINK_TIMEOUT)
-            link = TLSStream(stream, self._client, server_side=False)
+            ticket = self._tickets.get(address)  # resumed: no certificate sent or checked again
+            link = TLSStream(stream, self._client, server_side=False, session=ticket)
             await link.handshake()  # resets the connection if it fails
             # This process dying must look like a reset at the far end, never a clean end.
             link.reset_unless_closed_cleanly()
@@ -332,7 +335,10 @@ class Forwarder:
                     raise TransportError("not a fleet gateway's answer")
             except BaseException:
                 link.abort()
+                self._tickets.pop(address, None)
                 raise
+            if (ticket := link.session) is not None:  # its ticket came before the answer
+                self._tickets[address] = ticket
             return link
 
     # The way in.

@@ -8,6 +8,10 @@ crosses, a reset crosses after the bytes before it."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import select
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +121,95 @@ async def test_the_fault_kit_on_the_gateway_to_gateway_link(
     proxy.heal()
     assert await exchange("127.0.0.2", port, payload) == (payload, "eof")
     assert forwarder.totals.out >= 4 and one.forwarder.totals.into >= 4
+
+
+async def forwarding_pair(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+    service: Any,
+    redis_port: int,
+    tmp_path: Path,
+) -> int:
+    """Two gateways of a fleet, an agent on the first exposing ``service``; the port the second
+    forwards (on 127.0.0.2)."""
+    one = await open_gateway(
+        **fleet_options(tmp_path, redis_port, "one"), fleet_listen="127.0.0.1:0"
+    )
+    two = await open_gateway(
+        **fleet_options(tmp_path, redis_port, "two"),
+        listen="127.0.0.2:0",
+        fleet_listen="127.0.0.2:0",
+        state_dir=str(tmp_path / "two"),
+    )
+    agent = await open_agent(one, expose=[f"0:{service.local}"])
+    port: int = next(iter((await agent.wait_ready(DEADLINE)).values())).address.port
+    forwarder = two.forwarder
+    assert forwarder is not None
+    await wait_until(lambda: port in forwarder.forwarded_ports(), DEADLINE, "two to forward")
+    return port
+
+
+async def test_small_writes_in_a_burst_all_cross_the_hop(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+    echo_server: Any,
+    redis_port: int,
+    tmp_path: Path,
+) -> None:
+    """A client that writes a 4-byte length and then its message at once (many do): each
+    write is a TLS record on the link, and the far gateway, which may read the second one
+    ahead with the first, must pass both on without waiting for more to arrive."""
+    port = await forwarding_pair(open_gateway, open_agent, echo_server, redis_port, tmp_path)
+    for round_ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.2", port)
+        message = f"message {round_} ".encode() * 8
+        writer.write(len(message).to_bytes(4, "big"))
+        await writer.drain()
+        writer.write(message)
+        await writer.drain()
+        async with asyncio.timeout(DEADLINE):
+            assert await reader.readexactly(4 + len(message)) == (
+                len(message).to_bytes(4, "big") + message
+            ), f"round {round_}"
+        writer.close()
+
+
+async def test_a_reset_after_the_services_end_of_stream_reaches_the_client(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+    start_server: Callable[..., Awaitable[Any]],
+    redis_port: int,
+    tmp_path: Path,
+) -> None:
+    """The service replies, half-closes, then resets while the client, which got its EOF,
+    sends nothing: the forwarding gateway watches the link meanwhile, so the client's
+    connection is reset too (not left half-open until the client writes)."""
+    told = asyncio.Event()
+
+    async def reply_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"the reply")
+        writer.write_eof()
+        await told.wait()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    service = await start_server(reply_then_reset)
+    port = await forwarding_pair(open_gateway, open_agent, service, redis_port, tmp_path)
+    with socket.create_connection(("127.0.0.2", port), timeout=DEADLINE) as sock:
+        received = b""
+        while chunk := await asyncio.to_thread(sock.recv, 65536):
+            received += chunk
+        assert received == b"the reply"
+        told.set()
+        poll = select.poll()
+        poll.register(sock, select.POLLERR)
+
+        def reset() -> bool:  # an RST after the FIN: EPIPE (CLOSE_WAIT), else ECONNRESET
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if poll.poll(0) else 0
+            return error in (errno.ECONNRESET, errno.EPIPE)
+
+        await wait_until(reset, 2 * DEADLINE, "the client's connection to be reset")
 
 
 async def test_join_carries_a_half_close_and_a_reset_after_the_bytes_before_it() -> None:

@@ -512,3 +512,46 @@ async def test_relay_cancelled_resets_both_ends(start_relay: StartRelay) -> None
         assert await read_local(relayed.client, bytearray()) == "reset"
     assert relayed.result.how == "reset: its session is over"
     assert relayed.result.sent == len(b"half a request")
+
+
+# --- a TLS local stream (a link between the gateways of a fleet) ----------------------
+
+
+async def test_relay_reads_what_a_tls_local_stream_holds_read_ahead(tmp_path: Any) -> None:
+    """The local stream is TLS (a client carried over a link from another gateway): the peer's
+    small records arrive together, OpenSSL reads them ahead in one recv, and no readiness event
+    announces the ones it holds. The relay reads them all the same: every byte crosses, before
+    the client sends anything more."""
+    from streamkit import tls_pinned
+
+    local, client = await tls_pinned(tmp_path)
+    far_sock, near = tcp_pair()
+    channel = Channel(SocketStream(near), Side.GATEWAY)
+    channel.conversation.state, channel.conversation.conn = State.STARTED, CONN
+    sent = b""
+    for i in range(8):  # eight records, in the socket before the relay reads any
+        record = f"record {i};".encode()
+        await client.send(record)
+        sent += record
+    await wait_until(lambda: local.has_unread_bytes(), 5, "the records to arrive")
+    result = RelayResult()
+    task = asyncio.create_task(relay(local, channel, "client", result))
+    far = FarEnd(far_sock)
+    try:
+        async with asyncio.timeout(10):
+            assert await far.read_until(lambda: len(far.data) >= len(sent)) is None
+        assert bytes(far.data) == sent
+        for i in range(50):  # and records that come while it runs, two at a time
+            await client.send(b"a")
+            await client.send(f"pair {i};".encode())
+            sent += f"apair {i};".encode()
+        async with asyncio.timeout(10):
+            assert await far.read_until(lambda: len(far.data) >= len(sent)) is None
+        assert bytes(far.data) == sent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client.abort()
+        far_sock.close()
+        near.close()

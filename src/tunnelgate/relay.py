@@ -237,6 +237,8 @@ class _Relay:
             self.result.path = "copy"
             self.outbound, self.inbound = _CopyOut(self), _CopyIn(self)
         self.outbound.want_read()
+        if not local.reads_all_ready:  # a TLS local stream (a link between gateways) may
+            self.loop.call_soon(self.outbound.on_readable)  # hold bytes read ahead already
         self.inbound.start_with(channel.take_pending())
 
     def pump_done(self, pump: _Pump) -> None:
@@ -499,6 +501,8 @@ class _CopyOut(_Pump):
             self.finish()
         else:
             self.want_read()
+            if not self.src.reads_all_ready:  # TLS read ahead: no readiness event announces it
+                self.loop.call_soon(self.on_readable)
 
     async def deliver_pending(self) -> None:
         """Finish the frame under way to the channel (before an ABORT). Raises TransportError."""

@@ -79,7 +79,8 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
 # lost: the other nodes are told) or false if it renewed it; else returns the owner and a node
 # that holds it. A key that is not a hash is not the fleet's: returns "?".
 CLAIM: Final = """
-if redis.call('TYPE', KEYS[1]).ok ~= 'none' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'hash' then
   return '?'
 end
 local now = redis.call('TIME')

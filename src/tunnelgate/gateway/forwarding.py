@@ -29,6 +29,7 @@ import functools
 import logging
 import struct
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Final
@@ -57,6 +58,7 @@ from tunnelgate.transport import (
     TLSStream,
     connect,
     open_listener,
+    wait_error,
 )
 
 logger = logging.getLogger(__package__)
@@ -417,16 +419,37 @@ class Forwarder:
 
 async def join(client: Stream, link: Stream) -> tuple[int, int, str]:
     """The bytes both ways between a client and its link, until both ends are done: bytes up,
-    bytes down, and how it ended. A half-close goes across as one; an error on either side
-    resets both, once what was read from it has reached the other end."""
+    bytes down, and how it ended. A half-close goes across as one, and the side that sent it is
+    watched for a reset meanwhile; an error on either side resets both, once what was read from
+    it has reached the other end."""
     counts, how = [0, 0], "closed"
+    up = asyncio.ensure_future(_copy(client, link, counts, 0))
+    down = asyncio.ensure_future(_copy(link, client, counts, 1))
+    running: set[asyncio.Future[None]] = {up, down}
+    watching: set[asyncio.Future[None]] = set()
+    started = [up, down]  # every task of it, whose outcome is read in the end
     try:
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(_copy(client, link, counts, 0))
-                group.create_task(_copy(link, client, counts, 1))
-        except* (TransportError, AuthenticationError) as caught:
-            how = f"reset: {caught.exceptions[0]}"
+            while running:
+                done, _ = await asyncio.wait(running | watching, return_when=FIRST_COMPLETED)
+                for task in done:
+                    running.discard(task)
+                    watching.discard(task)
+                    task.result()  # raises what ended its direction abnormally
+                    if task in (up, down) and running:  # its source sent its FIN: a reset
+                        ended = client if task is up else link  # from it ends the join now
+                        watching.add(watch := asyncio.ensure_future(_reset_of(ended)))
+                        started.append(watch)
+        except (TransportError, AuthenticationError) as exc:
+            how = f"reset: {exc}"
+        finally:
+            for task in running | watching:
+                task.cancel()
+            if running | watching:
+                await asyncio.wait(running | watching)
+            for task in started:  # each one's error read: none is left unretrieved
+                if not task.cancelled():
+                    task.exception()
     except BaseException:
         client.abort()
         link.abort()
@@ -444,6 +467,14 @@ async def join(client: Stream, link: Stream) -> tuple[int, int, str]:
         client.abort()
         link.abort()
     return counts[0], counts[1], how
+
+
+async def _reset_of(stream: Stream) -> None:
+    """Raises the reset of ``stream``, which nobody reads now, when it comes; returns on a
+    full hang-up without one."""
+    await wait_error(stream.fileno())
+    if (error := stream.pending_error()) is not None:
+        raise error
 
 
 async def _copy(source: Stream, sink: Stream, counts: list[int], index: int) -> None:

@@ -7,7 +7,7 @@ tunnelgate beyond errors, address and tls.
 
 from tunnelgate.transport.ipc import ProcessChannel
 from tunnelgate.transport.pipe import SPLICE_AVAILABLE, Pipe
-from tunnelgate.transport.poller import epoll_descriptors, poller
+from tunnelgate.transport.poller import epoll_descriptors, poller, wait_error
 from tunnelgate.transport.stream import SpliceableStream, Stream, WouldBlock
 from tunnelgate.transport.tcp import (
     Listener,
@@ -38,4 +38,5 @@ __all__ = [
     "open_listener",
     "poller",
     "resolve",
+    "wait_error",
 ]

@@ -145,6 +145,19 @@ def poller(loop: asyncio.AbstractEventLoop) -> Poller | _LoopPoller:
     return found
 
 
+async def wait_error(fd: int) -> None:
+    """Until an error (an RST) or a full hang-up on ``fd``, a socket nobody reads meanwhile
+    (never without epoll)."""
+    loop = asyncio.get_running_loop()
+    ready = poller(loop)
+    seen: asyncio.Future[None] = loop.create_future()
+    ready.add_error_watch(fd, functools.partial(_wake, seen))
+    try:
+        await seen
+    finally:
+        ready.remove_error_watch(fd)
+
+
 async def wait_readable(fd: int) -> None:
     await _wait(fd, writable=False)
 

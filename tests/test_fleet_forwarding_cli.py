@@ -29,7 +29,7 @@ from kit.processes import GatewayProc, Launch, Proc, require_tool
 from kit.services import tcp_service
 from kit.tokens import new_token
 from kit.waiting import DEADLINE, wait_for
-from test_fleet_cli import fleet_gateway, lease
+from test_fleet_cli import exchange, fleet_gateway, lease
 from test_groups_cli import named_echo, who_answers
 
 from tunnelgate import credentials
@@ -330,17 +330,6 @@ def test_a_gateway_killed_loses_only_what_it_relayed_and_the_fleet_serves_on(
         echo_through("127.0.0.1", front_a, f"after the kill {i} ".encode() * 100)
     after = lease(redis_port, tmp_path.name, port_a)
     assert after in (f"site-a k{survivor}", f"site-a k{min(doomed, survivor)} k2"), after
-
-
-def exchange(sock: socket.socket, payload: bytes) -> None:
-    """Send ``payload`` on an open connection to an echo, and read all of it back."""
-    sock.sendall(payload)
-    received = b""
-    while len(received) < len(payload):
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection ended after {len(received)} bytes"
-        received += chunk
-    assert received == payload
 
 
 def test_a_gateway_paused_past_its_lease_forwards_the_port_it_lost(

@@ -27,7 +27,7 @@ from kit.logs import LogRecorder, recording, unexpected_lines
 from kit.ports import start_listening
 from kit.processes import TUNNELGATE, Launch, Proc, require_tool
 from kit.services import EchoHandler, Handler, LocalServer, echo_handler, tcp_service
-from kit.tokens import OTHER_TOKEN, TOKEN, TOKEN_ENV
+from kit.tokens import OTHER_TOKEN, TOKEN, TOKEN_ENV, new_token
 from kit.tunnels import MODES, Tunnel, agent_tls_options, gateway_defaults
 from kit.waiting import close_within
 
@@ -321,6 +321,14 @@ def launch_command(tmp_path: Path) -> Iterator[Launch]:
         if proc.is_tunnelgate and any("Traceback" in line for line in proc.stderr + proc.stdout)
     ]
     assert not broken, "a tunnelgate process logged a traceback:\n" + "\n".join(broken)
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A file holding a new agent group's secret."""
+    path = tmp_path / "group-secret"
+    path.write_text(new_token())
+    return path
 
 
 @pytest.fixture

@@ -65,6 +65,38 @@ async def exchange(host: str, port: int, payload: bytes) -> tuple[bytes, str]:
         writer.close()
 
 
+async def forwarding_pair(
+    open_gateway: Callable[..., Awaitable[Gateway]],
+    open_agent: Callable[..., Awaitable[Agent]],
+    service: Any,
+    redis_port: int,
+    tmp_path: Path,
+    proxy: FaultProxy | None = None,
+) -> tuple[Gateway, Gateway, int]:
+    """Two gateways of a fleet, an agent on the first exposing ``service``, the second
+    forwarding its port (on 127.0.0.2); with ``proxy``, the first announces it in front of
+    its fleet port. Both gateways, and the port."""
+    advertise = {"fleet_advertise": proxy.address} if proxy is not None else {}
+    one = await open_gateway(
+        **fleet_options(tmp_path, redis_port, "one"), fleet_listen="127.0.0.1:0", **advertise
+    )
+    if proxy is not None:
+        assert one.forwarder is not None and one.forwarder.link is not None
+        proxy.target = one.forwarder.link.address
+    two = await open_gateway(
+        **fleet_options(tmp_path, redis_port, "two"),
+        listen="127.0.0.2:0",
+        fleet_listen="127.0.0.2:0",
+        state_dir=str(tmp_path / "two"),
+    )
+    agent = await open_agent(one, expose=[f"0:{service.local}"])
+    port: int = next(iter((await agent.wait_ready(DEADLINE)).values())).address.port
+    forwarder = two.forwarder
+    assert forwarder is not None
+    await wait_until(lambda: port in forwarder.forwarded_ports(), DEADLINE, "two to forward")
+    return one, two, port
+
+
 async def test_the_fault_kit_on_the_gateway_to_gateway_link(
     open_gateway: Callable[..., Awaitable[Gateway]],
     open_agent: Callable[..., Awaitable[Agent]],
@@ -74,24 +106,11 @@ async def test_the_fault_kit_on_the_gateway_to_gateway_link(
     tmp_path: Path,
 ) -> None:
     proxy = await start_proxy(Address("127.0.0.1", 9))  # its target: the link, once it listens
-    one = await open_gateway(
-        **fleet_options(tmp_path, redis_port, "one"),
-        fleet_listen="127.0.0.1:0",
-        fleet_advertise=proxy.address,
+    one, two, port = await forwarding_pair(
+        open_gateway, open_agent, echo_server, redis_port, tmp_path, proxy
     )
-    assert one.forwarder is not None and one.forwarder.link is not None
-    proxy.target = one.forwarder.link.address
-    two = await open_gateway(
-        **fleet_options(tmp_path, redis_port, "two"),
-        listen="127.0.0.2:0",
-        fleet_listen="127.0.0.2:0",
-        state_dir=str(tmp_path / "two"),
-    )
-    agent = await open_agent(one, expose=[f"0:{echo_server.local}"])
-    port = next(iter((await agent.wait_ready(DEADLINE)).values())).address.port
-    assert two.forwarder is not None
+    assert one.forwarder is not None and two.forwarder is not None
     forwarder = two.forwarder
-    await wait_until(lambda: port in forwarder.forwarded_ports(), DEADLINE, "two to forward")
 
     payload = b"through the link " * 4096
     assert await exchange("127.0.0.2", port, payload) == (payload, "eof")
@@ -123,32 +142,6 @@ async def test_the_fault_kit_on_the_gateway_to_gateway_link(
     assert forwarder.totals.out >= 4 and one.forwarder.totals.into >= 4
 
 
-async def forwarding_pair(
-    open_gateway: Callable[..., Awaitable[Gateway]],
-    open_agent: Callable[..., Awaitable[Agent]],
-    service: Any,
-    redis_port: int,
-    tmp_path: Path,
-) -> int:
-    """Two gateways of a fleet, an agent on the first exposing ``service``; the port the second
-    forwards (on 127.0.0.2)."""
-    one = await open_gateway(
-        **fleet_options(tmp_path, redis_port, "one"), fleet_listen="127.0.0.1:0"
-    )
-    two = await open_gateway(
-        **fleet_options(tmp_path, redis_port, "two"),
-        listen="127.0.0.2:0",
-        fleet_listen="127.0.0.2:0",
-        state_dir=str(tmp_path / "two"),
-    )
-    agent = await open_agent(one, expose=[f"0:{service.local}"])
-    port: int = next(iter((await agent.wait_ready(DEADLINE)).values())).address.port
-    forwarder = two.forwarder
-    assert forwarder is not None
-    await wait_until(lambda: port in forwarder.forwarded_ports(), DEADLINE, "two to forward")
-    return port
-
-
 async def test_small_writes_in_a_burst_all_cross_the_hop(
     open_gateway: Callable[..., Awaitable[Gateway]],
     open_agent: Callable[..., Awaitable[Agent]],
@@ -159,7 +152,7 @@ async def test_small_writes_in_a_burst_all_cross_the_hop(
     """A client that writes a 4-byte length and then its message at once (many do): each
     write is a TLS record on the link, and the far gateway, which may read the second one
     ahead with the first, must pass both on without waiting for more to arrive."""
-    port = await forwarding_pair(open_gateway, open_agent, echo_server, redis_port, tmp_path)
+    _, _, port = await forwarding_pair(open_gateway, open_agent, echo_server, redis_port, tmp_path)
     for round_ in range(20):
         reader, writer = await asyncio.open_connection("127.0.0.2", port)
         message = f"message {round_} ".encode() * 8
@@ -195,7 +188,7 @@ async def test_a_reset_after_the_services_end_of_stream_reaches_the_client(
         writer.transport.abort()
 
     service = await start_server(reply_then_reset)
-    port = await forwarding_pair(open_gateway, open_agent, service, redis_port, tmp_path)
+    _, _, port = await forwarding_pair(open_gateway, open_agent, service, redis_port, tmp_path)
     with socket.create_connection(("127.0.0.2", port), timeout=DEADLINE) as sock:
         received = b""
         while chunk := await asyncio.to_thread(sock.recv, 65536):

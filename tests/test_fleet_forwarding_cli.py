@@ -78,6 +78,23 @@ def start_agent(launch: Launch, gateway: GatewayProc, host: str, name: str, loca
                   token=token)  # fmt: skip
 
 
+def forwarded_agent(
+    launch: Launch, tmp_path: Path, redis_port: int, echo_port: int, token: str, prefix: str,
+    hosts: tuple[str, ...] = HOSTS[:2],
+) -> tuple[list[GatewayProc], Proc, int]:  # fmt: skip
+    """Gateways PREFIX0… on ``hosts``, an agent on the first exposing ``echo_port``, and every
+    other gateway forwarding its port: the gateways, the agent, the port."""
+    gateways = [
+        forwarding_gateway(launch, tmp_path, f"{prefix}{i}", host, redis_port, token)
+        for i, host in enumerate(hosts)
+    ]
+    agent = start_agent(launch, gateways[0], hosts[0], "site-a", echo_port, token)
+    port = int(agent.wait_line(EXPOSED).group(1))
+    for gateway in gateways[1:]:
+        gateway.proc.wait_line(rf"forwarding port {port} to the gateway")
+    return gateways, agent, port
+
+
 def echo_from(host: str, port: int, payload: bytes) -> str:
     """Send ``payload`` from CLIENT_HOST through ``host:port`` to an echo; fail unless all of
     it came back and the connection ended cleanly; the client's own address."""
@@ -98,14 +115,7 @@ def test_a_client_through_any_gateway_reaches_an_agent_on_any_other(
     launch: Launch, tmp_path: Path, redis_port: int, echo_port: int
 ) -> None:
     token = new_token()
-    gateways = [
-        forwarding_gateway(launch, tmp_path, f"n{i}", host, redis_port, token)
-        for i, host in enumerate(HOSTS)
-    ]
-    agent = start_agent(launch, gateways[0], HOSTS[0], "site-a", echo_port, token)
-    port = int(agent.wait_line(EXPOSED).group(1))
-    for gateway in gateways[1:]:
-        gateway.proc.wait_line(rf"forwarding port {port} to the gateway")
+    gateways, _, port = forwarded_agent(launch, tmp_path, redis_port, echo_port, token, "n", HOSTS)
 
     for host in HOSTS:
         payload = f"through {host} ".encode() * 20_000
@@ -124,13 +134,9 @@ def test_an_agent_that_moves_is_reached_where_it_went(
     """The agent's gateway stops (SIGKILL); the agent comes back on another: the third gateway
     forwards there, as soon as the move is announced."""
     token = new_token()
-    one, two, three = (
-        forwarding_gateway(launch, tmp_path, f"m{i}", host, redis_port, token)
-        for i, host in enumerate(HOSTS)
+    (one, two, three), agent, port = forwarded_agent(
+        launch, tmp_path, redis_port, echo_port, token, "m", HOSTS
     )
-    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
-    port = int(agent.wait_line(EXPOSED).group(1))
-    three.proc.wait_line(rf"forwarding port {port} to the gateway")
     echo_from(HOSTS[2], port, b"before the move")
 
     one.proc.popen.send_signal(signal.SIGKILL)
@@ -339,13 +345,7 @@ def test_a_gateway_paused_past_its_lease_forwards_the_port_it_lost(
     port) and the paused gateway's hold lapses. Resumed, it does not serve the port itself any
     more: it forwards it to the gateway the agent is on."""
     token = new_token()
-    one, two = (
-        forwarding_gateway(launch, tmp_path, f"p{i}", host, redis_port, token)
-        for i, host in enumerate(HOSTS[:2])
-    )
-    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
-    port = int(agent.wait_line(EXPOSED).group(1))
-    two.proc.wait_line(rf"forwarding port {port} to the gateway")
+    (one, two), agent, port = forwarded_agent(launch, tmp_path, redis_port, echo_port, token, "p")
     os.kill(one.pid, signal.SIGSTOP)
     try:
         agent.popen.send_signal(signal.SIGKILL)
@@ -362,13 +362,6 @@ def test_a_gateway_paused_past_its_lease_forwards_the_port_it_lost(
     echo_from(HOSTS[0], port, b"through the gateway that was paused " * 100)
     one.proc.wait_line(r"forwarded to gateway p1 closed .*\(closed\)")
     assert lease(redis_port, tmp_path.name, port) == "site-a p1"
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "group-secret"
-    path.write_text(new_token())
-    return path
 
 
 def test_a_group_across_the_fleet_serves_on_while_its_members_are_killed_one_by_one(
@@ -423,13 +416,7 @@ def test_a_gateway_that_stops_lets_the_clients_it_forwards_finish(
     """SIGTERM on a gateway that forwards a client: it forwards no new one, the open one goes
     on to its end (the drain), then the gateway exits 0; the gateway of the agent serves on."""
     token = new_token()
-    one, two = (
-        forwarding_gateway(launch, tmp_path, f"d{i}", host, redis_port, token)
-        for i, host in enumerate(HOSTS[:2])
-    )
-    agent = start_agent(launch, one, HOSTS[0], "site-a", echo_port, token)
-    port = int(agent.wait_line(EXPOSED).group(1))
-    two.proc.wait_line(rf"forwarding port {port} to the gateway")
+    (_, two), _, port = forwarded_agent(launch, tmp_path, redis_port, echo_port, token, "d")
     held = socket.create_connection((HOSTS[1], port), timeout=DEADLINE)
     exchange(held, b"forwarded by the gateway about to stop")
 

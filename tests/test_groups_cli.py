@@ -95,13 +95,6 @@ def start_member(
     return agent, int(agent.wait_line(EXPOSED).group(1))
 
 
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "group-secret"
-    path.write_text(new_token())
-    return path
-
-
 def test_a_group_spreads_clients_and_a_member_that_leaves_costs_them_nothing(
     launch: Launch, tmp_path: Path, secret_file: Path
 ) -> None:

@@ -193,7 +193,7 @@ EVENT_KINDS: Final = (
     "reload",
     "fleet_down",  # the fleet's registry (Redis) cannot be reached
     "fleet_up",  # it answers again
-    "fleet_lost",  # a port this gateway served went to another gateway (a lapsed hold)
+    "fleet_lost",  # a port this gateway served went to another owner (its hold had lapsed)
 )
 MAX_EVENTS: Final = 1000  # the most recent are kept
 

@@ -481,8 +481,7 @@ class Fleet:
                     keys = self._port_keys(port)
                     await self._call("eval", RELEASE, 2, *keys, owner, self.node, port)
             elif holder == "+":  # Redis had lost it (a restart, a flush): the others learn it
-                await self._tell({"action": "lease", "port": port, "owner": owner,
-                                  "link": self.link})  # fmt: skip
+                await self._tell_lease(port, owner)
             elif holder:
                 del self.held[port]
                 self._unroute(port, owner, self.node)
@@ -580,8 +579,13 @@ class Fleet:
             return f"{other} on gateway {node}"
         self.held[port] = owner
         self._route(port, owner, self.node, time.monotonic() + self.lease)
-        await self._tell({"action": "lease", "port": port, "owner": owner, "link": self.link})
+        await self._tell_lease(port, owner)
         return None
+
+    async def _tell_lease(self, port: int, owner: str) -> None:
+        """Tell the other nodes that this one holds ``port`` for ``owner``, and where it takes
+        links."""
+        await self._tell({"action": "lease", "port": port, "owner": owner, "link": self.link})
 
     async def _tell(self, action: dict[str, Any]) -> None:
         """Tell the other nodes (best effort: a message lost is repaired by the next read of

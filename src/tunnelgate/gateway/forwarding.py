@@ -37,7 +37,7 @@ from typing import Annotated, Final
 import msgspec
 
 from tunnelgate import tls
-from tunnelgate.address import Address
+from tunnelgate.address import Address, parse_address
 from tunnelgate.config import GatewayConfig
 from tunnelgate.errors import (
     AuthenticationError,
@@ -322,8 +322,6 @@ class Forwarder:
     async def _dial(self, address: str, request: Request) -> TLSStream:
         """A link to the gateway at ``address``, its request sent. Raises TransportError,
         TimeoutError."""
-        from tunnelgate.address import parse_address
-
         async with asyncio.timeout(LINK_TIMEOUT):
             stream = await connect(parse_address(address), LINK_TIMEOUT)
             ticket = self._tickets.get(address)  # resumed: no certificate sent or checked again

@@ -145,36 +145,31 @@ def poller(loop: asyncio.AbstractEventLoop) -> Poller | _LoopPoller:
     return found
 
 
+# The calls that start and stop a wait: on readability, writability, or an error.
+_READ: Final = ("add_reader", "remove_reader")
+_WRITE: Final = ("add_writer", "remove_writer")
+_ERROR: Final = ("add_error_watch", "remove_error_watch")
+
+
 async def wait_error(fd: int) -> None:
     """Until an error (an RST) or a full hang-up on ``fd``, a socket nobody reads meanwhile
     (never without epoll)."""
-    loop = asyncio.get_running_loop()
-    ready = poller(loop)
-    seen: asyncio.Future[None] = loop.create_future()
-    ready.add_error_watch(fd, functools.partial(_wake, seen))
-    try:
-        await seen
-    finally:
-        ready.remove_error_watch(fd)
+    await _wait(fd, _ERROR)
 
 
 async def wait_readable(fd: int) -> None:
-    await _wait(fd, writable=False)
+    await _wait(fd, _READ)
 
 
 async def wait_writable(fd: int) -> None:
-    await _wait(fd, writable=True)
+    await _wait(fd, _WRITE)
 
 
-async def _wait(fd: int, writable: bool) -> None:
+async def _wait(fd: int, calls: tuple[str, str]) -> None:
     loop = asyncio.get_running_loop()
     ready = poller(loop)
     waiter: asyncio.Future[None] = loop.create_future()
-    add, remove = (
-        (ready.add_writer, ready.remove_writer)
-        if writable
-        else (ready.add_reader, ready.remove_reader)
-    )
+    add, remove = getattr(ready, calls[0]), getattr(ready, calls[1])
     add(fd, functools.partial(_wake, waiter))
     try:
         await waiter
